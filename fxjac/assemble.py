@@ -1,0 +1,138 @@
+"""Pieces every product assembly uses: placeholders, seeds, parameter stacks in the flat layout.
+
+Note [flat layout]
+    Parameter-space vectors follow ``Source.params``: each selected parameter flattened, concatenated in
+    ``named_parameters()`` order (a tied parameter once). A stack of such vectors is ``[S, P]`` with the column
+    axis first; per-sample stacks have ``S = K * B`` (Note [per-sample stacks]).
+"""
+
+from __future__ import annotations
+
+import operator
+import torch
+import torch.fx as fx
+
+from passes import ZERO, Builder, Emitter
+
+from . import checks
+from .source import Source
+
+
+def api_emitter(b: Builder) -> Emitter:
+    """An emitter for the product's own plumbing (operand reshapes, results)."""
+    return Emitter(b.graph, "api")
+
+
+def input_placeholders(b: Builder, src: Source) -> list:
+    """One placeholder per model input, mapped in the builder's env; returns the new nodes."""
+    out = []
+    for n in src.inputs:
+        new = b.graph.placeholder(n.name)
+        new.meta = dict(n.meta)
+        b.env[n] = new
+        out.append(new)
+    return out
+
+
+# --- run-time helpers ------------------------------------------------------------------------------------
+
+
+def param_slice(stack, offset, numel, shape):
+    """Columns ``offset:offset+numel`` of a flat stack ``[S, P]`` as ``[S, *shape]``."""
+    return stack[:, offset:offset + numel].reshape((stack.shape[0],) + tuple(shape))
+
+
+def flat_cat(parts, numels, rows, like):
+    """``[rows, P]`` from per-parameter stacks ``[rows, *shape]`` (``None``: zeros) in the flat layout."""
+    cols = [p.reshape(rows, n) if p is not None else like.new_zeros((rows, n)) for p, n in zip(parts, numels)]
+    return torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
+
+
+def stack_from_batch_first(m):
+    """``[B, K, *s]`` -> ``[K, B, *s]``."""
+    return m.transpose(0, 1)
+
+
+def stack_to_shape(m, like):
+    """A ``[B, I, K]`` operand as a tangent stack ``[K, *like.shape]``."""
+    return m.permute(2, 0, 1).reshape((m.shape[2],) + tuple(like.shape))
+
+
+def stack_to_rows(t, batch):
+    """A stack ``[K, B, ...]`` as ``[B, N, K]`` (N the per-sample numel)."""
+    return t.reshape(t.shape[0], batch, -1).permute(1, 2, 0)
+
+
+def stack_to_batch_rows(t, batch):
+    """A stack ``[K, B, ...]`` as ``[B, K, N]``."""
+    return t.reshape(t.shape[0], batch, -1).transpose(0, 1)
+
+
+def eye_stack(like, n):
+    """The identity as a stack ``[n, B, *sample]`` over a batched value ``like`` (n = per-sample numel)."""
+    eye = torch.eye(n, dtype=like.dtype, device=like.device)
+    return eye.reshape((n, 1) + tuple(like.shape[1:])).expand((n,) + tuple(like.shape))
+
+
+def eye_like(like, n):
+    """``eye(n)`` with ``like``'s dtype and device."""
+    return torch.eye(n, dtype=like.dtype, device=like.device)
+
+
+def zeros_stack(like, k=1):
+    """A zero stack ``[k, *like.shape]``."""
+    return like.new_zeros((k,) + tuple(like.shape))
+
+
+# --- graph pieces ----------------------------------------------------------------------------------------
+
+
+def param_seeds(e: Emitter, src: Source, stack: fx.Node) -> dict:
+    """Seeds for every get_attr node of a selected parameter from a flat stack ``[S, P]``."""
+    seeds, per_param = {}, {}
+    for node, info in src.param_nodes.items():
+        if info.name not in per_param:
+            per_param[info.name] = e(param_slice, stack, info.offset, info.numel, info.shape)
+        seeds[node] = per_param[info.name]
+    return seeds
+
+
+def param_results(e: Emitter, src: Source, cts: dict, rows: fx.Node, like: fx.Node) -> fx.Node:
+    """The flat ``[rows, P]`` stack from the cotangents of the parameters' get_attr nodes."""
+    by_name: dict = {}
+    for node, ct in cts.items():
+        info = src.param_nodes.get(node)
+        if info is not None:
+            by_name[info.name] = e.add(by_name.get(info.name, ZERO), ct)
+    parts = [by_name.get(p.name, ZERO) for p in src.params]
+    return e(flat_cat, parts, [p.numel for p in src.params], rows, like)
+
+
+def size(e: Emitter, t: fx.Node, dim: int) -> fx.Node:
+    """``t.size(dim)`` as a node."""
+    return e.method("size", t, dim)
+
+
+def numel_per_sample(node: fx.Node) -> int:
+    """Per-sample number of elements of a batched value, from its propagated shape."""
+    n = 1
+    for s in node.meta["val"].shape[1:]:
+        n *= s
+    return n
+
+
+def getitem(e: Emitter, t: fx.Node, i) -> fx.Node:
+    """``t[i]`` as a node."""
+    return e(operator.getitem, t, i)
+
+
+def check(e: Emitter, fn, *args) -> fx.Node:
+    """Emit an operand check (see :mod:`fxjac.checks`) and return the checked operand node."""
+    return e(fn, *args)
+
+
+__all__ = [
+    "api_emitter", "check", "checks", "eye_stack", "flat_cat", "input_placeholders", "param_results",
+    "param_seeds", "param_slice", "size", "stack_from_batch_first", "stack_to_batch_rows", "stack_to_rows",
+    "stack_to_shape", "zeros_stack", "numel_per_sample", "getitem", "eye_like",
+]

@@ -1,0 +1,45 @@
+"""Operand checks that generated products run first (plain Python on shapes, so torch.compile guards them)."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ShapeError
+
+
+def _fail(name, t, expected, like):
+    if not isinstance(t, torch.Tensor):
+        raise ShapeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype != like.dtype:
+        raise ShapeError(f"{name} has dtype {t.dtype}, expected {like.dtype} (the model's)")
+    if t.device != like.device:
+        raise ShapeError(f"{name} is on {t.device}, but the model's tensors are on {like.device}")
+    raise ShapeError(f"{name} has shape {tuple(t.shape)}, expected {expected}")
+
+
+def _ok(t, like):
+    return isinstance(t, torch.Tensor) and t.dtype == like.dtype and t.device == like.device
+
+
+def check_like(t, like, name):
+    """``t`` must have ``like``'s shape, dtype and device."""
+    if not (_ok(t, like) and t.shape == like.shape):
+        _fail(name, t, tuple(like.shape), like)
+    return t
+
+
+def check_shape(t, shape, like, name):
+    """``t`` must have exactly ``shape`` (ints; -1 matches anything) and ``like``'s dtype and device."""
+    shape = tuple(shape)
+    if not (_ok(t, like) and t.dim() == len(shape) and all(s == -1 or s == d for s, d in zip(shape, t.shape))):
+        _fail(name, t, tuple("K" if s == -1 else s for s in shape), like)
+    return t
+
+
+def check_symmetric(m, name):
+    """A full metric must be symmetric (indefinite is fine)."""
+    tol = 1e-6 if m.dtype == torch.float64 else 1e-3
+    scale = m.abs().amax().clamp_min(1e-30)
+    if (m - m.transpose(-1, -2)).abs().amax() > tol * scale:
+        raise ShapeError(f"{name} must be symmetric")
+    return m

@@ -1,0 +1,252 @@
+"""The direction products: ``jvp``, ``vjp``, ``jmp``, ``mjp`` and ``jacobian``."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+
+from passes import ZERO, backward_cotangents, forward_tangents
+
+from . import assemble as A
+from . import checks
+from .errors import OptionError
+from .product import Product, make_product
+
+_COMMON = ("example_inputs", "leaf_modules", "strict", "chunk_size", "differentiable", "output", "concrete_args")
+
+
+def _options(kwargs: dict, extra=()) -> dict:
+    unknown = set(kwargs) - set(_COMMON) - set(extra)
+    if unknown:
+        raise OptionError(f"unknown option(s) {sorted(unknown)}; known: {sorted(set(_COMMON) | set(extra))}")
+    chunk = kwargs.pop("chunk_size", None)
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise OptionError(f"chunk_size must be a positive int, got {chunk!r}")
+    return kwargs
+
+
+def _reduce(reduce: str) -> str:
+    if reduce not in ("sum", "none"):
+        raise OptionError(f"reduce must be 'sum' or 'none', got {reduce!r}")
+    return reduce
+
+
+def _primal_out(b, src):
+    """The new-graph node of the model output and its (old-graph) node."""
+    return b.env[src.output]
+
+
+def jvp(model, wrt: Any = "input", **options) -> Product:
+    """Jacobian-vector product ``J v`` by forward propagation of a tangent.
+
+    Args:
+        model: any ``nn.Module`` (or GraphModule).
+        wrt: ``"input"``, ``"input:N"``, ``"params"`` or parameter names / module prefixes.
+        **options: ``example_inputs``, ``leaf_modules``, ``strict``, ``differentiable``, ``output``,
+            ``concrete_args``.
+
+    Returns:
+        A product ``p(*inputs, v) -> (y, J v)``; ``v`` is shaped like the input (``wrt="input"``), or ``[P]``
+        (shared by the batch) or ``[B, P]`` (per sample) for parameters; ``J v`` is shaped like ``y``.
+    """
+    options = _options(options)
+
+    def assemble(src, b, key):
+        xs = A.input_placeholders(b, src)
+        v = b.graph.placeholder("v")
+        e = A.api_emitter(b)
+        y_like = None
+        if src.wrt_kind == "input":
+            x = xs[src.wrt_index]
+            v = e(checks.check_like, v, x, "v")
+            seeds = {src.inputs[src.wrt_index]: e.method("unsqueeze", v, 0)}
+            tan = forward_tangents(b, seeds)
+        elif key == "ps":
+            v = e(checks.check_shape, v, (-1, src.P), xs[0], "v")
+            stack = v  # [B, P]: K = 1, so the K*B stack is v itself
+            tan = forward_tangents(b, A.param_seeds(e, src, stack), ps=True)
+        else:
+            v = e(checks.check_shape, v, (src.P,), xs[0], "v")
+            tan = forward_tangents(b, A.param_seeds(e, src, e.method("unsqueeze", v, 0)))
+        y = b.env[src.output]
+        ty = tan.get(src.output, ZERO)
+        y_like = e(torch.zeros_like, y) if ty is ZERO else e.method("squeeze", ty, 0)
+        return (y, y_like)
+
+    def variant(operands):
+        v = operands[0] if operands else None
+        return "ps" if isinstance(v, torch.Tensor) and v.dim() == 2 and _params(wrt) else None
+
+    return make_product(assemble, model, wrt, variant=variant, **options)
+
+
+def _params(wrt) -> bool:
+    return not (isinstance(wrt, str) and wrt.startswith("input"))
+
+
+def vjp(model, wrt: Any = "input", reduce: str = "sum", **options) -> Product:
+    """Vector-Jacobian product ``Jᵀ w`` by backward propagation of a cotangent.
+
+    Args:
+        model: any ``nn.Module``.
+        wrt: as in :func:`jvp`.
+        reduce: for parameters, ``"sum"`` over the batch (``[P]``) or ``"none"`` (per-sample ``[B, P]``).
+        **options: as in :func:`jvp`.
+
+    Returns:
+        A product ``p(*inputs, w) -> (y, Jᵀ w)``, ``w`` shaped like ``y``.
+    """
+    options = _options(options)
+    reduce = _reduce(reduce)
+
+    def assemble(src, b, key):
+        xs = A.input_placeholders(b, src)
+        w = b.graph.placeholder("w")
+        b.copy_all()
+        e = A.api_emitter(b)
+        y = b.env[src.output]
+        w = e(checks.check_like, w, y, "w")
+        seeds = {src.output: e.method("unsqueeze", w, 0)}
+        if src.wrt_kind == "input":
+            x = xs[src.wrt_index]
+            cts = backward_cotangents(b, seeds, [src.inputs[src.wrt_index]])
+            ct = cts.get(src.inputs[src.wrt_index], ZERO)
+            return (y, e(torch.zeros_like, x) if ct is ZERO else e.method("squeeze", ct, 0))
+        per_sample = reduce == "none"
+        cts = backward_cotangents(b, seeds, list(src.param_nodes), ps=per_sample)
+        rows = b.batch_size() if per_sample else 1
+        flat = A.param_results(e, src, cts, rows, y)
+        return (y, flat if per_sample else e.method("squeeze", flat, 0))
+
+    return make_product(assemble, model, wrt, **options)
+
+
+def jmp(model, wrt: Any = "input", **options) -> Product:
+    """Jacobian-matrix product ``J M`` by forward propagation of K tangent columns at once.
+
+    Returns:
+        ``p(*inputs, M) -> (y, J M)``: ``M`` is ``[B, I, K]`` (input) or ``[P, K]`` (parameters, shared by the
+        batch); the result is ``[B, O, K]``.
+    """
+    options = _options(options)
+
+    def assemble(src, b, key):
+        xs = A.input_placeholders(b, src)
+        m = b.graph.placeholder("M")
+        e = A.api_emitter(b)
+        if src.wrt_kind == "input":
+            x = xs[src.wrt_index]
+            n = A.numel_per_sample(src.inputs[src.wrt_index])
+            m = e(checks.check_shape, m, (A.size(e, x, 0), n, -1), x, "M")
+            seeds = {src.inputs[src.wrt_index]: e(A.stack_to_shape, m, x)}
+        else:
+            m = e(checks.check_shape, m, (src.P, -1), xs[0], "M")
+            seeds = A.param_seeds(e, src, e.method("t", m))
+        tan = forward_tangents(b, seeds)
+        y = b.env[src.output]
+        batch = A.size(e, y, 0)
+        ty = tan.get(src.output, ZERO)
+        k = e.method("size", m, -1)
+        if ty is ZERO:
+            ty = e(A.zeros_stack, y, k)
+        return (y, e(A.stack_to_rows, ty, batch))
+
+    return make_product(assemble, model, wrt, **options)
+
+
+def mjp(model, wrt: Any = "input", reduce: str = "sum", **options) -> Product:
+    """Matrix-Jacobian product ``M J`` by backward propagation of K cotangent rows at once.
+
+    Returns:
+        ``p(*inputs, M) -> (y, M J)``: ``M`` is ``[B, K, O]``; the result is ``[B, K, I]`` (input), ``[K, P]``
+        (parameters, summed over the batch) or ``[B, K, P]`` with ``reduce="none"``.
+    """
+    options = _options(options)
+    reduce = _reduce(reduce)
+
+    def assemble(src, b, key):
+        xs = A.input_placeholders(b, src)
+        m = b.graph.placeholder("M")
+        b.copy_all()
+        e = A.api_emitter(b)
+        y = b.env[src.output]
+        batch = A.size(e, y, 0)
+        m = e(checks.check_shape, m, (batch, -1, A.numel_per_sample(src.output)), y, "M")
+        seeds = {src.output: e(_rows_to_stack, m, y)}
+        k = e.method("size", m, 1)
+        if src.wrt_kind == "input":
+            x = xs[src.wrt_index]
+            cts = backward_cotangents(b, seeds, [src.inputs[src.wrt_index]])
+            ct = cts.get(src.inputs[src.wrt_index], ZERO)
+            if ct is ZERO:
+                ct = e(A.zeros_stack, x, k)
+            return (y, e(A.stack_to_batch_rows, ct, batch))
+        per_sample = reduce == "none"
+        cts = backward_cotangents(b, seeds, list(src.param_nodes), ps=per_sample)
+        rows = e(operator.mul, k, batch) if per_sample else k
+        flat = A.param_results(e, src, cts, rows, y)
+        if per_sample:
+            flat = e(_ps_rows_to_batch_first, flat, k, batch)
+        return (y, flat)
+
+    return make_product(assemble, model, wrt, **options)
+
+
+def _rows_to_stack(m, like):
+    """``[B, K, O]`` -> a cotangent stack ``[K, *like.shape]``."""
+    return m.transpose(0, 1).reshape((m.shape[1],) + tuple(like.shape))
+
+
+def _ps_rows_to_batch_first(flat, k, batch):
+    """``[K*B, P]`` -> ``[B, K, P]``."""
+    return flat.reshape(k, batch, -1).transpose(0, 1)
+
+
+def jacobian(model, wrt: Any = "input", mode: str = "auto", **options) -> Product:
+    """The Jacobian itself, ``[B, O, I]`` or ``[B, O, P]``, by forward (I or P columns) or reverse (O rows)
+    accumulation; ``mode="auto"`` picks the one with fewer columns from the shapes known at build time.
+
+    Returns:
+        ``p(*inputs) -> (y, J)``.
+    """
+    options = _options(options)
+    if mode not in ("auto", "forward", "reverse"):
+        raise OptionError(f"mode must be 'auto', 'forward' or 'reverse', got {mode!r}")
+
+    def assemble(src, b, key):
+        xs = A.input_placeholders(b, src)
+        e = A.api_emitter(b)
+        n_out = A.numel_per_sample(src.output)
+        n_in = A.numel_per_sample(src.inputs[src.wrt_index]) if src.wrt_kind == "input" else src.P
+        forward = mode == "forward" or (mode == "auto" and n_in < n_out)
+        if forward:
+            if src.wrt_kind == "input":
+                x = xs[src.wrt_index]
+                seeds = {src.inputs[src.wrt_index]: e(A.eye_stack, x, n_in)}
+            else:
+                seeds = A.param_seeds(e, src, e(A.eye_like, xs[0], n_in))
+            tan = forward_tangents(b, seeds)
+            y = b.env[src.output]
+            ty = tan.get(src.output, ZERO)
+            if ty is ZERO:
+                ty = e(A.zeros_stack, y, n_in)
+            return (y, e(A.stack_to_rows, ty, A.size(e, y, 0)))
+        b.copy_all()
+        y = b.env[src.output]
+        batch = A.size(e, y, 0)
+        seeds = {src.output: e(A.eye_stack, y, n_out)}
+        if src.wrt_kind == "input":
+            x = xs[src.wrt_index]
+            cts = backward_cotangents(b, seeds, [src.inputs[src.wrt_index]])
+            ct = cts.get(src.inputs[src.wrt_index], ZERO)
+            if ct is ZERO:
+                ct = e(A.zeros_stack, x, n_out)
+            return (y, e(A.stack_to_batch_rows, ct, batch))
+        cts = backward_cotangents(b, seeds, list(src.param_nodes), ps=True)
+        flat = A.param_results(e, src, cts, e(operator.mul, batch, n_out), y)
+        return (y, e(_ps_rows_to_batch_first, flat, n_out, batch))
+
+    return make_product(assemble, model, wrt, **options)
+

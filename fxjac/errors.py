@@ -1,0 +1,62 @@
+"""The errors fxjac raises; every one is a :class:`FxJacError` and names the node and the user's source line."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch.fx as fx
+
+
+class FxJacError(Exception):
+    """Base of every fxjac error."""
+
+
+class TraceError(FxJacError):
+    """torch.fx cannot trace the model, or traced it wrongly (checked at a product's first call)."""
+
+
+class ShapeError(FxJacError, ValueError):
+    """An operand of the wrong shape, rank, dtype or device; a non-symmetric full matrix."""
+
+
+class ModeError(FxJacError):
+    """Training-mode BatchNorm or active Dropout on the differentiated path: call ``model.eval()``."""
+
+
+class OptionError(FxJacError, ValueError):
+    """An unknown or contradictory option, or a ``wrt`` naming no parameter."""
+
+
+class UnsupportedOpError(FxJacError, NotImplementedError):
+    """``strict=True`` and some ops have no structured rule."""
+
+
+class StaleProductError(FxJacError):
+    """The model's structure changed since the product was built."""
+
+
+def source_line(node: fx.Node) -> Optional[str]:
+    """The user's source line that created ``node`` (the last frame of its recorded stack trace)."""
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return None
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+    files = [i for i, ln in enumerate(lines) if ln.startswith("File ")]
+    if not files:
+        return lines[-1]
+    i = files[-1]
+    where = lines[i]
+    code = lines[i + 1] if i + 1 < len(lines) else ""
+    return f"{where}: {code}" if code else where
+
+
+def describe(nodes: Iterable[fx.Node]) -> str:
+    """One line per node: ``format_node()`` and, where known, the user's source line."""
+    out = []
+    for n in nodes:
+        line = f"  {n.format_node()}"
+        src = source_line(n)
+        if src:
+            line += f"\n      at {src}"
+        out.append(line)
+    return "\n".join(out)

@@ -1,0 +1,235 @@
+"""The :class:`Product` GraphModule and the assembly shared by every product builder."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from passes import Builder, MissingRulesError, clean
+
+from .errors import ShapeError, StaleProductError, TraceError, UnsupportedOpError, describe
+from .rules import default_rules
+from .source import Source, build_source
+
+
+def _unbuilt(*args, **kwargs):
+    """Stands in for a product's code until its first call has seen the input shapes."""
+    raise RuntimeError("this fxjac product is built at its first call; call the product itself, not .forward()")
+
+
+class Product(fx.GraphModule):
+    """A compiled Jacobian product: a GraphModule reading the model's current parameters at every call.
+
+    Built without ``example_inputs`` it specialises itself at its first call (only ranks and static sizes are
+    taken from those inputs: the batch size may change later). Its first call also checks the primal output
+    against the model's own output. Results are detached unless built with ``differentiable=True``.
+    """
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, build: Callable, spec: dict):
+        super().__init__(root, graph, class_name="Product")
+        self._fxjac_build = build
+        self._fxjac_spec = spec
+        self._fxjac_checked = False
+        self._fxjac_variants: dict = {}
+        self._fxjac_structure: list = []
+        self.wrt_names: list = []
+
+    # The model is held as a submodule so that parameter lookups in the code are live (``self.model.fc.weight``).
+    def _install(self, gm: "Product", src: Source) -> None:
+        self.graph = gm.graph
+        for name, mod in gm.named_children():
+            if name != "model":
+                setattr(self, name, mod)
+        self.recompile()
+        self._fxjac_structure = _structure(src)
+        self.fallback_ops = list(getattr(gm, "fallback_ops", []))
+
+    def __call__(self, *args, **kwargs):  # noqa: D102
+        spec = self._fxjac_spec
+        n_in = spec.get("n_inputs")
+        if n_in is not None and len(args) > n_in:
+            variant = spec.get("variant")
+            if variant is not None:
+                key = variant(args[n_in:])
+                if key is not None:
+                    if key not in self._fxjac_variants:
+                        self._fxjac_variants[key] = self._fxjac_build(args[:n_in], key)
+                    return self._fxjac_variants[key](*args, **kwargs)
+        if self._fxjac_build is not None and spec.get("lazy"):
+            inputs = args[:n_in] if n_in is not None else args
+            built = self._fxjac_build(inputs, None)
+            self._install(built, built._fxjac_src)
+            self.wrt_names = built.wrt_names
+            spec["lazy"] = False
+        self._check_structure()
+        if spec.get("differentiable"):
+            out = super().__call__(*args, **kwargs)
+        else:
+            with torch.no_grad():
+                out = super().__call__(*args, **kwargs)
+        if not self._fxjac_checked:
+            self._check_primal(args, out)
+        return out
+
+    def _check_structure(self) -> None:
+        model = self.model
+        for path, mod in self._fxjac_structure:
+            try:
+                now = model.get_submodule(path) if path else model
+            except AttributeError:
+                now = None
+            if now is not mod:
+                raise StaleProductError(f"the model's submodule {path!r} was replaced since this product was "
+                                        "built; build the product again")
+
+    def _check_primal(self, args, out) -> None:
+        """First call: the product's ``y`` must equal the model's own output (catches mis-traced mutation)."""
+        n_in = self._fxjac_spec.get("n_inputs") or len(args)
+        model = self.model
+        with torch.no_grad():
+            ref = model(*args[:n_in])
+        sel = self._fxjac_spec.get("output")
+        if sel is not None:
+            ref = ref[sel]
+        y = out[0]
+        if not isinstance(ref, torch.Tensor) or ref.shape != y.shape or not torch.allclose(
+                ref.to(y.dtype), y, rtol=1e-4, atol=1e-5, equal_nan=True):
+            raise TraceError("the traced graph does not reproduce the model's output (an in-place mutation or "
+                             "Python side effect torch.fx did not record?); name the module that does it in "
+                             "leaf_modules=[...]")
+        self._fxjac_checked = True
+
+
+def _structure(src: Source) -> list:
+    """(path, module) pairs the product relies on: every module owning a parameter or buffer it reads."""
+    model = src.model
+    paths = set()
+    for n in src.gm.graph.nodes:
+        if n.op == "get_attr":
+            paths.add(n.target.rsplit(".", 1)[0] if "." in n.target else "")
+    out = []
+    for p in sorted(paths):
+        try:
+            out.append((p, model.get_submodule(p) if p else model))
+        except AttributeError:
+            continue
+    return out
+
+
+def finish(b: Builder, outputs: Any, src: Source) -> Product:
+    """Close a product graph: prefix attribute reads with ``model.``, lint, clean, wrap in a Product."""
+    for n in b.graph.nodes:
+        if n.op == "get_attr":
+            n.target = "model." + n.target
+    holder = nn.Module()
+    holder.model = src.model
+    b.graph.output(outputs)
+    b.graph.eliminate_dead_code()
+    b.graph.lint()
+    gm = fx.GraphModule(holder, b.graph, class_name="Product")
+    gm.model = src.model
+    clean(gm)
+    gm.fallback_ops = list(b.fallback_nodes)
+    return gm
+
+
+def warn_fallback(nodes: Sequence[fx.Node]) -> None:
+    """Name, once per product, the ops differentiated by the autograd fallback."""
+    if nodes:
+        warnings.warn("fxjac: these ops have no structured rule and use the exact but slower autograd fallback "
+                      "(node-local torch.func; a per-sample loop where vmap has no batching rule):\n"
+                      + describe(nodes), stacklevel=4)
+
+
+def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inputs=None, leaf_modules=(),
+                 concrete_args=None, output=None, strict=False, differentiable=False, variant=None,
+                 n_inputs: Optional[int] = None) -> Product:
+    """Build a Product: ``assemble(src, builder, key)`` writes the product graph and returns its outputs.
+
+    ``variant(operands) -> key or None`` lets a product dispatch an operand of another form (``[B, P]`` instead
+    of ``[P]``) to a sibling product built on demand with ``key``.
+    """
+    if isinstance(model, Product):
+        raise TypeError("pass the model, not a product")
+
+    def build(inputs, key):
+        src = build_source(model, wrt, list(inputs), leaf_modules=leaf_modules, concrete_args=concrete_args,
+                           output=output)
+        b = Builder(src.gm, default_rules(), strict=strict)
+        try:
+            outs = assemble(src, b, key)
+        except MissingRulesError as err:
+            nodes = err.nodes
+            if strict:
+                nodes = _all_missing(src, b)
+            raise UnsupportedOpError("strict=True and these ops have no structured rule:\n" + describe(nodes)) \
+                from err
+        gm = finish(b, outs, src)
+        warn_fallback(b.fallback_nodes)
+        prod = Product(gm, gm.graph, None, {"n_inputs": len(src.inputs), "output": output,
+                                             "differentiable": differentiable})
+        prod.model = model
+        prod._fxjac_src = src
+        prod._fxjac_structure = _structure(src)
+        prod.wrt_names = [p.name for p in src.params]
+        prod._fxjac_param_shapes = [(p.name, p.shape) for p in src.params]
+        prod.fallback_ops = list(b.fallback_nodes)
+        return prod
+
+    spec = {"n_inputs": n_inputs, "output": output, "differentiable": differentiable, "variant": variant}
+    if example_inputs is not None:
+        inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        built = build(inputs, None)
+        spec["n_inputs"] = len(inputs)
+        prod = Product(built, built.graph, build, spec)
+        prod.model = model
+        prod._install(built, built._fxjac_src)
+        prod.wrt_names = built.wrt_names
+        prod._fxjac_param_shapes = built._fxjac_param_shapes
+        return prod
+    # Validate the options now (wrt names, modes, tracing) even though shapes wait for the first call.
+    from .source import parse_wrt, select_params
+    from .tracing import check_modes, trace
+
+    kind, _ = parse_wrt(wrt)
+    params = select_params(model, wrt) if kind == "params" else []
+    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    check_modes(gm)
+    n_ph = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    spec.update(lazy=True, n_inputs=n_ph)
+    graph = fx.Graph()
+    phs = [graph.placeholder(n.name) for n in gm.graph.nodes if n.op == "placeholder"]
+    rest = graph.placeholder("operands", default_value=None)
+    graph.output(graph.call_function(_unbuilt, tuple(phs) + (rest,)))
+    holder = nn.Module()
+    holder.model = model
+    prod = Product(holder, graph, build, spec)
+    prod.model = model
+    prod.wrt_names = [p.name for p in params]
+    prod._fxjac_param_shapes = [(p.name, p.shape) for p in params]
+    prod._fxjac_structure = []
+    return prod
+
+
+def _all_missing(src: Source, b: Builder) -> list:
+    rules = b.rules
+    from passes.builder import is_structural
+
+    return [n for n in src.gm.graph.nodes if n.op in ("call_function", "call_method")
+            and not is_structural(n) and rules.lookup(n) is None]
+
+
+def check_operand(t: Any, name: str, shape: tuple, like: torch.Tensor) -> None:
+    """Raise ShapeError unless ``t`` is a tensor of ``shape`` with ``like``'s dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise ShapeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ShapeError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if t.dtype != like.dtype:
+        raise ShapeError(f"{name} has dtype {t.dtype}, expected {like.dtype} (the model's)")
+    if t.device != like.device:
+        raise ShapeError(f"{name} is on {t.device}, the model's tensors on {like.device}")

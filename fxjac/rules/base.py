@@ -1,0 +1,179 @@
+"""Rule families: the helpers that turn a little op-specific math into every product.
+
+- :class:`Elementwise`: a unary element-wise op gives ``f'(x)``.
+- :class:`Broadcasting`: a binary (or n-ary) element-wise op gives one partial per input.
+- :class:`LinearOp`: an op linear in its tensor input gives its application to a stack and its transpose.
+- :class:`NonDifferentiable`: shape queries, comparisons, argmax…: zero derivative, nothing emitted.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from passes.protocol import ZERO, Emitter, Rule, Site
+
+from . import _rt
+
+
+class NonDifferentiable(Rule):
+    """An op whose output is constant for differentiation (integer, boolean or shape-valued)."""
+
+    signature = None
+    kind = "constant"
+
+    def jvp(self, e, site, tangents):
+        """No tangent flows out."""
+        return ZERO
+
+    def vjp(self, e, site, ct):
+        """No cotangent flows back."""
+        return {}
+
+    def diag_vjp(self, e, site, d):
+        """No diagonal flows back."""
+        return {}
+
+
+class Elementwise(Rule):
+    """``y = f(x)`` applied element by element; subclasses give ``f'(x)`` (broadcastable to ``x``)."""
+
+    def signature(input):  # noqa: D103, N805
+        ...
+
+    def derivative(self, e: Emitter, site: Site):
+        """``f'(x)``, as a node or a Python number."""
+        raise NotImplementedError
+
+    def jvp(self, e, site, tangents):
+        """``f'(x) * t``."""
+        t = tangents["input"]
+        if t is ZERO:
+            return ZERO
+        return e(operator.mul, t, self.derivative(e, site))
+
+    def vjp(self, e, site, ct):
+        """``f'(x) * ct``."""
+        return {"input": e(operator.mul, ct, self.derivative(e, site))}
+
+    def diag_vjp(self, e, site, d):
+        """``f'(x)² * d``."""
+        g = self.derivative(e, site)
+        return {"input": e(operator.mul, d, e(operator.mul, g, g))}
+
+
+class Broadcasting(Rule):
+    """An element-wise op of several broadcast inputs; subclasses give ``∂y/∂input`` for each input name.
+
+    A partial may be a node, a Python number, or ZERO. Lower-rank inputs are aligned with the output and
+    cotangents are summed back to each input's shape; per-sample stacks of unbatched inputs are handled here.
+    """
+
+    inputs: tuple = ("input", "other")
+
+    def partial(self, e: Emitter, site: Site, name: str):
+        """``∂y/∂name``, broadcastable to the output."""
+        raise NotImplementedError
+
+    def _times(self, e, t, p):
+        if p is ZERO:
+            return ZERO
+        if isinstance(p, (int, float)):
+            if p == 1:
+                return t
+            if p == -1:
+                return e(operator.neg, t)
+        return e(operator.mul, t, p)
+
+    def jvp(self, e, site, tangents):
+        """``Σ_i ∂y/∂x_i · t_i`` with each tangent aligned to the output's rank."""
+        out_ndim = site.ndim()
+        out_shape = tuple(site.out_val.shape)
+        terms, full = [], False
+        for name in self.inputs:
+            t = tangents.get(name, ZERO)
+            if t is ZERO:
+                continue
+            p = self.partial(e, site, name)
+            if p is ZERO:
+                continue
+            if name in site.ps:
+                t = e(_rt.align_ps, t, out_ndim)
+            elif site.val(name).dim() < out_ndim:
+                t = e(_rt.align, t, out_ndim)
+            full = full or tuple(site.val(name).shape) == out_shape and name not in site.ps
+            if isinstance(p, torch.fx.Node) and isinstance(p.meta.get("val"), torch.Tensor):
+                full = full or tuple(p.meta["val"].shape) == out_shape
+            terms.append(self._times(e, t, p))
+        out = e.sum(terms)
+        if out is not ZERO and not full:  # only broadcast inputs moved: give the tangent the output's shape
+            out = e(_rt.expand_like, out, site.out)
+        return out
+
+    def vjp(self, e, site, ct):
+        """``sum_to(ct · ∂y/∂x_i, shape of x_i)`` for each input."""
+        out = {}
+        for name in self.inputs:
+            x = site.args.get(name)
+            if not isinstance(x, torch.fx.Node) or not site.needs(name):
+                continue
+            c = self._times(e, ct, self.partial(e, site, name))
+            if c is ZERO:
+                continue
+            if name in site.ps:
+                c = e(_rt.sum_to_ps, c, x)
+            elif tuple(site.val(name).shape) != tuple(site.out_val.shape):
+                c = e(_rt.sum_to, c, x)
+            out[name] = c
+        return out
+
+    def diag_vjp(self, e, site, d):
+        """``sum_to(d · (∂y/∂x_i)², shape of x_i)``."""
+        out = {}
+        for name in self.inputs:
+            x = site.args.get(name)
+            if not isinstance(x, torch.fx.Node):
+                continue
+            p = self.partial(e, site, name)
+            if p is ZERO:
+                continue
+            c = self._times(e, d, e(operator.mul, p, p) if isinstance(p, torch.fx.Node) else p * p)
+            if tuple(site.val(name).shape) != tuple(site.out_val.shape):
+                c = e(_rt.sum_to, c, x)
+            out[name] = c
+        return out
+
+
+class LinearOp(Rule):
+    """An op that is linear in its one tensor input ``input`` (views, reductions, pooling, interpolation…).
+
+    Subclasses give ``apply(e, site, t)``: the op on a stack ``[K, *in]`` -> ``[K, *out]``, and
+    ``transpose(e, site, ct)``: its adjoint ``[K, *out]`` -> ``[K, *in]``. The diagonal rule squares the op's
+    entries, which for a 0/1 or permutation op (most views) is the op itself; others override ``diag_vjp``.
+    """
+
+    square_is_self = True
+
+    def apply(self, e: Emitter, site: Site, t):
+        """The op applied to a stack."""
+        raise NotImplementedError
+
+    def transpose(self, e: Emitter, site: Site, ct):
+        """The adjoint of the op applied to a stack."""
+        raise NotImplementedError
+
+    def jvp(self, e, site, tangents):
+        """The op itself on the tangent stack."""
+        t = tangents["input"]
+        return ZERO if t is ZERO else self.apply(e, site, t)
+
+    def vjp(self, e, site, ct):
+        """The op's adjoint on the cotangent stack."""
+        return {"input": self.transpose(e, site, ct)}
+
+    def diag_vjp(self, e, site, d):
+        """``(A∘A)ᵀ d``; equal to ``Aᵀ d`` where A holds only zeros and ones."""
+        if not self.square_is_self:
+            raise NotImplementedError(f"{type(self).__name__} has no diagonal rule")
+        return {"input": self.transpose(e, site, d)}

@@ -1,0 +1,426 @@
+"""Element-wise ops: activations, transcendental functions and the broadcasting arithmetic.
+
+Each unary rule gives ``f'(x)`` (often from the primal output it reuses); binary rules give one partial per
+input. At kinks the derivative is autograd's choice: relu'(0) = 0, abs'(0) = 0, clamp passes at its bounds.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from passes.protocol import ZERO
+
+from .base import Broadcasting, Elementwise
+from .registry import register
+
+# --- derivative kernels (run inside generated code) -----------------------------------------------------
+
+
+def relu_grad(x):
+    """relu'(x) = [x > 0]."""
+    return (x > 0).to(x.dtype)
+
+
+def leaky_relu_grad(x, slope):
+    """leaky_relu'(x) = 1 where x > 0, else the slope."""
+    return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, slope))
+
+
+def elu_grad(x, alpha):
+    """elu'(x) = 1 where x > 0, else alpha·exp(x)."""
+    return torch.where(x > 0, torch.ones_like(x), alpha * torch.exp(x))
+
+
+def gelu_grad(x, approximate="none"):
+    """gelu'(x): Φ(x) + x φ(x), or the derivative of the tanh approximation."""
+    if approximate == "tanh":
+        k = math.sqrt(2.0 / math.pi)
+        u = k * (x + 0.044715 * x**3)
+        t = torch.tanh(u)
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * 0.044715 * x * x)
+    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2.0)))
+    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    return cdf + x * pdf
+
+
+def silu_grad(x):
+    """silu'(x) = s (1 + x (1 - s)), s = sigmoid(x)."""
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def softplus_grad(x, beta, threshold):
+    """softplus'(x) = sigmoid(beta x), and 1 past the linear threshold."""
+    return torch.where(x * beta > threshold, torch.ones_like(x), torch.sigmoid(beta * x))
+
+
+def clamp_grad(x, lo, hi):
+    """clamp'(x) = [lo <= x <= hi] (the gradient passes at the bounds, as in autograd)."""
+    mask = torch.ones_like(x, dtype=torch.bool)
+    if lo is not None:
+        mask = mask & (x >= lo)
+    if hi is not None:
+        mask = mask & (x <= hi)
+    return mask.to(x.dtype)
+
+
+def hardtanh_grad(x, lo, hi):
+    """hardtanh'(x) = [lo < x < hi] (strict, as autograd's hardtanh_backward)."""
+    return ((x > lo) & (x < hi)).to(x.dtype)
+
+
+def pow_grad(x, exponent):
+    """d(x^c)/dx = c x^(c-1), and exactly 0 for c = 0."""
+    if isinstance(exponent, (int, float)) and exponent == 0:
+        return torch.zeros_like(x)
+    return exponent * torch.pow(x, exponent - 1)
+
+
+def pow_exponent_grad(x, y):
+    """d(x^c)/dc = x^c log x (0 where x = 0, as autograd)."""
+    return torch.where(x == 0, torch.zeros_like(y), y * torch.log(x))
+
+
+def mask_of(cond, dtype_like):
+    """A boolean mask as 0/1 values of ``dtype_like``'s dtype."""
+    return cond.to(dtype_like.dtype)
+
+
+# --- unary element-wise ops ------------------------------------------------------------------------------
+
+
+@register(torch.relu, F.relu, "relu")
+class Relu(Elementwise):
+    """y = max(x, 0); y' = [x > 0]."""
+
+    def signature(input, inplace=False):  # noqa: D103
+        ...
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(relu_grad, site.args["input"])
+
+
+@register(F.leaky_relu)
+class LeakyRelu(Elementwise):
+    """y = x or slope·x; y' = 1 or slope."""
+
+    def signature(input, negative_slope=0.01, inplace=False):  # noqa: D103
+        ...
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(leaky_relu_grad, site.args["input"], site.args["negative_slope"])
+
+
+@register(F.elu)
+class Elu(Elementwise):
+    """y = x or alpha (exp x - 1); y' = 1 or alpha exp x."""
+
+    def signature(input, alpha=1.0, inplace=False):  # noqa: D103
+        ...
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(elu_grad, site.args["input"], site.args["alpha"])
+
+
+@register(F.gelu)
+class Gelu(Elementwise):
+    """y = x Φ(x) (or its tanh approximation); y' = Φ(x) + x φ(x)."""
+
+    def signature(input, approximate="none"):  # noqa: D103
+        ...
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(gelu_grad, site.args["input"], site.args["approximate"])
+
+
+@register(F.silu)
+class Silu(Elementwise):
+    """y = x sigmoid(x); y' = s (1 + x (1 - s))."""
+
+    def signature(input, inplace=False):  # noqa: D103
+        ...
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(silu_grad, site.args["input"])
+
+
+@register(torch.tanh, F.tanh, "tanh")
+class Tanh(Elementwise):
+    """y = tanh(x); y' = 1 - y², reusing the primal output."""
+
+    def derivative(self, e, site):  # noqa: D102
+        y = site.out
+        return e(operator.sub, 1.0, e(operator.mul, y, y))
+
+
+@register(torch.sigmoid, F.sigmoid, "sigmoid")
+class Sigmoid(Elementwise):
+    """y = sigmoid(x); y' = y (1 - y), reusing the primal output."""
+
+    def derivative(self, e, site):  # noqa: D102
+        y = site.out
+        return e(operator.mul, y, e(operator.sub, 1.0, y))
+
+
+@register(F.softplus)
+class Softplus(Elementwise):
+    """y = log(1 + exp(beta x)) / beta; y' = sigmoid(beta x) (1 past the threshold)."""
+
+    def signature(input, beta=1.0, threshold=20.0):  # noqa: D103
+        ...
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(softplus_grad, site.args["input"], site.args["beta"], site.args["threshold"])
+
+
+@register(torch.sin, "sin")
+class Sin(Elementwise):
+    """y = sin(x); y' = cos(x)."""
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(torch.cos, site.args["input"])
+
+
+@register(torch.cos, "cos")
+class Cos(Elementwise):
+    """y = cos(x); y' = -sin(x)."""
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(operator.neg, e(torch.sin, site.args["input"]))
+
+
+@register(torch.exp, "exp")
+class Exp(Elementwise):
+    """y = exp(x); y' = y, reusing the primal output."""
+
+    def derivative(self, e, site):  # noqa: D102
+        return site.out
+
+
+@register(torch.log, "log")
+class Log(Elementwise):
+    """y = log(x); y' = 1 / x."""
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(torch.reciprocal, site.args["input"])
+
+
+@register(torch.log1p, "log1p")
+class Log1p(Elementwise):
+    """y = log(1 + x); y' = 1 / (1 + x)."""
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(torch.reciprocal, e(operator.add, site.args["input"], 1.0))
+
+
+@register(torch.sqrt, "sqrt")
+class Sqrt(Elementwise):
+    """y = sqrt(x); y' = 1 / (2 y), reusing the primal output."""
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(operator.truediv, 0.5, site.out)
+
+
+@register(torch.rsqrt, "rsqrt")
+class Rsqrt(Elementwise):
+    """y = x^(-1/2); y' = -y³ / 2, reusing the primal output."""
+
+    def derivative(self, e, site):  # noqa: D102
+        y = site.out
+        return e(operator.mul, e(operator.mul, e(operator.mul, y, y), y), -0.5)
+
+
+@register(torch.reciprocal, "reciprocal")
+class Reciprocal(Elementwise):
+    """y = 1 / x; y' = -y², reusing the primal output."""
+
+    def derivative(self, e, site):  # noqa: D102
+        y = site.out
+        return e(operator.neg, e(operator.mul, y, y))
+
+
+@register(torch.square, "square")
+class Square(Elementwise):
+    """y = x²; y' = 2x."""
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(operator.mul, site.args["input"], 2.0)
+
+
+@register(torch.abs, "abs", operator.abs)
+class Abs(Elementwise):
+    """y = |x|; y' = sign(x) (0 at 0, as autograd)."""
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(torch.sign, site.args["input"])
+
+
+@register(torch.erf, "erf")
+class Erf(Elementwise):
+    """y = erf(x); y' = 2/sqrt(pi) exp(-x²)."""
+
+    def derivative(self, e, site):  # noqa: D102
+        x = site.args["input"]
+        return e(operator.mul, e(torch.exp, e(operator.neg, e(operator.mul, x, x))), 2.0 / math.sqrt(math.pi))
+
+
+@register(torch.clamp, torch.clip, "clamp", "clip")
+class Clamp(Elementwise):
+    """y = clamp(x, min, max); y' = [min <= x <= max] (numbers as bounds)."""
+
+    def signature(input, min=None, max=None):  # noqa: D103
+        ...
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(clamp_grad, site.args["input"], site.args["min"], site.args["max"])
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        self._numbers_only(site)
+        return super().jvp(e, site, tangents)
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        self._numbers_only(site)
+        return super().vjp(e, site, ct)
+
+    @staticmethod
+    def _numbers_only(site):
+        for k in ("min", "max"):
+            if isinstance(site.args[k], torch.fx.Node):
+                raise NotImplementedError("clamp with tensor bounds")
+
+
+@register(F.hardtanh)
+class Hardtanh(Elementwise):
+    """y = clamp(x, lo, hi) via hardtanh; y' = [lo < x < hi] (strict, as autograd)."""
+
+    def signature(input, min_val=-1.0, max_val=1.0, inplace=False):  # noqa: D103
+        ...
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(hardtanh_grad, site.args["input"], site.args["min_val"], site.args["max_val"])
+
+
+@register(F.relu6)
+class Relu6(Elementwise):
+    """y = min(max(x, 0), 6), computed as hardtanh(x, 0, 6); y' = [0 < x < 6]."""
+
+    def signature(input, inplace=False):  # noqa: D103
+        ...
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(hardtanh_grad, site.args["input"], 0.0, 6.0)
+
+
+@register(torch.neg, operator.neg, "neg")
+class Neg(Elementwise):
+    """y = -x; y' = -1."""
+
+    def derivative(self, e, site):  # noqa: D102
+        return -1.0
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        t = tangents["input"]
+        return ZERO if t is ZERO else e(operator.neg, t)
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        return {"input": e(operator.neg, ct)}
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return {"input": d}
+
+
+# --- binary, broadcasting ops ----------------------------------------------------------------------------
+
+
+@register(torch.add, operator.add, "add")
+class Add(Broadcasting):
+    """y = x + alpha·other; partials 1 and alpha."""
+
+    def signature(input, other, *, alpha=1):  # noqa: D103
+        ...
+
+    def partial(self, e, site, name):  # noqa: D102
+        return 1 if name == "input" else site.args["alpha"]
+
+
+@register(torch.sub, operator.sub, "sub")
+class Sub(Broadcasting):
+    """y = x - alpha·other; partials 1 and -alpha."""
+
+    def signature(input, other, *, alpha=1):  # noqa: D103
+        ...
+
+    def partial(self, e, site, name):  # noqa: D102
+        return 1 if name == "input" else -site.args["alpha"]
+
+
+@register(torch.rsub, "rsub")
+class Rsub(Broadcasting):
+    """y = other - alpha·x; partials -alpha and 1."""
+
+    def signature(input, other, alpha=1):  # noqa: D103
+        ...
+
+    def partial(self, e, site, name):  # noqa: D102
+        return -site.args["alpha"] if name == "input" else 1
+
+
+@register(torch.mul, operator.mul, "mul")
+class Mul(Broadcasting):
+    """y = x · other; partials other and x."""
+
+    def signature(input, other):  # noqa: D103
+        ...
+
+    def partial(self, e, site, name):  # noqa: D102
+        return site.args["other"] if name == "input" else site.args["input"]
+
+
+@register(torch.div, operator.truediv, "div")
+class Div(Broadcasting):
+    """y = x / other; partials 1/other and -y/other (zero with a rounding mode)."""
+
+    def signature(input, other, *, rounding_mode=None):  # noqa: D103
+        ...
+
+    def partial(self, e, site, name):  # noqa: D102
+        if site.args["rounding_mode"] is not None:
+            return ZERO
+        other = site.args["other"]
+        if name == "input":
+            return 1.0 / other if isinstance(other, (int, float)) else e(torch.reciprocal, other)
+        return e(operator.neg, e(operator.truediv, site.out, other))
+
+
+@register(torch.pow, operator.pow, "pow")
+class Pow(Broadcasting):
+    """y = x^c; partials c x^(c-1) and y log x."""
+
+    inputs = ("input", "exponent")
+
+    def signature(input, exponent):  # noqa: D103
+        ...
+
+    def partial(self, e, site, name):  # noqa: D102
+        x, c = site.args["input"], site.args["exponent"]
+        if name == "input":
+            return e(pow_grad, x, c)
+        return e(pow_exponent_grad, x, site.out)
+
+
+@register(torch.where)
+class Where(Broadcasting):
+    """y = where(cond, input, other); partials [cond] and [not cond]; the condition is constant."""
+
+    def signature(condition, input, other):  # noqa: D103
+        ...
+
+    def partial(self, e, site, name):  # noqa: D102
+        cond = site.args["condition"]
+        if name == "input":
+            return e(mask_of, cond, site.out)
+        return e(mask_of, e(torch.logical_not, cond), site.out)

@@ -1,0 +1,315 @@
+"""Linear and bilinear algebra: ``F.linear``, ``F.bilinear``, matmul (``@``, ``mm``, ``bmm``) and ``einsum``.
+
+Weights used at several positions (a Linear on ``[B, T, d]``) get exact per-sample cotangents from one einsum
+over the positions; nothing builds a Jacobian.
+"""
+
+from __future__ import annotations
+
+import operator
+import string
+
+import torch
+import torch.nn.functional as F
+
+from passes.protocol import ZERO, Decline, Rule
+
+from . import _rt
+from .registry import register
+
+# --- kernels ---------------------------------------------------------------------------------------------
+
+
+def linear_weight_tangent(x, tw):
+    """``x @ tWᵀ`` for a shared weight-tangent stack ``tw`` ``[K, out, in]`` -> ``[K, *x[:-1], out]``."""
+    return torch.einsum("koi,...i->k...o", tw, x)
+
+
+def linear_weight_tangent_ps(x, tw):
+    """The same for per-sample weight tangents ``[K, B, out, in]``."""
+    return torch.einsum("kboi,b...i->kb...o", tw, x)
+
+
+def linear_weight_ct(ct, x):
+    """``Σ_positions ct ⊗ x`` summed over the batch: ``[K, *, out]``, ``[*, in]`` -> ``[K, out, in]``."""
+    return torch.einsum("k...o,...i->koi", ct, x)
+
+
+def linear_weight_ct_ps(ct, x):
+    """Per-sample weight cotangents: ``[K, B, *, out]``, ``[B, *, in]`` -> ``[K, B, out, in]``."""
+    return torch.einsum("kb...o,b...i->kboi", ct, x)
+
+
+def _promote(a, b):
+    """Matmul operands as matrices (1-D operands get a unit axis) and how to undo it on the output."""
+    squeeze = []
+    if a.dim() == 1:
+        a = a.unsqueeze(0)
+        squeeze.append(-2)
+    if b.dim() == 1:
+        b = b.unsqueeze(-1)
+        squeeze.append(-1)
+    return a, b, squeeze
+
+
+def _squeeze(t, squeeze):
+    """Undo :func:`_promote` on a result: drop the unit axes the 1-D operands got."""
+    if -1 in squeeze:
+        t = t.squeeze(-1)
+    if -2 in squeeze:
+        t = t.squeeze(-1 if -1 in squeeze else -2)
+    return t
+
+
+def matmul_tangent(ta, tb, a, b, ps_a=False, ps_b=False):
+    """Tangent of ``a @ b``: ``ta @ b + a @ tb`` on stacks (either tangent may be None)."""
+    a2, b2, squeeze = _promote(a, b)
+    rank = max(a2.dim(), b2.dim())
+    out = None
+    if ta is not None:
+        ta2 = ta.unsqueeze(-2) if a.dim() == 1 else ta
+        ta2 = _rt.align_ps(ta2, rank) if ps_a else _rt.align(ta2, rank)
+        out = ta2 @ b2
+    if tb is not None:
+        tb2 = tb.unsqueeze(-1) if b.dim() == 1 else tb
+        tb2 = _rt.align_ps(tb2, rank) if ps_b else _rt.align(tb2, rank)
+        term = a2 @ tb2
+        out = term if out is None else out + term
+    out = _squeeze(out, squeeze)
+    return out
+
+
+def matmul_ct_left(ct, a, b, batch=None):
+    """Cotangent of ``a`` in ``a @ b``: ``sum_to(ct @ bᵀ, a)`` (per-sample when ``batch`` is given)."""
+    a2, b2, squeeze = _promote(a, b)
+    if -1 in squeeze:
+        ct = ct.unsqueeze(-1)
+    if -2 in squeeze:
+        ct = ct.unsqueeze(-2)
+    c = ct @ b2.transpose(-1, -2)
+    if batch is not None:
+        return _rt.sum_to_ps(c, a2).reshape(c.shape[:2] + a.shape)
+    return _rt.sum_to(c, a2).reshape((c.shape[0],) + a.shape)
+
+
+def matmul_ct_right(ct, a, b, batch=None):
+    """Cotangent of ``b`` in ``a @ b``: ``sum_to(aᵀ @ ct, b)`` (per-sample when ``batch`` is given)."""
+    a2, b2, squeeze = _promote(a, b)
+    if -1 in squeeze:
+        ct = ct.unsqueeze(-1)
+    if -2 in squeeze:
+        ct = ct.unsqueeze(-2)
+    c = a2.transpose(-1, -2) @ ct
+    if batch is not None:
+        return _rt.sum_to_ps(c, b2).reshape(c.shape[:2] + b.shape)
+    return _rt.sum_to(c, b2).reshape((c.shape[0],) + b.shape)
+
+
+# --- rules -----------------------------------------------------------------------------------------------
+
+
+@register(F.linear)
+class Linear(Rule):
+    """y = x Wᵀ + b; dy = dx Wᵀ + x dWᵀ + db, reusing the primal input for the weight terms."""
+
+    def signature(input, weight, bias=None):  # noqa: D103
+        ...
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        x, w = site.args["input"], site.args["weight"]
+        terms = []
+        if tangents["input"] is not ZERO:
+            terms.append(e(F.linear, tangents["input"], w))
+        if tangents["weight"] is not ZERO:
+            kernel = linear_weight_tangent_ps if "weight" in site.ps else linear_weight_tangent
+            terms.append(e(kernel, x, tangents["weight"]))
+        tb = tangents.get("bias", ZERO)
+        if tb is not ZERO:
+            tb = e(_rt.align_ps, tb, site.ndim()) if "bias" in site.ps else e(_rt.align, tb, site.ndim())
+            terms.append(tb)
+        out = e.sum(terms)
+        if len(terms) == 1 and tb is not ZERO:
+            out = e(_rt.expand_like, out, site.out)
+        return out
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        x, w, b = site.args["input"], site.args["weight"], site.args["bias"]
+        out = {}
+        if site.needs("input"):
+            out["input"] = e(torch.matmul, ct, w)
+        if site.needs("weight"):
+            if "weight" in site.ps:
+                out["weight"] = e(linear_weight_ct_ps, ct, x)
+            else:
+                out["weight"] = e(linear_weight_ct, ct, x)
+        if b is not None and site.needs("bias"):
+            out["bias"] = e(_rt.sum_to_ps, ct, b) if "bias" in site.ps else e(_rt.sum_to, ct, b)
+        return out
+
+
+class _Matmul(Rule):
+    """y = a @ b (broadcast batch axes, 1-D operands promoted); dy = da @ b + a @ db."""
+
+    left, right = "input", "other"
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        a, b = site.args[self.left], site.args[self.right]
+        ta, tb = tangents[self.left], tangents[self.right]
+        return e(matmul_tangent, ta, tb, a, b, self.left in site.ps, self.right in site.ps)
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        a, b = site.args[self.left], site.args[self.right]
+        out = {}
+        if site.needs(self.left):
+            out[self.left] = e(matmul_ct_left, ct, a, b, site.batch if self.left in site.ps else None)
+        if site.needs(self.right):
+            out[self.right] = e(matmul_ct_right, ct, a, b, site.batch if self.right in site.ps else None)
+        return out
+
+
+@register(torch.matmul, operator.matmul, "matmul")
+class Matmul(_Matmul):
+    """y = a @ b."""
+
+    def signature(input, other):  # noqa: D103
+        ...
+
+
+@register(torch.mm, "mm", torch.bmm, "bmm")
+class Mm(_Matmul):
+    """y = a @ b for ``mm`` and ``bmm`` (second argument ``mat2``)."""
+
+    right = "mat2"
+
+    def signature(input, mat2):  # noqa: D103
+        ...
+
+
+def _einsum_parts(equation: str, n: int):
+    eq = equation.replace(" ", "")
+    if "->" in eq:
+        lhs, rhs = eq.split("->")
+    else:
+        lhs = eq
+        letters = [c for c in lhs if c.isalpha()]
+        rhs = ("..." if "..." in lhs else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    terms = lhs.split(",")
+    if len(terms) != n:
+        raise Decline
+    used = set(eq)
+    free = [c for c in string.ascii_letters if c not in used]
+    return terms, rhs, free
+
+
+@register(torch.einsum)
+class Einsum(Rule):
+    """y = einsum(eq, *ops), linear in each operand: the tangent replaces one operand at a time; the
+    cotangent of an operand is the einsum of the output cotangent with the others."""
+
+    signature = None
+
+    @staticmethod
+    def _operands(site):
+        vals = [site.args[k] for k in sorted((k for k in site.args if k != "0"), key=int)]
+        eq = site.args["0"]
+        if len(vals) == 1 and isinstance(vals[0], (list, tuple)):
+            return eq, list(vals[0]), "1", True
+        return eq, vals, None, False
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        eq, ops, list_key, _ = self._operands(site)
+        tans = tangents[list_key] if list_key else [tangents[str(i + 1)] for i in range(len(ops))]
+        if tans is ZERO:
+            return ZERO
+        terms, rhs, free = _einsum_parts(eq, len(ops))
+        if site.ps:
+            raise Decline
+        z = free[0]
+        out = []
+        for i, t in enumerate(tans):
+            if t is ZERO:
+                continue
+            ts = list(terms)
+            ts[i] = z + ts[i]
+            args = list(ops)
+            args[i] = t
+            out.append(e(torch.einsum, f"{','.join(ts)}->{z}{rhs}", *args))
+        return e.sum(out)
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        eq, ops, list_key, _ = self._operands(site)
+        terms, rhs, free = _einsum_parts(eq, len(ops))
+        if site.ps:
+            raise Decline
+        z = free[0]
+        cts = []
+        for i, op in enumerate(ops):
+            if not isinstance(op, torch.fx.Node):
+                cts.append(ZERO)
+                continue
+            ti = terms[i]
+            letters = [c for c in ti if c.isalpha()]
+            others = "".join(terms[:i] + terms[i + 1:]) + rhs
+            if len(set(letters)) != len(letters) or any(c not in others for c in letters):
+                raise Decline  # a diagonal or a summed-only index: the transpose is not one einsum
+            ts = [z + rhs] + [t for j, t in enumerate(terms) if j != i]
+            args = [ct] + [o for j, o in enumerate(ops) if j != i]
+            c = e(torch.einsum, f"{','.join(ts)}->{z}{ti}", *args)
+            if "..." in ti:
+                c = e(_rt.sum_to, c, op)
+            cts.append(c)
+        if list_key:
+            return {list_key: cts}
+        return {str(i + 1): c for i, c in enumerate(cts)}
+
+
+def bilinear_tangent(t1, t2, tw, x1, x2, w):
+    """Tangent of ``F.bilinear`` without bias: the three product-rule terms as einsums."""
+    out = None
+    if t1 is not None:
+        out = torch.einsum("k...i,oij,...j->k...o", t1, w, x2)
+    if t2 is not None:
+        term = torch.einsum("...i,oij,k...j->k...o", x1, w, t2)
+        out = term if out is None else out + term
+    if tw is not None:
+        term = torch.einsum("...i,koij,...j->k...o", x1, tw, x2)
+        out = term if out is None else out + term
+    return out
+
+
+@register(F.bilinear)
+class Bilinear(Rule):
+    """y_o = x1ᵀ W_o x2 + b_o; linear in each of x1, x2, W."""
+
+    def signature(input1, input2, weight, bias=None):  # noqa: D103
+        ...
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        if site.ps:
+            raise Decline
+        x1, x2, w = site.args["input1"], site.args["input2"], site.args["weight"]
+        t1, t2, tw = tangents["input1"], tangents["input2"], tangents["weight"]
+        out = ZERO
+        if not (t1 is ZERO and t2 is ZERO and tw is ZERO):
+            out = e(bilinear_tangent, t1, t2, tw, x1, x2, w)
+        tb = tangents.get("bias", ZERO)
+        if tb is not ZERO:
+            tb = e(_rt.expand_like, tb, site.out)
+            out = e.add(out, tb)
+        return out
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        x1, x2, w, b = (site.args[k] for k in ("input1", "input2", "weight", "bias"))
+        out = {}
+        if site.needs("input1"):
+            out["input1"] = e(torch.einsum, "k...o,oij,...j->k...i", ct, w, x2)
+        if site.needs("input2"):
+            out["input2"] = e(torch.einsum, "k...o,...i,oij->k...j", ct, x1, w)
+        if site.needs("weight"):
+            if "weight" in site.ps:
+                out["weight"] = e(torch.einsum, "kb...o,b...i,b...j->kboij", ct, x1, x2)
+            else:
+                out["weight"] = e(torch.einsum, "k...o,...i,...j->koij", ct, x1, x2)
+        if b is not None and site.needs("bias"):
+            out["bias"] = e(_rt.sum_to_ps, ct, b) if "bias" in site.ps else e(_rt.sum_to, ct, b)
+        return out

@@ -1,0 +1,452 @@
+"""Shape ops: views, permutations, broadcasts, concatenation, splitting and indexing.
+
+All are linear with 0/1 entries, so each gives its action on a stack and its adjoint; the diagonal rule is the
+adjoint itself. Axes are shifted by one for the column axis (Note [stacked columns]); sizes come from the primal
+values at run time, so a changing batch size needs no new graph.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from passes.protocol import ZERO, Decline, Rule
+
+from . import _rt
+from .base import LinearOp
+from .registry import register
+
+# --- kernels ---------------------------------------------------------------------------------------------
+
+
+def unreduce(ct, like, dim, keepdim):
+    """Broadcast a reduction's stack ``[K, *out]`` back to ``[K, *like.shape]`` (the adjoint of ``sum``)."""
+    if dim is None or dim == ():
+        return ct.reshape((ct.shape[0],) + (1,) * like.dim()).expand((ct.shape[0],) + tuple(like.shape))
+    if not keepdim:
+        dims = [dim] if isinstance(dim, int) else list(dim)
+        dims = sorted(d % like.dim() for d in dims)
+        for d in dims:
+            ct = ct.unsqueeze(d + 1)
+    return ct.expand((ct.shape[0],) + tuple(like.shape))
+
+
+def stack_sum(t, dim, keepdim):
+    """``sum`` of a stack over primal axes ``dim`` (None: all axes)."""
+    if dim is None or dim == ():
+        out = t.reshape(t.shape[0], -1).sum(1)
+        return out.reshape((t.shape[0],) + (1,) * (t.dim() - 1)) if keepdim else out
+    return t.sum(_rt.shift_dim(dim, t.dim() - 1), keepdim=keepdim)
+
+
+def repeat_transpose(ct, like, sizes):
+    """Adjoint of ``x.repeat(*sizes)``: sum the copies back onto ``[K, *like.shape]``."""
+    shape = (1,) * (len(sizes) - like.dim()) + tuple(like.shape)
+    split = [ct.shape[0]]
+    for r, s in zip(sizes, shape):
+        split += [r, s]
+    ct = ct.reshape(split).sum(tuple(range(1, 2 * len(sizes), 2)))
+    return ct.reshape((ct.shape[0],) + tuple(like.shape))
+
+
+def cat_tangent(tangents, xs, dim):
+    """``cat`` of tangent stacks, zeros standing in where an input has none."""
+    k = next(t.shape[0] for t in tangents if t is not None)
+    parts = [t if t is not None else x.new_zeros((k,) + tuple(x.shape)) for t, x in zip(tangents, xs)]
+    return torch.cat(parts, _rt.shift_dim(dim, xs[0].dim()))
+
+
+def cat_transpose(ct, xs, dim):
+    """Adjoint of ``cat``: the cotangent stack split into the inputs' pieces along ``dim``."""
+    sizes = [x.shape[dim] if x.dim() > 0 else 0 for x in xs]
+    return list(torch.split(ct, sizes, _rt.shift_dim(dim, xs[0].dim())))
+
+
+def stack_tangent(tangents, xs, dim):
+    """``stack`` of tangent stacks, zeros standing in where an input has none."""
+    k = next(t.shape[0] for t in tangents if t is not None)
+    parts = [t if t is not None else x.new_zeros((k,) + tuple(x.shape)) for t, x in zip(tangents, xs)]
+    d = dim if dim >= 0 else dim + xs[0].dim() + 1
+    return torch.stack(parts, d + 1)
+
+
+def stack_transpose(ct, dim, ndim):
+    """Adjoint of ``stack``: the cotangent stack unbound along ``dim``."""
+    d = dim if dim >= 0 else dim + ndim + 1
+    return list(torch.unbind(ct, d + 1))
+
+
+def pieces_transpose(cts, outs, dim):
+    """Adjoint of ``chunk``/``split``: the pieces' cotangent stacks concatenated (zeros for missing ones)."""
+    k = next(c.shape[0] for c in cts if c is not None)
+    parts = [c if c is not None else o.new_zeros((k,) + tuple(o.shape)) for c, o in zip(cts, outs)]
+    return torch.cat(parts, _rt.shift_dim(dim, outs[0].dim()))
+
+
+def _index_of(idx):
+    return idx if isinstance(idx, tuple) else (idx,)
+
+
+def getitem_tangent(t, idx):
+    """``x[idx]`` applied to a stack: a full slice for the column axis first."""
+    return t[(slice(None),) + _index_of(idx)]
+
+
+def getitem_transpose(ct, like, idx):
+    """Adjoint of ``x[idx]``: scatter-add the cotangent stack into zeros shaped like ``[K, *x]``."""
+    out = ct.new_zeros((ct.shape[0],) + tuple(like.shape))
+    full = (slice(None),) + _index_of(idx)
+    if any(isinstance(i, torch.Tensor) and i.dtype != torch.bool for i in _index_of(idx)):
+        return out.index_put(_as_indices(out, full), ct, accumulate=True)
+    out[full] = ct
+    return out
+
+
+def _as_indices(out, full):
+    """Turn a (slice, …, integer tensor) index into explicit broadcast index tensors for ``index_put``."""
+    view = torch.arange(out.numel(), device=out.device).reshape(out.shape)[full]
+    flat = []
+    rem = view
+    for size in reversed(out.shape):
+        flat.append(rem % size)
+        rem = rem // size
+    return tuple(reversed(flat))
+
+
+def permute_tangent(t, dims):
+    """``permute`` of a stack (primal ``dims``)."""
+    n = t.dim() - 1
+    return t.permute((0,) + tuple(d % n + 1 for d in dims))
+
+
+def permute_transpose(ct, dims):
+    """Adjoint of ``permute``: the inverse permutation."""
+    n = ct.dim() - 1
+    inv = [0] * n
+    for i, d in enumerate(dims):
+        inv[d % n] = i
+    return ct.permute((0,) + tuple(i + 1 for i in inv))
+
+
+# --- rules -----------------------------------------------------------------------------------------------
+
+
+class _ReshapeLike(LinearOp):
+    """An op that only reshapes: the stack is reshaped to the output, the cotangent back to the input."""
+
+    def apply(self, e, site, t):  # noqa: D102
+        return e(_rt.reshape_like, t, site.out)
+
+    def transpose(self, e, site, ct):  # noqa: D102
+        return e(_rt.reshape_like, ct, site.args["input"])
+
+
+@register("view", "reshape", torch.reshape, "flatten", torch.flatten, "unflatten", torch.unflatten, "squeeze",
+          torch.squeeze, "unsqueeze", torch.unsqueeze, "view_as", "reshape_as")
+class Reshape(_ReshapeLike):
+    """y = x reshaped (view, reshape, flatten, unflatten, squeeze, unsqueeze); dy = dx reshaped."""
+
+    signature = None
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        t = tangents["0"]
+        return ZERO if t is ZERO else e(_rt.reshape_like, t, site.out)
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        return {"0": e(_rt.reshape_like, ct, site.args["0"])}
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return self.vjp(e, site, d)
+
+
+@register("contiguous", "clone", torch.clone, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+          F.alpha_dropout, F.feature_alpha_dropout, "requires_grad_", torch.Tensor.contiguous)
+class Identity(LinearOp):
+    """y = x (copies, contiguity, dropout in eval mode; training-mode dropout is refused before this)."""
+
+    signature = None
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        return tangents["0"]
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        return {"0": ct}
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return {"0": d}
+
+
+@register("permute", torch.permute)
+class Permute(LinearOp):
+    """y = x.permute(dims); dy = dx permuted, the cotangent permuted back."""
+
+    signature = None
+
+    @staticmethod
+    def _dims(site):
+        rest = [site.args[k] for k in sorted((k for k in site.args if k.isdigit() and k != "0"), key=int)]
+        if "dims" in site.args:
+            rest = [site.args["dims"]]
+        return tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else tuple(rest)
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        t = tangents["0"]
+        return ZERO if t is ZERO else e(permute_tangent, t, self._dims(site))
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        return {"0": e(permute_transpose, ct, self._dims(site))}
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return self.vjp(e, site, d)
+
+
+@register("transpose", torch.transpose, "swapaxes", torch.swapaxes)
+class Transpose(LinearOp):
+    """y = x.transpose(a, b); its own adjoint."""
+
+    def signature(input, dim0, dim1):  # noqa: D103
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        n = site.ndim("input")
+        d0, d1 = site.args["dim0"] % n + 1, site.args["dim1"] % n + 1
+        return e.method("transpose", t, d0, d1)
+
+    transpose = apply
+
+
+@register("t", torch.t)
+class T(LinearOp):
+    """y = xᵀ for a matrix (a no-op on vectors); its own adjoint."""
+
+    def signature(input):  # noqa: D103
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        return t if site.ndim("input") < 2 else e.method("transpose", t, 1, 2)
+
+    transpose = apply
+
+
+@register("expand", "expand_as", "broadcast_to", torch.broadcast_to)
+class Expand(LinearOp):
+    """y = x broadcast to a larger shape; the adjoint sums the copies."""
+
+    signature = None
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        t = tangents["0"]
+        if t is ZERO:
+            return ZERO
+        if site.ps:
+            raise Decline
+        return e(_rt.expand_like, t, site.out)
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        if site.ps:
+            raise Decline
+        return {"0": e(_rt.sum_to, ct, site.args["0"])}
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return self.vjp(e, site, d)
+
+
+@register("repeat")
+class Repeat(LinearOp):
+    """y = x.repeat(*sizes); the adjoint sums the copies."""
+
+    signature = None
+
+    @staticmethod
+    def _sizes(site):
+        rest = [site.args[k] for k in sorted((k for k in site.args if k.isdigit() and k != "0"), key=int)]
+        return tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else tuple(rest)
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        t = tangents["0"]
+        if t is ZERO:
+            return ZERO
+        sizes = self._sizes(site)
+        return e.method("repeat", e(_rt.align, t, len(sizes)), 1, *sizes)
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        return {"0": e(repeat_transpose, ct, site.args["0"], self._sizes(site))}
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return self.vjp(e, site, d)
+
+
+@register(torch.cat, torch.concat, torch.concatenate)
+class Cat(Rule):
+    """y = cat(xs, dim); dy = cat of the tangents; the adjoint splits the cotangent."""
+
+    def signature(tensors, dim=0):  # noqa: D103
+        ...
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        ts = tangents["tensors"]
+        if ts is ZERO:
+            return ZERO
+        return e(cat_tangent, ts, site.args["tensors"], site.args["dim"])
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        pieces = e(cat_transpose, ct, site.args["tensors"], site.args["dim"])
+        return {"tensors": [e(operator.getitem, pieces, i) for i in range(len(site.args["tensors"]))]}
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return self.vjp(e, site, d)
+
+
+@register(torch.stack)
+class Stack(Rule):
+    """y = stack(xs, dim); the adjoint unbinds the cotangent."""
+
+    def signature(tensors, dim=0):  # noqa: D103
+        ...
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        ts = tangents["tensors"]
+        if ts is ZERO:
+            return ZERO
+        return e(stack_tangent, ts, site.args["tensors"], site.args["dim"])
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        pieces = e(stack_transpose, ct, site.args["dim"], site.ndim() - 1)
+        return {"tensors": [e(operator.getitem, pieces, i) for i in range(len(site.args["tensors"]))]}
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return self.vjp(e, site, d)
+
+
+class _Pieces(Rule):
+    """A tuple-valued split (chunk, split, unbind): the same split on the stack; the adjoint concatenates."""
+
+    def _dim(self, site):
+        return site.args["dim"]
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        t = tangents["input"]
+        if t is ZERO:
+            return ZERO
+        return self.apply(e, site, t)
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        cts = [c for c in ct]
+        return {"input": e(pieces_transpose, cts, site.out, self._dim(site))}
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return self.vjp(e, site, d)
+
+
+@register("chunk", torch.chunk)
+class Chunk(_Pieces):
+    """ys = chunk(x, n, dim)."""
+
+    def signature(input, chunks, dim=0):  # noqa: D103
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        return e(torch.chunk, t, site.args["chunks"], site.args["dim"] % site.ndim("input") + 1)
+
+
+@register("split", torch.split)
+class Split(_Pieces):
+    """ys = split(x, size_or_sections, dim)."""
+
+    def signature(input, split_size_or_sections, dim=0):  # noqa: D103
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        return e(torch.split, t, site.args["split_size_or_sections"], site.args["dim"] % site.ndim("input") + 1)
+
+
+@register("unbind", torch.unbind)
+class Unbind(_Pieces):
+    """ys = unbind(x, dim); the adjoint stacks."""
+
+    def signature(input, dim=0):  # noqa: D103
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        return e(torch.unbind, t, site.args["dim"] % site.ndim("input") + 1)
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        d = site.args["dim"] % site.ndim("input")
+        return {"input": e(stack_tangent, [c for c in ct], site.out, d)}
+
+
+@register(operator.getitem)
+class GetItem(LinearOp):
+    """y = x[idx] (basic and advanced indexing); the adjoint scatter-adds into zeros."""
+
+    def signature(input, idx):  # noqa: D103
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        idx = site.args["idx"]
+        parts = idx if isinstance(idx, tuple) else (idx,)
+        if sum(1 for p in parts if isinstance(p, (torch.fx.Node, list))) > 1:
+            raise Decline  # several advanced indices move axes to the front: leave it to the fallback
+        return e(getitem_tangent, t, idx)
+
+    def transpose(self, e, site, ct):  # noqa: D102
+        idx = site.args["idx"]
+        parts = idx if isinstance(idx, tuple) else (idx,)
+        if sum(1 for p in parts if isinstance(p, (torch.fx.Node, list))) > 1:
+            raise Decline
+        return e(getitem_transpose, ct, site.args["input"], idx)
+
+
+@register(torch.flip, "flip")
+class Flip(LinearOp):
+    """y = flip(x, dims); its own adjoint."""
+
+    def signature(input, dims):  # noqa: D103
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        n = site.ndim("input")
+        dims = site.args["dims"]
+        dims = [dims] if isinstance(dims, int) else dims
+        return e(torch.flip, t, [d % n + 1 for d in dims])
+
+    transpose = apply
+
+
+@register(F.pad)
+class Pad(LinearOp):
+    """y = pad(x) with constant zeros (a constant fill value adds nothing to the derivative)."""
+
+    def signature(input, pad, mode="constant", value=None):  # noqa: D103
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        if site.args["mode"] != "constant":
+            raise Decline
+        return e(F.pad, t, site.args["pad"])
+
+    def transpose(self, e, site, ct):  # noqa: D102
+        if site.args["mode"] != "constant":
+            raise Decline
+        neg = [-p for p in site.args["pad"]]
+        return e(F.pad, ct, neg)
+
+
+@register(torch.narrow, "narrow")
+class Narrow(LinearOp):
+    """y = x.narrow(dim, start, length); the adjoint pads with zeros."""
+
+    def signature(input, dim, start, length):  # noqa: D103
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        return e(torch.narrow, t, site.args["dim"] % site.ndim("input") + 1, site.args["start"],
+                 site.args["length"])
+
+    def transpose(self, e, site, ct):  # noqa: D102
+        d = site.args["dim"] % site.ndim("input")
+        idx = (slice(None),) * d + (slice(site.args["start"], e(operator.add, site.args["start"],
+                                                                  site.args["length"])),)
+        return e(getitem_transpose, ct, site.args["input"], idx)

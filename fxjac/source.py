@@ -1,0 +1,172 @@
+"""The primal side of every product: the traced model, its selected output, its parameters and ``wrt``."""
+
+from __future__ import annotations
+
+import difflib
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from passes import propagate_shapes
+
+from .errors import OptionError, ShapeError, TraceError
+from .tracing import check_modes, trace
+
+
+@dataclass
+class ParamInfo:
+    """One selected parameter: its canonical name, the tensor, its offset in the flat layout."""
+
+    name: str
+    param: torch.nn.Parameter
+    offset: int
+    module: str  # the block it belongs to: its name without the last part ("" for the root's own)
+
+    @property
+    def numel(self) -> int:
+        """Number of scalars."""
+        return self.param.numel()
+
+    @property
+    def shape(self) -> tuple:
+        """The parameter's shape."""
+        return tuple(self.param.shape)
+
+
+@dataclass
+class Source:
+    """A traced, normalised, shape-propagated model with its differentiation target."""
+
+    model: nn.Module
+    gm: fx.GraphModule
+    inputs: list  # placeholder nodes
+    output: fx.Node  # the selected output tensor node
+    wrt_kind: str  # "input" or "params"
+    wrt_index: int = 0
+    params: list = field(default_factory=list)  # ParamInfo, in the flat layout's order
+    param_nodes: dict = field(default_factory=dict)  # get_attr node -> ParamInfo
+
+    @property
+    def P(self) -> int:  # noqa: N802
+        """Number of selected scalar parameters."""
+        return sum(p.numel for p in self.params)
+
+    def per_sample_numel(self, node: fx.Node) -> int:
+        """Elements of one sample of a batched value."""
+        shape = node.meta["val"].shape
+        n = 1
+        for s in shape[1:]:
+            n *= s
+        return n
+
+
+def select_params(model: nn.Module, wrt: Any) -> list:
+    """The parameters selected by ``wrt`` (``"params"`` or names / module prefixes), in the flat layout.
+
+    Raises:
+        OptionError: a name matches nothing, or names a frozen parameter (with the nearest names).
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if wrt == "params":
+        chosen = named
+    else:
+        names = [wrt] if isinstance(wrt, str) else list(wrt)
+        aliases = list(model.named_parameters(remove_duplicate=False))
+        canonical = {id(p): n for n, p in model.named_parameters()}
+        frozen = {n for n, p in aliases if not p.requires_grad}
+        ids = set()
+        for want in names:
+            hits = [p for n, p in aliases if n == want or n.startswith(want + ".")]
+            if not hits:
+                near = difflib.get_close_matches(want, [n for n, _ in aliases], n=5, cutoff=0.4)
+                raise OptionError(f"wrt names no parameter {want!r}; nearest names: {near or [n for n, _ in aliases][:5]}")
+            if all(not p.requires_grad for p in hits):
+                raise OptionError(f"wrt names the frozen parameter(s) {sorted(n for n in frozen if n == want or n.startswith(want + '.'))}"
+                                  " (requires_grad=False); unfreeze them or choose others")
+            ids |= {id(p) for p in hits if p.requires_grad}
+        chosen = [(canonical[id(p)], p) for n, p in named if id(p) in ids]
+    if not chosen:
+        raise OptionError("wrt selects no parameter with requires_grad=True")
+    out, offset = [], 0
+    for n, p in chosen:
+        module = n.rsplit(".", 1)[0] if "." in n else ""
+        out.append(ParamInfo(n, p, offset, module))
+        offset += p.numel()
+    return out
+
+
+def parse_wrt(wrt: Any) -> tuple:
+    """``("input", N)`` or ``("params", None)``."""
+    if isinstance(wrt, str) and (wrt == "input" or wrt.startswith("input:")):
+        if wrt == "input":
+            return "input", 0
+        try:
+            return "input", int(wrt.split(":", 1)[1])
+        except ValueError as err:
+            raise OptionError(f"bad wrt {wrt!r}: use 'input', 'input:N', 'params' or parameter names") from err
+    if wrt == "params" or isinstance(wrt, (list, tuple)) or isinstance(wrt, str):
+        return "params", None
+    raise OptionError(f"bad wrt {wrt!r}: use 'input', 'input:N', 'params' or a list of parameter names")
+
+
+def _select_output(gm: fx.GraphModule, output: Any) -> fx.Node:
+    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    val = out_node.args[0]
+    if output is not None:
+        try:
+            if isinstance(val, fx.Node):
+                with gm.graph.inserting_before(out_node):
+                    sel = gm.graph.call_function(operator.getitem, (val, output))
+                out_node.args = (sel,)
+                val = sel
+            else:
+                val = val[output]
+                out_node.args = (val,)
+        except (KeyError, IndexError, TypeError) as err:
+            raise OptionError(f"output={output!r} selects nothing from the model's output") from err
+    elif not isinstance(val, fx.Node):
+        raise OptionError("the model returns a tuple or dict: choose the differentiated tensor with output= "
+                          "(an index or a key)")
+    return val
+
+
+def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_modules=(), concrete_args=None,
+                 output=None) -> Source:
+    """Trace ``model``, select its output and ``wrt``, and propagate shapes from ``example_inputs``."""
+    kind, index = parse_wrt(wrt)
+    params = select_params(model, wrt) if kind == "params" else []
+    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    check_modes(gm)
+    out = _select_output(gm, output)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(example_inputs) != len(inputs):
+        raise ShapeError(f"the model takes {len(inputs)} tensor input(s), got {len(example_inputs)}")
+    if kind == "input" and not 0 <= index < len(inputs):
+        raise OptionError(f"wrt='input:{index}' but the model has {len(inputs)} input(s)")
+    try:
+        propagate_shapes(gm, *example_inputs)
+    except Exception as err:  # the model itself failed on these inputs: report it as the model's error
+        raise TraceError(f"running the traced model on the example inputs failed: {err}") from err
+    if not isinstance(out.meta.get("val"), torch.Tensor):
+        raise OptionError("the selected output is not a tensor; choose one with output=")
+    src = Source(model, gm, inputs, out, kind, index or 0, params)
+    by_id = {id(p.param): p for p in params}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            obj = _resolve(gm, n.target)
+            if isinstance(obj, torch.Tensor) and id(obj) in by_id:
+                src.param_nodes[n] = by_id[id(obj)]
+    return src
+
+
+def _resolve(gm: fx.GraphModule, target: str) -> Any:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,262 @@
+"""Tracing any ``nn.Module`` into a normalised primal graph that the passes can differentiate.
+
+The tracer keeps as leaves only the modules that must stay whole (the user's ``leaf_modules`` and the torch.nn
+built-ins torch.fx cannot trace into, such as RNNs); every other module, torch.nn built-ins included, is traced
+into, so the rules see ``F.linear``, ``F.conv2d``… with their parameters as ``get_attr`` nodes. Modules with a
+decomposition (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``) are traced through it.
+
+After tracing the graph is normalised: leaf modules become :func:`passes.module_call` calls with their
+parameters as explicit inputs, in-place ops become out-of-place ones (later uses of the mutated value follow the
+new node), ``x.T`` becomes a transpose, and functions with a decomposition (fused attention) are expanded.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.node import map_arg
+
+from passes.protocol import module_call
+
+from .errors import ModeError, TraceError, describe, source_line
+
+AUTO_LEAVES: tuple = (nn.RNNBase, nn.RNNCellBase)
+"""torch.nn built-ins that torch.fx cannot trace into and that fxjac has no decomposition for."""
+
+MODULE_DECOMPOSITIONS: dict = {}
+"""Module class -> ``fn(module, *args, **kwargs)`` traced in place of the module's own forward."""
+
+FUNCTION_DECOMPOSITIONS: dict = {}
+"""Function -> an equivalent traceable function of simpler ops, expanded after tracing."""
+
+
+def decomposes(target) -> Callable:
+    """Register a decomposition for a module class or a function (used by the rule families)."""
+
+    def deco(fn):
+        table = MODULE_DECOMPOSITIONS if isinstance(target, type) else FUNCTION_DECOMPOSITIONS
+        table[target] = fn
+        return fn
+
+    return deco
+
+
+class Tracer(fx.Tracer):
+    """torch.fx tracer that traces into torch.nn built-ins and honours ``leaf_modules``."""
+
+    def __init__(self, leaf_modules: Sequence = ()):
+        super().__init__()
+        self.record_stack_traces = True
+        self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self.leaf_instances = [m for m in leaf_modules if isinstance(m, nn.Module)]
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # noqa: D102
+        if any(m is inst for inst in self.leaf_instances):
+            return True
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        if type(m) in MODULE_DECOMPOSITIONS:
+            return False
+        return isinstance(m, AUTO_LEAVES)
+
+    def call_module(self, m, forward, args, kwargs):  # noqa: D102
+        decomp = MODULE_DECOMPOSITIONS.get(type(m))
+        if decomp is not None and not self.is_leaf_module(m, ""):
+            return decomp(m, *args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+
+def trace(model: nn.Module, leaf_modules: Sequence = (), concrete_args: Optional[dict] = None) -> fx.GraphModule:
+    """Trace ``model`` (or re-trace a GraphModule) into a normalised GraphModule rooted at ``model``.
+
+    Raises:
+        TraceError: torch.fx cannot trace the model; the message names the user's line and suggests
+            ``leaf_modules``.
+    """
+    tracer = Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except (fx.proxy.TraceError, TypeError, RuntimeError, NotImplementedError, AttributeError) as err:
+        raise TraceError(_trace_message(err)) from err
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__ + "Traced")
+    normalise(gm)
+    return gm
+
+
+def _trace_message(err: Exception) -> str:
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    user = [f for f in frames if "/torch/" not in f.filename and "/fxjac/" not in f.filename]
+    where = f"\n  at {user[-1].filename}:{user[-1].lineno}: {user[-1].line}" if user else ""
+    return (f"torch.fx cannot trace this model: {err}{where}\n"
+            "Hint: data-dependent Python control flow, .item() or iterating over a tensor cannot be traced; "
+            "name the module that does it in leaf_modules=[...] (fxjac then differentiates it with the "
+            "autograd fallback), or pass concrete_args=.")
+
+
+# --- normalisation ---------------------------------------------------------------------------------------
+
+_INPLACE_OPERATORS = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv, operator.ipow: operator.pow, operator.imatmul: operator.matmul,
+}
+_INPLACE_FUNCTIONS = {
+    torch.relu_: torch.relu, torch.sigmoid_: torch.sigmoid, torch.tanh_: torch.tanh, torch.exp_: torch.exp,
+    F.relu_: F.relu, F.elu_: F.elu, F.leaky_relu_: F.leaky_relu, torch.clamp_: torch.clamp,
+}
+_INPLACE_KWARG_FUNCTIONS = {F.relu, F.elu, F.leaky_relu, F.hardtanh, F.relu6, F.silu, F.dropout, F.dropout1d,
+                            F.dropout2d, F.dropout3d, F.alpha_dropout, F.selu, F.celu, F.rrelu, F.hardswish,
+                            F.hardsigmoid, F.mish, F.threshold}
+
+
+def _mutated(node: fx.Node) -> Optional[tuple]:
+    """If ``node`` mutates its first argument, the out-of-place (op, target, kwargs) to use instead."""
+    if node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS:
+            return "call_function", _INPLACE_OPERATORS[node.target], dict(node.kwargs)
+        if node.target in _INPLACE_FUNCTIONS:
+            return "call_function", _INPLACE_FUNCTIONS[node.target], dict(node.kwargs)
+        if node.target in _INPLACE_KWARG_FUNCTIONS and node.kwargs.get("inplace"):
+            return "call_function", node.target, {**node.kwargs, "inplace": False}
+    if node.op == "call_method" and isinstance(node.target, str):
+        name = node.target
+        if name.endswith("_") and not name.endswith("__") and name not in ("requires_grad_", "zero_"):
+            base = name[:-1]
+            if hasattr(torch.Tensor, base):
+                return "call_method", base, dict(node.kwargs)
+    return None
+
+
+def _functionalise(gm: fx.GraphModule) -> None:
+    """Rewrite in-place ops out of place; later readers of the mutated value (and its aliases) read the result.
+
+    Note [in-place ops]
+        ``x += y`` traces to ``iadd(x, y)`` whose result the Python code usually rebinds, but any other name
+        still bound to the old value (an alias, a captured skip connection read after the mutation) would see
+        the mutation at run time. So every use of the mutated node that comes after the in-place op is
+        redirected to the new out-of-place node. Views aliasing the mutated tensor are not followed; the
+        first-call check (the product's ``y`` against the model's own output) catches that case.
+    """
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        rewrite = _mutated(node)
+        if rewrite is None or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        op, target, kwargs = rewrite
+        with gm.graph.inserting_after(node):
+            new = gm.graph.create_node(op, target, node.args, kwargs, name=node.name + "_")
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        victim = node.args[0]
+        pos = order[node]
+        for user in list(victim.users):
+            if user is not node and user is not new and order.get(user, -1) > pos:
+                user.replace_input_with(victim, new)
+        gm.graph.erase_node(node)
+        order[new] = pos
+
+
+def _leaf_calls(gm: fx.GraphModule) -> None:
+    """Leaf modules become ``module_call(mod, names, params, *args)`` with their parameters as graph inputs."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        names = tuple(n for n, p in mod.named_parameters())
+        with gm.graph.inserting_before(node):
+            mod_node = gm.graph.get_attr(node.target)
+            params = tuple(gm.graph.get_attr(f"{node.target}.{n}") for n in names)
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_function(module_call, (mod_node, names, params) + tuple(node.args),
+                                         dict(node.kwargs))
+        new.meta = dict(node.meta)
+        new.meta["module_type"] = type(mod)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        new.name = node.name
+
+
+def _attributes(gm: fx.GraphModule) -> None:
+    """``x.T`` and ``x.mT`` become explicit transposes."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is builtins.getattr and node.args[1] in ("T", "mT"):
+            with gm.graph.inserting_before(node):
+                if node.args[1] == "mT":
+                    new = gm.graph.call_method("transpose", (node.args[0], -2, -1))
+                else:
+                    new = gm.graph.call_method("t", (node.args[0],))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+
+
+def _decompose(gm: fx.GraphModule) -> None:
+    """Expand calls of functions with a decomposition into the simpler ops it is written in."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in FUNCTION_DECOMPOSITIONS:
+            continue
+        fn = FUNCTION_DECOMPOSITIONS[node.target]
+        tracer = fx.proxy.GraphAppendingTracer(gm.graph)
+        with gm.graph.inserting_before(node):
+            args = map_arg(node.args, lambda n: fx.Proxy(n, tracer))
+            kwargs = map_arg(node.kwargs, lambda n: fx.Proxy(n, tracer))
+            out = fn(*args, **kwargs)
+        for n in gm.graph.nodes:
+            if "stack_trace" not in n.meta and "stack_trace" in node.meta:
+                n.meta["stack_trace"] = node.meta["stack_trace"]
+        node.replace_all_uses_with(out.node)
+        gm.graph.erase_node(node)
+
+
+def normalise(gm: fx.GraphModule) -> fx.GraphModule:
+    """All normalisations, in place; returns ``gm`` recompiled."""
+    _leaf_calls(gm)
+    _functionalise(gm)
+    _attributes(gm)
+    _decompose(gm)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+# --- mode checks -----------------------------------------------------------------------------------------
+
+_DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[i] if len(node.args) > i else default
+
+
+def check_modes(gm: fx.GraphModule) -> None:
+    """Refuse training-mode BatchNorm and active Dropout (their outputs are not functions of one sample).
+
+    Raises:
+        ModeError: listing every offending node with the user's source line.
+    """
+    bad = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target in _DROPOUTS and _arg(n, 2, "training", True) and _arg(n, 1, "p", 0.5) > 0:
+            bad.append(n)
+        elif n.target is torch.dropout and _arg(n, 2, "train", True) and _arg(n, 1, "p", 0.5) > 0:
+            bad.append(n)
+        elif n.target is F.batch_norm and _arg(n, 5, "training", False):
+            bad.append(n)
+    if bad:
+        raise ModeError("the model is in training mode: active Dropout or BatchNorm using batch statistics "
+                        "makes samples depend on each other or on chance; call model.eval() before building "
+                        "the product (BatchNorm also needs track_running_stats=True):\n" + describe(bad))
+
+
+__all__ = ["AUTO_LEAVES", "Tracer", "check_modes", "decomposes", "normalise", "source_line", "trace"]

@@ -1,0 +1,77 @@
+"""``fxjac.compile`` (products by name, optionally through torch.compile) and ``fxjac.unflatten``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .errors import OptionError
+
+
+def _products() -> dict:
+    from . import direction
+
+    table = {"jvp": direction.jvp, "vjp": direction.vjp, "jmp": direction.jmp, "mjp": direction.mjp,
+             "jacobian": direction.jacobian}
+    try:
+        from . import metric
+
+        table.update(jmjtp=metric.jmjtp, jtmjp=metric.jtmjp, ggn=metric.ggn)
+    except ImportError as err:  # pragma: no cover - metric products are part of the package
+        if "metric" not in str(err):
+            raise
+    return table
+
+
+def compile(model: torch.nn.Module, product: str, *, backend: Optional[str] = None, **options):  # noqa: A001
+    """Build the product named ``product`` (``"jvp"``, ``"jtmjp"``, …) with ``options``.
+
+    Args:
+        model: the model.
+        product: the product's name, as the function that builds it.
+        backend: when given, the product is passed to ``torch.compile(product, backend=backend,
+            fullgraph=True, dynamic=True)``.
+        **options: the options of that product.
+
+    Returns:
+        The product (a GraphModule), or its torch.compile'd wrapper when ``backend`` is given.
+    """
+    table = _products()
+    if product not in table:
+        raise OptionError(f"unknown product {product!r}; one of {sorted(table)}")
+    p = table[product](model, **options)
+    if backend is None:
+        return p
+    return torch.compile(p, backend=backend, fullgraph=True, dynamic=True)
+
+
+def unflatten(product, vec: torch.Tensor) -> dict:
+    """Split a flat parameter vector ``[P]`` or ``[B, P]`` into ``{name: tensor}`` in the product's layout.
+
+    Args:
+        product: a product built with parameters as ``wrt``.
+        vec: ``[P]``, or any ``[..., P]`` (the leading axes are kept).
+
+    Returns:
+        A dict from parameter name to a tensor of shape ``[..., *param.shape]``.
+    """
+    shapes = getattr(product, "_fxjac_param_shapes", None)
+    if not shapes:
+        raise OptionError("unflatten needs a product built with wrt='params' or parameter names")
+    total = sum(_numel(s) for _, s in shapes)
+    if vec.shape[-1] != total:
+        raise OptionError(f"the vector has {vec.shape[-1]} entries in its last axis, the product's layout {total}")
+    out, offset = {}, 0
+    for name, shape in shapes:
+        n = _numel(shape)
+        out[name] = vec[..., offset:offset + n].reshape(tuple(vec.shape[:-1]) + tuple(shape))
+        offset += n
+    return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,121 @@
+"""Backward propagation of cotangents (for vjp, mjp and the backward metric products).
+
+What flows: each primal value ``x`` of shape ``S`` gets a cotangent stack ``[K, *S]`` (Note [stacked columns]);
+at fan-out the consumers' contributions are summed when the walk reaches the value. With ``ps=True`` unbatched
+values (parameters and what is computed from them alone) receive per-sample stacks of ``K * B`` columns
+(Note [per-sample stacks]). The primal graph is copied whole first; the cotangent nodes follow in reverse order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from passes.builder import Builder, is_structural, new_emitter
+from passes.dag import between
+from passes.forward import _ps_inputs
+from passes.protocol import ZERO, Decline
+
+
+def _accumulate(e, parts: list, val):
+    """Sum the contributions to one value; a tuple value's parts arrive as ``(index, ct)`` pairs."""
+    if isinstance(val, (tuple, list)):
+        out = [ZERO] * len(val)
+        for part in parts:
+            if isinstance(part, tuple) and len(part) == 2 and isinstance(part[0], int):
+                i, c = part
+                out[i] = e.add(out[i], c)
+            else:  # a whole tuple of cotangents
+                for i, c in enumerate(part):
+                    out[i] = e.add(out[i], c)
+        return ZERO if all(c is ZERO for c in out) else tuple(out)
+    return e.sum(parts)
+
+
+def _differentiable(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.is_floating_point() or val.is_complex()
+    if isinstance(val, (tuple, list)):
+        return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in val)
+    return False
+
+
+def _nodes_in(v) -> list:
+    if isinstance(v, fx.Node):
+        return [v]
+    if isinstance(v, (list, tuple)):
+        return [a for a in v if isinstance(a, fx.Node)]
+    return []
+
+
+def _needed(old_args: dict, active: set) -> frozenset:
+    """Argument names through which a cotangent must flow (some input node on the active path)."""
+    return frozenset(k for k, v in old_args.items() if any(a in active for a in _nodes_in(v)))
+
+
+def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False) -> dict:
+    """Emit the cotangents of ``wanted`` nodes given cotangent stacks at ``seeds``.
+
+    Args:
+        b: the builder; the primal graph must already be copied into it.
+        seeds: old-graph node -> cotangent stack (a new-graph node) at that node.
+        wanted: old-graph nodes (placeholders, parameters) whose cotangents are returned.
+        ps: per-sample stacks for unbatched values.
+
+    Returns:
+        old-graph node -> cotangent for each wanted node reached (ZERO-free).
+    """
+    wanted = set(wanted)
+    active = {n for n in between(b.nx, wanted, seeds) if _differentiable(n)}
+    pending: dict = {n: [c] for n, c in seeds.items()}
+    result = {}
+    for node in reversed(list(b.src.graph.nodes)):
+        if node not in active or node not in pending:
+            continue
+        e = new_emitter(b, node, "cotangent", "ct_")
+        ct = _accumulate(e, pending.pop(node), node.meta.get("val"))
+        if ct is ZERO:
+            continue
+        if node in wanted:
+            result[node] = ct
+        if node.op in ("placeholder", "get_attr"):
+            continue
+        if is_structural(node):
+            src = node.args[0]
+            if src in active:
+                pending.setdefault(src, []).append((node.args[1], ct))
+            continue
+        rule = b.rule(node)
+        pre = b.site(node, rule)
+        old_args = pre.extra["old_args"]
+        ps_names = _ps_inputs(b, node, old_args, ps)
+        if ps_names:
+            b.batch_size()
+        site = b.site(node, rule, ps_names)
+        site.extra["need"] = _needed(old_args, active)
+        try:
+            in_cts = rule.vjp(e, site, ct)
+        except Decline:
+            need = site.extra["need"]
+            rule = b.decline(node)
+            site = b.site(node, rule, ps_names)
+            site.extra["need"] = need
+            in_cts = rule.vjp(e, site, ct)
+        for name, c in in_cts.items():
+            if c is ZERO:
+                continue
+            old = old_args[name]
+            if isinstance(old, fx.Node):
+                targets, cts = [old], [c]
+            elif isinstance(old, (list, tuple)):
+                targets, cts = list(old), list(c)
+            else:
+                continue
+            for t, ci in zip(targets, cts):
+                if ci is ZERO or not isinstance(t, fx.Node) or t not in active:
+                    continue
+                if name in ps_names and t not in b.batched:
+                    ci = e.method("flatten", ci, 0, 1)
+                pending.setdefault(t, []).append(ci)
+    return result

@@ -1,0 +1,162 @@
+"""The builder that every product pass writes into: a NEW graph, an env from old nodes to new ones.
+
+The source graph is never modified. A product is assembled in one builder: placeholders first, then the primal
+copy interleaved with (or followed by) the nodes a pass emits, then the output; :meth:`Builder.finish` lints and
+returns a fresh GraphModule.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch.fx.node import map_arg
+
+from passes.dag import batched_nodes, to_networkx
+from passes.protocol import ZERO, Emitter, Rule, RuleTable, Site, bind, module_call
+
+
+_NO_DEFAULT = object()
+
+
+class MissingRulesError(Exception):
+    """Raised by a pass (with ``strict``) listing every node that has no structured rule."""
+
+    def __init__(self, nodes: list):
+        self.nodes = nodes
+        super().__init__(f"{len(nodes)} op(s) without a rule")
+
+
+def is_structural(node: fx.Node) -> bool:
+    """``getitem`` on a tuple or list value: plumbing handled by the passes, not by a rule."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        src = node.args[0]
+        return isinstance(src, fx.Node) and isinstance(src.meta.get("val"), (tuple, list))
+    return False
+
+
+class Builder:
+    """Builds one product graph from a source GraphModule whose nodes carry ``meta["val"]``."""
+
+    def __init__(self, src: fx.GraphModule, rules: RuleTable, strict: bool = False):
+        self.src = src
+        self.rules = rules
+        self.strict = strict
+        self.graph = fx.Graph()
+        self.env: dict = {}
+        self.nx = to_networkx(src.graph)
+        self.batched = batched_nodes(self.nx, src.graph)
+        self.batch: Optional[fx.Node] = None
+        self.fallback_nodes: list = []
+
+    # --- primal copy ---------------------------------------------------------------------------------
+    def placeholder(self, name: str, default: Any = _NO_DEFAULT) -> fx.Node:
+        """Add a placeholder of the product's signature."""
+        if default is _NO_DEFAULT:
+            return self.graph.placeholder(name)
+        return self.graph.placeholder(name, default_value=default)
+
+    def copy(self, node: fx.Node) -> fx.Node:
+        """Copy one primal node into the new graph (idempotent)."""
+        if node in self.env:
+            return self.env[node]
+        new = self.graph.node_copy(node, lambda a: self.env[a])
+        self.env[node] = new
+        return new
+
+    def copy_all(self) -> None:
+        """Copy every primal node except the output."""
+        for n in self.src.graph.nodes:
+            if n.op not in ("placeholder", "output"):
+                self.copy(n)
+
+    def mapped(self, v: Any) -> Any:
+        """``v`` (an old-graph argument structure) with its nodes replaced by new-graph nodes."""
+        return map_arg(v, lambda a: self.env[a])
+
+    def output_node(self) -> fx.Node:
+        """The source graph's output node."""
+        return next(n for n in reversed(self.src.graph.nodes) if n.op == "output")
+
+    def batch_size(self) -> Optional[fx.Node]:
+        """A new-graph node holding the batch size (dim 0 of the first input), emitted once."""
+        if self.batch is None:
+            first = next((n for n in self.src.graph.nodes if n.op == "placeholder"), None)
+            if first is None:
+                return None
+            self.batch = self.graph.create_node("call_method", "size", (self.env[first], 0), name="batch_size")
+        return self.batch
+
+    # --- rule application ----------------------------------------------------------------------------
+    def rule(self, node: fx.Node) -> Rule:
+        """The rule for ``node``: structured, or the fallback (recorded, so the caller can warn)."""
+        rule = self.rules.lookup(node)
+        if rule is None:
+            if self.strict:
+                raise MissingRulesError([node])
+            rule = self.rules.fallback
+            if node not in self.fallback_nodes:
+                self.fallback_nodes.append(node)
+        return rule
+
+    def decline(self, node: fx.Node) -> Rule:
+        """The fallback for a node whose structured rule declined this call (recorded like a missing rule)."""
+        if self.strict:
+            raise MissingRulesError([node])
+        if node not in self.fallback_nodes:
+            self.fallback_nodes.append(node)
+        return self.rules.fallback
+
+    def check(self, nodes) -> None:
+        """Raise :class:`MissingRulesError` listing every node in ``nodes`` without a structured rule."""
+        missing = [n for n in nodes if n.op in ("call_function", "call_method", "call_module")
+                   and not is_structural(n) and self.rules.lookup(n) is None]
+        if missing and self.strict:
+            raise MissingRulesError(missing)
+
+    def site(self, node: fx.Node, rule: Rule, ps: frozenset = frozenset()) -> Site:
+        """Bind ``node``'s arguments by ``rule.signature`` (positional names ``"0"``, ``"1"``… without one)."""
+        args, kwargs = node.args, node.kwargs
+        if node.op == "call_function" and node.target is module_call and rule.signature is not None:
+            args = node.args[3:]
+        if rule.signature is not None:
+            try:
+                old = bind(rule.signature, args, kwargs)
+            except TypeError as err:
+                raise TypeError(f"cannot bind the arguments of {node.format_node()}: {err}") from err
+        else:
+            old = {str(i): a for i, a in enumerate(args)}
+            old.update(kwargs)
+        new = {k: self.mapped(v) for k, v in old.items()}
+        vals = {k: map_arg(v, lambda a: a.meta.get("val")) for k, v in old.items()}
+        return Site(node=node, args=new, vals=vals, out=self.env.get(node), out_val=node.meta.get("val"),
+                    ps=ps, batch=self.batch,
+                    extra={"old_args": old,
+                           "batched": {self.env[a] for a in node.all_input_nodes if a in self.batched}})
+
+    def finish(self, outputs: Any, root: torch.nn.Module, class_name: str = "Product") -> fx.GraphModule:
+        """Close the graph with ``outputs``, lint it and wrap it in a GraphModule over ``root``."""
+        self.graph.output(outputs)
+        self.graph.eliminate_dead_code()
+        self.graph.lint()
+        gm = fx.GraphModule(root, self.graph, class_name=class_name)
+        return gm
+
+
+def structure_of(v: Any, lookup) -> Any:
+    """Map an argument structure to the (co)tangents of its nodes: ZERO for constants and empty structures."""
+    if isinstance(v, fx.Node):
+        return lookup(v)
+    if isinstance(v, (list, tuple)):
+        items = [structure_of(a, lookup) for a in v]
+        if all(i is ZERO for i in items):
+            return ZERO
+        return items
+    return ZERO
+
+
+def new_emitter(b: Builder, node: fx.Node, role: str, prefix: str) -> Emitter:
+    """An emitter that names its nodes after ``node``."""
+    return Emitter(b.graph, role, node, prefix)

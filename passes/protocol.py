@@ -1,0 +1,218 @@
+"""The small contract between the graph passes and the per-operation rules.
+
+Note [stacked columns]
+    Everything that flows along a product edge carries one leading *column* axis: a tangent or cotangent of a
+    primal value of shape ``S`` has shape ``[K, *S]``. A single vector product uses ``K = 1``. Broadcasting is
+    right-aligned, so ``f'(x)`` of shape ``S`` multiplies a stack ``[K, *S]`` as it is.
+
+Note [per-sample stacks]
+    A value that does not depend on the batch (a parameter, or something computed from parameters only) is
+    *unbatched*. When a product wants per-sample parameter results, the cotangent (or tangent) of an unbatched
+    value carries a stack of ``K * B`` columns, column-major in K: index ``k * B + b``. Only a rule at the
+    boundary, whose output is batched while an input is unbatched, sees the difference: it receives or returns
+    ``[K, B, *S]`` for that input (the pass reshapes between the two forms).
+
+A rule is an object with up to three methods, each a pure function of fx nodes to emitted fx nodes::
+
+    jvp(e, site, tangents)   -> output tangent (a Node, a tuple for tuple outputs, or ZERO)
+    vjp(e, site, ct)         -> {argument name: cotangent or ZERO}
+    diag_vjp(e, site, d)     -> {argument name: (A∘A)ᵀ d}   (optional; diagonal back-propagation)
+
+``tangents`` maps each bound argument name to its tangent (ZERO where the argument carries none; a list for
+list arguments such as ``torch.cat``'s tensors).
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+
+ZERO = None
+"""The symbolic zero: no tangent or cotangent flows on this edge, and nothing is emitted for it."""
+
+
+class Decline(Exception):
+    """Raised by a rule that does not handle this particular call (a layout, an argument kind): the pass then
+    applies the fallback rule to the node instead, so the result stays exact."""
+
+
+def module_call(mod: torch.nn.Module, names: tuple, params: tuple, *args, **kwargs):
+    """Call a leaf module with its parameters given explicitly (so they are graph inputs like any other)."""
+    if not names:
+        return mod(*args, **kwargs)
+    return torch.func.functional_call(mod, dict(zip(names, params)), args, kwargs)
+
+
+def rule_key(node: fx.Node, modules: Optional[dict] = None) -> Any:
+    """The one place that says what a node calls: the key of its rule.
+
+    Returns the function for ``call_function``, the method name for ``call_method`` and the module class for a
+    leaf module (``call_module`` or a :func:`module_call` node).
+    """
+    if node.op == "call_function":
+        if node.target is module_call:
+            return type(node.args[0].meta.get("module")) if isinstance(node.args[0], fx.Node) else None
+        return node.target
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_module":
+        return type(modules[node.target]) if modules is not None else None
+    return None
+
+
+class RuleTable:
+    """Rules keyed by :func:`rule_key`, plus the fallback used for every op without one."""
+
+    def __init__(self, rules: dict, fallback: Any = None, nondiff: Optional[set] = None):
+        self.rules = dict(rules)
+        self.fallback = fallback
+        self.nondiff = set(nondiff or ())
+
+    def lookup(self, node: fx.Node) -> Any:
+        """The structured rule for ``node``, or ``None`` where it has none."""
+        key = rule_key(node)
+        try:
+            return self.rules.get(key)
+        except TypeError:  # unhashable target
+            return None
+
+    def rule_for(self, node: fx.Node, strict: bool = False) -> Any:
+        """The rule to apply: the structured one, else the fallback."""
+        rule = self.lookup(node)
+        if rule is None:
+            rule = self.fallback
+        return rule
+
+
+def bind(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+    """Bind a call's arguments to names, filling defaults (``inspect.BoundArguments.arguments``)."""
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    out = dict(bound.arguments)
+    # Flatten **kwargs catch-alls so rules see plain names.
+    for name, p in signature.parameters.items():
+        if p.kind is inspect.Parameter.VAR_KEYWORD and name in out:
+            out.update(out.pop(name))
+    return out
+
+
+@dataclass
+class Site:
+    """Everything a rule may read about one primal call.
+
+    Attributes:
+        node: the original node (for names, metadata and the user's source line).
+        args: bound arguments, mapped into the new graph (nodes or Python values).
+        vals: the same arguments' propagated values (meta tensors, Python numbers) from shape propagation.
+        out: the new-graph primal output.
+        out_val: its propagated value.
+        ps: names of inputs whose (co)tangent is per-sample (see Note [per-sample stacks]).
+        batch: a new-graph node holding the batch size at run time (``None`` when the model has no input).
+    """
+
+    node: fx.Node
+    args: dict
+    vals: dict
+    out: Any
+    out_val: Any
+    ps: frozenset = frozenset()
+    batch: Any = None
+    extra: dict = field(default_factory=dict)
+
+    def needs(self, name: str) -> bool:
+        """Whether the backward pass wants the cotangent of argument ``name`` (always true going forward)."""
+        need = self.extra.get("need")
+        return need is None or name in need
+
+    def val(self, name: str) -> Any:
+        """Propagated value (a meta tensor or a Python value) of argument ``name``."""
+        return self.vals.get(name)
+
+    def ndim(self, name: Optional[str] = None) -> int:
+        """Rank of an argument, or of the output when ``name`` is ``None``."""
+        v = self.out_val if name is None else self.vals[name]
+        return v.dim()
+
+
+class Emitter:
+    """Adds nodes to the graph being built, named after the primal they serve and tagged with their role."""
+
+    def __init__(self, graph: fx.Graph, role: str, primal: Optional[fx.Node] = None, prefix: str = ""):
+        self.graph = graph
+        self.role = role
+        self.primal = primal
+        self.prefix = prefix
+
+    def _tag(self, node: fx.Node) -> fx.Node:
+        node.meta["fxjac"] = {"role": self.role, "primal": self.primal.name if self.primal is not None else None}
+        if self.primal is not None and "stack_trace" in self.primal.meta:
+            node.meta["stack_trace"] = self.primal.meta["stack_trace"]
+        return node
+
+    def _name(self) -> Optional[str]:
+        if self.primal is None:
+            return None
+        return f"{self.prefix}{self.primal.name}"
+
+    def __call__(self, fn: Callable, *args, **kwargs) -> fx.Node:
+        """Emit ``fn(*args, **kwargs)`` as a ``call_function`` node."""
+        return self._tag(self.graph.create_node("call_function", fn, args, kwargs, name=self._name()))
+
+    def method(self, name: str, obj: fx.Node, *args, **kwargs) -> fx.Node:
+        """Emit ``obj.name(*args, **kwargs)`` as a ``call_method`` node."""
+        return self._tag(self.graph.create_node("call_method", name, (obj,) + args, kwargs, name=self._name()))
+
+    def add(self, a, b):
+        """``a + b`` where either may be ZERO."""
+        if a is ZERO:
+            return b
+        if b is ZERO:
+            return a
+        return self(operator.add, a, b)
+
+    def mul(self, a, b):
+        """``a * b`` where either may be ZERO."""
+        if a is ZERO or b is ZERO:
+            return ZERO
+        return self(operator.mul, a, b)
+
+    def sum(self, terms: list):
+        """The sum of the non-ZERO terms, or ZERO."""
+        out = ZERO
+        for t in terms:
+            out = self.add(out, t)
+        return out
+
+    def with_role(self, role: str, prefix: Optional[str] = None) -> "Emitter":
+        """The same emitter, tagging its nodes with another role."""
+        return Emitter(self.graph, role, self.primal, self.prefix if prefix is None else prefix)
+
+
+class Rule:
+    """Base of every rule; ``signature`` names the arguments of the call the rule is registered for.
+
+    ``diff`` lists the argument names that can carry a derivative (default: every tensor argument).
+    """
+
+    signature: inspect.Signature = None
+    diff: Optional[tuple] = None
+    name: str = "rule"
+    kind: str = "structured"
+
+    def jvp(self, e: Emitter, site: Site, tangents: dict):  # pragma: no cover - interface
+        """Push a stack of tangents through the op."""
+        raise NotImplementedError
+
+    def vjp(self, e: Emitter, site: Site, ct):  # pragma: no cover - interface
+        """Pull a stack of cotangents back through the op."""
+        raise NotImplementedError
+
+
+def signature_of(fn: Callable) -> inspect.Signature:
+    """The signature used to bind a rule's arguments."""
+    return inspect.signature(fn)
