@@ -16,6 +16,7 @@ from .errors import (
     TraceError,
     UnsupportedOpError,
 )
+from .metric import ggn, jmjtp, jtmjp
 from .product import Product
 from .util import compile, unflatten
 
@@ -31,7 +32,10 @@ __all__ = [
     "TraceError",
     "UnsupportedOpError",
     "compile",
+    "ggn",
     "jacobian",
+    "jmjtp",
+    "jtmjp",
     "jmp",
     "jvp",
     "mjp",

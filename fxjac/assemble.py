@@ -74,6 +74,16 @@ def eye_stack(like, n):
     return eye.reshape((n, 1) + tuple(like.shape[1:])).expand((n,) + tuple(like.shape))
 
 
+def reshape_like_batch(m, like):
+    """A per-sample ``[B, N]`` operand reshaped like the batched value ``like``."""
+    return m.reshape(like.shape)
+
+
+def param_rows(m, offset, numel):
+    """Rows ``offset:offset+numel`` of a parameter-space operand ``[P]`` or ``[P, K]``."""
+    return m[offset:offset + numel]
+
+
 def eye_like(like, n):
     """``eye(n)`` with ``like``'s dtype and device."""
     return torch.eye(n, dtype=like.dtype, device=like.device)
@@ -134,5 +144,5 @@ def check(e: Emitter, fn, *args) -> fx.Node:
 __all__ = [
     "api_emitter", "check", "checks", "eye_stack", "flat_cat", "input_placeholders", "param_results",
     "param_seeds", "param_slice", "size", "stack_from_batch_first", "stack_to_batch_rows", "stack_to_rows",
-    "stack_to_shape", "zeros_stack", "numel_per_sample", "getitem", "eye_like",
+    "stack_to_shape", "zeros_stack", "reshape_like_batch", "param_rows", "numel_per_sample", "getitem", "eye_like",
 ]

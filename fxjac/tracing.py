@@ -36,6 +36,14 @@ FUNCTION_DECOMPOSITIONS: dict = {}
 """Function -> an equivalent traceable function of simpler ops, expanded after tracing."""
 
 
+def decomposition_for(cls: type) -> Optional[Callable]:
+    """The module decomposition registered for ``cls`` or its nearest base class."""
+    for base in cls.__mro__:
+        if base in MODULE_DECOMPOSITIONS:
+            return MODULE_DECOMPOSITIONS[base]
+    return None
+
+
 def decomposes(target) -> Callable:
     """Register a decomposition for a module class or a function (used by the rule families)."""
 
@@ -61,12 +69,12 @@ class Tracer(fx.Tracer):
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
-        if type(m) in MODULE_DECOMPOSITIONS:
+        if decomposition_for(type(m)) is not None:
             return False
         return isinstance(m, AUTO_LEAVES)
 
     def call_module(self, m, forward, args, kwargs):  # noqa: D102
-        decomp = MODULE_DECOMPOSITIONS.get(type(m))
+        decomp = decomposition_for(type(m))
         if decomp is not None and not self.is_leaf_module(m, ""):
             return decomp(m, *args, **kwargs)
         return super().call_module(m, forward, args, kwargs)

@@ -73,18 +73,19 @@ PRESETS = ("small", "bench")
 
 
 class MLP(nn.Module):
-    """Fully connected network with an activation between consecutive layers.
-
-    Args:
-        sizes: Layer widths ``(in, hidden..., out)``; at least two entries.
-        act: Activation module class, instantiated once per hidden layer.
-    """
+    """Fully connected network with an activation between consecutive layers."""
 
     def __init__(
         self,
         sizes: tuple[int, ...] = (784, 512, 512, 10),
         act: type[nn.Module] = nn.Tanh,
     ) -> None:
+        """Creates the layers.
+
+        Args:
+            sizes: Layer widths ``(in, hidden..., out)``; at least two entries.
+            act: Activation module class, instantiated once per hidden layer.
+        """
         super().__init__()
         if len(sizes) < 2:
             raise ValueError(f"MLP needs at least input and output sizes, got {sizes}")
@@ -92,7 +93,7 @@ class MLP(nn.Module):
         layers: list[nn.Module] = []
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
             layers.append(nn.Linear(fan_in, fan_out))
-            # No activation after the last layer: the output are logits.
+            # No activation after the last layer: the outputs are logits.
             if i < len(sizes) - 2:
                 layers.append(act())
         self.net = nn.Sequential(*layers)
@@ -103,16 +104,15 @@ class MLP(nn.Module):
 
 
 class SmallMLP(MLP):
-    """The MLP with sizes ``(20, 32, 32, 5)`` used for exact-vs-reference checks.
+    """The MLP with sizes ``(20, 32, 32, 5)`` used for exact-vs-reference checks."""
 
-    Args:
-        sizes: Layer widths; defaults to ``(20, 32, 32, 5)``.
-        act: Activation module class.
-    """
+    def __init__(self, sizes: tuple[int, ...] = (20, 32, 32, 5), act: type[nn.Module] = nn.Tanh) -> None:
+        """Creates the layers.
 
-    def __init__(
-        self, sizes: tuple[int, ...] = (20, 32, 32, 5), act: type[nn.Module] = nn.Tanh
-    ) -> None:
+        Args:
+            sizes: Layer widths; defaults to ``(20, 32, 32, 5)``.
+            act: Activation module class.
+        """
         super().__init__(sizes=sizes, act=act)
 
 
@@ -121,29 +121,30 @@ class LargeMLP(MLP):
 
     Used by benchmarks where materialising a full ``P x P`` matrix is out of
     the question, so only matrix-free products are feasible.
-
-    Args:
-        sizes: Layer widths; defaults to ``(784, 1024, 512, 10)``.
-        act: Activation module class.
     """
 
-    def __init__(
-        self, sizes: tuple[int, ...] = (784, 1024, 512, 10), act: type[nn.Module] = nn.Tanh
-    ) -> None:
+    def __init__(self, sizes: tuple[int, ...] = (784, 1024, 512, 10), act: type[nn.Module] = nn.Tanh) -> None:
+        """Creates the layers.
+
+        Args:
+            sizes: Layer widths; defaults to ``(784, 1024, 512, 10)``.
+            act: Activation module class.
+        """
         super().__init__(sizes=sizes, act=act)
 
 
 class CNN(nn.Module):
-    """Two conv3x3 + ReLU + MaxPool2d(2) blocks followed by a linear classifier.
-
-    Args:
-        in_ch: Input channels.
-        size: Input height and width; must be divisible by 4.
-        classes: Number of output logits.
-        width: Channels of the first block; the second block has ``2 * width``.
-    """
+    """Two conv3x3 + ReLU + MaxPool2d(2) blocks followed by a linear classifier."""
 
     def __init__(self, in_ch: int = 3, size: int = 32, classes: int = 10, width: int = 16) -> None:
+        """Creates the layers.
+
+        Args:
+            in_ch: Input channels.
+            size: Input height and width; must be divisible by 4.
+            classes: Number of output logits.
+            width: Channels of the first block; the second block has ``2 * width``.
+        """
         super().__init__()
         if size % 4:
             raise ValueError(f"CNN input size must be divisible by 4, got {size}")
@@ -167,15 +168,17 @@ class BasicBlock(nn.Module):
 
     The shortcut is added in place (``out += identity``) and the ReLUs are
     in-place, as in torchvision, so the zoo covers in-place graph nodes.
-
-    Args:
-        in_ch: Input channels.
-        out_ch: Output channels.
-        stride: Stride of the first convolution. A stride other than 1 or a
-            change of channels adds a 1x1 conv + BN downsample shortcut.
     """
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
+        """Creates the layers.
+
+        Args:
+            in_ch: Input channels.
+            out_ch: Output channels.
+            stride: Stride of the first convolution. A stride other than 1 or a
+                change of channels adds a 1x1 conv + BN downsample shortcut.
+        """
         super().__init__()
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_ch)
@@ -211,15 +214,17 @@ class ResNet(nn.Module):
     BatchNorm layers start with trivial running statistics; use
     :func:`randomize_norm_layers_` (as :func:`build` does) before evaluating
     Jacobians so that the normalisation is not the identity.
-
-    Args:
-        in_ch: Input channels.
-        width: Channels of the stem and first block.
-        blocks: Number of basic blocks, at least 2.
-        classes: Number of output logits.
     """
 
     def __init__(self, in_ch: int = 3, width: int = 16, blocks: int = 2, classes: int = 10) -> None:
+        """Creates the layers.
+
+        Args:
+            in_ch: Input channels.
+            width: Channels of the stem and first block.
+            blocks: Number of basic blocks, at least 2.
+            classes: Number of output logits.
+        """
         super().__init__()
         if blocks < 2:
             raise ValueError(f"ResNet needs at least 2 blocks, got {blocks}")
@@ -251,14 +256,16 @@ class UNet(nn.Module):
 
     Both up-sampling styles are used on purpose: one is a module, the other a
     functional call, and a tracer sees them as different node kinds.
-
-    Args:
-        in_ch: Input channels.
-        base: Channels of the first level; deeper levels use 2x and 4x.
-        out_ch: Output channels.
     """
 
     def __init__(self, in_ch: int = 1, base: int = 8, out_ch: int = 1) -> None:
+        """Creates the layers.
+
+        Args:
+            in_ch: Input channels.
+            base: Channels of the first level; deeper levels use 2x and 4x.
+            out_ch: Output channels.
+        """
         super().__init__()
         self.enc1 = nn.Sequential(nn.Conv2d(in_ch, base, 3, padding=1), nn.ReLU())
         self.pool1 = nn.MaxPool2d(2)
@@ -285,14 +292,15 @@ class UNet(nn.Module):
 
 
 class ExplicitSelfAttention(nn.Module):
-    """Multi-head self-attention written out with matmuls and softmax.
-
-    Args:
-        d: Model width; must be divisible by ``heads``.
-        heads: Number of attention heads.
-    """
+    """Multi-head self-attention written out with matmuls and softmax."""
 
     def __init__(self, d: int, heads: int) -> None:
+        """Creates the layers.
+
+        Args:
+            d: Model width; must be divisible by ``heads``.
+            heads: Number of attention heads.
+        """
         super().__init__()
         self.heads = heads
         self.dh = d // heads
@@ -315,15 +323,16 @@ class ExplicitSelfAttention(nn.Module):
 
 
 class SDPASelfAttention(nn.Module):
-    """Multi-head self-attention via ``F.scaled_dot_product_attention``.
-
-    Args:
-        d: Model width; must be divisible by ``heads``.
-        heads: Number of attention heads.
-        causal: Whether to apply a causal mask (``is_causal``).
-    """
+    """Multi-head self-attention via ``F.scaled_dot_product_attention``."""
 
     def __init__(self, d: int, heads: int, causal: bool = False) -> None:
+        """Creates the layers.
+
+        Args:
+            d: Model width; must be divisible by ``heads``.
+            heads: Number of attention heads.
+            causal: Whether to apply a causal mask (``is_causal``).
+        """
         super().__init__()
         self.heads = heads
         self.dh = d // heads
@@ -343,16 +352,17 @@ class SDPASelfAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LN encoder block: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``.
-
-    Args:
-        d: Model width.
-        heads: Number of attention heads.
-        attention: ``"explicit"``, ``"mha"`` or ``"sdpa"``.
-        causal: Causal masking; only supported by ``"sdpa"``.
-    """
+    """Pre-LN encoder block: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``."""
 
     def __init__(self, d: int, heads: int, attention: str = "explicit", causal: bool = False) -> None:
+        """Creates the layers.
+
+        Args:
+            d: Model width.
+            heads: Number of attention heads.
+            attention: ``"explicit"``, ``"mha"`` or ``"sdpa"``.
+            causal: Causal masking; only supported by ``"sdpa"``.
+        """
         super().__init__()
         self.attention = attention
         self.ln1 = nn.LayerNorm(d)
@@ -390,18 +400,6 @@ class Transformer(nn.Module):
     zoo entries, because Jacobians with respect to integer inputs are
     undefined). After the blocks come a final LayerNorm, the mean over the
     sequence and a linear head.
-
-    Args:
-        d: Model width; must be divisible by ``heads``.
-        heads: Number of attention heads.
-        layers: Number of encoder blocks.
-        seq: Sequence length (size of the positional embedding).
-        vocab: Optional vocabulary size for token inputs.
-        classes: Number of output logits.
-        attention: ``"explicit"`` (matmul + softmax), ``"mha"``
-            (``nn.MultiheadAttention``) or ``"sdpa"``
-            (``F.scaled_dot_product_attention``).
-        causal: Causal masking; only supported with ``attention="sdpa"``.
     """
 
     def __init__(
@@ -415,6 +413,20 @@ class Transformer(nn.Module):
         attention: str = "explicit",
         causal: bool = False,
     ) -> None:
+        """Creates the layers.
+
+        Args:
+            d: Model width; must be divisible by ``heads``.
+            heads: Number of attention heads.
+            layers: Number of encoder blocks.
+            seq: Sequence length (size of the positional embedding).
+            vocab: Optional vocabulary size for token inputs.
+            classes: Number of output logits.
+            attention: ``"explicit"`` (matmul + softmax), ``"mha"``
+                (``nn.MultiheadAttention``) or ``"sdpa"``
+                (``F.scaled_dot_product_attention``).
+            causal: Causal masking; only supported with ``attention="sdpa"``.
+        """
         super().__init__()
         if d % heads:
             raise ValueError(f"d={d} must be divisible by heads={heads}")
@@ -424,9 +436,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(vocab, d) if vocab is not None else None
         # Scaled so that the embedding perturbs, rather than dominates, inputs.
         self.pos = nn.Parameter(0.1 * torch.randn(seq, d))
-        self.blocks = nn.Sequential(
-            *[TransformerBlock(d, heads, attention, causal) for _ in range(layers)]
-        )
+        self.blocks = nn.Sequential(*[TransformerBlock(d, heads, attention, causal) for _ in range(layers)])
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, classes)
 
@@ -440,25 +450,26 @@ class Transformer(nn.Module):
 
 
 class TwoInput(nn.Module):
-    """Model with two inputs, combined by concatenation and a product.
-
-    Args:
-        d1: Features of the first input ``x``.
-        d2: Features of the second input ``z``.
-        hidden: Width of each branch.
-        out: Number of outputs.
-    """
+    """Model with two inputs, combined by concatenation and a product."""
 
     def __init__(self, d1: int = 5, d2: int = 3, hidden: int = 7, out: int = 4) -> None:
+        """Creates the layers.
+
+        Args:
+            d1: Features of the first input ``x``.
+            d2: Features of the second input ``z``.
+            hidden: Width of each branch.
+            out: Number of outputs.
+        """
         super().__init__()
-        self.fx = nn.Linear(d1, hidden)
-        self.fz = nn.Linear(d2, hidden)
+        self.branch_x = nn.Linear(d1, hidden)
+        self.branch_z = nn.Linear(d2, hidden)
         self.out = nn.Linear(3 * hidden, out)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Maps ``x: [B, d1]`` and ``z: [B, d2]`` to ``[B, out]``."""
-        a = torch.tanh(self.fx(x))
-        b = torch.tanh(self.fz(z))
+        a = torch.tanh(self.branch_x(x))
+        b = torch.tanh(self.branch_z(z))
         return self.out(torch.cat([a, b, a * b], dim=1))
 
 
@@ -469,15 +480,17 @@ class ShapeArith(nn.Module):
     ``-1``, splits features by slicing at ``size // 2``, and uses
     ``torch.flatten``, ``permute``, ``sum``, ``mean``, ``unsqueeze`` and
     ``expand``, so a tracer must propagate shapes symbolically.
-
-    Args:
-        channels: First per-sample input dimension.
-        length: Second per-sample input dimension; ``channels * length`` must
-            be even.
-        classes: Number of output logits.
     """
 
     def __init__(self, channels: int = 4, length: int = 6, classes: int = 3) -> None:
+        """Creates the layers.
+
+        Args:
+            channels: First per-sample input dimension.
+            length: Second per-sample input dimension; ``channels * length`` must
+                be even.
+            classes: Number of output logits.
+        """
         super().__init__()
         features = channels * length
         if features % 2:
@@ -510,9 +523,7 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 @torch.no_grad()
-def randomize_norm_layers_(
-    model: nn.Module, generator: torch.Generator | None = None
-) -> nn.Module:
+def randomize_norm_layers_(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
     """Gives normalisation layers non-trivial statistics, then sets eval mode.
 
     Freshly constructed BatchNorm layers have running mean 0 and variance 1,
@@ -582,6 +593,7 @@ class ZooSizes:
     output_shape: tuple[int, ...]
 
     def __post_init__(self) -> None:
+        """Freezes ``kwargs``."""
         # A read-only view keeps the frozen dataclass effectively immutable.
         object.__setattr__(self, "kwargs", types.MappingProxyType(dict(self.kwargs)))
 
@@ -629,6 +641,7 @@ class ZooEntry:
 
 
 def _transformer_entry(attention: str, leaf_modules: tuple[type[nn.Module], ...] = ()) -> ZooEntry:
+    """Returns the registry entry of the transformer with the given attention."""
     return ZooEntry(
         name=f"transformer_{attention}",
         factory=_factory(Transformer, attention=attention),

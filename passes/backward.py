@@ -54,7 +54,7 @@ def _needed(old_args: dict, active: set) -> frozenset:
     return frozenset(k for k, v in old_args.items() if any(a in active for a in _nodes_in(v)))
 
 
-def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False) -> dict:
+def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, method: str = "vjp") -> dict:
     """Emit the cotangents of ``wanted`` nodes given cotangent stacks at ``seeds``.
 
     Args:
@@ -62,6 +62,8 @@ def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False) -> di
         seeds: old-graph node -> cotangent stack (a new-graph node) at that node.
         wanted: old-graph nodes (placeholders, parameters) whose cotangents are returned.
         ps: per-sample stacks for unbatched values.
+        method: the rule method that pulls a stack back: ``"vjp"`` (cotangents) or ``"diag_vjp"`` (nnj's
+            diagonal back-propagation: ``(A∘A)ᵀ d`` through each op, diagonals added at fan-out).
 
     Returns:
         old-graph node -> cotangent for each wanted node reached (ZERO-free).
@@ -95,13 +97,13 @@ def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False) -> di
         site = b.site(node, rule, ps_names)
         site.extra["need"] = _needed(old_args, active)
         try:
-            in_cts = rule.vjp(e, site, ct)
+            in_cts = getattr(rule, method)(e, site, ct)
         except Decline:
             need = site.extra["need"]
             rule = b.decline(node)
             site = b.site(node, rule, ps_names)
             site.extra["need"] = need
-            in_cts = rule.vjp(e, site, ct)
+            in_cts = getattr(rule, method)(e, site, ct)
         for name, c in in_cts.items():
             if c is ZERO:
                 continue

@@ -212,6 +212,10 @@ class Rule:
         """Pull a stack of cotangents back through the op."""
         raise NotImplementedError
 
+    def diag_vjp(self, e: Emitter, site: Site, d):
+        """Pull a stack of diagonals back: ``(A∘A)ᵀ d``; without a closed form the fallback computes it."""
+        raise Decline
+
 
 def signature_of(fn: Callable) -> inspect.Signature:
     """The signature used to bind a rule's arguments."""

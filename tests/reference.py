@@ -150,3 +150,143 @@ def check_direction_products(model, inputs, names=None, dtype=torch.float64, see
             for mode in ("forward", "reverse"):
                 _, r = fxjac.jacobian(model, wrt=wrt, mode=mode)(*inputs)
                 assert_close(r, J, f"jacobian[{tag}, {mode}]", dtype)
+
+
+def sym(rand, *shape):
+    """A random symmetric (indefinite) matrix, batched over leading axes."""
+    a = rand(*shape)
+    return (a + a.transpose(-1, -2)) / 2
+
+
+def check_metric_products(model, inputs, names=None, dtype=torch.float64, seed=0, wrts=("input", "params"),
+                          matrices=None):
+    """Every exact jtmjp / jmjtp combination against dense products of the per-sample Jacobian."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    B = inputs[0].shape[0]
+    wrt_p = "params" if names is None else list(names)
+    for wrt in wrts:
+        J = per_sample_jacobian(model, inputs, "input" if wrt == "input" else "params", names)
+        O, N = J.shape[1], J.shape[2]
+        w = "input" if wrt == "input" else wrt_p
+        # J^T M J, M in output space (per sample).
+        Ms = {"identity": None, "diag": rand(B, O), "sqrt": rand(B, O, 2), "full": sym(rand, B, O, O)}
+        for kind, M in Ms.items():
+            if matrices and kind not in matrices:
+                continue
+            dense = {"identity": torch.eye(O, dtype=dtype).expand(B, O, O), "diag": torch.diag_embed(M) if kind == "diag" else None,
+                     "sqrt": M @ M.transpose(-1, -2) if kind == "sqrt" else None, "full": M}[kind]
+            ref = torch.einsum("boi,bop,bpj->bij", J, dense, J)  # per sample [B, N, N]
+            outs = ("full", "diag", "block") if wrt != "input" else ("full", "diag")
+            for out in outs:
+                p = fxjac.jtmjp(model, wrt=w, matrix=kind, out=out)
+                args = (*inputs,) if M is None else (*inputs, M)
+                _, r = p(*args)
+                tag = f"jtmjp[{wrt}, {kind}, {out}]"
+                if wrt == "input":
+                    assert_close(r, ref if out == "full" else torch.diagonal(ref, dim1=-2, dim2=-1), tag, dtype)
+                    continue
+                tot = ref.sum(0)
+                if out == "full":
+                    assert_close(r, tot, tag, dtype)
+                elif out == "diag":
+                    assert_close(r, torch.diagonal(tot), tag, dtype)
+                    _, r2 = fxjac.jtmjp(model, wrt=w, matrix=kind, out="diag", reduce="none")(*args)
+                    assert_close(r2, torch.diagonal(ref, dim1=-2, dim2=-1), tag + " reduce=none", dtype)
+                else:
+                    off = 0
+                    for blk in r:
+                        n = blk.shape[0]
+                        assert_close(blk, tot[off:off + n, off:off + n], tag + f" block@{off}", dtype)
+                        off += n
+                    assert off == N, f"{tag}: blocks cover {off} of {N}"
+        # J M J^T, M in input space (per sample) or parameter space (shared).
+        if wrt == "input":
+            Ms = {"identity": None, "diag": rand(B, N), "sqrt": rand(B, N, 3), "full": sym(rand, B, N, N)}
+        else:
+            Ms = {"identity": None, "diag": rand(N), "sqrt": rand(N, 3), "full": sym(rand, N, N)}
+        for kind, M in Ms.items():
+            if matrices and kind not in matrices:
+                continue
+            if kind == "identity":
+                dense = torch.eye(N, dtype=dtype)
+            elif kind == "diag":
+                dense = torch.diag_embed(M)
+            elif kind == "sqrt":
+                dense = M @ M.transpose(-1, -2)
+            else:
+                dense = M
+            ref = torch.einsum("boi,...ij,bpj->bop", J, dense, J) if dense.dim() == 2 else \
+                torch.einsum("boi,bij,bpj->bop", J, dense, J)
+            modes = ("forward", "reverse") if wrt == "input" else ("auto",)
+            for mode in modes:
+                for out in ("full", "diag"):
+                    p = fxjac.jmjtp(model, wrt=w, matrix=kind, out=out, mode=mode)
+                    args = (*inputs,) if M is None else (*inputs, M)
+                    _, r = p(*args)
+                    want = ref if out == "full" else torch.diagonal(ref, dim1=-2, dim2=-1)
+                    assert_close(r, want, f"jmjtp[{wrt}, {kind}, {out}, {mode}]", dtype)
+        if wrt != "input":  # block-diagonal Sigma, one block per module owning parameters
+            p = fxjac.jmjtp(model, wrt=w, matrix="block", out="full")
+            sizes = _block_sizes(model, names)
+            blocks = [sym(rand, n, n) for n in sizes]
+            dense = torch.block_diag(*blocks)
+            _, r = p(*inputs, blocks)
+            assert_close(r, torch.einsum("boi,ij,bpj->bop", J, dense, J), f"jmjtp[{wrt}, block]", dtype)
+
+
+def _block_sizes(model, names=None):
+    sizes = {}
+    for n, p in selected(model, names).items():
+        mod = n.rsplit(".", 1)[0] if "." in n else ""
+        sizes[mod] = sizes.get(mod, 0) + p.numel()
+    return list(sizes.values())
+
+
+def loss_hessian(y, loss, class_dim=1, sigma=1.0):
+    """Dense per-sample loss Hessian (Fisher for gaussian_nll) ``[B, O, O]`` by torch.func.hessian."""
+    B = y.shape[0]
+    if loss == "gaussian_nll":
+        var = torch.exp(y[:, 1:2])
+        d = torch.cat([1 / var, torch.full_like(var, 0.5)], dim=1).reshape(B, -1)
+        return torch.diag_embed(d)
+    t = torch.zeros_like(y[0])
+    if loss == "cross_entropy":
+        t = torch.zeros(y[0].movedim(class_dim - 1, 0).shape[1:], dtype=torch.long)
+
+    def f(ys):
+        if loss == "mse":
+            return 0.5 * ((ys - t) ** 2).sum()
+        if loss == "cross_entropy":
+            return torch.nn.functional.cross_entropy(ys.unsqueeze(0), t.unsqueeze(0), reduction="sum")
+        if loss == "bce":
+            return torch.nn.functional.binary_cross_entropy_with_logits(ys, t, reduction="sum")
+        return 0.5 * (((ys - t) / sigma) ** 2).sum()
+
+    H = torch.stack([torch.func.hessian(f)(y[b]) for b in range(B)])
+    return H.reshape(B, y[0].numel(), y[0].numel())
+
+
+def check_diag_backprop(model, inputs, names=None, dtype=torch.float64, seed=0):
+    """For a model of ONE op (no cross terms), diagonal back-propagation is exact: compare
+    ``jtmjp(method="diag_backprop", matrix="diag", out="diag")`` with the diagonal of ``Jᵀ diag(d) J``."""
+    g = torch.Generator().manual_seed(seed)
+    B = inputs[0].shape[0]
+    for wrt in ("input", "params"):
+        if wrt == "params" and not selected(model, names):
+            continue
+        J = per_sample_jacobian(model, inputs, wrt, names)
+        O = J.shape[1]
+        d = torch.randn(B, O, generator=g, dtype=torch.float64).to(dtype)
+        w = "input" if wrt == "input" else ("params" if names is None else list(names))
+        p = fxjac.jtmjp(model, wrt=w, matrix="diag", out="diag", method="diag_backprop")
+        _, r = p(*inputs, d)
+        ref = torch.einsum("boi,bo->bi", J * J, d)
+        assert_close(r, ref if wrt == "input" else ref.sum(0), f"diag_backprop[{wrt}]", dtype)
+        if wrt == "params":
+            _, r2 = fxjac.jtmjp(model, wrt=w, matrix="diag", out="diag", method="diag_backprop",
+                                reduce="none")(*inputs, d)
+            assert_close(r2, ref, "diag_backprop[params, reduce=none]", dtype)

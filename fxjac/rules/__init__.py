@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from passes.protocol import RuleTable
 
+from .. import decompositions  # noqa: F401  (registration of module decompositions)
 from . import constant, elementwise, linear, reduce, shape  # noqa: F401  (registration)
 from .fallback import Fallback
 from .registry import RULES, register

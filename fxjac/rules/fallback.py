@@ -9,6 +9,8 @@ the batch is the one Python loop fxjac allows, and the fallback warning names it
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
@@ -139,6 +141,39 @@ def fallback_vjp(fn, args, kwargs, primals, ct, batched, ps=None):
     return tuple(torch.stack([c[j] for c in cols], dim=1) for j in range(len(primals)))
 
 
+def fallback_diag_vjp(fn, args, kwargs, primals, d, batched, ps=None):
+    """``(A∘A)ᵀ d`` for each primal from the op's dense per-sample local Jacobian (exact, costly).
+
+    Samples are independent, so the op is differentiated on one sample at a time (``vmap`` over the batch).
+    """
+    g = _op(fn, args, kwargs)
+    n = len(primals)
+
+    def one_sample(*xs_d):
+        xs, dd = xs_d[:n], xs_d[n]
+        xs = tuple(x.unsqueeze(0) if b else x for x, b in zip(xs, batched))
+        jacs = torch.func.jacrev(g, argnums=tuple(range(n)))(*xs)
+        n_out = math.prod(dd.shape[1:])  # dd: [K, *out_sample]
+        res = []
+        for j, x, b in zip(jacs, xs, batched):
+            j = j.reshape(dd.shape[1:] + x.shape)  # [*out_sample(with unit batch), *x]
+            flat = (j * j).reshape(n_out, -1)
+            r = dd.reshape(dd.shape[0], -1) @ flat
+            r = r.reshape((dd.shape[0],) + tuple(x.shape))
+            res.append(r.squeeze(1) if b else r)
+        return tuple(res)
+
+    in_dims = tuple(0 if b else None for b in batched) + (1,)
+    res = torch.vmap(one_sample, in_dims=in_dims, out_dims=1)(*primals, d.unsqueeze(2))
+    out = []
+    for r, b, i in zip(res, batched, range(n)):
+        if b or (ps is not None and ps[i]):
+            out.append(r)  # [K, B, ...]
+        else:
+            out.append(r.sum(1))
+    return tuple(out)
+
+
 class Fallback(Rule):
     """Any op: node-local torch.func derivatives (exact; slower than a structured rule)."""
 
@@ -197,6 +232,14 @@ class Fallback(Rule):
         return e.with_role("tangent", "t_")(fallback_jvp, fn, t_args, t_kwargs, primals, tans, batched, batch)
 
     def vjp(self, e, site, ct):  # noqa: D102
+        return self._pull(e, site, ct, fallback_vjp)
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        if isinstance(d, (tuple, list)):
+            raise NotImplementedError("diagonal back-propagation through a tuple-valued op without a rule")
+        return self._pull(e, site, d, fallback_diag_vjp)
+
+    def _pull(self, e, site, ct, kernel):
         need = site.extra.get("need")
 
         def pick(old_v, new):
@@ -214,7 +257,7 @@ class Fallback(Rule):
         ps = None
         if site.ps:
             ps = tuple(not b for b in batched)
-        res = e(fallback_vjp, fn, t_args, t_kwargs, primals, ct, batched, ps)
+        res = e(kernel, fn, t_args, t_kwargs, primals, ct, batched, ps)
         # Hand each chosen input its cotangent, in the argument structure the pass expects.
         per_node = {}
         for i, (old_v, _) in enumerate(chosen):
@@ -233,4 +276,4 @@ def _getitem(seq, i):
     return seq[i]
 
 
-__all__ = ["Fallback", "fallback_jvp", "fallback_vjp", "module_call"]
+__all__ = ["Fallback", "fallback_diag_vjp", "fallback_jvp", "fallback_vjp", "module_call"]

@@ -146,6 +146,40 @@ class Linear(Rule):
             out["bias"] = e(_rt.sum_to_ps, ct, b) if "bias" in site.ps else e(_rt.sum_to, ct, b)
         return out
 
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        """(A∘A)ᵀ d: for x1 the per-sample Jacobian Σ_j W_oij x2_j is formed and squared (a sum inside)."""
+        x1, x2, w, b = (site.args[k] for k in ("input1", "input2", "weight", "bias"))
+        out = {}
+        if site.needs("input1"):
+            a1 = e(torch.einsum, "oij,...j->...oi", w, x2)
+            out["input1"] = e(torch.einsum, "k...o,...oi->k...i", d, e(torch.square, a1))
+        if site.needs("input2"):
+            a2 = e(torch.einsum, "...i,oij->...oj", x1, w)
+            out["input2"] = e(torch.einsum, "k...o,...oj->k...j", d, e(torch.square, a2))
+        if site.needs("weight"):
+            s1, s2 = e(torch.square, x1), e(torch.square, x2)
+            if "weight" in site.ps:
+                out["weight"] = e(torch.einsum, "kb...o,b...i,b...j->kboij", d, s1, s2)
+            else:
+                out["weight"] = e(torch.einsum, "k...o,...i,...j->koij", d, s1, s2)
+        if b is not None and site.needs("bias"):
+            out["bias"] = e(_rt.sum_to_ps, d, b) if "bias" in site.ps else e(_rt.sum_to, d, b)
+        return out
+
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        """(A∘A)ᵀ d: the vjp with the weight and the input squared."""
+        x, w, b = site.args["input"], site.args["weight"], site.args["bias"]
+        out = {}
+        if site.needs("input"):
+            out["input"] = e(torch.matmul, d, e(torch.square, w))
+        if site.needs("weight"):
+            kernel = linear_weight_ct_ps if "weight" in site.ps else linear_weight_ct
+            out["weight"] = e(kernel, d, e(torch.square, x))
+        if b is not None and site.needs("bias"):
+            out["bias"] = e(_rt.sum_to_ps, d, b) if "bias" in site.ps else e(_rt.sum_to, d, b)
+        return out
+
 
 class _Matmul(Rule):
     """y = a @ b (broadcast batch axes, 1-D operands promoted); dy = da @ b + a @ db."""
@@ -164,6 +198,19 @@ class _Matmul(Rule):
             out[self.left] = e(matmul_ct_left, ct, a, b, site.batch if self.left in site.ps else None)
         if site.needs(self.right):
             out[self.right] = e(matmul_ct_right, ct, a, b, site.batch if self.right in site.ps else None)
+        return out
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        """(A∘A)ᵀ d: each entry of a @ b depends on a row of a through one product with b, so the squared
+        Jacobian is the vjp's with the other operand squared."""
+        a, b = site.args[self.left], site.args[self.right]
+        out = {}
+        if site.needs(self.left):
+            out[self.left] = e(matmul_ct_left, d, a, e(torch.square, b),
+                               site.batch if self.left in site.ps else None)
+        if site.needs(self.right):
+            out[self.right] = e(matmul_ct_right, d, e(torch.square, a), b,
+                                site.batch if self.right in site.ps else None)
         return out
 
 
@@ -237,6 +284,12 @@ class Einsum(Rule):
         return e.sum(out)
 
     def vjp(self, e, site, ct):  # noqa: D102
+        return self._pull(e, site, ct, square=False)
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return self._pull(e, site, d, square=True)
+
+    def _pull(self, e, site, ct, square):
         eq, ops, list_key, _ = self._operands(site)
         terms, rhs, free = _einsum_parts(eq, len(ops))
         if site.ps:
@@ -252,8 +305,15 @@ class Einsum(Rule):
             others = "".join(terms[:i] + terms[i + 1:]) + rhs
             if len(set(letters)) != len(letters) or any(c not in others for c in letters):
                 raise Decline  # a diagonal or a summed-only index: the transpose is not one einsum
+            partners = [o for j, o in enumerate(ops) if j != i]
+            if square:
+                # Each output entry must depend on an entry of operand i through ONE product term, else the
+                # square of a sum is not the sum of squares: every partner index is in operand i or the output.
+                if any(c not in ti + rhs for j, t in enumerate(terms) if j != i for c in t if c.isalpha()):
+                    raise Decline
+                partners = [e(torch.square, o) if isinstance(o, torch.fx.Node) else o ** 2 for o in partners]
             ts = [z + rhs] + [t for j, t in enumerate(terms) if j != i]
-            args = [ct] + [o for j, o in enumerate(ops) if j != i]
+            args = [ct] + partners
             c = e(torch.einsum, f"{','.join(ts)}->{z}{ti}", *args)
             if "..." in ti:
                 c = e(_rt.sum_to, c, op)
@@ -312,4 +372,24 @@ class Bilinear(Rule):
                 out["weight"] = e(torch.einsum, "k...o,...i,...j->koij", ct, x1, x2)
         if b is not None and site.needs("bias"):
             out["bias"] = e(_rt.sum_to_ps, ct, b) if "bias" in site.ps else e(_rt.sum_to, ct, b)
+        return out
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        """(A∘A)ᵀ d: for x1 the per-sample Jacobian Σ_j W_oij x2_j is formed and squared (a sum inside)."""
+        x1, x2, w, b = (site.args[k] for k in ("input1", "input2", "weight", "bias"))
+        out = {}
+        if site.needs("input1"):
+            a1 = e(torch.einsum, "oij,...j->...oi", w, x2)
+            out["input1"] = e(torch.einsum, "k...o,...oi->k...i", d, e(torch.square, a1))
+        if site.needs("input2"):
+            a2 = e(torch.einsum, "...i,oij->...oj", x1, w)
+            out["input2"] = e(torch.einsum, "k...o,...oj->k...j", d, e(torch.square, a2))
+        if site.needs("weight"):
+            s1, s2 = e(torch.square, x1), e(torch.square, x2)
+            if "weight" in site.ps:
+                out["weight"] = e(torch.einsum, "kb...o,b...i,b...j->kboij", d, s1, s2)
+            else:
+                out["weight"] = e(torch.einsum, "k...o,...i,...j->koij", d, s1, s2)
+        if b is not None and site.needs("bias"):
+            out["bias"] = e(_rt.sum_to_ps, d, b) if "bias" in site.ps else e(_rt.sum_to, d, b)
         return out

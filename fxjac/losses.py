@@ -1,0 +1,65 @@
+"""Loss Hessians (or Fishers) w.r.t. the model output, formed inside the generated graph from ``y``.
+
+Each loss gives, per sample, either its diagonal (shaped like ``y``) or a factorisation in the form of
+Note [metric factors]: columns ``[K, *y.shape]`` and weights ``[K, B]`` (or ``None``), M = Σ_k w_k s_k s_kᵀ.
+None of them depends on the target.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .assemble import eye_stack
+
+LOSSES = ("mse", "cross_entropy", "bce", "gaussian", "gaussian_nll")
+
+
+def _diag(y, loss, class_dim, sigma):
+    if loss == "mse":
+        return torch.ones_like(y)
+    if loss == "cross_entropy":
+        p = torch.softmax(y, class_dim)
+        return p * (1 - p)
+    if loss == "bce":
+        s = torch.sigmoid(y)
+        return s * (1 - s)
+    if loss == "gaussian":
+        sig = torch.as_tensor(sigma, dtype=y.dtype, device=y.device)
+        return (1.0 / (sig * sig)).expand(y.shape[1:]).expand_as(y).clone()
+    # gaussian_nll: [B, 2, ...] = (mean, log-variance); the Fisher is diag(1/var, 1/2).
+    inv_var = torch.exp(-y[:, 1:2])
+    return torch.cat([inv_var, torch.full_like(inv_var, 0.5)], dim=1)
+
+
+def cross_entropy_columns(y, class_dim):
+    """Columns of the square root ``diag(√p) − p √pᵀ`` of the softmax Hessian at every position.
+
+    Returns ``[C * S, *y.shape]`` for ``S`` positions besides the class axis (one column per class and position,
+    supported on that position only).
+    """
+    yt = y.movedim(class_dim, 1)
+    b, c = yt.shape[0], yt.shape[1]
+    spatial = tuple(yt.shape[2:])
+    p = torch.softmax(yt, 1).reshape(b, c, -1)  # [B, C, S]
+    s = p.shape[2]
+    sp = p.sqrt()
+    eye_c = torch.eye(c, dtype=y.dtype, device=y.device)
+    cols = sp.permute(1, 0, 2).unsqueeze(2) * (eye_c[:, None, :, None] - p.unsqueeze(0))  # [C, B, C, S]
+    if s > 1:
+        eye_s = torch.eye(s, dtype=y.dtype, device=y.device)
+        cols = cols.unsqueeze(1) * eye_s[None, :, None, None, :]  # [C, S, B, C, S]
+    cols = cols.reshape((c * s, b, c) + spatial)
+    return cols.movedim(2, class_dim + 1)
+
+
+def loss_factor(y, loss, form, class_dim=1, sigma=1.0):
+    """The loss Hessian at ``y``: its diagonal (``form="diag"``) or ``(columns, weights)`` (``"factor"``)."""
+    if form == "diag":
+        return _diag(y, loss, class_dim, sigma)
+    n = y[0].numel()
+    if loss == "cross_entropy":
+        return cross_entropy_columns(y, class_dim), None
+    if loss == "mse":
+        return eye_stack(y, n), None
+    d = _diag(y, loss, class_dim, sigma)
+    return eye_stack(y, n), d.reshape(d.shape[0], -1).t()

@@ -1,0 +1,478 @@
+"""The metric products: ``jtmjp`` (Jᵀ M J), ``jmjtp`` (J M Jᵀ) and ``ggn`` (Jᵀ H_loss J).
+
+Note [metric factors]
+    Exact metric products never form J. The metric is written as ``M = Σ_k λ_k s_k s_kᵀ`` — identity: unit
+    columns; diagonal: unit columns weighted by its entries; a square root: its columns; full: its symmetric
+    eigendecomposition, so an indefinite M works too — and the K columns travel through the graph as one stack.
+    For parameters, the backward pass gives per-sample, per-column cotangents one parameter tensor at a time
+    (``[K, B, n_p]``); each is reduced to the requested structure at once (diagonal: weighted squares; block: a
+    Gram matrix per module), so only the full result ever needs all parameters together.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+
+from passes import ZERO, backward_cotangents, forward_tangents
+
+from . import assemble as A
+from . import checks
+from .direction import _options, _reduce
+from .errors import OptionError
+from .losses import LOSSES, loss_factor
+from .product import Product, make_product
+
+_MATRICES = ("identity", "diag", "full", "sqrt", "block")
+
+
+# --- run-time kernels ------------------------------------------------------------------------------------
+
+
+def eigen_stack(m, like):
+    """A symmetric per-sample ``[B, N, N]`` as (columns ``[N, *like.shape]``, weights ``[N, B]``)."""
+    lam, vec = torch.linalg.eigh(m)
+    return vec.permute(2, 0, 1).reshape((m.shape[-1],) + tuple(like.shape)), lam.t()
+
+
+def diag_weights(d):
+    """A per-sample diagonal ``[B, N]`` as column weights ``[N, B]``."""
+    return d.reshape(d.shape[0], -1).t()
+
+
+def gram(c, w, reduce_sum):
+    """``Σ_k w_kb c_kb c_kbᵀ``: ``[K, B, N]`` -> ``[N, N]`` (summed over b) or ``[B, N, N]``."""
+    cw = c if w is None else c * w.unsqueeze(-1)
+    return torch.einsum("kbi,kbj->ij" if reduce_sum else "kbi,kbj->bij", cw, c)
+
+
+def gram_diag(c, w, reduce_sum):
+    """The diagonal of :func:`gram`: ``[N]`` or ``[B, N]``."""
+    sq = c * c
+    if w is not None:
+        sq = sq * w.unsqueeze(-1)
+    return sq.sum((0, 1)) if reduce_sum else sq.sum(0)
+
+
+def per_sample_rows(ct, k, batch):
+    """A parameter's per-sample stack ``[K*B, *shape]`` as ``[K, B, n]``."""
+    return ct.reshape(k, batch, -1)
+
+
+def batched_rows(ct, k):
+    """A batched stack ``[K, B, *s]`` as ``[K, B, n]``."""
+    return ct.reshape(k, ct.shape[1], -1)
+
+
+def zeros_rows(like, k, batch, n):
+    """Zero per-sample rows ``[K, B, n]`` (a parameter the output does not depend on)."""
+    return like.new_zeros((k, batch, n))
+
+
+def cat_rows(parts):
+    """Concatenate ``[K, B, n_i]`` pieces along the last axis."""
+    return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+
+
+def sandwich(g, sigma, g2=None):
+    """``Σ_pq G[o,b,p] Σ[p,q] G[o',b,q]`` -> ``[B, O, O]``."""
+    return torch.einsum("obp,pq,rbq->bor", g, sigma, g if g2 is None else g2)
+
+
+def sandwich_diag(g, sigma):
+    """The diagonal of :func:`sandwich`: ``[B, O]``."""
+    return torch.einsum("obp,pq,obq->bo", g, sigma, g)
+
+
+def weighted_outer(g, sigma_diag):
+    """``Σ_p G[o,b,p] σ_p G[o',b,p]`` -> ``[B, O, O]``."""
+    return torch.einsum("obp,p,rbp->bor", g, sigma_diag, g)
+
+
+def weighted_outer_diag(g, sigma_diag):
+    """The diagonal of :func:`weighted_outer`: ``[B, O]``."""
+    return torch.einsum("obp,p->bo", g * g, sigma_diag)
+
+
+def project(g, s):
+    """``G S``: ``[O, B, n]``, ``[n, K]`` -> ``[O, B, K]``."""
+    return torch.einsum("obp,pk->obk", g, s)
+
+
+def outer_cols(t, w, out_diag):
+    """``Σ_k w_k t_k t_kᵀ`` per sample from columns ``[K, B, O]``: ``[B, O, O]``, or its diagonal ``[B, O]``."""
+    tw = t if w is None else t * w.unsqueeze(-1)
+    if out_diag:
+        return (tw * t).sum(0)
+    return torch.einsum("kbo,kbq->boq", tw, t)
+
+
+def rows_outer(a, out_diag):
+    """``A Aᵀ`` per sample for rows ``[O, B, K]``: ``[B, O, O]`` or its diagonal."""
+    if out_diag:
+        return (a * a).sum(-1).t()
+    return torch.einsum("obk,qbk->boq", a, a)
+
+
+def jac_sandwich(j, m, kind, out_diag):
+    """``J M Jᵀ`` per sample from rows ``J`` ``[O, B, I]`` and a per-sample M (full ``[B, I, I]``, diagonal
+    ``[B, I]``, square root ``[B, I, K]`` or ``None`` for the identity)."""
+    if kind == "identity":
+        return rows_outer(j, out_diag)
+    if kind == "diag":
+        d = m.reshape(m.shape[0], -1)
+        if out_diag:
+            return torch.einsum("obi,bi->bo", j * j, d)
+        return torch.einsum("obi,bi,qbi->boq", j, d, j)
+    if kind == "sqrt":
+        return rows_outer(torch.einsum("obi,bik->obk", j, m), out_diag)
+    if out_diag:
+        return torch.einsum("obi,bij,obj->bo", j, m, j)
+    return torch.einsum("obi,bij,qbj->boq", j, m, j)
+
+
+def add_all(parts):
+    """Sum of a list of tensors."""
+    out = parts[0]
+    for p in parts[1:]:
+        out = out + p
+    return out
+
+
+# --- option checks ---------------------------------------------------------------------------------------
+
+
+def _check_options(product, wrt_kind, matrix, out, method):
+    if matrix not in _MATRICES:
+        raise OptionError(f"matrix must be one of {_MATRICES}, got {matrix!r}")
+    outs = ("full", "diag", "block") if (product == "jtmjp" and wrt_kind == "params") else ("full", "diag")
+    if out not in outs:
+        raise OptionError(f"out={out!r} is not available here; choose one of {outs}")
+    if matrix == "block" and wrt_kind == "input":
+        raise OptionError("matrix='block' is for parameters; w.r.t. the input use full, diag, sqrt or identity")
+    if matrix == "block" and product == "jtmjp":
+        raise OptionError("jtmjp's M lives in output space: use full, diag, sqrt or identity")
+    if method not in ("exact", "diag_backprop"):
+        raise OptionError(f"method must be 'exact' or 'diag_backprop', got {method!r}")
+    if method == "diag_backprop" and (out != "diag" or matrix not in ("diag", "identity")):
+        raise OptionError("method='diag_backprop' propagates diagonals only: it needs out='diag' and a 'diag' "
+                          "or 'identity' matrix")
+
+
+def _wrt_kind(wrt) -> str:
+    return "input" if isinstance(wrt, str) and wrt.startswith("input") else "params"
+
+
+# --- J^T M J ---------------------------------------------------------------------------------------------
+
+
+def _output_columns(e, src, b, y, matrix, m):
+    """Seed columns for an output-space metric: (stack ``[K, *y.shape]``, weights ``[K, B]`` or None, K)."""
+    n_out = A.numel_per_sample(src.output)
+    batch = A.size(e, y, 0)
+    if matrix == "identity":
+        return e(A.eye_stack, y, n_out), None, n_out
+    if matrix == "diag":
+        m = e(checks.check_shape, m, (batch, n_out), y, "M")
+        return e(A.eye_stack, y, n_out), e(diag_weights, m), n_out
+    if matrix == "sqrt":
+        m = e(checks.check_shape, m, (batch, n_out, -1), y, "M")
+        return e(A.stack_to_shape, m, y), None, e.method("size", m, 2)
+    m = e(checks.check_shape, m, (batch, n_out, n_out), y, "M")
+    m = e(checks.check_symmetric, m, "M")
+    pair = e(eigen_stack, m, y)
+    return e(operator.getitem, pair, 0), e(operator.getitem, pair, 1), n_out
+
+
+def _reduce_params(e, src, cts, k, batch, y, w, out, reduce_sum):
+    """Per-parameter per-sample rows -> diagonal ``[P]``, blocks, or the full ``[P, P]``."""
+    rows = {}
+    for node, ct in cts.items():
+        info = src.param_nodes.get(node)
+        if info is not None:
+            rows[info.name] = e.add(rows.get(info.name, ZERO), ct)
+
+    def rows_of(info):
+        c = rows.get(info.name, ZERO)
+        if c is ZERO:
+            return e(zeros_rows, y, k, batch, info.numel)
+        return e(per_sample_rows, c, k, batch)
+
+    if out == "diag":
+        parts = [e(gram_diag, rows_of(p), w, reduce_sum) for p in src.params]
+        return e(cat_rows, parts)
+    if out == "block":
+        blocks = []
+        for module in _modules(src):
+            g = e(cat_rows, [rows_of(p) for p in src.params if p.module == module])
+            blocks.append(e(gram, g, w, reduce_sum))
+        return blocks
+    g = e(cat_rows, [rows_of(p) for p in src.params])
+    return e(gram, g, w, reduce_sum)
+
+
+def _modules(src) -> list:
+    seen = []
+    for p in src.params:
+        if p.module not in seen:
+            seen.append(p.module)
+    return seen
+
+
+def _diag_backprop_seed(e, src, y, matrix, m):
+    n_out = A.numel_per_sample(src.output)
+    if matrix == "identity":
+        return e.method("unsqueeze", e(torch.ones_like, y), 0)
+    m = e(checks.check_shape, m, (A.size(e, y, 0), n_out), y, "M")
+    return e.method("unsqueeze", e(A.reshape_like_batch, m, y), 0)
+
+
+def _backward_metric(src, b, e, y, seeds, w, k, out, reduce_sum, method):
+    """Run the backward pass from output columns and reduce to the requested structure."""
+    batch = A.size(e, y, 0)
+    if src.wrt_kind == "input":
+        x_old = src.inputs[src.wrt_index]
+        x = b.env[x_old]
+        cts = backward_cotangents(b, {src.output: seeds}, [x_old], method=_method(method))
+        ct = cts.get(x_old, ZERO)
+        n_in = A.numel_per_sample(x_old)
+        if ct is ZERO:
+            ct = e(A.zeros_stack, x, k)
+        c = e(batched_rows, ct, k)
+        if method == "diag_backprop":
+            return e(operator.getitem, c, 0)
+        if out == "diag":
+            return e(gram_diag, c, w, False)
+        del n_in
+        return e(gram, c, w, False)
+    ps = not reduce_sum or method != "diag_backprop"
+    cts = backward_cotangents(b, {src.output: seeds}, list(src.param_nodes), ps=ps, method=_method(method))
+    if method == "diag_backprop":
+        rows = e(operator.mul, k, batch) if ps else k
+        flat = A.param_results(e, src, cts, rows, y)
+        return flat if ps else e.method("squeeze", flat, 0)
+    return _reduce_params(e, src, cts, k, batch, y, w, out, reduce_sum)
+
+
+def _method(method: str) -> str:
+    return "diag_vjp" if method == "diag_backprop" else "vjp"
+
+
+def jtmjp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full", method: str = "exact",
+          reduce: str = "sum", **options) -> Product:
+    """The backward metric product ``Jᵀ M J`` (a pull-back metric; the GGN with M the loss Hessian).
+
+    Args:
+        model: any ``nn.Module``.
+        wrt: ``"input"``, ``"input:N"``, ``"params"`` or parameter names.
+        matrix: M's structure in output space: ``"identity"`` (no operand), ``"diag"`` ``[B, O]``, ``"sqrt"``
+            ``[B, O, K]`` (M = S Sᵀ) or ``"full"`` ``[B, O, O]`` (symmetric, indefinite allowed).
+        out: ``"full"``, ``"diag"``, or (parameters) ``"block"`` (one block per module owning parameters).
+        method: ``"exact"`` or ``"diag_backprop"`` (nnj's approximation; diagonal/identity M, diagonal result).
+        reduce: parameters: ``"sum"`` over the batch, or ``"none"`` for per-sample results (leading B).
+        **options: the common options.
+
+    Returns:
+        ``p(*inputs[, M]) -> (y, Jᵀ M J)``: input: ``[B, I, I]`` / ``[B, I]``; parameters: ``[P, P]``, ``[P]`` or
+        a list of ``[P_m, P_m]`` (with a leading B under ``reduce="none"``).
+    """
+    options = _options(options)
+    reduce = _reduce(reduce)
+    kind = _wrt_kind(wrt)
+    _check_options("jtmjp", kind, matrix, out, method)
+
+    def assemble(src, b, key):
+        A.input_placeholders(b, src)
+        m = b.graph.placeholder("M") if matrix != "identity" else None
+        b.copy_all()
+        e = A.api_emitter(b)
+        y = b.env[src.output]
+        if method == "diag_backprop":
+            seed, w, k = _diag_backprop_seed(e, src, y, matrix, m), None, 1
+        else:
+            seed, w, k = _output_columns(e, src, b, y, matrix, m)
+        return (y, _backward_metric(src, b, e, y, seed, w, k, out, reduce == "sum", method))
+
+    return make_product(assemble, model, wrt, **options)
+
+
+# --- J M J^T ---------------------------------------------------------------------------------------------
+
+
+def jmjtp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full", method: str = "exact",
+          mode: str = "auto", **options) -> Product:
+    """The forward metric product ``J M Jᵀ`` (e.g. the linearised-Laplace predictive covariance ``J Σ Jᵀ``).
+
+    Args:
+        model: any ``nn.Module``.
+        wrt: as in :func:`jtmjp`.
+        matrix: M's structure in input or parameter space. Input: ``"identity"``, ``"diag"`` ``[B, I]``,
+            ``"sqrt"`` ``[B, I, K]``, ``"full"`` ``[B, I, I]``. Parameters (shared by the batch): ``"identity"``,
+            ``"diag"`` ``[P]``, ``"block"`` (a list of ``[P_m, P_m]``), ``"sqrt"`` ``[P, K]``, ``"full"``
+            ``[P, P]``.
+        out: ``"full"`` ``[B, O, O]`` or ``"diag"`` ``[B, O]``.
+        method: ``"exact"`` (``"diag_backprop"`` is available for ``jtmjp`` and ``ggn``).
+        mode: ``"forward"`` (push M's columns), ``"reverse"`` (pull O rows of J), or ``"auto"``: the one with
+            fewer columns, from the shapes known at build time.
+        **options: the common options.
+
+    Returns:
+        ``p(*inputs[, M]) -> (y, J M Jᵀ)``.
+    """
+    options = _options(options)
+    kind = _wrt_kind(wrt)
+    _check_options("jmjtp", kind, matrix, out, method)
+    if method != "exact":
+        raise OptionError("jmjtp supports method='exact' only; use jtmjp or ggn for diagonal back-propagation")
+    if mode not in ("auto", "forward", "reverse"):
+        raise OptionError(f"mode must be 'auto', 'forward' or 'reverse', got {mode!r}")
+
+    def assemble(src, b, key):
+        xs = A.input_placeholders(b, src)
+        m = b.graph.placeholder("M") if matrix != "identity" else None
+        e = A.api_emitter(b)
+        out_diag = out == "diag"
+        n_out = A.numel_per_sample(src.output)
+        if src.wrt_kind == "input":
+            x_old = src.inputs[src.wrt_index]
+            x = xs[src.wrt_index]
+            n_in = A.numel_per_sample(x_old)
+            batch = A.size(e, x, 0)
+            if matrix == "diag":
+                m = e(checks.check_shape, m, (batch, n_in), x, "M")
+            elif matrix == "sqrt":
+                m = e(checks.check_shape, m, (batch, n_in, -1), x, "M")
+            elif matrix == "full":
+                m = e(checks.check_symmetric, e(checks.check_shape, m, (batch, n_in, n_in), x, "M"), "M")
+            forward = mode == "forward" or (mode == "auto" and n_in <= n_out and matrix != "sqrt")
+            if mode == "auto" and matrix == "sqrt":
+                forward = True  # K is known only at run time; its columns are what M gives
+            if forward:
+                if matrix == "sqrt":
+                    seeds, w, k = e(A.stack_to_shape, m, x), None, e.method("size", m, 2)
+                elif matrix == "full":
+                    pair = e(eigen_stack, m, x)
+                    seeds, w, k = e(operator.getitem, pair, 0), e(operator.getitem, pair, 1), n_in
+                elif matrix == "diag":
+                    seeds, w, k = e(A.eye_stack, x, n_in), e(diag_weights, m), n_in
+                else:
+                    seeds, w, k = e(A.eye_stack, x, n_in), None, n_in
+                tan = forward_tangents(b, {x_old: seeds})
+                y = b.env[src.output]
+                t = tan.get(src.output, ZERO)
+                if t is ZERO:
+                    t = e(A.zeros_stack, y, k)
+                return (y, e(outer_cols, e(batched_rows, t, k), w, out_diag))
+            b.copy_all()
+            y = b.env[src.output]
+            cts = backward_cotangents(b, {src.output: e(A.eye_stack, y, n_out)}, [x_old])
+            ct = cts.get(x_old, ZERO)
+            if ct is ZERO:
+                ct = e(A.zeros_stack, x, n_out)
+            return (y, e(jac_sandwich, e(batched_rows, ct, n_out), m, matrix, out_diag))
+        # Parameters: O rows of the per-sample Jacobian, one parameter tensor at a time.
+        b.copy_all()
+        y = b.env[src.output]
+        batch = A.size(e, y, 0)
+        P = src.P
+        if matrix == "diag":
+            m = e(checks.check_shape, m, (P,), y, "M")
+        elif matrix == "sqrt":
+            m = e(checks.check_shape, m, (P, -1), y, "M")
+        elif matrix == "full":
+            m = e(checks.check_symmetric, e(checks.check_shape, m, (P, P), y, "M"), "M")
+        cts = backward_cotangents(b, {src.output: e(A.eye_stack, y, n_out)}, list(src.param_nodes), ps=True)
+        rows = {}
+        for node, ct in cts.items():
+            info = src.param_nodes[node]
+            rows[info.name] = e.add(rows.get(info.name, ZERO), ct)
+
+        def g_of(info):
+            c = rows.get(info.name, ZERO)
+            if c is ZERO:
+                return e(zeros_rows, y, n_out, batch, info.numel)
+            return e(per_sample_rows, c, n_out, batch)
+
+        if matrix == "full":
+            g = e(cat_rows, [g_of(p) for p in src.params])
+            return (y, e(sandwich_diag if out_diag else sandwich, g, m))
+        if matrix == "block":
+            mods = _modules(src)
+            parts = []
+            for i, module in enumerate(mods):
+                g = e(cat_rows, [g_of(p) for p in src.params if p.module == module])
+                blk = e(operator.getitem, m, i)
+                parts.append(e(sandwich_diag if out_diag else sandwich, g, blk))
+            return (y, e(add_all, parts))
+        if matrix == "sqrt":
+            parts = [e(project, g_of(p), e(A.param_rows, m, p.offset, p.numel)) for p in src.params]
+            return (y, e(rows_outer, e(add_all, parts), out_diag))
+        parts = []
+        for p in src.params:
+            g = g_of(p)
+            if matrix == "diag":
+                sig = e(A.param_rows, m, p.offset, p.numel)
+                parts.append(e(weighted_outer_diag if out_diag else weighted_outer, g, sig))
+            else:
+                parts.append(e(rows_outer, g, out_diag))
+        return (y, e(add_all, parts))
+
+    return make_product(assemble, model, wrt, **options)
+
+
+# --- GGN -------------------------------------------------------------------------------------------------
+
+
+def ggn(model, loss: str = "cross_entropy", wrt: Any = "params", out: str = "diag", method: str = "exact",
+        reduce: str = "sum", class_dim: int = 1, sigma: Any = 1.0, **options) -> Product:
+    """The generalised Gauss-Newton ``Jᵀ H_loss J`` with the loss Hessian (or Fisher) formed in the graph.
+
+    Args:
+        model: any ``nn.Module``.
+        loss: ``"mse"``, ``"cross_entropy"``, ``"bce"``, ``"gaussian"`` or ``"gaussian_nll"`` (see API.md).
+        wrt: ``"params"`` (default), parameter names, or ``"input"``.
+        out: ``"diag"`` (default), ``"full"`` or ``"block"``.
+        method: ``"exact"`` or ``"diag_backprop"`` (starts from the diagonal of the loss Hessian).
+        reduce: ``"sum"`` over the batch or ``"none"``.
+        class_dim: the class axis of cross-entropy logits.
+        sigma: the Gaussian likelihood's standard deviation (a float or a tensor shaped like one sample).
+        **options: the common options.
+
+    Returns:
+        ``p(*inputs, target=None) -> (y, GGN)``; the target is accepted and ignored (these Hessians do not
+        depend on it).
+    """
+    options = _options(options)
+    reduce = _reduce(reduce)
+    if loss not in LOSSES:
+        raise OptionError(f"unknown loss {loss!r}; one of {sorted(LOSSES)}")
+    kind = _wrt_kind(wrt)
+    _check_options("jtmjp", kind, "diag", out, method if method != "diag_backprop" else "exact")
+    if method == "diag_backprop" and out != "diag":
+        raise OptionError("method='diag_backprop' gives a diagonal: use out='diag'")
+    if isinstance(sigma, torch.Tensor) or not isinstance(sigma, (int, float)):
+        sigma_value = torch.as_tensor(sigma)
+    else:
+        sigma_value = float(sigma)
+
+    def assemble(src, b, key):
+        A.input_placeholders(b, src)
+        b.graph.placeholder("target", default_value=None)
+        b.copy_all()
+        e = A.api_emitter(b)
+        y = b.env[src.output]
+        if method == "diag_backprop":
+            d = e(loss_factor, y, loss, "diag", class_dim, sigma_value)
+            seed = e.method("unsqueeze", d, 0)
+            return (y, _backward_metric(src, b, e, y, seed, None, 1, out, reduce == "sum", method))
+        fac = e(loss_factor, y, loss, "factor", class_dim, sigma_value)
+        seed, w = e(operator.getitem, fac, 0), e(operator.getitem, fac, 1)
+        k = e.method("size", seed, 0)
+        return (y, _backward_metric(src, b, e, y, seed, w, k, out, reduce == "sum", method))
+
+    return make_product(assemble, model, wrt, **options)
+
+
+__all__ = ["ggn", "jmjtp", "jtmjp"]
