@@ -102,12 +102,14 @@ def check_direction_products(model, inputs, names=None, dtype=torch.float64, see
     B = x.shape[0]
     model64 = model
     J_in = per_sample_jacobian(model64, inputs, "input")
-    J_p = per_sample_jacobian(model64, inputs, "params", names)
-    O, I, P = J_in.shape[1], J_in.shape[2], J_p.shape[2]
+    P = sum(p.numel() for p in selected(model64, names).values())
+    J_p = per_sample_jacobian(model64, inputs, "params", names) if P else None
+    O, I = J_in.shape[1], J_in.shape[2]
     wrt_p = "params" if names is None else list(names)
     y_ref = model(*inputs)
     want = products or ("jvp", "vjp", "jmp", "mjp", "jacobian")
-    for wrt, J in (("input", J_in), (wrt_p, J_p)):
+    cases = [("input", J_in)] + ([(wrt_p, J_p)] if P else [])
+    for wrt, J in cases:
         tag = "input" if wrt == "input" else "params"
         if "jvp" in want:
             p = fxjac.jvp(model, wrt=wrt)
@@ -169,6 +171,8 @@ def check_metric_products(model, inputs, names=None, dtype=torch.float64, seed=0
     B = inputs[0].shape[0]
     wrt_p = "params" if names is None else list(names)
     for wrt in wrts:
+        if wrt != "input" and not selected(model, names):
+            continue
         J = per_sample_jacobian(model, inputs, "input" if wrt == "input" else "params", names)
         O, N = J.shape[1], J.shape[2]
         w = "input" if wrt == "input" else wrt_p

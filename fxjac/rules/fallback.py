@@ -9,46 +9,68 @@ the batch is the one Python loop fxjac allows, and the fallback warning names it
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 
 import torch
+from torch.fx.node import _get_qualified_name
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from passes.protocol import ZERO, Rule, module_call
 
 _SLOT = "__fxjac_slot_{}__"
+_CTX = "__fxjac_ctx_{}__"
 _NO_FORWARD_AD: set = set()
 _NO_VMAP: set = set()
 
 
-def _fill(template, primals):
-    """Put the differentiable values back into their slots of the call's argument structure."""
+def _fill(template, primals, ctx=()):
+    """Put the differentiated values (and the batched constants) back into the call's argument structure."""
 
     def fill(v):
-        if isinstance(v, str) and v.startswith("__fxjac_slot_") and v.endswith("__"):
-            return primals[int(v[len("__fxjac_slot_"):-2])]
+        if isinstance(v, str) and v.endswith("__"):
+            if v.startswith("__fxjac_slot_"):
+                return primals[int(v[len("__fxjac_slot_"):-2])]
+            if v.startswith("__fxjac_ctx_"):
+                return ctx[int(v[len("__fxjac_ctx_"):-2])]
         return v
 
     return tree_map(fill, template)
 
 
+@functools.lru_cache(maxsize=None)
+def _resolve(name: str):
+    """The function a qualified name (as ``torch.fx`` writes it) refers to."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for part in parts[i:]:
+            obj = getattr(obj, part)
+        return obj
+    raise LookupError(f"cannot resolve {name!r}")
+
+
 def _call(fn, args, kwargs):
-    if isinstance(fn, str):
-        return getattr(args[0], fn)(*args[1:], **kwargs)
-    return fn(*args, **kwargs)
+    if fn.startswith("method:"):
+        return getattr(args[0], fn[len("method:"):])(*args[1:], **kwargs)
+    return _resolve(fn)(*args, **kwargs)
 
 
-def _op(fn, args, kwargs):
+def _op(fn, args, kwargs, ctx=()):
     def g(*primals):
-        a, k = _fill((args, kwargs), primals)
+        a, k = _fill((args, kwargs), primals, ctx)
         return _call(fn, a, k)
 
     return g
 
 
 def _key(fn):
-    return fn if isinstance(fn, str) else getattr(fn, "__qualname__", repr(fn))
+    return fn
 
 
 def _jvp_columns(g, primals, tangents, fn):
@@ -78,100 +100,96 @@ def _fill_zero_cts(ct, out):
     return tree_unflatten(filled, spec)
 
 
-def fallback_jvp(fn, args, kwargs, primals, tangents, batched, batch=None):
+def _per_sample(fn, primals, batched, ctx, extra, extra_dims, body):
+    """Run ``body(g, xs, *extra)`` one sample at a time: batched primals and constants sliced with a unit
+    batch axis kept, ``extra`` stacks sliced along ``extra_dims``; outputs gain the batch axis at dim 1.
+
+    Uses ``vmap`` over the batch; where the op has no batching rule (RNN kernels), loops over the batch (the one
+    Python loop fxjac allows; the fallback warning names the op).
+    """
+    n = len(primals)
+
+    def one(*flat):
+        xs, cs, ex = flat[:n], flat[n:n + len(ctx)], flat[n + len(ctx):]
+        xs = tuple(x.unsqueeze(0) if b else x for x, b in zip(xs, batched))
+        cs = tuple(c.unsqueeze(0) for c in cs)
+        return body(xs, cs, *ex)
+
+    in_dims = tuple(0 if b else None for b in batched) + (0,) * len(ctx) + tuple(extra_dims)
+    if fn not in _NO_VMAP:
+        try:
+            return torch.vmap(one, in_dims=in_dims, out_dims=1)(*primals, *ctx, *extra)
+        except (RuntimeError, NotImplementedError) as err:
+            if "batching rule" not in str(err) and "vmap" not in str(err).lower():
+                raise
+            _NO_VMAP.add(fn)
+    batch = next(t.shape[d] for t, d in zip((*primals, *ctx, *extra), in_dims) if d is not None)
+    results = []
+    for i in range(batch):
+        flat = [t.select(d, i) if d is not None else t for t, d in zip((*primals, *ctx, *extra), in_dims)]
+        results.append(one(*flat))
+    return tree_map(lambda *rs: torch.stack(rs, dim=1), *results)
+
+
+def fallback_jvp(fn, args, kwargs, primals, tangents, batched, ctx=(), per_sample=False):
     """Tangent stack of ``fn(*args, **kwargs)`` for the given tangent stacks of ``primals``.
 
-    ``batched[i]`` says whether primal i carries the batch; with ``batch`` given, the tangents of unbatched
-    primals are per-sample stacks ``[K, B, *s]`` and the op is differentiated sample by sample.
+    ``batched[i]`` says whether primal i carries the batch; ``ctx`` are batched tensors that are not
+    differentiated. With ``per_sample``, the tangents of unbatched primals are per-sample stacks ``[K, B, *s]``
+    and the op is differentiated sample by sample.
     """
-    g = _op(fn, args, kwargs)
-    if batch is None or all(batched):
-        return _jvp_columns(g, tuple(primals), tuple(tangents), fn)
+    if not per_sample:
+        return _jvp_columns(_op(fn, args, kwargs, ctx), tuple(primals), tuple(tangents), fn)
 
-    def one_sample(*xs_ts):
-        n = len(primals)
-        xs, ts = xs_ts[:n], xs_ts[n:]
-        xs = tuple(x.unsqueeze(0) if b else x for x, b in zip(xs, batched))
+    def body(xs, cs, *ts):
         ts = tuple(t.unsqueeze(1) if b else t for t, b in zip(ts, batched))
-        out = _jvp_columns(g, xs, ts, fn)
+        out = _jvp_columns(_op(fn, args, kwargs, cs), xs, ts, fn)
         return tree_map(lambda o: o.squeeze(1), out)
 
-    in_dims = tuple(0 if b else None for b in batched) + tuple(1 for _ in batched)
-    out = torch.vmap(one_sample, in_dims=in_dims, out_dims=1)(*primals, *tangents)
-    return out
+    return _per_sample(fn, primals, batched, ctx, tangents, (1,) * len(tangents), body)
 
 
-def fallback_vjp(fn, args, kwargs, primals, ct, batched, ps=None):
+def fallback_vjp(fn, args, kwargs, primals, ct, batched, ctx=(), per_sample=False):
     """Cotangent stacks of ``primals`` (a tuple) given the output cotangent stack ``ct``.
 
-    With ``ps`` (a tuple of flags), the cotangents of unbatched primals flagged there are per-sample stacks
-    ``[K, B, *s]``.
+    With ``per_sample``, the cotangents of unbatched primals are per-sample stacks ``[K, B, *s]``.
     """
-    g = _op(fn, args, kwargs)
-    if ps is None or not any(ps):
-        out, vjp_fn = torch.func.vjp(g, *primals)
+    if not per_sample:
+        out, vjp_fn = torch.func.vjp(_op(fn, args, kwargs, ctx), *primals)
         if isinstance(ct, (tuple, list)):
             ct = _fill_zero_cts(ct, out)
         return torch.vmap(vjp_fn)(ct)
-
-    def one_sample(*xs_c):
-        xs, c = xs_c[:-1], xs_c[-1]
-        xs = tuple(x.unsqueeze(0) if b else x for x, b in zip(xs, batched))
-        out, vjp_fn = torch.func.vjp(g, *xs)
-        c = tree_map(lambda t: t.unsqueeze(1), c)
-        if isinstance(c, (tuple, list)):
-            c = _fill_zero_cts(c, out)
-        res = torch.vmap(vjp_fn)(c)
-        return tuple(r.squeeze(1) if b else r for r, b in zip(res, batched))
-
     if isinstance(ct, (tuple, list)):
         raise NotImplementedError("per-sample cotangents through a tuple-valued op without a rule")
-    in_dims = tuple(0 if b else None for b in batched) + (1,)
-    key = _key(fn)
-    if key not in _NO_VMAP:
-        try:
-            return torch.vmap(one_sample, in_dims=in_dims, out_dims=1)(*primals, ct)
-        except (RuntimeError, NotImplementedError):
-            _NO_VMAP.add(key)
-    # No batching rule for this op (RNN kernels): the allowed loop over the batch.
-    cols = []
-    for i in range(ct.shape[1]):
-        xs = tuple(x[i] if b else x for x, b in zip(primals, batched))
-        cols.append(one_sample(*xs, ct[:, i]))
-    return tuple(torch.stack([c[j] for c in cols], dim=1) for j in range(len(primals)))
+
+    def body(xs, cs, c):
+        out, vjp_fn = torch.func.vjp(_op(fn, args, kwargs, cs), *xs)
+        res = torch.vmap(vjp_fn)(c.unsqueeze(1))
+        return tuple(r.squeeze(1) if b else r for r, b in zip(res, batched))
+
+    return _per_sample(fn, primals, batched, ctx, (ct,), (1,), body)
 
 
-def fallback_diag_vjp(fn, args, kwargs, primals, d, batched, ps=None):
+def fallback_diag_vjp(fn, args, kwargs, primals, d, batched, ctx=(), per_sample=False):
     """``(A∘A)ᵀ d`` for each primal from the op's dense per-sample local Jacobian (exact, costly).
 
-    Samples are independent, so the op is differentiated on one sample at a time (``vmap`` over the batch).
+    Samples are independent, so the op is differentiated on one sample at a time.
     """
-    g = _op(fn, args, kwargs)
     n = len(primals)
 
-    def one_sample(*xs_d):
-        xs, dd = xs_d[:n], xs_d[n]
-        xs = tuple(x.unsqueeze(0) if b else x for x, b in zip(xs, batched))
-        jacs = torch.func.jacrev(g, argnums=tuple(range(n)))(*xs)
-        n_out = math.prod(dd.shape[1:])  # dd: [K, *out_sample]
+    def body(xs, cs, dd):
+        dd = dd.unsqueeze(1)  # [K, 1, *out_sample]: the unit batch axis the sliced call keeps
+        jacs = torch.func.jacrev(_op(fn, args, kwargs, cs), argnums=tuple(range(n)))(*xs)
+        n_out = math.prod(dd.shape[1:])
         res = []
         for j, x, b in zip(jacs, xs, batched):
-            j = j.reshape(dd.shape[1:] + x.shape)  # [*out_sample(with unit batch), *x]
-            flat = (j * j).reshape(n_out, -1)
-            r = dd.reshape(dd.shape[0], -1) @ flat
-            r = r.reshape((dd.shape[0],) + tuple(x.shape))
+            sq = (j * j).reshape(n_out, -1)
+            r = (dd.reshape(dd.shape[0], -1) @ sq).reshape((dd.shape[0],) + tuple(x.shape))
             res.append(r.squeeze(1) if b else r)
         return tuple(res)
 
-    in_dims = tuple(0 if b else None for b in batched) + (1,)
-    res = torch.vmap(one_sample, in_dims=in_dims, out_dims=1)(*primals, d.unsqueeze(2))
-    out = []
-    for r, b, i in zip(res, batched, range(n)):
-        if b or (ps is not None and ps[i]):
-            out.append(r)  # [K, B, ...]
-        else:
-            out.append(r.sum(1))
-    return tuple(out)
+    res = _per_sample(fn, primals, batched, ctx, (d,), (1,), body)
+    return tuple(r if b or per_sample else r.sum(1) for r, b in zip(res, batched))
 
 
 class Fallback(Rule):
@@ -182,15 +200,13 @@ class Fallback(Rule):
 
     @staticmethod
     def _template(site, pick):
-        """The call's (fn, args, kwargs) with the chosen input nodes replaced by slots, and those nodes."""
+        """The call as (qualified name, args, kwargs) with slots for the differentiated inputs (those ``pick``
+        chooses) and for the other batched tensors (sliced per sample where needed); returns both lists."""
         node = site.node
         n_pos = sum(1 for k in site.args if k.isdigit())
-        args = [site.args[str(i)] for i in range(n_pos)]
-        kwargs = {k: v for k, v in site.args.items() if not k.isdigit()}
         old = site.extra["old_args"]
-        old_args = [old[str(i)] for i in range(n_pos)]
-        old_kwargs = {k: v for k, v in old.items() if not k.isdigit()}
-        chosen = []
+        batched = site.extra["batched"]
+        chosen, ctx = [], []
 
         def mark(new, old_v):
             if isinstance(new, fx.Node):
@@ -200,6 +216,10 @@ class Fallback(Rule):
                 if pick(old_v, new):
                     chosen.append((old_v, new))
                     return _SLOT.format(len(chosen) - 1)
+                if new in batched and isinstance(old_v.meta.get("val"), torch.Tensor):
+                    if new not in ctx:
+                        ctx.append(new)
+                    return _CTX.format(ctx.index(new))
                 return new
             if isinstance(new, (list, tuple)):
                 return type(new)(mark(a, b) for a, b in zip(new, old_v))
@@ -207,9 +227,15 @@ class Fallback(Rule):
                 return {k: mark(new[k], old_v[k]) for k in new}
             return new
 
-        t_args = tuple(mark(a, b) for a, b in zip(args, old_args))
-        t_kwargs = {k: mark(v, old_kwargs[k]) for k, v in kwargs.items()}
-        return node.target, t_args, t_kwargs, chosen
+        t_args = tuple(mark(site.args[str(i)], old[str(i)]) for i in range(n_pos))
+        t_kwargs = {k: mark(v, old[k]) for k, v in site.args.items() if not k.isdigit()}
+        if node.op == "call_method":
+            name = "method:" + node.target
+        else:
+            name = _get_qualified_name(node.target)
+            if _resolve(name) is not node.target:
+                raise NotImplementedError(f"the fallback cannot name {node.target!r}")
+        return name, t_args, t_kwargs, chosen, tuple(ctx)
 
     def jvp(self, e, site, tangents):  # noqa: D102
         tan_of = {}
@@ -224,22 +250,21 @@ class Fallback(Rule):
 
         for k, t in tangents.items():
             collect(t, site.extra["old_args"][k])
-        fn, t_args, t_kwargs, chosen = self._template(site, lambda old_v, new: old_v in tan_of)
+        fn, t_args, t_kwargs, chosen, ctx = self._template(site, lambda old_v, new: old_v in tan_of)
         primals = tuple(new for _, new in chosen)
         tans = tuple(tan_of[old_v] for old_v, _ in chosen)
         batched = tuple(new in site.extra["batched"] for new in primals)
-        batch = site.batch if site.ps else None
-        return e.with_role("tangent", "t_")(fallback_jvp, fn, t_args, t_kwargs, primals, tans, batched, batch)
+        return e(fallback_jvp, fn, t_args, t_kwargs, primals, tans, batched, ctx, bool(site.ps))
 
     def vjp(self, e, site, ct):  # noqa: D102
-        return self._pull(e, site, ct, fallback_vjp)
+        return self._pull(e, site, ct, fallback_vjp, bool(site.ps))
 
     def diag_vjp(self, e, site, d):  # noqa: D102
         if isinstance(d, (tuple, list)):
             raise NotImplementedError("diagonal back-propagation through a tuple-valued op without a rule")
-        return self._pull(e, site, d, fallback_diag_vjp)
+        return self._pull(e, site, d, fallback_diag_vjp, bool(site.ps))
 
-    def _pull(self, e, site, ct, kernel):
+    def _pull(self, e, site, ct, kernel, per_sample):
         need = site.extra.get("need")
 
         def pick(old_v, new):
@@ -249,19 +274,14 @@ class Fallback(Rule):
             return need is None or any(old_v is a or (isinstance(a, (list, tuple)) and old_v in a)
                                        for k, a in site.extra["old_args"].items() if k in need)
 
-        fn, t_args, t_kwargs, chosen = self._template(site, pick)
+        fn, t_args, t_kwargs, chosen, ctx = self._template(site, pick)
         if not chosen:
             return {}
         primals = tuple(new for _, new in chosen)
         batched = tuple(new in site.extra["batched"] for new in primals)
-        ps = None
-        if site.ps:
-            ps = tuple(not b for b in batched)
-        res = e(kernel, fn, t_args, t_kwargs, primals, ct, batched, ps)
+        res = e(kernel, fn, t_args, t_kwargs, primals, ct, batched, ctx, per_sample)
         # Hand each chosen input its cotangent, in the argument structure the pass expects.
-        per_node = {}
-        for i, (old_v, _) in enumerate(chosen):
-            per_node[old_v] = e(_getitem, res, i)
+        per_node = {old_v: e(_getitem, res, i) for i, (old_v, _) in enumerate(chosen)}
         out = {}
         for k, old_v in site.extra["old_args"].items():
             if isinstance(old_v, fx.Node) and old_v in per_node:

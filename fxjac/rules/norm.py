@@ -1,0 +1,639 @@
+"""Normalisations and softmax: softmax, log_softmax, softmin, layer/group/instance/batch/RMS norm, normalize.
+
+Note [normalisation Jacobians]
+    Every normalisation here has, within one normalised group of ``n`` entries, the symmetric Jacobian
+
+        J = r (I - α 1 1ᵀ - u uᵀ)
+
+    with a per-group scale ``r`` and a per-group vector ``u``: layer and group norm have ``α = 1/n``,
+    ``u = x̂/√n``, ``r = 1/σ``; RMS norm has ``α = 0``, ``u = x̃/√n`` (``x̃ = x r``), ``r = 1/rms``; ``normalize``
+    has ``α = 0``, ``u = y`` (zero where the norm is clamped at eps), ``r = 1/max(‖x‖, eps)``. So a tangent or
+    cotangent costs two reductions over the group (:func:`normalise_apply`), and the diagonal rule
+    ``(J∘J)ᵀ e = r² [e (1 - 2α - 2u²) + α² Σe + 2α u Σ(e u) + u² Σ(e u²)]`` three (:func:`normalise_diag`),
+    with no ``[n, n]`` matrix formed. An element-wise affine weight ``w`` after the normalisation multiplies the
+    cotangent before ``J`` (``Aᵀ c = J (w c)``) and the diagonal by ``w²``.
+
+Reductions address the normalised axes with negative indices, so one kernel serves a primal ``[*S]`` and a stack
+``[K, *S]`` alike. The statistics are recomputed from the primal input (cheaper than storing them and exact where
+an affine weight is zero); softmax reuses its primal output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from passes.protocol import ZERO, Decline, Rule
+
+from . import _rt
+from .registry import register
+
+# --- kernels ---------------------------------------------------------------------------------------------
+
+
+def softmax_jvp(t, y, dim):
+    """``y (t - Σ_dim y t)``: the softmax Jacobian ``diag(y) - y yᵀ`` (symmetric) on a stack."""
+    return y * (t - (y * t).sum(dim, keepdim=True))
+
+
+def softmax_diag(d, y, dim):
+    """``(A∘A)ᵀ d`` for ``A = diag(y) - y yᵀ``: ``y² (Σ_dim y² d + d (1 - 2y))``."""
+    y2 = y * y
+    return y2 * ((y2 * d).sum(dim, keepdim=True) + d * (1 - 2 * y))
+
+
+def log_softmax_jvp(t, y, dim):
+    """``t - Σ_dim s t`` with ``s = exp(y)``: the log-softmax Jacobian ``I - 1 sᵀ``."""
+    return t - (torch.exp(y) * t).sum(dim, keepdim=True)
+
+
+def log_softmax_vjp(c, y, dim):
+    """``c - s Σ_dim c``: the transpose ``I - s 1ᵀ``."""
+    return c - torch.exp(y) * c.sum(dim, keepdim=True)
+
+
+def log_softmax_diag(d, y, dim):
+    """``(A∘A)ᵀ d`` for ``A = I - 1 sᵀ``: ``s² Σ_dim d + d (1 - 2s)``."""
+    s = torch.exp(y)
+    return s * s * d.sum(dim, keepdim=True) + d * (1 - 2 * s)
+
+
+def normalise_apply(t, r, u, dims, alpha):
+    """``r (t - α Σ t - u Σ u t)`` over ``dims``; see Note [normalisation Jacobians]."""
+    out = t - u * (u * t).sum(dims, keepdim=True)
+    if alpha:
+        out = out - alpha * t.sum(dims, keepdim=True)
+    return out * r
+
+
+def normalise_diag(e, r, u, dims, alpha):
+    """``(J∘J)ᵀ e`` in closed form; see Note [normalisation Jacobians]."""
+    u2 = u * u
+    out = e * (1 - 2 * alpha - 2 * u2) + u2 * (e * u2).sum(dims, keepdim=True)
+    if alpha:
+        out = out + alpha * alpha * e.sum(dims, keepdim=True) + 2 * alpha * u * (e * u).sum(dims, keepdim=True)
+    return out * (r * r)
+
+
+def layer_norm_stats(x, n_dims, eps):
+    """``(x̂, u = x̂/√n, r = 1/σ)`` over the last ``n_dims`` axes (biased variance, as layer_norm)."""
+    dims = tuple(range(-n_dims, 0))
+    n = math.prod(x.shape[-n_dims:]) if n_dims else 1
+    mu = x.mean(dims, keepdim=True)
+    r = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+    xhat = (x - mu) * r
+    return xhat, xhat * (1.0 / math.sqrt(n)), r
+
+
+def rms_norm_stats(x, n_dims, eps):
+    """``(x̃ = x r, u = x̃/√n, r = 1/√(mean x² + eps))`` over the last ``n_dims`` axes."""
+    dims = tuple(range(-n_dims, 0))
+    n = math.prod(x.shape[-n_dims:]) if n_dims else 1
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    r = torch.rsqrt((x * x).mean(dims, keepdim=True) + eps)
+    xt = x * r
+    return xt, xt * (1.0 / math.sqrt(n)), r
+
+
+def normalize_stats(x, dims, eps):
+    """``(u, r)`` of ``x / max(‖x‖₂, eps)``: ``u = x/‖x‖`` where the norm passes the clamp (autograd's
+    ``clamp_min`` passes at the bound), else 0; ``r = 1 / max(‖x‖, eps)``."""
+    norm = torch.linalg.vector_norm(x, 2, dims, keepdim=True)
+    live = norm >= eps
+    r = 1.0 / norm.clamp_min(eps)
+    u = torch.where(live, x * r, torch.zeros_like(x))
+    return u, r
+
+
+def to_groups(t, like, groups):
+    """View a stack ``[K, N, C, *sp]`` (or a primal ``[N, C, *sp]``) as ``[..., N, groups, C/groups · sp]``."""
+    lead = tuple(t.shape[: t.dim() - like.dim() + 1])
+    return t.reshape(lead + (groups, -1))
+
+
+def group_norm_stats(x, groups, eps):
+    """``(x̂, u, r)`` of group norm: ``x̂`` shaped like ``x``; ``u = x̂/√m`` and ``r`` in group layout."""
+    g = to_groups(x, x, groups)
+    xhat, u, r = layer_norm_stats(g, 1, eps)
+    return xhat.reshape(x.shape), u, r
+
+
+def group_apply(t, x, r, u, groups, alpha):
+    """:func:`normalise_apply` over each group of a stack shaped like ``[K, *x.shape]``."""
+    return normalise_apply(to_groups(t, x, groups), r, u, (-1,), alpha).reshape(t.shape)
+
+
+def group_diag(e, x, r, u, groups, alpha):
+    """:func:`normalise_diag` over each group of a stack shaped like ``[K, *x.shape]``."""
+    return normalise_diag(to_groups(e, x, groups), r, u, (-1,), alpha).reshape(e.shape)
+
+
+def channel_view(w, x):
+    """A per-channel vector ``[C]`` shaped to broadcast against ``x = [N, C, *sp]``: ``[C, 1, …]``."""
+    return w.reshape((-1,) + (1,) * (x.dim() - 2))
+
+
+def channel_tangent(tw, x, ps):
+    """A channel-parameter stack ``[K, C]`` (per-sample ``[K, B, C]``) lined up with a stack ``[K, *x.shape]``."""
+    ones = (1,) * (x.dim() - 2)
+    if ps:
+        return tw.reshape(tuple(tw.shape) + ones)
+    return tw.reshape((tw.shape[0], 1, tw.shape[1]) + ones)
+
+
+def channel_sum(c, ps):
+    """Sum a stack ``[K, N, C, *sp]`` to ``[K, C]`` (per-sample: ``[K, N, C]``) for a channel parameter."""
+    dims = tuple(range(3, c.dim()))
+    if not ps:
+        dims = (1,) + dims
+    return c.sum(dims) if dims else c
+
+
+def batch_norm_scale(running_var, weight, eps):
+    """``w / √(running_var + eps)``: the per-channel slope of eval-mode batch norm (``w = 1`` without weight)."""
+    r = torch.rsqrt(running_var + eps)
+    return r if weight is None else r * weight
+
+
+def batch_norm_xhat(x, running_mean, running_var, eps):
+    """``(x - running_mean) / √(running_var + eps)`` per channel."""
+    return (x - channel_view(running_mean, x)) * channel_view(torch.rsqrt(running_var + eps), x)
+
+
+# --- softmax family --------------------------------------------------------------------------------------
+
+
+def _implicit_softmax_dim(ndim: int) -> int:
+    """The axis F.softmax picks when ``dim`` is None (a deprecated legacy rule)."""
+    return 0 if ndim in (0, 1, 3) else 1
+
+
+class _SoftmaxLike(Rule):
+    """Shared plumbing of softmax-like ops along one axis: the axis, the optional dtype cast, the sign."""
+
+    sign = 1.0
+
+    def _dim(self, site):
+        nd = site.ndim("input")
+        if nd == 0:
+            raise Decline
+        dim = site.args["dim"]
+        if dim is None:
+            dim = _implicit_softmax_dim(nd)
+        if not isinstance(dim, int):
+            raise Decline
+        return dim % nd - nd  # negative: addresses primal and stack alike
+
+    def _in(self, e, site, t):
+        """The tangent cast to the op's dtype and signed (softmin is softmax of -x)."""
+        if site.args.get("dtype") is not None:
+            t = e.method("to", t, site.args["dtype"])
+        return e(torch.neg, t) if self.sign < 0 else t
+
+    def _out(self, e, site, c):
+        """A cotangent cast back to the input's dtype and signed."""
+        if site.args.get("dtype") is not None:
+            c = e.method("to", c, site.val("input").dtype)
+        return e(torch.neg, c) if self.sign < 0 else c
+
+
+class _Softmax(_SoftmaxLike):
+    """y = softmax(x); J = diag(y) - y yᵀ (symmetric), reusing the primal output."""
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        t = tangents["input"]
+        if t is ZERO:
+            return ZERO
+        dim = self._dim(site)
+        return e(softmax_jvp, self._in(e, site, t), site.out, dim)
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        dim = self._dim(site)
+        return {"input": self._out(e, site, e(softmax_jvp, ct, site.out, dim))}
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        dim = self._dim(site)
+        out = e(softmax_diag, d, site.out, dim)
+        if site.args.get("dtype") is not None:
+            out = e.method("to", out, site.val("input").dtype)
+        return {"input": out}
+
+
+@register(F.softmax)
+class Softmax(_Softmax):
+    """y = softmax(x, dim); dy = y (dx - Σ y dx), reusing the primal output."""
+
+    def signature(input, dim=None, _stacklevel=3, dtype=None):  # noqa: D103
+        ...
+
+
+@register(torch.softmax, "softmax")
+class TorchSoftmax(_Softmax):
+    """y = torch.softmax(x, dim) / x.softmax(dim); dy = y (dx - Σ y dx), reusing the primal output."""
+
+    def signature(input, dim=None, dtype=None):  # noqa: D103
+        ...
+
+
+@register(F.softmin)
+class Softmin(_Softmax):
+    """y = softmax(-x, dim); dy = -y (dx - Σ y dx), reusing the primal output."""
+
+    sign = -1.0
+
+    def signature(input, dim=None, _stacklevel=3, dtype=None):  # noqa: D103
+        ...
+
+
+class _LogSoftmax(_SoftmaxLike):
+    """y = log_softmax(x); J = I - 1 sᵀ with s = exp(y), reusing the primal output."""
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        t = tangents["input"]
+        if t is ZERO:
+            return ZERO
+        dim = self._dim(site)
+        return e(log_softmax_jvp, self._in(e, site, t), site.out, dim)
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        dim = self._dim(site)
+        return {"input": self._out(e, site, e(log_softmax_vjp, ct, site.out, dim))}
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        dim = self._dim(site)
+        out = e(log_softmax_diag, d, site.out, dim)
+        if site.args.get("dtype") is not None:
+            out = e.method("to", out, site.val("input").dtype)
+        return {"input": out}
+
+
+@register(F.log_softmax)
+class LogSoftmax(_LogSoftmax):
+    """y = log_softmax(x, dim); dy = dx - Σ exp(y) dx, reusing the primal output."""
+
+    def signature(input, dim=None, _stacklevel=3, dtype=None):  # noqa: D103
+        ...
+
+
+@register(torch.log_softmax, "log_softmax")
+class TorchLogSoftmax(_LogSoftmax):
+    """y = torch.log_softmax(x, dim) / x.log_softmax(dim); dy = dx - Σ exp(y) dx, reusing the primal output."""
+
+    def signature(input, dim=None, dtype=None):  # noqa: D103
+        ...
+
+
+# --- normalisations with statistics of the sample ----------------------------------------------------------
+
+
+def _affine_param_tangent(e, site, name, t, ndim):
+    """A trailing-axes parameter tangent (layer/RMS norm weight or bias) lined up with the output stack."""
+    if name in site.ps:
+        return e(_rt.align_ps, t, ndim)
+    return e(_rt.align, t, ndim)
+
+
+def _affine_param_ct(e, site, name, c):
+    """A trailing-axes parameter cotangent: summed over positions (and the batch unless per-sample)."""
+    like = site.args[name]
+    return e(_rt.sum_to_ps, c, like) if name in site.ps else e(_rt.sum_to, c, like)
+
+
+class _TrailingNorm(Rule):
+    """A normalisation over the trailing ``normalized_shape`` axes with an element-wise weight (and bias).
+
+    Subclasses give the statistics kernel (returning ``(x̂, u, r)``) and ``α``; see Note [normalisation
+    Jacobians].
+    """
+
+    alpha_of_n = True  # α = 1/n (centred) or 0
+    stats = staticmethod(layer_norm_stats)
+
+    def _setup(self, e, site):
+        for name in ("normalized_shape", "eps"):
+            if isinstance(site.args.get(name), torch.fx.Node):
+                raise Decline
+        ns = tuple(site.val("normalized_shape"))
+        if site.ndim("input") < len(ns) or not ns:
+            raise Decline
+        s = e(self.stats, site.args["input"], len(ns), site.args["eps"])
+        xhat, u, r = (e(_getitem, s, i) for i in range(3))
+        alpha = 1.0 / math.prod(ns) if self.alpha_of_n else 0.0
+        return tuple(range(-len(ns), 0)), xhat, u, r, alpha
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        dims, xhat, u, r, alpha = self._setup(e, site)
+        w, ndim = site.args["weight"], site.ndim()
+        terms = []
+        t = tangents["input"]
+        if t is not ZERO:
+            tx = e(normalise_apply, t, r, u, dims, alpha)
+            terms.append(tx if w is None else e(torch.mul, tx, w))
+        tw = tangents.get("weight", ZERO)
+        if tw is not ZERO:
+            terms.append(e(torch.mul, _affine_param_tangent(e, site, "weight", tw, ndim), xhat))
+        tb = tangents.get("bias", ZERO)
+        out = e.sum(terms)
+        if tb is not ZERO:
+            tb = _affine_param_tangent(e, site, "bias", tb, ndim)
+            out = e(_rt.expand_like, tb, site.out) if out is ZERO else e.add(out, tb)
+        return out
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        dims, xhat, u, r, alpha = self._setup(e, site)
+        w = site.args["weight"]
+        out = {}
+        if site.needs("input"):
+            g = ct if w is None else e(torch.mul, ct, w)
+            out["input"] = e(normalise_apply, g, r, u, dims, alpha)
+        if w is not None and site.needs("weight"):
+            out["weight"] = _affine_param_ct(e, site, "weight", e(torch.mul, ct, xhat))
+        if site.args.get("bias") is not None and site.needs("bias"):
+            out["bias"] = _affine_param_ct(e, site, "bias", ct)
+        return out
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        dims, xhat, u, r, alpha = self._setup(e, site)
+        w = site.args["weight"]
+        out = {}
+        if site.needs("input"):
+            g = d if w is None else e(torch.mul, d, e(torch.mul, w, w))
+            out["input"] = e(normalise_diag, g, r, u, dims, alpha)
+        if w is not None and site.needs("weight"):
+            out["weight"] = _affine_param_ct(e, site, "weight", e(torch.mul, d, e(torch.mul, xhat, xhat)))
+        if site.args.get("bias") is not None and site.needs("bias"):
+            out["bias"] = _affine_param_ct(e, site, "bias", d)
+        return out
+
+
+@register(F.layer_norm)
+class LayerNorm(_TrailingNorm):
+    """y = x̂ w + b, x̂ = (x - μ)/σ over the trailing axes; dx̂ = (dx - mean dx - x̂ mean(x̂ dx))/σ."""
+
+    def signature(input, normalized_shape, weight=None, bias=None, eps=1e-5):  # noqa: D103
+        ...
+
+
+@register(F.rms_norm)
+class RmsNorm(_TrailingNorm):
+    """y = x̃ w, x̃ = x / rms(x) over the trailing axes; dx̃ = (dx - x̃ mean(x̃ dx)) / rms(x)."""
+
+    alpha_of_n = False
+    stats = staticmethod(rms_norm_stats)
+
+    def signature(input, normalized_shape, weight=None, eps=None):  # noqa: D103
+        ...
+
+
+class _ChannelNorm(Rule):
+    """A normalisation of ``[N, C, *sp]`` over groups of channels and positions, with per-channel weight/bias.
+
+    Subclasses say how many groups (``_groups``); see Note [normalisation Jacobians] (``α = 1/m``).
+    """
+
+    extra_constants: tuple = ()
+
+    def _groups(self, site) -> int:
+        raise NotImplementedError
+
+    def _setup(self, e, site):
+        x = site.args["input"]
+        if site.ndim("input") < 2 or isinstance(site.args.get("eps"), torch.fx.Node):
+            raise Decline
+        groups = self._groups(site)
+        shape = tuple(site.val("input").shape)
+        m = math.prod(shape[1:]) // groups
+        s = e(group_norm_stats, x, groups, site.args["eps"])
+        xhat, u, r = (e(_getitem, s, i) for i in range(3))
+        return x, groups, xhat, u, r, 1.0 / m
+
+    def _check_constants(self, site, tangents=None):
+        for name in self.extra_constants:
+            if tangents is not None and tangents.get(name, ZERO) is not ZERO:
+                raise Decline
+            if tangents is None and isinstance(site.args.get(name), torch.fx.Node) and site.needs(name) \
+                    and site.extra.get("need") is not None:
+                raise Decline
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        self._check_constants(site, tangents)
+        x, groups, xhat, u, r, alpha = self._setup(e, site)
+        w = site.args["weight"]
+        terms = []
+        t = tangents["input"]
+        if t is not ZERO:
+            tx = e(group_apply, t, x, r, u, groups, alpha)
+            terms.append(tx if w is None else e(torch.mul, tx, e(channel_view, w, x)))
+        tw = tangents.get("weight", ZERO)
+        if tw is not ZERO:
+            terms.append(e(torch.mul, e(channel_tangent, tw, x, "weight" in site.ps), xhat))
+        tb = tangents.get("bias", ZERO)
+        out = e.sum(terms)
+        if tb is not ZERO:
+            tb = e(channel_tangent, tb, x, "bias" in site.ps)
+            out = e(_rt.expand_like, tb, site.out) if out is ZERO else e.add(out, tb)
+        return out
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        self._check_constants(site)
+        x, groups, xhat, u, r, alpha = self._setup(e, site)
+        w = site.args["weight"]
+        out = {}
+        if site.needs("input"):
+            g = ct if w is None else e(torch.mul, ct, e(channel_view, w, x))
+            out["input"] = e(group_apply, g, x, r, u, groups, alpha)
+        if w is not None and site.needs("weight"):
+            out["weight"] = e(channel_sum, e(torch.mul, ct, xhat), "weight" in site.ps)
+        if site.args.get("bias") is not None and site.needs("bias"):
+            out["bias"] = e(channel_sum, ct, "bias" in site.ps)
+        return out
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        self._check_constants(site)
+        x, groups, xhat, u, r, alpha = self._setup(e, site)
+        w = site.args["weight"]
+        out = {}
+        if site.needs("input"):
+            g = d if w is None else e(torch.mul, d, e(channel_view, e(torch.mul, w, w), x))
+            out["input"] = e(group_diag, g, x, r, u, groups, alpha)
+        if w is not None and site.needs("weight"):
+            out["weight"] = e(channel_sum, e(torch.mul, d, e(torch.mul, xhat, xhat)), "weight" in site.ps)
+        if site.args.get("bias") is not None and site.needs("bias"):
+            out["bias"] = e(channel_sum, d, "bias" in site.ps)
+        return out
+
+
+@register(F.group_norm)
+class GroupNorm(_ChannelNorm):
+    """y = x̂ w_c + b_c, x̂ normalised over each group of channels and positions (the layer-norm Jacobian per
+    group), recomputing the group statistics."""
+
+    def signature(input, num_groups, weight=None, bias=None, eps=1e-5):  # noqa: D103
+        ...
+
+    def _groups(self, site):
+        g = site.args["num_groups"]
+        if not isinstance(g, int):
+            raise Decline
+        return g
+
+
+class _EvalBatchNorm(Rule):
+    """y = (x - μ_run) w / √(σ²_run + eps) + b per channel, the running statistics constant (eval mode)."""
+
+    def _check(self, site, tangents=None):
+        if isinstance(site.args.get("eps"), torch.fx.Node) or site.ndim("input") < 2:
+            raise Decline
+        for name in ("running_mean", "running_var"):
+            if not isinstance(site.args.get(name), torch.fx.Node):
+                raise Decline
+            if tangents is not None and tangents.get(name, ZERO) is not ZERO:
+                raise Decline  # statistics computed from parameters: leave them to the fallback
+            if tangents is None and site.extra.get("need") is not None and site.needs(name):
+                raise Decline
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        self._check(site, tangents)
+        x, rm, rv, w, eps = (site.args[k] for k in ("input", "running_mean", "running_var", "weight", "eps"))
+        terms = []
+        t = tangents["input"]
+        if t is not ZERO:
+            terms.append(e(torch.mul, t, e(channel_view, e(batch_norm_scale, rv, w, eps), x)))
+        tw = tangents.get("weight", ZERO)
+        if tw is not ZERO:
+            xhat = e(batch_norm_xhat, x, rm, rv, eps)
+            terms.append(e(torch.mul, e(channel_tangent, tw, x, "weight" in site.ps), xhat))
+        tb = tangents.get("bias", ZERO)
+        out = e.sum(terms)
+        if tb is not ZERO:
+            tb = e(channel_tangent, tb, x, "bias" in site.ps)
+            out = e(_rt.expand_like, tb, site.out) if out is ZERO else e.add(out, tb)
+        return out
+
+    def _backward(self, e, site, c, square):
+        self._check(site)
+        x, rm, rv, w, eps = (site.args[k] for k in ("input", "running_mean", "running_var", "weight", "eps"))
+        out = {}
+        if site.needs("input"):
+            s = e(batch_norm_scale, rv, w, eps)
+            if square:
+                s = e(torch.mul, s, s)
+            out["input"] = e(torch.mul, c, e(channel_view, s, x))
+        if w is not None and site.needs("weight"):
+            xhat = e(batch_norm_xhat, x, rm, rv, eps)
+            if square:
+                xhat = e(torch.mul, xhat, xhat)
+            out["weight"] = e(channel_sum, e(torch.mul, c, xhat), "weight" in site.ps)
+        if site.args.get("bias") is not None and site.needs("bias"):
+            out["bias"] = e(channel_sum, c, "bias" in site.ps)
+        return out
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        return self._backward(e, site, ct, square=False)
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return self._backward(e, site, d, square=True)
+
+
+@register(F.batch_norm)
+class BatchNorm(_EvalBatchNorm):
+    """Eval-mode batch norm: y = x̂ w + b per channel with running statistics; dy/dx = w / √(σ²_run + eps).
+    Training mode is refused before rules run (ModeError)."""
+
+    def signature(input, running_mean, running_var, weight=None, bias=None, training=False,  # noqa: D103
+                  momentum=0.1, eps=1e-5):
+        ...
+
+    def _check(self, site, tangents=None):
+        if site.args["training"] is not False:
+            raise Decline
+        super()._check(site, tangents)
+
+
+class _InstanceNormStats(_ChannelNorm):
+    """Instance norm with the sample's statistics: group norm with one group per channel."""
+
+    extra_constants = ("running_mean", "running_var")
+
+    def _groups(self, site):
+        return site.val("input").shape[1]
+
+
+class _InstanceNormRunning(_EvalBatchNorm):
+    """Instance norm with running statistics (eval mode, ``track_running_stats``): eval batch norm."""
+
+
+_INSTANCE_STATS, _INSTANCE_RUNNING = _InstanceNormStats(), _InstanceNormRunning()
+
+
+@register(F.instance_norm)
+class InstanceNorm(Rule):
+    """y = x̂ w_c + b_c, x̂ normalised per sample and channel (or with running statistics when
+    ``use_input_stats=False``): the group-norm rule with C groups, or the eval batch-norm rule."""
+
+    def signature(input, running_mean=None, running_var=None, weight=None, bias=None,  # noqa: D103
+                  use_input_stats=True, momentum=0.1, eps=1e-5):
+        ...
+
+    @staticmethod
+    def _impl(site):
+        stats = site.args["use_input_stats"]
+        if stats is True:
+            return _INSTANCE_STATS
+        if stats is False:
+            return _INSTANCE_RUNNING
+        raise Decline
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        return self._impl(site).jvp(e, site, tangents)
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        return self._impl(site).vjp(e, site, ct)
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return self._impl(site).diag_vjp(e, site, d)
+
+
+@register(F.normalize)
+class Normalize(Rule):
+    """y = x / max(‖x‖₂, eps) along dim; J = (I - y yᵀ) / ‖x‖ (I / eps where the norm is clamped)."""
+
+    def signature(input, p=2.0, dim=1, eps=1e-12, out=None):  # noqa: D103
+        ...
+
+    def _setup(self, e, site):
+        p, dim, eps = site.args["p"], site.args["dim"], site.args["eps"]
+        if p != 2 or site.args["out"] is not None or isinstance(eps, torch.fx.Node):
+            raise Decline
+        nd = site.ndim("input")
+        if nd == 0:
+            raise Decline
+        dims = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
+        if not all(isinstance(d, int) for d in dims):
+            raise Decline
+        dims = tuple(sorted({d % nd - nd for d in dims}))
+        s = e(normalize_stats, site.args["input"], dims, eps)
+        return dims, e(_getitem, s, 0), e(_getitem, s, 1)
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        t = tangents["input"]
+        if t is ZERO:
+            return ZERO
+        dims, u, r = self._setup(e, site)
+        return e(normalise_apply, t, r, u, dims, 0.0)
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        dims, u, r = self._setup(e, site)
+        return {"input": e(normalise_apply, ct, r, u, dims, 0.0)}
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        dims, u, r = self._setup(e, site)
+        return {"input": e(normalise_diag, d, r, u, dims, 0.0)}
+
+
+def _getitem(seq, i):
+    """``seq[i]`` (a named function so generated code reads clearly)."""
+    return seq[i]
