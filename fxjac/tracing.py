@@ -55,6 +55,17 @@ def decomposes(target) -> Callable:
     return deco
 
 
+_PROXY_INPLACE = {"__iadd__": operator.iadd, "__isub__": operator.isub, "__imul__": operator.imul,
+                  "__itruediv__": operator.itruediv}
+
+
+def _inplace_method(op):
+    def method(self, other):
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    return method
+
+
 class Tracer(fx.Tracer):
     """torch.fx tracer that traces into torch.nn built-ins and honours ``leaf_modules``."""
 
@@ -72,6 +83,22 @@ class Tracer(fx.Tracer):
         if decomposition_for(type(m)) is not None:
             return False
         return isinstance(m, AUTO_LEAVES)
+
+    def trace(self, root, concrete_args=None):  # noqa: D102
+        # torch.fx's Proxy has no in-place operators, so ``h += x`` would be recorded as ``h = h + x`` and a
+        # second name for ``h`` (a saved skip connection) would silently miss the mutation. Record them as
+        # ``operator.iadd``…; normalisation then rewrites them with aliases followed (Note [in-place ops]).
+        saved = {name: fx.Proxy.__dict__.get(name) for name in _PROXY_INPLACE}
+        for name, op in _PROXY_INPLACE.items():
+            setattr(fx.Proxy, name, _inplace_method(op))
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            for name, old in saved.items():
+                if old is None:
+                    delattr(fx.Proxy, name)
+                else:
+                    setattr(fx.Proxy, name, old)
 
     def call_module(self, m, forward, args, kwargs):  # noqa: D102
         decomp = decomposition_for(type(m))

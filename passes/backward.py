@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from passes.builder import Builder, is_structural, new_emitter
+from passes.builder import Builder, is_structural, new_emitter, structural_index
 from passes.dag import between
 from passes.forward import _ps_inputs
 from passes.protocol import ZERO, Decline
@@ -86,7 +86,7 @@ def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, metho
         if is_structural(node):
             src = node.args[0]
             if src in active:
-                pending.setdefault(src, []).append((node.args[1], ct))
+                pending.setdefault(src, []).append((structural_index(node), ct))
             continue
         rule = b.rule(node)
         pre = b.site(node, rule)

@@ -7,6 +7,7 @@ returns a fresh GraphModule.
 
 from __future__ import annotations
 
+import builtins
 import operator
 from typing import Any, Optional
 
@@ -30,11 +31,21 @@ class MissingRulesError(Exception):
 
 
 def is_structural(node: fx.Node) -> bool:
-    """``getitem`` on a tuple or list value: plumbing handled by the passes, not by a rule."""
-    if node.op == "call_function" and node.target is operator.getitem:
+    """``getitem`` (or a named field, ``.values``) on a tuple or list value: plumbing the passes handle."""
+    if node.op == "call_function" and node.target in (operator.getitem, builtins.getattr):
         src = node.args[0]
         return isinstance(src, fx.Node) and isinstance(src.meta.get("val"), (tuple, list))
     return False
+
+
+def structural_index(node: fx.Node) -> int:
+    """The element a structural node selects (a named field of a torch return type mapped to its index)."""
+    key = node.args[1]
+    if node.target is operator.getitem:
+        return key
+    val = node.args[0].meta["val"]
+    field = getattr(val, key)
+    return next(i for i, v in enumerate(val) if v is field)
 
 
 class Builder:

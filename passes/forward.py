@@ -12,7 +12,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from passes.builder import Builder, is_structural, new_emitter, structure_of
+from passes.builder import Builder, is_structural, new_emitter, structural_index, structure_of
 from passes.dag import between
 from passes.protocol import ZERO, Decline
 
@@ -56,10 +56,10 @@ def forward_tangents(b: Builder, seeds: dict, ps: bool = False) -> dict:
             if src_t is ZERO:
                 continue
             if isinstance(src_t, (tuple, list)):
-                tan[node] = src_t[node.args[1]]
+                tan[node] = src_t[structural_index(node)]
             else:
                 e = new_emitter(b, node, "tangent", "t_")
-                tan[node] = e(operator.getitem, src_t, node.args[1])
+                tan[node] = e(operator.getitem, src_t, structural_index(node))
             continue
         if all(look(a) is ZERO for a in node.all_input_nodes):
             continue

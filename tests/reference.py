@@ -6,6 +6,8 @@ measured as ``max|got - ref| / max(max|ref|, tiny)``.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch.func import functional_call, jacrev, jvp, vjp
 
@@ -90,6 +92,14 @@ def per_sample_jacobian(model, inputs, wrt="input", names=None, use_jacrev=True)
     return J.reshape(B, -1, flat.numel())
 
 
+def as_float64(model, inputs):
+    """A float64 copy of the model and inputs for the reference (the model itself when already float64)."""
+    if all(p.dtype == torch.float64 for p in model.parameters()) and all(
+            not torch.is_floating_point(x) or x.dtype == torch.float64 for x in inputs):
+        return model, tuple(inputs)
+    return copy.deepcopy(model).double(), tuple(x.double() if torch.is_floating_point(x) else x for x in inputs)
+
+
 def check_direction_products(model, inputs, names=None, dtype=torch.float64, seed=0, products=None):
     """Every direction product w.r.t. the first input and w.r.t. parameters ``names`` (None: all) against the
     dense per-sample Jacobian from torch.func; raises AssertionError naming the first mismatch."""
@@ -100,13 +110,13 @@ def check_direction_products(model, inputs, names=None, dtype=torch.float64, see
 
     x = inputs[0]
     B = x.shape[0]
-    model64 = model
-    J_in = per_sample_jacobian(model64, inputs, "input")
+    model64, inputs64 = as_float64(model, inputs)
+    J_in = per_sample_jacobian(model64, inputs64, "input")
     P = sum(p.numel() for p in selected(model64, names).values())
-    J_p = per_sample_jacobian(model64, inputs, "params", names) if P else None
+    J_p = per_sample_jacobian(model64, inputs64, "params", names) if P else None
     O, I = J_in.shape[1], J_in.shape[2]
     wrt_p = "params" if names is None else list(names)
-    y_ref = model(*inputs)
+    y_ref = model64(*inputs64)
     want = products or ("jvp", "vjp", "jmp", "mjp", "jacobian")
     cases = [("input", J_in)] + ([(wrt_p, J_p)] if P else [])
     for wrt, J in cases:
@@ -117,16 +127,17 @@ def check_direction_products(model, inputs, names=None, dtype=torch.float64, see
             y, t = p(*inputs, v)
             assert_close(y, y_ref, f"jvp[{tag}] primal", dtype)
             vf = v.reshape(B, -1) if tag == "input" else v.expand(B, P)
-            assert_close(t.reshape(B, -1), torch.einsum("boi,bi->bo", J, vf), f"jvp[{tag}]", dtype)
+            assert_close(t.reshape(B, -1), torch.einsum("boi,bi->bo", J, vf.double()), f"jvp[{tag}]", dtype)
             if tag == "params":
                 v2 = rand(B, P)
                 _, t2 = p(*inputs, v2)
-                assert_close(t2.reshape(B, -1), torch.einsum("boi,bi->bo", J, v2), "jvp[params, per-sample]", dtype)
+                assert_close(t2.reshape(B, -1), torch.einsum("boi,bi->bo", J, v2.double()), "jvp[params, per-sample]",
+                             dtype)
         if "vjp" in want:
             w = rand(*y_ref.shape)
             p = fxjac.vjp(model, wrt=wrt)
             y, c = p(*inputs, w)
-            ref = torch.einsum("boi,bo->bi", J, w.reshape(B, -1))
+            ref = torch.einsum("boi,bo->bi", J, w.reshape(B, -1).double())
             if tag == "input":
                 assert_close(c.reshape(B, -1), ref, f"vjp[{tag}]", dtype)
             else:
@@ -137,13 +148,14 @@ def check_direction_products(model, inputs, names=None, dtype=torch.float64, see
             K = 3
             M = rand(B, I, K) if tag == "input" else rand(P, K)
             _, r = fxjac.jmp(model, wrt=wrt)(*inputs, M)
-            ref = torch.einsum("boi,bik->bok", J, M) if tag == "input" else torch.einsum("boi,ik->bok", J, M)
+            M64 = M.double()
+            ref = torch.einsum("boi,bik->bok", J, M64) if tag == "input" else torch.einsum("boi,ik->bok", J, M64)
             assert_close(r, ref, f"jmp[{tag}]", dtype)
         if "mjp" in want:
             K = 2
             M = rand(B, K, O)
             _, r = fxjac.mjp(model, wrt=wrt)(*inputs, M)
-            ref = torch.einsum("bko,boi->bki", M, J)
+            ref = torch.einsum("bko,boi->bki", M.double(), J)
             assert_close(r, ref if tag == "input" else ref.sum(0), f"mjp[{tag}]", dtype)
             if tag == "params":
                 _, r2 = fxjac.mjp(model, wrt=wrt, reduce="none")(*inputs, M)

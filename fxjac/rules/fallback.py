@@ -9,6 +9,7 @@ the batch is the one Python loop fxjac allows, and the fallback warning names it
 
 from __future__ import annotations
 
+import builtins
 import functools
 import importlib
 import math
@@ -44,6 +45,8 @@ def _fill(template, primals, ctx=()):
 def _resolve(name: str):
     """The function a qualified name (as ``torch.fx`` writes it) refers to."""
     parts = name.split(".")
+    if len(parts) == 1:
+        return getattr(builtins, name)
     for i in range(len(parts) - 1, 0, -1):
         try:
             obj = importlib.import_module(".".join(parts[:i]))
@@ -61,10 +64,44 @@ def _call(fn, args, kwargs):
     return _resolve(fn)(*args, **kwargs)
 
 
-def _op(fn, args, kwargs, ctx=()):
+def _flat(spec, v):
+    """Leaves of an output-like structure ``v`` along ``spec`` (a missing sub-structure gives Nones)."""
+    if isinstance(spec, tuple):
+        if v is None:
+            return [None] * _count(spec)
+        return [leaf for s, x in zip(spec, v) for leaf in _flat(s, x)]
+    return [v]
+
+
+def _count(spec):
+    return sum(_count(s) for s in spec) if isinstance(spec, tuple) else 1
+
+
+def _unflat(spec, leaves):
+    it = iter(leaves)
+
+    def build(s):
+        return tuple(build(c) for c in s) if isinstance(s, tuple) else next(it)
+
+    return build(spec)
+
+
+def _spec_leaves(spec):
+    if isinstance(spec, tuple):
+        return [leaf for s in spec for leaf in _spec_leaves(s)]
+    return [spec]
+
+
+def _op(fn, args, kwargs, ctx=(), spec=True):
+    """The op as a function of its differentiated inputs, returning its floating outputs only (one tensor,
+    or a tuple of them when the op returns a structure; ``spec`` marks which leaves are floating)."""
+
     def g(*primals):
         a, k = _fill((args, kwargs), primals, ctx)
-        return _call(fn, a, k)
+        out = _call(fn, a, k)
+        if spec is True:
+            return out
+        return tuple(leaf for leaf, f in zip(_flat(spec, out), _spec_leaves(spec)) if f)
 
     return g
 
@@ -90,18 +127,27 @@ def _jvp_columns(g, primals, tangents, fn):
     return torch.vmap(lambda *ts: vjp2(ts)[0])(*tangents)
 
 
-def _fill_zero_cts(ct, out):
-    """A tuple cotangent with holes (ZERO) gets zero stacks shaped like the primal outputs."""
-    leaves, spec = tree_flatten(ct)
-    k = next(c.shape[0] for c in leaves if isinstance(c, torch.Tensor))
-    outs = tree_flatten(out)[0]
-    filled = [c if isinstance(c, torch.Tensor) else o.new_zeros((k,) + tuple(o.shape))
-              for c, o in zip(leaves, outs)]
-    return tree_unflatten(filled, spec)
+def _restructure(spec, floats):
+    """Put the floating outputs' stacks back into the op's output structure (None for the others)."""
+    if spec is True:
+        return floats
+    it = iter(floats)
+    return _unflat(spec, [next(it) if f else None for f in _spec_leaves(spec)])
+
+
+def _float_cts(spec, ct, out_value, per_sample_dim=None):
+    """The cotangents of the floating outputs as a tuple of stacks, zeros where none flows."""
+    if spec is True:
+        return ct
+    cts = _flat(spec, ct)
+    outs = _flat(spec, out_value)
+    k = next(c.shape[0] for c in cts if isinstance(c, torch.Tensor))
+    return tuple(c if c is not None else o.new_zeros((k,) + tuple(o.shape))
+                 for c, o, f in zip(cts, outs, _spec_leaves(spec)) if f)
 
 
 def _per_sample(fn, primals, batched, ctx, extra, extra_dims, body):
-    """Run ``body(g, xs, *extra)`` one sample at a time: batched primals and constants sliced with a unit
+    """Run ``body(xs, ctx, *extra)`` one sample at a time: batched primals and constants sliced with a unit
     batch axis kept, ``extra`` stacks sliced along ``extra_dims``; outputs gain the batch axis at dim 1.
 
     Uses ``vmap`` over the batch; where the op has no batching rule (RNN kernels), loops over the batch (the one
@@ -123,73 +169,85 @@ def _per_sample(fn, primals, batched, ctx, extra, extra_dims, body):
             if "batching rule" not in str(err) and "vmap" not in str(err).lower():
                 raise
             _NO_VMAP.add(fn)
-    batch = next(t.shape[d] for t, d in zip((*primals, *ctx, *extra), in_dims) if d is not None)
-    results = []
-    for i in range(batch):
-        flat = [t.select(d, i) if d is not None else t for t, d in zip((*primals, *ctx, *extra), in_dims)]
-        results.append(one(*flat))
+    flat_in = (*primals, *ctx, *extra)
+    batch = next(t.shape[d] for t, d in zip(flat_in, in_dims) if d is not None)
+    results = [one(*[t.select(d, i) if d is not None else t for t, d in zip(flat_in, in_dims)])
+               for i in range(batch)]
     return tree_map(lambda *rs: torch.stack(rs, dim=1), *results)
 
 
-def fallback_jvp(fn, args, kwargs, primals, tangents, batched, ctx=(), per_sample=False):
+def fallback_jvp(fn, args, kwargs, primals, tangents, batched, ctx=(), per_sample=False, spec=True):
     """Tangent stack of ``fn(*args, **kwargs)`` for the given tangent stacks of ``primals``.
 
     ``batched[i]`` says whether primal i carries the batch; ``ctx`` are batched tensors that are not
     differentiated. With ``per_sample``, the tangents of unbatched primals are per-sample stacks ``[K, B, *s]``
-    and the op is differentiated sample by sample.
+    and the op is differentiated sample by sample. ``spec`` marks the floating leaves of a structured output.
     """
     if not per_sample:
-        return _jvp_columns(_op(fn, args, kwargs, ctx), tuple(primals), tuple(tangents), fn)
+        out = _jvp_columns(_op(fn, args, kwargs, ctx, spec), tuple(primals), tuple(tangents), fn)
+        return _restructure(spec, out)
 
     def body(xs, cs, *ts):
         ts = tuple(t.unsqueeze(1) if b else t for t, b in zip(ts, batched))
-        out = _jvp_columns(_op(fn, args, kwargs, cs), xs, ts, fn)
+        out = _jvp_columns(_op(fn, args, kwargs, cs, spec), xs, ts, fn)
         return tree_map(lambda o: o.squeeze(1), out)
 
-    return _per_sample(fn, primals, batched, ctx, tangents, (1,) * len(tangents), body)
+    return _restructure(spec, _per_sample(fn, primals, batched, ctx, tangents, (1,) * len(tangents), body))
 
 
-def fallback_vjp(fn, args, kwargs, primals, ct, batched, ctx=(), per_sample=False):
+def fallback_vjp(fn, args, kwargs, primals, ct, batched, ctx=(), per_sample=False, spec=True, out_value=None):
     """Cotangent stacks of ``primals`` (a tuple) given the output cotangent stack ``ct``.
 
     With ``per_sample``, the cotangents of unbatched primals are per-sample stacks ``[K, B, *s]``.
     """
+    cts = _float_cts(spec, ct, out_value)
     if not per_sample:
-        out, vjp_fn = torch.func.vjp(_op(fn, args, kwargs, ctx), *primals)
-        if isinstance(ct, (tuple, list)):
-            ct = _fill_zero_cts(ct, out)
-        return torch.vmap(vjp_fn)(ct)
-    if isinstance(ct, (tuple, list)):
-        raise NotImplementedError("per-sample cotangents through a tuple-valued op without a rule")
+        _, vjp_fn = torch.func.vjp(_op(fn, args, kwargs, ctx, spec), *primals)
+        return torch.vmap(vjp_fn)(cts)
+    cts = cts if isinstance(cts, tuple) else (cts,)
 
-    def body(xs, cs, c):
-        out, vjp_fn = torch.func.vjp(_op(fn, args, kwargs, cs), *xs)
-        res = torch.vmap(vjp_fn)(c.unsqueeze(1))
+    def body(xs, cs, *c):
+        _, vjp_fn = torch.func.vjp(_op(fn, args, kwargs, cs, spec), *xs)
+        c = tuple(ci.unsqueeze(1) for ci in c)
+        res = torch.vmap(vjp_fn)(c if spec is not True else c[0])
         return tuple(r.squeeze(1) if b else r for r, b in zip(res, batched))
 
-    return _per_sample(fn, primals, batched, ctx, (ct,), (1,), body)
+    return _per_sample(fn, primals, batched, ctx, cts, (1,) * len(cts), body)
 
 
-def fallback_diag_vjp(fn, args, kwargs, primals, d, batched, ctx=(), per_sample=False):
+def fallback_diag_vjp(fn, args, kwargs, primals, d, batched, ctx=(), per_sample=False, spec=True,
+                      out_value=None):
     """``(A∘A)ᵀ d`` for each primal from the op's dense per-sample local Jacobian (exact, costly).
 
     Samples are independent, so the op is differentiated on one sample at a time.
     """
     n = len(primals)
+    ds = _float_cts(spec, d, out_value)
+    ds = ds if isinstance(ds, tuple) else (ds,)
 
-    def body(xs, cs, dd):
-        dd = dd.unsqueeze(1)  # [K, 1, *out_sample]: the unit batch axis the sliced call keeps
-        jacs = torch.func.jacrev(_op(fn, args, kwargs, cs), argnums=tuple(range(n)))(*xs)
-        n_out = math.prod(dd.shape[1:])
-        res = []
-        for j, x, b in zip(jacs, xs, batched):
-            sq = (j * j).reshape(n_out, -1)
-            r = (dd.reshape(dd.shape[0], -1) @ sq).reshape((dd.shape[0],) + tuple(x.shape))
-            res.append(r.squeeze(1) if b else r)
-        return tuple(res)
+    def body(xs, cs, *dd):
+        jacs = torch.func.jacrev(_op(fn, args, kwargs, cs, spec), argnums=tuple(range(n)))(*xs)
+        if spec is True:
+            jacs = (jacs,)
+        res = [0] * n
+        for jo, do in zip(jacs, dd):  # one entry per floating output
+            do = do.unsqueeze(1)  # [K, 1, *out_sample]: the unit batch axis the sliced call keeps
+            n_out = math.prod(do.shape[1:])
+            for i, (j, x) in enumerate(zip(jo, xs)):
+                sq = (j * j).reshape(n_out, -1)
+                res[i] = res[i] + (do.reshape(do.shape[0], -1) @ sq).reshape((do.shape[0],) + tuple(x.shape))
+        return tuple(r.squeeze(1) if b else r for r, b in zip(res, batched))
 
-    res = _per_sample(fn, primals, batched, ctx, (d,), (1,), body)
+    res = _per_sample(fn, primals, batched, ctx, ds, (1,) * len(ds), body)
     return tuple(r if b or per_sample else r.sum(1) for r, b in zip(res, batched))
+
+
+def output_spec(val):
+    """``True`` for a single tensor output, else the output's structure with a flag per leaf: floating?"""
+    if isinstance(val, (tuple, list)):
+        return tuple(output_spec(v) if isinstance(v, (tuple, list)) else
+                     bool(isinstance(v, torch.Tensor) and v.is_floating_point()) for v in val)
+    return True
 
 
 class Fallback(Rule):
@@ -254,14 +312,13 @@ class Fallback(Rule):
         primals = tuple(new for _, new in chosen)
         tans = tuple(tan_of[old_v] for old_v, _ in chosen)
         batched = tuple(new in site.extra["batched"] for new in primals)
-        return e(fallback_jvp, fn, t_args, t_kwargs, primals, tans, batched, ctx, bool(site.ps))
+        return e(fallback_jvp, fn, t_args, t_kwargs, primals, tans, batched, ctx, bool(site.ps),
+                 output_spec(site.out_val))
 
     def vjp(self, e, site, ct):  # noqa: D102
         return self._pull(e, site, ct, fallback_vjp, bool(site.ps))
 
     def diag_vjp(self, e, site, d):  # noqa: D102
-        if isinstance(d, (tuple, list)):
-            raise NotImplementedError("diagonal back-propagation through a tuple-valued op without a rule")
         return self._pull(e, site, d, fallback_diag_vjp, bool(site.ps))
 
     def _pull(self, e, site, ct, kernel, per_sample):
@@ -279,7 +336,9 @@ class Fallback(Rule):
             return {}
         primals = tuple(new for _, new in chosen)
         batched = tuple(new in site.extra["batched"] for new in primals)
-        res = e(kernel, fn, t_args, t_kwargs, primals, ct, batched, ctx, per_sample)
+        spec = output_spec(site.out_val)
+        res = e(kernel, fn, t_args, t_kwargs, primals, ct, batched, ctx, per_sample, spec,
+                site.out if spec is not True else None)
         # Hand each chosen input its cotangent, in the argument structure the pass expects.
         per_node = {old_v: e(_getitem, res, i) for i, (old_v, _) in enumerate(chosen)}
         out = {}

@@ -313,9 +313,6 @@ class _TrailingNorm(Rule):
     stats = staticmethod(layer_norm_stats)
 
     def _setup(self, e, site):
-        for name in ("normalized_shape", "eps"):
-            if isinstance(site.args.get(name), torch.fx.Node):
-                raise Decline
         ns = tuple(site.val("normalized_shape"))
         if site.ndim("input") < len(ns) or not ns:
             raise Decline
@@ -394,14 +391,12 @@ class _ChannelNorm(Rule):
     Subclasses say how many groups (``_groups``); see Note [normalisation Jacobians] (``α = 1/m``).
     """
 
-    extra_constants: tuple = ()
-
     def _groups(self, site) -> int:
         raise NotImplementedError
 
     def _setup(self, e, site):
         x = site.args["input"]
-        if site.ndim("input") < 2 or isinstance(site.args.get("eps"), torch.fx.Node):
+        if site.ndim("input") < 2:
             raise Decline
         groups = self._groups(site)
         shape = tuple(site.val("input").shape)
@@ -410,16 +405,7 @@ class _ChannelNorm(Rule):
         xhat, u, r = (e(_getitem, s, i) for i in range(3))
         return x, groups, xhat, u, r, 1.0 / m
 
-    def _check_constants(self, site, tangents=None):
-        for name in self.extra_constants:
-            if tangents is not None and tangents.get(name, ZERO) is not ZERO:
-                raise Decline
-            if tangents is None and isinstance(site.args.get(name), torch.fx.Node) and site.needs(name) \
-                    and site.extra.get("need") is not None:
-                raise Decline
-
     def jvp(self, e, site, tangents):  # noqa: D102
-        self._check_constants(site, tangents)
         x, groups, xhat, u, r, alpha = self._setup(e, site)
         w = site.args["weight"]
         terms = []
@@ -438,7 +424,6 @@ class _ChannelNorm(Rule):
         return out
 
     def vjp(self, e, site, ct):  # noqa: D102
-        self._check_constants(site)
         x, groups, xhat, u, r, alpha = self._setup(e, site)
         w = site.args["weight"]
         out = {}
@@ -452,7 +437,6 @@ class _ChannelNorm(Rule):
         return out
 
     def diag_vjp(self, e, site, d):  # noqa: D102
-        self._check_constants(site)
         x, groups, xhat, u, r, alpha = self._setup(e, site)
         w = site.args["weight"]
         out = {}
@@ -554,9 +538,8 @@ class BatchNorm(_EvalBatchNorm):
 
 
 class _InstanceNormStats(_ChannelNorm):
-    """Instance norm with the sample's statistics: group norm with one group per channel."""
-
-    extra_constants = ("running_mean", "running_var")
+    """Instance norm with the sample's statistics: group norm with one group per channel (the running
+    statistics, if given, are only updated in place and do not enter the output)."""
 
     def _groups(self, site):
         return site.val("input").shape[1]

@@ -1,0 +1,333 @@
+"""Attention: fused attention decomposed into matmul / softmax / matmul, the attention modules traced through
+decompositions, and ``masked_fill``.
+
+Note [attention decompositions]
+    ``F.scaled_dot_product_attention`` has no forward-mode formula and is one opaque kernel, so it is expanded
+    after tracing into PyTorch's documented reference computation: ``softmax(q kᵀ · scale + bias) v``. The
+    matmuls, the scaling, the additions and the softmax then get their structured rules, and diagonal
+    back-propagation steps through each of them. ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and
+    ``nn.TransformerEncoder`` cannot be traced into (their fast-path checks branch on tensor properties); they
+    are traced through functions that reproduce their forward (the slow path, which the fast path equals) using
+    their own parameters and submodules.
+
+    Whether a mask is boolean or additive is a property of a tensor, unknown while tracing, so masks become
+    additive biases at run time in :func:`mask_bias` (a small op with its own rule): boolean masks are constants,
+    float masks pass their tangent through. Dropout on attention weights is refused (``ModeError``): it makes the
+    output a function of chance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from passes.protocol import ZERO, Decline, Rule
+
+from ..errors import ModeError
+from ..tracing import decomposes
+from . import _rt
+from .base import LinearOp, NonDifferentiable
+from .registry import register
+
+# --- run-time kernels (graph ops of the decompositions) --------------------------------------------------
+
+
+def causal_bias(scores):
+    """The additive ``[L, S]`` bias of ``is_causal``: 0 on and below the diagonal (top-left aligned, as
+    PyTorch's), -inf above it."""
+    L, S = scores.shape[-2], scores.shape[-1]
+    keep = torch.ones(L, S, dtype=torch.bool, device=scores.device).tril()
+    return torch.zeros(L, S, dtype=scores.dtype, device=scores.device).masked_fill(~keep, float("-inf"))
+
+
+def mask_bias(mask, like, blocked_when):
+    """An attention mask as an additive bias: a boolean mask becomes 0 / -inf in ``like``'s dtype (``-inf``
+    where the mask equals ``blocked_when``: False for SDPA, True for nn.MultiheadAttention); a float mask is
+    already a bias."""
+    if mask.dtype != torch.bool:
+        return mask
+    blocked = mask if blocked_when else ~mask
+    return torch.zeros_like(mask, dtype=like.dtype).masked_fill(blocked, float("-inf"))
+
+
+def heads_bias(bias, num_heads):
+    """An nn.MultiheadAttention mask bias ``[L, S]`` (shared) or ``[B·H, L, S]`` made broadcastable to
+    ``[B, H, L, S]``."""
+    if bias.dim() == 3:
+        return bias.reshape((-1, num_heads) + tuple(bias.shape[-2:]))
+    return bias
+
+
+def repeat_heads(x, groups):
+    """Grouped-query attention: ``[..., Hk, S, E]`` -> ``[..., Hk·groups, S, E]``, each key/value head serving
+    ``groups`` consecutive query heads (``repeat_interleave``)."""
+    return x.repeat_interleave(groups, dim=-3)
+
+
+def repeat_heads_transpose(ct, groups):
+    """Adjoint of :func:`repeat_heads`: sum each group of heads."""
+    return ct.unflatten(-3, (-1, groups)).sum(-3)
+
+
+def _emit(fn, *args):
+    """Record ``fn(*args)`` as one graph op (a run-time kernel with a rule) instead of tracing into it."""
+    tracer = next(a.tracer for a in args if isinstance(a, fx.Proxy))
+    return tracer.create_proxy("call_function", fn, args, {})
+
+
+# --- rules for the kernels and masked_fill ---------------------------------------------------------------
+
+
+@register(causal_bias)
+class CausalBias(NonDifferentiable):
+    """The causal mask bias: a constant."""
+
+    def signature(scores):  # noqa: D103
+        ...
+
+
+@register(mask_bias)
+class MaskBias(Rule):
+    """bias = mask (a float mask, identity derivative) or a constant (a boolean mask)."""
+
+    def signature(mask, like, blocked_when):  # noqa: D103
+        ...
+
+    @staticmethod
+    def _float(site):
+        return site.val("mask").is_floating_point()
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        t = tangents["mask"]
+        return t if self._float(site) else ZERO
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        return {"mask": ct} if self._float(site) and site.needs("mask") else {}
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return self.vjp(e, site, d)
+
+
+@register(heads_bias)
+class HeadsBias(LinearOp):
+    """A mask bias reshaped to ``[B, H, L, S]`` (or kept ``[L, S]``); dy = dx reshaped."""
+
+    def signature(input, num_heads):  # noqa: D103
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        if site.ps:
+            raise Decline
+        return e(_rt.reshape_like, t, site.out)
+
+    def transpose(self, e, site, ct):  # noqa: D102
+        if site.ps:
+            raise Decline
+        return e(_rt.reshape_like, ct, site.args["input"])
+
+
+@register(repeat_heads)
+class RepeatHeads(LinearOp):
+    """y = x with each head repeated ``groups`` times; the adjoint sums each group."""
+
+    def signature(input, groups):  # noqa: D103
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        if site.ps:
+            raise Decline
+        return e(repeat_heads, t, site.args["groups"])
+
+    def transpose(self, e, site, ct):  # noqa: D102
+        if site.ps:
+            raise Decline
+        return e(repeat_heads_transpose, ct, site.args["groups"])
+
+
+@register("masked_fill", torch.masked_fill, torch.Tensor.masked_fill)
+class MaskedFill(Rule):
+    """y = x where not mask, value where mask (a boolean mask); dy = dx with the masked entries zeroed."""
+
+    def signature(input, mask, value):  # noqa: D103
+        ...
+
+    @staticmethod
+    def _check(site):
+        if site.ps or tuple(site.val("input").shape) != tuple(site.out_val.shape):
+            raise Decline  # the mask broadcasts the input, or a parameter is masked per sample
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        self._check(site)
+        if tangents.get("value", ZERO) is not ZERO:
+            raise Decline  # a tensor fill value with a tangent: rare, left to the fallback
+        t = tangents["input"]
+        return ZERO if t is ZERO else e.method("masked_fill", t, site.args["mask"], 0.0)
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        self._check(site)
+        if isinstance(site.args["value"], fx.Node) and site.extra.get("need") is not None and site.needs("value"):
+            raise Decline
+        return {"input": e.method("masked_fill", ct, site.args["mask"], 0.0)} if site.needs("input") else {}
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return self.vjp(e, site, d)
+
+
+# --- decompositions --------------------------------------------------------------------------------------
+
+
+def _refuse_dropout(p, where: str) -> None:
+    if not (isinstance(p, (int, float)) and p == 0):
+        raise ModeError(f"{where} uses attention dropout (p={p}): the output is then a function of chance; call "
+                        "model.eval() (or pass dropout_p=0.0) before building the product")
+
+
+@decomposes(F.scaled_dot_product_attention)
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):
+    """PyTorch's reference computation of fused attention: ``softmax(q kᵀ · scale + bias) v``.
+
+    See Note [attention decompositions].
+    """
+    _refuse_dropout(dropout_p, "F.scaled_dot_product_attention")
+    if enable_gqa:
+        groups = query.size(-3) // key.size(-3)
+        key, value = _emit(repeat_heads, key, groups), _emit(repeat_heads, value, groups)
+    if scale is None:
+        scale = query.size(-1) ** -0.5
+    scores = query @ key.transpose(-2, -1) * scale
+    if is_causal:
+        scores = scores + _emit(causal_bias, scores)
+    if attn_mask is not None:
+        scores = scores + _emit(mask_bias, attn_mask, scores, False)
+    return torch.softmax(scores, dim=-1) @ value
+
+
+def _to_batch_first(query, key, value):
+    """``[L, B, E]`` inputs as ``[B, L, E]``, keeping which of them are the same tensor (self-attention)."""
+    if key is value:
+        if query is key:
+            query = key = value = query.transpose(0, 1)
+        else:
+            query, key = query.transpose(0, 1), key.transpose(0, 1)
+            value = key
+    else:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    return query, key, value
+
+
+def _in_projection(m, query, key, value):
+    """nn.MultiheadAttention's input projections (packed weight, or separate weights when kdim/vdim differ)."""
+    E = m.embed_dim
+    b = m.in_proj_bias
+    if not m._qkv_same_embed_dim:
+        b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
+        return (F.linear(query, m.q_proj_weight, b_q), F.linear(key, m.k_proj_weight, b_k),
+                F.linear(value, m.v_proj_weight, b_v))
+    w = m.in_proj_weight
+    if key is value and query is key:
+        q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
+        return q, k, v
+    if key is value:
+        w_q, w_kv = w.split([E, 2 * E])
+        b_q, b_kv = (None, None) if b is None else b.split([E, 2 * E])
+        k, v = F.linear(key, w_kv, b_kv).chunk(2, dim=-1)
+        return F.linear(query, w_q, b_q), k, v
+    w_q, w_k, w_v = w.chunk(3)
+    b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
+    return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+
+@decomposes(nn.MultiheadAttention)
+def multihead_attention(m, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                        average_attn_weights=True, is_causal=False):
+    """``nn.MultiheadAttention.forward`` (its slow path) on batched input, in traceable ops.
+
+    Computed batch-first as ``[B, H, L, S]`` scores; the same values as PyTorch's ``[B·H, L, S]`` layout. Returns
+    ``(output, weights)``, the weights averaged over heads, per head, or ``None`` as the module's options say.
+    See Note [attention decompositions].
+    """
+    if m.training:
+        _refuse_dropout(m.dropout, "nn.MultiheadAttention")
+    if is_causal and attn_mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint (nn.MultiheadAttention)")
+    if not m.batch_first:
+        query, key, value = _to_batch_first(query, key, value)
+    q, k, v = _in_projection(m, query, key, value)
+    pad = 0
+    if m.bias_k is not None and m.bias_v is not None:
+        k = torch.cat([k, torch.zeros_like(k[:, :1]) + m.bias_k], dim=1)
+        v = torch.cat([v, torch.zeros_like(v[:, :1]) + m.bias_v], dim=1)
+        pad += 1
+    H, hd = m.num_heads, m.head_dim
+    q, k, v = (t.unflatten(-1, (H, hd)).transpose(1, 2) for t in (q, k, v))
+    if m.add_zero_attn:
+        k = torch.cat([k, torch.zeros_like(k[:, :, :1])], dim=2)
+        v = torch.cat([v, torch.zeros_like(v[:, :, :1])], dim=2)
+        pad += 1
+    # PyTorch uses the causal hint in place of the mask only here; elsewhere the mask itself.
+    causal = is_causal and key_padding_mask is None and not need_weights
+    bias = None
+    if attn_mask is not None and not causal:
+        bias = _emit(heads_bias, _emit(mask_bias, attn_mask, q, True), H)
+    if key_padding_mask is not None:
+        kpm = _emit(mask_bias, key_padding_mask, q, True).unsqueeze(1).unsqueeze(1)
+        bias = kpm if bias is None else bias + kpm
+    if bias is not None and pad:
+        bias = F.pad(bias, (0, pad))
+    scores = (q * math.sqrt(1.0 / float(hd))) @ k.transpose(-2, -1)
+    if causal:
+        scores = scores + _emit(causal_bias, scores)
+    if bias is not None:
+        scores = scores + bias
+    weights = torch.softmax(scores, dim=-1)
+    out = F.linear((weights @ v).transpose(1, 2).flatten(2), m.out_proj.weight, m.out_proj.bias)
+    if not m.batch_first:
+        out = out.transpose(0, 1)
+    if not need_weights:
+        return out, None
+    return out, (weights.mean(dim=1) if average_attn_weights else weights)
+
+
+@decomposes(nn.TransformerEncoderLayer)
+def transformer_encoder_layer(m, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+    """``nn.TransformerEncoderLayer.forward`` without the fused fast path (the same values), through the
+    layer's own submodules (``self_attn`` via :func:`multihead_attention`)."""
+    x = src
+    if m.norm_first:
+        x = x + _self_attention_block(m, m.norm1(x), src_mask, src_key_padding_mask, is_causal)
+        x = x + _feed_forward_block(m, m.norm2(x))
+    else:
+        x = m.norm1(x + _self_attention_block(m, x, src_mask, src_key_padding_mask, is_causal))
+        x = m.norm2(x + _feed_forward_block(m, x))
+    return x
+
+
+def _self_attention_block(m, x, attn_mask, key_padding_mask, is_causal):
+    x = m.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False,
+                    is_causal=is_causal)[0]
+    return m.dropout1(x)
+
+
+def _feed_forward_block(m, x):
+    return m.dropout2(m.linear2(m.dropout(m.activation(m.linear1(x)))))
+
+
+@decomposes(nn.TransformerEncoder)
+def transformer_encoder(m, src, mask=None, src_key_padding_mask=None, is_causal=None):
+    """``nn.TransformerEncoder.forward``: the layers in turn, then the optional final norm (the nested-tensor
+    fast path is skipped: it only runs without autograd and pads masked positions with zeros).
+
+    PyTorch detects a causal ``mask`` by comparing values, which a trace cannot; the mask is applied as it is,
+    which gives the same result.
+    """
+    out = src
+    for layer in m.layers:
+        out = layer(out, src_mask=mask, is_causal=is_causal is True, src_key_padding_mask=src_key_padding_mask)
+    if m.norm is not None:
+        out = m.norm(out)
+    return out

@@ -1,0 +1,715 @@
+"""Convolution, pooling and resampling: ``conv{1,2,3}d``, ``conv_transpose{1,2,3}d``, max, average and adaptive
+pooling, ``interpolate``, ``pixel_shuffle``/``pixel_unshuffle`` and ``unfold``/``fold``.
+
+Every op here acts on ``[N, C, *spatial]`` with ``N`` free, so a stack ``[K, B, C, *spatial]`` goes through the
+op itself with ``K·B`` merged into ``N`` (:func:`on_stack`). Kernel sizes, strides and batch sizes are read from
+the primal tensors at run time.
+
+Note [convolution weight cotangents]
+    The weight cotangent of a convolution with input ``a`` (zero-padded) and output cotangent ``c`` is
+    ``gW[o, i, κ] = Σ_p c[o, p] · a[i, p·stride + κ·dilation]``: a correlation of ``a`` with ``c`` used as the
+    kernel, where stride and dilation swap roles. :func:`corr_weight` computes it as ONE grouped convolution
+    whose kernel is the cotangent stack: the batch goes into the channels (summed by the convolution for the
+    batch-summed cotangent, kept apart by ``groups`` for per-sample cotangents), and the within-group input
+    channel goes into the convolution's batch axis so nothing is copied per channel. Every position of every
+    sample contributes exactly; no patch matrix is built. The same kernel gives the transposed convolution's
+    weight cotangent (its adjoint is a convolution with the roles of input and cotangent exchanged) and the
+    diagonal rules (``x∘x`` in place of ``x``).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from passes.protocol import ZERO, Decline, Rule
+
+from . import _rt
+from .base import LinearOp
+from .registry import register
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_MAX_POOL = {1: F.max_pool1d_with_indices, 2: F.max_pool2d_with_indices, 3: F.max_pool3d_with_indices}
+_ADAPTIVE_MAX = {1: F.adaptive_max_pool1d_with_indices, 2: F.adaptive_max_pool2d_with_indices,
+                 3: F.adaptive_max_pool3d_with_indices}
+# Ops applied to stacks by name (fx cannot print every built-in function as a call argument).
+_OPS = {
+    "avg_pool1d": F.avg_pool1d, "avg_pool2d": F.avg_pool2d, "avg_pool3d": F.avg_pool3d,
+    "adaptive_avg_pool1d": F.adaptive_avg_pool1d, "adaptive_avg_pool2d": F.adaptive_avg_pool2d,
+    "adaptive_avg_pool3d": F.adaptive_avg_pool3d, "interpolate": F.interpolate, "unfold": F.unfold, "fold": F.fold,
+}
+
+# --- kernels ---------------------------------------------------------------------------------------------
+
+
+def _tuple(v, n: int) -> tuple:
+    """A convolution or pooling size argument as an n-tuple."""
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def on_stack(op: str, t, rank: int, *args):
+    """``op(t, *args)`` for an op on ``[N, *sample]`` (``rank`` sample axes) applied to a stack: the leading
+    axes merge into ``N``."""
+    lead = tuple(t.shape[:t.dim() - rank])
+    y = _OPS[op](t.reshape((-1,) + tuple(t.shape[len(lead):])), *args)
+    return y.reshape(lead + tuple(y.shape[1:]))
+
+
+def pullback(op: str, x, ct, *args):
+    """Adjoint of the linear op ``op(x, *args)`` on a stack ``[K, *y]``: PyTorch's own backward, K batched."""
+    _, pull = torch.func.vjp(lambda u: _OPS[op](u, *args), x)
+    return torch.vmap(pull)(ct)[0]
+
+
+def conv_pads(w, padding, dilation) -> list:
+    """The zero padding ``(left, right)`` of each spatial axis of a convolution, ``'same'``/``'valid'`` resolved
+    as PyTorch does (an odd total puts the extra element on the right)."""
+    n = w.dim() - 2
+    if padding == "valid":
+        return [(0, 0)] * n
+    if padding == "same":
+        totals = [d * (k - 1) for d, k in zip(_tuple(dilation, n), w.shape[2:])]
+        return [(t // 2, t - t // 2) for t in totals]
+    return [(p, p) for p in _tuple(padding, n)]
+
+
+def conv_stack(t, w, stride, padding, dilation, groups):
+    """``conv(t, w)`` on a stack ``[K, B, C, *S]``."""
+    n = w.dim() - 2
+    y = _CONV[n](t.flatten(0, 1), w, None, stride, padding, dilation, groups)
+    return y.unflatten(0, t.shape[:2])
+
+
+def conv_input_ct(ct, x, w, stride, padding, dilation, groups):
+    """Adjoint of ``conv(·, w)`` on a stack ``[K, *y]`` -> ``[K, *x]``: a transposed convolution whose output
+    padding restores the input size."""
+    n = w.dim() - 2
+    s, dil, pads = _tuple(stride, n), _tuple(dilation, n), conv_pads(w, padding, dilation)
+    size = tuple(x.shape[-n:])
+    extra = [(L + lo + hi - d * (k - 1) - 1) % st for L, (lo, hi), d, k, st in zip(size, pads, dil, w.shape[2:], s)]
+    g = _CONV_T[n](ct.flatten(0, 1), w, None, s, [lo for lo, _ in pads], extra, groups, dil)
+    # 'same' padding of an even effective kernel pads one more element on the right: drop its cotangent.
+    g = g[(Ellipsis,) + tuple(slice(0, L) for L in size)]
+    return g.unflatten(0, ct.shape[:2])
+
+
+def conv_t_input_ct(ct, x, w, stride, padding, dilation, groups):
+    """Adjoint of ``conv_transpose(·, w)`` on a stack: the convolution with the same parameters (cropped where
+    an output padding of at least the stride made the output longer)."""
+    n = w.dim() - 2
+    g = _CONV[n](ct.flatten(0, 1), w, None, stride, padding, dilation, groups)
+    g = g[(Ellipsis,) + tuple(slice(0, L) for L in x.shape[-n:])]
+    return g.unflatten(0, ct.shape[:2])
+
+
+def conv_t_stack(t, w, stride, padding, output_padding, groups, dilation):
+    """``conv_transpose(t, w)`` on a stack ``[K, B, C, *S]``."""
+    n = w.dim() - 2
+    y = _CONV_T[n](t.flatten(0, 1), w, None, stride, padding, output_padding, groups, dilation)
+    return y.unflatten(0, t.shape[:2])
+
+
+def _columns_out(y, k: int, b: int, g: int, n: int):
+    """``[B, g·K·Og, *S]`` (group-major output channels) -> ``[K, B, g·Og, *S]``."""
+    y = y.reshape((b, g, k, -1) + tuple(y.shape[-n:]))
+    y = y.permute((2, 0, 1, 3) + tuple(range(4, 4 + n)))
+    return y.reshape((k, b, -1) + tuple(y.shape[-n:]))
+
+
+def conv_weight_tangent(x, tw, stride, padding, dilation, groups):
+    """``conv(x, tw_k)`` for every column of a weight-tangent stack ``[K, O, C/g, *k]`` (or per-sample
+    ``[K, B, O, C/g, *k]``), as one grouped convolution whose output channels hold the K columns."""
+    n, k, b, g = x.dim() - 2, tw.shape[0], x.shape[0], groups
+    kernel = tuple(tw.shape[-n - 1:])  # (C/g, *k)
+    if tw.dim() == n + 4:  # per-sample [K, B, *W.shape]: the batch joins the groups
+        w = tw.reshape((k, b, g, -1) + kernel).permute((1, 2, 0, 3) + tuple(range(4, 5 + n)))
+        y = _CONV[n](x.reshape((1, -1) + tuple(x.shape[2:])), w.reshape((-1,) + kernel), None, stride, padding,
+                     dilation, b * g)
+    else:
+        w = tw.reshape((k, g, -1) + kernel).transpose(0, 1)
+        y = _CONV[n](x, w.reshape((-1,) + kernel), None, stride, padding, dilation, g)
+    return _columns_out(y, k, b, g, n)
+
+
+def conv_t_weight_tangent(x, tw, stride, padding, output_padding, groups, dilation):
+    """``conv_transpose(x, tw_k)`` for every column of a weight-tangent stack ``[K, C, O/g, *k]`` (or
+    per-sample ``[K, B, C, O/g, *k]``), as one grouped transposed convolution."""
+    n, k, b, g = x.dim() - 2, tw.shape[0], x.shape[0], groups
+    kernel = tuple(tw.shape[-n:])
+    if tw.dim() == n + 4:  # per-sample
+        w = tw.permute((1, 2, 0) + tuple(range(3, 4 + n)))  # [B, C, K, O/g, *k]
+        y = _CONV_T[n](x.reshape((1, -1) + tuple(x.shape[2:])), w.reshape((w.shape[0] * w.shape[1], -1) + kernel),
+                       None, stride, padding, output_padding, b * g, dilation)
+    else:
+        w = tw.transpose(0, 1)  # [C, K, O/g, *k]
+        y = _CONV_T[n](x, w.reshape((w.shape[0], -1) + kernel), None, stride, padding, output_padding, g, dilation)
+    return _columns_out(y, k, b, g, n)
+
+
+def corr_weight(a, c, stride, dilation, pads, ksize, groups, per_sample):
+    """Weight cotangents ``Σ_positions c ⊗ patches(a)`` of a convolution (see Note [convolution weight
+    cotangents]).
+
+    Args:
+        a: the convolution's input ``[Ka, B, C, *S]`` (unpadded).
+        c: its output cotangent ``[Kc, B, O, *S']``; one of ``Ka``, ``Kc`` is 1.
+        stride, dilation, pads: the convolution's stride, dilation and ``(left, right)`` zero padding per axis.
+        ksize: the kernel's spatial size.
+        groups: the convolution's groups.
+        per_sample: keep the batch apart.
+
+    Returns:
+        ``[K, O, C/g, *k]``, or ``[K, B, O, C/g, *k]`` per sample.
+    """
+    n = len(ksize)
+    ka, b, ch = a.shape[:3]
+    kc, o = c.shape[0], c.shape[2]
+    g = groups
+    a = F.pad(a, [p for lohi in reversed(pads) for p in lohi])
+    sp, so, r = tuple(a.shape[3:]), tuple(c.shape[3:]), tuple(range(4, 4 + n))
+    a = a.reshape((ka, b, g, ch // g) + sp)
+    c = c.reshape((kc, b, g, o // g) + so)
+    conv = _CONV[n]
+    if per_sample:
+        img = a.permute((0, 3, 1, 2) + r).reshape((-1, b * g) + sp)
+        ker = c.permute((1, 2, 0, 3) + r).reshape((-1, 1) + so)
+        y = conv(img, ker, None, _tuple(dilation, n), 0, _tuple(stride, n), b * g)
+        y = y.reshape((ka, ch // g, b, g, kc, o // g) + tuple(y.shape[2:]))
+        y = y.permute((0, 4, 2, 3, 5, 1) + tuple(range(6, 6 + n))).reshape((ka * kc, b, o, ch // g) + y.shape[6:])
+    else:
+        img = a.permute((0, 3, 2, 1) + r).reshape((-1, g * b) + sp)
+        ker = c.permute((2, 0, 3, 1) + r).reshape((-1, b) + so)
+        y = conv(img, ker, None, _tuple(dilation, n), 0, _tuple(stride, n), g)
+        y = y.reshape((ka, ch // g, g, kc, o // g) + tuple(y.shape[2:]))
+        y = y.permute((0, 3, 2, 4, 1) + tuple(range(5, 5 + n))).reshape((ka * kc, o, ch // g) + y.shape[5:])
+    # The correlation also covers offsets past the kernel where the strides leave room: keep the kernel's.
+    return y[(Ellipsis,) + tuple(slice(0, k) for k in ksize)]
+
+
+def conv_weight_ct(ct, x, w, stride, padding, dilation, groups, per_sample):
+    """Weight cotangent of ``conv(x, w)`` for an output cotangent stack ``ct`` ``[K, *y]``."""
+    return corr_weight(x.unsqueeze(0), ct, stride, dilation, conv_pads(w, padding, dilation), tuple(w.shape[2:]),
+                       groups, per_sample)
+
+
+def conv_t_weight_ct(ct, x, w, stride, padding, dilation, groups, per_sample):
+    """Weight cotangent of ``conv_transpose(x, w)``: its adjoint is ``conv(ct, w)``, whose weight cotangent
+    against the output cotangent ``x`` this is."""
+    return corr_weight(ct, x.unsqueeze(0), stride, dilation, conv_pads(w, padding, dilation), tuple(w.shape[2:]),
+                       groups, per_sample)
+
+
+def bias_tangent(tb, n: int):
+    """A bias tangent stack ``[K, O]`` (or per-sample ``[K, B, O]``) shaped to broadcast over ``[K, B, O, *S]``."""
+    lead = (tb.shape[0], 1) if tb.dim() == 2 else tuple(tb.shape[:2])
+    return tb.reshape(lead + (tb.shape[-1],) + (1,) * n)
+
+
+def bias_ct(ct, n: int, per_sample: bool):
+    """Bias cotangent: the output cotangent ``[K, B, O, *S]`` summed over positions (and the batch)."""
+    dims = tuple(range(3, 3 + n))
+    return ct.sum(dims) if per_sample else ct.sum((1,) + dims)
+
+
+def square(x):
+    """``x∘x`` (the squared entries of a Jacobian linear in ``x``)."""
+    return x * x
+
+
+def pool_indices(x, n: int, kernel_size, stride, padding, dilation, ceil_mode):
+    """The flat spatial argmax indices of a max pooling (PyTorch's own, so ties go where autograd sends them)."""
+    stride = None if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) else stride
+    return _MAX_POOL[n](x, kernel_size, stride, padding, dilation, ceil_mode, True)[1]
+
+
+def adaptive_pool_indices(x, n: int, output_size):
+    """The flat spatial argmax indices of an adaptive max pooling."""
+    return _ADAPTIVE_MAX[n](x, output_size, True)[1]
+
+
+def pool_gather(t, idx, n: int):
+    """A stack ``[K, *x]`` read at a max pooling's flat spatial indices ``idx`` ``[*y]`` -> ``[K, *y]``."""
+    lead = (t.shape[0],) + tuple(idx.shape[:-n])
+    i = idx.flatten(-n).expand(lead + (-1,))
+    return t.flatten(-n).gather(-1, i).reshape((t.shape[0],) + tuple(idx.shape))
+
+
+def pool_scatter(ct, idx, x, n: int):
+    """Adjoint of :func:`pool_gather`: ``[K, *y]`` added into zeros ``[K, *x]`` at the indices (overlapping
+    windows that share a maximum add up, as in autograd)."""
+    lead = (ct.shape[0],) + tuple(idx.shape[:-n])
+    flat = ct.new_zeros(lead + (math.prod(x.shape[-n:]),))
+    out = flat.scatter_add(-1, idx.flatten(-n).expand(lead + (-1,)), ct.flatten(-n))
+    return out.reshape((ct.shape[0],) + tuple(x.shape))
+
+
+def avg_pool_weights(x, n: int, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    """``1/divisor`` of each window of an average pooling, ``[1, 1, *y_spatial]``.
+
+    Every entry of a window's Jacobian row is ``1/divisor``: the pooled ones give ``count/divisor`` and the same
+    windows summed (divisor 1) give the count of real elements, whatever the padding and ceil-mode rules.
+    """
+    ones = x.new_ones((1, 1) + tuple(x.shape[-n:]))
+    ks, st = _tuple(kernel_size, n), _tuple(kernel_size if stride is None or stride == [] else stride, n)
+    pad = _tuple(padding, n)
+    if n == 1:  # avg_pool1d has no divisor_override: count through the 2-d pooling
+        ones, ks, st, pad = ones.unsqueeze(-2), (1,) + ks, (1,) + st, (0,) + pad
+    pool = F.avg_pool3d if n == 3 else F.avg_pool2d
+    mean = pool(ones, ks, st, pad, ceil_mode, count_include_pad, divisor_override)
+    count = pool(ones, ks, st, pad, ceil_mode, True, 1)
+    w = mean / count.clamp_min(1)
+    return w.squeeze(-2) if n == 1 else w
+
+
+def adaptive_avg_weights(x, y, n: int):
+    """``1/|window|`` of each window of an adaptive average pooling (PyTorch's window bounds), ``[*y_spatial]``."""
+    w = None
+    for i in range(n):
+        size_in, size_out = x.shape[i - n], y.shape[i - n]
+        o = torch.arange(size_out, device=x.device)
+        count = ((o + 1) * size_in + size_out - 1) // size_out - (o * size_in) // size_out
+        wi = (1.0 / count.to(x.dtype)).reshape([size_out if j == i else 1 for j in range(n)])
+        w = wi if w is None else w * wi
+    return w
+
+
+def interp_matrix(x, axis: int, n: int, size, scale_factor, mode, align_corners, recompute_scale_factor,
+                  antialias):
+    """The transposed 1-D interpolation matrix ``[in, out]`` of one spatial axis, by interpolating the identity.
+
+    Interpolation is separable: along one axis it does not depend on the other axes, so the identity is fed
+    along ``axis`` with the other axes of size 1 (kept at size 1).
+    """
+    m = x.shape[axis - n]
+    eye = torch.eye(m, dtype=x.dtype, device=x.device).reshape((m, 1) + tuple(m if j == axis else 1 for j in range(n)))
+    if size is not None:
+        sizes = _tuple(size, n)
+        y = F.interpolate(eye, [sizes[j] if j == axis else 1 for j in range(n)], None, mode, align_corners,
+                          recompute_scale_factor, antialias)
+    else:
+        scales = _tuple(scale_factor, n)
+        y = F.interpolate(eye, None, [float(scales[j]) if j == axis else 1.0 for j in range(n)], mode,
+                          align_corners, recompute_scale_factor, antialias)
+    return y.reshape(m, -1)
+
+
+def interp_squared_transpose(d, x, n: int, size, scale_factor, mode, align_corners, recompute_scale_factor,
+                             antialias):
+    """``(A∘A)ᵀ d`` for a separable interpolation ``A = A_1 ⊗ … ⊗ A_n``: the squared 1-D matrices, axis by axis."""
+    letters_in, letters_out = "hwz"[:n], "pqr"[:n]
+    mats = [square(interp_matrix(x, i, n, size, scale_factor, mode, align_corners, recompute_scale_factor,
+                                 antialias)) for i in range(n)]
+    eq = f"...{letters_out}," + ",".join(f"{a}{b}" for a, b in zip(letters_in, letters_out)) + f"->...{letters_in}"
+    return torch.einsum(eq, d, *mats)
+
+
+def first(v):
+    """The values' stack of a tuple-valued op (values, indices); the values themselves otherwise."""
+    return v[0] if isinstance(v, (tuple, list)) else v
+
+
+# --- convolutions ----------------------------------------------------------------------------------------
+
+
+class _Conv(Rule):
+    """y = conv(x, W) + b, bilinear in (x, W); see Note [convolution weight cotangents]."""
+
+    n = 2
+    transposed = False
+
+    def _check(self, site):
+        if site.ndim("input") != self.n + 2 or "input" in site.ps:
+            raise Decline  # an unbatched convolution input: the fallback handles it
+
+    def _params(self, site):
+        """The call's parameters in the order the kernels take them."""
+        a = site.args
+        if self.transposed:
+            return a["stride"], a["padding"], a["output_padding"], a["groups"], a["dilation"]
+        return a["stride"], a["padding"], a["dilation"], a["groups"]
+
+    def _adjoint_params(self, site):
+        a = site.args
+        return a["stride"], a["padding"], a["dilation"], a["groups"]
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        self._check(site)
+        x, w = site.args["input"], site.args["weight"]
+        terms = []
+        if tangents["input"] is not ZERO:
+            terms.append(e(conv_t_stack if self.transposed else conv_stack, tangents["input"], w,
+                           *self._params(site)))
+        if tangents["weight"] is not ZERO:
+            kernel = conv_t_weight_tangent if self.transposed else conv_weight_tangent
+            terms.append(e(kernel, x, tangents["weight"], *self._params(site)))
+        tb = tangents.get("bias", ZERO)
+        if tb is not ZERO:
+            terms.append(e(bias_tangent, tb, self.n))
+        out = e.sum(terms)
+        if len(terms) == 1 and tb is not ZERO:
+            out = e(_rt.expand_like, out, site.out)
+        return out
+
+    def _backward(self, e, site, ct, w_of, w_x):
+        self._check(site)
+        x, w, b = site.args["input"], site.args["weight"], site.args["bias"]
+        p = self._adjoint_params(site)
+        out = {}
+        if site.needs("input"):
+            out["input"] = e(conv_t_input_ct if self.transposed else conv_input_ct, ct, x, w_of(w), *p)
+        if site.needs("weight"):
+            kernel = conv_t_weight_ct if self.transposed else conv_weight_ct
+            out["weight"] = e(kernel, ct, w_x(x), w, *p, "weight" in site.ps)
+        if b is not None and site.needs("bias"):
+            out["bias"] = e(bias_ct, ct, self.n, "bias" in site.ps)
+        return out
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        return self._backward(e, site, ct, lambda w: w, lambda x: x)
+
+    def diag_vjp(self, e, site, d):
+        """Input: the adjoint with ``W∘W``; weight: the weight cotangent against ``x∘x``; bias: ``d`` summed."""
+        return self._backward(e, site, d, lambda w: e(square, w), lambda x: e(square, x))
+
+
+def _conv_signature(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):  # noqa: D103
+    ...
+
+
+def _conv_t_signature(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,  # noqa: D103
+                      dilation=1):
+    ...
+
+
+@register(F.conv1d, signature=_conv_signature)
+class Conv1d(_Conv):
+    """y = conv1d(x, W) + b; dy = conv(dx, W) + conv(x, dW) + db, reusing x for the weight terms."""
+
+    n = 1
+
+
+@register(F.conv2d, signature=_conv_signature)
+class Conv2d(_Conv):
+    """y = conv2d(x, W) + b; dy = conv(dx, W) + conv(x, dW) + db, reusing x for the weight terms."""
+
+    n = 2
+
+
+@register(F.conv3d, signature=_conv_signature)
+class Conv3d(_Conv):
+    """y = conv3d(x, W) + b; dy = conv(dx, W) + conv(x, dW) + db, reusing x for the weight terms."""
+
+    n = 3
+
+
+@register(F.conv_transpose1d, signature=_conv_t_signature)
+class ConvTranspose1d(_Conv):
+    """y = conv_transpose1d(x, W) + b; bilinear like conv, its adjoint in x is conv(·, W)."""
+
+    n, transposed = 1, True
+
+
+@register(F.conv_transpose2d, signature=_conv_t_signature)
+class ConvTranspose2d(_Conv):
+    """y = conv_transpose2d(x, W) + b; bilinear like conv, its adjoint in x is conv(·, W)."""
+
+    n, transposed = 2, True
+
+
+@register(F.conv_transpose3d, signature=_conv_t_signature)
+class ConvTranspose3d(_Conv):
+    """y = conv_transpose3d(x, W) + b; bilinear like conv, its adjoint in x is conv(·, W)."""
+
+    n, transposed = 3, True
+
+
+# --- max pooling -----------------------------------------------------------------------------------------
+
+
+class _MaxPool(Rule):
+    """y = max over each window; dy = dx at the argmax PyTorch returns, the cotangent scattered back there."""
+
+    n = 2
+
+    def _indices(self, e, site):
+        if isinstance(site.out_val, (tuple, list)):  # the op returned its indices: reuse them
+            return e(operator.getitem, site.out, 1)
+        a = site.args
+        return e(pool_indices, a["input"], self.n, a["kernel_size"], a["stride"], a["padding"], a["dilation"],
+                 a["ceil_mode"])
+
+    def _wrap(self, site, v):
+        return (v, ZERO) if isinstance(site.out_val, (tuple, list)) else v
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        t = tangents["input"]
+        if t is ZERO:
+            return ZERO
+        return self._wrap(site, e(pool_gather, t, self._indices(e, site), self.n))
+
+    def _scatter(self, e, site, ct):
+        ct = first(ct)
+        if ct is ZERO:
+            return {}
+        return {"input": e(pool_scatter, ct, self._indices(e, site), site.args["input"], self.n)}
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        return self._scatter(e, site, ct)
+
+    def diag_vjp(self, e, site, d):
+        """The Jacobian is 0/1 with one entry per row: ``d`` scatters like the cotangent."""
+        return self._scatter(e, site, d)
+
+
+def _max_pool_signature(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,  # noqa: D103
+                        return_indices=False):
+    ...
+
+
+@register(F.max_pool1d, F.max_pool1d_with_indices, torch.max_pool1d, torch.max_pool1d_with_indices,
+          signature=_max_pool_signature)
+class MaxPool1d(_MaxPool):
+    """y = max_pool1d(x); dy = dx gathered at the argmax indices."""
+
+    n = 1
+
+
+@register(F.max_pool2d, F.max_pool2d_with_indices, torch.max_pool2d, signature=_max_pool_signature)
+class MaxPool2d(_MaxPool):
+    """y = max_pool2d(x); dy = dx gathered at the argmax indices."""
+
+    n = 2
+
+
+@register(F.max_pool3d, F.max_pool3d_with_indices, torch.max_pool3d, signature=_max_pool_signature)
+class MaxPool3d(_MaxPool):
+    """y = max_pool3d(x); dy = dx gathered at the argmax indices."""
+
+    n = 3
+
+
+class _AdaptiveMaxPool(_MaxPool):
+    """y = max over adaptive windows; dy = dx at the argmax PyTorch returns."""
+
+    def _indices(self, e, site):
+        if isinstance(site.out_val, (tuple, list)):
+            return e(operator.getitem, site.out, 1)
+        return e(adaptive_pool_indices, site.args["input"], self.n, site.args["output_size"])
+
+
+def _adaptive_max_signature(input, output_size, return_indices=False):  # noqa: D103
+    ...
+
+
+@register(F.adaptive_max_pool1d, F.adaptive_max_pool1d_with_indices, torch.adaptive_max_pool1d,
+          signature=_adaptive_max_signature)
+class AdaptiveMaxPool1d(_AdaptiveMaxPool):
+    """y = adaptive_max_pool1d(x); dy = dx gathered at the argmax indices."""
+
+    n = 1
+
+
+@register(F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices, signature=_adaptive_max_signature)
+class AdaptiveMaxPool2d(_AdaptiveMaxPool):
+    """y = adaptive_max_pool2d(x); dy = dx gathered at the argmax indices."""
+
+    n = 2
+
+
+@register(F.adaptive_max_pool3d, F.adaptive_max_pool3d_with_indices, signature=_adaptive_max_signature)
+class AdaptiveMaxPool3d(_AdaptiveMaxPool):
+    """y = adaptive_max_pool3d(x); dy = dx gathered at the argmax indices."""
+
+    n = 3
+
+
+# --- average pooling and resampling (linear in x) --------------------------------------------------------
+
+
+class _StackedLinear(LinearOp):
+    """A linear op on ``[N, C, *spatial]``: the op itself on the merged stack, PyTorch's backward as adjoint."""
+
+    op = ""
+    n = 2
+    names: tuple = ()
+
+    def _args(self, site):
+        return tuple(site.args[k] for k in self.names)
+
+    def apply(self, e, site, t):  # noqa: D102
+        return e(on_stack, self.op, t, self.n + 1, *self._args(site))
+
+    def transpose(self, e, site, ct):  # noqa: D102
+        return e(pullback, self.op, site.args["input"], ct, *self._args(site))
+
+
+class _AvgPool(_StackedLinear):
+    names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+
+    def diag_vjp(self, e, site, d):
+        """Every entry of a window's row is ``1/divisor``: ``(A∘A)ᵀ d = Aᵀ (d / divisor)``."""
+        a = site.args
+        w = e(avg_pool_weights, a["input"], self.n, a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
+              a["count_include_pad"], a.get("divisor_override"))
+        return {"input": self.transpose(e, site, e(operator.mul, d, w))}
+
+
+@register(F.avg_pool1d)
+class AvgPool1d(_AvgPool):
+    """y = avg_pool1d(x), linear: the pooling of the tangent, its adjoint on the cotangent."""
+
+    op, n = "avg_pool1d", 1
+    names = _AvgPool.names[:-1]
+
+    def signature(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):  # noqa: D102
+        ...
+
+
+def _avg_pool_signature(input, kernel_size, stride=None, padding=0, ceil_mode=False,  # noqa: D103
+                        count_include_pad=True, divisor_override=None):
+    ...
+
+
+@register(F.avg_pool2d, signature=_avg_pool_signature)
+class AvgPool2d(_AvgPool):
+    """y = avg_pool2d(x), linear: the pooling of the tangent, its adjoint on the cotangent."""
+
+    op, n = "avg_pool2d", 2
+
+
+@register(F.avg_pool3d, signature=_avg_pool_signature)
+class AvgPool3d(_AvgPool):
+    """y = avg_pool3d(x), linear: the pooling of the tangent, its adjoint on the cotangent."""
+
+    op, n = "avg_pool3d", 3
+
+
+class _AdaptiveAvgPool(_StackedLinear):
+    names = ("output_size",)
+
+    def signature(input, output_size):  # noqa: D102
+        ...
+
+    def diag_vjp(self, e, site, d):
+        """Every entry of a window's row is ``1/|window|``: ``(A∘A)ᵀ d = Aᵀ (d / |window|)``."""
+        w = e(adaptive_avg_weights, site.args["input"], site.out, self.n)
+        return {"input": self.transpose(e, site, e(operator.mul, d, w))}
+
+
+@register(F.adaptive_avg_pool1d)
+class AdaptiveAvgPool1d(_AdaptiveAvgPool):
+    """y = adaptive_avg_pool1d(x), linear: the pooling of the tangent, its adjoint on the cotangent."""
+
+    op, n = "adaptive_avg_pool1d", 1
+
+
+@register(F.adaptive_avg_pool2d)
+class AdaptiveAvgPool2d(_AdaptiveAvgPool):
+    """y = adaptive_avg_pool2d(x), linear: the pooling of the tangent, its adjoint on the cotangent."""
+
+    op, n = "adaptive_avg_pool2d", 2
+
+
+@register(F.adaptive_avg_pool3d)
+class AdaptiveAvgPool3d(_AdaptiveAvgPool):
+    """y = adaptive_avg_pool3d(x), linear: the pooling of the tangent, its adjoint on the cotangent."""
+
+    op, n = "adaptive_avg_pool3d", 3
+
+
+@register(F.interpolate)
+class Interpolate(_StackedLinear):
+    """y = interpolate(x) (nn.Upsample), linear: the same resampling of the tangent, PyTorch's backward on the
+    cotangent; the diagonal squares the separable 1-D interpolation weights."""
+
+    op = "interpolate"
+    names = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+
+    def signature(input, size=None, scale_factor=None, mode="nearest", align_corners=None,  # noqa: D102
+                  recompute_scale_factor=None, antialias=False):
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        return e(on_stack, self.op, t, site.ndim("input") - 1, *self._args(site))
+
+    def diag_vjp(self, e, site, d):
+        """Nearest modes are 0/1 (the adjoint itself); the others square the 1-D weights of each axis."""
+        if site.args["mode"] in ("nearest", "nearest-exact"):
+            return {"input": self.transpose(e, site, d)}
+        return {"input": e(interp_squared_transpose, d, site.args["input"], site.ndim("input") - 2,
+                           *self._args(site))}
+
+
+# --- rearrangements (0/1 linear maps: the diagonal rule is the adjoint) ----------------------------------
+
+
+@register(F.pixel_shuffle)
+class PixelShuffle(LinearOp):
+    """y = pixel_shuffle(x, r), a permutation; the adjoint is pixel_unshuffle."""
+
+    def signature(input, upscale_factor):  # noqa: D102
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        return e(F.pixel_shuffle, t, site.args["upscale_factor"])
+
+    def transpose(self, e, site, ct):  # noqa: D102
+        return e(F.pixel_unshuffle, ct, site.args["upscale_factor"])
+
+
+@register(F.pixel_unshuffle)
+class PixelUnshuffle(LinearOp):
+    """y = pixel_unshuffle(x, r), a permutation; the adjoint is pixel_shuffle."""
+
+    def signature(input, downscale_factor):  # noqa: D102
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        return e(F.pixel_unshuffle, t, site.args["downscale_factor"])
+
+    def transpose(self, e, site, ct):  # noqa: D102
+        return e(F.pixel_shuffle, ct, site.args["downscale_factor"])
+
+
+@register(F.unfold)
+class Unfold(LinearOp):
+    """y = unfold(x) (im2col), a 0/1 copy of patches; the adjoint is fold, which adds overlapping patches."""
+
+    def signature(input, kernel_size, dilation=1, padding=0, stride=1):  # noqa: D102
+        ...
+
+    def _args(self, site):
+        return tuple(site.args[k] for k in ("kernel_size", "dilation", "padding", "stride"))
+
+    def apply(self, e, site, t):  # noqa: D102
+        return e(on_stack, "unfold", t, 3, *self._args(site))
+
+    def transpose(self, e, site, ct):  # noqa: D102
+        size = e(_spatial, site.args["input"], 2)
+        return e(on_stack, "fold", ct, 2, size, *self._args(site))
+
+
+@register(F.fold)
+class Fold(LinearOp):
+    """y = fold(x) (col2im), a 0/1 sum of patches; the adjoint is unfold."""
+
+    def signature(input, output_size, kernel_size, dilation=1, padding=0, stride=1):  # noqa: D102
+        ...
+
+    def _args(self, site):
+        return tuple(site.args[k] for k in ("kernel_size", "dilation", "padding", "stride"))
+
+    def apply(self, e, site, t):  # noqa: D102
+        return e(on_stack, "fold", t, 2, site.args["output_size"], *self._args(site))
+
+    def transpose(self, e, site, ct):  # noqa: D102
+        return e(on_stack, "unfold", ct, 3, *self._args(site))
+
+
+def _spatial(x, n: int) -> tuple:
+    """The last ``n`` sizes of ``x``."""
+    return tuple(x.shape[-n:])

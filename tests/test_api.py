@@ -1,0 +1,311 @@
+"""The public contract: options, wrt selection, compile-once behaviour, errors."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from reference import assert_close, per_sample_jacobian
+
+import fxjac
+
+
+def rng(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+
+
+def randn(*shape, g=None):
+    return torch.randn(*shape, generator=g or rng(), dtype=torch.float64)
+
+
+# --- compile once ----------------------------------------------------------------------------------------
+
+
+def test_product_follows_optimizer_steps_without_retracing():
+    model = mlp()
+    x, w = randn(4, 3), randn(4, 2, g=rng(1))
+    p = fxjac.vjp(model, wrt="params")
+    _, before = p(x, w)
+    code = p.code
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(x).pow(2).sum().backward()
+    opt.step()
+    _, after = p(x, w)
+    assert p.code == code
+    J = per_sample_jacobian(model, (x,), "params")
+    assert_close(after, torch.einsum("bop,bo->p", J, w), "vjp after optimizer.step")
+    assert (after - before).abs().max() > 1e-3
+
+
+def test_product_follows_load_state_dict_assign():
+    model = mlp(0)
+    other = mlp(1)
+    x, v = randn(4, 3), randn(4, 3, g=rng(2))
+    p = fxjac.jvp(model)
+    p(x, v)
+    model.load_state_dict(other.state_dict(), assign=True)
+    _, t = p(x, v)
+    ref = torch.func.jvp(other, (x,), (v,))[1]
+    assert_close(t, ref, "jvp after load_state_dict(assign=True)")
+
+
+def test_batch_size_changes_between_calls():
+    model = mlp()
+    p = fxjac.jvp(model, example_inputs=(randn(2, 3),))
+    for b in (1, 5, 9):
+        x, v = randn(b, 3), randn(b, 3, g=rng(b))
+        _, t = p(x, v)
+        assert_close(t, torch.func.jvp(model, (x,), (v,))[1], f"jvp at batch {b}")
+
+
+def test_generated_code_has_no_python_loops_and_is_readable():
+    p = fxjac.mjp(mlp(), wrt="params", reduce="none", example_inputs=(randn(2, 3),))
+    code = p.code
+    assert "for " not in code and "vmap" not in code
+    assert "linear" in code
+
+
+def test_results_are_detached_unless_differentiable():
+    model = mlp()
+    x, v = randn(3, 3), randn(3, 3, g=rng(1))
+    _, t = fxjac.jvp(model)(x, v)
+    assert t.grad_fn is None and not t.requires_grad
+    _, t2 = fxjac.jvp(model, differentiable=True)(x, v)
+    assert t2.requires_grad
+    g = torch.autograd.grad(t2.sum(), model[0].weight)[0]
+    ref = torch.autograd.grad(torch.func.jvp(model, (x,), (v,))[1].sum(), model[0].weight)[0]
+    assert_close(g, ref, "gradient through a differentiable product")
+
+
+# --- wrt -------------------------------------------------------------------------------------------------
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.fc2 = nn.Linear(3, 2)
+        self.frozen = nn.Linear(3, 3)
+        self.frozen.requires_grad_(False)
+        self.again = self.fc  # the same module (and parameters) under a second name
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.again(torch.tanh(self.fc(x))) + self.frozen(x)))
+
+
+def test_tied_parameters_accumulate_and_frozen_are_excluded():
+    torch.manual_seed(0)
+    model = Tied().double()
+    x, w = randn(4, 3), randn(4, 2, g=rng(3))
+    p = fxjac.vjp(model, wrt="params")
+    _, g = p(x, w)
+    assert p.wrt_names == ["fc.weight", "fc.bias", "fc2.weight", "fc2.bias"]
+    J = per_sample_jacobian(model, (x,), "params")
+    assert_close(g, torch.einsum("bop,bo->p", J, w), "vjp with a tied module")
+
+
+def test_wrt_prefix_matches_whole_parts_and_aliases():
+    torch.manual_seed(0)
+    model = Tied().double()
+    p = fxjac.vjp(model, wrt=["fc"])
+    assert p.wrt_names == ["fc.weight", "fc.bias"]
+    assert fxjac.vjp(model, wrt=["again.weight"]).wrt_names == ["fc.weight"]
+    x, w = randn(4, 3), randn(4, 2, g=rng(3))
+    _, g = p(x, w)
+    J = per_sample_jacobian(model, (x,), "params", ["fc"])
+    assert_close(g, torch.einsum("bop,bo->p", J, w), "vjp w.r.t. a prefix")
+
+
+def test_wrt_errors_name_the_nearest_parameters():
+    model = Tied().double()
+    with pytest.raises(fxjac.OptionError, match="fc2.weight"):
+        fxjac.vjp(model, wrt=["fc2.wieght"])
+    with pytest.raises(fxjac.OptionError, match="frozen"):
+        fxjac.vjp(model, wrt=["frozen"])
+    with pytest.raises(ValueError):  # OptionError is a ValueError
+        fxjac.jvp(model, wrt=42)
+
+
+def test_unflatten_follows_the_layout():
+    model = mlp()
+    p = fxjac.vjp(model, wrt="params", reduce="none")
+    x, w = randn(4, 3), randn(4, 2, g=rng(1))
+    _, g = p(x, w)
+    parts = fxjac.unflatten(p, g)
+    assert list(parts) == p.wrt_names
+    assert parts["0.weight"].shape == (4, 5, 3)
+    per_sample = torch.func.vmap(
+        lambda xb, wb: torch.func.grad(lambda prm: (torch.func.functional_call(model, prm, (xb[None],))[0] * wb)
+                                       .sum())(dict(model.named_parameters())))(x, w)
+    assert_close(parts["0.weight"], per_sample["0.weight"], "per-sample gradient of 0.weight")
+
+
+def test_second_input_and_output_selection():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 2)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x, z):
+            h = self.a(x) * torch.sigmoid(self.b(z))
+            return {"out": h, "aux": h.sum(-1)}
+
+    torch.manual_seed(0)
+    model = Two().double()
+    x, z = randn(5, 3), randn(5, 4, g=rng(1))
+    v = randn(5, 4, g=rng(2))
+    _, t = fxjac.jvp(model, wrt="input:1", output="out")(x, z, v)
+    ref = torch.func.jvp(lambda zz: model(x, zz)["out"], (z,), (v,))[1]
+    assert_close(t, ref, "jvp w.r.t. the second input of a dict output")
+    with pytest.raises(fxjac.OptionError, match="output="):
+        fxjac.jvp(model, example_inputs=(x, z))
+
+
+# --- fallback, strict, errors ------------------------------------------------------------------------------
+
+
+class Cumulative(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.special.erfc(self.fc(x)).cummax(-1).values
+
+
+def test_fallback_is_exact_and_named_and_strict_refuses():
+    torch.manual_seed(0)
+    model = Cumulative().double()
+    x, w = randn(3, 4), randn(3, 4, g=rng(1))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        p = fxjac.vjp(model, wrt="params", example_inputs=(x,))
+    assert any("no structured rule" in str(r.message) and "erfc" in str(r.message) for r in rec)
+    _, g = p(x, w)
+    J = per_sample_jacobian(model, (x,), "params")
+    assert_close(g, torch.einsum("bop,bo->p", J, w), "vjp through fallback ops")
+    with pytest.raises(fxjac.UnsupportedOpError) as err:
+        fxjac.vjp(model, strict=True, example_inputs=(x,))
+    assert "erfc" in str(err.value) and "cummax" in str(err.value)
+
+
+def test_operand_errors():
+    model = mlp()
+    x = randn(4, 3)
+    p = fxjac.jvp(model)
+    with pytest.raises(fxjac.ShapeError, match="shape"):
+        p(x, randn(4, 4))
+    with pytest.raises(fxjac.ShapeError, match="dtype"):
+        p(x, torch.randn(4, 3))
+    with pytest.raises(fxjac.OptionError):
+        fxjac.vjp(model, reduce="mean")
+    with pytest.raises(fxjac.OptionError):
+        fxjac.jvp(model, chunk_size=0)
+    with pytest.raises(fxjac.OptionError):
+        fxjac.jvp(model, colour="red")
+
+
+def test_training_mode_is_refused():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), nn.BatchNorm1d(3)).double()
+    with pytest.raises(fxjac.ModeError, match="eval"):
+        fxjac.jvp(model)
+    model.eval()
+    x, v = randn(4, 3), randn(4, 3, g=rng(1))
+    _, t = fxjac.jvp(model)(x, v)
+    assert_close(t, torch.func.jvp(model, (x,), (v,))[1], "jvp in eval mode")
+
+
+def test_untraceable_model_names_the_line_and_leaf_modules_fix_it():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:
+                return x * 2
+            return -x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.branch = Branchy()
+
+        def forward(self, x):
+            return self.branch(self.fc(x))
+
+    model = Net().double()
+    with pytest.raises(fxjac.TraceError, match="leaf_modules") as err:
+        fxjac.jvp(model)
+    assert "if x.sum() > 0" in str(err.value)
+    x, v = randn(4, 3), randn(4, 3, g=rng(1))
+    _, t = fxjac.jvp(model, leaf_modules=[Branchy])(x, v)
+    assert_close(t, torch.func.jvp(model, (x,), (v,))[1], "jvp with a user leaf module")
+
+
+def test_replaced_submodule_makes_the_product_stale():
+    model = mlp()
+    x, v = randn(4, 3), randn(4, 3, g=rng(1))
+    p = fxjac.jvp(model)
+    p(x, v)
+    model[0] = nn.Linear(3, 5).double()
+    with pytest.raises(fxjac.StaleProductError):
+        p(x, v)
+
+
+def test_in_place_ops_are_followed():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.fc(x)
+            skip = h  # an alias: it sees every mutation below
+            h += x
+            h.mul_(2.0)
+            h = F.relu(h, inplace=True)
+            return h + skip
+
+    torch.manual_seed(0)
+    model = InPlace().double()
+    x, v = randn(4, 3), randn(4, 3, g=rng(1))
+    _, t = fxjac.jvp(model)(x, v)
+    J = per_sample_jacobian(model, (x,), "input")
+    assert_close(t, torch.einsum("boi,bi->bo", J, v), "jvp through in-place ops")
+
+
+def test_non_differentiable_ops_are_constants():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.fc(x)
+            idx = h.argmax(-1, keepdim=True)
+            mask = (h > 0).to(h.dtype)
+            n = h.shape[-1] // 1
+            return torch.where(h > 0.1, h, -h) * mask + h.gather(-1, idx).expand(-1, n) + x.long().to(h.dtype)
+
+    torch.manual_seed(0)
+    model = Masked().double()
+    x, w = randn(4, 3), randn(4, 3, g=rng(1))
+    _, g = fxjac.vjp(model, wrt="params")(x, w)
+    J = per_sample_jacobian(model, (x,), "params")
+    assert_close(g, torch.einsum("bop,bo->p", J, w), "vjp with masks, argmax and casts")
+
+
+def test_compile_by_name():
+    model = mlp()
+    p = fxjac.compile(model, "jtmjp", wrt="params", out="diag")
+    x = randn(3, 3)
+    _, d = p(x)
+    J = per_sample_jacobian(model, (x,), "params")
+    assert_close(d, (J * J).sum((0, 1)), "jtmjp by name")
+    with pytest.raises(fxjac.OptionError):
+        fxjac.compile(model, "hessian")
