@@ -84,6 +84,11 @@ def param_rows(m, offset, numel):
     return m[offset:offset + numel]
 
 
+def param_sigma(m, offset, numel, shape):
+    """A parameter's slice of a diagonal ``[P]`` shaped like the parameter."""
+    return m[offset:offset + numel].reshape(shape)
+
+
 def eye_like(like, n):
     """``eye(n)`` with ``like``'s dtype and device."""
     return torch.eye(n, dtype=like.dtype, device=like.device)
@@ -144,5 +149,5 @@ def check(e: Emitter, fn, *args) -> fx.Node:
 __all__ = [
     "api_emitter", "check", "checks", "eye_stack", "flat_cat", "input_placeholders", "param_results",
     "param_seeds", "param_slice", "size", "stack_from_batch_first", "stack_to_batch_rows", "stack_to_rows",
-    "stack_to_shape", "zeros_stack", "reshape_like_batch", "param_rows", "numel_per_sample", "getitem", "eye_like",
+    "stack_to_shape", "zeros_stack", "reshape_like_batch", "param_rows", "param_sigma", "numel_per_sample", "getitem", "eye_like",
 ]

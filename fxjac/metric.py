@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from passes import ZERO, backward_cotangents, forward_tangents
+from passes.protocol import Decline
 
 from . import assemble as A
 from . import checks
@@ -40,6 +41,11 @@ def eigen_stack(m, like):
 def diag_weights(d):
     """A per-sample diagonal ``[B, N]`` as column weights ``[N, B]``."""
     return d.reshape(d.shape[0], -1).t()
+
+
+def flat_diag(d, reduce_sum):
+    """A parameter-shaped diagonal as ``[n]`` (or per-sample ``[B, n]``)."""
+    return d.reshape(-1) if reduce_sum else d.reshape(d.shape[0], -1)
 
 
 def gram(c, w, reduce_sum):
@@ -186,12 +192,13 @@ def _output_columns(e, src, b, y, matrix, m):
     return e(operator.getitem, pair, 0), e(operator.getitem, pair, 1), n_out
 
 
-def _reduce_params(e, src, cts, k, batch, y, w, out, reduce_sum):
-    """Per-parameter per-sample rows -> diagonal ``[P]``, blocks, or the full ``[P, P]``."""
+def _reduce_params(e, src, cts, k, batch, y, w, out, reduce_sum, direct):
+    """Per-parameter per-sample rows -> diagonal ``[P]``, blocks, or the full ``[P, P]`` (``direct`` holds
+    diagonals a rule already reduced in closed form)."""
     rows = {}
     for node, ct in cts.items():
         info = src.param_nodes.get(node)
-        if info is not None:
+        if info is not None and ct is not ZERO:
             rows[info.name] = e.add(rows.get(info.name, ZERO), ct)
 
     def rows_of(info):
@@ -201,7 +208,8 @@ def _reduce_params(e, src, cts, k, batch, y, w, out, reduce_sum):
         return e(per_sample_rows, c, k, batch)
 
     if out == "diag":
-        parts = [e(gram_diag, rows_of(p), w, reduce_sum) for p in src.params]
+        parts = [direct[p.name] if p.name in direct
+                 else e(gram_diag, rows_of(p), w, reduce_sum) for p in src.params]
         return e(cat_rows, parts)
     if out == "block":
         blocks = []
@@ -248,12 +256,62 @@ def _backward_metric(src, b, e, y, seeds, w, k, out, reduce_sum, method):
         del n_in
         return e(gram, c, w, False)
     ps = not reduce_sum or method != "diag_backprop"
-    cts = backward_cotangents(b, {src.output: seeds}, list(src.param_nodes), ps=ps, method=_method(method))
+    direct: dict = {}
+    sinks = None
+    if method == "exact" and out == "diag":
+        sinks = _sink(src, direct, "gram_diag", lambda info: (w, reduce_sum))
+    early = None
+    if method == "exact" and out == "diag":
+        early = _early_diag(src, direct, k, batch, w, reduce_sum)
+    cts = backward_cotangents(b, {src.output: seeds}, list(src.param_nodes), ps=ps, method=_method(method),
+                              sinks=sinks, reduce=early)
     if method == "diag_backprop":
         rows = e(operator.mul, k, batch) if ps else k
         flat = A.param_results(e, src, cts, rows, y)
         return flat if ps else e.method("squeeze", flat, 0)
-    return _reduce_params(e, src, cts, k, batch, y, w, out, reduce_sum)
+    return _reduce_params(e, src, cts, k, batch, y, w, out, reduce_sum, direct)
+
+
+def _param_uses(src) -> dict:
+    uses: dict = {}
+    for node, info in src.param_nodes.items():
+        uses[info.name] = uses.get(info.name, 0) + len(node.users)
+    return uses
+
+
+def _early_diag(src, direct: dict, k, batch, w, reduce_sum):
+    """Reduce a parameter's per-sample cotangents to its diagonal as soon as they are complete (parameters
+    read at one place only; a tied one needs its contributions summed first)."""
+    uses = _param_uses(src)
+
+    def reduce(e, node, ct):
+        info = src.param_nodes.get(node)
+        if info is None or uses[info.name] != 1:
+            return ct
+        direct[info.name] = e(gram_diag, e(per_sample_rows, ct, k, batch), w, reduce_sum)
+        return ZERO
+
+    return reduce
+
+
+def _sink(src, direct: dict, form: str, args_of):
+    """A backward-pass sink that lets a rule reduce a parameter's per-sample cotangents in closed form
+    (``rule.param_reduce``), for parameters read at exactly one place; results land in ``direct``."""
+    uses = _param_uses(src)
+
+    def sink(e, rule, site, name, ct, node):
+        info = src.param_nodes.get(node)
+        reduce = getattr(rule, "param_reduce", None)
+        if info is None or reduce is None or uses[info.name] != 1:
+            return False
+        try:
+            r = reduce(e, site, name, ct, form, *args_of(info))
+            direct[info.name] = e(flat_diag, r, args_of(info)[1]) if form == "gram_diag" else r
+        except Decline:
+            return False
+        return True
+
+    return sink
 
 
 def _method(method: str) -> str:
@@ -383,7 +441,13 @@ def jmjtp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
             m = e(checks.check_shape, m, (P, -1), y, "M")
         elif matrix == "full":
             m = e(checks.check_symmetric, e(checks.check_shape, m, (P, P), y, "M"), "M")
-        cts = backward_cotangents(b, {src.output: e(A.eye_stack, y, n_out)}, list(src.param_nodes), ps=True)
+        direct: dict = {}
+        sinks = None
+        if matrix == "diag":
+            sinks = _sink(src, direct, "sandwich",
+                          lambda info: (e(A.param_sigma, m, info.offset, info.numel, info.shape), out_diag))
+        cts = backward_cotangents(b, {src.output: e(A.eye_stack, y, n_out)}, list(src.param_nodes), ps=True,
+                                  sinks=sinks)
         rows = {}
         for node, ct in cts.items():
             info = src.param_nodes[node]
@@ -411,6 +475,9 @@ def jmjtp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
             return (y, e(rows_outer, e(add_all, parts), out_diag))
         parts = []
         for p in src.params:
+            if p.name in direct:
+                parts.append(direct[p.name])
+                continue
             g = g_of(p)
             if matrix == "diag":
                 sig = e(A.param_rows, m, p.offset, p.numel)

@@ -8,6 +8,8 @@ values (parameters and what is computed from them alone) receive per-sample stac
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.fx as fx
 
@@ -54,7 +56,8 @@ def _needed(old_args: dict, active: set) -> frozenset:
     return frozenset(k for k, v in old_args.items() if any(a in active for a in _nodes_in(v)))
 
 
-def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, method: str = "vjp") -> dict:
+def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, method: str = "vjp",
+                        sinks: Optional[Callable] = None, reduce: Optional[Callable] = None) -> dict:
     """Emit the cotangents of ``wanted`` nodes given cotangent stacks at ``seeds``.
 
     Args:
@@ -64,6 +67,12 @@ def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, metho
         ps: per-sample stacks for unbatched values.
         method: the rule method that pulls a stack back: ``"vjp"`` (cotangents) or ``"diag_vjp"`` (nnj's
             diagonal back-propagation: ``(A∘A)ᵀ d`` through each op, diagonals added at fan-out).
+        sinks: optional ``sinks(e, rule, site, name, ct, param_node) -> bool``, asked at a batched op for each
+            wanted unbatched input that has no other consumer: returning True means the caller consumed the
+            op's output cotangent for that input itself (a closed-form reduction such as a parameter diagonal
+            that never forms per-sample cotangents), so no cotangent flows to it.
+        reduce: optional ``reduce(e, node, ct) -> value`` applied to a wanted node's cotangent as soon as it is
+            complete, so large per-sample stacks die right away (the value is returned instead of ``ct``).
 
     Returns:
         old-graph node -> cotangent for each wanted node reached (ZERO-free).
@@ -80,7 +89,7 @@ def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, metho
         if ct is ZERO:
             continue
         if node in wanted:
-            result[node] = ct
+            result[node] = ct if reduce is None else reduce(e, node, ct)
         if node.op in ("placeholder", "get_attr"):
             continue
         if is_structural(node):
@@ -96,6 +105,12 @@ def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, metho
             b.batch_size()
         site = b.site(node, rule, ps_names)
         site.extra["need"] = _needed(old_args, active)
+        if sinks is not None:
+            for name in sorted(ps_names & site.extra["need"]):
+                old = old_args[name]
+                if isinstance(old, fx.Node) and old in wanted and len(old.users) == 1 and \
+                        sinks(e, rule, site, name, ct, old):
+                    site.extra["need"] = site.extra["need"] - {name}
         try:
             in_cts = getattr(rule, method)(e, site, ct)
         except Decline:

@@ -62,6 +62,12 @@ def heads_bias(bias, num_heads):
     return bias
 
 
+def head_dim_scale(x, query, power=1):
+    """``x / √E`` with ``E = query.shape[-1]`` (SDPA's default scale), or ``x / E`` with ``power=2``."""
+    e = query.shape[-1]
+    return x * (1.0 / math.sqrt(e) if power == 1 else 1.0 / e)
+
+
 def repeat_heads(x, groups):
     """Grouped-query attention: ``[..., Hk, S, E]`` -> ``[..., Hk·groups, S, E]``, each key/value head serving
     ``groups`` consecutive query heads (``repeat_interleave``)."""
@@ -128,6 +134,23 @@ class HeadsBias(LinearOp):
         if site.ps:
             raise Decline
         return e(_rt.reshape_like, ct, site.args["input"])
+
+
+@register(head_dim_scale)
+class HeadDimScale(LinearOp):
+    """y = x / √E (the default attention scale, E read from the query at run time); the adjoint is itself,
+    the squared entries 1/E."""
+
+    def signature(input, query, power=1):  # noqa: D103
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        return e(head_dim_scale, t, site.args["query"])
+
+    transpose = apply
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return {"input": e(head_dim_scale, d, site.args["query"], 2)}
 
 
 @register(repeat_heads)
@@ -197,9 +220,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if enable_gqa:
         groups = query.size(-3) // key.size(-3)
         key, value = _emit(repeat_heads, key, groups), _emit(repeat_heads, value, groups)
-    if scale is None:
-        scale = query.size(-1) ** -0.5
-    scores = query @ key.transpose(-2, -1) * scale
+    scores = query @ key.transpose(-2, -1)
+    # The default scale depends on the query's size: a run-time op rather than a Python number.
+    scores = _emit(head_dim_scale, scores, query) if scale is None else scores * scale
     if is_causal:
         scores = scores + _emit(causal_bias, scores)
     if attn_mask is not None:

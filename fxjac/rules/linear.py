@@ -40,6 +40,24 @@ def linear_weight_ct_ps(ct, x):
     return torch.einsum("kb...o,b...i->kboi", ct, x)
 
 
+def linear_weight_gram_diag(ct, x, w, reduce_sum):
+    """``Σ_k w_kb (ct_kb ⊗ x_b)²`` for a Linear without extra positions: the weight's GGN diagonal from squared
+    cotangents and squared inputs, never forming per-sample gradients. ``[O, I]`` or per-sample ``[B, O, I]``."""
+    c2 = ct * ct
+    if w is not None:
+        c2 = c2 * w.unsqueeze(-1)
+    return torch.einsum("kbo,bi->oi" if reduce_sum else "kbo,bi->boi", c2, x * x)
+
+
+def linear_weight_sandwich(ct, x, sigma, out_diag):
+    """``J_W diag(σ) J_Wᵀ`` per sample for a Linear without extra positions, from O cotangent rows ``ct``
+    ``[O, B, out]``: ``Σ_ij ct_oi ct_qi σ_ij x_j²`` -> ``[B, O, O]`` (or its diagonal ``[B, O]``)."""
+    s = torch.einsum("ij,bj->bi", sigma, x * x)
+    if out_diag:
+        return torch.einsum("obi,bi->bo", ct * ct, s)
+    return torch.einsum("obi,bi,qbi->boq", ct, s, ct)
+
+
 def _promote(a, b):
     """Matmul operands as matrices (1-D operands get a unit axis) and how to undo it on the output."""
     squeeze = []
@@ -166,6 +184,18 @@ class Linear(Rule):
             out["bias"] = e(_rt.sum_to_ps, d, b) if "bias" in site.ps else e(_rt.sum_to, d, b)
         return out
 
+
+    def param_reduce(self, e, site, name, ct, form, *args):
+        """Closed-form parameter reductions for the weight of a Linear on ``[B, in]`` (no extra positions):
+        ``form="gram_diag"`` (args: weights, reduce_sum) or ``"sandwich"`` (args: σ shaped like W, out_diag)."""
+        x = site.args["input"]
+        if name != "weight" or site.val("input").dim() != 2:
+            raise Decline
+        if form == "gram_diag":
+            return e(linear_weight_gram_diag, ct, x, *args)
+        if form == "sandwich":
+            return e(linear_weight_sandwich, ct, x, *args)
+        raise Decline
 
     def diag_vjp(self, e, site, d):  # noqa: D102
         """(A∘A)ᵀ d: the vjp with the weight and the input squared."""
