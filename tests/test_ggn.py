@@ -1,0 +1,142 @@
+"""The GGN of each loss, diagonal back-propagation, and the memory bound of the exact diagonal."""
+
+import pytest
+import torch
+import torch.nn as nn
+from reference import assert_close, check_diag_backprop, loss_hessian, per_sample_jacobian
+
+import fxjac
+import fxjac.zoo as zoo
+
+
+def dense_ggn(model, xs, loss, **kw):
+    J = per_sample_jacobian(model, xs, "params")
+    H = loss_hessian(model(*xs).detach(), loss, **kw)
+    return torch.einsum("bop,boq,bqr->bpr", J, H, J)  # per sample [B, P, P]
+
+
+CASES = [("mlp", "cross_entropy"), ("cnn", "cross_entropy"), ("resnet", "cross_entropy"),
+         ("transformer_explicit", "cross_entropy"), ("unet", "mse"), ("small_mlp", "bce"),
+         ("small_mlp", "gaussian"), ("two_input", "mse")]
+
+
+@pytest.mark.parametrize("name,loss", CASES)
+def test_ggn_against_dense(name, loss):
+    model, _ = zoo.build(name)
+    xs = zoo.example_inputs(name, 3)
+    G = dense_ggn(model, xs, loss)
+    _, d = fxjac.ggn(model, loss=loss)(*xs)
+    assert_close(d, torch.diagonal(G.sum(0)), f"ggn[{name}, {loss}] diag")
+    _, f = fxjac.ggn(model, loss=loss, out="full")(*xs)
+    assert_close(f, G.sum(0), f"ggn[{name}, {loss}] full")
+    _, dn = fxjac.ggn(model, loss=loss, reduce="none")(*xs)
+    assert_close(dn, torch.diagonal(G, dim1=-2, dim2=-1), f"ggn[{name}, {loss}] diag per sample")
+
+
+def test_ggn_gaussian_nll_and_sigma_and_spatial_cross_entropy():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 4), nn.Unflatten(1, (2, 2))).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    G = dense_ggn(net, (x,), "gaussian_nll")
+    _, d = fxjac.ggn(net, loss="gaussian_nll", out="full")(x)
+    assert_close(d, G.sum(0), "gaussian_nll Fisher GGN")
+    G2 = dense_ggn(net, (x,), "gaussian", sigma=0.5)
+    _, d2 = fxjac.ggn(net, loss="gaussian", sigma=0.5)(x, target=torch.zeros(5, 2, 2))
+    assert_close(d2, torch.diagonal(G2.sum(0)), "gaussian GGN with sigma")
+    seg = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 3, 1)).double()
+    xi = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    G3 = dense_ggn(seg, (xi,), "cross_entropy")
+    _, d3 = fxjac.ggn(seg, loss="cross_entropy")(xi)
+    assert_close(d3, torch.diagonal(G3.sum(0)), "per-pixel cross-entropy GGN")
+
+
+def test_ggn_matches_backpack_diag_ggn_exact():
+    backpack = pytest.importorskip("backpack")
+    from backpack.extensions import DiagGGNExact
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)).double()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    t = torch.randint(0, 4, (8,))
+    _, d = fxjac.ggn(model, loss="cross_entropy")(x, target=t)
+    bp_model = backpack.extend(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)).double())
+    bp_model.load_state_dict(model.state_dict())
+    lossf = backpack.extend(nn.CrossEntropyLoss(reduction="sum"))
+    with backpack.backpack(DiagGGNExact()):
+        lossf(bp_model(x), t).backward()
+    ref = torch.cat([p.diag_ggn_exact.reshape(-1) for p in bp_model.parameters()])
+    assert_close(d, ref, "ggn vs BackPACK DiagGGNExact")
+
+
+ONE_OP = [
+    nn.Linear(4, 3), nn.Tanh(), nn.Sigmoid(), nn.ReLU(), nn.GELU(), nn.Softplus(), nn.SiLU(),
+]
+
+
+@pytest.mark.parametrize("op", ONE_OP, ids=lambda m: type(m).__name__)
+def test_diag_backprop_is_exact_on_one_op(op):
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    check_diag_backprop(op.double(), (x,))
+
+
+def layerwise_diag_backprop(layers, x, d):
+    """nnj's diagonal back-propagation written layer by layer with dense per-layer Jacobians."""
+    acts = [x]
+    for layer in layers:
+        acts.append(layer(acts[-1]))
+    diag_params = []
+    for layer, a in zip(reversed(layers), reversed(acts[:-1])):
+        params = dict(layer.named_parameters())
+        B = a.shape[0]
+        if params:
+            f = lambda prm, a=a, layer=layer: torch.func.functional_call(layer, prm, (a,))  # noqa: E731
+            jp = torch.func.jacrev(f)(params)
+            for n in reversed(list(params)):
+                j = jp[n].reshape(B, -1, params[n].numel())
+                diag_params.insert(0, torch.einsum("bo,bop->p", d, j * j))
+        jx = torch.func.jacrev(layer)(a).reshape(B, -1, B, a[0].numel())
+        jx = torch.stack([jx[b, :, b] for b in range(B)])
+        d = torch.einsum("bo,boi->bi", d, jx * jx)
+    return d, torch.cat(diag_params)
+
+
+def test_diag_backprop_equals_layer_by_layer_reference():
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 3)]
+    model = nn.Sequential(*layers).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    d = torch.rand(5, 3, dtype=torch.float64)
+    dx_ref, dp_ref = layerwise_diag_backprop(list(model), x, d)
+    _, dp = fxjac.jtmjp(model, wrt="params", matrix="diag", out="diag", method="diag_backprop")(x, d)
+    _, dx = fxjac.jtmjp(model, wrt="input", matrix="diag", out="diag", method="diag_backprop")(x, d)
+    assert_close(dp, dp_ref, "diag backprop, parameters")
+    assert_close(dx, dx_ref, "diag backprop, input")
+    # ggn(method="diag_backprop") starts from the diagonal of the loss Hessian.
+    p = torch.softmax(model(x), 1)
+    _, dg = fxjac.ggn(model, loss="cross_entropy", method="diag_backprop")(x)
+    assert_close(dg, layerwise_diag_backprop(list(model), x, p * (1 - p))[1], "ggn diag backprop")
+
+
+def test_diag_backprop_options_are_checked():
+    model = nn.Linear(3, 2)
+    with pytest.raises(fxjac.OptionError, match="diag"):
+        fxjac.jtmjp(model, matrix="full", out="diag", method="diag_backprop")
+    with pytest.raises(fxjac.OptionError, match="diag"):
+        fxjac.jtmjp(model, matrix="diag", out="full", method="diag_backprop")
+
+
+def test_exact_diag_ggn_never_allocates_batch_by_columns_by_params():
+    """P >= 1e6, batch 32: no tensor of B*K*P elements (not even one layer's B*K*P_layer for the big Linear)."""
+    model, _ = zoo.build("large_mlp", preset="bench", dtype=torch.float32)
+    P = sum(p.numel() for p in model.parameters())
+    assert P >= 1_000_000
+    (x,) = zoo.example_inputs("large_mlp", 32, preset="bench", dtype=torch.float32)
+    K = model(x).shape[1]
+    p = fxjac.ggn(model, loss="cross_entropy", example_inputs=(x,))
+    biggest = max(q.numel() for q in model.parameters())
+    with torch.profiler.profile(profile_memory=True, record_shapes=True) as prof:
+        _, d = p(x)
+    sizes = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
+    assert d.shape == (P,)
+    limit = 32 * K * biggest * 4  # bytes of one [B, K, P_largest] float32 tensor
+    assert max(sizes) < limit / 4, f"largest allocation {max(sizes)} bytes; B*K*P_layer would be {limit}"
