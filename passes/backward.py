@@ -114,10 +114,11 @@ def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, metho
         try:
             in_cts = getattr(rule, method)(e, site, ct)
         except Decline:
-            need = site.extra["need"]
             rule = b.decline(node)
+            old_args = b.site(node, rule).extra["old_args"]
+            ps_names = _ps_inputs(b, node, old_args, ps)
             site = b.site(node, rule, ps_names)
-            site.extra["need"] = need
+            site.extra["need"] = _needed(old_args, active)
             in_cts = getattr(rule, method)(e, site, ct)
         for name, c in in_cts.items():
             if c is ZERO:

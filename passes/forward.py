@@ -79,6 +79,11 @@ def forward_tangents(b: Builder, seeds: dict, ps: bool = False) -> dict:
             tan[node] = rule.jvp(e, site, tangents)
         except Decline:
             rule = b.decline(node)
+            ps_names = _ps_inputs(b, node, b.site(node, rule).extra["old_args"], ps)
             site = b.site(node, rule, ps_names)
+            tangents = {k: structure_of(v, look) for k, v in site.extra["old_args"].items()}
+            for k in ps_names & set(tangents):
+                if tangents[k] is not ZERO:
+                    tangents[k] = e.method("unflatten", tangents[k], 0, (-1, site.batch))
             tan[node] = rule.jvp(e, site, tangents)
     return tan

@@ -113,33 +113,27 @@ class Broadcasting(Rule):
 
     def vjp(self, e, site, ct):
         """``sum_to(ct · ∂y/∂x_i, shape of x_i)`` for each input."""
+        return self._pull(e, site, ct, square=False)
+
+    def diag_vjp(self, e, site, d):
+        """``sum_to(d · (∂y/∂x_i)², shape of x_i)``."""
+        return self._pull(e, site, d, square=True)
+
+    def _pull(self, e, site, ct, square):
         out = {}
         for name in self.inputs:
             x = site.args.get(name)
             if not isinstance(x, torch.fx.Node) or not site.needs(name):
                 continue
-            c = self._times(e, ct, self.partial(e, site, name))
-            if c is ZERO:
-                continue
-            if name in site.ps:
-                c = e(_rt.sum_to_ps, c, x)
-            elif tuple(site.val(name).shape) != tuple(site.out_val.shape):
-                c = e(_rt.sum_to, c, x)
-            out[name] = c
-        return out
-
-    def diag_vjp(self, e, site, d):
-        """``sum_to(d · (∂y/∂x_i)², shape of x_i)``."""
-        out = {}
-        for name in self.inputs:
-            x = site.args.get(name)
-            if not isinstance(x, torch.fx.Node):
-                continue
             p = self.partial(e, site, name)
             if p is ZERO:
                 continue
-            c = self._times(e, d, e(operator.mul, p, p) if isinstance(p, torch.fx.Node) else p * p)
-            if tuple(site.val(name).shape) != tuple(site.out_val.shape):
+            if square:
+                p = e(operator.mul, p, p) if isinstance(p, torch.fx.Node) else p * p
+            c = self._times(e, ct, p)
+            if name in site.ps:
+                c = e(_rt.sum_to_ps, c, x)
+            elif tuple(site.val(name).shape) != tuple(site.out_val.shape):
                 c = e(_rt.sum_to, c, x)
             out[name] = c
         return out

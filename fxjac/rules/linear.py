@@ -90,8 +90,11 @@ def matmul_tangent(ta, tb, a, b, ps_a=False, ps_b=False):
         out = ta2 @ b2
     if tb is not None:
         tb2 = tb.unsqueeze(-1) if b.dim() == 1 else tb
-        tb2 = _rt.align_ps(tb2, rank) if ps_b else _rt.align(tb2, rank)
-        term = a2 @ tb2
+        if ps_b and a2.dim() == 2:  # rows of a 2-D ``a`` are the samples, each with its own ``b``
+            term = torch.einsum("bm,kbmp->kbp", a2, tb2)
+        else:
+            tb2 = _rt.align_ps(tb2, rank) if ps_b else _rt.align(tb2, rank)
+            term = a2 @ tb2
         out = term if out is None else out + term
     out = _squeeze(out, squeeze)
     return out
@@ -117,6 +120,10 @@ def matmul_ct_right(ct, a, b, batch=None):
         ct = ct.unsqueeze(-1)
     if -2 in squeeze:
         ct = ct.unsqueeze(-2)
+    if batch is not None and a.dim() == 2:
+        # rows of a 2-D ``a`` are the samples: per-sample outer products, not one matrix product
+        c = torch.einsum("kbp,bm->kbmp", ct, a2)
+        return c.reshape(c.shape[:2] + b.shape)
     c = a2.transpose(-1, -2) @ ct
     if batch is not None:
         return _rt.sum_to_ps(c, b2).reshape(c.shape[:2] + b.shape)
@@ -219,10 +226,20 @@ class _Matmul(Rule):
     def jvp(self, e, site, tangents):  # noqa: D102
         a, b = site.args[self.left], site.args[self.right]
         ta, tb = tangents[self.left], tangents[self.right]
+        self._check_ps(site)
         return e(matmul_tangent, ta, tb, a, b, self.left in site.ps, self.right in site.ps)
+
+    def _check_ps(self, site):
+        """Per-sample stacks assume the batch leads the batched operand's broadcast axes, or is the row axis
+        of a 2-D left operand; anything else goes to the fallback."""
+        if self.left in site.ps and site.val(self.right).dim() < 3:
+            raise Decline
+        if self.right in site.ps and site.val(self.left).dim() == 1:
+            raise Decline
 
     def vjp(self, e, site, ct):  # noqa: D102
         a, b = site.args[self.left], site.args[self.right]
+        self._check_ps(site)
         out = {}
         if site.needs(self.left):
             out[self.left] = e(matmul_ct_left, ct, a, b, site.batch if self.left in site.ps else None)
@@ -234,6 +251,7 @@ class _Matmul(Rule):
         """(A∘A)ᵀ d: each entry of a @ b depends on a row of a through one product with b, so the squared
         Jacobian is the vjp's with the other operand squared."""
         a, b = site.args[self.left], site.args[self.right]
+        self._check_ps(site)
         out = {}
         if site.needs(self.left):
             out[self.left] = e(matmul_ct_left, d, a, e(torch.square, b),

@@ -6,6 +6,8 @@ while ``max(x, dim)`` sends it to the index it returns, as autograd does.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from passes.protocol import ZERO, Decline, Rule
@@ -129,7 +131,7 @@ class Mean(LinearOp):
     def diag_vjp(self, e, site, d):  # noqa: D102
         u = e(unreduce, d, site.args["input"], site.args["dim"], site.args["keepdim"])
         s = e(mean_scale, site.args["input"], site.args["dim"])
-        return {"input": e(torch.mul, u, e(torch.mul, s, s))}
+        return {"input": e(torch.mul, u, e(operator.mul, s, s))}
 
 
 class _Weighted(Rule):

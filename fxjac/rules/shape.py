@@ -240,13 +240,13 @@ class Expand(LinearOp):
         t = tangents["0"]
         if t is ZERO:
             return ZERO
-        if site.ps:
-            raise Decline
+        if site.ps:  # an unbatched value expanded to the batch (e.g. to x.shape[0]): per-sample columns line up
+            t = e(_rt.align_ps, t, site.ndim())
         return e(_rt.expand_like, t, site.out)
 
     def vjp(self, e, site, ct):  # noqa: D102
         if site.ps:
-            raise Decline
+            return {"0": e(_rt.sum_to_ps, ct, site.args["0"])}
         return {"0": e(_rt.sum_to, ct, site.args["0"])}
 
     def diag_vjp(self, e, site, d):  # noqa: D102
@@ -282,17 +282,21 @@ class Repeat(LinearOp):
 class Cat(Rule):
     """y = cat(xs, dim); dy = cat of the tangents; the adjoint splits the cotangent."""
 
-    def signature(tensors, dim=0):  # noqa: D103
+    def signature(tensors, dim=0, *, axis=None):  # noqa: D103
         ...
+
+    @staticmethod
+    def _dim(site):
+        return site.args["axis"] if site.args.get("axis") is not None else site.args["dim"]
 
     def jvp(self, e, site, tangents):  # noqa: D102
         ts = tangents["tensors"]
         if ts is ZERO:
             return ZERO
-        return e(cat_tangent, ts, site.args["tensors"], site.args["dim"])
+        return e(cat_tangent, ts, site.args["tensors"], self._dim(site))
 
     def vjp(self, e, site, ct):  # noqa: D102
-        pieces = e(cat_transpose, ct, site.args["tensors"], site.args["dim"])
+        pieces = e(cat_transpose, ct, site.args["tensors"], self._dim(site))
         return {"tensors": [e(operator.getitem, pieces, i) for i in range(len(site.args["tensors"]))]}
 
     def diag_vjp(self, e, site, d):  # noqa: D102
