@@ -17,14 +17,35 @@ from .product import Product, make_product
 _COMMON = ("example_inputs", "leaf_modules", "strict", "chunk_size", "differentiable", "output", "concrete_args")
 
 
-def _options(kwargs: dict, extra=()) -> dict:
+def _options(kwargs: dict, extra=(), chunked: bool = False) -> dict:
+    """Validate the common options; ``chunk_size`` only where a product has a build-time column count."""
     unknown = set(kwargs) - set(_COMMON) - set(extra)
     if unknown:
         raise OptionError(f"unknown option(s) {sorted(unknown)}; known: {sorted(set(_COMMON) | set(extra))}")
-    chunk = kwargs.pop("chunk_size", None)
-    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+    chunk = kwargs.get("chunk_size")
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
         raise OptionError(f"chunk_size must be a positive int, got {chunk!r}")
+    if chunk is not None and not chunked:
+        raise OptionError("chunk_size applies to products whose columns are fixed when the product is built "
+                          "(jacobian, jtmjp, ggn); the others take their K columns from the operand you pass")
+    kwargs.pop("chunk_size", None)
     return kwargs
+
+
+def chunks(k: int, chunk_size, src, budget: int = 1 << 30) -> list:
+    """Column ranges ``[(a, b), ...]`` covering ``k`` columns: ``chunk_size`` given, or as many columns as keep
+    the largest per-column stack (K x B x the largest value or parameter) under ``budget`` bytes."""
+    if chunk_size is None:
+        per_column = 0
+        batch = src.inputs[0].meta["val"].shape[0] if src.inputs else 1
+        for n in src.gm.graph.nodes:
+            v = n.meta.get("val")
+            if isinstance(v, torch.Tensor):
+                # a parameter's per-sample stack holds the whole parameter per sample
+                per = v.numel() if n in src.param_nodes else (v[0].numel() if v.dim() else 1)
+                per_column = max(per_column, per * batch * v.element_size())
+        chunk_size = max(1, budget // max(per_column, 1))
+    return [(a, min(a + chunk_size, k)) for a in range(0, k, chunk_size)]
 
 
 def _reduce(reduce: str) -> str:
@@ -211,7 +232,8 @@ def jacobian(model, wrt: Any = "input", mode: str = "auto", **options) -> Produc
     Returns:
         ``p(*inputs) -> (y, J)``.
     """
-    options = _options(options)
+    chunk_size = options.get("chunk_size")
+    options = _options(options, chunked=True)
     if mode not in ("auto", "forward", "reverse"):
         raise OptionError(f"mode must be 'auto', 'forward' or 'reverse', got {mode!r}")
 
@@ -221,32 +243,42 @@ def jacobian(model, wrt: Any = "input", mode: str = "auto", **options) -> Produc
         n_out = A.numel_per_sample(src.output)
         n_in = A.numel_per_sample(src.inputs[src.wrt_index]) if src.wrt_kind == "input" else src.P
         forward = mode == "forward" or (mode == "auto" and n_in < n_out)
-        if forward:
-            if src.wrt_kind == "input":
-                x = xs[src.wrt_index]
-                seeds = {src.inputs[src.wrt_index]: e(A.eye_stack, x, n_in)}
-            else:
-                seeds = A.param_seeds(e, src, e(A.eye_like, xs[0], n_in))
-            tan = forward_tangents(b, seeds)
+        if forward:  # columns of J, chunk by chunk, pushed forward
+            b.copy_all()
             y = b.env[src.output]
-            ty = tan.get(src.output, ZERO)
-            if ty is ZERO:
-                ty = e(A.zeros_stack, y, n_in)
+            if src.wrt_kind == "input":
+                eye = e(A.eye_stack, xs[src.wrt_index], n_in)
+            else:
+                eye = e(A.eye_like, xs[0], n_in)
+            parts = []
+            for lo, hi in chunks(n_in, chunk_size, src):
+                cols = eye if (lo, hi) == (0, n_in) else e(operator.getitem, eye, slice(lo, hi))
+                if src.wrt_kind == "input":
+                    seeds = {src.inputs[src.wrt_index]: cols}
+                else:
+                    seeds = A.param_seeds(e, src, cols)
+                ty = forward_tangents(b, seeds).get(src.output, ZERO)
+                parts.append(e(A.zeros_stack, y, hi - lo) if ty is ZERO else ty)
+            ty = parts[0] if len(parts) == 1 else e(torch.cat, parts)
             return (y, e(A.stack_to_rows, ty, A.size(e, y, 0)))
         b.copy_all()
         y = b.env[src.output]
         batch = A.size(e, y, 0)
-        seeds = {src.output: e(A.eye_stack, y, n_out)}
-        if src.wrt_kind == "input":
-            x = xs[src.wrt_index]
-            cts = backward_cotangents(b, seeds, [src.inputs[src.wrt_index]])
-            ct = cts.get(src.inputs[src.wrt_index], ZERO)
-            if ct is ZERO:
-                ct = e(A.zeros_stack, x, n_out)
-            return (y, e(A.stack_to_batch_rows, ct, batch))
-        cts = backward_cotangents(b, seeds, list(src.param_nodes), ps=True)
-        flat = A.param_results(e, src, cts, e(operator.mul, batch, n_out), y)
-        return (y, e(_ps_rows_to_batch_first, flat, n_out, batch))
+        eye = e(A.eye_stack, y, n_out)
+        parts = []
+        for lo, hi in chunks(n_out, chunk_size, src):  # rows of J, chunk by chunk, pulled back
+            rows = eye if (lo, hi) == (0, n_out) else e(operator.getitem, eye, slice(lo, hi))
+            seeds = {src.output: rows}
+            if src.wrt_kind == "input":
+                x = xs[src.wrt_index]
+                ct = backward_cotangents(b, seeds, [src.inputs[src.wrt_index]]).get(src.inputs[src.wrt_index],
+                                                                                      ZERO)
+                parts.append(e(A.stack_to_batch_rows, e(A.zeros_stack, x, hi - lo) if ct is ZERO else ct, batch))
+            else:
+                cts = backward_cotangents(b, seeds, list(src.param_nodes), ps=True)
+                flat = A.param_results(e, src, cts, e(operator.mul, batch, hi - lo), y)
+                parts.append(e(_ps_rows_to_batch_first, flat, hi - lo, batch))
+        return (y, parts[0] if len(parts) == 1 else e(torch.cat, parts, 1))
 
     return make_product(assemble, model, wrt, **options)
 

@@ -21,7 +21,7 @@ from passes.protocol import Decline
 
 from . import assemble as A
 from . import checks
-from .direction import _options, _reduce
+from .direction import _options, _reduce, chunks
 from .errors import OptionError
 from .losses import LOSSES, loss_factor
 from .product import Product, make_product
@@ -137,6 +137,11 @@ def jac_sandwich(j, m, kind, out_diag):
     if out_diag:
         return torch.einsum("obi,bij,obj->bo", j, m, j)
     return torch.einsum("obi,bij,qbj->boq", j, m, j)
+
+
+def take(t, lo, hi):
+    """Columns ``lo:hi`` of a stack or of column weights (``None`` stays ``None``)."""
+    return None if t is None else t[lo:hi]
 
 
 def add_all(parts):
@@ -314,6 +319,26 @@ def _sink(src, direct: dict, form: str, args_of):
     return sink
 
 
+def _chunked_metric(src, b, e, y, seed, w, k, out, reduce_sum, chunk_size):
+    """The exact backward metric over the K seed columns, chunk by chunk (Note [metric factors]): every
+    reduction is a sum over columns, so the chunks' results add."""
+    if not isinstance(k, int):
+        return _backward_metric(src, b, e, y, seed, w, k, out, reduce_sum, "exact")
+    results = []
+    for lo, hi in chunks(k, chunk_size, src):
+        if (lo, hi) == (0, k):
+            s, wc = seed, w
+        else:
+            s = e(take, seed, lo, hi)
+            wc = None if w is None else e(take, w, lo, hi)
+        results.append(_backward_metric(src, b, e, y, s, wc, hi - lo, out, reduce_sum, "exact"))
+    if len(results) == 1:
+        return results[0]
+    if isinstance(results[0], list):
+        return [e(add_all, list(parts)) for parts in zip(*results)]
+    return e(add_all, results)
+
+
 def _method(method: str) -> str:
     return "diag_vjp" if method == "diag_backprop" else "vjp"
 
@@ -336,10 +361,13 @@ def jtmjp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
         ``p(*inputs[, M]) -> (y, Jᵀ M J)``: input: ``[B, I, I]`` / ``[B, I]``; parameters: ``[P, P]``, ``[P]`` or
         a list of ``[P_m, P_m]`` (with a leading B under ``reduce="none"``).
     """
-    options = _options(options)
+    chunk_size = options.get("chunk_size")
+    options = _options(options, chunked=True)
     reduce = _reduce(reduce)
     kind = _wrt_kind(wrt)
     _check_options("jtmjp", kind, matrix, out, method)
+    if chunk_size is not None and matrix == "sqrt":
+        raise OptionError("chunk_size: with matrix='sqrt' the columns are the factor's, chosen by the caller")
 
     def assemble(src, b, key):
         A.input_placeholders(b, src)
@@ -349,9 +377,9 @@ def jtmjp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
         y = b.env[src.output]
         if method == "diag_backprop":
             seed, w, k = _diag_backprop_seed(e, src, y, matrix, m), None, 1
-        else:
-            seed, w, k = _output_columns(e, src, b, y, matrix, m)
-        return (y, _backward_metric(src, b, e, y, seed, w, k, out, reduce == "sum", method))
+            return (y, _backward_metric(src, b, e, y, seed, w, k, out, reduce == "sum", method))
+        seed, w, k = _output_columns(e, src, b, y, matrix, m)
+        return (y, _chunked_metric(src, b, e, y, seed, w, k, out, reduce == "sum", chunk_size))
 
     return make_product(assemble, model, wrt, **options)
 
@@ -511,7 +539,8 @@ def ggn(model, loss: str = "cross_entropy", wrt: Any = "params", out: str = "dia
         ``p(*inputs, target=None) -> (y, GGN)``; the target is accepted and ignored (these Hessians do not
         depend on it).
     """
-    options = _options(options)
+    chunk_size = options.get("chunk_size")
+    options = _options(options, chunked=True)
     reduce = _reduce(reduce)
     if loss not in LOSSES:
         raise OptionError(f"unknown loss {loss!r}; one of {sorted(LOSSES)}")
@@ -536,8 +565,8 @@ def ggn(model, loss: str = "cross_entropy", wrt: Any = "params", out: str = "dia
             return (y, _backward_metric(src, b, e, y, seed, None, 1, out, reduce == "sum", method))
         fac = e(loss_factor, y, loss, "factor", class_dim, sigma_value)
         seed, w = e(operator.getitem, fac, 0), e(operator.getitem, fac, 1)
-        k = e.method("size", seed, 0)
-        return (y, _backward_metric(src, b, e, y, seed, w, k, out, reduce == "sum", method))
+        k = A.numel_per_sample(src.output)  # every loss here has one column per output entry
+        return (y, _chunked_metric(src, b, e, y, seed, w, k, out, reduce == "sum", chunk_size))
 
     return make_product(assemble, model, wrt, **options)
 

@@ -140,3 +140,22 @@ def test_exact_diag_ggn_never_allocates_batch_by_columns_by_params():
     assert d.shape == (P,)
     limit = 32 * K * biggest * 4  # bytes of one [B, K, P_largest] float32 tensor
     assert max(sizes) < limit / 4, f"largest allocation {max(sizes)} bytes; B*K*P_layer would be {limit}"
+
+
+def test_chunked_columns_give_the_same_result():
+    model, _ = zoo.build("cnn")
+    xs = zoo.example_inputs("cnn", 3)
+    _, ref = fxjac.ggn(model, loss="cross_entropy", out="block")(*xs)
+    p = fxjac.ggn(model, loss="cross_entropy", out="block", chunk_size=2, example_inputs=xs)
+    assert p.code.count("take(") >= 2  # several chunks in one static graph
+    _, got = p(*xs)
+    for a, b in zip(got, ref):
+        assert_close(a, b, "chunked ggn blocks")
+    _, d_ref = fxjac.jtmjp(model, wrt="params", matrix="diag", out="diag")(*xs, torch.ones(3, 3, dtype=torch.float64))
+    _, d = fxjac.jtmjp(model, wrt="params", matrix="diag", out="diag", chunk_size=1)(*xs, torch.ones(3, 3, dtype=torch.float64))
+    assert_close(d, d_ref, "chunked jtmjp diag")
+    for mode in ("forward", "reverse"):
+        _, J = fxjac.jacobian(model, mode=mode, chunk_size=5)(*xs)
+        assert_close(J, per_sample_jacobian(model, xs, "input"), f"chunked jacobian ({mode})")
+    with pytest.raises(fxjac.OptionError, match="chunk_size"):
+        fxjac.jvp(model, chunk_size=4)
