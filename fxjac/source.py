@@ -12,6 +12,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from passes import propagate_shapes
+from passes.shape_prop import propagate_batch_dims
 
 from .errors import OptionError, ShapeError, TraceError
 from .tracing import check_modes, trace
@@ -153,6 +154,7 @@ def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_m
         propagate_shapes(gm, *example_inputs)
     except Exception as err:  # the model itself failed on these inputs: report it as the model's error
         raise TraceError(f"running the traced model on the example inputs failed: {err}") from err
+    propagate_batch_dims(gm, *example_inputs)
     if not isinstance(out.meta.get("val"), torch.Tensor):
         raise OptionError("the selected output is not a tensor; choose one with output=")
     src = Source(model, gm, inputs, out, kind, index or 0, params)

@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from passes.builder import Builder, is_structural, new_emitter, structural_index
 from passes.dag import between
-from passes.forward import _ps_inputs
+from passes.forward import _needs_fallback, _ps_inputs
 from passes.protocol import ZERO, Decline
 
 
@@ -101,6 +101,10 @@ def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, metho
         pre = b.site(node, rule)
         old_args = pre.extra["old_args"]
         ps_names = _ps_inputs(b, node, old_args, ps)
+        if _needs_fallback(b, node, ps_names) and rule is not b.rules.fallback:
+            rule = b.decline(node)
+            old_args = b.site(node, rule).extra["old_args"]
+            ps_names = _ps_inputs(b, node, old_args, ps)
         if ps_names:
             b.batch_size()
         site = b.site(node, rule, ps_names)

@@ -38,6 +38,24 @@ def is_structural(node: fx.Node) -> bool:
     return False
 
 
+def _has_batch(bd) -> bool:
+    if isinstance(bd, tuple):
+        return any(_has_batch(b) for b in bd)
+    return bd is not None
+
+
+def batch_dim(node: fx.Node):
+    """The batch axis of ``node``'s value (0 where it was not measured), ``None`` without one."""
+    return node.meta.get("batch_dim", 0)
+
+
+def leading_batch(node: fx.Node) -> bool:
+    """Whether every batched part of ``node``'s value has the batch as its first axis."""
+    bd = node.meta.get("batch_dim", 0)
+    flat = list(bd) if isinstance(bd, tuple) else [bd]
+    return all(b in (0, None) for b in flat)
+
+
 def structural_index(node: fx.Node) -> int:
     """The element a structural node selects (a named field of a torch return type mapped to its index)."""
     key = node.args[1]
@@ -59,6 +77,8 @@ class Builder:
         self.env: dict = {}
         self.nx = to_networkx(src.graph)
         self.batched = batched_nodes(self.nx, src.graph)
+        if any("batch_dim" in n.meta for n in src.graph.nodes):  # measured axes: see propagate_batch_dims
+            self.batched = {n for n in src.graph.nodes if _has_batch(n.meta.get("batch_dim"))}
         self.batch: Optional[fx.Node] = None
         self.fallback_nodes: list = []
 
@@ -145,7 +165,8 @@ class Builder:
         return Site(node=node, args=new, vals=vals, out=self.env.get(node), out_val=node.meta.get("val"),
                     ps=ps, batch=self.batch,
                     extra={"old_args": old,
-                           "batched": {self.env[a] for a in node.all_input_nodes if a in self.batched}})
+                           "batched": {self.env[a]: batch_dim(a) for a in node.all_input_nodes if a in self.batched},
+                           "out_batch_dim": batch_dim(node)})
 
     def finish(self, outputs: Any, root: torch.nn.Module, class_name: str = "Product") -> fx.GraphModule:
         """Close the graph with ``outputs``, lint it and wrap it in a GraphModule over ``root``."""

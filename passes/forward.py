@@ -12,9 +12,15 @@ import operator
 import torch
 import torch.fx as fx
 
-from passes.builder import Builder, is_structural, new_emitter, structural_index, structure_of
+from passes.builder import Builder, is_structural, leading_batch, new_emitter, structural_index, structure_of
 from passes.dag import between
 from passes.protocol import ZERO, Decline
+
+
+def _needs_fallback(b: Builder, node: fx.Node, ps_names) -> bool:
+    """Per-sample stacks at a node whose values do not all lead with the batch: only the fallback, which
+    slices each value along its own batch axis, handles that (structured rules assume the batch leads)."""
+    return bool(ps_names) and not (leading_batch(node) and all(leading_batch(a) for a in node.all_input_nodes))
 
 
 def _ps_inputs(b: Builder, node: fx.Node, old_args: dict, ps: bool) -> frozenset:
@@ -67,6 +73,10 @@ def forward_tangents(b: Builder, seeds: dict, ps: bool = False) -> dict:
         pre = b.site(node, rule)
         old_args = pre.extra["old_args"]
         ps_names = _ps_inputs(b, node, old_args, ps)
+        if _needs_fallback(b, node, ps_names) and rule is not b.rules.fallback:
+            rule = b.decline(node)
+            old_args = b.site(node, rule).extra["old_args"]
+            ps_names = _ps_inputs(b, node, old_args, ps)
         if ps_names:
             b.batch_size()
         site = b.site(node, rule, ps_names)

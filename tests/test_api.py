@@ -309,3 +309,30 @@ def test_compile_by_name():
     assert_close(d, (J * J).sum((0, 1)), "jtmjp by name")
     with pytest.raises(fxjac.OptionError):
         fxjac.compile(model, "hessian")
+
+
+class SeqFirst(nn.Module):
+    """Batch moved off axis 0 inside: a sequence-first encoder layer between two transposes."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0)  # batch_first=False
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):  # x: [B, T, 3]
+        h = self.inp(x).transpose(0, 1)  # [T, B, 4]
+        h = self.out(self.layer(h))  # a Linear on [T, B, d]: its per-sample weight gradients sum over T, not B
+        return h.transpose(0, 1).flatten(1)
+
+
+def test_values_with_the_batch_off_axis_zero():
+    torch.manual_seed(0)
+    model = SeqFirst().double().eval()
+    x = randn(3, 5, 3)
+    w = randn(3, 10, g=rng(4))
+    J = per_sample_jacobian(model, (x,), "params")
+    _, g = fxjac.vjp(model, wrt="params", reduce="none")(x, w)
+    assert_close(g, torch.einsum("bop,bo->bp", J, w), "per-sample grads with a sequence-first layer")
+    _, d = fxjac.jtmjp(model, wrt="params", out="diag")(x)
+    assert_close(d, (J * J).sum((0, 1)), "JᵀJ diagonal with a sequence-first layer")

@@ -146,9 +146,10 @@ def _float_cts(spec, ct, out_value, per_sample_dim=None):
                  for c, o, f in zip(cts, outs, _spec_leaves(spec)) if f)
 
 
-def _per_sample(fn, primals, batched, ctx, extra, extra_dims, body):
-    """Run ``body(xs, ctx, *extra)`` one sample at a time: batched primals and constants sliced with a unit
-    batch axis kept, ``extra`` stacks sliced along ``extra_dims``; outputs gain the batch axis at dim 1.
+def _per_sample(fn, primals, bdims, ctx, cdims, extra, extra_dims, body, out_dims):
+    """Run ``body(xs, ctx, *extra)`` one sample at a time: batched primals and constants sliced along their
+    batch axes (``bdims``, ``cdims``; a unit axis is kept so the op sees a batch of one), ``extra`` stacks
+    along ``extra_dims``; each result gains the batch back at its entry of ``out_dims``.
 
     Uses ``vmap`` over the batch; where the op has no batching rule (RNN kernels), loops over the batch (the one
     Python loop fxjac allows; the fallback warning names the op).
@@ -157,45 +158,59 @@ def _per_sample(fn, primals, batched, ctx, extra, extra_dims, body):
 
     def one(*flat):
         xs, cs, ex = flat[:n], flat[n:n + len(ctx)], flat[n + len(ctx):]
-        xs = tuple(x.unsqueeze(0) if b else x for x, b in zip(xs, batched))
-        cs = tuple(c.unsqueeze(0) for c in cs)
+        xs = tuple(x.unsqueeze(d) if d is not None else x for x, d in zip(xs, bdims))
+        cs = tuple(c.unsqueeze(d) for c, d in zip(cs, cdims))
         return body(xs, cs, *ex)
 
-    in_dims = tuple(0 if b else None for b in batched) + (0,) * len(ctx) + tuple(extra_dims)
+    in_dims = tuple(bdims) + tuple(cdims) + tuple(extra_dims)
+    flat_in = (*primals, *ctx, *extra)
     if fn not in _NO_VMAP:
         try:
-            return torch.vmap(one, in_dims=in_dims, out_dims=1)(*primals, *ctx, *extra)
+            return torch.vmap(one, in_dims=in_dims, out_dims=out_dims)(*flat_in)
         except (RuntimeError, NotImplementedError) as err:
             if "batching rule" not in str(err) and "vmap" not in str(err).lower():
                 raise
             _NO_VMAP.add(fn)
-    flat_in = (*primals, *ctx, *extra)
     batch = next(t.shape[d] for t, d in zip(flat_in, in_dims) if d is not None)
     results = [one(*[t.select(d, i) if d is not None else t for t, d in zip(flat_in, in_dims)])
                for i in range(batch)]
-    return tree_map(lambda *rs: torch.stack(rs, dim=1), *results)
+    return tuple(torch.stack(rs, dim=d) for rs, d in zip(zip(*results), out_dims))
 
 
-def fallback_jvp(fn, args, kwargs, primals, tangents, batched, ctx=(), per_sample=False, spec=True):
+def _stack_dims(bdims):
+    """Batch axes of stacks ``[K, *x]`` (one more), and ``1`` for unbatched values' per-sample ``[K, B, *s]``."""
+    return tuple(1 + d if d is not None else 1 for d in bdims)
+
+
+def _squeeze_batch(ts, bdims):
+    return tuple(t.squeeze(1 + d) if d is not None else t for t, d in zip(ts, bdims))
+
+
+def fallback_jvp(fn, args, kwargs, primals, tangents, bdims, ctx=(), cdims=(), per_sample=False, spec=True,
+                 odims=(0,)):
     """Tangent stack of ``fn(*args, **kwargs)`` for the given tangent stacks of ``primals``.
 
-    ``batched[i]`` says whether primal i carries the batch; ``ctx`` are batched tensors that are not
-    differentiated. With ``per_sample``, the tangents of unbatched primals are per-sample stacks ``[K, B, *s]``
-    and the op is differentiated sample by sample. ``spec`` marks the floating leaves of a structured output.
+    ``bdims[i]`` is primal i's batch axis (None: unbatched); ``ctx`` are batched tensors that are not
+    differentiated (batch axes ``cdims``). With ``per_sample``, the tangents of unbatched primals are per-sample
+    stacks ``[K, B, *s]`` and the op is differentiated sample by sample. ``spec`` marks the floating leaves of a
+    structured output, ``odims`` their batch axes.
     """
     if not per_sample:
         out = _jvp_columns(_op(fn, args, kwargs, ctx, spec), tuple(primals), tuple(tangents), fn)
         return _restructure(spec, out)
 
     def body(xs, cs, *ts):
-        ts = tuple(t.unsqueeze(1) if b else t for t, b in zip(ts, batched))
+        ts = tuple(t.unsqueeze(1 + d) if d is not None else t for t, d in zip(ts, bdims))
         out = _jvp_columns(_op(fn, args, kwargs, cs, spec), xs, ts, fn)
-        return tree_map(lambda o: o.squeeze(1), out)
+        outs = (out,) if spec is True else tuple(out)
+        return _squeeze_batch(outs, odims)
 
-    return _restructure(spec, _per_sample(fn, primals, batched, ctx, tangents, (1,) * len(tangents), body))
+    res = _per_sample(fn, primals, bdims, ctx, cdims, tangents, _stack_dims(bdims), body, _stack_dims(odims))
+    return _restructure(spec, res[0] if spec is True else res)
 
 
-def fallback_vjp(fn, args, kwargs, primals, ct, batched, ctx=(), per_sample=False, spec=True, out_value=None):
+def fallback_vjp(fn, args, kwargs, primals, ct, bdims, ctx=(), cdims=(), per_sample=False, spec=True,
+                 out_value=None, odims=(0,)):
     """Cotangent stacks of ``primals`` (a tuple) given the output cotangent stack ``ct``.
 
     With ``per_sample``, the cotangents of unbatched primals are per-sample stacks ``[K, B, *s]``.
@@ -208,15 +223,15 @@ def fallback_vjp(fn, args, kwargs, primals, ct, batched, ctx=(), per_sample=Fals
 
     def body(xs, cs, *c):
         _, vjp_fn = torch.func.vjp(_op(fn, args, kwargs, cs, spec), *xs)
-        c = tuple(ci.unsqueeze(1) for ci in c)
+        c = tuple(ci.unsqueeze(1 + d) for ci, d in zip(c, odims))
         res = torch.vmap(vjp_fn)(c if spec is not True else c[0])
-        return tuple(r.squeeze(1) if b else r for r, b in zip(res, batched))
+        return _squeeze_batch(res, bdims)
 
-    return _per_sample(fn, primals, batched, ctx, cts, (1,) * len(cts), body)
+    return _per_sample(fn, primals, bdims, ctx, cdims, cts, _stack_dims(odims), body, _stack_dims(bdims))
 
 
-def fallback_diag_vjp(fn, args, kwargs, primals, d, batched, ctx=(), per_sample=False, spec=True,
-                      out_value=None):
+def fallback_diag_vjp(fn, args, kwargs, primals, d, bdims, ctx=(), cdims=(), per_sample=False, spec=True,
+                      out_value=None, odims=(0,)):
     """``(A∘A)ᵀ d`` for each primal from the op's dense per-sample local Jacobian (exact, costly).
 
     Samples are independent, so the op is differentiated on one sample at a time.
@@ -230,16 +245,16 @@ def fallback_diag_vjp(fn, args, kwargs, primals, d, batched, ctx=(), per_sample=
         if spec is True:
             jacs = (jacs,)
         res = [0] * n
-        for jo, do in zip(jacs, dd):  # one entry per floating output
-            do = do.unsqueeze(1)  # [K, 1, *out_sample]: the unit batch axis the sliced call keeps
+        for jo, do, od in zip(jacs, dd, odims):  # one entry per floating output
+            do = do.unsqueeze(1 + od)  # [K, *out_sample] with the unit batch axis the sliced call keeps
             n_out = math.prod(do.shape[1:])
             for i, (j, x) in enumerate(zip(jo, xs)):
                 sq = (j * j).reshape(n_out, -1)
                 res[i] = res[i] + (do.reshape(do.shape[0], -1) @ sq).reshape((do.shape[0],) + tuple(x.shape))
-        return tuple(r.squeeze(1) if b else r for r, b in zip(res, batched))
+        return _squeeze_batch(res, bdims)
 
-    res = _per_sample(fn, primals, batched, ctx, ds, (1,) * len(ds), body)
-    return tuple(r if b or per_sample else r.sum(1) for r, b in zip(res, batched))
+    res = _per_sample(fn, primals, bdims, ctx, cdims, ds, _stack_dims(odims), body, _stack_dims(bdims))
+    return tuple(r if d is not None or per_sample else r.sum(1) for r, d in zip(res, bdims))
 
 
 def output_spec(val):
@@ -311,9 +326,24 @@ class Fallback(Rule):
         fn, t_args, t_kwargs, chosen, ctx = self._template(site, lambda old_v, new: old_v in tan_of)
         primals = tuple(new for _, new in chosen)
         tans = tuple(tan_of[old_v] for old_v, _ in chosen)
-        batched = tuple(new in site.extra["batched"] for new in primals)
-        return e(fallback_jvp, fn, t_args, t_kwargs, primals, tans, batched, ctx, bool(site.ps),
-                 output_spec(site.out_val))
+        spec = output_spec(site.out_val)
+        return e(fallback_jvp, fn, t_args, t_kwargs, primals, tans, *self._dims(site, primals, ctx, spec),
+                 bool(site.ps), spec, self._out_dims(site, spec))
+
+    @staticmethod
+    def _dims(site, primals, ctx, spec):
+        """(batch axes of the primals, the batched constants, their axes)."""
+        batched = site.extra["batched"]
+        return tuple(batched.get(p) for p in primals), ctx, tuple(batched[c] for c in ctx)
+
+    @staticmethod
+    def _out_dims(site, spec):
+        """Batch axes of the floating outputs (0 where not measured)."""
+        od = site.extra.get("out_batch_dim", 0)
+        if spec is True:
+            return (od if isinstance(od, int) else 0,)
+        flat = _flat(spec, od if isinstance(od, tuple) else None)
+        return tuple(d if isinstance(d, int) else 0 for d, f in zip(flat, _spec_leaves(spec)) if f)
 
     def vjp(self, e, site, ct):  # noqa: D102
         return self._pull(e, site, ct, fallback_vjp, bool(site.ps))
@@ -335,10 +365,9 @@ class Fallback(Rule):
         if not chosen:
             return {}
         primals = tuple(new for _, new in chosen)
-        batched = tuple(new in site.extra["batched"] for new in primals)
         spec = output_spec(site.out_val)
-        res = e(kernel, fn, t_args, t_kwargs, primals, ct, batched, ctx, per_sample, spec,
-                site.out if spec is not True else None)
+        res = e(kernel, fn, t_args, t_kwargs, primals, ct, *self._dims(site, primals, ctx, spec), per_sample,
+                spec, site.out if spec is not True else None, self._out_dims(site, spec))
         # Hand each chosen input its cotangent, in the argument structure the pass expects.
         per_node = {old_v: e(_getitem, res, i) for i, (old_v, _) in enumerate(chosen)}
         out = {}
