@@ -42,7 +42,8 @@ def linear_weight_ct_ps(ct, x):
 
 def linear_weight_gram_diag(ct, x, w, reduce_sum):
     """``Σ_k w_kb (ct_kb ⊗ x_b)²`` for a Linear without extra positions: the weight's GGN diagonal from squared
-    cotangents and squared inputs, never forming per-sample gradients. ``[O, I]`` or per-sample ``[B, O, I]``."""
+    cotangents and squared inputs, never forming per-sample gradients. ``[O, I]`` or per-sample ``[B, O, I]``.
+    """
     c2 = ct * ct
     if w is not None:
         c2 = c2 * w.unsqueeze(-1)
@@ -51,7 +52,8 @@ def linear_weight_gram_diag(ct, x, w, reduce_sum):
 
 def linear_weight_sandwich(ct, x, sigma, out_diag):
     """``J_W diag(σ) J_Wᵀ`` per sample for a Linear without extra positions, from O cotangent rows ``ct``
-    ``[O, B, out]``: ``Σ_ij ct_oi ct_qi σ_ij x_j²`` -> ``[B, O, O]`` (or its diagonal ``[B, O]``)."""
+    ``[O, B, out]``: ``Σ_ij ct_oi ct_qi σ_ij x_j²`` -> ``[B, O, O]`` (or its diagonal ``[B, O]``).
+    """
     s = torch.einsum("ij,bj->bi", sigma, x * x)
     if out_diag:
         return torch.einsum("obi,bi->bo", ct * ct, s)
@@ -171,30 +173,10 @@ class Linear(Rule):
             out["bias"] = e(_rt.sum_to_ps, ct, b) if "bias" in site.ps else e(_rt.sum_to, ct, b)
         return out
 
-    def diag_vjp(self, e, site, d):  # noqa: D102
-        """(A∘A)ᵀ d: for x1 the per-sample Jacobian Σ_j W_oij x2_j is formed and squared (a sum inside)."""
-        x1, x2, w, b = (site.args[k] for k in ("input1", "input2", "weight", "bias"))
-        out = {}
-        if site.needs("input1"):
-            a1 = e(torch.einsum, "oij,...j->...oi", w, x2)
-            out["input1"] = e(torch.einsum, "k...o,...oi->k...i", d, e(torch.square, a1))
-        if site.needs("input2"):
-            a2 = e(torch.einsum, "...i,oij->...oj", x1, w)
-            out["input2"] = e(torch.einsum, "k...o,...oj->k...j", d, e(torch.square, a2))
-        if site.needs("weight"):
-            s1, s2 = e(torch.square, x1), e(torch.square, x2)
-            if "weight" in site.ps:
-                out["weight"] = e(torch.einsum, "kb...o,b...i,b...j->kboij", d, s1, s2)
-            else:
-                out["weight"] = e(torch.einsum, "k...o,...i,...j->koij", d, s1, s2)
-        if b is not None and site.needs("bias"):
-            out["bias"] = e(_rt.sum_to_ps, d, b) if "bias" in site.ps else e(_rt.sum_to, d, b)
-        return out
-
-
     def param_reduce(self, e, site, name, ct, form, *args):
         """Closed-form parameter reductions for the weight of a Linear on ``[B, in]`` (no extra positions):
-        ``form="gram_diag"`` (args: weights, reduce_sum) or ``"sandwich"`` (args: σ shaped like W, out_diag)."""
+        ``form="gram_diag"`` (args: weights, reduce_sum) or ``"sandwich"`` (args: σ shaped like W, out_diag).
+        """
         x = site.args["input"]
         if name != "weight" or site.val("input").dim() != 2:
             raise Decline
@@ -231,7 +213,8 @@ class _Matmul(Rule):
 
     def _check_ps(self, site):
         """Per-sample stacks assume the batch leads the batched operand's broadcast axes, or is the row axis
-        of a 2-D left operand; anything else goes to the fallback."""
+        of a 2-D left operand; anything else goes to the fallback.
+        """
         if self.left in site.ps and site.val(self.right).dim() < 3:
             raise Decline
         if self.right in site.ps and site.val(self.left).dim() == 1:
@@ -249,7 +232,8 @@ class _Matmul(Rule):
 
     def diag_vjp(self, e, site, d):  # noqa: D102
         """(A∘A)ᵀ d: each entry of a @ b depends on a row of a through one product with b, so the squared
-        Jacobian is the vjp's with the other operand squared."""
+        Jacobian is the vjp's with the other operand squared.
+        """
         a, b = site.args[self.left], site.args[self.right]
         self._check_ps(site)
         out = {}
@@ -299,7 +283,8 @@ def _einsum_parts(equation: str, n: int):
 @register(torch.einsum)
 class Einsum(Rule):
     """y = einsum(eq, *ops), linear in each operand: the tangent replaces one operand at a time; the
-    cotangent of an operand is the einsum of the output cotangent with the others."""
+    cotangent of an operand is the einsum of the output cotangent with the others.
+    """
 
     signature = None
 
