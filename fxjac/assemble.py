@@ -9,6 +9,7 @@ Note [flat layout]
 from __future__ import annotations
 
 import operator
+
 import torch
 import torch.fx as fx
 

@@ -34,7 +34,8 @@ def _options(kwargs: dict, extra=(), chunked: bool = False) -> dict:
 
 def chunks(k: int, chunk_size, src, budget: int = 1 << 30) -> list:
     """Column ranges ``[(a, b), ...]`` covering ``k`` columns: ``chunk_size`` given, or as many columns as keep
-    the largest per-column stack (K x B x the largest value or parameter) under ``budget`` bytes."""
+    the largest per-column stack (K x B x the largest value or parameter) under ``budget`` bytes.
+    """
     if chunk_size is None:
         per_column = 0
         batch = src.inputs[0].meta["val"].shape[0] if src.inputs else 1

@@ -124,7 +124,8 @@ def rows_outer(a, out_diag):
 
 def jac_sandwich(j, m, kind, out_diag):
     """``J M Jᵀ`` per sample from rows ``J`` ``[O, B, I]`` and a per-sample M (full ``[B, I, I]``, diagonal
-    ``[B, I]``, square root ``[B, I, K]`` or ``None`` for the identity)."""
+    ``[B, I]``, square root ``[B, I, K]`` or ``None`` for the identity).
+    """
     if kind == "identity":
         return rows_outer(j, out_diag)
     if kind == "diag":
@@ -199,7 +200,8 @@ def _output_columns(e, src, b, y, matrix, m):
 
 def _reduce_params(e, src, cts, k, batch, y, w, out, reduce_sum, direct):
     """Per-parameter per-sample rows -> diagonal ``[P]``, blocks, or the full ``[P, P]`` (``direct`` holds
-    diagonals a rule already reduced in closed form)."""
+    diagonals a rule already reduced in closed form).
+    """
     rows = {}
     for node, ct in cts.items():
         info = src.param_nodes.get(node)
@@ -286,7 +288,8 @@ def _param_uses(src) -> dict:
 
 def _early_diag(src, direct: dict, k, batch, w, reduce_sum):
     """Reduce a parameter's per-sample cotangents to its diagonal as soon as they are complete (parameters
-    read at one place only; a tied one needs its contributions summed first)."""
+    read at one place only; a tied one needs its contributions summed first).
+    """
     uses = _param_uses(src)
 
     def reduce(e, node, ct):
@@ -301,7 +304,8 @@ def _early_diag(src, direct: dict, k, batch, w, reduce_sum):
 
 def _sink(src, direct: dict, form: str, args_of):
     """A backward-pass sink that lets a rule reduce a parameter's per-sample cotangents in closed form
-    (``rule.param_reduce``), for parameters read at exactly one place; results land in ``direct``."""
+    (``rule.param_reduce``), for parameters read at exactly one place; results land in ``direct``.
+    """
     uses = _param_uses(src)
 
     def sink(e, rule, site, name, ct, node):
@@ -321,7 +325,8 @@ def _sink(src, direct: dict, form: str, args_of):
 
 def _chunked_metric(src, b, e, y, seed, w, k, out, reduce_sum, chunk_size):
     """The exact backward metric over the K seed columns, chunk by chunk (Note [metric factors]): every
-    reduction is a sum over columns, so the chunks' results add."""
+    reduction is a sum over columns, so the chunks' results add.
+    """
     if not isinstance(k, int):
         return _backward_metric(src, b, e, y, seed, w, k, out, reduce_sum, "exact")
     results = []

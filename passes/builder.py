@@ -18,7 +18,6 @@ from torch.fx.node import map_arg
 from passes.dag import batched_nodes, to_networkx
 from passes.protocol import ZERO, Emitter, Rule, RuleTable, Site, bind, module_call
 
-
 _NO_DEFAULT = object()
 
 

@@ -19,7 +19,8 @@ from passes.protocol import ZERO, Decline
 
 def _needs_fallback(b: Builder, node: fx.Node, ps_names) -> bool:
     """Per-sample stacks at a node whose values do not all lead with the batch: only the fallback, which
-    slices each value along its own batch axis, handles that (structured rules assume the batch leads)."""
+    slices each value along its own batch axis, handles that (structured rules assume the batch leads).
+    """
     return bool(ps_names) and not (leading_batch(node) and all(leading_batch(a) for a in node.all_input_nodes))
 
 

@@ -38,7 +38,8 @@ ZERO = None
 
 class Decline(Exception):
     """Raised by a rule that does not handle this particular call (a layout, an argument kind): the pass then
-    applies the fallback rule to the node instead, so the result stays exact."""
+    applies the fallback rule to the node instead, so the result stays exact.
+    """
 
 
 def module_call(mod: torch.nn.Module, names: tuple, params: tuple, *args, **kwargs):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch.func import functional_call, jacrev, jvp, vjp
+from torch.func import functional_call, jacrev
 
 import fxjac
 

@@ -1,5 +1,6 @@
 """Ops that are constants for differentiation: shape queries, comparisons, argmax, integer casts, masks,
-tensor factories. Autograd gives them a zero derivative (or none); so does fxjac, emitting nothing."""
+tensor factories. Autograd gives them a zero derivative (or none); so does fxjac, emitting nothing.
+"""
 
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ class Cast(NonDifferentiable):
 @register(builtins.getattr)
 class GetAttr(NonDifferentiable):
     """``x.shape``, ``x.dtype``, ``x.device``…: constants. ``x.T``/``x.mT`` are rewritten to transposes when
-    the graph is normalised; anything else is left to the fallback."""
+    the graph is normalised; anything else is left to the fallback.
+    """
 
     def jvp(self, e, site, tangents):  # noqa: D102
         self._check(site)

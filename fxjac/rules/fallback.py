@@ -15,9 +15,9 @@ import importlib
 import math
 
 import torch
-from torch.fx.node import _get_qualified_name
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.fx.node import _get_qualified_name
+from torch.utils._pytree import tree_map
 
 from passes.protocol import ZERO, Rule, module_call
 
@@ -94,7 +94,8 @@ def _spec_leaves(spec):
 
 def _op(fn, args, kwargs, ctx=(), spec=True):
     """The op as a function of its differentiated inputs, returning its floating outputs only (one tensor,
-    or a tuple of them when the op returns a structure; ``spec`` marks which leaves are floating)."""
+    or a tuple of them when the op returns a structure; ``spec`` marks which leaves are floating).
+    """
 
     def g(*primals):
         a, k = _fill((args, kwargs), primals, ctx)
@@ -274,7 +275,8 @@ class Fallback(Rule):
     @staticmethod
     def _template(site, pick):
         """The call as (qualified name, args, kwargs) with slots for the differentiated inputs (those ``pick``
-        chooses) and for the other batched tensors (sliced per sample where needed); returns both lists."""
+        chooses) and for the other batched tensors (sliced per sample where needed); returns both lists.
+        """
         node = site.node
         n_pos = sum(1 for k in site.args if k.isdigit())
         old = site.extra["old_args"]

@@ -12,7 +12,6 @@ import torch
 
 from passes.protocol import ZERO, Decline, Rule
 
-from . import _rt
 from .base import LinearOp
 from .registry import register
 from .shape import stack_sum, unreduce
@@ -59,7 +58,7 @@ def index_weights(x, idx, dim, keepdim):
 
 
 def logsumexp_weights(x, y, dim, keepdim):
-    """softmax weights ``exp(x - y)`` of ``logsumexp``."""
+    """Softmax weights ``exp(x - y)`` of ``logsumexp``."""
     dims = _dims(dim, x.dim())
     if not keepdim:
         for d in sorted(dims):
@@ -185,7 +184,8 @@ class LogSumExp(_Weighted):
 @register(torch.max, "max", torch.min, "min")
 class Max(Rule):
     """max/min: the full reduction splits ties evenly; with a dim the returned index gets the derivative;
-    the binary form (``max(a, b)``) goes to the fallback."""
+    the binary form (``max(a, b)``) goes to the fallback.
+    """
 
     def signature(input, dim=None, keepdim=False):  # noqa: D103
         ...
