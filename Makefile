@@ -49,7 +49,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile $(wildcard fxjac/__init__.py p
 	@touch $@
 
 test: install
-	$(VPY) -m pytest $(PYTEST_ARGS)
+	FXJAC_RULE_COVERAGE=1 $(VPY) -m pytest $(PYTEST_ARGS)
 
 demo: install
 	$(VENV)/bin/fxjac demo

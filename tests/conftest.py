@@ -14,3 +14,45 @@ def _quiet_fallback_warnings():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="fxjac: these ops have no structured rule")
         yield
+
+
+# --- rule coverage: every registered spelling must be exercised by some test ------------------------------
+# `make test` sets FXJAC_RULE_COVERAGE=1: after a full run, a key of the rule table that no test reached
+# (through its structured rule) fails the session, so a new rule cannot land without a sample.
+
+_APPLIED: set = set()
+
+
+def pytest_configure(config):
+    import passes.builder as builder
+    from passes.protocol import rule_key
+
+    original = builder.Builder.rule
+
+    def recording_rule(self, node):
+        rule = original(self, node)
+        if rule is not self.rules.fallback:
+            try:
+                _APPLIED.add(rule_key(node))
+            except TypeError:
+                pass
+        return rule
+
+    builder.Builder.rule = recording_rule
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import os
+
+    if os.environ.get("FXJAC_RULE_COVERAGE") != "1" or exitstatus != 0:
+        return
+    partial = session.config.option.keyword or session.config.option.markexpr or \
+        [a.rstrip("/") for a in session.config.args] not in ([], ["tests"])
+    if partial:
+        return  # coverage is judged on the whole suite only
+    from fxjac.rules import RULES
+
+    missing = sorted(getattr(k, "__qualname__", None) or str(k) for k in RULES if k not in _APPLIED)
+    if missing:
+        print("\nRule coverage: these registered keys were never exercised by a test:\n  " + "\n  ".join(missing))
+        session.exitstatus = 1

@@ -162,7 +162,7 @@ class Reshape(_ReshapeLike):
 
 
 @register("contiguous", "clone", torch.clone, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-          F.alpha_dropout, F.feature_alpha_dropout, "requires_grad_", torch.Tensor.contiguous)
+          F.alpha_dropout, F.feature_alpha_dropout)
 class Identity(LinearOp):
     """y = x (copies, contiguity, dropout in eval mode; training-mode dropout is refused before this)."""
 
