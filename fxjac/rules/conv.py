@@ -1,9 +1,9 @@
-"""Convolution, pooling and resampling: ``conv{1,2,3}d``, ``conv_transpose{1,2,3}d``, max, average and adaptive
-pooling, ``interpolate``, ``pixel_shuffle``/``pixel_unshuffle`` and ``unfold``/``fold``.
+"""Convolution, pooling and resampling rules.
 
-Every op here acts on ``[N, C, *spatial]`` with ``N`` free, so a stack ``[K, B, C, *spatial]`` goes through the
-op itself with ``K·B`` merged into ``N`` (:func:`on_stack`). Kernel sizes, strides and batch sizes are read from
-the primal tensors at run time.
+Covers ``conv{1,2,3}d``, ``conv_transpose{1,2,3}d``, max, average and adaptive pooling, ``interpolate``,
+``pixel_shuffle``/``pixel_unshuffle`` and ``unfold``/``fold``. Every op here acts on ``[N, C, *spatial]`` with
+``N`` free, so a stack ``[K, B, C, *spatial]`` goes through the op itself with ``K·B`` merged into ``N``
+(:func:`on_stack`). Kernel sizes, strides and batch sizes are read from the primal tensors at run time.
 
 Note [convolution weight cotangents]
     The weight cotangent of a convolution with input ``a`` (zero-padded) and output cotangent ``c`` is
@@ -40,7 +40,8 @@ _ADAPTIVE_MAX = {1: F.adaptive_max_pool1d_with_indices, 2: F.adaptive_max_pool2d
 _OPS = {
     "avg_pool1d": F.avg_pool1d, "avg_pool2d": F.avg_pool2d, "avg_pool3d": F.avg_pool3d,
     "adaptive_avg_pool1d": F.adaptive_avg_pool1d, "adaptive_avg_pool2d": F.adaptive_avg_pool2d,
-    "adaptive_avg_pool3d": F.adaptive_avg_pool3d, "interpolate": F.interpolate, "unfold": F.unfold, "fold": F.fold,
+    "adaptive_avg_pool3d": F.adaptive_avg_pool3d, "interpolate": F.interpolate,
+    "unfold": F.unfold, "fold": F.fold,
 }
 
 # --- kernels ---------------------------------------------------------------------------------------------
@@ -52,8 +53,7 @@ def _tuple(v, n: int) -> tuple:
 
 
 def on_stack(op: str, t, rank: int, *args):
-    """``op(t, *args)`` for an op on ``[N, *sample]`` (``rank`` sample axes) applied to a stack: the leading
-    axes merge into ``N``."""
+    """``op(t, *args)`` on a stack, for an op on ``[N, *sample]`` (``rank`` sample axes): lead axes join N."""
     lead = tuple(t.shape[:t.dim() - rank])
     y = _OPS[op](t.reshape((-1,) + tuple(t.shape[len(lead):])), *args)
     return y.reshape(lead + tuple(y.shape[1:]))
@@ -66,8 +66,10 @@ def pullback(op: str, x, ct, *args):
 
 
 def conv_pads(w, padding, dilation) -> list:
-    """The zero padding ``(left, right)`` of each spatial axis of a convolution, ``'same'``/``'valid'`` resolved
-    as PyTorch does (an odd total puts the extra element on the right)."""
+    """The zero padding ``(left, right)`` of each spatial axis of a convolution.
+
+    ``'same'`` and ``'valid'`` are resolved as PyTorch does: an odd total puts the extra element on the right.
+    """
     n = w.dim() - 2
     if padding == "valid":
         return [(0, 0)] * n
@@ -85,12 +87,15 @@ def conv_stack(t, w, stride, padding, dilation, groups):
 
 
 def conv_input_ct(ct, x, w, stride, padding, dilation, groups):
-    """Adjoint of ``conv(·, w)`` on a stack ``[K, *y]`` -> ``[K, *x]``: a transposed convolution whose output
-    padding restores the input size."""
+    """Adjoint of ``conv(·, w)`` on a stack ``[K, *y]`` -> ``[K, *x]``.
+
+    A transposed convolution whose output padding restores the input size.
+    """
     n = w.dim() - 2
     s, dil, pads = _tuple(stride, n), _tuple(dilation, n), conv_pads(w, padding, dilation)
     size = tuple(x.shape[-n:])
-    extra = [(L + lo + hi - d * (k - 1) - 1) % st for L, (lo, hi), d, k, st in zip(size, pads, dil, w.shape[2:], s)]
+    extra = [(L + lo + hi - d * (k - 1) - 1) % st
+             for L, (lo, hi), d, k, st in zip(size, pads, dil, w.shape[2:], s)]
     g = _CONV_T[n](ct.flatten(0, 1), w, None, s, [lo for lo, _ in pads], extra, groups, dil)
     # 'same' padding of an even effective kernel pads one more element on the right: drop its cotangent.
     g = g[(Ellipsis,) + tuple(slice(0, L) for L in size)]
@@ -98,8 +103,10 @@ def conv_input_ct(ct, x, w, stride, padding, dilation, groups):
 
 
 def conv_t_input_ct(ct, x, w, stride, padding, dilation, groups):
-    """Adjoint of ``conv_transpose(·, w)`` on a stack: the convolution with the same parameters (cropped where
-    an output padding of at least the stride made the output longer)."""
+    """Adjoint of ``conv_transpose(·, w)`` on a stack: the convolution with the same parameters.
+
+    The result is cropped where an output padding of at least the stride made the primal output longer.
+    """
     n = w.dim() - 2
     g = _CONV[n](ct.flatten(0, 1), w, None, stride, padding, dilation, groups)
     g = g[(Ellipsis,) + tuple(slice(0, L) for L in x.shape[-n:])]
@@ -121,14 +128,17 @@ def _columns_out(y, k: int, b: int, g: int, n: int):
 
 
 def conv_weight_tangent(x, tw, stride, padding, dilation, groups):
-    """``conv(x, tw_k)`` for every column of a weight-tangent stack ``[K, O, C/g, *k]`` (or per-sample
-    ``[K, B, O, C/g, *k]``), as one grouped convolution whose output channels hold the K columns."""
+    """``conv(x, tw_k)`` for every column of a weight-tangent stack, as one grouped convolution.
+
+    ``tw`` is ``[K, O, C/g, *k]`` (shared by the batch) or ``[K, B, O, C/g, *k]`` (per sample: the batch joins
+    the groups); the convolution's output channels hold the K columns.
+    """
     n, k, b, g = x.dim() - 2, tw.shape[0], x.shape[0], groups
     kernel = tuple(tw.shape[-n - 1:])  # (C/g, *k)
-    if tw.dim() == n + 4:  # per-sample [K, B, *W.shape]: the batch joins the groups
+    if tw.dim() == n + 4:
         w = tw.reshape((k, b, g, -1) + kernel).permute((1, 2, 0, 3) + tuple(range(4, 5 + n)))
-        y = _CONV[n](x.reshape((1, -1) + tuple(x.shape[2:])), w.reshape((-1,) + kernel), None, stride, padding,
-                     dilation, b * g)
+        x1 = x.reshape((1, -1) + tuple(x.shape[2:]))
+        y = _CONV[n](x1, w.reshape((-1,) + kernel), None, stride, padding, dilation, b * g)
     else:
         w = tw.reshape((k, g, -1) + kernel).transpose(0, 1)
         y = _CONV[n](x, w.reshape((-1,) + kernel), None, stride, padding, dilation, g)
@@ -136,28 +146,34 @@ def conv_weight_tangent(x, tw, stride, padding, dilation, groups):
 
 
 def conv_t_weight_tangent(x, tw, stride, padding, output_padding, groups, dilation):
-    """``conv_transpose(x, tw_k)`` for every column of a weight-tangent stack ``[K, C, O/g, *k]`` (or
-    per-sample ``[K, B, C, O/g, *k]``), as one grouped transposed convolution."""
+    """``conv_transpose(x, tw_k)`` for every column of a weight-tangent stack, as one grouped convolution.
+
+    ``tw`` is ``[K, C, O/g, *k]`` (shared by the batch) or ``[K, B, C, O/g, *k]`` (per sample).
+    """
     n, k, b, g = x.dim() - 2, tw.shape[0], x.shape[0], groups
     kernel = tuple(tw.shape[-n:])
-    if tw.dim() == n + 4:  # per-sample
+    if tw.dim() == n + 4:
         w = tw.permute((1, 2, 0) + tuple(range(3, 4 + n)))  # [B, C, K, O/g, *k]
-        y = _CONV_T[n](x.reshape((1, -1) + tuple(x.shape[2:])), w.reshape((w.shape[0] * w.shape[1], -1) + kernel),
-                       None, stride, padding, output_padding, b * g, dilation)
+        w = w.reshape((w.shape[0] * w.shape[1], -1) + kernel)
+        x, g = x.reshape((1, -1) + tuple(x.shape[2:])), b * g
     else:
         w = tw.transpose(0, 1)  # [C, K, O/g, *k]
-        y = _CONV_T[n](x, w.reshape((w.shape[0], -1) + kernel), None, stride, padding, output_padding, g, dilation)
-    return _columns_out(y, k, b, g, n)
+        w = w.reshape((w.shape[0], -1) + kernel)
+    y = _CONV_T[n](x, w, None, stride, padding, output_padding, g, dilation)
+    return _columns_out(y, k, b, groups, n)
 
 
 def corr_weight(a, c, stride, dilation, pads, ksize, groups, per_sample):
-    """Weight cotangents ``Σ_positions c ⊗ patches(a)`` of a convolution (see Note [convolution weight
-    cotangents]).
+    """Weight cotangents ``Σ_positions c ⊗ patches(a)`` of a convolution.
+
+    See Note [convolution weight cotangents].
 
     Args:
         a: the convolution's input ``[Ka, B, C, *S]`` (unpadded).
         c: its output cotangent ``[Kc, B, O, *S']``; one of ``Ka``, ``Kc`` is 1.
-        stride, dilation, pads: the convolution's stride, dilation and ``(left, right)`` zero padding per axis.
+        stride: the convolution's stride.
+        dilation: its dilation.
+        pads: its ``(left, right)`` zero padding per spatial axis.
         ksize: the kernel's spatial size.
         groups: the convolution's groups.
         per_sample: keep the batch apart.
@@ -179,32 +195,36 @@ def corr_weight(a, c, stride, dilation, pads, ksize, groups, per_sample):
         ker = c.permute((1, 2, 0, 3) + r).reshape((-1, 1) + so)
         y = conv(img, ker, None, _tuple(dilation, n), 0, _tuple(stride, n), b * g)
         y = y.reshape((ka, ch // g, b, g, kc, o // g) + tuple(y.shape[2:]))
-        y = y.permute((0, 4, 2, 3, 5, 1) + tuple(range(6, 6 + n))).reshape((ka * kc, b, o, ch // g) + y.shape[6:])
+        y = y.permute((0, 4, 2, 3, 5, 1) + tuple(range(6, 6 + n)))
+        y = y.reshape((ka * kc, b, o, ch // g) + y.shape[6:])
     else:
         img = a.permute((0, 3, 2, 1) + r).reshape((-1, g * b) + sp)
         ker = c.permute((2, 0, 3, 1) + r).reshape((-1, b) + so)
         y = conv(img, ker, None, _tuple(dilation, n), 0, _tuple(stride, n), g)
         y = y.reshape((ka, ch // g, g, kc, o // g) + tuple(y.shape[2:]))
-        y = y.permute((0, 3, 2, 4, 1) + tuple(range(5, 5 + n))).reshape((ka * kc, o, ch // g) + y.shape[5:])
+        y = y.permute((0, 3, 2, 4, 1) + tuple(range(5, 5 + n)))
+        y = y.reshape((ka * kc, o, ch // g) + y.shape[5:])
     # The correlation also covers offsets past the kernel where the strides leave room: keep the kernel's.
     return y[(Ellipsis,) + tuple(slice(0, k) for k in ksize)]
 
 
 def conv_weight_ct(ct, x, w, stride, padding, dilation, groups, per_sample):
     """Weight cotangent of ``conv(x, w)`` for an output cotangent stack ``ct`` ``[K, *y]``."""
-    return corr_weight(x.unsqueeze(0), ct, stride, dilation, conv_pads(w, padding, dilation), tuple(w.shape[2:]),
-                       groups, per_sample)
+    pads = conv_pads(w, padding, dilation)
+    return corr_weight(x.unsqueeze(0), ct, stride, dilation, pads, tuple(w.shape[2:]), groups, per_sample)
 
 
 def conv_t_weight_ct(ct, x, w, stride, padding, dilation, groups, per_sample):
-    """Weight cotangent of ``conv_transpose(x, w)``: its adjoint is ``conv(ct, w)``, whose weight cotangent
-    against the output cotangent ``x`` this is."""
-    return corr_weight(ct, x.unsqueeze(0), stride, dilation, conv_pads(w, padding, dilation), tuple(w.shape[2:]),
-                       groups, per_sample)
+    """Weight cotangent of ``conv_transpose(x, w)``.
+
+    ``<ct, conv_transpose(x, w)> = <conv(ct, w), x>``: the weight cotangent of ``conv(ct, w)`` against ``x``.
+    """
+    pads = conv_pads(w, padding, dilation)
+    return corr_weight(ct, x.unsqueeze(0), stride, dilation, pads, tuple(w.shape[2:]), groups, per_sample)
 
 
 def bias_tangent(tb, n: int):
-    """A bias tangent stack ``[K, O]`` (or per-sample ``[K, B, O]``) shaped to broadcast over ``[K, B, O, *S]``."""
+    """A bias tangent stack ``[K, O]`` (or per-sample ``[K, B, O]``) to broadcast on ``[K, B, O, *S]``."""
     lead = (tb.shape[0], 1) if tb.dim() == 2 else tuple(tb.shape[:2])
     return tb.reshape(lead + (tb.shape[-1],) + (1,) * n)
 
@@ -221,7 +241,7 @@ def square(x):
 
 
 def pool_indices(x, n: int, kernel_size, stride, padding, dilation, ceil_mode):
-    """The flat spatial argmax indices of a max pooling (PyTorch's own, so ties go where autograd sends them)."""
+    """The flat spatial argmax indices of a max pooling: PyTorch's own, so ties go where autograd goes."""
     stride = None if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) else stride
     return _MAX_POOL[n](x, kernel_size, stride, padding, dilation, ceil_mode, True)[1]
 
@@ -239,8 +259,10 @@ def pool_gather(t, idx, n: int):
 
 
 def pool_scatter(ct, idx, x, n: int):
-    """Adjoint of :func:`pool_gather`: ``[K, *y]`` added into zeros ``[K, *x]`` at the indices (overlapping
-    windows that share a maximum add up, as in autograd)."""
+    """Adjoint of :func:`pool_gather`: ``[K, *y]`` added into zeros ``[K, *x]`` at the indices.
+
+    Overlapping windows that share a maximum add up there, as in autograd.
+    """
     lead = (ct.shape[0],) + tuple(idx.shape[:-n])
     flat = ct.new_zeros(lead + (math.prod(x.shape[-n:]),))
     out = flat.scatter_add(-1, idx.flatten(-n).expand(lead + (-1,)), ct.flatten(-n))
@@ -250,7 +272,7 @@ def pool_scatter(ct, idx, x, n: int):
 def avg_pool_weights(x, n: int, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
     """``1/divisor`` of each window of an average pooling, ``[1, 1, *y_spatial]``.
 
-    Every entry of a window's Jacobian row is ``1/divisor``: the pooled ones give ``count/divisor`` and the same
+    Every entry of a window's Jacobian row is ``1/divisor``: pooled ones give ``count/divisor`` and the same
     windows summed (divisor 1) give the count of real elements, whatever the padding and ceil-mode rules.
     """
     ones = x.new_ones((1, 1) + tuple(x.shape[-n:]))
@@ -266,7 +288,7 @@ def avg_pool_weights(x, n: int, kernel_size, stride, padding, ceil_mode, count_i
 
 
 def adaptive_avg_weights(x, y, n: int):
-    """``1/|window|`` of each window of an adaptive average pooling (PyTorch's window bounds), ``[*y_spatial]``."""
+    """``1/|window|`` of each window of an adaptive average pooling (PyTorch's bounds), ``[*y_spatial]``."""
     w = None
     for i in range(n):
         size_in, size_out = x.shape[i - n], y.shape[i - n]
@@ -277,33 +299,57 @@ def adaptive_avg_weights(x, y, n: int):
     return w
 
 
+_NEAREST_EXACT_BACKWARD = {1: torch.ops.aten._upsample_nearest_exact1d_backward,
+                           2: torch.ops.aten._upsample_nearest_exact2d_backward,
+                           3: torch.ops.aten._upsample_nearest_exact3d_backward}
+
+
+def nearest_exact_transpose(ct, x, size, scale_factor, recompute_scale_factor):
+    """Adjoint of ``interpolate(x, mode='nearest-exact')`` on a stack: aten's backward on the merged stack.
+
+    vmap has no batching rule for it. The scales are those ``F.interpolate`` hands to the forward kernel.
+    """
+    n = x.dim() - 2
+    if size is not None or recompute_scale_factor:
+        scales = [None] * n
+    else:
+        scales = [float(s) for s in _tuple(scale_factor, n)]
+    size_in = [ct.shape[0] * x.shape[0]] + list(x.shape[1:])
+    g = _NEAREST_EXACT_BACKWARD[n](ct.flatten(0, 1), list(ct.shape[-n:]), size_in, *scales)
+    return g.unflatten(0, ct.shape[:2])
+
+
 def interp_matrix(x, axis: int, n: int, size, scale_factor, mode, align_corners, recompute_scale_factor,
                   antialias):
-    """The transposed 1-D interpolation matrix ``[in, out]`` of one spatial axis, by interpolating the identity.
+    """The transposed 1-D interpolation matrix ``[in, out]`` of one spatial axis: the identity interpolated.
 
     Interpolation is separable: along one axis it does not depend on the other axes, so the identity is fed
-    along ``axis`` with the other axes of size 1 (kept at size 1).
+    along ``axis``, constant along the others (size 2 kept at 2; PyTorch's antialiased kernels mishandle
+    size-1 axes), and read at index 0 of the others.
     """
     m = x.shape[axis - n]
-    eye = torch.eye(m, dtype=x.dtype, device=x.device).reshape((m, 1) + tuple(m if j == axis else 1 for j in range(n)))
+    others = tuple(m if j == axis else 2 for j in range(n))
+    eye = torch.eye(m, dtype=x.dtype, device=x.device)
+    eye = eye.reshape((m, 1) + tuple(m if j == axis else 1 for j in range(n))).expand((m, 1) + others)
     if size is not None:
         sizes = _tuple(size, n)
-        y = F.interpolate(eye, [sizes[j] if j == axis else 1 for j in range(n)], None, mode, align_corners,
+        y = F.interpolate(eye, [sizes[j] if j == axis else 2 for j in range(n)], None, mode, align_corners,
                           recompute_scale_factor, antialias)
     else:
         scales = _tuple(scale_factor, n)
         y = F.interpolate(eye, None, [float(scales[j]) if j == axis else 1.0 for j in range(n)], mode,
                           align_corners, recompute_scale_factor, antialias)
-    return y.reshape(m, -1)
+    return y[(slice(None), 0) + tuple(slice(None) if j == axis else 0 for j in range(n))]
 
 
 def interp_squared_transpose(d, x, n: int, size, scale_factor, mode, align_corners, recompute_scale_factor,
                              antialias):
-    """``(A∘A)ᵀ d`` for a separable interpolation ``A = A_1 ⊗ … ⊗ A_n``: the squared 1-D matrices, axis by axis."""
+    """``(A∘A)ᵀ d`` for a separable interpolation ``A = A_1 ⊗ … ⊗ A_n``: squared 1-D matrices per axis."""
     letters_in, letters_out = "hwz"[:n], "pqr"[:n]
     mats = [square(interp_matrix(x, i, n, size, scale_factor, mode, align_corners, recompute_scale_factor,
                                  antialias)) for i in range(n)]
-    eq = f"...{letters_out}," + ",".join(f"{a}{b}" for a, b in zip(letters_in, letters_out)) + f"->...{letters_in}"
+    mats_eq = ",".join(f"{a}{b}" for a, b in zip(letters_in, letters_out))
+    eq = f"...{letters_out},{mats_eq}->...{letters_in}"
     return torch.einsum(eq, d, *mats)
 
 
@@ -354,16 +400,16 @@ class _Conv(Rule):
             out = e(_rt.expand_like, out, site.out)
         return out
 
-    def _backward(self, e, site, ct, w_of, w_x):
+    def _backward(self, e, site, ct, weight_of, input_of):
         self._check(site)
         x, w, b = site.args["input"], site.args["weight"], site.args["bias"]
         p = self._adjoint_params(site)
         out = {}
         if site.needs("input"):
-            out["input"] = e(conv_t_input_ct if self.transposed else conv_input_ct, ct, x, w_of(w), *p)
+            out["input"] = e(conv_t_input_ct if self.transposed else conv_input_ct, ct, x, weight_of(w), *p)
         if site.needs("weight"):
             kernel = conv_t_weight_ct if self.transposed else conv_weight_ct
-            out["weight"] = e(kernel, ct, w_x(x), w, *p, "weight" in site.ps)
+            out["weight"] = e(kernel, ct, input_of(x), w, *p, "weight" in site.ps)
         if b is not None and site.needs("bias"):
             out["bias"] = e(bias_ct, ct, self.n, "bias" in site.ps)
         return out
@@ -372,7 +418,7 @@ class _Conv(Rule):
         return self._backward(e, site, ct, lambda w: w, lambda x: x)
 
     def diag_vjp(self, e, site, d):
-        """Input: the adjoint with ``W∘W``; weight: the weight cotangent against ``x∘x``; bias: ``d`` summed."""
+        """Input: the adjoint with ``W∘W``; weight: the weight cotangent against ``x∘x``; bias: d summed."""
         return self._backward(e, site, d, lambda w: e(square, w), lambda x: e(square, x))
 
 
@@ -531,7 +577,7 @@ class AdaptiveMaxPool3d(_AdaptiveMaxPool):
 
 
 class _StackedLinear(LinearOp):
-    """A linear op on ``[N, C, *spatial]``: the op itself on the merged stack, PyTorch's backward as adjoint."""
+    """A linear op on ``[N, C, *spatial]``: the op itself on the merged stack, PyTorch's backward adjoint."""
 
     op = ""
     n = 2
@@ -553,8 +599,8 @@ class _AvgPool(_StackedLinear):
     def diag_vjp(self, e, site, d):
         """Every entry of a window's row is ``1/divisor``: ``(A∘A)ᵀ d = Aᵀ (d / divisor)``."""
         a = site.args
-        w = e(avg_pool_weights, a["input"], self.n, a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
-              a["count_include_pad"], a.get("divisor_override"))
+        w = e(avg_pool_weights, a["input"], self.n, a["kernel_size"], a["stride"], a["padding"],
+              a["ceil_mode"], a["count_include_pad"], a.get("divisor_override"))
         return {"input": self.transpose(e, site, e(operator.mul, d, w))}
 
 
@@ -623,8 +669,7 @@ class AdaptiveAvgPool3d(_AdaptiveAvgPool):
 
 @register(F.interpolate)
 class Interpolate(_StackedLinear):
-    """y = interpolate(x) (nn.Upsample), linear: the same resampling of the tangent, PyTorch's backward on the
-    cotangent; the diagonal squares the separable 1-D interpolation weights."""
+    """y = interpolate(x) (nn.Upsample), linear: resampled tangent, PyTorch's backward on the cotangent."""
 
     op = "interpolate"
     names = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
@@ -635,6 +680,13 @@ class Interpolate(_StackedLinear):
 
     def apply(self, e, site, t):  # noqa: D102
         return e(on_stack, self.op, t, site.ndim("input") - 1, *self._args(site))
+
+    def transpose(self, e, site, ct):  # noqa: D102
+        a = site.args
+        if a["mode"] == "nearest-exact":
+            return e(nearest_exact_transpose, ct, a["input"], a["size"], a["scale_factor"],
+                     a["recompute_scale_factor"])
+        return super().transpose(e, site, ct)
 
     def diag_vjp(self, e, site, d):
         """Nearest modes are 0/1 (the adjoint itself); the others square the 1-D weights of each axis."""

@@ -1,0 +1,276 @@
+"""Convolution, pooling and resampling rules against torch.func (float64, tiny shapes).
+
+Every case is one op wrapped in ``nn.Sequential`` (a bare ``nn.ConvTranspose2d`` as the root cannot be traced:
+its optional ``output_size`` argument becomes a placeholder); none of them may fall back to autograd.
+"""
+
+from __future__ import annotations
+
+import operator
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import reference  # noqa: E402
+from reference import check_direction_products  # noqa: E402
+
+import fxjac  # noqa: E402
+
+
+class Fn(nn.Module):
+    """A functional call as a module."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class ConvFn(nn.Module):
+    """``F.conv*`` called directly with the module's own parameters."""
+
+    def __init__(self, fn, weight_shape, bias, **kwargs):
+        super().__init__()
+        self.fn, self.kwargs = fn, kwargs
+        self.weight = nn.Parameter(torch.randn(weight_shape) / 3)
+        self.bias = nn.Parameter(torch.randn(bias)) if bias else None
+
+    def forward(self, x):
+        return self.fn(x, self.weight, self.bias, **self.kwargs)
+
+
+class MaxPoolIndices(nn.Module):
+    """Max pooling that returns its indices (a tuple-valued node)."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x):
+        y, _ = self.pool(x)
+        return y
+
+
+IMG, SEQ, VOL = (2, 5, 6), (2, 7), (2, 3, 4, 5)
+
+# (id, module factory, one sample's shape): params where the op has them.
+CONV_CASES = [
+    ("conv2d", lambda: nn.Conv2d(2, 3, 3), IMG),
+    ("conv2d_stride2_pad_groups2", lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (4, 5, 6)),
+    ("conv2d_dilation2", lambda: nn.Conv2d(2, 3, (2, 3), padding=2, dilation=2), IMG),
+    ("conv2d_same_even_kernel", lambda: nn.Conv2d(2, 3, (2, 3), padding="same", dilation=(1, 2)), IMG),
+    ("conv2d_valid_nobias", lambda: nn.Conv2d(2, 3, 2, padding="valid", bias=False), IMG),
+    ("conv2d_stride_past_kernel", lambda: nn.Conv2d(2, 3, 2, stride=3), (2, 7, 8)),
+    ("conv1d_stride2_groups2", lambda: nn.Conv1d(2, 4, 3, stride=2, groups=2), SEQ),
+    ("conv1d_same_dilation2", lambda: nn.Conv1d(2, 3, 4, padding="same", dilation=2), SEQ),
+    ("conv3d_stride", lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=(1, 0, 1)), VOL),
+    ("conv3d_groups2", lambda: nn.Conv3d(2, 4, 2, groups=2, dilation=(2, 1, 1)), VOL),
+    ("F.conv2d", lambda: ConvFn(F.conv2d, (4, 1, 2, 3), 4, stride=(2, 1), groups=2), IMG),
+    ("conv_transpose2d", lambda: nn.ConvTranspose2d(2, 3, 3), IMG),
+    ("conv_transpose2d_stride2_outpad_groups2",
+     lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), (4, 3, 4)),
+    ("conv_transpose2d_dilation3_outpad2", lambda: nn.ConvTranspose2d(2, 3, 2, stride=2, dilation=3,
+                                                                        output_padding=2), (2, 3, 4)),
+    ("conv_transpose1d", lambda: nn.ConvTranspose1d(2, 4, 3, stride=2, groups=2, bias=False), SEQ),
+    ("conv_transpose3d", lambda: nn.ConvTranspose3d(2, 3, 2, stride=(2, 1, 1), padding=(0, 1, 0)), VOL),
+]
+
+POOL_CASES = [
+    ("max_pool2d", lambda: nn.MaxPool2d(2), IMG),
+    ("max_pool2d_pad_ceil", lambda: nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True), IMG),
+    ("max_pool2d_dilation2_overlap", lambda: nn.MaxPool2d(2, stride=1, dilation=2), IMG),
+    ("max_pool2d_indices",
+     lambda: MaxPoolIndices(nn.MaxPool2d(3, stride=2, padding=1, return_indices=True)), IMG),
+    ("max_pool1d", lambda: nn.MaxPool1d(3, stride=2, padding=1), SEQ),
+    ("max_pool1d_indices", lambda: MaxPoolIndices(nn.MaxPool1d(2, return_indices=True)), SEQ),
+    ("max_pool3d_ceil", lambda: nn.MaxPool3d(2, ceil_mode=True), VOL),
+    ("max_pool3d_indices", lambda: MaxPoolIndices(nn.MaxPool3d(2, stride=1, return_indices=True)), VOL),
+    ("torch.max_pool1d", lambda: Fn(lambda x: torch.max_pool1d(x, 2)), SEQ),
+    ("torch.max_pool1d_with_indices",
+     lambda: Fn(lambda x: torch.max_pool1d_with_indices(x, 3, 2, 1)[0]), SEQ),
+    ("torch.max_pool2d", lambda: Fn(lambda x: torch.max_pool2d(x, 2, 1)), IMG),
+    ("torch.max_pool3d", lambda: Fn(lambda x: torch.max_pool3d(x, 2, 1, 1)), VOL),
+    ("avg_pool2d_ceil_nopadcount", lambda: nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True,
+                                                         count_include_pad=False), IMG),
+    ("avg_pool2d_divisor", lambda: nn.AvgPool2d(2, divisor_override=3), IMG),
+    ("avg_pool1d", lambda: nn.AvgPool1d(3, stride=2, padding=1, ceil_mode=True), SEQ),
+    ("avg_pool3d", lambda: nn.AvgPool3d(2, padding=1, count_include_pad=False), VOL),
+    ("adaptive_avg_pool1d", lambda: nn.AdaptiveAvgPool1d(3), SEQ),
+    ("adaptive_avg_pool2d", lambda: nn.AdaptiveAvgPool2d((2, 4)), IMG),
+    ("adaptive_avg_pool3d", lambda: nn.AdaptiveAvgPool3d((2, 3, None)), VOL),
+    ("adaptive_max_pool1d", lambda: nn.AdaptiveMaxPool1d(3), SEQ),
+    ("adaptive_max_pool1d_indices",
+     lambda: MaxPoolIndices(nn.AdaptiveMaxPool1d(4, return_indices=True)), SEQ),
+    ("torch.adaptive_max_pool1d", lambda: Fn(lambda x: torch.adaptive_max_pool1d(x, 3)[0]), SEQ),
+    ("adaptive_max_pool2d", lambda: nn.AdaptiveMaxPool2d((2, 4)), IMG),
+    ("adaptive_max_pool2d_indices",
+     lambda: MaxPoolIndices(nn.AdaptiveMaxPool2d(3, return_indices=True)), IMG),
+    ("adaptive_max_pool3d", lambda: nn.AdaptiveMaxPool3d((2, 3, 2)), VOL),
+    ("adaptive_max_pool3d_indices",
+     lambda: MaxPoolIndices(nn.AdaptiveMaxPool3d(2, return_indices=True)), VOL),
+]
+
+RESAMPLE_CASES = [
+    ("upsample_nearest", lambda: nn.Upsample(scale_factor=2), IMG),
+    ("upsample_nearest_exact_size", lambda: nn.Upsample(size=(8, 4), mode="nearest-exact"), IMG),
+    ("upsample_nearest_exact_scale",
+     lambda: nn.Upsample(scale_factor=(1.7, 0.6), mode="nearest-exact"), IMG),
+    ("upsample_nearest_exact_1d", lambda: nn.Upsample(scale_factor=1.6, mode="nearest-exact"), SEQ),
+    ("upsample_nearest_exact_3d",
+     lambda: nn.Upsample(scale_factor=(1.5, 1, 0.8), mode="nearest-exact"), VOL),
+    ("interpolate_lanczos",
+     lambda: Fn(lambda x: F.interpolate(x, scale_factor=1.6, mode="lanczos", antialias=True)), IMG),
+    ("upsample_bilinear_size", lambda: nn.Upsample(size=(7, 9), mode="bilinear"), IMG),
+    ("upsample_bilinear_align_corners", lambda: nn.Upsample(scale_factor=1.5, mode="bilinear",
+                                                             align_corners=True), IMG),
+    ("interpolate_bilinear_down_recompute", lambda: Fn(lambda x: F.interpolate(
+        x, scale_factor=0.7, mode="bilinear", recompute_scale_factor=True)), IMG),
+    ("upsample_linear", lambda: nn.Upsample(scale_factor=2.5, mode="linear"), SEQ),
+    ("upsample_bicubic", lambda: nn.Upsample(scale_factor=(1.5, 0.7), mode="bicubic"), IMG),
+    ("upsample_trilinear", lambda: nn.Upsample(scale_factor=2, mode="trilinear"), VOL),
+    ("interpolate_area", lambda: Fn(lambda x: F.interpolate(x, size=(3, 4), mode="area")), IMG),
+    ("interpolate_bilinear_antialias", lambda: Fn(lambda x: F.interpolate(x, size=(3, 4), mode="bilinear",
+                                                                          antialias=True)), IMG),
+    ("pixel_shuffle", lambda: nn.PixelShuffle(2), (8, 3, 2)),
+    ("pixel_unshuffle", lambda: nn.PixelUnshuffle(2), (2, 4, 6)),
+    ("unfold", lambda: nn.Unfold(2, padding=1, stride=2), IMG),
+    ("unfold_dilation2", lambda: nn.Unfold((2, 3), dilation=2), IMG),
+    ("fold", lambda: nn.Fold((5, 6), 2, padding=1, stride=2), (8, 12)),
+]
+
+ALL = CONV_CASES + POOL_CASES + RESAMPLE_CASES
+
+
+def _model(factory, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(factory()).double()
+
+
+def _input(shape, batch, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((batch,) + tuple(shape), generator=g, dtype=torch.float64)
+
+
+def _fallbacks(caught) -> list:
+    return [str(w.message) for w in caught if "fallback" in str(w.message)]
+
+
+def _check(model, x, **kwargs):
+    """The direction products are exact and no op falls back to autograd."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_direction_products(model, (x,), **kwargs)
+    assert not _fallbacks(caught), _fallbacks(caught)
+
+
+@pytest.mark.parametrize("name, factory, shape", CONV_CASES, ids=[c[0] for c in CONV_CASES])
+def test_conv(name, factory, shape):
+    _check(_model(factory), _input(shape, 3))
+
+
+@pytest.mark.parametrize("name, factory, shape", POOL_CASES + RESAMPLE_CASES,
+                         ids=[c[0] for c in POOL_CASES + RESAMPLE_CASES])
+def test_linear_and_pooling(name, factory, shape):
+    # No parameters: a vector product and the Jacobian in both modes cover stacks of any K.
+    _check(_model(factory), _input(shape, 3), products=("vjp", "jacobian"))
+
+
+BATCH_ONE = [CONV_CASES[1], CONV_CASES[12], POOL_CASES[1], RESAMPLE_CASES[2]]
+
+
+@pytest.mark.parametrize("name, factory, shape", BATCH_ONE, ids=[c[0] for c in BATCH_ONE])
+def test_batch_of_one(name, factory, shape):
+    _check(_model(factory), _input(shape, 1))
+
+
+def test_non_contiguous_input():
+    base = _input((2, 6, 5), 3)
+    x = base.transpose(-1, -2)
+    assert not x.is_contiguous()
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2), nn.MaxPool2d(2, ceil_mode=True),
+                          nn.Upsample(scale_factor=2, mode="bilinear")).double()
+    _check(model, x)
+
+
+def test_max_pool_ties_follow_autograd():
+    # Integer-valued inputs tie inside most windows: the derivative goes to the index PyTorch returns.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 3, (3, 2, 5, 6), generator=g).double()
+    for pool in (nn.MaxPool2d(2), nn.MaxPool2d(3, stride=1, padding=1), nn.AdaptiveMaxPool2d((2, 3))):
+        _check(nn.Sequential(pool), x, products=("vjp", "jacobian"))
+
+
+def test_padding_modes():
+    # Non-zero padding modes arrive as F.pad then an unpadded convolution: the convolution stays structured.
+    for mode in ("reflect", "circular", "replicate"):
+        model = _model(lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode=mode))  # noqa: B023
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            check_direction_products(model, (_input(IMG, 2),), products=("jvp", "vjp", "mjp"))
+        assert not any("conv2d" in m for m in _fallbacks(caught)), _fallbacks(caught)
+
+
+class UNetish(nn.Module):
+    """Down, up to the skip's size (a traced size node), add, transposed conv back: the ops composed."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.up = nn.ConvTranspose2d(4, 2, 2, stride=2)
+
+    def forward(self, x):
+        h = torch.tanh(self.c1(x))
+        d = self.c2(F.max_pool2d(h, 2))
+        u = F.interpolate(d, size=h.shape[-2:], mode="bilinear", align_corners=False)
+        return self.up(F.avg_pool2d(h + u, 2))
+
+
+def test_composed_model():
+    torch.manual_seed(0)
+    _check(UNetish().double(), _input((2, 6, 7), 3))
+
+
+def test_every_spelling_is_registered_and_sampled():
+    # The cases trace only to registered targets, and every key of this family is traced by some case.
+    from fxjac.rules import RULES
+    from fxjac.tracing import trace
+
+    seen = set()
+    for _, factory, _ in ALL:
+        gm = trace(_model(factory))
+        targets = [n.target for n in gm.graph.nodes
+                   if n.op == "call_function" and n.target is not operator.getitem]
+        assert targets and all(t in RULES for t in targets), targets
+        seen.update(targets)
+    family = {k for k, rule in RULES.items() if type(rule).__module__ == "fxjac.rules.conv"}
+    assert family <= seen, [getattr(k, "__name__", k) for k in family - seen]
+
+
+@pytest.mark.compile
+def test_torch_compile_changing_batch():
+    torch.manual_seed(0)
+    p = fxjac.vjp(UNetish().double(), wrt="params", reduce="none")
+    p(_input((2, 6, 7), 1), _input((2, 6, 6), 1))  # built at its first call, compiled after
+    # aot_eager: dynamo's whole-graph capture (vjp/vmap kernels included) without inductor's slow codegen.
+    compiled = torch.compile(p, backend="aot_eager", fullgraph=True, dynamic=True)
+    for batch in (2, 3):
+        x = _input((2, 6, 7), batch)
+        w = _input((2, 6, 6), batch, seed=2)
+        torch.testing.assert_close(compiled(x, w)[1], p(x, w)[1])
+
+
+@pytest.mark.skipif(not hasattr(reference, "check_diag_backprop"), reason="no reference.check_diag_backprop")
+@pytest.mark.parametrize("name, factory, shape", ALL, ids=[c[0] for c in ALL])
+def test_diag_backprop(name, factory, shape):
+    # One op: the diagonal rule must equal the exact diagonal of Jᵀ diag(d) J.
+    reference.check_diag_backprop(_model(factory), (_input(shape, 3),))
