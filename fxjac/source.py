@@ -140,7 +140,7 @@ def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_m
     """Trace ``model``, select its output and ``wrt``, and propagate shapes from ``example_inputs``."""
     kind, index = parse_wrt(wrt)
     params = select_params(model, wrt) if kind == "params" else []
-    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, n_inputs=len(example_inputs))
     check_modes(gm)
     out = _select_output(gm, output)
     gm.graph.eliminate_dead_code()

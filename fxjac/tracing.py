@@ -107,33 +107,61 @@ class Tracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
 
-def trace(model: nn.Module, leaf_modules: Sequence = (), concrete_args: Optional[dict] = None) -> fx.GraphModule:
+def _default_args(model: nn.Module, n_inputs: Optional[int]) -> dict:
+    """``forward``'s parameters that have defaults and come after the inputs given: traced as constants (an
+    optional ``output_size=None`` must not become a graph input the product would then require)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    out = {}
+    for i, p in enumerate(params):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            break
+        if p.default is not p.empty and (n_inputs is None or i >= n_inputs):
+            out[p.name] = p.default
+    return out
+
+
+def trace(model: nn.Module, leaf_modules: Sequence = (), concrete_args: Optional[dict] = None,
+          n_inputs: Optional[int] = None) -> fx.GraphModule:
     """Trace ``model`` (or re-trace a GraphModule) into a normalised GraphModule rooted at ``model``.
+
+    ``forward`` parameters with defaults beyond the first ``n_inputs`` are traced as their defaults unless
+    ``concrete_args`` says otherwise.
 
     Raises:
         TraceError: torch.fx cannot trace the model; the message names the user's line and suggests
             ``leaf_modules``.
     """
     tracer = Tracer(leaf_modules)
+    if concrete_args is None and not isinstance(model, fx.GraphModule):
+        concrete_args = _default_args(model, n_inputs) or None
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except (fx.proxy.TraceError, TypeError, RuntimeError, NotImplementedError, AttributeError) as err:
         raise TraceError(_trace_message(err)) from err
+    _drop_concrete_placeholders(graph)
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__ + "Traced")
     normalise(gm)
     return gm
 
 
-def _trace_message(err: Exception) -> str:
-    import traceback
-
-    frames = traceback.extract_tb(err.__traceback__)
-    user = [f for f in frames if "/torch/" not in f.filename and "/fxjac/" not in f.filename]
-    where = f"\n  at {user[-1].filename}:{user[-1].lineno}: {user[-1].line}" if user else ""
-    return (f"torch.fx cannot trace this model: {err}{where}\n"
-            "Hint: data-dependent Python control flow, .item() or iterating over a tensor cannot be traced; "
-            "name the module that does it in leaf_modules=[...] (fxjac then differentiates it with the "
-            "autograd fallback), or pass concrete_args=.")
+def _drop_concrete_placeholders(graph: fx.Graph) -> None:
+    """Concrete arguments are constants: remove torch.fx's placeholders and run-time checks for them, so the
+    product's inputs are the model's tensor inputs only."""
+    concrete = [n for n in graph.nodes if n.op == "placeholder" and n.args]  # placeholders given a default
+    if not concrete:
+        return
+    reach = set(concrete)
+    for n in graph.nodes:
+        if any(a in reach for a in n.all_input_nodes):
+            reach.add(n)
+    for n in reversed(list(graph.nodes)):
+        if n in reach and n.op != "output" and not n.users:
+            graph.erase_node(n)
 
 
 # --- normalisation ---------------------------------------------------------------------------------------

@@ -336,3 +336,17 @@ def test_values_with_the_batch_off_axis_zero():
     assert_close(g, torch.einsum("bop,bo->bp", J, w), "per-sample grads with a sequence-first layer")
     _, d = fxjac.jtmjp(model, wrt="params", out="diag")(x)
     assert_close(d, (J * J).sum((0, 1)), "JᵀJ diagonal with a sequence-first layer")
+
+
+def test_forward_arguments_with_defaults_are_constants():
+    class Scaled(nn.Module):
+        def forward(self, x, scale=2.0, mask=None):
+            return x * scale if mask is None else x * mask
+
+    x, v = randn(3, 4), randn(3, 4, g=rng(1))
+    _, t = fxjac.jvp(Scaled())(x, v)
+    assert_close(t, 2 * v, "jvp with default arguments")
+    up = nn.ConvTranspose2d(2, 3, 3).double()  # forward(input, output_size=None) as the root
+    xi, vi = randn(2, 2, 4, 4), randn(2, 2, 4, 4, g=rng(2))
+    _, ti = fxjac.jvp(up)(xi, vi)
+    assert_close(ti, torch.func.jvp(up, (xi,), (vi,))[1], "jvp of a bare ConvTranspose2d")
