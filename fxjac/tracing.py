@@ -164,6 +164,21 @@ def _drop_concrete_placeholders(graph: fx.Graph) -> None:
             graph.erase_node(n)
 
 
+def _trace_message(err: Exception) -> str:
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    user = [f for f in frames if "/torch/" not in f.filename and "/fxjac/" not in f.filename]
+    where = f"\n  at {user[-1].filename}:{user[-1].lineno}: {user[-1].line}" if user else ""
+    return (f"torch.fx cannot trace this model: {err}{where}\n"
+            "Hint: data-dependent Python control flow, .item() or iterating over a tensor cannot be traced; "
+            "name the module that does it in leaf_modules=[...] (fxjac then differentiates it with the "
+            "autograd fallback), or pass concrete_args=.")
+
+
+ ---------------------------------------------------------------------------------------
+
+
 # --- normalisation ---------------------------------------------------------------------------------------
 
 _INPLACE_OPERATORS = {
