@@ -1,5 +1,4 @@
-"""Attention: fused attention decomposed into matmul / softmax / matmul, the attention modules traced through
-decompositions, and ``masked_fill``.
+"""Attention: fused attention and the attention modules as traceable decompositions; ``masked_fill``.
 
 Note [attention decompositions]
     ``F.scaled_dot_product_attention`` has no forward-mode formula and is one opaque kernel, so it is expanded
@@ -7,13 +6,13 @@ Note [attention decompositions]
     matmuls, the scaling, the additions and the softmax then get their structured rules, and diagonal
     back-propagation steps through each of them. ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and
     ``nn.TransformerEncoder`` cannot be traced into (their fast-path checks branch on tensor properties); they
-    are traced through functions that reproduce their forward (the slow path, which the fast path equals) using
-    their own parameters and submodules.
+    are traced through functions that reproduce their forward (the slow path, which the fast path equals)
+    using their own parameters and submodules.
 
-    Whether a mask is boolean or additive is a property of a tensor, unknown while tracing, so masks become
-    additive biases at run time in :func:`mask_bias` (a small op with its own rule): boolean masks are constants,
-    float masks pass their tangent through. Dropout on attention weights is refused (``ModeError``): it makes the
-    output a function of chance.
+    Whether a mask is boolean or additive is a property of a tensor, unknown while tracing, so masks are
+    applied at run time by :func:`add_mask` (a small op with its own rule): boolean masks are constants, float
+    masks are added (and differentiated, a learned bias included). Dropout on attention weights is refused
+    (``ModeError``): it makes the output a function of chance.
 """
 
 from __future__ import annotations
@@ -30,36 +29,37 @@ from passes.protocol import ZERO, Decline, Rule
 from ..errors import ModeError
 from ..tracing import decomposes
 from . import _rt
-from .base import LinearOp, NonDifferentiable
+from .base import Broadcasting, LinearOp, NonDifferentiable
 from .registry import register
 
 # --- run-time kernels (graph ops of the decompositions) --------------------------------------------------
 
 
 def causal_bias(scores):
-    """The additive ``[L, S]`` bias of ``is_causal``: 0 on and below the diagonal (top-left aligned, as
-    PyTorch's), -inf above it."""
+    """The additive ``[L, S]`` bias of ``is_causal``: 0 on and below the diagonal, -inf above it.
+
+    The diagonal starts at the top left, as in PyTorch's kernels when ``L != S``.
+    """
     L, S = scores.shape[-2], scores.shape[-1]
     keep = torch.ones(L, S, dtype=torch.bool, device=scores.device).tril()
     return torch.zeros(L, S, dtype=scores.dtype, device=scores.device).masked_fill(~keep, float("-inf"))
 
 
-def mask_bias(mask, like, blocked_when):
-    """An attention mask as an additive bias: a boolean mask becomes 0 / -inf in ``like``'s dtype (``-inf``
-    where the mask equals ``blocked_when``: False for SDPA, True for nn.MultiheadAttention); a float mask is
-    already a bias."""
-    if mask.dtype != torch.bool:
-        return mask
-    blocked = mask if blocked_when else ~mask
-    return torch.zeros_like(mask, dtype=like.dtype).masked_fill(blocked, float("-inf"))
+def add_mask(scores, mask, blocked_when):
+    """Attention scores with a mask applied: a float mask is added; a boolean one sets -inf where blocked.
+
+    A boolean mask blocks where it equals ``blocked_when``: False for SDPA, True for nn.MultiheadAttention.
+    """
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(mask if blocked_when else ~mask, float("-inf"))
+    return scores + mask
 
 
-def heads_bias(bias, num_heads):
-    """An nn.MultiheadAttention mask bias ``[L, S]`` (shared) or ``[B·H, L, S]`` made broadcastable to
-    ``[B, H, L, S]``."""
-    if bias.dim() == 3:
-        return bias.reshape((-1, num_heads) + tuple(bias.shape[-2:]))
-    return bias
+def heads_view(mask, num_heads):
+    """An nn.MultiheadAttention mask ``[L, S]`` (kept) or ``[B·H, L, S]`` (viewed as ``[B, H, L, S]``)."""
+    if mask.dim() == 3:
+        return mask.reshape((-1, num_heads) + tuple(mask.shape[-2:]))
+    return mask
 
 
 def head_dim_scale(x, query, power=1):
@@ -69,8 +69,10 @@ def head_dim_scale(x, query, power=1):
 
 
 def repeat_heads(x, groups):
-    """Grouped-query attention: ``[..., Hk, S, E]`` -> ``[..., Hk·groups, S, E]``, each key/value head serving
-    ``groups`` consecutive query heads (``repeat_interleave``)."""
+    """Grouped-query attention: ``[..., Hk, S, E]`` -> ``[..., Hk·groups, S, E]`` (``repeat_interleave``).
+
+    Each key/value head serves ``groups`` consecutive query heads.
+    """
     return x.repeat_interleave(groups, dim=-3)
 
 
@@ -80,8 +82,13 @@ def repeat_heads_transpose(ct, groups):
 
 
 def _emit(fn, *args):
-    """Record ``fn(*args)`` as one graph op (a run-time kernel with a rule) instead of tracing into it."""
-    tracer = next(a.tracer for a in args if isinstance(a, fx.Proxy))
+    """Record ``fn(*args)`` as one graph op (a run-time kernel with a rule) instead of tracing into it.
+
+    On constants only (a mask held as a buffer) it is computed now.
+    """
+    tracer = next((a.tracer for a in args if isinstance(a, fx.Proxy)), None)
+    if tracer is None:
+        return fn(*args)
     return tracer.create_proxy("call_function", fn, args, {})
 
 
@@ -92,37 +99,33 @@ def _emit(fn, *args):
 class CausalBias(NonDifferentiable):
     """The causal mask bias: a constant."""
 
-    def signature(scores):  # noqa: D103
+    def signature(scores):  # noqa: D102
         ...
 
 
-@register(mask_bias)
-class MaskBias(Rule):
-    """bias = mask (a float mask, identity derivative) or a constant (a boolean mask)."""
+@register(add_mask)
+class AddMask(Broadcasting):
+    """y = scores + mask (partials 1, 1), or -inf where a boolean mask blocks (partial 1, the mask constant).
 
-    def signature(mask, like, blocked_when):  # noqa: D103
+    The softmax after a blocked place gives it a zero derivative, so the scores' partial can stay 1.
+    """
+
+    inputs = ("input", "mask")
+
+    def signature(input, mask, blocked_when):  # noqa: D102
         ...
 
-    @staticmethod
-    def _float(site):
-        return site.val("mask").is_floating_point()
-
-    def jvp(self, e, site, tangents):  # noqa: D102
-        t = tangents["mask"]
-        return t if self._float(site) else ZERO
-
-    def vjp(self, e, site, ct):  # noqa: D102
-        return {"mask": ct} if self._float(site) and site.needs("mask") else {}
-
-    def diag_vjp(self, e, site, d):  # noqa: D102
-        return self.vjp(e, site, d)
+    def partial(self, e, site, name):  # noqa: D102
+        if name == "mask" and not site.val("mask").is_floating_point():
+            return ZERO
+        return 1
 
 
-@register(heads_bias)
-class HeadsBias(LinearOp):
-    """A mask bias reshaped to ``[B, H, L, S]`` (or kept ``[L, S]``); dy = dx reshaped."""
+@register(heads_view)
+class HeadsView(LinearOp):
+    """A mask reshaped to ``[B, H, L, S]`` (or kept ``[L, S]``); dy = dx reshaped."""
 
-    def signature(input, num_heads):  # noqa: D103
+    def signature(input, num_heads):  # noqa: D102
         ...
 
     def apply(self, e, site, t):  # noqa: D102
@@ -138,10 +141,9 @@ class HeadsBias(LinearOp):
 
 @register(head_dim_scale)
 class HeadDimScale(LinearOp):
-    """y = x / √E (the default attention scale, E read from the query at run time); the adjoint is itself,
-    the squared entries 1/E."""
+    """y = x / √E, the default attention scale (E read from the query at run time); squared entries 1/E."""
 
-    def signature(input, query, power=1):  # noqa: D103
+    def signature(input, query, power=1):  # noqa: D102
         ...
 
     def apply(self, e, site, t):  # noqa: D102
@@ -157,7 +159,7 @@ class HeadDimScale(LinearOp):
 class RepeatHeads(LinearOp):
     """y = x with each head repeated ``groups`` times; the adjoint sums each group."""
 
-    def signature(input, groups):  # noqa: D103
+    def signature(input, groups):  # noqa: D102
         ...
 
     def apply(self, e, site, t):  # noqa: D102
@@ -171,16 +173,16 @@ class RepeatHeads(LinearOp):
         return e(repeat_heads_transpose, ct, site.args["groups"])
 
 
-@register("masked_fill", torch.masked_fill, torch.Tensor.masked_fill)
+@register("masked_fill", torch.masked_fill)
 class MaskedFill(Rule):
     """y = x where not mask, value where mask (a boolean mask); dy = dx with the masked entries zeroed."""
 
-    def signature(input, mask, value):  # noqa: D103
+    def signature(input, mask, value):  # noqa: D102
         ...
 
     @staticmethod
     def _check(site):
-        if site.ps or tuple(site.val("input").shape) != tuple(site.out_val.shape):
+        if "input" in site.ps or tuple(site.val("input").shape) != tuple(site.out_val.shape):
             raise Decline  # the mask broadcasts the input, or a parameter is masked per sample
 
     def jvp(self, e, site, tangents):  # noqa: D102
@@ -192,7 +194,8 @@ class MaskedFill(Rule):
 
     def vjp(self, e, site, ct):  # noqa: D102
         self._check(site)
-        if isinstance(site.args["value"], fx.Node) and site.extra.get("need") is not None and site.needs("value"):
+        value = site.args["value"]
+        if isinstance(value, fx.Node) and site.extra.get("need") is not None and site.needs("value"):
             raise Decline
         return {"input": e.method("masked_fill", ct, site.args["mask"], 0.0)} if site.needs("input") else {}
 
@@ -205,18 +208,21 @@ class MaskedFill(Rule):
 
 def _refuse_dropout(p, where: str) -> None:
     if not (isinstance(p, (int, float)) and p == 0):
-        raise ModeError(f"{where} uses attention dropout (p={p}): the output is then a function of chance; call "
-                        "model.eval() (or pass dropout_p=0.0) before building the product")
+        raise ModeError(f"{where} uses attention dropout (p={p}): the output is then a function of chance; "
+                        "call model.eval() (or pass dropout_p=0.0) before building the product")
 
 
 @decomposes(F.scaled_dot_product_attention)
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False):
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False):
     """PyTorch's reference computation of fused attention: ``softmax(q kᵀ · scale + bias) v``.
 
     See Note [attention decompositions].
     """
     _refuse_dropout(dropout_p, "F.scaled_dot_product_attention")
+    if is_causal and attn_mask is not None:  # PyTorch's own kernels refuse this too
+        raise RuntimeError("F.scaled_dot_product_attention: an explicit attn_mask cannot be combined with "
+                           "is_causal=True")
     if enable_gqa:
         groups = query.size(-3) // key.size(-3)
         key, value = _emit(repeat_heads, key, groups), _emit(repeat_heads, value, groups)
@@ -226,7 +232,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if is_causal:
         scores = scores + _emit(causal_bias, scores)
     if attn_mask is not None:
-        scores = scores + _emit(mask_bias, attn_mask, scores, False)
+        scores = _emit(add_mask, scores, attn_mask, False)
     return torch.softmax(scores, dim=-1) @ value
 
 
@@ -244,7 +250,7 @@ def _to_batch_first(query, key, value):
 
 
 def _in_projection(m, query, key, value):
-    """nn.MultiheadAttention's input projections (packed weight, or separate weights when kdim/vdim differ)."""
+    """nn.MultiheadAttention's input projections (a packed weight, or three when kdim/vdim differ)."""
     E = m.embed_dim
     b = m.in_proj_bias
     if not m._qkv_same_embed_dim:
@@ -270,8 +276,8 @@ def multihead_attention(m, query, key, value, key_padding_mask=None, need_weight
                         average_attn_weights=True, is_causal=False):
     """``nn.MultiheadAttention.forward`` (its slow path) on batched input, in traceable ops.
 
-    Computed batch-first as ``[B, H, L, S]`` scores; the same values as PyTorch's ``[B·H, L, S]`` layout. Returns
-    ``(output, weights)``, the weights averaged over heads, per head, or ``None`` as the module's options say.
+    Computed batch-first as ``[B, H, L, S]`` scores: the same values as PyTorch's ``[B·H, L, S]`` layout.
+    Returns ``(output, weights)``, the weights averaged over heads, per head, or ``None`` as the options say.
     See Note [attention decompositions].
     """
     if m.training:
@@ -294,19 +300,21 @@ def multihead_attention(m, query, key, value, key_padding_mask=None, need_weight
         pad += 1
     # PyTorch uses the causal hint in place of the mask only here; elsewhere the mask itself.
     causal = is_causal and key_padding_mask is None and not need_weights
-    bias = None
     if attn_mask is not None and not causal:
-        bias = _emit(heads_bias, _emit(mask_bias, attn_mask, q, True), H)
+        attn_mask = _emit(heads_view, attn_mask, H)
+        if pad:
+            attn_mask = F.pad(attn_mask, (0, pad))
     if key_padding_mask is not None:
-        kpm = _emit(mask_bias, key_padding_mask, q, True).unsqueeze(1).unsqueeze(1)
-        bias = kpm if bias is None else bias + kpm
-    if bias is not None and pad:
-        bias = F.pad(bias, (0, pad))
+        key_padding_mask = key_padding_mask.unsqueeze(1).unsqueeze(1)
+        if pad:
+            key_padding_mask = F.pad(key_padding_mask, (0, pad))
     scores = (q * math.sqrt(1.0 / float(hd))) @ k.transpose(-2, -1)
     if causal:
         scores = scores + _emit(causal_bias, scores)
-    if bias is not None:
-        scores = scores + bias
+    elif attn_mask is not None:
+        scores = _emit(add_mask, scores, attn_mask, True)
+    if key_padding_mask is not None:
+        scores = _emit(add_mask, scores, key_padding_mask, True)
     weights = torch.softmax(scores, dim=-1)
     out = F.linear((weights @ v).transpose(1, 2).flatten(2), m.out_proj.weight, m.out_proj.bias)
     if not m.batch_first:
@@ -318,8 +326,10 @@ def multihead_attention(m, query, key, value, key_padding_mask=None, need_weight
 
 @decomposes(nn.TransformerEncoderLayer)
 def transformer_encoder_layer(m, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
-    """``nn.TransformerEncoderLayer.forward`` without the fused fast path (the same values), through the
-    layer's own submodules (``self_attn`` via :func:`multihead_attention`)."""
+    """``nn.TransformerEncoderLayer.forward`` without the fused fast path (the same values).
+
+    It runs the layer's own submodules (``self_attn`` through :func:`multihead_attention`).
+    """
     x = src
     if m.norm_first:
         x = x + _self_attention_block(m, m.norm1(x), src_mask, src_key_padding_mask, is_causal)
@@ -342,15 +352,16 @@ def _feed_forward_block(m, x):
 
 @decomposes(nn.TransformerEncoder)
 def transformer_encoder(m, src, mask=None, src_key_padding_mask=None, is_causal=None):
-    """``nn.TransformerEncoder.forward``: the layers in turn, then the optional final norm (the nested-tensor
-    fast path is skipped: it only runs without autograd and pads masked positions with zeros).
+    """``nn.TransformerEncoder.forward``: the layers in turn, then the optional final norm.
 
-    PyTorch detects a causal ``mask`` by comparing values, which a trace cannot; the mask is applied as it is,
-    which gives the same result.
+    The nested-tensor fast path is skipped (it only runs without autograd, and zeroes padded positions).
+    PyTorch detects a causal ``mask`` by comparing values, which a trace cannot; the mask is applied as it
+    is, which gives the same result.
     """
     out = src
     for layer in m.layers:
-        out = layer(out, src_mask=mask, is_causal=is_causal is True, src_key_padding_mask=src_key_padding_mask)
+        out = layer(out, src_mask=mask, is_causal=is_causal is True,
+                    src_key_padding_mask=src_key_padding_mask)
     if m.norm is not None:
         out = m.norm(out)
     return out

@@ -6,21 +6,22 @@ Note [normalisation Jacobians]
         J = r (I - α 1 1ᵀ - u uᵀ)
 
     with a per-group scale ``r`` and a per-group vector ``u``: layer and group norm have ``α = 1/n``,
-    ``u = x̂/√n``, ``r = 1/σ``; RMS norm has ``α = 0``, ``u = x̃/√n`` (``x̃ = x r``), ``r = 1/rms``; ``normalize``
-    has ``α = 0``, ``u = y`` (zero where the norm is clamped at eps), ``r = 1/max(‖x‖, eps)``. So a tangent or
-    cotangent costs two reductions over the group (:func:`normalise_apply`), and the diagonal rule
-    ``(J∘J)ᵀ e = r² [e (1 - 2α - 2u²) + α² Σe + 2α u Σ(e u) + u² Σ(e u²)]`` three (:func:`normalise_diag`),
-    with no ``[n, n]`` matrix formed. An element-wise affine weight ``w`` after the normalisation multiplies the
-    cotangent before ``J`` (``Aᵀ c = J (w c)``) and the diagonal by ``w²``.
+    ``u = x̂/√n``, ``r = 1/σ``; RMS norm has ``α = 0``, ``u = x̃/√n`` (``x̃ = x r``), ``r = 1/rms``;
+    ``normalize`` has ``α = 0``, ``u = y`` (zero where the norm is clamped at eps), ``r = 1/max(‖x‖, eps)``.
+    So a tangent or cotangent costs two reductions over the group (:func:`normalise_apply`), and the
+    diagonal rule ``(J∘J)ᵀ e = r² [e (1 - 2α - 2u²) + α² Σe + 2α u Σ(e u) + u² Σ(e u²)]`` three
+    (:func:`normalise_diag`), with no ``[n, n]`` matrix formed. An element-wise affine weight ``w`` after the
+    normalisation multiplies the cotangent before ``J`` (``Aᵀ c = J (w c)``) and the diagonal by ``w²``.
 
-Reductions address the normalised axes with negative indices, so one kernel serves a primal ``[*S]`` and a stack
-``[K, *S]`` alike. The statistics are recomputed from the primal input (cheaper than storing them and exact where
-an affine weight is zero); softmax reuses its primal output.
+Reductions address the normalised axes with negative indices, so one kernel serves a primal ``[*S]`` and a
+stack ``[K, *S]`` alike. The statistics are recomputed from the primal input (cheaper than storing them, and
+exact where an affine weight is zero); softmax reuses its primal output.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +74,8 @@ def normalise_diag(e, r, u, dims, alpha):
     u2 = u * u
     out = e * (1 - 2 * alpha - 2 * u2) + u2 * (e * u2).sum(dims, keepdim=True)
     if alpha:
-        out = out + alpha * alpha * e.sum(dims, keepdim=True) + 2 * alpha * u * (e * u).sum(dims, keepdim=True)
+        s0, s1 = e.sum(dims, keepdim=True), (e * u).sum(dims, keepdim=True)
+        out = out + alpha * alpha * s0 + 2 * alpha * u * s1
     return out * (r * r)
 
 
@@ -99,8 +101,10 @@ def rms_norm_stats(x, n_dims, eps):
 
 
 def normalize_stats(x, dims, eps):
-    """``(u, r)`` of ``x / max(‖x‖₂, eps)``: ``u = x/‖x‖`` where the norm passes the clamp (autograd's
-    ``clamp_min`` passes at the bound), else 0; ``r = 1 / max(‖x‖, eps)``."""
+    """``(u, r)`` of ``x / max(‖x‖₂, eps)``: ``u = x/‖x‖`` past the clamp, else 0; ``r = 1/max(‖x‖, eps)``.
+
+    At ``‖x‖ = eps`` the norm term counts, as autograd's ``clamp_min`` passes the gradient at its bound.
+    """
     norm = torch.linalg.vector_norm(x, 2, dims, keepdim=True)
     live = norm >= eps
     r = 1.0 / norm.clamp_min(eps)
@@ -109,7 +113,7 @@ def normalize_stats(x, dims, eps):
 
 
 def to_groups(t, like, groups):
-    """View a stack ``[K, N, C, *sp]`` (or a primal ``[N, C, *sp]``) as ``[..., N, groups, C/groups · sp]``."""
+    """View a stack ``[K, N, C, *sp]`` (or a primal ``[N, C, *sp]``) as ``[..., N, groups, m]``."""
     lead = tuple(t.shape[: t.dim() - like.dim() + 1])
     return t.reshape(lead + (groups, -1))
 
@@ -137,7 +141,7 @@ def channel_view(w, x):
 
 
 def channel_tangent(tw, x, ps):
-    """A channel-parameter stack ``[K, C]`` (per-sample ``[K, B, C]``) lined up with a stack ``[K, *x.shape]``."""
+    """A channel-parameter stack ``[K, C]`` (per-sample ``[K, B, C]``) lined up with ``[K, *x.shape]``."""
     ones = (1,) * (x.dim() - 2)
     if ps:
         return tw.reshape(tuple(tw.shape) + ones)
@@ -153,7 +157,7 @@ def channel_sum(c, ps):
 
 
 def batch_norm_scale(running_var, weight, eps):
-    """``w / √(running_var + eps)``: the per-channel slope of eval-mode batch norm (``w = 1`` without weight)."""
+    """``w / √(running_var + eps)``: the per-channel slope of eval batch norm (``w = 1`` without weight)."""
     r = torch.rsqrt(running_var + eps)
     return r if weight is None else r * weight
 
@@ -226,7 +230,7 @@ class _Softmax(_SoftmaxLike):
 class Softmax(_Softmax):
     """y = softmax(x, dim); dy = y (dx - Σ y dx), reusing the primal output."""
 
-    def signature(input, dim=None, _stacklevel=3, dtype=None):  # noqa: D103
+    def signature(input, dim=None, _stacklevel=3, dtype=None):  # noqa: D102
         ...
 
 
@@ -234,7 +238,7 @@ class Softmax(_Softmax):
 class TorchSoftmax(_Softmax):
     """y = torch.softmax(x, dim) / x.softmax(dim); dy = y (dx - Σ y dx), reusing the primal output."""
 
-    def signature(input, dim=None, dtype=None):  # noqa: D103
+    def signature(input, dim=None, dtype=None):  # noqa: D102
         ...
 
 
@@ -244,7 +248,7 @@ class Softmin(_Softmax):
 
     sign = -1.0
 
-    def signature(input, dim=None, _stacklevel=3, dtype=None):  # noqa: D103
+    def signature(input, dim=None, _stacklevel=3, dtype=None):  # noqa: D102
         ...
 
 
@@ -274,15 +278,15 @@ class _LogSoftmax(_SoftmaxLike):
 class LogSoftmax(_LogSoftmax):
     """y = log_softmax(x, dim); dy = dx - Σ exp(y) dx, reusing the primal output."""
 
-    def signature(input, dim=None, _stacklevel=3, dtype=None):  # noqa: D103
+    def signature(input, dim=None, _stacklevel=3, dtype=None):  # noqa: D102
         ...
 
 
 @register(torch.log_softmax, "log_softmax")
 class TorchLogSoftmax(_LogSoftmax):
-    """y = torch.log_softmax(x, dim) / x.log_softmax(dim); dy = dx - Σ exp(y) dx, reusing the primal output."""
+    """y = torch.log_softmax(x, dim) or x.log_softmax(dim); dy = dx - Σ exp(y) dx, reusing the output."""
 
-    def signature(input, dim=None, dtype=None):  # noqa: D103
+    def signature(input, dim=None, dtype=None):  # noqa: D102
         ...
 
 
@@ -317,7 +321,7 @@ class _TrailingNorm(Rule):
         if site.ndim("input") < len(ns) or not ns:
             raise Decline
         s = e(self.stats, site.args["input"], len(ns), site.args["eps"])
-        xhat, u, r = (e(_getitem, s, i) for i in range(3))
+        xhat, u, r = (e(operator.getitem, s, i) for i in range(3))
         alpha = 1.0 / math.prod(ns) if self.alpha_of_n else 0.0
         return tuple(range(-len(ns), 0)), xhat, u, r, alpha
 
@@ -370,7 +374,7 @@ class _TrailingNorm(Rule):
 class LayerNorm(_TrailingNorm):
     """y = x̂ w + b, x̂ = (x - μ)/σ over the trailing axes; dx̂ = (dx - mean dx - x̂ mean(x̂ dx))/σ."""
 
-    def signature(input, normalized_shape, weight=None, bias=None, eps=1e-5):  # noqa: D103
+    def signature(input, normalized_shape, weight=None, bias=None, eps=1e-5):  # noqa: D102
         ...
 
 
@@ -381,7 +385,7 @@ class RmsNorm(_TrailingNorm):
     alpha_of_n = False
     stats = staticmethod(rms_norm_stats)
 
-    def signature(input, normalized_shape, weight=None, eps=None):  # noqa: D103
+    def signature(input, normalized_shape, weight=None, eps=None):  # noqa: D102
         ...
 
 
@@ -402,7 +406,7 @@ class _ChannelNorm(Rule):
         shape = tuple(site.val("input").shape)
         m = math.prod(shape[1:]) // groups
         s = e(group_norm_stats, x, groups, site.args["eps"])
-        xhat, u, r = (e(_getitem, s, i) for i in range(3))
+        xhat, u, r = (e(operator.getitem, s, i) for i in range(3))
         return x, groups, xhat, u, r, 1.0 / m
 
     def jvp(self, e, site, tangents):  # noqa: D102
@@ -452,10 +456,9 @@ class _ChannelNorm(Rule):
 
 @register(F.group_norm)
 class GroupNorm(_ChannelNorm):
-    """y = x̂ w_c + b_c, x̂ normalised over each group of channels and positions (the layer-norm Jacobian per
-    group), recomputing the group statistics."""
+    """y = x̂ w_c + b_c, x̂ normalised per group of channels and positions (layer norm's Jacobian per group)."""
 
-    def signature(input, num_groups, weight=None, bias=None, eps=1e-5):  # noqa: D103
+    def signature(input, num_groups, weight=None, bias=None, eps=1e-5):  # noqa: D102
         ...
 
     def _groups(self, site):
@@ -524,10 +527,12 @@ class _EvalBatchNorm(Rule):
 
 @register(F.batch_norm)
 class BatchNorm(_EvalBatchNorm):
-    """Eval-mode batch norm: y = x̂ w + b per channel with running statistics; dy/dx = w / √(σ²_run + eps).
-    Training mode is refused before rules run (ModeError)."""
+    """Eval batch norm: y = x̂ w + b per channel, running statistics; dy/dx = w / √(σ²_run + eps).
 
-    def signature(input, running_mean, running_var, weight=None, bias=None, training=False,  # noqa: D103
+    Training mode is refused before rules run (ModeError).
+    """
+
+    def signature(input, running_mean, running_var, weight=None, bias=None, training=False,  # noqa: D102
                   momentum=0.1, eps=1e-5):
         ...
 
@@ -538,8 +543,10 @@ class BatchNorm(_EvalBatchNorm):
 
 
 class _InstanceNormStats(_ChannelNorm):
-    """Instance norm with the sample's statistics: group norm with one group per channel (the running
-    statistics, if given, are only updated in place and do not enter the output)."""
+    """Instance norm with the sample's statistics: group norm with one group per channel.
+
+    The running statistics, if given, are only updated in place and do not enter the output.
+    """
 
     def _groups(self, site):
         return site.val("input").shape[1]
@@ -554,10 +561,12 @@ _INSTANCE_STATS, _INSTANCE_RUNNING = _InstanceNormStats(), _InstanceNormRunning(
 
 @register(F.instance_norm)
 class InstanceNorm(Rule):
-    """y = x̂ w_c + b_c, x̂ normalised per sample and channel (or with running statistics when
-    ``use_input_stats=False``): the group-norm rule with C groups, or the eval batch-norm rule."""
+    """y = x̂ w_c + b_c, x̂ per sample and channel: the group-norm rule with C groups (or eval batch norm).
 
-    def signature(input, running_mean=None, running_var=None, weight=None, bias=None,  # noqa: D103
+    ``use_input_stats=False`` (eval mode with ``track_running_stats``) normalises with the running statistics.
+    """
+
+    def signature(input, running_mean=None, running_var=None, weight=None, bias=None,  # noqa: D102
                   use_input_stats=True, momentum=0.1, eps=1e-5):
         ...
 
@@ -584,7 +593,7 @@ class InstanceNorm(Rule):
 class Normalize(Rule):
     """y = x / max(‖x‖₂, eps) along dim; J = (I - y yᵀ) / ‖x‖ (I / eps where the norm is clamped)."""
 
-    def signature(input, p=2.0, dim=1, eps=1e-12, out=None):  # noqa: D103
+    def signature(input, p=2.0, dim=1, eps=1e-12, out=None):  # noqa: D102
         ...
 
     def _setup(self, e, site):
@@ -599,7 +608,7 @@ class Normalize(Rule):
             raise Decline
         dims = tuple(sorted({d % nd - nd for d in dims}))
         s = e(normalize_stats, site.args["input"], dims, eps)
-        return dims, e(_getitem, s, 0), e(_getitem, s, 1)
+        return dims, e(operator.getitem, s, 0), e(operator.getitem, s, 1)
 
     def jvp(self, e, site, tangents):  # noqa: D102
         t = tangents["input"]
@@ -615,8 +624,3 @@ class Normalize(Rule):
     def diag_vjp(self, e, site, d):  # noqa: D102
         dims, u, r = self._setup(e, site)
         return {"input": e(normalise_diag, d, r, u, dims, 0.0)}
-
-
-def _getitem(seq, i):
-    """``seq[i]`` (a named function so generated code reads clearly)."""
-    return seq[i]

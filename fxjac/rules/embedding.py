@@ -1,0 +1,214 @@
+"""Embeddings: ``F.embedding`` and ``F.embedding_bag`` (2-D input, ``sum`` or ``mean``).
+
+They are differentiated with respect to the weight (the indices are constants) and the bag's per-sample
+weights. An output row is a (weighted) copy of weight rows, so the weight's tangent is gathered at the
+indices and its cotangent is scattered back with ``index_add`` — per sample into ``[K, B, num, dim]`` by
+offsetting each sample's indices by ``b · num``; nothing builds a one-hot matrix. Rows at ``padding_idx`` get
+no derivative, as in autograd. ``max_norm`` (which renormalises the weight in place) and
+``scale_grad_by_freq`` (a gradient scaled by the batch's index counts, not a derivative) decline to the
+fallback.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from passes.protocol import ZERO, Decline, Rule
+
+from .registry import register
+
+# --- kernels ---------------------------------------------------------------------------------------------
+
+
+def _padding_row(padding_idx, num):
+    return None if padding_idx is None else padding_idx % num
+
+
+def _sample_offsets(idx, num):
+    """``idx + b · num``: each sample's indices into its own block of a ``[B · num, dim]`` stack."""
+    b = torch.arange(idx.shape[0], device=idx.device).reshape((-1,) + (1,) * (idx.dim() - 1))
+    return idx + b * num
+
+
+def not_padding(idx, padding_idx, num):
+    """``idx != padding row`` (None without a padding index)."""
+    pad = _padding_row(padding_idx, num)
+    return None if pad is None else idx != pad
+
+
+def embedding_tangent(idx, tw, padding_idx, ps):
+    """Rows of a weight-tangent stack at ``idx``: ``[K, *idx.shape, dim]``, zero at padding positions.
+
+    The stack is ``[K, num, dim]``, or per-sample ``[K, B, num, dim]`` with ``ps``.
+    """
+    num = tw.shape[-2]
+    if ps:
+        out = tw.flatten(1, 2)[:, _sample_offsets(idx, num)]
+    else:
+        out = tw[:, idx]
+    keep = not_padding(idx, padding_idx, num)
+    return out if keep is None else out * keep.unsqueeze(-1).to(out.dtype)
+
+
+def embedding_weight_ct(ct, idx, weight, padding_idx, ps):
+    """Scatter-add a cotangent stack ``[K, *idx.shape, dim]`` onto the weight rows; the padding row gets 0.
+
+    Returns ``[K, num, dim]`` (summed over the batch) or, with ``ps``, per-sample ``[K, B, num, dim]``.
+    """
+    num, dim = weight.shape
+    k = ct.shape[0]
+    keep = not_padding(idx, padding_idx, num)
+    if keep is not None:
+        ct = ct * keep.unsqueeze(-1).to(ct.dtype)
+    rows = _sample_offsets(idx, num) if ps else idx
+    n_rows = idx.shape[0] * num if ps else num
+    out = ct.new_zeros((k, n_rows, dim)).index_add_(1, rows.reshape(-1), ct.reshape(k, -1, dim))
+    return out.reshape(k, idx.shape[0], num, dim) if ps else out
+
+
+def bag_coefficients(idx, weight, psw, mode, padding_idx):
+    """``a[b, l]``: the weight of row ``idx[b, l]`` in bag ``b``, 0 at padding positions.
+
+    It is the per-sample weight (``sum``) or ``1/count`` (``mean``, padding excluded from the count).
+    """
+    keep = not_padding(idx, padding_idx, weight.shape[0])
+    a = torch.ones(idx.shape, dtype=weight.dtype, device=idx.device) if psw is None else psw
+    if keep is not None:
+        a = a * keep.to(a.dtype)
+    if mode == "mean":
+        count = (keep.sum(-1, keepdim=True) if keep is not None
+                 else torch.full_like(idx[:, :1], idx.shape[1])).to(a.dtype)
+        a = a / count.clamp_min(1)
+    return a
+
+
+def bag_weight_tangent(idx, tw, a, ps):
+    """``Σ_l a[b, l] tw[idx[b, l]]``: ``[K, B, dim]``."""
+    rows = embedding_tangent(idx, tw, None, ps)  # [K, B, L, dim]
+    return torch.einsum("kbld,bl->kbd", rows, a.to(rows.dtype))
+
+
+def bag_weight_ct(ct, idx, weight, a, ps):
+    """Scatter ``a[b, l] · ct[b]`` onto row ``idx[b, l]``: ``[K, num, dim]`` or ``[K, B, num, dim]``."""
+    spread = ct.unsqueeze(2) * a.to(ct.dtype).unsqueeze(-1)  # [K, B, L, dim]
+    return embedding_weight_ct(spread, idx, weight, None, ps)
+
+
+def bag_weight_diag(d, idx, weight, a, ps):
+    """``(A∘A)ᵀ d`` for the weight: ``Σ_b c[b, r]² d[b]``, ``[K, num, dim]`` (or ``[K, B, num, dim]``).
+
+    A row repeated in a bag enters that bag's output with its summed coefficient
+    ``c[b, r] = Σ_{l: idx[b, l] = r} a[b, l]``, so the squares are taken after summing.
+    """
+    c = a.new_zeros((idx.shape[0], weight.shape[0])).scatter_add_(1, idx, a)
+    c2 = (c * c).to(d.dtype)
+    return torch.einsum("kbd,br->kbrd" if ps else "kbd,br->krd", d, c2)
+
+
+def bag_psw_tangent(idx, weight, t, keep):
+    """Tangent of ``sum``-mode bags in their per-sample weights: ``Σ_l t[b, l] W[idx[b, l]]``."""
+    if keep is not None:
+        t = t * keep.to(t.dtype)
+    return torch.einsum("kbl,bld->kbd", t, weight[idx])
+
+
+def bag_psw_ct(ct, idx, weight, keep, power=1):
+    """Cotangent of the per-sample weights: ``⟨ct[b], W[idx[b, l]]⟩`` (``power=2``: with squared rows)."""
+    rows = weight[idx]
+    if power == 2:
+        rows = rows * rows
+    out = torch.einsum("kbd,bld->kbl", ct, rows)
+    return out if keep is None else out * keep.to(out.dtype)
+
+
+# --- rules -----------------------------------------------------------------------------------------------
+
+
+@register(F.embedding)
+class Embedding(Rule):
+    """y = W[idx] (constant indices); dy = dW[idx]; the cotangent scatter-adds onto W's rows.
+
+    The entries are 0 or 1, so the diagonal rule is the same scatter.
+    """
+
+    def signature(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,  # noqa: D102
+                  scale_grad_by_freq=False, sparse=False):
+        ...
+
+    @staticmethod
+    def _check(site):
+        if site.args["max_norm"] is not None or site.args["scale_grad_by_freq"]:
+            raise Decline
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        self._check(site)
+        tw = tangents["weight"]
+        if tw is ZERO:
+            return ZERO
+        return e(embedding_tangent, site.args["input"], tw, site.args["padding_idx"], "weight" in site.ps)
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        self._check(site)
+        if not site.needs("weight"):
+            return {}
+        return {"weight": e(embedding_weight_ct, ct, site.args["input"], site.args["weight"],
+                            site.args["padding_idx"], "weight" in site.ps)}
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return self.vjp(e, site, d)
+
+
+@register(F.embedding_bag)
+class EmbeddingBag(Rule):
+    """y[b] = Σ_l a[b, l] W[idx[b, l]]: linear in W and in the per-sample weights.
+
+    For 2-D input; ``a`` is the per-sample weights or 1 (``sum``), or 1/count (``mean``).
+    """
+
+    def signature(input, weight, offsets=None, max_norm=None, norm_type=2, scale_grad_by_freq=False,  # noqa: D102
+                  mode="mean", sparse=False, per_sample_weights=None, include_last_offset=False,
+                  padding_idx=None):
+        ...
+
+    @staticmethod
+    def _setup(e, site):
+        a = site.args
+        if (a["offsets"] is not None or a["max_norm"] is not None or a["scale_grad_by_freq"]
+                or a["mode"] not in ("sum", "mean") or site.val("input").dim() != 2):
+            raise Decline
+        if "per_sample_weights" in site.ps:
+            raise Decline  # bag weights shared by the batch: unusual, left to the fallback
+        num = site.val("weight").shape[0]
+        coef = e(bag_coefficients, a["input"], a["weight"], a["per_sample_weights"], a["mode"],
+                 a["padding_idx"])
+        keep = e(not_padding, a["input"], a["padding_idx"], num) if a["padding_idx"] is not None else None
+        return coef, keep
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        coef, keep = self._setup(e, site)
+        idx, w = site.args["input"], site.args["weight"]
+        terms = []
+        if tangents["weight"] is not ZERO:
+            terms.append(e(bag_weight_tangent, idx, tangents["weight"], coef, "weight" in site.ps))
+        t = tangents.get("per_sample_weights", ZERO)
+        if t is not ZERO:
+            terms.append(e(bag_psw_tangent, idx, w, t, keep))
+        return e.sum(terms)
+
+    def _backward(self, e, site, c, power):
+        coef, keep = self._setup(e, site)
+        idx, w = site.args["input"], site.args["weight"]
+        out = {}
+        if site.needs("weight"):
+            kernel = bag_weight_ct if power == 1 else bag_weight_diag
+            out["weight"] = e(kernel, c, idx, w, coef, "weight" in site.ps)
+        if site.args["per_sample_weights"] is not None and site.needs("per_sample_weights"):
+            out["per_sample_weights"] = e(bag_psw_ct, c, idx, w, keep, power)
+        return out
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        return self._backward(e, site, ct, 1)
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return self._backward(e, site, d, 2)
