@@ -18,7 +18,9 @@ from .source import Source, build_source
 
 def _unbuilt(*args, **kwargs):
     """Stands in for a product's code until its first call has seen the input shapes."""
-    raise RuntimeError("this fxjac product is built at its first call; call the product itself, not .forward()")
+    raise RuntimeError("this fxjac product is built at its first call: call it once eagerly (or build it with "
+                       "example_inputs=, or use fxjac.compile(..., backend=...)) before torch.compile, and call the "
+                       "product itself, not .forward()")
 
 
 class Product(fx.GraphModule):
@@ -49,6 +51,11 @@ class Product(fx.GraphModule):
         self.fallback_ops = list(getattr(gm, "fallback_ops", []))
 
     def __call__(self, *args, **kwargs):  # noqa: D102
+        if torch.compiler.is_compiling():
+            # Under torch.compile the product must already be built (fxjac.compile sees to it); the eager-only
+            # checks (first-call output check, module identity) stay out of the compiled graph.
+            with torch.set_grad_enabled(bool(self._fxjac_spec.get("differentiable"))):
+                return super().__call__(*args, **kwargs)
         spec = self._fxjac_spec
         n_in = spec.get("n_inputs")
         if n_in is not None and len(args) > n_in:
@@ -74,6 +81,17 @@ class Product(fx.GraphModule):
         if not self._fxjac_checked:
             self._check_primal(args, out)
         return out
+
+    def ensure_built(self, *args) -> "Product":
+        """Build a lazily built product for these inputs (and operands) without computing anything."""
+        spec = self._fxjac_spec
+        if self._fxjac_build is not None and spec.get("lazy"):
+            n_in = spec.get("n_inputs")
+            built = self._fxjac_build(args[:n_in] if n_in is not None else args, None)
+            self._install(built, built._fxjac_src)
+            self.wrt_names = built.wrt_names
+            spec["lazy"] = False
+        return self
 
     def _check_structure(self) -> None:
         model = self.model

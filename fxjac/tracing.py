@@ -139,20 +139,48 @@ def trace(model: nn.Module, leaf_modules: Sequence = (), concrete_args: Optional
     tracer = Tracer(leaf_modules)
     if concrete_args is None and not isinstance(model, fx.GraphModule):
         concrete_args = _default_args(model, n_inputs) or None
+    root = model
+    if decomposition_for(type(model)) is not None and not tracer.is_leaf_module(model, ""):
+        root = _holder(model, concrete_args)  # a root module is never "called": trace a call of it instead
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        graph = tracer.trace(root, concrete_args=concrete_args)
     except (fx.proxy.TraceError, TypeError, RuntimeError, NotImplementedError, AttributeError) as err:
         raise TraceError(_trace_message(err)) from err
-    _drop_concrete_placeholders(graph)
-    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__ + "Traced")
+    _drop_concrete_placeholders(graph, concrete_args or ())
+    if root is not model:
+        for n in graph.nodes:
+            if n.op in ("get_attr", "call_module"):
+                n.target = n.target[len("inner."):] if n.target.startswith("inner.") else n.target
+    gm = fx.GraphModule(model if root is not model else tracer.root, graph,
+                        class_name=type(model).__name__ + "Traced")
     normalise(gm)
     return gm
 
 
-def _drop_concrete_placeholders(graph: fx.Graph) -> None:
+def _holder(model: nn.Module, concrete_args: Optional[dict]) -> nn.Module:
+    """A module whose forward calls ``model`` with the same parameters (so the tracer's module hook sees the
+    call and applies ``model``'s decomposition)."""
+    import inspect
+
+    names = [p.name for p in inspect.signature(model.forward).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    scope: dict = {}
+    arglist = ", ".join(names)
+    exec(f"def forward(self, {arglist}):\n    return self.inner({arglist})\n", scope)  # noqa: S102
+    holder_cls = type("Holder", (nn.Module,), {"forward": scope["forward"]})
+    holder = holder_cls()
+    holder.inner = model
+    return holder
+
+
+def _drop_concrete_placeholders(graph: fx.Graph, names=()) -> None:
     """Concrete arguments are constants: remove torch.fx's placeholders and run-time checks for them, so the
     product's inputs are the model's tensor inputs only."""
-    concrete = [n for n in graph.nodes if n.op == "placeholder" and n.args]  # placeholders given a default
+    import re
+
+    names = set(names or ())
+    concrete = [n for n in graph.nodes if n.op == "placeholder"
+                and (n.args or re.sub(r"_\d+$", "", str(n.target)) in names)]
     if not concrete:
         return
     reach = set(concrete)

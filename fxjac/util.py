@@ -35,7 +35,8 @@ def compile(model: torch.nn.Module, product: str, *, backend: Optional[str] = No
         **options: the options of that product.
 
     Returns:
-        The product (a GraphModule), or its torch.compile'd wrapper when ``backend`` is given.
+        The product (a GraphModule), or, when ``backend`` is given, a callable that runs it through
+        ``torch.compile`` (built and checked eagerly at its first call when no ``example_inputs`` were given).
     """
     table = _products()
     if product not in table:
@@ -43,7 +44,35 @@ def compile(model: torch.nn.Module, product: str, *, backend: Optional[str] = No
     p = table[product](model, **options)
     if backend is None:
         return p
-    return torch.compile(p, backend=backend, fullgraph=True, dynamic=True)
+    return CompiledProduct(p, backend)
+
+
+class CompiledProduct:
+    """A product run through ``torch.compile(p, backend=..., fullgraph=True, dynamic=True)``.
+
+    A product built without ``example_inputs`` specialises itself at its first call, which cannot happen inside
+    a compiled graph: that call runs eagerly, the following ones compiled.
+    """
+
+    def __init__(self, product, backend: str):
+        self.product = product
+        self.backend = backend
+        self.compiled = None
+        if not product._fxjac_spec.get("lazy"):
+            self.compiled = torch.compile(product, backend=backend, fullgraph=True, dynamic=True)
+
+    def __call__(self, *args, **kwargs):
+        """Compute the product (compiled after the first call)."""
+        if self.compiled is None:
+            out = self.product(*args, **kwargs)
+            self.compiled = torch.compile(self.product, backend=self.backend, fullgraph=True, dynamic=True)
+            return out
+        return self.compiled(*args, **kwargs)
+
+    @property
+    def code(self) -> str:
+        """The generated code of the underlying product."""
+        return self.product.code
 
 
 def unflatten(product, vec: torch.Tensor) -> dict:

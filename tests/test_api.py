@@ -350,3 +350,24 @@ def test_forward_arguments_with_defaults_are_constants():
     xi, vi = randn(2, 2, 4, 4), randn(2, 2, 4, 4, g=rng(2))
     _, ti = fxjac.jvp(up)(xi, vi)
     assert_close(ti, torch.func.jvp(up, (xi,), (vi,))[1], "jvp of a bare ConvTranspose2d")
+
+
+@pytest.mark.parametrize("make", [lambda: nn.BatchNorm2d(3), lambda: nn.TransformerEncoderLayer(
+    4, 2, 6, dropout=0.0, batch_first=True), lambda: nn.MultiheadAttention(4, 2, batch_first=True)],
+    ids=["batchnorm", "encoder_layer", "mha"])
+def test_a_decomposed_module_as_the_root(make):
+    torch.manual_seed(0)
+    m = make().double().eval()
+    if isinstance(m, nn.BatchNorm2d):
+        x = randn(2, 3, 4, 4)
+        model, kw = m, {}
+    else:
+        x = randn(2, 5, 4)
+        model, kw = m, ({"output": 0} if isinstance(m, nn.MultiheadAttention) else {})
+    args = (x, x, x) if isinstance(m, nn.MultiheadAttention) else (x,)
+    y = model(*args)
+    y = y[0] if isinstance(y, tuple) else y
+    w = randn(*y.shape, g=rng(3))
+    _, g = fxjac.vjp(model, **kw)(*args, w)
+    ref = torch.func.vjp(lambda a: (model(a, *args[1:])[0] if kw else model(a)), x)[1](w)[0]
+    assert_close(g, ref, "vjp of a decomposed root module")

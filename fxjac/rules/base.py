@@ -125,6 +125,8 @@ class Broadcasting(Rule):
             x = site.args.get(name)
             if not isinstance(x, torch.fx.Node) or not site.needs(name):
                 continue
+            if not isinstance(site.val(name), torch.Tensor):  # a Python number computed in the graph (a size)
+                continue
             p = self.partial(e, site, name)
             if p is ZERO:
                 continue
