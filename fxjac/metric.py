@@ -415,8 +415,6 @@ def jmjtp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
     options = _options(options)
     kind = _wrt_kind(wrt)
     _check_options("jmjtp", kind, matrix, out, method)
-    if method != "exact":
-        raise OptionError("jmjtp supports method='exact' only; use jtmjp or ggn for diagonal back-propagation")
     if mode not in ("auto", "forward", "reverse"):
         raise OptionError(f"mode must be 'auto', 'forward' or 'reverse', got {mode!r}")
 
@@ -424,6 +422,8 @@ def jmjtp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
         xs = A.input_placeholders(b, src)
         m = b.graph.placeholder("M") if matrix != "identity" else None
         e = A.api_emitter(b)
+        if method == "diag_backprop":
+            return _diag_forward(src, b, e, xs, m, matrix)
         out_diag = out == "diag"
         n_out = A.numel_per_sample(src.output)
         if src.wrt_kind == "input":
@@ -520,6 +520,41 @@ def jmjtp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
         return (y, e(add_all, parts))
 
     return make_product(assemble, model, wrt, **options)
+
+
+def _diag_forward(src, b, e, xs, m, matrix):
+    """nnj's forward diagonal propagation: only a diagonal flows, ``(A∘A) d`` through each op, summed at fan-in."""
+    if src.wrt_kind == "input":
+        x_old = src.inputs[src.wrt_index]
+        x = xs[src.wrt_index]
+        if matrix == "identity":
+            d = e(torch.ones_like, x)
+        else:
+            d = e(A.reshape_like_batch, e(checks.check_shape, m, (A.size(e, x, 0), A.numel_per_sample(x_old)), x,
+                                          "M"), x)
+        seeds = {x_old: e.method("unsqueeze", d, 0)}
+    else:
+        if matrix == "identity":
+            stack = e(_ones_row, xs[0], src.P)
+        else:
+            stack = e.method("unsqueeze", e(checks.check_shape, m, (src.P,), xs[0], "M"), 0)
+        seeds = A.param_seeds(e, src, stack)
+    tan = forward_tangents(b, seeds, method="diag_jvp")
+    y = b.env[src.output]
+    t = tan.get(src.output, ZERO)
+    if t is ZERO:
+        t = e(A.zeros_stack, y, 1)
+    return (y, e(_first_rows, t))
+
+
+def _ones_row(like, n):
+    """A ``[1, n]`` row of ones (the identity's diagonal as a stack of one column)."""
+    return like.new_ones((1, n))
+
+
+def _first_rows(t):
+    """The single diagonal column ``[1, B, *s]`` as ``[B, n]``."""
+    return t[0].reshape(t.shape[1], -1)
 
 
 # --- GGN -------------------------------------------------------------------------------------------------

@@ -37,13 +37,15 @@ def _ps_inputs(b: Builder, node: fx.Node, old_args: dict, ps: bool) -> frozenset
     return frozenset(names)
 
 
-def forward_tangents(b: Builder, seeds: dict, ps: bool = False) -> dict:
+def forward_tangents(b: Builder, seeds: dict, ps: bool = False, method: str = "jvp") -> dict:
     """Copy the primal graph into ``b`` and emit the tangent of every node downstream of ``seeds``.
 
     Args:
         b: the builder; the source graph's placeholders must already be mapped in ``b.env``.
         seeds: old-graph node -> its tangent stack (a new-graph node).
         ps: unbatched values carry per-sample stacks of ``K * B`` columns (Note [per-sample stacks]).
+        method: the rule method that pushes a stack: ``"jvp"`` (tangents) or ``"diag_jvp"`` (nnj's diagonal
+            forward propagation: ``(A∘A) d`` through each op, diagonals added at fan-in).
 
     Returns:
         old-graph node -> tangent (a node, a tuple of them for tuple values, or ZERO), for every node reached.
@@ -87,7 +89,7 @@ def forward_tangents(b: Builder, seeds: dict, ps: bool = False) -> dict:
             if tangents[k] is not ZERO:
                 tangents[k] = e.method("unflatten", tangents[k], 0, (-1, site.batch))
         try:
-            tan[node] = rule.jvp(e, site, tangents)
+            tan[node] = getattr(rule, method)(e, site, tangents)
         except Decline:
             rule = b.decline(node)
             ps_names = _ps_inputs(b, node, b.site(node, rule).extra["old_args"], ps)
@@ -96,5 +98,5 @@ def forward_tangents(b: Builder, seeds: dict, ps: bool = False) -> dict:
             for k in ps_names & set(tangents):
                 if tangents[k] is not ZERO:
                     tangents[k] = e.method("unflatten", tangents[k], 0, (-1, site.batch))
-            tan[node] = rule.jvp(e, site, tangents)
+            tan[node] = getattr(rule, method)(e, site, tangents)
     return tan

@@ -17,6 +17,7 @@ A rule is an object with up to three methods, each a pure function of fx nodes t
     jvp(e, site, tangents)   -> output tangent (a Node, a tuple for tuple outputs, or ZERO)
     vjp(e, site, ct)         -> {argument name: cotangent or ZERO}
     diag_vjp(e, site, d)     -> {argument name: (A∘A)ᵀ d}   (optional; diagonal back-propagation)
+    diag_jvp(e, site, ds)    -> Σ_i (A_i∘A_i) d_i             (optional; diagonal forward propagation)
 
 ``tangents`` maps each bound argument name to its tangent (ZERO where the argument carries none; a list for
 list arguments such as ``torch.cat``'s tensors).
@@ -215,6 +216,15 @@ class Rule:
 
     def diag_vjp(self, e: Emitter, site: Site, d):
         """Pull a stack of diagonals back: ``(A∘A)ᵀ d``; without a closed form the fallback computes it."""
+        raise Decline
+
+    square_is_self: bool = False
+    """True for ops whose Jacobian holds only zeros and ones (views, copies, slicing): ``A∘A = A``."""
+
+    def diag_jvp(self, e: Emitter, site: Site, tangents: dict):
+        """Push a stack of diagonals forward: ``Σ_i (A_i∘A_i) d_i``; 0/1 ops push them as tangents."""
+        if self.square_is_self:
+            return self.jvp(e, site, tangents)
         raise Decline
 
 

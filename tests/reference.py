@@ -182,10 +182,11 @@ def check_metric_products(model, inputs, names=None, dtype=torch.float64, seed=0
 
     B = inputs[0].shape[0]
     wrt_p = "params" if names is None else list(names)
+    model64, inputs64 = as_float64(model, inputs)
     for wrt in wrts:
         if wrt != "input" and not selected(model, names):
             continue
-        J = per_sample_jacobian(model, inputs, "input" if wrt == "input" else "params", names)
+        J = per_sample_jacobian(model64, inputs64, "input" if wrt == "input" else "params", names)
         O, N = J.shape[1], J.shape[2]
         w = "input" if wrt == "input" else wrt_p
         # J^T M J, M in output space (per sample).
@@ -193,8 +194,10 @@ def check_metric_products(model, inputs, names=None, dtype=torch.float64, seed=0
         for kind, M in Ms.items():
             if matrices and kind not in matrices:
                 continue
-            dense = {"identity": torch.eye(O, dtype=dtype).expand(B, O, O), "diag": torch.diag_embed(M) if kind == "diag" else None,
-                     "sqrt": M @ M.transpose(-1, -2) if kind == "sqrt" else None, "full": M}[kind]
+            M64 = None if M is None else M.double()
+            dense = {"identity": torch.eye(O, dtype=torch.float64).expand(B, O, O),
+                     "diag": torch.diag_embed(M64) if kind == "diag" else None,
+                     "sqrt": M64 @ M64.transpose(-1, -2) if kind == "sqrt" else None, "full": M64}[kind]
             ref = torch.einsum("boi,bop,bpj->bij", J, dense, J)  # per sample [B, N, N]
             outs = ("full", "diag", "block") if wrt != "input" else ("full", "diag")
             for out in outs:
@@ -227,14 +230,15 @@ def check_metric_products(model, inputs, names=None, dtype=torch.float64, seed=0
         for kind, M in Ms.items():
             if matrices and kind not in matrices:
                 continue
+            M64 = None if M is None else M.double()
             if kind == "identity":
-                dense = torch.eye(N, dtype=dtype)
+                dense = torch.eye(N, dtype=torch.float64)
             elif kind == "diag":
-                dense = torch.diag_embed(M)
+                dense = torch.diag_embed(M64)
             elif kind == "sqrt":
-                dense = M @ M.transpose(-1, -2)
+                dense = M64 @ M64.transpose(-1, -2)
             else:
-                dense = M
+                dense = M64
             ref = torch.einsum("boi,...ij,bpj->bop", J, dense, J) if dense.dim() == 2 else \
                 torch.einsum("boi,bij,bpj->bop", J, dense, J)
             modes = ("forward", "reverse") if wrt == "input" else ("auto",)
@@ -249,7 +253,7 @@ def check_metric_products(model, inputs, names=None, dtype=torch.float64, seed=0
             p = fxjac.jmjtp(model, wrt=w, matrix="block", out="full")
             sizes = _block_sizes(model, names)
             blocks = [sym(rand, n, n) for n in sizes]
-            dense = torch.block_diag(*blocks)
+            dense = torch.block_diag(*blocks).double()
             _, r = p(*inputs, blocks)
             assert_close(r, torch.einsum("boi,ij,bpj->bop", J, dense, J), f"jmjtp[{wrt}, block]", dtype)
 

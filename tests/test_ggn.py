@@ -159,3 +159,51 @@ def test_chunked_columns_give_the_same_result():
         assert_close(J, per_sample_jacobian(model, xs, "input"), f"chunked jacobian ({mode})")
     with pytest.raises(fxjac.OptionError, match="chunk_size"):
         fxjac.jvp(model, chunk_size=4)
+
+
+def layerwise_diag_forward(layers, x, d_in=None, d_params=None):
+    """nnj's forward diagonal propagation, layer by layer, from dense per-layer Jacobians."""
+    B = x.shape[0]
+    d = torch.zeros(B, x[0].numel(), dtype=x.dtype) if d_in is None else d_in
+    off = 0
+    for layer in layers:
+        params = dict(layer.named_parameters())
+        jx = torch.func.jacrev(layer)(x).reshape(B, -1, B, x[0].numel())
+        jx = torch.stack([jx[b, :, b] for b in range(B)])
+        out = torch.einsum("boi,bi->bo", jx * jx, d)
+        if params and d_params is not None:
+            f = lambda prm, x=x, layer=layer: torch.func.functional_call(layer, prm, (x,))  # noqa: E731
+            jp = torch.func.jacrev(f)(params)
+            for n, p in params.items():
+                j = jp[n].reshape(B, -1, p.numel())
+                out = out + torch.einsum("bop,p->bo", j * j, d_params[off:off + p.numel()])
+                off += p.numel()
+        x, d = layer(x), out
+    return d
+
+
+def test_forward_diagonal_propagation_equals_layer_by_layer_reference():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 3)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    d_in = torch.rand(5, 4, dtype=torch.float64)
+    P = sum(p.numel() for p in model.parameters())
+    sigma = torch.rand(P, dtype=torch.float64)
+    _, r_in = fxjac.jmjtp(model, matrix="diag", out="diag", method="diag_backprop")(x, d_in)
+    assert_close(r_in, layerwise_diag_forward(list(model), x, d_in=d_in), "forward diag, input")
+    _, r_p = fxjac.jmjtp(model, wrt="params", matrix="diag", out="diag", method="diag_backprop")(x, sigma)
+    assert_close(r_p, layerwise_diag_forward(list(model), x, d_params=sigma), "forward diag, parameters")
+    # one Linear: no cross terms, so the approximation is the exact diagonal of J Σ Jᵀ
+    lin = nn.Linear(4, 3).double()
+    _, exact = fxjac.jmjtp(lin, wrt="params", matrix="diag", out="diag")(x, sigma[:15])
+    _, approx = fxjac.jmjtp(lin, wrt="params", matrix="diag", out="diag", method="diag_backprop")(x, sigma[:15])
+    assert_close(approx, exact, "forward diag on one Linear")
+
+
+def test_forward_diagonal_through_the_fallback_is_exact_per_op():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.ELU(), nn.AvgPool1d(2)).double()  # avg pool: fallback
+    x = torch.randn(3, 2, 6, dtype=torch.float64)
+    d_in = torch.rand(3, 12, dtype=torch.float64)
+    _, r = fxjac.jmjtp(model, matrix="diag", out="diag", method="diag_backprop")(x, d_in)
+    assert_close(r, layerwise_diag_forward(list(model), x, d_in=d_in), "forward diag with fallback ops")

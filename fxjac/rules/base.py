@@ -12,7 +12,7 @@ import operator
 
 import torch
 
-from passes.protocol import ZERO, Emitter, Rule, Site
+from passes.protocol import ZERO, Decline, Emitter, Rule, Site
 
 from . import _rt
 
@@ -61,6 +61,11 @@ class Elementwise(Rule):
         """``f'(x)² * d``."""
         g = self.derivative(e, site)
         return {"input": e(operator.mul, d, e(operator.mul, g, g))}
+
+    def diag_jvp(self, e, site, tangents):
+        """``f'(x)² * d`` (an element-wise Jacobian is diagonal: forward and backward agree)."""
+        d = tangents["input"]
+        return ZERO if d is ZERO else self.diag_vjp(e, site, d)["input"]
 
 
 class Broadcasting(Rule):
@@ -111,6 +116,26 @@ class Broadcasting(Rule):
             out = e(_rt.expand_like, out, site.out)
         return out
 
+    def diag_jvp(self, e, site, tangents):
+        """``Σ_i (∂y/∂x_i)² d_i`` with each diagonal aligned to the output's rank."""
+        out_ndim = site.ndim()
+        terms = []
+        for name in self.inputs:
+            d = tangents.get(name, ZERO)
+            if d is ZERO or name in site.ps:
+                if d is not ZERO:
+                    raise Decline
+                continue
+            p = self.partial(e, site, name)
+            if p is ZERO:
+                continue
+            if site.val(name).dim() < out_ndim:
+                d = e(_rt.align, d, out_ndim)
+            p2 = e(operator.mul, p, p) if isinstance(p, torch.fx.Node) else p * p
+            terms.append(self._times(e, d, p2))
+        out = e.sum(terms)
+        return ZERO if out is ZERO else e(_rt.expand_like, out, site.out)
+
     def vjp(self, e, site, ct):
         """``sum_to(ct · ∂y/∂x_i, shape of x_i)`` for each input."""
         return self._pull(e, site, ct, square=False)
@@ -151,6 +176,12 @@ class LinearOp(Rule):
 
     square_is_self = True
 
+    def diag_jvp(self, e, site, tangents):
+        """``(A∘A) d``; equal to ``A d`` where A holds only zeros and ones."""
+        if not self.square_is_self:
+            raise Decline
+        return self.jvp(e, site, tangents)
+
     def apply(self, e: Emitter, site: Site, t):
         """The op applied to a stack."""
         raise NotImplementedError
@@ -171,5 +202,5 @@ class LinearOp(Rule):
     def diag_vjp(self, e, site, d):
         """``(A∘A)ᵀ d``; equal to ``Aᵀ d`` where A holds only zeros and ones."""
         if not self.square_is_self:
-            raise NotImplementedError(f"{type(self).__name__} has no diagonal rule")
+            raise Decline  # no closed form: the fallback forms the exact squared local Jacobian
         return {"input": self.transpose(e, site, d)}

@@ -579,6 +579,7 @@ class AdaptiveMaxPool3d(_AdaptiveMaxPool):
 class _StackedLinear(LinearOp):
     """A linear op on ``[N, C, *spatial]``: the op itself on the merged stack, PyTorch's backward adjoint."""
 
+    square_is_self = False  # averaging and interpolation weights are fractions: each family squares its own
     op = ""
     n = 2
     names: tuple = ()

@@ -258,12 +258,56 @@ def fallback_diag_vjp(fn, args, kwargs, primals, d, bdims, ctx=(), cdims=(), per
     return tuple(r if d is not None or per_sample else r.sum(1) for r, d in zip(res, bdims))
 
 
+def fallback_diag_jvp(fn, args, kwargs, primals, ds, bdims, ctx=(), cdims=(), per_sample=False, spec=True,
+                      odims=(0,)):
+    """``Σ_i (A_i∘A_i) d_i`` from the op's dense per-sample local Jacobian (exact, costly); diagonals of
+    unbatched primals (parameters) are shared by the batch."""
+    n = len(primals)
+    if per_sample:
+        raise NotImplementedError("per-sample diagonals are not propagated forward")
+
+    def body(xs, cs, *dd):
+        jacs = torch.func.jacrev(_op(fn, args, kwargs, cs, spec), argnums=tuple(range(n)))(*xs)
+        outs = jacs if spec is not True else (jacs,)
+        res = []
+        for jo in outs:  # one entry per floating output
+            total = 0
+            for j, x, d, bd in zip(jo, xs, dd, bdims):
+                d = d.unsqueeze(1 + bd) if bd is not None else d
+                n_in = x.numel()
+                sq = (j * j).reshape(-1, n_in)
+                total = total + (d.reshape(d.shape[0], n_in) @ sq.t()).reshape((d.shape[0],) + tuple(j.shape[:j.dim() - x.dim()]))
+            res.append(total)
+        return _squeeze_batch(res, odims)
+
+    in_dims = tuple(1 + d if d is not None else None for d in bdims)
+    res = _per_sample(fn, primals, bdims, ctx, cdims, ds, in_dims, body, _stack_dims(odims))
+    return _restructure(spec, res[0] if spec is True else res)
+
+
 def output_spec(val):
     """``True`` for a single tensor output, else the output's structure with a flag per leaf: floating?"""
     if isinstance(val, (tuple, list)):
         return tuple(output_spec(v) if isinstance(v, (tuple, list)) else
                      bool(isinstance(v, torch.Tensor) and v.is_floating_point()) for v in val)
     return True
+
+
+def _by_node(site, tangents: dict) -> dict:
+    """The tangents keyed by the original input node they belong to (list arguments flattened)."""
+    tan_of = {}
+
+    def collect(t, old_v):
+        if isinstance(old_v, fx.Node):
+            if t is not ZERO:
+                tan_of[old_v] = t
+        elif isinstance(old_v, (list, tuple)) and t is not ZERO:
+            for ti, oi in zip(t, old_v):
+                collect(ti, oi)
+
+    for k, t in tangents.items():
+        collect(t, site.extra["old_args"][k])
+    return tan_of
 
 
 class Fallback(Rule):
@@ -313,24 +357,24 @@ class Fallback(Rule):
         return name, t_args, t_kwargs, chosen, tuple(ctx)
 
     def jvp(self, e, site, tangents):  # noqa: D102
-        tan_of = {}
-
-        def collect(t, old_v):
-            if isinstance(old_v, fx.Node):
-                if t is not ZERO:
-                    tan_of[old_v] = t
-            elif isinstance(old_v, (list, tuple)) and t is not ZERO:
-                for ti, oi in zip(t, old_v):
-                    collect(ti, oi)
-
-        for k, t in tangents.items():
-            collect(t, site.extra["old_args"][k])
+        tan_of = _by_node(site, tangents)
         fn, t_args, t_kwargs, chosen, ctx = self._template(site, lambda old_v, new: old_v in tan_of)
         primals = tuple(new for _, new in chosen)
         tans = tuple(tan_of[old_v] for old_v, _ in chosen)
         spec = output_spec(site.out_val)
         return e(fallback_jvp, fn, t_args, t_kwargs, primals, tans, *self._dims(site, primals, ctx, spec),
                  bool(site.ps), spec, self._out_dims(site, spec))
+
+    def diag_jvp(self, e, site, tangents):  # noqa: D102
+        if site.ps:
+            raise NotImplementedError("per-sample diagonals are not propagated forward")
+        tan_of = _by_node(site, tangents)
+        fn, t_args, t_kwargs, chosen, ctx = self._template(site, lambda old_v, new: old_v in tan_of)
+        primals = tuple(new for _, new in chosen)
+        ds = tuple(tan_of[old_v] for old_v, _ in chosen)
+        spec = output_spec(site.out_val)
+        return e(fallback_diag_jvp, fn, t_args, t_kwargs, primals, ds, *self._dims(site, primals, ctx, spec),
+                 False, spec, self._out_dims(site, spec))
 
     @staticmethod
     def _dims(site, primals, ctx, spec):
@@ -386,4 +430,4 @@ def _getitem(seq, i):
     return seq[i]
 
 
-__all__ = ["Fallback", "fallback_diag_vjp", "fallback_jvp", "fallback_vjp", "module_call"]
+__all__ = ["Fallback", "fallback_diag_jvp", "fallback_diag_vjp", "fallback_jvp", "fallback_vjp", "module_call"]

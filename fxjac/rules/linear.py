@@ -186,6 +186,21 @@ class Linear(Rule):
             return e(linear_weight_sandwich, ct, x, *args)
         raise Decline
 
+    def diag_jvp(self, e, site, tangents):  # noqa: D102
+        """(A∘A) d: the jvp with the weight and the input squared."""
+        if site.ps:
+            raise Decline
+        x, w = site.args["input"], site.args["weight"]
+        terms = []
+        if tangents["input"] is not ZERO:
+            terms.append(e(F.linear, tangents["input"], e(torch.square, w)))
+        if tangents["weight"] is not ZERO:
+            terms.append(e(linear_weight_tangent, e(torch.square, x), tangents["weight"]))
+        if tangents.get("bias", ZERO) is not ZERO:
+            terms.append(e(_rt.align, tangents["bias"], site.ndim()))
+        out = e.sum(terms)
+        return ZERO if out is ZERO else e(_rt.expand_like, out, site.out)
+
     def diag_vjp(self, e, site, d):  # noqa: D102
         """(A∘A)ᵀ d: the vjp with the weight and the input squared."""
         x, w, b = site.args["input"], site.args["weight"], site.args["bias"]

@@ -282,6 +282,8 @@ class Repeat(LinearOp):
 class Cat(Rule):
     """y = cat(xs, dim); dy = cat of the tangents; the adjoint splits the cotangent."""
 
+    square_is_self = True
+
     def signature(tensors, dim=0, *, axis=None):  # noqa: D103
         ...
 
@@ -307,6 +309,8 @@ class Cat(Rule):
 class Stack(Rule):
     """y = stack(xs, dim); the adjoint unbinds the cotangent."""
 
+    square_is_self = True
+
     def signature(tensors, dim=0):  # noqa: D103
         ...
 
@@ -326,6 +330,8 @@ class Stack(Rule):
 
 class _Pieces(Rule):
     """A tuple-valued split (chunk, split, unbind): the same split on the stack; the adjoint concatenates."""
+
+    square_is_self = True
 
     def _dim(self, site):
         return site.args["dim"]
