@@ -1,0 +1,668 @@
+"""Bad input gets a clear error, never a wrong answer; awkward but valid input gets the right one.
+
+One test per situation, each asserting the error class and the key words of its message (or the numbers against
+torch.func). The cases test_api.py already covers (a misspelt parameter name, a frozen one, an ``if`` on values
+in a submodule, a replaced parametric submodule of a jvp, operand shape and dtype of a jvp, a dict output) are
+not repeated here. A case that shows a current fxjac bug is an ``xfail(strict=True)`` naming the cause.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from reference import (
+    as_float64,
+    assert_close,
+    check_direction_products,
+    check_metric_products,
+    per_sample_jacobian,
+    rel_err,
+)
+from torch.func import functional_call, grad, vmap
+
+import fxjac
+from fxjac import zoo
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+BF16_RTOL = 5e-2  # bf16 keeps 8 bits of mantissa: ~4e-3 per rounding, a few roundings per product
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors on two shared cores: intra-op threads only wait on each other.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def rng(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, seed=0, dtype=torch.float64):
+    return torch.randn(*shape, generator=rng(seed), dtype=torch.float64).to(dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in=3, hidden=5, d_out=2):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.act = nn.Tanh()
+        self.fc2 = nn.Linear(hidden, d_out)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def mlp(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return MLP().to(dtype)
+
+
+P_MLP = 3 * 5 + 5 + 5 * 2 + 2
+
+
+# --- models torch.fx cannot trace --------------------------------------------------------------------------
+
+
+def test_item_in_python_control_flow_is_a_trace_error():
+    class Item(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.fc(x)
+            if h.mean().item() > 0:
+                return h
+            return -h
+
+    with pytest.raises(fxjac.TraceError) as err:
+        fxjac.jvp(Item().double())
+    msg = str(err.value)
+    assert "if h.mean().item() > 0" in msg and "leaf_modules" in msg and ".item()" in msg
+
+
+def test_iterating_over_a_tensor_is_a_trace_error():
+    class Rows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return torch.stack([2 * row for row in self.fc(x)])
+
+    with pytest.raises(fxjac.TraceError) as err:
+        fxjac.vjp(Rows().double(), wrt="params")
+    msg = str(err.value)
+    assert "iterated" in msg and "for row in self.fc(x)" in msg and "leaf_modules" in msg
+
+
+def test_value_dependent_loop_in_the_root_module_is_a_trace_error():
+    class Halve(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.fc(x)
+            while (h.abs() > 1).any():
+                h = h / 2
+            return h
+
+    with pytest.raises(fxjac.TraceError) as err:
+        fxjac.jtmjp(Halve().double(), wrt="params", out="diag")
+    msg = str(err.value)
+    assert "control flow" in msg and "while (h.abs() > 1).any()" in msg
+
+
+class ViewMutation(nn.Module):
+    """Mutates a view of an intermediate in place (``h[:, :2].relu_()``): torch.fx sees a new value, not ``h``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        h[:, :2].relu_()
+        return h
+
+
+def test_mutation_of_a_view_is_caught_at_the_first_call():
+    torch.manual_seed(0)
+    model = ViewMutation().double()
+    x = randn(4, 3) - 2  # the first call sees negative entries: the dropped relu_ changes y
+    with pytest.raises(fxjac.TraceError, match="does not reproduce the model's output.*leaf_modules"):
+        fxjac.jvp(model)(x, randn(4, 3, seed=1))
+
+
+@pytest.mark.xfail(strict=True, reason="an in-place op on a view is dropped from the graph; the first-call "
+                                       "check misses it when the first batch leaves the view unchanged, and "
+                                       "later calls are silently wrong")
+def test_mutation_of_a_view_is_never_a_silently_wrong_answer():
+    model = ViewMutation().double()
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.eye(3))
+        model.fc.bias.zero_()
+    x_pos = torch.rand(4, 3, generator=rng(), dtype=torch.float64) + 0.1  # relu_ is a no-op on this batch
+    v = randn(4, 3, seed=1)
+    p = fxjac.jvp(model)
+    try:
+        p(x_pos, v)
+        y, t = p(-x_pos, v)
+    except fxjac.TraceError:
+        return
+    y_ref, t_ref = torch.func.jvp(model, (-x_pos,), (v,))
+    assert_close(y, y_ref, "primal on the second batch")
+    assert_close(t, t_ref, "jvp on the second batch")
+
+
+# --- operands ----------------------------------------------------------------------------------------------
+
+
+def test_operand_of_wrong_rank_is_a_shape_error():
+    model, x = mlp(), randn(4, 3)
+    with pytest.raises(fxjac.ShapeError, match=r"M has shape \(4, 3\), expected \(4, 3, 'K'\)"):
+        fxjac.jmp(model)(x, randn(4, 3, seed=1))
+    with pytest.raises(fxjac.ShapeError, match=r"expected \(4, 'K', 2\)"):
+        fxjac.mjp(model, wrt="params")(x, randn(4, 2, seed=1))
+    with pytest.raises(fxjac.ShapeError, match=rf"v has shape \(5,\), expected \({P_MLP},\)"):
+        fxjac.jvp(model, wrt="params")(x, randn(5, seed=1))
+
+
+def test_metric_operand_of_wrong_shape_or_dtype_is_a_shape_error():
+    model, x = mlp(), randn(4, 3)
+    with pytest.raises(fxjac.ShapeError, match=r"M has shape \(4, 3\), expected \(4, 2\)"):
+        fxjac.jtmjp(model, matrix="diag")(x, randn(4, 3, seed=1))
+    with pytest.raises(fxjac.ShapeError, match=rf"expected \({P_MLP},\)"):
+        fxjac.jmjtp(model, wrt="params", matrix="diag")(x, randn(P_MLP - 1, seed=1).abs())
+    with pytest.raises(fxjac.ShapeError, match="dtype torch.float32"):
+        fxjac.jtmjp(model, matrix="full")(x, torch.eye(2).expand(4, 2, 2))
+    m = randn(4, 2, 2, seed=2)
+    with pytest.raises(fxjac.ShapeError, match="symmetric"):
+        fxjac.jtmjp(model, matrix="full")(x, m)
+
+
+def test_sqrt_factor_of_wrong_shape_is_a_shape_error():
+    model, x = mlp(), randn(4, 3)
+    with pytest.raises(fxjac.ShapeError, match=r"M has shape \(4, 2\), expected \(4, 2, 'K'\)"):
+        fxjac.jtmjp(model, matrix="sqrt")(x, randn(4, 2, seed=1))  # M itself, not its factor
+    with pytest.raises(fxjac.ShapeError, match=r"M has shape \(4, 3, 2\), expected \(4, 2, 'K'\)"):
+        fxjac.jtmjp(model, matrix="sqrt", out="diag")(x, randn(4, 3, 2, seed=1))  # an input-space factor
+    with pytest.raises(fxjac.ShapeError, match=rf"expected \({P_MLP}, 'K'\)"):
+        fxjac.jmjtp(model, wrt="params", matrix="sqrt")(x, randn(P_MLP + 1, 2, seed=1))
+
+
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=CUDA)])
+def test_operand_on_another_device_is_a_shape_error(device):
+    model, x = mlp(), randn(4, 3)
+    with pytest.raises(fxjac.ShapeError, match=f"on {device}"):
+        fxjac.jvp(model)(x, torch.zeros(4, 3, dtype=torch.float64, device=device))
+    with pytest.raises(fxjac.ShapeError, match=f"on {device}"):
+        fxjac.jtmjp(model, wrt="params", matrix="diag", out="diag")(x, torch.ones(4, 2, dtype=torch.float64,
+                                                                                 device=device))
+
+
+@pytest.mark.xfail(strict=True, reason="an input of another per-sample shape fails inside the generated code "
+                                       "(RuntimeError from a static reshape), not with a ShapeError")
+def test_input_of_another_per_sample_shape_is_a_shape_error():
+    model = mlp()  # Linear layers act on the last axis: the model itself accepts [B, 2, 3] as well as [B, 3]
+    p = fxjac.jacobian(model)
+    p(randn(4, 3))
+    with pytest.raises(fxjac.ShapeError, match="shape"):
+        p(randn(4, 2, 3, seed=1))
+
+
+@pytest.mark.xfail(strict=True, reason="wrt='input' on an integer input (token ids) silently gives zero "
+                                       "derivatives instead of refusing (torch.func raises)")
+def test_wrt_an_integer_input_is_refused():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(5, 3)
+
+        def forward(self, ids):
+            return self.emb(ids).sum(1)
+
+    ids = torch.randint(0, 5, (4, 2), generator=rng())
+    with pytest.raises((fxjac.OptionError, fxjac.ShapeError)):
+        fxjac.jacobian(Tokens().double())(ids)
+
+
+# --- training mode -----------------------------------------------------------------------------------------
+
+
+def test_training_mode_batchnorm_is_a_mode_error():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn(self.fc(x))
+
+    model = Net().double()
+    with pytest.raises(fxjac.ModeError) as err:
+        fxjac.jtmjp(model, wrt="params", out="diag")
+    msg = str(err.value)
+    assert "BatchNorm" in msg and "model.eval()" in msg and "batch_norm" in msg
+    x = randn(4, 3)
+    _, d = fxjac.jtmjp(model.eval(), wrt="params", out="diag")(x)
+    J = per_sample_jacobian(model, (x,), "params")
+    assert_close(d, (J * J).sum((0, 1)), "jtmjp once in eval mode")
+
+
+def test_functional_dropout_is_a_mode_error_and_p_zero_is_not():
+    class Net(nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.p = p
+
+        def forward(self, x):
+            return F.dropout(torch.tanh(self.fc(x)), self.p, training=self.training)
+
+    with pytest.raises(fxjac.ModeError, match=r"(?s)Dropout.*model\.eval\(\).*dropout"):
+        fxjac.vjp(Net(0.3).double())
+    x, v = randn(4, 3), randn(4, 3, seed=1)
+    train_p0 = Net(0.0).double()  # in training mode, but inactive: nothing is random
+    _, t = fxjac.jvp(train_p0)(x, v)
+    assert_close(t, torch.func.jvp(train_p0, (x,), (v,))[1], "jvp through dropout(p=0)")
+
+
+# --- wrt ---------------------------------------------------------------------------------------------------
+
+
+def test_wrt_naming_no_parameter_is_an_option_error():
+    with pytest.raises(fxjac.OptionError, match="selects no parameter"):
+        fxjac.vjp(mlp(), wrt=[])
+
+    class Free(nn.Module):
+        def forward(self, x):
+            return torch.tanh(x)
+
+    with pytest.raises(fxjac.OptionError, match="selects no parameter"):
+        fxjac.jtmjp(Free(), wrt="params", out="diag")
+    with pytest.raises(fxjac.OptionError, match="selects no parameter"):
+        fxjac.ggn(copy.deepcopy(mlp()).requires_grad_(False), loss="mse")
+
+
+def test_wrt_misspelt_module_prefix_suggests_the_nearest_names():
+    with pytest.raises(fxjac.OptionError) as err:
+        fxjac.vjp(mlp(), wrt=["fc3"])
+    msg = str(err.value)
+    assert "'fc3'" in msg and "fc1.weight" in msg and "fc2.weight" in msg
+
+
+@pytest.mark.xfail(strict=True, reason="wrt='input:N' past the last input is only checked at the first call "
+                                       "when the product is built without example_inputs")
+def test_wrt_input_index_out_of_range_is_refused_at_build():
+    with pytest.raises(fxjac.OptionError, match="input:3"):
+        fxjac.jvp(mlp(), wrt="input:3")
+
+
+# --- contradictory options ---------------------------------------------------------------------------------
+
+
+def test_diag_backprop_with_a_full_matrix_or_result_is_an_option_error():
+    model = mlp()
+    with pytest.raises(fxjac.OptionError, match="diag_backprop.*out='diag'.*'diag' or 'identity' matrix"):
+        fxjac.jtmjp(model, wrt="params", matrix="full", out="diag", method="diag_backprop")
+    with pytest.raises(fxjac.OptionError, match="diag_backprop"):
+        fxjac.jtmjp(model, wrt="params", matrix="diag", out="full", method="diag_backprop")
+    with pytest.raises(fxjac.OptionError, match="diag_backprop.*out='diag'"):
+        fxjac.ggn(model, loss="mse", out="block", method="diag_backprop")
+    with pytest.raises(fxjac.OptionError, match="diag_backprop"):
+        fxjac.jmjtp(model, wrt="params", matrix="full", out="diag", method="diag_backprop")
+
+
+# --- output selection --------------------------------------------------------------------------------------
+
+
+class Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h, torch.tanh(h).sum(-1, keepdim=True)
+
+
+def test_tuple_output_selected_by_index():
+    torch.manual_seed(0)
+    model = Pair().double()
+    x, v = randn(4, 3), randn(4, 3, seed=1)
+    y, t = fxjac.jvp(model, output=1)(x, v)
+    ref = torch.func.jvp(lambda z: model(z)[1], (x,), (v,))
+    assert_close(y, ref[0], "selected primal")
+    assert_close(t, ref[1], "jvp of output 1")
+    with pytest.raises(fxjac.OptionError, match="output=2 selects nothing"):
+        fxjac.jvp(model, output=2, example_inputs=(x,))
+    with pytest.raises(fxjac.OptionError, match="output='logits' selects nothing"):
+        fxjac.vjp(model, output="logits")(x, randn(4, 4))
+    with pytest.raises(fxjac.OptionError, match="tuple or dict.*output="):
+        fxjac.jtmjp(model, wrt="params", out="diag")(x)
+
+
+# --- non-differentiable ops --------------------------------------------------------------------------------
+
+
+def test_non_differentiable_ops_have_an_exactly_zero_derivative():
+    class Steps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return ((h > 0).to(h.dtype) + h.argmax(-1, keepdim=True).to(h.dtype) + h.long().to(h.dtype)
+                    + torch.where(h > 0, 1.0, -1.0) + h.round() + h.sign() + h.floor())
+
+    torch.manual_seed(0)
+    model = Steps().double()
+    x = randn(4, 3)
+    for wrt, n in (("input", 3), ("params", 12)):
+        y, J = fxjac.jacobian(model, wrt=wrt)(x)
+        assert J.shape == (4, 3, n) and torch.count_nonzero(J) == 0, f"J[{wrt}] must be exactly zero"
+        assert torch.equal(J, per_sample_jacobian(model, (x,), wrt))
+    _, G = fxjac.jtmjp(model, wrt="params", out="full")(x)
+    assert G.shape == (12, 12) and torch.count_nonzero(G) == 0
+
+
+def test_torch_where_mask_passes_the_chosen_branch():
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+
+        def forward(self, x):
+            h = self.fc(x)
+            mask = h.detach().abs() > 0.3
+            return torch.where(mask, torch.tanh(h), 0.5 * h) * mask.to(h.dtype).sum(-1, keepdim=True)
+
+    torch.manual_seed(0)
+    model = Gate().double()
+    x = randn(5, 3)
+    check_direction_products(model, (x,), products=("jvp", "vjp", "jacobian"))
+    check_metric_products(model, (x,), matrices=("diag",), wrts=("params",))
+
+
+@pytest.mark.xfail(strict=True, reason="forward-mode products crash on .item(): no constant rule for 'item' "
+                                       "(AttributeError: 'float' object has no attribute 'dim')")
+def test_item_used_as_a_number_is_a_constant():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h * h.abs().max().item()
+
+    torch.manual_seed(0)
+    model = Scale().double()
+    x, v = randn(4, 3), randn(4, 3, seed=1)
+    c = model.fc(x).abs().max().item()
+    _, t = fxjac.jvp(model)(x, v)
+    assert_close(t, c * v @ model.fc.weight.detach().t(), "jvp with .item() as a constant")
+
+
+# --- numerics: dtypes, NaN/Inf, batch sizes, layouts -------------------------------------------------------
+
+
+def test_float32_products_against_a_float64_reference():
+    model, x = mlp(dtype=torch.float32), randn(4, 3, dtype=torch.float32)
+    check_direction_products(model, (x,), dtype=torch.float32)
+    check_metric_products(model, (x,), dtype=torch.float32, matrices=("identity", "full"))
+    _, d = fxjac.ggn(model, loss="cross_entropy")(x)
+    assert d.dtype == torch.float32
+
+
+def test_bfloat16_products_against_a_float64_reference():
+    model, x = mlp(dtype=torch.bfloat16), randn(4, 3, dtype=torch.bfloat16)
+    m64, (x64,) = as_float64(model, (x,))  # the same (rounded) weights, in float64
+    v = randn(4, 3, seed=1, dtype=torch.bfloat16)
+    w = randn(4, 2, seed=2, dtype=torch.bfloat16)
+    J_in = per_sample_jacobian(m64, (x64,), "input")
+    J_p = per_sample_jacobian(m64, (x64,), "params")
+    y, t = fxjac.jvp(model)(x, v)
+    assert y.dtype == t.dtype == torch.bfloat16
+    assert_close(t, torch.einsum("boi,bi->bo", J_in, v.double()), "bf16 jvp", rtol=BF16_RTOL)
+    _, g = fxjac.vjp(model, wrt="params")(x, w)
+    assert_close(g, torch.einsum("bop,bo->p", J_p, w.double()), "bf16 vjp[params]", rtol=BF16_RTOL)
+    _, d = fxjac.jtmjp(model, wrt="params", out="diag")(x)
+    assert_close(d, (J_p * J_p).sum((0, 1)), "bf16 jtmjp diag", rtol=BF16_RTOL)
+    _, G = fxjac.jtmjp(model, wrt="input")(x)
+    assert_close(G, torch.einsum("boi,boj->bij", J_in, J_in), "bf16 jtmjp[input]", rtol=BF16_RTOL)
+    _, gd = fxjac.ggn(model, loss="mse")(x)
+    assert_close(gd, (J_p * J_p).sum((0, 1)), "bf16 ggn mse diag", rtol=BF16_RTOL)
+
+
+def _per_sample_grads(model, x, w):
+    """Per-sample ``J_bᵀ w_b`` w.r.t. all parameters, by vmap over grad (each sample alone)."""
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def f(prm, xb, wb):
+        return (functional_call(model, prm, (xb[None],))[0] * wb).sum()
+
+    g = vmap(grad(f), in_dims=(None, 0, 0))(params, x, w)
+    return torch.cat([g[k].reshape(x.shape[0], -1) for k in params], 1)
+
+
+def _same_nan_and_values(got, ref, what):
+    assert torch.equal(got.isnan(), ref.isnan()), f"{what}: NaN at {got.isnan().nonzero().tolist()}, " \
+                                                  f"reference at {ref.isnan().nonzero().tolist()}"
+    ok = ~ref.isnan()
+    assert_close(got[ok], ref[ok], what)
+
+
+def test_nan_in_the_input_propagates_as_torch_func():
+    model = mlp()
+    x, v, w = randn(4, 3), randn(4, 3, seed=1), randn(4, 2, seed=2)
+    x[1, 0] = float("nan")
+    _, t = fxjac.jvp(model)(x, v)
+    _same_nan_and_values(t, torch.func.jvp(model, (x,), (v,))[1], "jvp[input] with a NaN")
+    _, c = fxjac.vjp(model)(x, w)
+    _same_nan_and_values(c, torch.func.vjp(model, x)[1](w)[0], "vjp[input] with a NaN")
+    _, g = fxjac.vjp(model, wrt="params", reduce="none")(x, w)
+    _same_nan_and_values(g, _per_sample_grads(model, x, w), "per-sample vjp[params] with a NaN")
+    assert not g[[0, 2, 3]].isnan().any()  # samples stay independent: the NaN does not leak
+
+
+def test_inf_in_the_input_matches_reverse_mode_autograd():
+    # Reverse mode is the reference: torch.func.jvp itself gives NaN here (its matmul tangent rule multiplies
+    # the infinite input by the weights' zero tangent), while the derivative of the product is well defined.
+    model = mlp()
+    x, w = randn(4, 3), randn(4, 2, seed=2)
+    x[2, 1] = float("inf")
+    _, c = fxjac.vjp(model)(x, w)
+    _same_nan_and_values(c, torch.func.vjp(model, x)[1](w)[0], "vjp[input] with an Inf")
+    _, g = fxjac.vjp(model, wrt="params", reduce="none")(x, w)
+    _same_nan_and_values(g, _per_sample_grads(model, x, w), "per-sample vjp[params] with an Inf")
+    _, s = fxjac.vjp(model, wrt="params")(x, w)
+    _same_nan_and_values(s, _per_sample_grads(model, x, w).sum(0), "vjp[params] with an Inf")
+
+
+def test_batch_of_one():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.GELU(), nn.Linear(4, 2)).double()
+    x = randn(1, 3)
+    check_direction_products(model, (x,))
+    check_metric_products(model, (x,), matrices=("diag", "sqrt"))
+
+
+def _empty_cases():
+    """(product, operands after x) on a batch of 0, and the expected result shape (parameter sums: zeros)."""
+    z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+    P = P_MLP
+    return {
+        "jvp[input]": (lambda m: fxjac.jvp(m), (z(0, 3),), (0, 2)),
+        "jvp[params]": (lambda m: fxjac.jvp(m, wrt="params"), (z(P),), (0, 2)),
+        "vjp[input]": (lambda m: fxjac.vjp(m), (z(0, 2),), (0, 3)),
+        "vjp[params]": (lambda m: fxjac.vjp(m, wrt="params"), (z(0, 2),), (P,)),
+        "vjp[params, none]": (lambda m: fxjac.vjp(m, wrt="params", reduce="none"), (z(0, 2),), (0, P)),
+        "jmp[input]": (lambda m: fxjac.jmp(m), (z(0, 3, 4),), (0, 2, 4)),
+        "jmp[params]": (lambda m: fxjac.jmp(m, wrt="params"), (z(P, 4),), (0, 2, 4)),
+        "mjp[input]": (lambda m: fxjac.mjp(m), (z(0, 4, 2),), (0, 4, 3)),
+        "mjp[params]": (lambda m: fxjac.mjp(m, wrt="params"), (z(0, 4, 2),), (4, P)),
+        "jacobian[input]": (lambda m: fxjac.jacobian(m), (), (0, 2, 3)),
+        "jacobian[params]": (lambda m: fxjac.jacobian(m, wrt="params"), (), (0, 2, P)),
+        "jtmjp[input]": (lambda m: fxjac.jtmjp(m), (), (0, 3, 3)),
+        "jtmjp[params, diag]": (lambda m: fxjac.jtmjp(m, wrt="params", out="diag"), (), (P,)),
+        "jmjtp[input]": (lambda m: fxjac.jmjtp(m), (), (0, 2, 2)),
+        "jmjtp[params, diag]": (lambda m: fxjac.jmjtp(m, wrt="params", matrix="diag"), (z(P),), (0, 2, 2)),
+        "ggn[mse]": (lambda m: fxjac.ggn(m, loss="mse"), (), (P,)),
+    }
+
+
+_EMPTY_WORKS = {"jvp[input]", "jvp[params]", "vjp[input]", "vjp[params]", "vjp[params, none]", "mjp[params]"}
+
+
+@pytest.mark.parametrize("case", [
+    c if c in _EMPTY_WORKS else pytest.param(c, marks=pytest.mark.xfail(
+        strict=True, reason="a batch of 0 crashes: per-sample sizes read from sample 0 / reshape(k, 0, -1)"))
+    for c in _empty_cases()])
+def test_batch_of_zero_gives_empty_results(case):
+    # As torch.func and nn.Linear do: an empty batch gives empty per-sample results and zero parameter sums.
+    make, operands, shape = _empty_cases()[case]
+    y, r = make(mlp())(torch.zeros(0, 3, dtype=torch.float64), *operands)
+    assert y.shape == (0, 2)
+    assert tuple(r.shape) == shape and torch.count_nonzero(r) == 0
+
+
+def test_non_contiguous_input():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.SiLU(), nn.Linear(5, 3)).double()
+    x = randn(3, 8)[:, ::2]  # a strided view
+    assert not x.is_contiguous()
+    check_direction_products(model, (x,))
+    check_metric_products(model, (x,), matrices=("full",))
+    xt = randn(4, 3).t()  # a transposed [B=3, 4]
+    v = randn(4, 3, seed=1).t()
+    _, t = fxjac.jvp(model)(xt, v)
+    assert_close(t, torch.func.jvp(model, (xt,), (v,))[1], "jvp on a transposed input and tangent")
+
+
+def test_channels_last_cnn():
+    model, _ = zoo.build("cnn", dtype=torch.float64)
+    x = zoo.example_inputs("cnn", 2)[0]
+    xc = x.to(memory_format=torch.channels_last)
+    v = randn(*x.shape, seed=1).to(memory_format=torch.channels_last)
+    assert xc.is_contiguous(memory_format=torch.channels_last) and not xc.is_contiguous()
+    check_direction_products(model, (xc,), products=("jvp", "vjp", "jacobian"))
+    _, t = fxjac.jvp(model)(xc, v)
+    assert_close(t, torch.func.jvp(model, (xc,), (v,))[1], "jvp with a channels-last tangent")
+    _, d_cl = fxjac.jtmjp(model, wrt="params", out="diag")(xc)
+    _, d = fxjac.jtmjp(model, wrt="params", out="diag")(x)
+    assert_close(d_cl, d, "jtmjp diag: channels-last = contiguous")
+
+
+class Buffered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.register_buffer("scale", torch.rand(3) + 0.5)
+        self.register_buffer("shift", torch.randn(3))
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x) * self.scale + self.shift)
+
+
+def test_model_with_buffers():
+    torch.manual_seed(0)
+    model = Buffered().double()
+    x, v = randn(4, 3), randn(4, 3, seed=1)
+    check_direction_products(model, (x,))
+    p = fxjac.jvp(model)
+    assert fxjac.vjp(model, wrt="params").wrt_names == ["fc.weight", "fc.bias"]  # buffers are not parameters
+    p(x, v)
+    with torch.no_grad():
+        model.scale.mul_(3)  # an in-place buffer update is followed...
+    assert_close(p(x, v)[1], torch.func.jvp(model, (x,), (v,))[1], "jvp after a buffer update")
+    model.shift = torch.randn(3, dtype=torch.float64)  # ...and so is a reassigned buffer
+    assert_close(p(x, v)[1], torch.func.jvp(model, (x,), (v,))[1], "jvp after a buffer reassignment")
+
+
+def test_frozen_parameters_are_left_out_but_still_used():
+    model = mlp()
+    model.fc1.requires_grad_(False)
+    x = randn(4, 3)
+    p = fxjac.jtmjp(model, wrt="params", out="diag")
+    assert p.wrt_names == ["fc2.weight", "fc2.bias"]
+    _, d = p(x)
+    J = per_sample_jacobian(model, (x,), "params")  # the reference selects trainable parameters only
+    assert d.shape == (12,)
+    assert_close(d, (J * J).sum((0, 1)), "jtmjp diag with a frozen layer")
+    check_direction_products(model, (x,))  # w.r.t. the input the frozen layer still acts
+
+
+# --- devices -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_products_on_device(device):
+    model = mlp().to(device)
+    x, v, w = (randn(4, 3).to(device), randn(4, 3, seed=1).to(device), randn(4, 2, seed=2).to(device))
+    m_cpu = mlp()
+    J_in = per_sample_jacobian(m_cpu, (x.cpu(),), "input")
+    J_p = per_sample_jacobian(m_cpu, (x.cpu(),), "params")
+    y, t = fxjac.jvp(model)(x, v)
+    assert y.device == t.device == x.device
+    assert_close(t.cpu(), torch.einsum("boi,bi->bo", J_in, v.cpu()), f"jvp on {device}")
+    _, g = fxjac.vjp(model, wrt="params")(x, w)
+    assert g.device == x.device
+    assert_close(g.cpu(), torch.einsum("bop,bo->p", J_p, w.cpu()), f"vjp[params] on {device}")
+    _, d = fxjac.jtmjp(model, wrt="params", out="diag")(x)
+    assert_close(d.cpu(), (J_p * J_p).sum((0, 1)), f"jtmjp diag on {device}")
+    _, c = fxjac.ggn(model, loss="cross_entropy", out="block")(x)
+    assert all(b.device == x.device for b in c)
+
+
+# --- compile once ------------------------------------------------------------------------------------------
+
+
+def test_in_place_weight_update_is_followed():
+    model, x, w = mlp(), randn(5, 3), randn(5, 2, seed=1)
+    diag = fxjac.jtmjp(model, wrt="params", out="diag", example_inputs=(x,))  # closed-form Linear diagonals
+    vjp = fxjac.vjp(model, wrt="params")
+    before = diag(x)[1]
+    vjp(x, w)
+    with torch.no_grad():
+        model.fc1.weight.mul_(2)
+        model.fc2.bias.add_(1)
+    J = per_sample_jacobian(model, (x,), "params")
+    after = diag(x)[1]
+    assert_close(after, (J * J).sum((0, 1)), "jtmjp diag after an in-place weight update")
+    assert_close(vjp(x, w)[1], torch.einsum("bop,bo->p", J, w), "vjp after an in-place weight update")
+    assert rel_err(after, before) > 1e-2
+
+
+def test_replaced_parametric_submodule_of_a_params_product_is_stale():
+    model, x = mlp(), randn(4, 3)
+    p = fxjac.jtmjp(model, wrt="params", out="diag", example_inputs=(x,))
+    p(x)
+    model.fc2 = nn.Linear(5, 2).double()
+    with pytest.raises(fxjac.StaleProductError, match="'fc2' was replaced.*build the product again"):
+        p(x)
+
+
+@pytest.mark.xfail(strict=True, reason="a replaced parameter-free submodule (nn.Tanh -> nn.ReLU) is not "
+                                       "detected: the product silently keeps computing with the old op")
+def test_replaced_parameter_free_submodule_is_stale():
+    model, x, v = mlp(), randn(4, 3), randn(4, 3, seed=1)
+    p = fxjac.jvp(model)
+    p(x, v)
+    model.act = nn.ReLU()
+    try:
+        _, t = p(x, v)
+    except fxjac.StaleProductError:
+        return
+    ref = torch.func.jvp(model, (x,), (v,))[1]
+    raise AssertionError(f"no StaleProductError; the result is off by {rel_err(t, ref):.2e} (relative)")
