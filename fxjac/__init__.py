@@ -7,6 +7,7 @@ per-operation rules that never build a Jacobian nobody asked for.
 from __future__ import annotations
 
 from .direction import jacobian, jmp, jvp, mjp, vjp
+from .draw import draw
 from .errors import (
     FxJacError,
     ModeError,
@@ -32,6 +33,7 @@ __all__ = [
     "TraceError",
     "UnsupportedOpError",
     "compile",
+    "draw",
     "ggn",
     "jacobian",
     "jmjtp",

@@ -1,0 +1,108 @@
+"""torch.compile on every product kind: one graph (fullgraph=True), no recompilation when the batch size changes,
+the eager numbers within float32 rounding.
+
+Batch sizes (5, 7) differ from every model width (4, 8, 3) and from K (2): torch.compile's duck sizing would give
+a batch equal to a width the same symbol and specialise it (one extra recompilation, not fxjac's doing).
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._dynamo.utils import counters
+
+import fxjac
+
+TOL = 1e-5  # float32, compiled vs eager
+BATCHES = (5, 7)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+
+
+def _operands(name, batch, n_params, g):
+    def r(*s):
+        return torch.randn(*s, generator=g)
+
+    return {"jvp": (r(batch, 4),), "vjp": (r(batch, 3),), "jmp": (r(batch, 4, 2),), "mjp": (r(batch, 2, 3),),
+            "jacobian": (), "jtmjp": (), "jmjtp": (r(n_params).abs(),), "ggn": ()}[name]
+
+
+CASES = [
+    ("jvp", dict(wrt="input")),
+    ("vjp", dict(wrt="params")),
+    ("jmp", dict(wrt="input")),
+    ("mjp", dict(wrt="input")),
+    ("jacobian", dict(wrt="params")),
+    ("jtmjp", dict(wrt="params", out="diag")),
+    ("jmjtp", dict(wrt="params", matrix="diag", out="diag")),
+    ("ggn", dict(out="diag")),
+]
+
+
+def _close(got, ref):
+    got, ref = (got if isinstance(got, (list, tuple)) else [got]), (ref if isinstance(ref, (list, tuple)) else [ref])
+    for a, b in zip(got, ref):
+        err = (a - b).abs().max().item()
+        assert err <= TOL * max(1.0, b.abs().max().item()), f"compiled differs from eager by {err:.3g}"
+
+
+@pytest.mark.parametrize("name,options", CASES, ids=[c[0] for c in CASES])
+def test_product_compiles_fullgraph_with_changing_batch(name, options):
+    model = _model()
+    n_params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(BATCHES[0], 4, generator=g)
+    p = fxjac.compile(model, name, example_inputs=(x0,), **options)
+    torch._dynamo.reset()  # compiled before any eager call: the eager-only first-call checks stay out
+    counters.clear()
+    compiled = torch.compile(p, backend="aot_eager", fullgraph=True, dynamic=True)
+    for batch in BATCHES:
+        x = torch.randn(batch, 4, generator=g)
+        ops = _operands(name, batch, n_params, g)
+        y, res = compiled(x, *ops)
+        y_ref, res_ref = p(x, *ops)
+        _close(y, y_ref)
+        _close(res, res_ref)
+    assert counters["stats"]["unique_graphs"] == 1, f"recompiled: {dict(counters['stats'])}"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_fxjac_compile_backend_with_example_inputs():
+    model = _model()
+    x = torch.randn(BATCHES[0], 4)
+    torch._dynamo.reset()
+    compiled = fxjac.compile(model, "jtmjp", wrt="params", out="block", example_inputs=(x,), backend="eager")
+    eager = fxjac.jtmjp(model, wrt="params", out="block")
+    for batch in BATCHES:
+        x = torch.randn(batch, 4)
+        _close(compiled(x)[1], eager(x)[1])
+
+
+def test_fxjac_compile_lazy_product():
+    """Built without example_inputs: fxjac.compile builds it at the first call, then runs it compiled."""
+    model = _model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = fxjac.compile(model, "vjp", wrt="params", backend="eager")
+    torch._dynamo.reset()
+    x, w = torch.randn(5, 4), torch.randn(5, 3)
+    y, g = compiled(x, w)
+    assert g.shape == (sum(p.numel() for p in model.parameters()),)
+    x, w = torch.randn(7, 4), torch.randn(7, 3)
+    _close(compiled(x, w)[1], fxjac.vjp(model, wrt="params")(x, w)[1])
+
+
+@pytest.mark.compile
+def test_inductor_vjp():
+    model = _model()
+    x = torch.randn(BATCHES[0], 4)
+    p = fxjac.vjp(model, wrt="params", example_inputs=(x,))
+    torch._dynamo.reset()
+    compiled = torch.compile(p, backend="inductor", fullgraph=True, dynamic=True)
+    for batch in BATCHES:
+        x, w = torch.randn(batch, 4), torch.randn(batch, 3)
+        _close(compiled(x, w)[1], p(x, w)[1])
