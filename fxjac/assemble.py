@@ -8,6 +8,7 @@ Note [flat layout]
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -30,9 +31,17 @@ def input_placeholders(b: Builder, src: Source) -> list:
     for n in src.inputs:
         new = b.graph.placeholder(n.name)
         new.meta = dict(n.meta)
-        b.env[n] = new
         out.append(new)
-    return out
+    e = api_emitter(b)
+    for i, (n, new) in enumerate(zip(src.inputs, out)):
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim() > 0:
+            checked = e(checks.check_input, new, tuple(val.shape[1:]), f"input {i}")
+            checked.meta = dict(n.meta)
+            b.env[n] = checked
+        else:
+            b.env[n] = new
+    return [b.env[n] for n in src.inputs]
 
 
 # --- run-time helpers ------------------------------------------------------------------------------------
@@ -61,12 +70,12 @@ def stack_to_shape(m, like):
 
 def stack_to_rows(t, batch):
     """A stack ``[K, B, ...]`` as ``[B, N, K]`` (N the per-sample numel)."""
-    return t.reshape(t.shape[0], batch, -1).permute(1, 2, 0)
+    return t.reshape(t.shape[0], batch, math.prod(t.shape[2:])).permute(1, 2, 0)
 
 
 def stack_to_batch_rows(t, batch):
     """A stack ``[K, B, ...]`` as ``[B, K, N]``."""
-    return t.reshape(t.shape[0], batch, -1).transpose(0, 1)
+    return t.reshape(t.shape[0], batch, math.prod(t.shape[2:])).transpose(0, 1)
 
 
 def eye_stack(like, n):

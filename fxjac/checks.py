@@ -43,3 +43,11 @@ def check_symmetric(m, name):
     if (m - m.transpose(-1, -2)).abs().amax() > tol * scale:
         raise ShapeError(f"{name} must be symmetric")
     return m
+
+
+def check_input(x, sample_shape, name):
+    """A model input must keep the per-sample shape (and dtype) the product was built for; the batch is free."""
+    if isinstance(x, torch.Tensor) and (tuple(x.shape[1:]) != tuple(sample_shape) or x.dim() == 0):
+        raise ShapeError(f"{name} has shape {tuple(x.shape)}; this product was built for [B, "
+                         f"{', '.join(map(str, sample_shape))}] (build another product for other sample shapes)")
+    return x

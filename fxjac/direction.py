@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -43,7 +44,7 @@ def chunks(k: int, chunk_size, src, budget: int = 1 << 30) -> list:
             v = n.meta.get("val")
             if isinstance(v, torch.Tensor):
                 # a parameter's per-sample stack holds the whole parameter per sample
-                per = v.numel() if n in src.param_nodes else (v[0].numel() if v.dim() else 1)
+                per = v.numel() if n in src.param_nodes else math.prod(v.shape[1:])
                 per_column = max(per_column, per * batch * v.element_size())
         chunk_size = max(1, budget // max(per_column, 1))
     return [(a, min(a + chunk_size, k)) for a in range(0, k, chunk_size)]
@@ -223,7 +224,7 @@ def _rows_to_stack(m, like):
 
 def _ps_rows_to_batch_first(flat, k, batch):
     """``[K*B, P]`` -> ``[B, K, P]``."""
-    return flat.reshape(k, batch, -1).transpose(0, 1)
+    return flat.reshape(k, batch, flat.shape[-1]).transpose(0, 1)
 
 
 def jacobian(model, wrt: Any = "input", mode: str = "auto", **options) -> Product:

@@ -7,6 +7,8 @@ None of them depends on the target.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .assemble import eye_stack
@@ -40,7 +42,7 @@ def cross_entropy_columns(y, class_dim):
     yt = y.movedim(class_dim, 1)
     b, c = yt.shape[0], yt.shape[1]
     spatial = tuple(yt.shape[2:])
-    p = torch.softmax(yt, 1).reshape(b, c, -1)  # [B, C, S]
+    p = torch.softmax(yt, 1).reshape(b, c, math.prod(yt.shape[2:]))  # [B, C, S]
     s = p.shape[2]
     sp = p.sqrt()
     eye_c = torch.eye(c, dtype=y.dtype, device=y.device)
@@ -56,10 +58,10 @@ def loss_factor(y, loss, form, class_dim=1, sigma=1.0):
     """The loss Hessian at ``y``: its diagonal (``form="diag"``) or ``(columns, weights)`` (``"factor"``)."""
     if form == "diag":
         return _diag(y, loss, class_dim, sigma)
-    n = y[0].numel()
+    n = math.prod(y.shape[1:])
     if loss == "cross_entropy":
         return cross_entropy_columns(y, class_dim), None
     if loss == "mse":
         return eye_stack(y, n), None
     d = _diag(y, loss, class_dim, sigma)
-    return eye_stack(y, n), d.reshape(d.shape[0], -1).t()
+    return eye_stack(y, n), d.reshape(d.shape[0], n).t()

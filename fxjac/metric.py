@@ -11,6 +11,7 @@ Note [metric factors]
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -40,12 +41,12 @@ def eigen_stack(m, like):
 
 def diag_weights(d):
     """A per-sample diagonal ``[B, N]`` as column weights ``[N, B]``."""
-    return d.reshape(d.shape[0], -1).t()
+    return d.reshape(d.shape[0], math.prod(d.shape[1:])).t()
 
 
 def flat_diag(d, reduce_sum):
     """A parameter-shaped diagonal as ``[n]`` (or per-sample ``[B, n]``)."""
-    return d.reshape(-1) if reduce_sum else d.reshape(d.shape[0], -1)
+    return d.reshape(-1) if reduce_sum else d.reshape(d.shape[0], math.prod(d.shape[1:]))
 
 
 def gram(c, w, reduce_sum):
@@ -64,12 +65,12 @@ def gram_diag(c, w, reduce_sum):
 
 def per_sample_rows(ct, k, batch):
     """A parameter's per-sample stack ``[K*B, *shape]`` as ``[K, B, n]``."""
-    return ct.reshape(k, batch, -1)
+    return ct.reshape(k, batch, math.prod(ct.shape[1:]))
 
 
 def batched_rows(ct, k):
     """A batched stack ``[K, B, *s]`` as ``[K, B, n]``."""
-    return ct.reshape(k, ct.shape[1], -1)
+    return ct.reshape(k, ct.shape[1], math.prod(ct.shape[2:]))
 
 
 def zeros_rows(like, k, batch, n):
@@ -129,7 +130,7 @@ def jac_sandwich(j, m, kind, out_diag):
     if kind == "identity":
         return rows_outer(j, out_diag)
     if kind == "diag":
-        d = m.reshape(m.shape[0], -1)
+        d = m.reshape(m.shape[0], math.prod(m.shape[1:]))
         if out_diag:
             return torch.einsum("obi,bi->bo", j * j, d)
         return torch.einsum("obi,bi,qbi->boq", j, d, j)
@@ -554,7 +555,7 @@ def _ones_row(like, n):
 
 def _first_rows(t):
     """The single diagonal column ``[1, B, *s]`` as ``[B, n]``."""
-    return t[0].reshape(t.shape[1], -1)
+    return t[0].reshape(t.shape[1], math.prod(t.shape[2:]))
 
 
 # --- GGN -------------------------------------------------------------------------------------------------

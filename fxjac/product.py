@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from passes import Builder, MissingRulesError, clean
 
-from .errors import ShapeError, StaleProductError, TraceError, UnsupportedOpError, describe
+from .errors import OptionError, ShapeError, StaleProductError, TraceError, UnsupportedOpError, describe
 from .rules import default_rules
 from .source import Source, build_source
 
@@ -129,6 +129,8 @@ def _structure(src: Source) -> list:
     for n in src.gm.graph.nodes:
         if n.op == "get_attr":
             paths.add(n.target.rsplit(".", 1)[0] if "." in n.target else "")
+        for path, _ in (n.meta.get("nn_module_stack") or {}).values():  # modules traced into, with or
+            paths.add(path)                                             # without parameters
     out = []
     for p in sorted(paths):
         try:
@@ -213,11 +215,13 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
     from .source import parse_wrt, select_params
     from .tracing import check_modes, trace
 
-    kind, _ = parse_wrt(wrt)
+    kind, index = parse_wrt(wrt)
     params = select_params(model, wrt) if kind == "params" else []
     gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
     check_modes(gm)
     n_ph = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    if kind == "input" and not 0 <= index < n_ph:
+        raise OptionError(f"wrt='input:{index}' but the model has {n_ph} input(s)")
     spec.update(lazy=True, n_inputs=n_ph)
     graph = fx.Graph()
     phs = [graph.placeholder(n.name) for n in gm.graph.nodes if n.op == "placeholder"]

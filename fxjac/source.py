@@ -150,6 +150,10 @@ def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_m
         raise ShapeError(f"the model takes {len(inputs)} tensor input(s), got {len(example_inputs)}")
     if kind == "input" and not 0 <= index < len(inputs):
         raise OptionError(f"wrt='input:{index}' but the model has {len(inputs)} input(s)")
+    if kind == "input" and not (isinstance(example_inputs[index], torch.Tensor)
+                                and example_inputs[index].is_floating_point()):
+        raise OptionError(f"wrt='input:{index}': that input is not a floating-point tensor (integer ids, masks "
+                          "are constants); differentiate w.r.t. a floating input or the parameters")
     try:
         propagate_shapes(gm, *example_inputs)
     except Exception as err:  # the model itself failed on these inputs: report it as the model's error

@@ -100,6 +100,8 @@ class Broadcasting(Rule):
             t = tangents.get(name, ZERO)
             if t is ZERO:
                 continue
+            if not isinstance(site.val(name), torch.Tensor):  # a number computed in the graph: a constant
+                continue
             p = self.partial(e, site, name)
             if p is ZERO:
                 continue

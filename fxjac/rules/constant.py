@@ -19,6 +19,7 @@ _METHODS = (
     "bool", "short", "byte", "sign", "nonzero", "isnan", "isinf", "isfinite", "any", "all", "detach", "new_zeros",
     "new_ones", "new_full", "new_empty", "new_tensor", "floor", "ceil", "round", "trunc", "logical_not",
     "logical_and", "logical_or", "zero_", "argsort", "get_device", "is_contiguous", "data_ptr", "stride",
+    "item", "tolist",
 )
 _FUNCTIONS = (
     torch.argmax, torch.argmin, torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge, operator.eq,
