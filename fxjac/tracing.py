@@ -56,12 +56,12 @@ def decomposes(target) -> Callable:
 
 
 _PROXY_INPLACE = {"__iadd__": operator.iadd, "__isub__": operator.isub, "__imul__": operator.imul,
-                  "__itruediv__": operator.itruediv}
+                  "__itruediv__": operator.itruediv, "__setitem__": operator.setitem}
 
 
 def _inplace_method(op):
-    def method(self, other):
-        return self.tracer.create_proxy("call_function", op, (self, other), {})
+    def method(self, *args):
+        return self.tracer.create_proxy("call_function", op, (self, *args), {})
 
     return method
 
@@ -237,6 +237,43 @@ def _mutated(node: fx.Node) -> Optional[tuple]:
     return None
 
 
+def setitem(base, index, value):
+    """``base[index] = value`` out of place: a new tensor (the derivative flows to both ``base`` and ``value``)."""
+    out = base.clone()
+    out[index] = value
+    return out
+
+
+_VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "t", "squeeze", "unsqueeze",
+                 "expand", "expand_as", "narrow", "select", "flatten", "unflatten", "diagonal", "as_strided",
+                 "swapaxes", "movedim", "unfold", "split", "chunk", "unbind"}
+_VIEW_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, torch.narrow,
+                   torch.select, torch.flatten, torch.diagonal, torch.movedim, torch.t, torch.split, torch.chunk,
+                   torch.unbind}
+
+
+def _view_of(node: fx.Node):
+    """``(base, index)`` when ``node`` is basic/advanced indexing of a tensor, ``(base, None)`` for another view
+    op, ``None`` when it is no view."""
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        src = node.args[0]
+        if src.op == "call_method" and src.target in ("split", "chunk", "unbind") or \
+                src.op == "call_function" and src.target in (torch.split, torch.chunk, torch.unbind):
+            return src.args[0], None  # a piece of a split: a view of the split's input
+        return src, node.args[1]
+    if node.op == "call_method" and node.target in _VIEW_METHODS:
+        return node.args[0], None
+    if node.op == "call_function" and node.target in _VIEW_FUNCTIONS:
+        return node.args[0], None
+    return None
+
+
+def _redirect_later_uses(victim: fx.Node, new: fx.Node, pos: int, order: dict, skip=()) -> None:
+    for user in list(victim.users):
+        if user is not new and user not in skip and order.get(user, -1) > pos:
+            user.replace_input_with(victim, new)
+
+
 def _functionalise(gm: fx.GraphModule) -> None:
     """Rewrite in-place ops out of place; later readers of the mutated value (and its aliases) read the result.
 
@@ -244,11 +281,22 @@ def _functionalise(gm: fx.GraphModule) -> None:
         ``x += y`` traces to ``iadd(x, y)`` whose result the Python code usually rebinds, but any other name
         still bound to the old value (an alias, a captured skip connection read after the mutation) would see
         the mutation at run time. So every use of the mutated node that comes after the in-place op is
-        redirected to the new out-of-place node. Views aliasing the mutated tensor are not followed; the
-        first-call check (the product's ``y`` against the model's own output) catches that case.
+        redirected to the new out-of-place node. A mutated slice (``x[:, :2].relu_()``, ``x[idx] = v``) writes
+        back into its base with :func:`setitem`, and later readers of the base read that. A mutation through
+        another kind of view whose base is read again is refused (TraceError), never silently dropped.
     """
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in list(gm.graph.nodes):
+        pos = order[node]
+        if node.op == "call_function" and node.target is operator.setitem and isinstance(node.args[0], fx.Node):
+            base, index, value = node.args
+            with gm.graph.inserting_after(node):
+                new = gm.graph.call_function(setitem, (base, index, value))
+            new.meta = dict(node.meta)
+            order[new] = pos
+            gm.graph.erase_node(node)
+            _write_back(gm, base, new, pos, order)
+            continue
         rewrite = _mutated(node)
         if rewrite is None or not node.args or not isinstance(node.args[0], fx.Node):
             continue
@@ -256,14 +304,44 @@ def _functionalise(gm: fx.GraphModule) -> None:
         with gm.graph.inserting_after(node):
             new = gm.graph.create_node(op, target, node.args, kwargs, name=node.name + "_")
         new.meta = dict(node.meta)
+        order[new] = pos
         node.replace_all_uses_with(new)
         victim = node.args[0]
-        pos = order[node]
-        for user in list(victim.users):
-            if user is not node and user is not new and order.get(user, -1) > pos:
-                user.replace_input_with(victim, new)
         gm.graph.erase_node(node)
-        order[new] = pos
+        _redirect_later_uses(victim, new, pos, order)
+        view = _view_of(victim)
+        if view is not None:
+            base, index = view
+            if index is None:
+                if any(order.get(u, -1) > pos for u in base.users):
+                    raise TraceError("an in-place op mutates a view (" + victim.format_node() + ") whose base is "
+                                     "read afterwards; fxjac cannot follow that alias: write the op out of place"
+                                     + (f"\n  at {source_line(new)}" if source_line(new) else ""))
+                continue
+            with gm.graph.inserting_after(new):
+                back = gm.graph.call_function(setitem, (base, index, new))
+            back.meta = dict(new.meta)
+            order[back] = pos
+            _write_back(gm, base, back, pos, order)
+
+
+def _write_back(gm: fx.GraphModule, base: fx.Node, new: fx.Node, pos: int, order: dict) -> None:
+    """Later readers of ``base`` read ``new``; a ``base`` that is itself a slice writes back further."""
+    _redirect_later_uses(base, new, pos, order, skip=(new,))
+    view = _view_of(base)
+    if view is None:
+        return
+    outer, index = view
+    if index is None:
+        if any(order.get(u, -1) > pos for u in outer.users):
+            raise TraceError("an in-place write goes through a view (" + base.format_node() + ") whose base is "
+                             "read afterwards; write it out of place")
+        return
+    with gm.graph.inserting_after(new):
+        back = gm.graph.call_function(setitem, (outer, index, new))
+    back.meta = dict(new.meta)
+    order[back] = pos
+    _write_back(gm, outer, back, pos, order)
 
 
 def _leaf_calls(gm: fx.GraphModule) -> None:
