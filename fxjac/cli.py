@@ -18,7 +18,7 @@ def _demo(args) -> int:
     if unknown:
         print(f"fxjac demo: unknown model(s) {unknown}; the zoo has {sorted(zoo.ZOO)}", file=sys.stderr)
         return 2
-    rows = demo.run(names, batch=args.batch, repeat=1 if args.quick else 5)
+    rows = demo.run(names, batch=args.batch, repeat=1 if args.quick else 5, pictures=args.out or None)
     return 0 if all(r.ok for r in rows) else 1
 
 
@@ -119,6 +119,7 @@ def main(argv=None) -> int:
     d.add_argument("--quick", action="store_true", help="fewer models, one timing repeat")
     d.add_argument("--models", default="", help="comma-separated zoo names")
     d.add_argument("--batch", type=int, default=4)
+    d.add_argument("--out", default="fxjac-demo", help="folder for the product-flow pictures ('' for none)")
     w = sub.add_parser("draw", help="draw the flow of a product of a model (SVG, PNG, PDF or DOT)")
     w.add_argument("model", metavar="MODULE:FACTORY",
                    help="a class or function returning the model, e.g. fxjac.zoo:CNN or ./net.py:make_net")

@@ -7,6 +7,8 @@ and the median time of fxjac beside the torch.func computation, and exits non-ze
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import time
 import warnings
@@ -15,6 +17,7 @@ from typing import Callable, Optional
 
 import torch
 from torch.func import functional_call, jacrev
+from tqdm import tqdm
 
 from . import direction, metric, zoo
 
@@ -29,7 +32,7 @@ class Row:
     product: str
     error: float
     t_fxjac: float
-    t_torch: float
+    t_torch: Optional[float]
     ok: bool
 
 
@@ -60,6 +63,56 @@ def _jacobians(model, xs):
     jp = jacrev(f_p)(params)
     j_p = torch.cat([jp[n].reshape(b, -1, p.numel()) for n, p in params.items()], dim=2)
     return j_in, j_p
+
+
+def _torch_func_baselines(model, xs, names):
+    """How a torch.func user computes each product (dense Jacobians where torch.func has nothing better)."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    b = xs[0].shape[0]
+
+    def f_p(prm, *inp):
+        return functional_call(model, prm, inp)
+
+    def f_in(x):
+        return model(x, *xs[1:])
+
+    def per_sample_grads(w):
+        def one(x1, w1):
+            return torch.func.grad(lambda prm: (f_p(prm, x1[None], *[t[:1] for t in xs[1:]]) * w1[None]).sum())(
+                params)
+
+        return torch.func.vmap(one)(xs[0], w)
+
+    def dense_params():
+        return jacrev(lambda prm: f_p(prm, *xs))(params)
+
+    def dense_input():
+        return jacrev(f_in)(xs[0])
+
+    table = {
+        "jvp[input]": lambda v: torch.func.jvp(f_in, (xs[0],), (v,)),
+        "jvp[params]": lambda vp: torch.func.jvp(lambda prm: f_p(prm, *xs), (params,),
+                                                 (_split(vp, params),)),
+        "vjp[params]": lambda w: torch.func.vjp(lambda prm: f_p(prm, *xs), params)[1](w),
+        "per-sample grads": per_sample_grads if len(xs) == 1 else None,
+        "jmp[input]": lambda m: torch.func.vmap(lambda c: torch.func.jvp(f_in, (xs[0],), (c.reshape(xs[0].shape),))[1],
+                                                in_dims=2)(m),
+        "mjp[input]": lambda m: torch.func.vmap(torch.func.vjp(f_in, xs[0])[1], in_dims=1)(
+            m.reshape((b, m.shape[1]) + tuple(f_in(xs[0]).shape[1:]))),
+        "jacobian[input]": lambda: dense_input(),
+        "JtJ diag[params]": lambda: dense_params(),
+        "Jt diag(d) J[input]": lambda d: dense_input(),
+        "J Σ Jt, diag Σ[params]": lambda s: dense_params(),
+    }
+    return {n: table.get(n) for n in names}
+
+
+def _split(vec, params):
+    out, off = {}, 0
+    for n, p in params.items():
+        out[n] = vec[off:off + p.numel()].reshape(p.shape)
+        off += p.numel()
+    return out
 
 
 def _cases(model, xs, j_in, j_p, g: torch.Generator):
@@ -93,29 +146,57 @@ def _shape_like(got, ref):
     return got.reshape(ref.shape) if got.numel() == ref.numel() else got
 
 
-def run(names: Optional[list] = None, batch: int = 4, repeat: int = 5, out=sys.stdout) -> list:
-    """Run the demo on ``names`` (default: the zoo's test models) and print the table; returns its rows."""
+def run(names: Optional[list] = None, batch: int = 4, repeat: int = 5, out=sys.stdout,
+        pictures: Optional[str] = "fxjac-demo", progress: Optional[bool] = None) -> list:
+    """Run the demo on ``names`` (default: the zoo's test models), print the table and write one product-flow
+    picture per model into ``pictures`` (SVG; skipped when the ``dot`` program is missing); returns the rows."""
     rows = []
     names = names or zoo.names()
     g = torch.Generator().manual_seed(0)
+    show = out.isatty() if progress is None and hasattr(out, "isatty") else bool(progress)
+    bar = tqdm(total=len(names) * 10, desc="fxjac demo", disable=not show, file=sys.stderr, leave=False)
     print(f"{'model':<22}{'product':<26}{'rel. error':>12}{'fxjac ms':>11}{'torch.func ms':>15}  ok", file=out)
     for name in names:
         model, _ = zoo.build(name)
         xs = zoo.example_inputs(name, batch)
-        t0 = time.perf_counter()
         j_in, j_p = _jacobians(model, xs)
-        t_dense = time.perf_counter() - t0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for prod_name, p, ops, ref in _cases(model, xs, j_in, j_p, g):
+            cases = list(_cases(model, xs, j_in, j_p, g))
+            baselines = _torch_func_baselines(model, xs, [c[0] for c in cases])
+            for prod_name, p, ops, ref in cases:
                 got = p(*xs, *ops)[1]
                 err = ((_shape_like(got, ref) - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
                 t = _median_time(lambda p=p, ops=ops: p(*xs, *ops), repeat)
+                base = baselines[prod_name]
+                try:
+                    t_ref = _median_time(lambda: base(*ops), repeat) * 1e3 if base is not None else None
+                except Exception:  # noqa: BLE001 - torch.func cannot compute it (no forward-mode formula…)
+                    t_ref = None
                 ok = err < TOLERANCE
-                rows.append(Row(name, prod_name, err, t * 1e3, t_dense * 1e3, ok))
-                print(f"{name:<22}{prod_name:<26}{err:>12.2e}{t * 1e3:>11.2f}{t_dense * 1e3:>15.2f}  "
-                      f"{'yes' if ok else 'NO'}", file=out, flush=True)
+                rows.append(Row(name, prod_name, err, t * 1e3, t_ref, ok))
+                ref_col = f"{t_ref:>15.2f}" if t_ref is not None else f"{'n/a':>15}"
+                bar.update()
+                print(f"{name:<22}{prod_name:<26}{err:>12.2e}{t * 1e3:>11.2f}{ref_col}  {'yes' if ok else 'NO'}",
+                      file=out, flush=True)
+        if pictures:
+            _picture(model, xs, name, pictures)
+    bar.close()
     failed = [r for r in rows if not r.ok]
-    print(f"\nchecks: {len(rows) - len(failed)} ok, {len(failed)} wrong "
-          "(torch.func column: dense per-sample Jacobians, from which every reference is formed)", file=out)
+    print(f"\nchecks: {len(rows) - len(failed)} ok, {len(failed)} wrong (torch.func column: the same quantity "
+          "computed with torch.func; n/a where it cannot)", file=out)
+    if pictures:
+        print(f"product-flow pictures: {os.path.abspath(pictures)}/", file=out)
     return rows
+
+
+def _picture(model, xs, name, folder):
+    """One product-flow picture per model: the backward metric product w.r.t. the parameters."""
+    from .draw import draw
+
+    os.makedirs(folder, exist_ok=True)
+    suffix = ".svg" if shutil.which("dot") else ".dot"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        draw(model, os.path.join(folder, f"{name}-jtmjp{suffix}"), product="jtmjp", wrt="params",
+             example_inputs=xs, out="diag")
