@@ -15,7 +15,6 @@ import torch.fx as fx
 
 from passes.builder import Builder, is_structural, new_emitter, structural_index
 from passes.dag import between
-from passes.forward import _needs_fallback, _ps_inputs
 from passes.protocol import ZERO, Decline
 
 
@@ -97,17 +96,8 @@ def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, metho
             if src in active:
                 pending.setdefault(src, []).append((structural_index(node), ct))
             continue
-        rule = b.rule(node)
-        pre = b.site(node, rule)
-        old_args = pre.extra["old_args"]
-        ps_names = _ps_inputs(b, node, old_args, ps)
-        if _needs_fallback(b, node, ps_names) and rule is not b.rules.fallback:
-            rule = b.decline(node)
-            old_args = b.site(node, rule).extra["old_args"]
-            ps_names = _ps_inputs(b, node, old_args, ps)
-        if ps_names:
-            b.batch_size()
-        site = b.site(node, rule, ps_names)
+        site = b.prepare(node, ps)
+        rule, old_args, ps_names = site.extra["rule"], site.extra["old_args"], site.ps
         site.extra["need"] = _needed(old_args, active)
         if sinks is not None:
             for name in sorted(ps_names & site.extra["need"]):
@@ -118,10 +108,8 @@ def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, metho
         try:
             in_cts = getattr(rule, method)(e, site, ct)
         except Decline:
-            rule = b.decline(node)
-            old_args = b.site(node, rule).extra["old_args"]
-            ps_names = _ps_inputs(b, node, old_args, ps)
-            site = b.site(node, rule, ps_names)
+            site = b.prepare(node, ps, b.decline(node))
+            rule, old_args, ps_names = site.extra["rule"], site.extra["old_args"], site.ps
             site.extra["need"] = _needed(old_args, active)
             in_cts = getattr(rule, method)(e, site, ct)
         for name, c in in_cts.items():

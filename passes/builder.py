@@ -139,6 +139,35 @@ class Builder:
             self.fallback_nodes.append(node)
         return self.rules.fallback
 
+    def prepare(self, node: fx.Node, ps: bool, rule: Optional[Rule] = None) -> Site:
+        """The site where ``rule`` (default: the node's own) meets ``node``: arguments bound, per-sample inputs
+        named (Note [per-sample stacks]). Per-sample stacks at a node whose values do not all lead with the batch
+        go to the fallback, which slices each value along its own batch axis. ``site.extra["rule"]`` is the rule.
+        """
+        rule = self.rule(node) if rule is None else rule
+        ps_names = self._ps_inputs(node, self.site(node, rule).extra["old_args"], ps)
+        if ps_names and rule is not self.rules.fallback and not (
+                leading_batch(node) and all(leading_batch(a) for a in node.all_input_nodes)):
+            rule = self.decline(node)
+            ps_names = self._ps_inputs(node, self.site(node, rule).extra["old_args"], ps)
+        if ps_names:
+            self.batch_size()
+        site = self.site(node, rule, ps_names)
+        site.extra["rule"] = rule
+        return site
+
+    def _ps_inputs(self, node: fx.Node, old_args: dict, ps: bool) -> frozenset:
+        """Names of ``node``'s unbatched inputs whose stack is per-sample (Note [per-sample stacks])."""
+        if not ps or node not in self.batched:
+            return frozenset()
+        names = set()
+        for k, v in old_args.items():
+            nodes = [v] if isinstance(v, fx.Node) else [a for a in v if isinstance(a, fx.Node)] \
+                if isinstance(v, (list, tuple)) else []
+            if any(a not in self.batched and isinstance(a.meta.get("val"), torch.Tensor) for a in nodes):
+                names.add(k)
+        return frozenset(names)
+
     def check(self, nodes) -> None:
         """Raise :class:`MissingRulesError` listing every node in ``nodes`` without a structured rule."""
         missing = [n for n in nodes if n.op in ("call_function", "call_method", "call_module")

@@ -9,32 +9,19 @@ from __future__ import annotations
 
 import operator
 
-import torch
-import torch.fx as fx
 
-from passes.builder import Builder, is_structural, leading_batch, new_emitter, structural_index, structure_of
+from passes.builder import Builder, is_structural, new_emitter, structural_index, structure_of
 from passes.dag import between
 from passes.protocol import ZERO, Decline
 
 
-def _needs_fallback(b: Builder, node: fx.Node, ps_names) -> bool:
-    """Per-sample stacks at a node whose values do not all lead with the batch: only the fallback, which
-    slices each value along its own batch axis, handles that (structured rules assume the batch leads).
-    """
-    return bool(ps_names) and not (leading_batch(node) and all(leading_batch(a) for a in node.all_input_nodes))
-
-
-def _ps_inputs(b: Builder, node: fx.Node, old_args: dict, ps: bool) -> frozenset:
-    """Names of ``node``'s unbatched inputs whose stack is per-sample (Note [per-sample stacks])."""
-    if not ps or node not in b.batched:
-        return frozenset()
-    names = set()
-    for k, v in old_args.items():
-        nodes = [v] if isinstance(v, fx.Node) else [a for a in v if isinstance(a, fx.Node)] \
-            if isinstance(v, (list, tuple)) else []
-        if any(a not in b.batched and isinstance(a.meta.get("val"), torch.Tensor) for a in nodes):
-            names.add(k)
-    return frozenset(names)
+def _tangents(e, site, look) -> dict:
+    """The tangents of ``site``'s arguments, per-sample stacks of unbatched inputs as ``[K, B, *s]``."""
+    tangents = {k: structure_of(v, look) for k, v in site.extra["old_args"].items()}
+    for k in site.ps:
+        if tangents.get(k, ZERO) is not ZERO:
+            tangents[k] = e.method("unflatten", tangents[k], 0, (-1, site.batch))
+    return tangents
 
 
 def forward_tangents(b: Builder, seeds: dict, ps: bool = False, method: str = "jvp") -> dict:
@@ -72,31 +59,11 @@ def forward_tangents(b: Builder, seeds: dict, ps: bool = False, method: str = "j
             continue
         if all(look(a) is ZERO for a in node.all_input_nodes):
             continue
-        rule = b.rule(node)
-        pre = b.site(node, rule)
-        old_args = pre.extra["old_args"]
-        ps_names = _ps_inputs(b, node, old_args, ps)
-        if _needs_fallback(b, node, ps_names) and rule is not b.rules.fallback:
-            rule = b.decline(node)
-            old_args = b.site(node, rule).extra["old_args"]
-            ps_names = _ps_inputs(b, node, old_args, ps)
-        if ps_names:
-            b.batch_size()
-        site = b.site(node, rule, ps_names)
-        tangents = {k: structure_of(v, look) for k, v in old_args.items()}
         e = new_emitter(b, node, "tangent", "t_")
-        for k in ps_names:
-            if tangents[k] is not ZERO:
-                tangents[k] = e.method("unflatten", tangents[k], 0, (-1, site.batch))
+        site = b.prepare(node, ps)
         try:
-            tan[node] = getattr(rule, method)(e, site, tangents)
+            tan[node] = getattr(site.extra["rule"], method)(e, site, _tangents(e, site, look))
         except Decline:
-            rule = b.decline(node)
-            ps_names = _ps_inputs(b, node, b.site(node, rule).extra["old_args"], ps)
-            site = b.site(node, rule, ps_names)
-            tangents = {k: structure_of(v, look) for k, v in site.extra["old_args"].items()}
-            for k in ps_names & set(tangents):
-                if tangents[k] is not ZERO:
-                    tangents[k] = e.method("unflatten", tangents[k], 0, (-1, site.batch))
-            tan[node] = getattr(rule, method)(e, site, tangents)
+            site = b.prepare(node, ps, b.decline(node))
+            tan[node] = getattr(site.extra["rule"], method)(e, site, _tangents(e, site, look))
     return tan
