@@ -159,5 +159,6 @@ def check(e: Emitter, fn, *args) -> fx.Node:
 __all__ = [
     "api_emitter", "check", "checks", "eye_stack", "flat_cat", "input_placeholders", "param_results",
     "param_seeds", "param_slice", "size", "stack_from_batch_first", "stack_to_batch_rows", "stack_to_rows",
-    "stack_to_shape", "zeros_stack", "reshape_like_batch", "param_rows", "param_sigma", "numel_per_sample", "getitem", "eye_like",
+    "stack_to_shape", "zeros_stack", "reshape_like_batch", "param_rows", "param_sigma", "numel_per_sample",
+    "getitem", "eye_like",
 ]

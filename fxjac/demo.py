@@ -149,7 +149,8 @@ def _shape_like(got, ref):
 def run(names: Optional[list] = None, batch: int = 4, repeat: int = 5, out=sys.stdout,
         pictures: Optional[str] = "fxjac-demo", progress: Optional[bool] = None) -> list:
     """Run the demo on ``names`` (default: the zoo's test models), print the table and write one product-flow
-    picture per model into ``pictures`` (SVG; skipped when the ``dot`` program is missing); returns the rows."""
+    picture per model into ``pictures`` (SVG; skipped when the ``dot`` program is missing); returns the rows.
+    """
     rows = []
     names = names or zoo.names()
     g = torch.Generator().manual_seed(0)

@@ -524,7 +524,7 @@ def jmjtp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
 
 
 def _diag_forward(src, b, e, xs, m, matrix):
-    """nnj's forward diagonal propagation: only a diagonal flows, ``(A∘A) d`` through each op, summed at fan-in."""
+    """Nnj's forward diagonal propagation: only a diagonal flows, ``(A∘A) d`` through each op, summed at fan-in."""
     if src.wrt_kind == "input":
         x_old = src.inputs[src.wrt_index]
         x = xs[src.wrt_index]

@@ -84,10 +84,12 @@ def select_params(model: nn.Module, wrt: Any) -> list:
             hits = [p for n, p in aliases if n == want or n.startswith(want + ".")]
             if not hits:
                 near = difflib.get_close_matches(want, [n for n, _ in aliases], n=5, cutoff=0.4)
-                raise OptionError(f"wrt names no parameter {want!r}; nearest names: {near or [n for n, _ in aliases][:5]}")
+                near = near or [n for n, _ in aliases][:5]
+                raise OptionError(f"wrt names no parameter {want!r}; nearest names: {near}")
             if all(not p.requires_grad for p in hits):
-                raise OptionError(f"wrt names the frozen parameter(s) {sorted(n for n in frozen if n == want or n.startswith(want + '.'))}"
-                                  " (requires_grad=False); unfreeze them or choose others")
+                named_frozen = sorted(n for n in frozen if n == want or n.startswith(want + "."))
+                raise OptionError(f"wrt names the frozen parameter(s) {named_frozen} (requires_grad=False); "
+                                  "unfreeze them or choose others")
             ids |= {id(p) for p in hits if p.requires_grad}
         chosen = [(canonical[id(p)], p) for n, p in named if id(p) in ids]
     if not chosen:

@@ -109,7 +109,8 @@ class Tracer(fx.Tracer):
 
 def _default_args(model: nn.Module, n_inputs: Optional[int]) -> dict:
     """``forward``'s parameters that have defaults and come after the inputs given: traced as constants (an
-    optional ``output_size=None`` must not become a graph input the product would then require)."""
+    optional ``output_size=None`` must not become a graph input the product would then require).
+    """
     import inspect
 
     try:
@@ -159,7 +160,8 @@ def trace(model: nn.Module, leaf_modules: Sequence = (), concrete_args: Optional
 
 def _holder(model: nn.Module, concrete_args: Optional[dict]) -> nn.Module:
     """A module whose forward calls ``model`` with the same parameters (so the tracer's module hook sees the
-    call and applies ``model``'s decomposition)."""
+    call and applies ``model``'s decomposition).
+    """
     import inspect
 
     names = [p.name for p in inspect.signature(model.forward).parameters.values()
@@ -175,7 +177,8 @@ def _holder(model: nn.Module, concrete_args: Optional[dict]) -> nn.Module:
 
 def _drop_concrete_placeholders(graph: fx.Graph, names=()) -> None:
     """Concrete arguments are constants: remove torch.fx's placeholders and run-time checks for them, so the
-    product's inputs are the model's tensor inputs only."""
+    product's inputs are the model's tensor inputs only.
+    """
     import re
 
     names = set(names or ())
@@ -254,7 +257,8 @@ _VIEW_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.squeeze,
 
 def _view_of(node: fx.Node):
     """``(base, index)`` when ``node`` is basic/advanced indexing of a tensor, ``(base, None)`` for another view
-    op, ``None`` when it is no view."""
+    op, ``None`` when it is no view.
+    """
     if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
         src = node.args[0]
         if src.op == "call_method" and src.target in ("split", "chunk", "unbind") or \

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import operator
 
-
 from passes.builder import Builder, is_structural, new_emitter, structural_index, structure_of
 from passes.dag import between
 from passes.protocol import ZERO, Decline

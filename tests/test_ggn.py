@@ -152,7 +152,8 @@ def test_chunked_columns_give_the_same_result():
     for a, b in zip(got, ref):
         assert_close(a, b, "chunked ggn blocks")
     _, d_ref = fxjac.jtmjp(model, wrt="params", matrix="diag", out="diag")(*xs, torch.ones(3, 3, dtype=torch.float64))
-    _, d = fxjac.jtmjp(model, wrt="params", matrix="diag", out="diag", chunk_size=1)(*xs, torch.ones(3, 3, dtype=torch.float64))
+    ones = torch.ones(3, 3, dtype=torch.float64)
+    _, d = fxjac.jtmjp(model, wrt="params", matrix="diag", out="diag", chunk_size=1)(*xs, ones)
     assert_close(d, d_ref, "chunked jtmjp diag")
     for mode in ("forward", "reverse"):
         _, J = fxjac.jacobian(model, mode=mode, chunk_size=5)(*xs)

@@ -261,7 +261,8 @@ def fallback_diag_vjp(fn, args, kwargs, primals, d, bdims, ctx=(), cdims=(), per
 def fallback_diag_jvp(fn, args, kwargs, primals, ds, bdims, ctx=(), cdims=(), per_sample=False, spec=True,
                       odims=(0,)):
     """``Σ_i (A_i∘A_i) d_i`` from the op's dense per-sample local Jacobian (exact, costly); diagonals of
-    unbatched primals (parameters) are shared by the batch."""
+    unbatched primals (parameters) are shared by the batch.
+    """
     n = len(primals)
     if per_sample:
         raise NotImplementedError("per-sample diagonals are not propagated forward")
@@ -276,7 +277,8 @@ def fallback_diag_jvp(fn, args, kwargs, primals, ds, bdims, ctx=(), cdims=(), pe
                 d = d.unsqueeze(1 + bd) if bd is not None else d
                 n_in = x.numel()
                 sq = (j * j).reshape(-1, n_in)
-                total = total + (d.reshape(d.shape[0], n_in) @ sq.t()).reshape((d.shape[0],) + tuple(j.shape[:j.dim() - x.dim()]))
+                out_shape = (d.shape[0],) + tuple(j.shape[:j.dim() - x.dim()])
+                total = total + (d.reshape(d.shape[0], n_in) @ sq.t()).reshape(out_shape)
             res.append(total)
         return _squeeze_batch(res, odims)
 
