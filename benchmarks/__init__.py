@@ -1,0 +1,1 @@
+"""fxjac benchmarks: ``python -m benchmarks.run [--quick]`` (see README, "Performance")."""
