@@ -59,15 +59,22 @@ class CompiledProduct:
         self.backend = backend
         self.compiled = None
         if not product._fxjac_spec.get("lazy"):
-            self.compiled = torch.compile(product, backend=backend, fullgraph=True, dynamic=True)
+            self._compile()
+
+    def _compile(self):
+        # The generated forward is a code object of its own per product, so each product gets its own dynamo
+        # cache (compiling ``Product.__call__``, shared by all products, would exhaust dynamo's per-code limit).
+        self.compiled = torch.compile(self.product.forward, backend=self.backend, fullgraph=True, dynamic=True)
 
     def __call__(self, *args, **kwargs):
         """Compute the product (compiled after the first call)."""
         if self.compiled is None:
             out = self.product(*args, **kwargs)
-            self.compiled = torch.compile(self.product, backend=self.backend, fullgraph=True, dynamic=True)
+            self._compile()
             return out
-        return self.compiled(*args, **kwargs)
+        self.product._check_structure()
+        with torch.set_grad_enabled(bool(self.product._fxjac_spec.get("differentiable"))):
+            return self.compiled(*args, **kwargs)
 
     @property
     def code(self) -> str:

@@ -371,3 +371,18 @@ def test_a_decomposed_module_as_the_root(make):
     _, g = fxjac.vjp(model, **kw)(*args, w)
     ref = torch.func.vjp(lambda a: (model(a, *args[1:])[0] if kw else model(a)), x)[1](w)[0]
     assert_close(g, ref, "vjp of a decomposed root module")
+
+
+def test_many_compiled_products_in_one_process():
+    """Each product compiles its own generated forward: more products than dynamo's per-code cache limit."""
+    results = []
+    for i in range(10):
+        torch.manual_seed(i)
+        model = nn.Sequential(nn.Linear(3, 4 + i), nn.Tanh(), nn.Linear(4 + i, 2)).double()
+        c = fxjac.compile(model, "vjp", backend="eager", wrt="params")
+        for b in (3, 5):
+            x, w = randn(b, 3), randn(b, 2, g=rng(b))
+            _, g = c(x, w)
+            J = per_sample_jacobian(model, (x,), "params")
+            results.append(((g - torch.einsum("bop,bo->p", J, w)).abs().max() / J.abs().max()).item())
+    assert max(results) < 1e-10
