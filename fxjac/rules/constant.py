@@ -14,21 +14,21 @@ from passes.protocol import ZERO, Decline
 from .base import NonDifferentiable
 from .registry import register
 
+# Only spellings a traced model can apply to a value that carries a derivative are listed (tensor factories
+# without tensor inputs never meet a tangent; random ones cannot pass the first-call output check).
 _METHODS = (
     "size", "dim", "ndimension", "numel", "argmax", "argmin", "eq", "ne", "lt", "le", "gt", "ge", "long", "int",
     "bool", "short", "byte", "sign", "nonzero", "isnan", "isinf", "isfinite", "any", "all", "detach", "new_zeros",
     "new_ones", "new_full", "new_empty", "new_tensor", "floor", "ceil", "round", "trunc", "logical_not",
-    "logical_and", "logical_or", "zero_", "argsort", "get_device", "is_contiguous", "data_ptr", "stride",
-    "item", "tolist",
+    "logical_and", "logical_or", "zero_", "argsort", "item",
 )
 _FUNCTIONS = (
     torch.argmax, torch.argmin, torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge, operator.eq,
     operator.ne, operator.lt, operator.le, operator.gt, operator.ge, torch.isnan, torch.isinf, torch.isfinite,
     torch.sign, torch.floor, torch.ceil, torch.round, torch.trunc, torch.zeros_like, torch.ones_like,
-    torch.full_like, torch.rand_like, torch.randn_like, torch.empty_like, torch.arange, torch.zeros, torch.ones,
-    torch.full, torch.empty, torch.detach, torch.floor_divide, operator.floordiv, torch.logical_not,
-    torch.logical_and, torch.logical_or, operator.and_, operator.or_, operator.invert, operator.xor,
-    torch.argsort, torch.bucketize, torch.searchsorted, torch.nonzero, torch.numel, builtins.len,
+    torch.full_like, torch.detach, torch.floor_divide, operator.floordiv, torch.logical_not, torch.logical_and,
+    torch.logical_or, operator.and_, operator.or_, operator.invert, operator.xor, torch.argsort, torch.bucketize,
+    torch.searchsorted, torch.nonzero, torch.numel,
 )
 
 
@@ -42,7 +42,7 @@ def _cast_dtype(site):
     return out.dtype if isinstance(out, torch.Tensor) else None
 
 
-@register("to", "type", "type_as", "float", "double", "half", "bfloat16")
+@register("to", "type", "type_as", "float", "double")
 class Cast(NonDifferentiable):
     """A dtype (or device) cast: floating casts pass the stack through cast alike; integer casts are constant."""
 

@@ -148,7 +148,7 @@ class Silu(Elementwise):
         return e(silu_grad, site.args["input"])
 
 
-@register(torch.tanh, F.tanh, "tanh")
+@register(torch.tanh, "tanh")  # F.tanh and F.sigmoid call the methods
 class Tanh(Elementwise):
     """y = tanh(x); y' = 1 - y², reusing the primal output."""
 
@@ -157,7 +157,7 @@ class Tanh(Elementwise):
         return e(operator.sub, 1.0, e(operator.mul, y, y))
 
 
-@register(torch.sigmoid, F.sigmoid, "sigmoid")
+@register(torch.sigmoid, "sigmoid")
 class Sigmoid(Elementwise):
     """y = sigmoid(x); y' = y (1 - y), reusing the primal output."""
 
@@ -358,7 +358,7 @@ class Sub(Broadcasting):
         return 1 if name == "input" else -site.args["alpha"]
 
 
-@register(torch.rsub, "rsub")
+@register(torch.rsub)
 class Rsub(Broadcasting):
     """y = other - alpha·x; partials -alpha and 1."""
 
