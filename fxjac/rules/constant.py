@@ -27,7 +27,7 @@ _FUNCTIONS = (
     operator.ne, operator.lt, operator.le, operator.gt, operator.ge, torch.isnan, torch.isinf, torch.isfinite,
     torch.sign, torch.floor, torch.ceil, torch.round, torch.trunc, torch.zeros_like, torch.ones_like,
     torch.full_like, torch.detach, torch.floor_divide, operator.floordiv, torch.logical_not, torch.logical_and,
-    torch.logical_or, operator.and_, operator.or_, operator.invert, operator.xor, torch.argsort, torch.bucketize,
+    torch.logical_or, torch.argsort, torch.bucketize,
     torch.searchsorted, torch.nonzero, torch.numel,
 )
 

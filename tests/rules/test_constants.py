@@ -49,7 +49,7 @@ class Constants(nn.Module):
         filled = h.new_zeros(h.shape) + h.new_ones(h.shape) + h.new_full(h.shape, 2.0) + h.new_tensor(1.0) + \
             h.new_empty(h.shape).zero_() + torch.ones_like(h) + torch.full_like(h, 3.0)
         scale = h.abs().max().item() * 0 + 1.0
-        return h * keep * scale + h.gather(-1, idx) * size + flag * filled
+        return h.type(torch.float64) * keep * scale + h.gather(-1, idx) * size + flag * filled
 
 
 def test_constant_spellings_have_zero_derivatives():
