@@ -55,6 +55,8 @@ def describe(nodes: Iterable[fx.Node]) -> str:
     out = []
     for n in nodes:
         line = f"  {n.format_node()}"
+        if n.meta.get("module_type") is not None:
+            line += f"\n      (the leaf module {n.meta['module_type'].__name__})"
         src = source_line(n)
         if src:
             line += f"\n      at {src}"

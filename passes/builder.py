@@ -194,6 +194,7 @@ class Builder:
                     ps=ps, batch=self.batch,
                     extra={"old_args": old,
                            "batched": {self.env[a]: batch_dim(a) for a in node.all_input_nodes if a in self.batched},
+                           "batched_old": {a for a in node.all_input_nodes if a in self.batched},
                            "out_batch_dim": batch_dim(node)})
 
     def finish(self, outputs: Any, root: torch.nn.Module, class_name: str = "Product") -> fx.GraphModule:

@@ -17,9 +17,17 @@ from passes.protocol import ZERO, Decline
 def _tangents(e, site, look) -> dict:
     """The tangents of ``site``'s arguments, per-sample stacks of unbatched inputs as ``[K, B, *s]``."""
     tangents = {k: structure_of(v, look) for k, v in site.extra["old_args"].items()}
+
+    def per_sample(t, old):
+        if isinstance(t, list):  # a list argument (a leaf module's parameters): element by element
+            return [per_sample(ti, oi) for ti, oi in zip(t, old)]
+        if t is ZERO or old in site.extra["batched_old"]:
+            return t
+        return e.method("unflatten", t, 0, (-1, site.batch))
+
     for k in site.ps:
         if tangents.get(k, ZERO) is not ZERO:
-            tangents[k] = e.method("unflatten", tangents[k], 0, (-1, site.batch))
+            tangents[k] = per_sample(tangents[k], site.extra["old_args"][k])
     return tangents
 
 

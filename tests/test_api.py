@@ -386,3 +386,30 @@ def test_many_compiled_products_in_one_process():
             J = per_sample_jacobian(model, (x,), "params")
             results.append(((g - torch.einsum("bop,bo->p", J, w)).abs().max() / J.abs().max()).item())
     assert max(results) < 1e-10
+
+
+class Recurrent(nn.Module):
+    """An nn.GRU stays a leaf: the autograd fallback, per sample by a loop where vmap cannot batch it."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, batch_first=True)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.fc(out[:, -1])
+
+
+def test_rnn_leaf_through_the_fallback():
+    from reference import check_direction_products, check_metric_products
+
+    torch.manual_seed(0)
+    model = Recurrent().double()
+    x = randn(3, 5, 3)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        fxjac.vjp(model, wrt="params", example_inputs=(x,))
+    assert any("GRU" in str(r.message) for r in rec)
+    check_direction_products(model, (x,), products=("jvp", "vjp", "mjp"))
+    check_metric_products(model, (x,), matrices=("diag",), wrts=("params",))

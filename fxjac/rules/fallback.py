@@ -168,9 +168,9 @@ def _per_sample(fn, primals, bdims, ctx, cdims, extra, extra_dims, body, out_dim
     if fn not in _NO_VMAP:
         try:
             return torch.vmap(one, in_dims=in_dims, out_dims=out_dims)(*flat_in)
-        except (RuntimeError, NotImplementedError) as err:
-            if "batching rule" not in str(err) and "vmap" not in str(err).lower():
-                raise
+        except (RuntimeError, NotImplementedError):
+            # No batching rule, or a kernel that mixes vmapped and plain tensors in place (RNNs): the loop below
+            # computes the same samples one by one (and raises its own error if the op itself fails).
             _NO_VMAP.add(fn)
     batch = next(t.shape[d] for t, d in zip(flat_in, in_dims) if d is not None)
     results = [one(*[t.select(d, i) if d is not None else t for t, d in zip(flat_in, in_dims)])
