@@ -126,10 +126,11 @@ def _cases(model, xs, j_in, j_p, g: torch.Generator):
 
     v, w, m_in, m_out, d_out = r(*xs[0].shape), r(b, o), r(b, i, 3), r(b, 2, o), r(b, o)
     vp = r(P)
+    w_like_y = w.reshape(model(*xs).shape)  # vjp takes a cotangent shaped like the output
     yield "jvp[input]", direction.jvp(model), (v,), torch.einsum("boi,bi->bo", j_in, v.reshape(b, -1))
     yield "jvp[params]", direction.jvp(model, wrt="params"), (vp,), torch.einsum("bop,p->bo", j_p, vp)
-    yield "vjp[params]", direction.vjp(model, wrt="params"), (w,), torch.einsum("bop,bo->p", j_p, w)
-    yield "per-sample grads", direction.vjp(model, wrt="params", reduce="none"), (w,), \
+    yield "vjp[params]", direction.vjp(model, wrt="params"), (w_like_y,), torch.einsum("bop,bo->p", j_p, w)
+    yield "per-sample grads", direction.vjp(model, wrt="params", reduce="none"), (w_like_y,), \
         torch.einsum("bop,bo->bp", j_p, w)
     yield "jmp[input]", direction.jmp(model), (m_in,), torch.einsum("boi,bik->bok", j_in, m_in)
     yield "mjp[input]", direction.mjp(model), (m_out,), torch.einsum("bko,boi->bki", m_out, j_in)

@@ -4,15 +4,18 @@ import subprocess
 import sys
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "fxjac", *args], capture_output=True, text=True, timeout=600)
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fxjac", *args], capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
-def test_demo_quick_checks_every_product():
-    r = run("demo", "--quick", "--models", "mlp,two_input,shape_arith")
+def test_demo_checks_every_product_on_every_zoo_model(tmp_path):
+    from fxjac import zoo
+
+    r = run("demo", "--out", str(tmp_path / "pics"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "0 wrong" in r.stdout
-    assert r.stdout.count(" yes") >= 30
+    assert r.stdout.count(" yes") == 10 * len(zoo.names())
+    assert len(list((tmp_path / "pics").iterdir())) == len(zoo.names())
 
 
 def test_version_and_bad_model():
