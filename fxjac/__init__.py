@@ -6,6 +6,7 @@ per-operation rules that never build a Jacobian nobody asked for.
 
 from __future__ import annotations
 
+from .curvature import accumulate, ggn_vp, linear_operator
 from .direction import jacobian, jmp, jvp, mjp, vjp
 from .draw import draw
 from .errors import (
@@ -25,6 +26,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FxJacError",
+    "accumulate",
+    "ggn_vp",
+    "linear_operator",
     "ModeError",
     "OptionError",
     "Product",

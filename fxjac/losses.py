@@ -65,3 +65,13 @@ def loss_factor(y, loss, form, class_dim=1, sigma=1.0):
         return eye_stack(y, n), None
     d = _diag(y, loss, class_dim, sigma)
     return eye_stack(y, n), d.reshape(d.shape[0], n).t()
+
+
+def loss_hvp(y, t, loss, class_dim=1, sigma=1.0):
+    """The loss Hessian (Fisher for ``gaussian_nll``) at ``y`` applied to a tangent stack ``t`` ``[K, *y.shape]``."""
+    if loss == "mse":
+        return t
+    if loss == "cross_entropy":
+        p = torch.softmax(y, class_dim)
+        return p * t - p * (p * t).sum(class_dim + 1, keepdim=True)
+    return _diag(y, loss, class_dim, sigma) * t

@@ -609,7 +609,7 @@ def ggn(model, loss: str = "cross_entropy", wrt: Any = "params", out: str = "dia
         k = A.numel_per_sample(src.output)  # every loss here has one column per output entry
         return (y, _chunked_metric(src, b, e, y, seed, w, k, out, reduce == "sum", chunk_size))
 
-    return make_product(assemble, model, wrt, **options)
+    return make_product(assemble, model, wrt, takes_target=True, **options)
 
 
 __all__ = ["ggn", "jmjtp", "jtmjp"]

@@ -167,7 +167,7 @@ def warn_fallback(nodes: Sequence[fx.Node]) -> None:
 
 def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inputs=None, leaf_modules=(),
                  concrete_args=None, output=None, strict=False, differentiable=False, variant=None,
-                 n_inputs: Optional[int] = None) -> Product:
+                 n_inputs: Optional[int] = None, takes_target: bool = False) -> Product:
     """Build a Product: ``assemble(src, builder, key)`` writes the product graph and returns its outputs.
 
     ``variant(operands) -> key or None`` lets a product dispatch an operand of another form (``[B, P]`` instead
@@ -200,7 +200,8 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
         prod.fallback_ops = list(b.fallback_nodes)
         return prod
 
-    spec = {"n_inputs": n_inputs, "output": output, "differentiable": differentiable, "variant": variant}
+    spec = {"n_inputs": n_inputs, "output": output, "differentiable": differentiable, "variant": variant,
+            "takes_target": takes_target}
     if example_inputs is not None:
         inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         built = build(inputs, None)

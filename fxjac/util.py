@@ -18,6 +18,9 @@ def _products() -> dict:
         from . import metric
 
         table.update(jmjtp=metric.jmjtp, jtmjp=metric.jtmjp, ggn=metric.ggn)
+        from . import curvature
+
+        table.update(ggn_vp=curvature.ggn_vp)
     except ImportError as err:  # pragma: no cover - metric products are part of the package
         if "metric" not in str(err):
             raise
