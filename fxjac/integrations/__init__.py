@@ -1,0 +1,1 @@
+"""Integrations of fxjac with other libraries (each imports its library only when used)."""
