@@ -163,12 +163,7 @@ def _fxjac_products(ctx: Ctx, task: str):
     if task == "jsjt_diag":
         return [lambda: fxjac.jmjtp(m, wrt="params", matrix="diag", **ex)], lambda p: p[0](x, ctx.sigma)[1]
     if task == "ggn_vp":
-        # fxjac has no ggn_vp product: J v by the jvp product, the loss Hessian applied, then Jᵀ by the vjp product.
-        def call(p):
-            y, jv = p[0](x, ctx.v_params)
-            return p[1](x, loss_hvp(loss, y, jv))[1]
-
-        return [lambda: fxjac.jvp(m, wrt="params", **ex), lambda: fxjac.vjp(m, wrt="params", **ex)], call
+        return [lambda: fxjac.ggn_vp(m, loss=loss, **ex)], lambda p: p[0](x, ctx.v_params)[1]
     raise NotApplicable(f"no fxjac product for {task}")
 
 
@@ -181,7 +176,7 @@ _FXJAC_METHOD = {
     "diag_ggn_backprop": "fxjac.ggn(method='diag_backprop')",
     "full_ggn": "fxjac.ggn(out='full')",
     "jsjt_diag": "fxjac.jmjtp(wrt='params', matrix='diag')",
-    "ggn_vp": "fxjac.jvp(params) -> H_loss -> fxjac.vjp(params)",
+    "ggn_vp": "fxjac.ggn_vp (one graph: tangent forward, loss Hessian, cotangent backward)",
 }
 
 
