@@ -9,7 +9,6 @@ Note [flat layout]
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 import torch.fx as fx
@@ -56,11 +55,6 @@ def flat_cat(parts, numels, rows, like):
     """``[rows, P]`` from per-parameter stacks ``[rows, *shape]`` (``None``: zeros) in the flat layout."""
     cols = [p.reshape(rows, n) if p is not None else like.new_zeros((rows, n)) for p, n in zip(parts, numels)]
     return torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
-
-
-def stack_from_batch_first(m):
-    """``[B, K, *s]`` -> ``[K, B, *s]``."""
-    return m.transpose(0, 1)
 
 
 def stack_to_shape(m, like):
@@ -146,19 +140,9 @@ def numel_per_sample(node: fx.Node) -> int:
     return n
 
 
-def getitem(e: Emitter, t: fx.Node, i) -> fx.Node:
-    """``t[i]`` as a node."""
-    return e(operator.getitem, t, i)
-
-
-def check(e: Emitter, fn, *args) -> fx.Node:
-    """Emit an operand check (see :mod:`fxjac.checks`) and return the checked operand node."""
-    return e(fn, *args)
-
-
 __all__ = [
-    "api_emitter", "check", "checks", "eye_stack", "flat_cat", "input_placeholders", "param_results",
-    "param_seeds", "param_slice", "size", "stack_from_batch_first", "stack_to_batch_rows", "stack_to_rows",
+    "api_emitter", "checks", "eye_stack", "flat_cat", "input_placeholders", "param_results",
+    "param_seeds", "param_slice", "size", "stack_to_batch_rows", "stack_to_rows",
     "stack_to_shape", "zeros_stack", "reshape_like_batch", "param_rows", "param_sigma", "numel_per_sample",
-    "getitem", "eye_like",
+    "eye_like",
 ]

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from passes import Builder, MissingRulesError, clean
 
-from .errors import OptionError, ShapeError, StaleProductError, TraceError, UnsupportedOpError, describe
+from .errors import OptionError, StaleProductError, TraceError, UnsupportedOpError, describe
 from .rules import default_rules
 from .source import Source, build_source
 
@@ -244,15 +244,3 @@ def _all_missing(src: Source, b: Builder) -> list:
 
     return [n for n in src.gm.graph.nodes if n.op in ("call_function", "call_method")
             and not is_structural(n) and rules.lookup(n) is None]
-
-
-def check_operand(t: Any, name: str, shape: tuple, like: torch.Tensor) -> None:
-    """Raise ShapeError unless ``t`` is a tensor of ``shape`` with ``like``'s dtype and device."""
-    if not isinstance(t, torch.Tensor):
-        raise ShapeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape):
-        raise ShapeError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-    if t.dtype != like.dtype:
-        raise ShapeError(f"{name} has dtype {t.dtype}, expected {like.dtype} (the model's)")
-    if t.device != like.device:
-        raise ShapeError(f"{name} is on {t.device}, the model's tensors on {like.device}")

@@ -56,13 +56,6 @@ class Source:
         """Number of selected scalar parameters."""
         return sum(p.numel for p in self.params)
 
-    def per_sample_numel(self, node: fx.Node) -> int:
-        """Elements of one sample of a batched value."""
-        shape = node.meta["val"].shape
-        n = 1
-        for s in shape[1:]:
-            n *= s
-        return n
 
 
 def select_params(model: nn.Module, wrt: Any) -> list:

@@ -168,13 +168,6 @@ class Builder:
                 names.add(k)
         return frozenset(names)
 
-    def check(self, nodes) -> None:
-        """Raise :class:`MissingRulesError` listing every node in ``nodes`` without a structured rule."""
-        missing = [n for n in nodes if n.op in ("call_function", "call_method", "call_module")
-                   and not is_structural(n) and self.rules.lookup(n) is None]
-        if missing and self.strict:
-            raise MissingRulesError(missing)
-
     def site(self, node: fx.Node, rule: Rule, ps: frozenset = frozenset()) -> Site:
         """Bind ``node``'s arguments by ``rule.signature`` (positional names ``"0"``, ``"1"``… without one)."""
         args, kwargs = node.args, node.kwargs
@@ -197,13 +190,6 @@ class Builder:
                            "batched_old": {a for a in node.all_input_nodes if a in self.batched},
                            "out_batch_dim": batch_dim(node)})
 
-    def finish(self, outputs: Any, root: torch.nn.Module, class_name: str = "Product") -> fx.GraphModule:
-        """Close the graph with ``outputs``, lint it and wrap it in a GraphModule over ``root``."""
-        self.graph.output(outputs)
-        self.graph.eliminate_dead_code()
-        self.graph.lint()
-        gm = fx.GraphModule(root, self.graph, class_name=class_name)
-        return gm
 
 
 def structure_of(v: Any, lookup) -> Any:

@@ -70,10 +70,9 @@ def rule_key(node: fx.Node, modules: Optional[dict] = None) -> Any:
 class RuleTable:
     """Rules keyed by :func:`rule_key`, plus the fallback used for every op without one."""
 
-    def __init__(self, rules: dict, fallback: Any = None, nondiff: Optional[set] = None):
+    def __init__(self, rules: dict, fallback: Any = None):
         self.rules = dict(rules)
         self.fallback = fallback
-        self.nondiff = set(nondiff or ())
 
     def lookup(self, node: fx.Node) -> Any:
         """The structured rule for ``node``, or ``None`` where it has none."""
@@ -83,12 +82,6 @@ class RuleTable:
         except TypeError:  # unhashable target
             return None
 
-    def rule_for(self, node: fx.Node, strict: bool = False) -> Any:
-        """The rule to apply: the structured one, else the fallback."""
-        rule = self.lookup(node)
-        if rule is None:
-            rule = self.fallback
-        return rule
 
 
 def bind(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
@@ -190,9 +183,6 @@ class Emitter:
             out = self.add(out, t)
         return out
 
-    def with_role(self, role: str, prefix: Optional[str] = None) -> "Emitter":
-        """The same emitter, tagging its nodes with another role."""
-        return Emitter(self.graph, role, self.primal, self.prefix if prefix is None else prefix)
 
 
 class Rule:
@@ -226,8 +216,3 @@ class Rule:
         if self.square_is_self:
             return self.jvp(e, site, tangents)
         raise Decline
-
-
-def signature_of(fn: Callable) -> inspect.Signature:
-    """The signature used to bind a rule's arguments."""
-    return inspect.signature(fn)
