@@ -203,27 +203,29 @@ class _SoftmaxLike(Rule):
             c = e.method("to", c, site.val("input").dtype)
         return e(torch.neg, c) if self.sign < 0 else c
 
-
-class _Softmax(_SoftmaxLike):
-    """y = softmax(x); J = diag(y) - y yᵀ (symmetric), reusing the primal output."""
+    kernels: tuple = ()
+    """(tangent, cotangent, squared-Jacobian) kernels, each ``kernel(stack, y, dim)`` with ``y`` the output."""
 
     def jvp(self, e, site, tangents):  # noqa: D102
         t = tangents["input"]
         if t is ZERO:
             return ZERO
-        dim = self._dim(site)
-        return e(softmax_jvp, self._in(e, site, t), site.out, dim)
+        return e(self.kernels[0], self._in(e, site, t), site.out, self._dim(site))
 
     def vjp(self, e, site, ct):  # noqa: D102
-        dim = self._dim(site)
-        return {"input": self._out(e, site, e(softmax_jvp, ct, site.out, dim))}
+        return {"input": self._out(e, site, e(self.kernels[1], ct, site.out, self._dim(site)))}
 
     def diag_vjp(self, e, site, d):  # noqa: D102
-        dim = self._dim(site)
-        out = e(softmax_diag, d, site.out, dim)
+        out = e(self.kernels[2], d, site.out, self._dim(site))  # squares: the sign drops out
         if site.args.get("dtype") is not None:
             out = e.method("to", out, site.val("input").dtype)
         return {"input": out}
+
+
+class _Softmax(_SoftmaxLike):
+    """y = softmax(x); J = diag(y) - y yᵀ (symmetric), reusing the primal output."""
+
+    kernels = (softmax_jvp, softmax_jvp, softmax_diag)
 
 
 @register(F.softmax)
@@ -255,23 +257,7 @@ class Softmin(_Softmax):
 class _LogSoftmax(_SoftmaxLike):
     """y = log_softmax(x); J = I - 1 sᵀ with s = exp(y), reusing the primal output."""
 
-    def jvp(self, e, site, tangents):  # noqa: D102
-        t = tangents["input"]
-        if t is ZERO:
-            return ZERO
-        dim = self._dim(site)
-        return e(log_softmax_jvp, self._in(e, site, t), site.out, dim)
-
-    def vjp(self, e, site, ct):  # noqa: D102
-        dim = self._dim(site)
-        return {"input": self._out(e, site, e(log_softmax_vjp, ct, site.out, dim))}
-
-    def diag_vjp(self, e, site, d):  # noqa: D102
-        dim = self._dim(site)
-        out = e(log_softmax_diag, d, site.out, dim)
-        if site.args.get("dtype") is not None:
-            out = e.method("to", out, site.val("input").dtype)
-        return {"input": out}
+    kernels = (log_softmax_jvp, log_softmax_vjp, log_softmax_diag)
 
 
 @register(F.log_softmax)
