@@ -203,18 +203,7 @@ def _reduce_params(e, src, cts, k, batch, y, w, out, reduce_sum, direct):
     """Per-parameter per-sample rows -> diagonal ``[P]``, blocks, or the full ``[P, P]`` (``direct`` holds
     diagonals a rule already reduced in closed form).
     """
-    rows = {}
-    for node, ct in cts.items():
-        info = src.param_nodes.get(node)
-        if info is not None and ct is not ZERO:
-            rows[info.name] = e.add(rows.get(info.name, ZERO), ct)
-
-    def rows_of(info):
-        c = rows.get(info.name, ZERO)
-        if c is ZERO:
-            return e(zeros_rows, y, k, batch, info.numel)
-        return e(per_sample_rows, c, k, batch)
-
+    rows_of = _rows_by_param(e, src, cts, y, k, batch)
     if out == "diag":
         parts = [direct[p.name] if p.name in direct
                  else e(gram_diag, rows_of(p), w, reduce_sum) for p in src.params]
@@ -227,6 +216,25 @@ def _reduce_params(e, src, cts, k, batch, y, w, out, reduce_sum, direct):
         return blocks
     g = e(cat_rows, [rows_of(p) for p in src.params])
     return e(gram, g, w, reduce_sum)
+
+
+def _rows_by_param(e, src, cts: dict, y, k, batch):
+    """``rows_of(info)``: a parameter's per-sample rows ``[K, B, n]``, its get_attr nodes' cotangents summed (a
+    tied parameter has several), zeros where the output does not depend on it.
+    """
+    rows: dict = {}
+    for node, ct in cts.items():
+        info = src.param_nodes.get(node)
+        if info is not None and ct is not ZERO:
+            rows[info.name] = e.add(rows.get(info.name, ZERO), ct)
+
+    def rows_of(info):
+        c = rows.get(info.name, ZERO)
+        if c is ZERO:
+            return e(zeros_rows, y, k, batch, info.numel)
+        return e(per_sample_rows, c, k, batch)
+
+    return rows_of
 
 
 def _modules(src) -> list:
@@ -482,17 +490,7 @@ def jmjtp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
                           lambda info: (e(A.param_sigma, m, info.offset, info.numel, info.shape), out_diag))
         cts = backward_cotangents(b, {src.output: e(A.eye_stack, y, n_out)}, list(src.param_nodes), ps=True,
                                   sinks=sinks)
-        rows = {}
-        for node, ct in cts.items():
-            info = src.param_nodes[node]
-            rows[info.name] = e.add(rows.get(info.name, ZERO), ct)
-
-        def g_of(info):
-            c = rows.get(info.name, ZERO)
-            if c is ZERO:
-                return e(zeros_rows, y, n_out, batch, info.numel)
-            return e(per_sample_rows, c, n_out, batch)
-
+        g_of = _rows_by_param(e, src, cts, y, n_out, batch)
         if matrix == "full":
             g = e(cat_rows, [g_of(p) for p in src.params])
             return (y, e(sandwich_diag if out_diag else sandwich, g, m))
