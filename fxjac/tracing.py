@@ -312,21 +312,7 @@ def _functionalise(gm: fx.GraphModule) -> None:
         node.replace_all_uses_with(new)
         victim = node.args[0]
         gm.graph.erase_node(node)
-        _redirect_later_uses(victim, new, pos, order)
-        view = _view_of(victim)
-        if view is not None:
-            base, index = view
-            if index is None:
-                if any(order.get(u, -1) > pos for u in base.users):
-                    raise TraceError("an in-place op mutates a view (" + victim.format_node() + ") whose base is "
-                                     "read afterwards; fxjac cannot follow that alias: write the op out of place"
-                                     + (f"\n  at {source_line(new)}" if source_line(new) else ""))
-                continue
-            with gm.graph.inserting_after(new):
-                back = gm.graph.call_function(setitem, (base, index, new))
-            back.meta = dict(new.meta)
-            order[back] = pos
-            _write_back(gm, base, back, pos, order)
+        _write_back(gm, victim, new, pos, order)
 
 
 def _write_back(gm: fx.GraphModule, base: fx.Node, new: fx.Node, pos: int, order: dict) -> None:
@@ -338,8 +324,10 @@ def _write_back(gm: fx.GraphModule, base: fx.Node, new: fx.Node, pos: int, order
     outer, index = view
     if index is None:
         if any(order.get(u, -1) > pos for u in outer.users):
-            raise TraceError("an in-place write goes through a view (" + base.format_node() + ") whose base is "
-                             "read afterwards; write it out of place")
+            where = source_line(new)
+            raise TraceError("an in-place op writes through a view (" + base.format_node() + ") whose base is "
+                             "read afterwards; fxjac cannot follow that alias: write the op out of place"
+                             + (f"\n  at {where}" if where else ""))
         return
     with gm.graph.inserting_after(new):
         back = gm.graph.call_function(setitem, (outer, index, new))
