@@ -359,24 +359,21 @@ class Fallback(Rule):
         return name, t_args, t_kwargs, chosen, tuple(ctx)
 
     def jvp(self, e, site, tangents):  # noqa: D102
-        tan_of = _by_node(site, tangents)
-        fn, t_args, t_kwargs, chosen, ctx = self._template(site, lambda old_v, new: old_v in tan_of)
-        primals = tuple(new for _, new in chosen)
-        tans = tuple(tan_of[old_v] for old_v, _ in chosen)
-        spec = output_spec(site.out_val)
-        return e(fallback_jvp, fn, t_args, t_kwargs, primals, tans, *self._dims(site, primals, ctx, spec),
-                 bool(site.ps), spec, self._out_dims(site, spec))
+        return self._push(e, site, tangents, fallback_jvp)
 
     def diag_jvp(self, e, site, tangents):  # noqa: D102
         if site.ps:
             raise NotImplementedError("per-sample diagonals are not propagated forward")
+        return self._push(e, site, tangents, fallback_diag_jvp)
+
+    def _push(self, e, site, tangents, kernel):
         tan_of = _by_node(site, tangents)
         fn, t_args, t_kwargs, chosen, ctx = self._template(site, lambda old_v, new: old_v in tan_of)
         primals = tuple(new for _, new in chosen)
-        ds = tuple(tan_of[old_v] for old_v, _ in chosen)
+        stacks = tuple(tan_of[old_v] for old_v, _ in chosen)
         spec = output_spec(site.out_val)
-        return e(fallback_diag_jvp, fn, t_args, t_kwargs, primals, ds, *self._dims(site, primals, ctx, spec),
-                 False, spec, self._out_dims(site, spec))
+        return e(kernel, fn, t_args, t_kwargs, primals, stacks, *self._dims(site, primals, ctx, spec),
+                 bool(site.ps), spec, self._out_dims(site, spec))
 
     @staticmethod
     def _dims(site, primals, ctx, spec):
