@@ -9,6 +9,18 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on tiny tensors and two shared cores, threads only wait on each other (a float64
+    conv1d of a few entries takes 20 ms with 2 busy threads, 5 us with one)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_fallback_warnings():
     with warnings.catch_warnings():

@@ -31,12 +31,8 @@ BF16_RTOL = 5e-2  # bf16 keeps 8 bits of mantissa: ~4e-3 per rounding, a few rou
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors on two shared cores: intra-op threads only wait on each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Tiny tensors: see the ``one_thread`` fixture in conftest.py."""
 
 
 def rng(seed=0):

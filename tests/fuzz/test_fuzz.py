@@ -38,13 +38,8 @@ KNOWN_BROKEN: tuple = ()
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: with two shared cores, intra-op threads only wait on each other (a float64 conv1d of a few
-    # entries takes 20 ms with 2 busy threads, 5 us with one).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Tiny tensors: see the ``one_thread`` fixture in conftest.py."""
 
 
 def _metric(kind, rand, *shape):
