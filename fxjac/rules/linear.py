@@ -413,14 +413,7 @@ class Bilinear(Rule):
             out["input1"] = e(torch.einsum, "k...o,oij,...j->k...i", ct, w, x2)
         if site.needs("input2"):
             out["input2"] = e(torch.einsum, "k...o,...i,oij->k...j", ct, x1, w)
-        if site.needs("weight"):
-            if "weight" in site.ps:
-                out["weight"] = e(torch.einsum, "kb...o,b...i,b...j->kboij", ct, x1, x2)
-            else:
-                out["weight"] = e(torch.einsum, "k...o,...i,...j->koij", ct, x1, x2)
-        if b is not None and site.needs("bias"):
-            out["bias"] = e(_rt.sum_to_ps, ct, b) if "bias" in site.ps else e(_rt.sum_to, ct, b)
-        return out
+        return self._weight_and_bias(e, site, ct, x1, x2, out)
 
     def diag_vjp(self, e, site, d):  # noqa: D102
         """(A∘A)ᵀ d: for x1 the per-sample Jacobian Σ_j W_oij x2_j is formed and squared (a sum inside)."""
@@ -433,11 +426,20 @@ class Bilinear(Rule):
             a2 = e(torch.einsum, "...i,oij->...oj", x1, w)
             out["input2"] = e(torch.einsum, "k...o,...oj->k...j", d, e(torch.square, a2))
         if site.needs("weight"):
-            s1, s2 = e(torch.square, x1), e(torch.square, x2)
+            x1, x2 = e(torch.square, x1), e(torch.square, x2)
+        return self._weight_and_bias(e, site, d, x1, x2, out)
+
+    @staticmethod
+    def _weight_and_bias(e, site, ct, x1, x2, out):
+        """The weight's (summed or per-sample) and the bias's parts: ``ct ⊗ x1 ⊗ x2`` and ``ct`` summed; the
+        diagonal rule passes squared inputs (each weight entry meets one product ``x1_i x2_j``).
+        """
+        b = site.args["bias"]
+        if site.needs("weight"):
             if "weight" in site.ps:
-                out["weight"] = e(torch.einsum, "kb...o,b...i,b...j->kboij", d, s1, s2)
+                out["weight"] = e(torch.einsum, "kb...o,b...i,b...j->kboij", ct, x1, x2)
             else:
-                out["weight"] = e(torch.einsum, "k...o,...i,...j->koij", d, s1, s2)
+                out["weight"] = e(torch.einsum, "k...o,...i,...j->koij", ct, x1, x2)
         if b is not None and site.needs("bias"):
-            out["bias"] = e(_rt.sum_to_ps, d, b) if "bias" in site.ps else e(_rt.sum_to, d, b)
+            out["bias"] = e(_rt.sum_to_ps, ct, b) if "bias" in site.ps else e(_rt.sum_to, ct, b)
         return out
