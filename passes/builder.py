@@ -80,6 +80,7 @@ class Builder:
             self.batched = {n for n in src.graph.nodes if _has_batch(n.meta.get("batch_dim"))}
         self.batch: Optional[fx.Node] = None
         self.fallback_nodes: list = []
+        self.saved: dict = {}
 
     # --- primal copy ---------------------------------------------------------------------------------
     def placeholder(self, name: str, default: Any = _NO_DEFAULT) -> fx.Node:
@@ -89,10 +90,27 @@ class Builder:
         return self.graph.placeholder(name, default_value=default)
 
     def copy(self, node: fx.Node) -> fx.Node:
-        """Copy one primal node into the new graph (idempotent)."""
+        """Copy one primal node into the new graph (idempotent).
+
+        A node whose rule emits its own primal (:meth:`Rule.primal`: a richer call that also returns what the
+        derivative reuses) is emitted by the rule; what it saves is kept for :meth:`site`.
+        """
         if node in self.env:
             return self.env[node]
-        new = self.graph.node_copy(node, lambda a: self.env[a])
+        rule = self.rules.lookup(node) if node.op in ("call_function", "call_method") else None
+        emitted = None
+        if getattr(type(rule), "primal", Rule.primal) is not Rule.primal:
+            try:
+                site = self.site(node, rule)
+            except TypeError:
+                site = None
+            if site is not None:
+                emitted = rule.primal(Emitter(self.graph, "primal", node), site)
+        if emitted is None:
+            new = self.graph.node_copy(node, lambda a: self.env[a])
+        else:
+            new, self.saved[node] = emitted
+            new.meta.update({k: v for k, v in node.meta.items() if k != "fxjac"})
         self.env[node] = new
         return new
 
@@ -188,7 +206,8 @@ class Builder:
                     extra={"old_args": old,
                            "batched": {self.env[a]: batch_dim(a) for a in node.all_input_nodes if a in self.batched},
                            "batched_old": {a for a in node.all_input_nodes if a in self.batched},
-                           "out_batch_dim": batch_dim(node)})
+                           "out_batch_dim": batch_dim(node),
+                           "saved": self.saved.get(node, {})})
 
 
 

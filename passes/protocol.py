@@ -12,13 +12,14 @@ Note [per-sample stacks]
     boundary, whose output is batched while an input is unbatched, sees the difference: it receives or returns
     ``[K, B, *S]`` for that input (the pass reshapes between the two forms).
 
-A rule is an object with up to three methods, each a pure function of fx nodes to emitted fx nodes::
+A rule is an object with up to four methods, each a pure function of fx nodes to emitted fx nodes::
 
     jvp(e, site, tangents)   -> output tangent (a Node, a tuple for tuple outputs, or ZERO)
     vjp(e, site, ct)         -> {argument name: cotangent or ZERO}
     diag_vjp(e, site, d)     -> {argument name: (A∘A)ᵀ d}   (optional; diagonal back-propagation)
     diag_jvp(e, site, ds)    -> Σ_i (A_i∘A_i) d_i             (optional; diagonal forward propagation)
 
+and may emit its primal call itself (``primal``), to save what those methods reuse.
 ``tangents`` maps each bound argument name to its tangent (ZERO where the argument carries none; a list for
 list arguments such as ``torch.cat``'s tensors).
 """
@@ -207,6 +208,16 @@ class Rule:
     def diag_vjp(self, e: Emitter, site: Site, d):
         """Pull a stack of diagonals back: ``(A∘A)ᵀ d``; without a closed form the fallback computes it."""
         raise Decline
+
+    def primal(self, e: Emitter, site: Site):
+        """Emit the primal call itself, or return ``None`` (the default) to have it copied as it is.
+
+        A rule overrides this to emit a richer call that also returns what its derivative reuses, so the product
+        does not compute it twice (max pooling's argmax indices, layer norm's statistics). It returns
+        ``(output node, saved)``; every later method of the same node finds the dict ``saved`` in
+        ``site.extra["saved"]`` (empty where the primal was copied, e.g. when the call could not be bound).
+        """
+        return None
 
     square_is_self: bool = False
     """True for ops whose Jacobian holds only zeros and ones (views, copies, slicing): ``A∘A = A``."""

@@ -223,6 +223,25 @@ def conv_t_weight_ct(ct, x, w, stride, padding, dilation, groups, per_sample):
     return corr_weight(ct, x.unsqueeze(0), stride, dilation, pads, tuple(w.shape[2:]), groups, per_sample)
 
 
+def conv_cts(ct, x, w, has_bias, stride, padding, dilation, groups, transposed, output_padding, mask):
+    """Cotangent stacks ``[K, *]`` of a convolution's (input, weight, bias), summed over the batch, ``None``
+    where ``mask`` is false. One column goes through ATen's ``convolution_backward`` (the kernel autograd runs:
+    all three from one call), a stack through the kernels of Note [convolution weight cotangents]. Integer
+    paddings only (the rule checks).
+    """
+    n = w.dim() - 2
+    if ct.shape[0] == 1:
+        parts = torch.ops.aten.convolution_backward(
+            ct[0], x, w, [w.shape[1] * groups if transposed else w.shape[0]] if has_bias else None,
+            list(_tuple(stride, n)), list(_tuple(padding, n)), list(_tuple(dilation, n)), transposed,
+            list(_tuple(output_padding, n)), groups, list(mask))
+        return tuple(p.unsqueeze(0) if m else None for p, m in zip(parts, mask))
+    adj = (stride, padding, dilation, groups)
+    return ((conv_t_input_ct if transposed else conv_input_ct)(ct, x, w, *adj) if mask[0] else None,
+            (conv_t_weight_ct if transposed else conv_weight_ct)(ct, x, w, *adj, False) if mask[1] else None,
+            bias_ct(ct, n, False) if mask[2] else None)
+
+
 def bias_tangent(tb, n: int):
     """A bias tangent stack ``[K, O]`` (or per-sample ``[K, B, O]``) to broadcast on ``[K, B, O, *S]``."""
     lead = (tb.shape[0], 1) if tb.dim() == 2 else tuple(tb.shape[:2])
@@ -240,15 +259,15 @@ def square(x):
     return x * x
 
 
-def pool_indices(x, n: int, kernel_size, stride, padding, dilation, ceil_mode):
-    """The flat spatial argmax indices of a max pooling: PyTorch's own, so ties go where autograd goes."""
+def pool_with_indices(x, n: int, kernel_size, stride, padding, dilation, ceil_mode):
+    """A max pooling's output and flat spatial argmax indices: PyTorch's own, so ties go where autograd goes."""
     stride = None if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) else stride
-    return _MAX_POOL[n](x, kernel_size, stride, padding, dilation, ceil_mode, True)[1]
+    return _MAX_POOL[n](x, kernel_size, stride, padding, dilation, ceil_mode, True)
 
 
-def adaptive_pool_indices(x, n: int, output_size):
-    """The flat spatial argmax indices of an adaptive max pooling."""
-    return _ADAPTIVE_MAX[n](x, output_size, True)[1]
+def adaptive_pool_with_indices(x, n: int, output_size):
+    """An adaptive max pooling's output and flat spatial argmax indices."""
+    return _ADAPTIVE_MAX[n](x, output_size, True)
 
 
 def pool_gather(t, idx, n: int):
@@ -261,12 +280,19 @@ def pool_gather(t, idx, n: int):
 def pool_scatter(ct, idx, x, n: int):
     """Adjoint of :func:`pool_gather`: ``[K, *y]`` added into zeros ``[K, *x]`` at the indices.
 
-    Overlapping windows that share a maximum add up there, as in autograd.
+    Every (column, sample, channel) plane is one plane of ATen's adaptive max pooling backward, which only reads
+    the indices: one fused scatter kernel, where windows that share a maximum add up there, as in autograd.
     """
-    lead = (ct.shape[0],) + tuple(idx.shape[:-n])
-    flat = ct.new_zeros(lead + (math.prod(x.shape[-n:]),))
-    out = flat.scatter_add(-1, idx.flatten(-n).expand(lead + (-1,)), ct.flatten(-n))
-    return out.reshape((ct.shape[0],) + tuple(x.shape))
+    k, in_sp, out_sp = ct.shape[0], tuple(x.shape[-n:]), tuple(idx.shape[-n:])
+    lead = (k,) + tuple(idx.shape[:-n])
+    planes = math.prod(lead)
+    g = ct.reshape((planes, 1) + out_sp)
+    i = idx.expand(lead + out_sp).reshape((planes, 1) + out_sp)
+    if n == 1:  # through the 2-d kernel with a unit axis
+        g, i, in_sp = g.unsqueeze(-2), i.unsqueeze(-2), (1,) + in_sp
+    like = ct.new_zeros(()).expand((planes, 1) + in_sp)
+    backward = torch.ops.aten.adaptive_max_pool3d_backward if n == 3 else torch.ops.aten.adaptive_max_pool2d_backward
+    return backward(g, like, i).reshape((k,) + tuple(x.shape))
 
 
 def avg_pool_weights(x, n: int, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
@@ -400,22 +426,34 @@ class _Conv(Rule):
             out = e(_rt.expand_like, out, site.out)
         return out
 
-    def _backward(self, e, site, ct, weight_of, input_of):
+    def _backward(self, e, site, ct, weight_of, input_of, done=()):
         self._check(site)
         x, w, b = site.args["input"], site.args["weight"], site.args["bias"]
         p = self._adjoint_params(site)
         out = {}
-        if site.needs("input"):
+        if site.needs("input") and "input" not in done:
             out["input"] = e(conv_t_input_ct if self.transposed else conv_input_ct, ct, x, weight_of(w), *p)
-        if site.needs("weight"):
+        if site.needs("weight") and "weight" not in done:
             kernel = conv_t_weight_ct if self.transposed else conv_weight_ct
             out["weight"] = e(kernel, ct, input_of(x), w, *p, "weight" in site.ps)
-        if b is not None and site.needs("bias"):
+        if b is not None and site.needs("bias") and "bias" not in done:
             out["bias"] = e(bias_ct, ct, self.n, "bias" in site.ps)
         return out
 
-    def vjp(self, e, site, ct):  # noqa: D102
-        return self._backward(e, site, ct, lambda w: w, lambda x: x)
+    def vjp(self, e, site, ct):
+        """Shared-parameter and input cotangents from :func:`conv_cts` (one column: autograd's own kernel); per-sample
+        parameters and string paddings through the kernels of Note [convolution weight cotangents].
+        """
+        self._check(site)
+        a, names = site.args, ("input", "weight", "bias")
+        mask = [site.needs(k) and a[k] is not None and k not in site.ps for k in names]
+        if isinstance(a["padding"], str) or not any(mask):
+            return self._backward(e, site, ct, lambda w: w, lambda x: x)
+        parts = e(conv_cts, ct, a["input"], a["weight"], a["bias"] is not None, a["stride"], a["padding"],
+                  a["dilation"], a["groups"], self.transposed, a["output_padding"] if self.transposed else 0, mask)
+        out = {k: e(operator.getitem, parts, i) for i, k in enumerate(names) if mask[i]}
+        out.update(self._backward(e, site, ct, lambda w: w, lambda x: x, done=set(out)))
+        return out
 
     def diag_vjp(self, e, site, d):
         """Input: the adjoint with ``W∘W``; weight: the weight cotangent against ``x∘x``; bias: d summed."""
@@ -477,16 +515,31 @@ class ConvTranspose3d(_Conv):
 
 
 class _MaxPool(Rule):
-    """y = max over each window; dy = dx at the argmax PyTorch returns, the cotangent scattered back there."""
+    """y = max over each window; dy = dx at the argmax PyTorch returns, the cotangent scattered back there.
+
+    The primal is emitted with its indices (no dearer on CPU than without), so no product pools twice.
+    """
 
     n = 2
+
+    def _with_indices(self, e, site):
+        a = site.args
+        return e(pool_with_indices, a["input"], self.n, a["kernel_size"], a["stride"], a["padding"], a["dilation"],
+                 a["ceil_mode"])
+
+    def primal(self, e, site):  # noqa: D102
+        if isinstance(site.out_val, (tuple, list)):  # the call returns its indices itself
+            return None
+        both = self._with_indices(e, site)
+        return e(operator.getitem, both, 0), {"indices": e(operator.getitem, both, 1)}
 
     def _indices(self, e, site):
         if isinstance(site.out_val, (tuple, list)):  # the op returned its indices: reuse them
             return e(operator.getitem, site.out, 1)
-        a = site.args
-        return e(pool_indices, a["input"], self.n, a["kernel_size"], a["stride"], a["padding"], a["dilation"],
-                 a["ceil_mode"])
+        saved = site.extra.get("saved", {})
+        if "indices" in saved:
+            return saved["indices"]
+        return e(operator.getitem, self._with_indices(e, site), 1)
 
     def _wrap(self, site, v):
         return (v, ZERO) if isinstance(site.out_val, (tuple, list)) else v
@@ -541,10 +594,8 @@ class MaxPool3d(_MaxPool):
 class _AdaptiveMaxPool(_MaxPool):
     """y = max over adaptive windows; dy = dx at the argmax PyTorch returns."""
 
-    def _indices(self, e, site):
-        if isinstance(site.out_val, (tuple, list)):
-            return e(operator.getitem, site.out, 1)
-        return e(adaptive_pool_indices, site.args["input"], self.n, site.args["output_size"])
+    def _with_indices(self, e, site):
+        return e(adaptive_pool_with_indices, site.args["input"], self.n, site.args["output_size"])
 
 
 def _adaptive_max_signature(input, output_size, return_indices=False):  # noqa: D103

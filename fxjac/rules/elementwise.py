@@ -95,13 +95,26 @@ def mask_of(cond, dtype_like):
 
 @register(torch.relu, F.relu, "relu")
 class Relu(Elementwise):
-    """y = max(x, 0); y' = [x > 0]."""
+    """y = max(x, 0); y' = [y > 0] = y'²: every product masks its stack by the primal output in one kernel."""
 
     def signature(input, inplace=False):  # noqa: D103
         ...
 
     def derivative(self, e, site):  # noqa: D102
         return e(relu_grad, site.args["input"])
+
+    def _mask(self, e, site, t):
+        return e(torch.ops.aten.threshold_backward, t, site.out, 0)
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        t = tangents["input"]
+        return ZERO if t is ZERO else self._mask(e, site, t)
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        return {"input": self._mask(e, site, ct)}
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return {"input": self._mask(e, site, d)}
 
 
 @register(F.leaky_relu)

@@ -14,8 +14,9 @@ Note [normalisation Jacobians]
     normalisation multiplies the cotangent before ``J`` (``Aᵀ c = J (w c)``) and the diagonal by ``w²``.
 
 Reductions address the normalised axes with negative indices, so one kernel serves a primal ``[*S]`` and a
-stack ``[K, *S]`` alike. The statistics are recomputed from the primal input (cheaper than storing them, and
-exact where an affine weight is zero); softmax reuses its primal output.
+stack ``[K, *S]`` alike. Layer norm's primal runs ATen's fused kernel, which also returns
+the mean and ``1/σ``: the product keeps them (as autograd does); the other normalisations recompute their
+statistics from the primal input. Softmax reuses its primal output.
 """
 
 from __future__ import annotations
@@ -87,6 +88,36 @@ def layer_norm_stats(x, n_dims, eps):
     r = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
     xhat = (x - mu) * r
     return xhat, xhat * (1.0 / math.sqrt(n)), r
+
+
+def layer_norm_with_stats(x, normalized_shape, weight, bias, eps):
+    """``layer_norm`` with its per-group mean and ``1/σ`` (ATen's fused kernel, whose statistics autograd saves)."""
+    return torch.ops.aten.native_layer_norm(x, list(normalized_shape), weight, bias, eps)
+
+
+def layer_norm_saved_stats(x, mean, rstd, n_dims):
+    """:func:`layer_norm_stats` from the primal's saved mean and ``1/σ``."""
+    xhat = (x - mean) * rstd
+    return xhat, xhat * (1.0 / math.sqrt(math.prod(x.shape[-n_dims:]))), rstd
+
+
+def layer_norm_cts(ct, x, normalized_shape, mean, rstd, weight, bias, mask):
+    """Cotangent stacks ``[K, *]`` of layer_norm's (input, weight, bias), summed over the batch, ``None`` where
+    ``mask`` is false. One column goes through ATen's fused backward (autograd's kernel), a stack through Note
+    [normalisation Jacobians] with the saved statistics.
+    """
+    if ct.shape[0] == 1:
+        parts = torch.ops.aten.native_layer_norm_backward(ct[0], x, list(normalized_shape), mean, rstd, weight,
+                                                           bias, list(mask))
+        return tuple(p.unsqueeze(0) if m else None for p, m in zip(parts, mask))
+    n_dims = len(normalized_shape)
+    dims, lead = tuple(range(-n_dims, 0)), tuple(range(1, ct.dim() - n_dims))
+    xhat, u, r = layer_norm_saved_stats(x, mean, rstd, n_dims)
+    gx = normalise_apply(ct if weight is None else ct * weight, r, u, dims, 1.0 / math.prod(normalized_shape)) \
+        if mask[0] else None
+    gw = (ct * xhat).sum(lead) if mask[1] else None
+    gb = ct.sum(lead) if mask[2] else None
+    return gx, gw, gb
 
 
 def rms_norm_stats(x, n_dims, eps):
@@ -306,7 +337,11 @@ class _TrailingNorm(Rule):
         ns = tuple(site.val("normalized_shape"))
         if site.ndim("input") < len(ns) or not ns:
             raise Decline
-        s = e(self.stats, site.args["input"], len(ns), site.args["eps"])
+        saved = site.extra.get("saved", {})
+        if "rstd" in saved:
+            s = e(layer_norm_saved_stats, site.args["input"], saved["mean"], saved["rstd"], len(ns))
+        else:
+            s = e(self.stats, site.args["input"], len(ns), site.args["eps"])
         xhat, u, r = (e(operator.getitem, s, i) for i in range(3))
         alpha = 1.0 / math.prod(ns) if self.alpha_of_n else 0.0
         return tuple(range(-len(ns), 0)), xhat, u, r, alpha
@@ -358,10 +393,42 @@ class _TrailingNorm(Rule):
 
 @register(F.layer_norm)
 class LayerNorm(_TrailingNorm):
-    """y = x̂ w + b, x̂ = (x - μ)/σ over the trailing axes; dx̂ = (dx - mean dx - x̂ mean(x̂ dx))/σ."""
+    """y = x̂ w + b, x̂ = (x - μ)/σ over the trailing axes; dx̂ = (dx - mean dx - x̂ mean(x̂ dx))/σ.
+
+    The primal runs ATen's fused kernel and keeps its statistics; the vjp of shared parameters uses the fused
+    backward for a single column.
+    """
 
     def signature(input, normalized_shape, weight=None, bias=None, eps=1e-5):  # noqa: D102
         ...
+
+    def primal(self, e, site):  # noqa: D102
+        ns = site.val("normalized_shape")
+        if not isinstance(ns, (tuple, list)) or not ns or site.ndim("input") < len(ns):
+            return None
+        a = site.args
+        both = e(layer_norm_with_stats, a["input"], a["normalized_shape"], a["weight"], a["bias"], a["eps"])
+        return e(operator.getitem, both, 0), {"mean": e(operator.getitem, both, 1),
+                                              "rstd": e(operator.getitem, both, 2)}
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        saved = site.extra.get("saved", {})
+        if "rstd" not in saved:
+            return super().vjp(e, site, ct)
+        names = ("input", "weight", "bias")
+        a = site.args
+        need = [site.needs("input")] + [a[n] is not None and site.needs(n) for n in names[1:]]
+        fused = [need[0]] + [need[i] and names[i] not in site.ps for i in (1, 2)]
+        parts = e(layer_norm_cts, ct, a["input"], a["normalized_shape"], saved["mean"], saved["rstd"], a["weight"],
+                  a["bias"], fused)
+        out = {n: e(operator.getitem, parts, i) for i, n in enumerate(names) if fused[i]}
+        if need[1] and not fused[1]:
+            xhat = e(operator.getitem, e(layer_norm_saved_stats, a["input"], saved["mean"], saved["rstd"],
+                                         len(site.val("normalized_shape"))), 0)
+            out["weight"] = _affine_param_ct(e, site, "weight", e(torch.mul, ct, xhat))
+        if need[2] and not fused[2]:
+            out["bias"] = _affine_param_ct(e, site, "bias", ct)
+        return out
 
 
 @register(F.rms_norm)
