@@ -46,16 +46,26 @@ class Elementwise(Rule):
         """``f'(x)``, as a node or a Python number."""
         raise NotImplementedError
 
+    def fused(self, e: Emitter, site: Site, t):
+        """``f'(x) * t`` as ONE kernel (the op's own ATen backward, which broadcasts a stack against the primal), or
+        ``None`` (the default) to multiply by :meth:`derivative`.
+        """
+        return None
+
+    def _times_derivative(self, e, site, t):
+        out = self.fused(e, site, t)
+        return e(operator.mul, t, self.derivative(e, site)) if out is None else out
+
     def jvp(self, e, site, tangents):
         """``f'(x) * t``."""
         t = tangents["input"]
         if t is ZERO:
             return ZERO
-        return e(operator.mul, t, self.derivative(e, site))
+        return self._times_derivative(e, site, t)
 
     def vjp(self, e, site, ct):
         """``f'(x) * ct``."""
-        return {"input": e(operator.mul, ct, self.derivative(e, site))}
+        return {"input": self._times_derivative(e, site, ct)}
 
     def diag_vjp(self, e, site, d):
         """``f'(x)² * d``."""

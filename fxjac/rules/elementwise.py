@@ -1,6 +1,7 @@
 """Element-wise ops: activations, transcendental functions and the broadcasting arithmetic.
 
-Each unary rule gives ``f'(x)`` (often from the primal output it reuses); binary rules give one partial per
+Each unary rule gives ``f'(x)`` (often from the primal output it reuses); an activation with an ATen backward
+kernel also applies ``f'(x)·t`` to a whole stack in that one kernel (``fused``). Binary rules give one partial per
 input. At kinks the derivative is autograd's choice: relu'(0) = 0, abs'(0) = 0, clamp passes at its bounds.
 """
 
@@ -16,6 +17,8 @@ from passes.protocol import ZERO
 
 from .base import Broadcasting, Elementwise
 from .registry import register
+
+_aten = torch.ops.aten
 
 # --- derivative kernels (run inside generated code) -----------------------------------------------------
 
@@ -45,6 +48,11 @@ def gelu_grad(x, approximate="none"):
     cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2.0)))
     pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
     return cdf + x * pdf
+
+
+def gelu_times(t, x, approximate):
+    """``gelu'(x) · t`` by ATen's gelu backward (its oneDNN kernel wants ``x`` expanded to the stack's shape)."""
+    return _aten.gelu_backward(t, x.expand_as(t), approximate=approximate)
 
 
 def silu_grad(x):
@@ -85,6 +93,11 @@ def pow_exponent_grad(x, y):
     return torch.where(x == 0, torch.zeros_like(y), y * torch.log(x))
 
 
+def _numbers(*args) -> bool:
+    """Whether every argument is a plain Python number (not a value computed in the graph)."""
+    return all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+
+
 def mask_of(cond, dtype_like):
     """A boolean mask as 0/1 values of ``dtype_like``'s dtype."""
     return cond.to(dtype_like.dtype)
@@ -103,18 +116,11 @@ class Relu(Elementwise):
     def derivative(self, e, site):  # noqa: D102
         return e(relu_grad, site.args["input"])
 
-    def _mask(self, e, site, t):
-        return e(torch.ops.aten.threshold_backward, t, site.out, 0)
-
-    def jvp(self, e, site, tangents):  # noqa: D102
-        t = tangents["input"]
-        return ZERO if t is ZERO else self._mask(e, site, t)
-
-    def vjp(self, e, site, ct):  # noqa: D102
-        return {"input": self._mask(e, site, ct)}
+    def fused(self, e, site, t):  # noqa: D102
+        return e(_aten.threshold_backward, t, site.out, 0)
 
     def diag_vjp(self, e, site, d):  # noqa: D102
-        return {"input": self._mask(e, site, d)}
+        return {"input": self.fused(e, site, d)}
 
 
 @register(F.leaky_relu)
@@ -127,6 +133,10 @@ class LeakyRelu(Elementwise):
     def derivative(self, e, site):  # noqa: D102
         return e(leaky_relu_grad, site.args["input"], site.args["negative_slope"])
 
+    def fused(self, e, site, t):  # noqa: D102
+        slope = site.args["negative_slope"]
+        return e(_aten.leaky_relu_backward, t, site.args["input"], slope, False) if _numbers(slope) else None
+
 
 @register(F.elu)
 class Elu(Elementwise):
@@ -137,6 +147,10 @@ class Elu(Elementwise):
 
     def derivative(self, e, site):  # noqa: D102
         return e(elu_grad, site.args["input"], site.args["alpha"])
+
+    def fused(self, e, site, t):  # noqa: D102
+        alpha = site.args["alpha"]
+        return e(_aten.elu_backward, t, alpha, 1, 1, False, site.args["input"]) if _numbers(alpha) else None
 
 
 @register(F.gelu)
@@ -149,6 +163,12 @@ class Gelu(Elementwise):
     def derivative(self, e, site):  # noqa: D102
         return e(gelu_grad, site.args["input"], site.args["approximate"])
 
+    def fused(self, e, site, t):  # noqa: D102
+        approximate = site.args["approximate"]
+        if not isinstance(approximate, str):
+            return None
+        return e(gelu_times, t, site.args["input"], approximate)
+
 
 @register(F.silu)
 class Silu(Elementwise):
@@ -160,6 +180,9 @@ class Silu(Elementwise):
     def derivative(self, e, site):  # noqa: D102
         return e(silu_grad, site.args["input"])
 
+    def fused(self, e, site, t):  # noqa: D102
+        return e(_aten.silu_backward, t, site.args["input"])
+
 
 @register(torch.tanh, "tanh")  # F.tanh and F.sigmoid call the methods
 class Tanh(Elementwise):
@@ -169,6 +192,9 @@ class Tanh(Elementwise):
         y = site.out
         return e(operator.sub, 1.0, e(operator.mul, y, y))
 
+    def fused(self, e, site, t):  # noqa: D102
+        return e(_aten.tanh_backward, t, site.out)
+
 
 @register(torch.sigmoid, "sigmoid")
 class Sigmoid(Elementwise):
@@ -177,6 +203,9 @@ class Sigmoid(Elementwise):
     def derivative(self, e, site):  # noqa: D102
         y = site.out
         return e(operator.mul, y, e(operator.sub, 1.0, y))
+
+    def fused(self, e, site, t):  # noqa: D102
+        return e(_aten.sigmoid_backward, t, site.out)
 
 
 @register(F.softplus)
@@ -188,6 +217,12 @@ class Softplus(Elementwise):
 
     def derivative(self, e, site):  # noqa: D102
         return e(softplus_grad, site.args["input"], site.args["beta"], site.args["threshold"])
+
+    def fused(self, e, site, t):  # noqa: D102
+        beta, threshold = site.args["beta"], site.args["threshold"]
+        if not _numbers(beta, threshold):
+            return None
+        return e(_aten.softplus_backward, t, site.args["input"], beta, threshold)
 
 
 @register(torch.sin, "sin")
@@ -316,6 +351,10 @@ class Hardtanh(Elementwise):
     def derivative(self, e, site):  # noqa: D102
         return e(hardtanh_grad, site.args["input"], site.args["min_val"], site.args["max_val"])
 
+    def fused(self, e, site, t):  # noqa: D102
+        lo, hi = site.args["min_val"], site.args["max_val"]
+        return e(_aten.hardtanh_backward, t, site.args["input"], lo, hi) if _numbers(lo, hi) else None
+
 
 @register(F.relu6)
 class Relu6(Elementwise):
@@ -326,6 +365,9 @@ class Relu6(Elementwise):
 
     def derivative(self, e, site):  # noqa: D102
         return e(hardtanh_grad, site.args["input"], 0.0, 6.0)
+
+    def fused(self, e, site, t):  # noqa: D102
+        return e(_aten.hardtanh_backward, t, site.args["input"], 0.0, 6.0)
 
 
 @register(torch.neg, operator.neg, "neg")

@@ -198,6 +198,20 @@ def batch_norm_xhat(x, running_mean, running_var, eps):
     return (x - channel_view(running_mean, x)) * channel_view(torch.rsqrt(running_var + eps), x)
 
 
+def batch_norm_cts(ct, x, running_mean, running_var, weight, eps, mask):
+    """Cotangent stacks ``[K, *]`` of eval batch norm's (input, weight, bias), summed over the batch, ``None``
+    where ``mask`` is false: one column through ATen's fused backward (autograd's kernel), a stack per part.
+    """
+    if ct.shape[0] == 1:
+        parts = torch.ops.aten.native_batch_norm_backward(ct[0], x, weight, running_mean, running_var, None, None,
+                                                          False, eps, list(mask))
+        return tuple(p.unsqueeze(0) if m else None for p, m in zip(parts, mask))
+    gx = ct * channel_view(batch_norm_scale(running_var, weight, eps), x) if mask[0] else None
+    gw = channel_sum(ct * batch_norm_xhat(x, running_mean, running_var, eps), False) if mask[1] else None
+    gb = channel_sum(ct, False) if mask[2] else None
+    return gx, gw, gb
+
+
 # --- softmax family --------------------------------------------------------------------------------------
 
 
@@ -571,8 +585,15 @@ class _EvalBatchNorm(Rule):
             out["bias"] = e(channel_sum, c, "bias" in site.ps)
         return out
 
-    def vjp(self, e, site, ct):  # noqa: D102
-        return self._backward(e, site, ct, square=False)
+    def vjp(self, e, site, ct):
+        """Shared-parameter and input cotangents from :func:`batch_norm_cts` (one column: autograd's kernel)."""
+        self._check(site)
+        a, names = site.args, ("input", "weight", "bias")
+        mask = [site.needs(k) and a.get(k) is not None and k not in site.ps for k in names]
+        if not all(mask[i] or not site.needs(k) or a.get(k) is None for i, k in enumerate(names)):
+            return self._backward(e, site, ct, square=False)  # per-sample parameters
+        parts = e(batch_norm_cts, ct, a["input"], a["running_mean"], a["running_var"], a["weight"], a["eps"], mask)
+        return {k: e(operator.getitem, parts, i) for i, k in enumerate(names) if mask[i]}
 
     def diag_vjp(self, e, site, d):  # noqa: D102
         return self._backward(e, site, d, square=True)

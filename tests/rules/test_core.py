@@ -227,6 +227,20 @@ def test_rule(name, f, positive, batch):
                              products=("jvp", "vjp", "mjp"))
 
 
+_FUSED = ["relu_method", "F.leaky_relu", "F.elu", "F.gelu", "F.gelu_tanh", "F.silu", "torch.tanh", "torch.sigmoid",
+          "F.softplus", "F.hardtanh", "F.relu6"]
+
+
+@pytest.mark.parametrize("name", _FUSED)
+def test_fused_activation_kernels_in_float32(name):
+    # The activations apply f'(x)·t with ATen's backward kernels, broadcasting a stack against the primal: their
+    # float32 CPU paths (oneDNN for gelu) must take it too.
+    f = next(s[1] for s in SAMPLES if s[0] == name)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 3, 5, generator=g) * 2
+    check_direction_products(Op(f).float(), (x,), dtype=torch.float32, products=("jvp", "vjp", "mjp"))
+
+
 @pytest.mark.parametrize("name,f,positive", SAMPLES, ids=[s[0] for s in SAMPLES])
 def test_rule_diag_backprop(name, f, positive):
     if name in _NOT_ONE_OP:
