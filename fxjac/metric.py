@@ -7,6 +7,17 @@ Note [metric factors]
     For parameters, the backward pass gives per-sample, per-column cotangents one parameter tensor at a time
     (``[K, B, n_p]``); each is reduced to the requested structure at once (diagonal: weighted squares; block: a
     Gram matrix per module), so only the full result ever needs all parameters together.
+
+Note [Kronecker GGN]
+    The full (or block) result summed over the batch is ``Σ_kb w_kb r_kb r_kbᵀ`` over per-sample rows ``r_kb``
+    (``[K, B, P]``: K·B·P² multiply-adds). For a Linear on ``[B, in]`` read once, the rows factor: the weight's is
+    ``g_kb ⊗ x_b`` and the bias's ``g_kb`` (g the cotangent ``[K, B, out]`` at the layer's output, x its input).
+    The block between two such weights is then ``Σ_b (x_ℓb x_mbᵀ) ⊗ H_b`` with ``H_b = Σ_k w_kb g_ℓkb g_mkbᵀ``:
+    one GEMM contracting the batch alone (B·P_ℓ·P_m) and one permuted copy into the flat layout; blocks with a
+    bias contract H with one input or none. Only blocks ℓ <= m are formed, the others mirrored. The rule hands
+    over the factors (``param_reduce`` form ``"kron"``) instead of per-sample cotangents; every other parameter
+    keeps its rows, and its band of the result (against all parameters, the Linear ones' rows formed from their
+    factors) is one Gram product.
 """
 
 from __future__ import annotations
@@ -61,6 +72,126 @@ def gram_diag(c, w, reduce_sum):
     if w is not None:
         sq = sq * w.unsqueeze(-1)
     return sq.sum((0, 1)) if reduce_sum else sq.sum(0)
+
+
+def kron_rows(g, x):
+    """A Linear parameter's rows from its factors (Note [Kronecker GGN]): ``g ⊗ x`` ``[K, B, out*in]`` for the
+    weight, ``g`` for the bias (``x`` None).
+    """
+    if x is None:
+        return g
+    return torch.einsum("kbo,bi->kboi", g, x).reshape(g.shape[0], g.shape[1], g.shape[2] * x.shape[1])
+
+
+def kron_pair(ga, gc, w):
+    """``H_b = Σ_k w_kb ga_kb gc_kbᵀ``: ``[K, B, O]``, ``[K, B, Q]`` -> ``[B, O, Q]``."""
+    gw = ga if w is None else ga * w.unsqueeze(-1)
+    return torch.bmm(gw.permute(1, 2, 0), gc.transpose(0, 1))
+
+
+def kron_block(h, xa, xc):
+    """The block between two Linear parameters (Note [Kronecker GGN]) from their ``H`` ``[B, O, Q]`` and inputs
+    (``None`` for a bias): ``[O, I, Q, J]``, ``[O, I, Q]``, ``[O, Q, J]`` or ``[O, Q]``, the flat layout's order.
+    """
+    batch, o, q = h.shape
+    if xa is not None and xc is not None:
+        i, j = xa.shape[1], xc.shape[1]
+        xx = (xa.unsqueeze(2) * xc.unsqueeze(1)).reshape(batch, i * j)
+        return torch.mm(h.reshape(batch, o * q).t(), xx).view(o, q, i, j).permute(0, 2, 1, 3)
+    if xa is not None:
+        return torch.einsum("boq,bi->oiq", h, xa)
+    if xc is not None:
+        return torch.einsum("boq,bj->oqj", h, xc)
+    return h.sum(0)
+
+
+def kron_pays(k, batch, o, q, i, j):
+    """Whether two Linear layers (outputs o, q; inputs i, j, 1 for a bias alone) take the Kronecker form:
+    its intermediates (``H`` ``[B, o, q]``, ``x ⊗ x`` ``[B, i, j]``) are no larger than their block of the
+    result or than the rows the generic form needs.
+    """
+    return batch * (o * q + i * j) <= max(o * q * i * j, k * batch * (o * i + q * j))
+
+
+def wgram(ra, rc, w):
+    """``Σ_kb w_kb ra_kb rc_kbᵀ``: ``[K, B, N]``, ``[K, B, M]`` -> ``[N, M]``."""
+    return torch.einsum("kbi,kbj->ij", ra if w is None else ra * w.unsqueeze(-1), rc)
+
+
+def kron_gram(spec, gs, xs, rows, w):
+    """:func:`gram` summed over the batch, ``[N, N]``, for parameters (in ``spec`` order) some of which are a
+    Linear's (Note [Kronecker GGN]): ``("w", i, j)`` the weight with factors ``gs[i]`` ``[K, B, out]`` and
+    ``xs[j]`` ``[B, in]``, ``("b", i, None)`` the bias with ``gs[i]``, ``("rows", i, None)`` any parameter with
+    rows ``rows[i]`` ``[K, B, n]``. Eagerly the blocks are written into the result; under torch.compile it is one
+    ``cat`` (writes into slices of a fresh tensor become a pass over all of it each).
+    """
+    k, batch = gs[0].shape[:2]
+    made: dict = {}
+
+    def x_of(a):
+        return None if spec[a][2] is None else xs[spec[a][2]]
+
+    def rows_at(a):
+        kind, i, _ = spec[a]
+        if a not in made:
+            made[a] = rows[i] if kind == "rows" else kron_rows(gs[i], x_of(a))
+        return made[a]
+
+    sizes = [rows[i].shape[-1] if kind == "rows" else gs[i].shape[-1] * (1 if j is None else xs[j].shape[1])
+             for kind, i, j in spec]
+    offs = [0]
+    for n in sizes:
+        offs.append(offs[-1] + n)
+    n = len(spec)
+    other = [a for a, s in enumerate(spec) if s[0] == "rows"]
+    bands = {}
+    if other:  # their bands against every parameter: one Gram product
+        band = wgram(cat_rows([rows_at(a) for a in other]), cat_rows([rows_at(a) for a in range(n)]), w)
+        lo = 0
+        for a in other:
+            bands[a] = band[lo:lo + sizes[a]]
+            lo += sizes[a]
+    hs: dict = {}
+    blocks: dict = {}
+
+    def block(a, c):
+        """Block (a, c) of two Linear parameters, a <= c, in a shape that reshapes to ``[n_a, n_c]``."""
+        if (a, c) not in blocks:
+            xa, xc = x_of(a), x_of(c)
+            i, j = (1 if x is None else x.shape[1] for x in (xa, xc))
+            ga, gc = gs[spec[a][1]], gs[spec[c][1]]
+            key = (spec[a][1], spec[c][1])
+            if key in hs or kron_pays(k, batch, ga.shape[-1], gc.shape[-1], i, j):
+                if key not in hs:
+                    hs[key] = kron_pair(ga, gc, w)
+                blocks[(a, c)] = kron_block(hs[key], xa, xc)
+            else:
+                blocks[(a, c)] = wgram(rows_at(a), rows_at(c), w)
+        return blocks[(a, c)]
+
+    def piece(a, c):
+        if a in bands:
+            return bands[a][:, offs[c]:offs[c + 1]]
+        if c in bands:
+            return bands[c][:, offs[a]:offs[a + 1]].t()
+        return block(a, c).reshape(sizes[a], sizes[c]) if a <= c else piece(c, a).t()
+
+    if torch.compiler.is_compiling():
+        return torch.cat([bands[a] if a in bands else torch.cat([piece(a, c) for c in range(n)], 1)
+                          for a in range(n)])
+    out = gs[0].new_empty((offs[-1], offs[-1]))
+    for a, part in bands.items():
+        out[:, offs[a]:offs[a + 1]].copy_(part.t())
+        out[offs[a]:offs[a + 1]].copy_(part)
+    linear = [a for a in range(n) if a not in bands]
+    for m, a in enumerate(linear):
+        for c in linear[m:]:
+            t = block(a, c)
+            blk = out[offs[a]:offs[a + 1], offs[c]:offs[c + 1]]
+            blk.view(t.shape).copy_(t)
+            if c != a:
+                out[offs[c]:offs[c + 1], offs[a]:offs[a + 1]].copy_(blk.t())
+    return out
 
 
 def per_sample_rows(ct, k, batch):
@@ -209,13 +340,34 @@ def _reduce_params(e, src, cts, k, batch, y, w, out, reduce_sum, direct):
                  else e(gram_diag, rows_of(p), w, reduce_sum) for p in src.params]
         return e(cat_rows, parts)
     if out == "block":
-        blocks = []
-        for module in _modules(src):
-            g = e(cat_rows, [rows_of(p) for p in src.params if p.module == module])
-            blocks.append(e(gram, g, w, reduce_sum))
-        return blocks
-    g = e(cat_rows, [rows_of(p) for p in src.params])
-    return e(gram, g, w, reduce_sum)
+        return [_gram_of(e, [p for p in src.params if p.module == module], rows_of, w, reduce_sum, direct)
+                for module in _modules(src)]
+    return _gram_of(e, src.params, rows_of, w, reduce_sum, direct)
+
+
+def _gram_of(e, params, rows_of, w, reduce_sum, direct):
+    """The Gram matrix over ``params``: in closed form for the Linear parameters whose factors are in ``direct``
+    (Note [Kronecker GGN]), from per-sample rows for the others.
+    """
+    if not any(p.name in direct for p in params):
+        return e(gram, e(cat_rows, [rows_of(p) for p in params]), w, reduce_sum)
+    spec, gs, xs, rows = [], [], [], []
+
+    def index(items, node):  # by identity: two layers summed share their output cotangent's node
+        i = next((n for n, h in enumerate(items) if h is node), None)
+        if i is None:
+            items.append(node)
+            i = len(items) - 1
+        return i
+
+    for p in params:
+        if p.name not in direct:
+            spec.append(("rows", len(rows), None))
+            rows.append(rows_of(p))
+            continue
+        g, x = direct[p.name]
+        spec.append(("b", index(gs, g), None) if x is None else ("w", index(gs, g), index(xs, x)))
+    return e(kron_gram, tuple(spec), gs, xs, rows, w)
 
 
 def _rows_by_param(e, src, cts: dict, y, k, batch):
@@ -276,6 +428,8 @@ def _backward_metric(src, b, e, y, seeds, w, k, out, reduce_sum, method):
     sinks = None
     if method == "exact" and out == "diag":
         sinks = _sink(src, direct, "gram_diag", lambda info: (w, reduce_sum))
+    elif method == "exact" and reduce_sum:
+        sinks = _sink(src, direct, "kron", lambda info: ())
     early = None
     if method == "exact" and out == "diag":
         early = _early_diag(src, direct, k, batch, w, reduce_sum)

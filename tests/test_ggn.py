@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
-from reference import assert_close, check_diag_backprop, loss_hessian, per_sample_jacobian
+from reference import assert_close, check_diag_backprop, check_metric_products, loss_hessian, per_sample_jacobian
 
 import fxjac
 import fxjac.zoo as zoo
@@ -208,3 +208,129 @@ def test_forward_diagonal_through_the_fallback_is_exact_per_op():
     d_in = torch.rand(3, 12, dtype=torch.float64)
     _, r = fxjac.jmjtp(model, matrix="diag", out="diag", method="diag_backprop")(x, d_in)
     assert_close(r, layerwise_diag_forward(list(model), x, d_in=d_in), "forward diag with fallback ops")
+
+
+class _Tokens(nn.Module):
+    """A Linear on ``[B, T, d]`` (its weight meets every position: generic rows) before one on ``[B, in]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(3, 4), nn.Linear(2 * 4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.embed(x.reshape(-1, 2, 3))).flatten(1))
+
+
+class _Tied(nn.Module):
+    """One Linear read twice (its rows are summed: generic), another read once, and an unused parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3, bias=False)
+        self.unused = nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+
+class _Summed(nn.Module):
+    """Two Linears summed: their output cotangents are one node, their inputs differ."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.a(x) + self.b(torch.tanh(x))
+
+
+def _kron_models():
+    torch.manual_seed(0)
+    return {
+        "mlp": (nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), (5, 4)),
+        "mlp_no_bias": (nn.Sequential(nn.Linear(4, 6, bias=False), nn.Tanh(), nn.Linear(6, 3, bias=False)),
+                        (5, 4)),
+        "layernorm": (nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)), (5, 4)),
+        "conv": (nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 2, 4), nn.Tanh(),
+                               nn.Linear(4, 3)), (5, 2, 4)),
+        "tokens": (_Tokens(), (5, 6)),
+        "tied": (_Tied(), (5, 4)),
+        "summed": (_Summed(), (5, 4)),
+    }
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp_no_bias", "layernorm", "conv", "tokens", "tied", "summed"])
+def test_full_ggn_of_linear_layers_in_closed_form(name, one_thread):
+    """Note [Kronecker GGN]: Linear parameters on ``[B, in]`` contract their factors (blocks between them and
+    with every other parameter); the full, block and chunked GGN match the dense float64 reference.
+    """
+    model, shape = _kron_models()[name]
+    model = model.double()
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    G = dense_ggn(model, (x,), "cross_entropy")
+    p = fxjac.ggn(model, loss="cross_entropy", out="full", example_inputs=(x,))
+    assert "kron_gram" in p.code
+    _, f = p(x)
+    assert_close(f, G.sum(0), f"kron ggn[{name}] full")
+    _, blocks = fxjac.ggn(model, loss="cross_entropy", out="block")(x)
+    off = 0
+    for blk in blocks:
+        n = blk.shape[0]
+        assert_close(blk, G.sum(0)[off:off + n, off:off + n], f"kron ggn[{name}] block@{off}")
+        off += n
+    assert off == G.shape[-1]
+    _, fc = fxjac.ggn(model, loss="cross_entropy", out="full", chunk_size=2)(x)
+    assert_close(fc, G.sum(0), f"kron ggn[{name}] chunked")
+    _, fn = fxjac.ggn(model, loss="cross_entropy", out="full", reduce="none")(x)
+    assert_close(fn, G, f"ggn[{name}] full per sample")
+
+
+def test_full_ggn_of_a_linear_on_positions_stays_generic(one_thread):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    p = fxjac.ggn(model, loss="mse", out="full", example_inputs=(x,))
+    assert "kron_gram" not in p.code
+    _, f = p(x)
+    assert_close(f, dense_ggn(model, (x,), "mse").sum(0), "ggn of Linears on [B, T, d]")
+
+
+def test_full_ggn_falls_back_to_rows_where_the_kronecker_factors_are_larger():
+    """A narrow head on a wide input: x ⊗ x per sample would outgrow its block and the rows; the pair of heads
+    takes the rows, the others the closed form, and all are exact.
+    """
+    assert not fxjac.metric.kron_pays(2, 6, 2, 2, 10, 10)
+    assert fxjac.metric.kron_pays(2, 6, 10, 10, 3, 3)
+    model = nn.Sequential(nn.Linear(3, 10), nn.Tanh(), nn.Linear(10, 2)).double()
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for loss in ("mse", "cross_entropy", "gaussian"):
+        _, f = fxjac.ggn(model, loss=loss, out="full")(x)
+        assert_close(f, dense_ggn(model, (x,), loss).sum(0), f"ggn[{loss}] with a narrow head")
+
+
+@pytest.mark.parametrize("name", ["mlp", "layernorm"])
+def test_weighted_jtmjp_of_linear_layers_in_closed_form(name, one_thread):
+    """Diagonal, square-root and full (indefinite) output metrics through the closed form, full and block."""
+    model, shape = _kron_models()[name]
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    check_metric_products(model.double(), (x,), wrts=("params",), matrices=("identity", "diag", "sqrt", "full"))
+
+
+@pytest.mark.parametrize("name", ["conv", "narrow_head"])
+def test_full_ggn_in_closed_form_compiles_fullgraph(name):
+    """Under torch.compile the result is one ``cat`` instead of writes into slices (each a pass over all of it)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model, shape = _kron_models()["conv"] if name == "conv" else \
+        (nn.Sequential(nn.Linear(3, 10), nn.Tanh(), nn.Linear(10, 2)), (6, 3))
+    g = torch.Generator().manual_seed(5)
+    p = fxjac.ggn(model, loss="cross_entropy", out="full", example_inputs=(torch.randn(*shape, generator=g),))
+    assert "kron_gram" in p.code
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(p, backend="aot_eager", fullgraph=True, dynamic=True)
+    for batch in (5, 7):
+        x = torch.randn(batch, *shape[1:], generator=g)
+        got, ref = compiled(x)[1], p(x)[1]
+        assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert not counters["graph_break"], dict(counters["graph_break"])

@@ -176,8 +176,15 @@ class Linear(Rule):
     def param_reduce(self, e, site, name, ct, form, *args):
         """Closed-form parameter reductions for the weight of a Linear on ``[B, in]`` (no extra positions):
         ``form="gram_diag"`` (args: weights, reduce_sum) or ``"sandwich"`` (args: σ shaped like W, out_diag).
+        ``form="kron"`` (no args) hands back the factors of the per-sample cotangents for the product to contract
+        itself (Note [Kronecker GGN] in fxjac/metric.py): ``(ct, x)`` for the weight (sample b, column k:
+        ``ct_kb ⊗ x_b``), ``(ct, None)`` for the bias (``ct_kb``).
         """
         x = site.args["input"]
+        if form == "kron":
+            if site.val("input").dim() != 2 or "input" in site.ps:
+                raise Decline
+            return (ct, x if name == "weight" else None)
         if name != "weight" or site.val("input").dim() != 2:
             raise Decline
         if form == "gram_diag":
