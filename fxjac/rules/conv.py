@@ -186,6 +186,8 @@ def corr_weight(a, c, stride, dilation, pads, ksize, groups, per_sample):
     kc, o = c.shape[0], c.shape[2]
     g = groups
     a = F.pad(a, [p for lohi in reversed(pads) for p in lohi])
+    if n <= 2 and a.numel() * math.prod(ksize) * a.element_size() <= UNFOLD_BYTES:
+        return _corr_weight_unfold(a, c, stride, dilation, ksize, groups, per_sample)
     sp, so, r = tuple(a.shape[3:]), tuple(c.shape[3:]), tuple(range(4, 4 + n))
     a = a.reshape((ka, b, g, ch // g) + sp)
     c = c.reshape((kc, b, g, o // g) + so)
@@ -206,6 +208,38 @@ def corr_weight(a, c, stride, dilation, pads, ksize, groups, per_sample):
         y = y.reshape((ka * kc, o, ch // g) + y.shape[5:])
     # The correlation also covers offsets past the kernel where the strides leave room: keep the kernel's.
     return y[(Ellipsis,) + tuple(slice(0, k) for k in ksize)]
+
+
+UNFOLD_BYTES = 256 << 20
+"""Patch matrices up to this size take the im2col path of :func:`corr_weight` (1-d and 2-d convolutions)."""
+
+
+def _corr_weight_unfold(a, c, stride, dilation, ksize, groups, per_sample):
+    """:func:`corr_weight` by im2col: the patches of the (padded) input times the cotangent, one batched GEMM.
+
+    Faster than the grouped convolution whose kernel is the cotangent when the output is large (big kernels are
+    slow in every convolution backend, and inductor's channels-last layout makes them slower still).
+    """
+    n = len(ksize)
+    if n == 1:  # as 2-d with a unit axis
+        a, c, ksize = a.unsqueeze(-2), c.unsqueeze(-2), (1,) + tuple(ksize)
+        stride, dilation = (1,) + _tuple(stride, 1), (1,) + _tuple(dilation, 1)
+    ka, b, ch = a.shape[:3]
+    kc, o, g = c.shape[0], c.shape[2], groups
+    so = tuple(c.shape[-2:])
+    cols = F.unfold(a.reshape((ka * b, ch) + tuple(a.shape[-2:])), ksize, _tuple(dilation, 2), 0,
+                    _tuple(stride, 2))  # [Ka·B, C·k, Lh·Lw]
+    grid = [(L - d * (k - 1) - 1) // st + 1
+            for L, d, k, st in zip(a.shape[-2:], _tuple(dilation, 2), ksize, _tuple(stride, 2))]
+    if tuple(grid) != so:  # the patches cover more positions than the cotangent has: keep the cotangent's
+        cols = cols.unflatten(-1, grid)[..., :so[0], :so[1]].flatten(-2)
+    cols = cols.reshape(ka, b, g, -1, so[0] * so[1])  # [Ka, B, g, C/g·k, L]
+    cc = c.reshape(kc, b, g, o // g, so[0] * so[1])  # [Kc, B, g, O/g, L]
+    if per_sample:
+        y = torch.einsum("abgjl,cbgol->acbgoj", cols, cc)
+        return y.reshape((ka * kc, b, o, ch // g) + tuple(ksize[-n:]))
+    y = torch.einsum("abgjl,cbgol->acgoj", cols, cc)
+    return y.reshape((ka * kc, o, ch // g) + tuple(ksize[-n:]))
 
 
 def conv_weight_ct(ct, x, w, stride, padding, dilation, groups, per_sample):
