@@ -177,6 +177,18 @@ def test_conv(name, factory, shape):
     _check(_model(factory), _input(shape, 3))
 
 
+_GROUPED_PATH = [c for c in CONV_CASES if "3d" not in c[0]]
+
+
+@pytest.mark.parametrize("name, factory, shape", _GROUPED_PATH, ids=[c[0] for c in _GROUPED_PATH])
+def test_conv_weight_cotangents_without_im2col(name, factory, shape, monkeypatch):
+    # 1-d and 2-d weight cotangents take the im2col path below a patch budget: force the grouped convolution.
+    from fxjac.rules import conv
+
+    monkeypatch.setattr(conv, "UNFOLD_BYTES", 0)
+    _check(_model(factory), _input(shape, 3), products=("vjp", "mjp", "jacobian"))
+
+
 @pytest.mark.parametrize("name, factory, shape", POOL_CASES + RESAMPLE_CASES,
                          ids=[c[0] for c in POOL_CASES + RESAMPLE_CASES])
 def test_linear_and_pooling(name, factory, shape):
