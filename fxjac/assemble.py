@@ -4,6 +4,15 @@ Note [flat layout]
     Parameter-space vectors follow ``Source.params``: each selected parameter flattened, concatenated in
     ``named_parameters()`` order (a tied parameter once). A stack of such vectors is ``[S, P]`` with the column
     axis first; per-sample stacks have ``S = K * B`` (Note [per-sample stacks]).
+
+Note [flat writes]
+    A parameter-space result ``[S, P]`` of the backward pass is allocated once, uninitialised, and each block of
+    columns is written once (:class:`FlatWriter`): a parameter read at one place only, by a rule that can write its
+    cotangent straight into the block (``rule.param_into``, asked through the ``sinks`` of
+    ``backward_cotangents``: a Linear's per-sample weight cotangent is an outer product written with ``out=``),
+    never forms a cotangent of its own; every other parameter's complete cotangent is copied into its block (a
+    tied parameter's get_attr nodes add theirs there), and blocks nothing reached are zeroed. Nothing is
+    concatenated.
 """
 
 from __future__ import annotations
@@ -13,7 +22,8 @@ import math
 import torch
 import torch.fx as fx
 
-from passes import ZERO, Builder, Emitter
+from passes import ZERO, Builder, Emitter, backward_cotangents
+from passes.protocol import Decline
 
 from . import checks
 from .source import Source
@@ -55,6 +65,39 @@ def flat_cat(parts, numels, rows, like):
     """``[rows, P]`` from per-parameter stacks ``[rows, *shape]`` (``None``: zeros) in the flat layout."""
     cols = [p.reshape(rows, n) if p is not None else like.new_zeros((rows, n)) for p, n in zip(parts, numels)]
     return torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
+
+
+@fx.node.has_side_effect  # never merged with another allocation of the same size by the clean-up's CSE
+def flat_empty(rows, numel, like):
+    """An uninitialised flat stack ``[rows, numel]`` with ``like``'s dtype and device (Note [flat writes])."""
+    return torch.empty((rows, numel), dtype=like.dtype, device=like.device)
+
+
+def flat_block(stack, offset, numel):
+    """Columns ``offset:offset+numel`` of a flat stack: the ``[rows, numel]`` view a parameter's stack goes to."""
+    return stack[:, offset:offset + numel]
+
+
+@fx.node.has_side_effect
+def flat_store(block, ct, add):
+    """Copy (``add``: add) a parameter's stack ``[rows, *shape]`` into its block; returns the block."""
+    dst = block.view(ct.shape)
+    if add:
+        dst.add_(ct)
+    else:
+        dst.copy_(ct)
+    return block
+
+
+@fx.node.has_side_effect
+def flat_zero(block):
+    """Zero a block nothing reached; returns it."""
+    return block.zero_()
+
+
+def flat_done(stack, *writes):
+    """The stack, once the writes into its blocks (arguments, so they run first and stay in the graph) are done."""
+    return stack
 
 
 def stack_to_shape(m, like):
@@ -127,6 +170,64 @@ def param_results(e: Emitter, src: Source, cts: dict, rows: fx.Node, like: fx.No
     return e(flat_cat, parts, [p.numel for p in src.params], rows, like)
 
 
+class FlatWriter:
+    """Writes the parameters' cotangents into one flat stack ``[rows, P]``, each block once (Note [flat writes]).
+
+    Pass :meth:`sink` and :meth:`reduce` to ``backward_cotangents`` (the stack is allocated before the walk, so
+    its node precedes every write), then take :meth:`result`.
+    """
+
+    def __init__(self, e: Emitter, src: Source, rows, like: fx.Node):
+        self.src = src
+        self.stack = e(flat_empty, rows, src.P, like)
+        self.writes: list = []
+        self.written: set = set()
+        self.uses: dict = {}
+        for node, info in src.param_nodes.items():
+            self.uses[info.name] = self.uses.get(info.name, 0) + len(node.users)
+
+    def sink(self, e: Emitter, rule, site, name: str, ct: fx.Node, node: fx.Node) -> bool:
+        """Let the rule write the cotangent of a parameter read at this one place straight into its block."""
+        info = self.src.param_nodes.get(node)
+        into = getattr(rule, "param_into", None)
+        if info is None or into is None or self.uses[info.name] != 1:
+            return False
+        block = e(flat_block, self.stack, info.offset, info.numel)
+        try:
+            self.writes.append(into(e, site, name, ct, block))
+        except Decline:
+            e.graph.erase_node(block)
+            return False
+        self.written.add(info.name)
+        return True
+
+    def reduce(self, e: Emitter, node: fx.Node, ct: fx.Node):
+        """Copy a parameter's complete cotangent into its block (add it, for a second get_attr of a tied one)."""
+        info = self.src.param_nodes.get(node)
+        if info is None:
+            return ct
+        block = e(flat_block, self.stack, info.offset, info.numel)
+        self.writes.append(e(flat_store, block, ct, info.name in self.written))
+        self.written.add(info.name)
+        return ZERO
+
+    def result(self, e: Emitter) -> fx.Node:
+        """The stack, with the blocks of the parameters nothing reached zeroed."""
+        for info in self.src.params:
+            if info.name not in self.written:
+                self.writes.append(e(flat_zero, e(flat_block, self.stack, info.offset, info.numel)))
+        return e(flat_done, self.stack, *self.writes)
+
+
+def param_stack(b: Builder, e: Emitter, src: Source, seeds: dict, rows, like: fx.Node, ps: bool) -> fx.Node:
+    """The flat ``[rows, P]`` stack of the parameters' cotangents pulled back from ``seeds`` (``ps``: per-sample,
+    ``rows = K * B``; else summed over the batch, ``rows = K``), written once (Note [flat writes]).
+    """
+    w = FlatWriter(e, src, rows, like)
+    backward_cotangents(b, seeds, list(src.param_nodes), ps=ps, sinks=w.sink, reduce=w.reduce)
+    return w.result(e)
+
+
 def size(e: Emitter, t: fx.Node, dim: int) -> fx.Node:
     """``t.size(dim)`` as a node."""
     return e.method("size", t, dim)
@@ -141,7 +242,8 @@ def numel_per_sample(node: fx.Node) -> int:
 
 
 __all__ = [
-    "api_emitter", "checks", "eye_stack", "flat_cat", "input_placeholders", "param_results",
+    "FlatWriter", "api_emitter", "checks", "eye_stack", "flat_cat", "input_placeholders", "param_results",
+    "param_stack",
     "param_seeds", "param_slice", "size", "stack_to_batch_rows", "stack_to_rows",
     "stack_to_shape", "zeros_stack", "reshape_like_batch", "param_rows", "param_sigma", "numel_per_sample",
     "eye_like",

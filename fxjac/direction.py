@@ -138,9 +138,8 @@ def vjp(model, wrt: Any = "input", reduce: str = "sum", **options) -> Product:
             ct = cts.get(src.inputs[src.wrt_index], ZERO)
             return (y, e(torch.zeros_like, x) if ct is ZERO else e.method("squeeze", ct, 0))
         per_sample = reduce == "none"
-        cts = backward_cotangents(b, seeds, list(src.param_nodes), ps=per_sample)
         rows = b.batch_size() if per_sample else 1
-        flat = A.param_results(e, src, cts, rows, y)
+        flat = A.param_stack(b, e, src, seeds, rows, y, per_sample)
         return (y, flat if per_sample else e.method("squeeze", flat, 0))
 
     return make_product(assemble, model, wrt, **options)
@@ -207,9 +206,8 @@ def mjp(model, wrt: Any = "input", reduce: str = "sum", **options) -> Product:
                 ct = e(A.zeros_stack, x, k)
             return (y, e(A.stack_to_batch_rows, ct, batch))
         per_sample = reduce == "none"
-        cts = backward_cotangents(b, seeds, list(src.param_nodes), ps=per_sample)
         rows = e(operator.mul, k, batch) if per_sample else k
-        flat = A.param_results(e, src, cts, rows, y)
+        flat = A.param_stack(b, e, src, seeds, rows, y, per_sample)
         if per_sample:
             flat = e(_ps_rows_to_batch_first, flat, k, batch)
         return (y, flat)
@@ -277,8 +275,7 @@ def jacobian(model, wrt: Any = "input", mode: str = "auto", **options) -> Produc
                                                                                       ZERO)
                 parts.append(e(A.stack_to_batch_rows, e(A.zeros_stack, x, hi - lo) if ct is ZERO else ct, batch))
             else:
-                cts = backward_cotangents(b, seeds, list(src.param_nodes), ps=True)
-                flat = A.param_results(e, src, cts, e(operator.mul, batch, hi - lo), y)
+                flat = A.param_stack(b, e, src, seeds, e(operator.mul, batch, hi - lo), y, True)
                 parts.append(e(_ps_rows_to_batch_first, flat, hi - lo, batch))
         return (y, parts[0] if len(parts) == 1 else e(torch.cat, parts, 1))
 

@@ -66,10 +66,11 @@ def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, metho
         ps: per-sample stacks for unbatched values.
         method: the rule method that pulls a stack back: ``"vjp"`` (cotangents) or ``"diag_vjp"`` (nnj's
             diagonal back-propagation: ``(A∘A)ᵀ d`` through each op, diagonals added at fan-out).
-        sinks: optional ``sinks(e, rule, site, name, ct, param_node) -> bool``, asked at a batched op for each
-            wanted unbatched input that has no other consumer: returning True means the caller consumed the
-            op's output cotangent for that input itself (a closed-form reduction such as a parameter diagonal
-            that never forms per-sample cotangents), so no cotangent flows to it.
+        sinks: optional ``sinks(e, rule, site, name, ct, param_node) -> bool``, asked at an op for each wanted
+            input that has no other consumer (with ``ps``: at a batched op, for its unbatched inputs, whose stacks
+            are per-sample): returning True means the caller consumed the op's output cotangent for that input
+            itself (a closed-form reduction such as a parameter diagonal that never forms per-sample cotangents,
+            or a cotangent written straight into a result), so no cotangent flows to it.
         reduce: optional ``reduce(e, node, ct) -> value`` applied to a wanted node's cotangent as soon as it is
             complete, so large per-sample stacks die right away (the value is returned instead of ``ct``).
 
@@ -99,18 +100,20 @@ def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, metho
         site = b.prepare(node, ps)
         rule, old_args, ps_names = site.extra["rule"], site.extra["old_args"], site.ps
         site.extra["need"] = _needed(old_args, active)
+        sunk = set()
         if sinks is not None:
-            for name in sorted(ps_names & site.extra["need"]):
+            for name in sorted(ps_names & site.extra["need"] if ps else site.extra["need"]):
                 old = old_args[name]
                 if isinstance(old, fx.Node) and old in wanted and len(old.users) == 1 and \
                         sinks(e, rule, site, name, ct, old):
-                    site.extra["need"] = site.extra["need"] - {name}
+                    sunk.add(name)
+            site.extra["need"] = site.extra["need"] - sunk
         try:
             in_cts = getattr(rule, method)(e, site, ct)
         except Decline:
             site = b.prepare(node, ps, b.decline(node))
             rule, old_args, ps_names = site.extra["rule"], site.extra["old_args"], site.ps
-            site.extra["need"] = _needed(old_args, active)
+            site.extra["need"] = _needed(old_args, active) - sunk
             in_cts = getattr(rule, method)(e, site, ct)
         for name, c in in_cts.items():
             if c is ZERO:

@@ -413,3 +413,140 @@ def test_rnn_leaf_through_the_fallback():
     assert any("GRU" in str(r.message) for r in rec)
     check_direction_products(model, (x,), products=("jvp", "vjp", "mjp"))
     check_metric_products(model, (x,), matrices=("diag",), wrts=("params",))
+
+
+# --- parameter-space results written once (Note [flat writes]) ----------------------------------------------
+
+
+def _check_param_vjps(model, x, names=None, what="", **options):
+    """Summed and per-sample ``vjp`` and ``mjp`` (K = 3) w.r.t. the parameters ``names`` against the float64
+    per-sample Jacobian from torch.func; the results are written into one stack, never concatenated.
+    """
+    wrt = "params" if names is None else names
+    J = per_sample_jacobian(model, (x,), "params", names)  # [B, O, P]
+    B, O = J.shape[:2]
+    y = model(x)
+    w, M = randn(*y.shape, g=rng(7)), randn(B, 3, O, g=rng(8))
+    ref_w, ref_m = torch.einsum("bop,bo->bp", J, w.reshape(B, O)), torch.einsum("bko,bop->bkp", M, J)
+    for reduce in ("sum", "none"):
+        pv, pm = fxjac.vjp(model, wrt=wrt, reduce=reduce, **options), fxjac.mjp(model, wrt=wrt, reduce=reduce,
+                                                                                **options)
+        _, g = pv(x, w)
+        _, r = pm(x, M)
+        assert "cat" not in pv.code and "cat" not in pm.code
+        assert_close(g, ref_w if reduce == "none" else ref_w.sum(0), f"vjp[{what}, reduce={reduce}]")
+        assert_close(r, ref_m if reduce == "none" else ref_m.sum(0), f"mjp[{what}, reduce={reduce}]")
+
+
+def test_param_vjp_and_mjp_of_an_mlp_per_sample_and_summed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    _check_param_vjps(model, randn(6, 3), what="mlp")
+
+
+class TiedWeights(nn.Module):
+    """A weight read three times: by two Linears and, transposed, as a decoder; and a module called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(4, 4)
+        self.mid = nn.Linear(4, 4)
+        self.mid.weight = self.enc.weight
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.enc(x))
+        h = torch.tanh(self.mid(h))
+        h = torch.tanh(F.linear(h, self.enc.weight.t()))
+        return self.out(torch.tanh(self.out(h)[..., :1] * h))
+
+
+class Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.cell(torch.tanh(self.cell(x)))))
+
+
+def test_param_vjp_and_mjp_with_tied_weights_add_the_contributions():
+    torch.manual_seed(0)
+    model = TiedWeights().double()
+    assert fxjac.vjp(model, wrt="params").wrt_names == ["enc.weight", "enc.bias", "mid.bias", "out.weight",
+                                                         "out.bias"]
+    _check_param_vjps(model, randn(5, 4), what="tied weights")
+    _check_param_vjps(Tied().double(), randn(5, 3), what="tied module")
+    # a leaf module called twice reads its parameters through two get_attr nodes: the second adds into the block
+    model = Twice().double()
+    p = fxjac.vjp(model, wrt="params", reduce="none", leaf_modules=(nn.Linear,), example_inputs=(randn(5, 3),))
+    assert p.code.count("flat_store(") == 6
+    _check_param_vjps(model, randn(5, 3), what="leaf module called twice", leaf_modules=(nn.Linear,))
+
+
+class Positions(nn.Module):
+    """Linears on ``[B, T, d]`` and ``[B, T, U, d]``: each weight is read at several positions per sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(5, 3)
+        self.c = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))  # [B, T, 5]
+        h = torch.tanh(self.b(h.unsqueeze(2) * h.unsqueeze(1)))  # [B, T, T, 3]
+        return self.c(h.mean(1))  # [B, T, 2]
+
+
+def test_param_vjp_and_mjp_of_linears_at_several_positions():
+    torch.manual_seed(0)
+    _check_param_vjps(Positions().double(), randn(4, 3, 4), what="positions")
+
+
+class Unused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+        self.spare = nn.Parameter(torch.randn(3))  # selected, never read: its columns are zeros
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x)))
+
+
+def test_param_vjp_and_mjp_with_frozen_unused_and_selected_parameters():
+    torch.manual_seed(0)
+    model = Tied().double()  # a frozen Linear still acts
+    x = randn(5, 3)
+    _check_param_vjps(model, x, what="frozen layer")
+    _check_param_vjps(model, x, names=["fc2"], what="wrt fc2")
+    _check_param_vjps(model, x, names=["fc.bias", "fc2.weight"], what="wrt a bias and a weight")
+    model = Unused().double()
+    _check_param_vjps(model, x, what="unused parameter")
+    p = fxjac.vjp(model, wrt="params", reduce="none")
+    assert (fxjac.unflatten(p, p(x, randn(5, 2))[1])["spare"] == 0).all()
+
+
+def test_per_sample_vjp_is_differentiable():
+    """``differentiable=True``: the blocks are copied (autograd does not record ``out=``), gradients flow."""
+    torch.manual_seed(0)
+    model = mlp()
+    x, w = randn(4, 3), randn(4, 2, g=rng(1))
+    _, g = fxjac.vjp(model, wrt="params", reduce="none", differentiable=True)(x, w)
+    params = dict(model.named_parameters())
+
+    def per_sample(prm):
+        def one(xb, wb):
+            return torch.func.grad(lambda p: (torch.func.functional_call(model, p, (xb[None],))[0] * wb).sum())(prm)
+
+        gs = torch.func.vmap(one)(x, w)
+        return torch.cat([gs[n].reshape(4, -1) for n in params], 1)
+
+    ref = torch.func.grad(lambda prm: per_sample(prm).pow(2).sum())(params)
+    got = torch.autograd.grad(g.pow(2).sum(), list(params.values()), allow_unused=True)
+    for (n, r), gr in zip(ref.items(), got):
+        gr = torch.zeros_like(r) if gr is None else gr  # the last bias's per-sample gradient is w itself
+        assert_close(gr, r, f"gradient of the per-sample gradients' squared norm w.r.t. {n}")
+

@@ -71,6 +71,40 @@ def test_product_compiles_fullgraph_with_changing_batch(name, options):
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+class _Positions(nn.Module):
+    """A Linear on ``[B, T, d]`` (its weight read at T positions per sample) and one on ``[B, d]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)).mean(1))
+
+
+@pytest.mark.parametrize("name", ["vjp", "mjp"])
+@pytest.mark.parametrize("positions", [False, True], ids=["mlp", "positions"])
+def test_per_sample_parameter_products_compile_fullgraph(name, positions):
+    """The flat result written block by block (Note [flat writes]): out= is eager-only, compiled it is a copy."""
+    torch.manual_seed(0)
+    model = _Positions().eval() if positions else _model()
+    shape = (6, 4) if positions else (4,)
+    n_params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(1)
+    p = getattr(fxjac, name)(model, wrt="params", reduce="none",
+                             example_inputs=(torch.randn(BATCHES[0], *shape, generator=g),))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(p, backend="aot_eager", fullgraph=True, dynamic=True)
+    for batch in BATCHES:
+        x = torch.randn(batch, *shape, generator=g)
+        ops = _operands(name, batch, n_params, g)
+        _close(compiled(x, *ops)[1], p(x, *ops)[1])
+    assert counters["stats"]["unique_graphs"] == 1, f"recompiled: {dict(counters['stats'])}"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
 def test_fxjac_compile_backend_with_example_inputs():
     model = _model()
     x = torch.randn(BATCHES[0], 4)
@@ -97,10 +131,11 @@ def test_fxjac_compile_lazy_product():
 
 
 @pytest.mark.compile
-def test_inductor_vjp():
+@pytest.mark.parametrize("reduce", ["sum", "none"])
+def test_inductor_vjp(reduce):
     model = _model()
     x = torch.randn(BATCHES[0], 4)
-    p = fxjac.vjp(model, wrt="params", example_inputs=(x,))
+    p = fxjac.vjp(model, wrt="params", reduce=reduce, example_inputs=(x,))
     torch._dynamo.reset()
     compiled = torch.compile(p, backend="inductor", fullgraph=True, dynamic=True)
     for batch in BATCHES:

@@ -40,6 +40,52 @@ def linear_weight_ct_ps(ct, x):
     return torch.einsum("kb...o,b...i->kboi", ct, x)
 
 
+def _write(out, fn, *args):
+    """``fn(*args)`` written into the view ``out``: with ``out=`` (no temporary) when run eagerly, copied where
+    ``out=`` does not serve (torch.compile rejects ``out=`` into strided views, and fuses the copy into the
+    producer; autograd does not record ``out=``; the dtypes differ).
+    """
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if torch.compiler.is_compiling() or any(t.dtype != out.dtype for t in tensors) or (
+            torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        out.copy_(fn(*args))
+    else:
+        fn(*args, out=out)
+
+
+def linear_weight_ct_into(out, ct, x, per_sample):
+    """The weight cotangent written into ``out``, a ``[rows, out*in]`` block of a flat stack (Note [flat writes]
+    in fxjac/assemble.py); returns ``out``. Per-sample (``ct`` ``[K, B, *, out]``, ``x`` ``[B, *, in]``, rows
+    ``K*B``): one outer product per sample for ``[B, in]`` inputs, else a matrix product over the positions; or
+    summed over the batch (rows ``K``).
+    """
+    k, o, i = ct.shape[0], ct.shape[-1], x.shape[-1]
+    if not per_sample:
+        x = x.reshape(1, -1, i).expand(k, -1, i)
+        _write(out.view(k, o, i), torch.bmm, ct.reshape(k, -1, o).transpose(1, 2), x)
+    elif x.dim() == 2:
+        _write(out.view(k, x.shape[0], o, i), torch.mul, ct.unsqueeze(-1), x.unsqueeze(-2))
+    else:  # bmm, not matmul: matmul's out= folds the batch axes, which a strided block does not allow
+        b = x.shape[0]
+        x = x.reshape(1, b, -1, i).expand(k, b, -1, i).reshape(k * b, -1, i)
+        _write(out.view(k * b, o, i), torch.bmm, ct.reshape(k * b, -1, o).transpose(1, 2), x)
+    return out
+
+
+def linear_bias_ct_into(out, ct, per_sample):
+    """The bias cotangent (``ct`` summed over the positions, and over the batch unless ``per_sample``) written
+    into ``out``, a ``[rows, out]`` block of a flat stack; returns ``out``.
+    """
+    k, o = ct.shape[0], ct.shape[-1]
+    if not per_sample:
+        _write(out, torch.sum, ct.reshape(k, -1, o), 1)
+    elif ct.dim() == 3:
+        out.view(ct.shape).copy_(ct)
+    else:
+        _write(out.view(k, ct.shape[1], o), torch.sum, ct.reshape(k, ct.shape[1], -1, o), 2)
+    return out
+
+
 def linear_weight_gram_diag(ct, x, w, reduce_sum):
     """``Σ_k w_kb (ct_kb ⊗ x_b)²`` for a Linear without extra positions: the weight's GGN diagonal from squared
     cotangents and squared inputs, never forming per-sample gradients. ``[O, I]`` or per-sample ``[B, O, I]``.
@@ -220,6 +266,18 @@ class Linear(Rule):
         if b is not None and site.needs("bias"):
             out["bias"] = e(_rt.sum_to_ps, d, b) if "bias" in site.ps else e(_rt.sum_to, d, b)
         return out
+
+    def param_into(self, e, site, name, ct, block):
+        """Write the weight's or the bias's cotangent, per-sample or summed as the site has it, straight into
+        ``block``, a ``[rows, numel]`` view of a flat stack (Note [flat writes] in fxjac/assemble.py); returns the
+        node of the written block.
+        """
+        per_sample = name in site.ps
+        if name == "bias":
+            return e(linear_bias_ct_into, block, ct, per_sample)
+        if name != "weight" or (per_sample and site.args["input"] not in site.extra["batched"]):
+            raise Decline
+        return e(linear_weight_ct_into, block, ct, site.args["input"], per_sample)
 
 
 class _Matmul(Rule):
