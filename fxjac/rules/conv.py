@@ -214,6 +214,17 @@ UNFOLD_BYTES = 256 << 20
 """Patch matrices up to this size take the im2col path of :func:`corr_weight` (1-d and 2-d convolutions)."""
 
 
+def patches(a, ksize, dilation, stride, grid):
+    """im2col of ``a`` ``[N, C, H, W]``: ``[N, C·kh·kw, gh·gw]``, the first ``grid`` positions of each axis.
+
+    A strided view of the windows copied once (ATen's im2col is about twice as slow on CPU).
+    """
+    for axis, (k, d, st, n) in enumerate(zip(ksize, dilation, stride, grid)):
+        a = a.unfold(2 + axis, d * (k - 1) + 1, st)[..., ::d] if d > 1 else a.unfold(2 + axis, k, st)
+        a = a.narrow(2 + axis, 0, n)
+    return a.permute(0, 1, 4, 5, 2, 3).reshape(a.shape[0], -1, grid[0] * grid[1])
+
+
 def _corr_weight_unfold(a, c, stride, dilation, ksize, groups, per_sample):
     """:func:`corr_weight` by im2col: the patches of the (padded) input times the cotangent, one batched GEMM.
 
@@ -227,12 +238,7 @@ def _corr_weight_unfold(a, c, stride, dilation, ksize, groups, per_sample):
     ka, b, ch = a.shape[:3]
     kc, o, g = c.shape[0], c.shape[2], groups
     so = tuple(c.shape[-2:])
-    cols = F.unfold(a.reshape((ka * b, ch) + tuple(a.shape[-2:])), ksize, _tuple(dilation, 2), 0,
-                    _tuple(stride, 2))  # [Ka·B, C·k, Lh·Lw]
-    grid = [(L - d * (k - 1) - 1) // st + 1
-            for L, d, k, st in zip(a.shape[-2:], _tuple(dilation, 2), ksize, _tuple(stride, 2))]
-    if tuple(grid) != so:  # the patches cover more positions than the cotangent has: keep the cotangent's
-        cols = cols.unflatten(-1, grid)[..., :so[0], :so[1]].flatten(-2)
+    cols = patches(a.reshape((ka * b, ch) + tuple(a.shape[-2:])), ksize, _tuple(dilation, 2), _tuple(stride, 2), so)
     cols = cols.reshape(ka, b, g, -1, so[0] * so[1])  # [Ka, B, g, C/g·k, L]
     cc = c.reshape(kc, b, g, o // g, so[0] * so[1])  # [Kc, B, g, O/g, L]
     if per_sample:
