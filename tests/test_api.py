@@ -550,3 +550,13 @@ def test_per_sample_vjp_is_differentiable():
         gr = torch.zeros_like(r) if gr is None else gr  # the last bias's per-sample gradient is w itself
         assert_close(gr, r, f"gradient of the per-sample gradients' squared norm w.r.t. {n}")
 
+
+def test_huge_page_advice_leaves_the_tensor_as_it_is():
+    from fxjac.assemble import advise_huge_pages
+
+    t = torch.empty(1 << 24)  # 64 MiB: large enough to be advised
+    assert advise_huge_pages(t) is t
+    t.fill_(2.0)
+    assert t.sum().item() == 2.0 * (1 << 24)
+    small = torch.ones(3)
+    assert advise_huge_pages(small) is small and small.sum().item() == 3
