@@ -13,7 +13,8 @@ Note [flat writes]
     never forms a cotangent of its own; every other parameter's complete cotangent is copied into its block (a
     tied parameter's get_attr nodes add theirs there), and blocks nothing reached are zeroed. Nothing is
     concatenated. Filling a large fresh stack is then bound by page faults; on Linux it asks for transparent huge
-    pages (:func:`advise_huge_pages`).
+    pages (:func:`advise_huge_pages`). Under torch.compile the same graph computes each block's value instead and
+    concatenates them (:func:`flat_done`): inductor writes concatenated values straight into the result.
 """
 
 from __future__ import annotations
@@ -113,24 +114,38 @@ def flat_block(stack, offset, numel):
 
 
 @fx.node.has_side_effect
-def flat_store(block, ct, add):
-    """Copy (``add``: add) a parameter's stack ``[rows, *shape]`` into its block; returns the block."""
+def flat_store(block, ct, prev=None):
+    """Copy a parameter's stack ``[rows, *shape]`` into its block, or add it to ``prev``, what an earlier store
+    left there (a tied parameter's second get_attr); returns what the block holds (under torch.compile the value,
+    not written: see :func:`flat_done`).
+    """
+    if torch.compiler.is_compiling():
+        value = ct.reshape(block.shape)
+        return value if prev is None else prev + value
     dst = block.view(ct.shape)
-    if add:
-        dst.add_(ct)
-    else:
+    if prev is None:
         dst.copy_(ct)
+    else:
+        dst.add_(ct)
     return block
 
 
 @fx.node.has_side_effect
 def flat_zero(block):
-    """Zero a block nothing reached; returns it."""
+    """Zero a block nothing reached; returns it (under torch.compile a zero value)."""
+    if torch.compiler.is_compiling():
+        return torch.zeros_like(block)
     return block.zero_()
 
 
-def flat_done(stack, *writes):
-    """The stack, once the writes into its blocks (arguments, so they run first and stay in the graph) are done."""
+def flat_done(stack, *blocks):
+    """The stack once its blocks (arguments, in the flat layout's order: so every write runs first and stays in
+    the graph) are written. Under torch.compile the blocks are values and are concatenated: inductor writes each
+    straight into its columns of the result, while writes into views of one buffer would each become a scatter
+    into the whole buffer.
+    """
+    if torch.compiler.is_compiling():
+        return torch.cat(blocks, 1) if len(blocks) > 1 else blocks[0]
     return stack
 
 
@@ -214,8 +229,7 @@ class FlatWriter:
     def __init__(self, e: Emitter, src: Source, rows, like: fx.Node):
         self.src = src
         self.stack = e(flat_empty, rows, src.P, like)
-        self.writes: list = []
-        self.written: set = set()
+        self.last: dict = {}  # parameter name -> the node of the latest write into its block
         self.uses: dict = {}
         for node, info in src.param_nodes.items():
             self.uses[info.name] = self.uses.get(info.name, 0) + len(node.users)
@@ -228,11 +242,10 @@ class FlatWriter:
             return False
         block = e(flat_block, self.stack, info.offset, info.numel)
         try:
-            self.writes.append(into(e, site, name, ct, block))
+            self.last[info.name] = into(e, site, name, ct, block)
         except Decline:
             e.graph.erase_node(block)
             return False
-        self.written.add(info.name)
         return True
 
     def reduce(self, e: Emitter, node: fx.Node, ct: fx.Node):
@@ -241,16 +254,15 @@ class FlatWriter:
         if info is None:
             return ct
         block = e(flat_block, self.stack, info.offset, info.numel)
-        self.writes.append(e(flat_store, block, ct, info.name in self.written))
-        self.written.add(info.name)
+        self.last[info.name] = e(flat_store, block, ct, self.last.get(info.name))
         return ZERO
 
     def result(self, e: Emitter) -> fx.Node:
         """The stack, with the blocks of the parameters nothing reached zeroed."""
         for info in self.src.params:
-            if info.name not in self.written:
-                self.writes.append(e(flat_zero, e(flat_block, self.stack, info.offset, info.numel)))
-        return e(flat_done, self.stack, *self.writes)
+            if info.name not in self.last:
+                self.last[info.name] = e(flat_zero, e(flat_block, self.stack, info.offset, info.numel))
+        return e(flat_done, self.stack, *(self.last[info.name] for info in self.src.params))
 
 
 def param_stack(b: Builder, e: Emitter, src: Source, seeds: dict, rows, like: fx.Node, ps: bool) -> fx.Node:

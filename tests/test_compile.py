@@ -105,6 +105,28 @@ def test_per_sample_parameter_products_compile_fullgraph(name, positions):
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+def test_flat_writes_compile_to_the_eager_stack():
+    """A tied parameter's second store adds to the first; unreached blocks are zeros; compiled or not."""
+    from fxjac.assemble import flat_block, flat_done, flat_empty, flat_store, flat_zero
+
+    def stack(a, b, c):
+        s = flat_empty(a.shape[0], 9, a)
+        first = flat_store(flat_block(s, 0, 4), a, None)
+        tied = flat_store(flat_block(s, 0, 4), b, first)
+        other = flat_store(flat_block(s, 4, 3), c, None)
+        return flat_done(s, tied, other, flat_zero(flat_block(s, 7, 2)))
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(stack, backend="aot_eager", fullgraph=True, dynamic=True)
+    for batch in BATCHES:
+        a, b, c = torch.randn(batch, 2, 2), torch.randn(batch, 2, 2), torch.randn(batch, 3)
+        ref = torch.cat([(a + b).reshape(batch, 4), c, torch.zeros(batch, 2)], 1)
+        _close(stack(a, b, c), ref)
+        _close(compiled(a, b, c), ref)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
 def test_fxjac_compile_backend_with_example_inputs():
     model = _model()
     x = torch.randn(BATCHES[0], 4)

@@ -6,6 +6,7 @@ over the positions; nothing builds a Jacobian.
 
 from __future__ import annotations
 
+import math
 import operator
 import string
 
@@ -41,49 +42,52 @@ def linear_weight_ct_ps(ct, x):
 
 
 def _write(out, fn, *args):
-    """``fn(*args)`` written into the view ``out``: with ``out=`` (no temporary) when run eagerly, copied where
-    ``out=`` does not serve (torch.compile rejects ``out=`` into strided views, and fuses the copy into the
-    producer; autograd does not record ``out=``; the dtypes differ).
+    """``fn(*args)`` written into the view ``out`` of a flat stack; returns what ``out`` holds then. Eagerly with
+    ``out=`` (no temporary), or copied where ``out=`` does not serve (autograd does not record it; the dtypes
+    differ). Under torch.compile nothing is written and the value is returned: the stack is then concatenated
+    from its blocks (``flat_done`` in fxjac/assemble.py), which inductor writes in place, where writes into views
+    of one buffer would each scatter into the whole buffer.
     """
+    if torch.compiler.is_compiling():
+        return fn(*args)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if torch.compiler.is_compiling() or any(t.dtype != out.dtype for t in tensors) or (
+    if any(t.dtype != out.dtype for t in tensors) or (
             torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         out.copy_(fn(*args))
     else:
         fn(*args, out=out)
+    return out
 
 
 def linear_weight_ct_into(out, ct, x, per_sample):
     """The weight cotangent written into ``out``, a ``[rows, out*in]`` block of a flat stack (Note [flat writes]
-    in fxjac/assemble.py); returns ``out``. Per-sample (``ct`` ``[K, B, *, out]``, ``x`` ``[B, *, in]``, rows
-    ``K*B``): one outer product per sample for ``[B, in]`` inputs, else a matrix product over the positions; or
-    summed over the batch (rows ``K``).
+    in fxjac/assemble.py); returns the block (see :func:`_write`). Per-sample (``ct`` ``[K, B, *, out]``, ``x``
+    ``[B, *, in]``, rows ``K*B``): one outer product per sample for ``[B, in]`` inputs, else a matrix product
+    over the positions; or summed over the batch (rows ``K``).
     """
     k, o, i = ct.shape[0], ct.shape[-1], x.shape[-1]
-    if not per_sample:
-        x = x.reshape(1, -1, i).expand(k, -1, i)
-        _write(out.view(k, o, i), torch.bmm, ct.reshape(k, -1, o).transpose(1, 2), x)
+    if not per_sample:  # sizes spelled out, not -1: a batch of zero leaves -1 ambiguous
+        n = math.prod(x.shape[:-1])
+        x = x.reshape(1, n, i).expand(k, n, i)
+        w = _write(out.view(k, o, i), torch.bmm, ct.reshape(k, n, o).transpose(1, 2), x)
     elif x.dim() == 2:
-        _write(out.view(k, x.shape[0], o, i), torch.mul, ct.unsqueeze(-1), x.unsqueeze(-2))
+        w = _write(out.view(k, x.shape[0], o, i), torch.mul, ct.unsqueeze(-1), x.unsqueeze(-2))
     else:  # bmm, not matmul: matmul's out= folds the batch axes, which a strided block does not allow
-        b = x.shape[0]
-        x = x.reshape(1, b, -1, i).expand(k, b, -1, i).reshape(k * b, -1, i)
-        _write(out.view(k * b, o, i), torch.bmm, ct.reshape(k * b, -1, o).transpose(1, 2), x)
-    return out
+        b, t = x.shape[0], math.prod(x.shape[1:-1])
+        x = x.reshape(1, b, t, i).expand(k, b, t, i).reshape(k * b, t, i)
+        w = _write(out.view(k * b, o, i), torch.bmm, ct.reshape(k * b, t, o).transpose(1, 2), x)
+    return w.reshape(out.shape)
 
 
 def linear_bias_ct_into(out, ct, per_sample):
     """The bias cotangent (``ct`` summed over the positions, and over the batch unless ``per_sample``) written
-    into ``out``, a ``[rows, out]`` block of a flat stack; returns ``out``.
+    into ``out``, a ``[rows, out]`` block of a flat stack; returns the block (see :func:`_write`).
     """
     k, o = ct.shape[0], ct.shape[-1]
     if not per_sample:
-        _write(out, torch.sum, ct.reshape(k, -1, o), 1)
-    elif ct.dim() == 3:
-        out.view(ct.shape).copy_(ct)
-    else:
-        _write(out.view(k, ct.shape[1], o), torch.sum, ct.reshape(k, ct.shape[1], -1, o), 2)
-    return out
+        return _write(out, torch.sum, ct.reshape(k, math.prod(ct.shape[1:-1]), o), 1)
+    b = ct.shape[1]
+    return _write(out.view(k, b, o), torch.sum, ct.reshape(k, b, math.prod(ct.shape[2:-1]), o), 2).reshape(out.shape)
 
 
 def linear_weight_gram_diag(ct, x, w, reduce_sum):
