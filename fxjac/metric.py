@@ -152,31 +152,33 @@ def kron_gram(spec, gs, xs, rows, w):
             bands[a] = band[lo:lo + sizes[a]]
             lo += sizes[a]
     hs: dict = {}
-    blocks: dict = {}
 
     def block(a, c):
         """Block (a, c) of two Linear parameters, a <= c, in a shape that reshapes to ``[n_a, n_c]``."""
-        if (a, c) not in blocks:
-            xa, xc = x_of(a), x_of(c)
-            i, j = (1 if x is None else x.shape[1] for x in (xa, xc))
-            ga, gc = gs[spec[a][1]], gs[spec[c][1]]
-            key = (spec[a][1], spec[c][1])
-            if key in hs or kron_pays(k, batch, ga.shape[-1], gc.shape[-1], i, j):
-                if key not in hs:
-                    hs[key] = kron_pair(ga, gc, w)
-                blocks[(a, c)] = kron_block(hs[key], xa, xc)
-            else:
-                blocks[(a, c)] = wgram(rows_at(a), rows_at(c), w)
-        return blocks[(a, c)]
-
-    def piece(a, c):
-        if a in bands:
-            return bands[a][:, offs[c]:offs[c + 1]]
-        if c in bands:
-            return bands[c][:, offs[a]:offs[a + 1]].t()
-        return block(a, c).reshape(sizes[a], sizes[c]) if a <= c else piece(c, a).t()
+        xa, xc = x_of(a), x_of(c)
+        i, j = (1 if x is None else x.shape[1] for x in (xa, xc))
+        ga, gc = gs[spec[a][1]], gs[spec[c][1]]
+        key = (spec[a][1], spec[c][1])
+        if key not in hs and not kron_pays(k, batch, ga.shape[-1], gc.shape[-1], i, j):
+            return wgram(rows_at(a), rows_at(c), w)
+        if key not in hs:
+            hs[key] = kron_pair(ga, gc, w)
+        return kron_block(hs[key], xa, xc)
 
     if torch.compiler.is_compiling():
+        blocks: dict = {}
+
+        def piece(a, c):
+            if a in bands:
+                return bands[a][:, offs[c]:offs[c + 1]]
+            if c in bands:
+                return bands[c][:, offs[a]:offs[a + 1]].t()
+            if a > c:
+                return piece(c, a).t()
+            if (a, c) not in blocks:
+                blocks[(a, c)] = block(a, c).reshape(sizes[a], sizes[c])
+            return blocks[(a, c)]
+
         return torch.cat([bands[a] if a in bands else torch.cat([piece(a, c) for c in range(n)], 1)
                           for a in range(n)])
     out = gs[0].new_empty((offs[-1], offs[-1]))
