@@ -216,19 +216,22 @@ def cat_rows(parts):
     return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
 
 
+# Two operands per einsum, as in rules/linear.py: three or more run opt_einsum's path search at every call.
+
+
 def sandwich(g, sigma, g2=None):
     """``Σ_pq G[o,b,p] Σ[p,q] G[o',b,q]`` -> ``[B, O, O]``."""
-    return torch.einsum("obp,pq,rbq->bor", g, sigma, g if g2 is None else g2)
+    return torch.einsum("obq,rbq->bor", g @ sigma, g if g2 is None else g2)
 
 
 def sandwich_diag(g, sigma):
     """The diagonal of :func:`sandwich`: ``[B, O]``."""
-    return torch.einsum("obp,pq,obq->bo", g, sigma, g)
+    return torch.einsum("obq,obq->bo", g @ sigma, g)
 
 
 def weighted_outer(g, sigma_diag):
     """``Σ_p G[o,b,p] σ_p G[o',b,p]`` -> ``[B, O, O]``."""
-    return torch.einsum("obp,p,rbp->bor", g, sigma_diag, g)
+    return torch.einsum("obp,rbp->bor", g * sigma_diag, g)
 
 
 def weighted_outer_diag(g, sigma_diag):
@@ -266,12 +269,12 @@ def jac_sandwich(j, m, kind, out_diag):
         d = m.reshape(m.shape[0], math.prod(m.shape[1:]))
         if out_diag:
             return torch.einsum("obi,bi->bo", j * j, d)
-        return torch.einsum("obi,bi,qbi->boq", j, d, j)
+        return torch.einsum("obi,qbi->boq", j * d, j)
     if kind == "sqrt":
         return rows_outer(torch.einsum("obi,bik->obk", j, m), out_diag)
     if out_diag:
-        return torch.einsum("obi,bij,obj->bo", j, m, j)
-    return torch.einsum("obi,bij,qbj->boq", j, m, j)
+        return torch.einsum("obj,obj->bo", torch.einsum("obi,bij->obj", j, m), j)
+    return torch.einsum("obj,qbj->boq", torch.einsum("obi,bij->obj", j, m), j)
 
 
 def take(t, lo, hi):
