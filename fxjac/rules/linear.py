@@ -99,7 +99,10 @@ def linear_weight_gram_diag(ct, x, w, reduce_sum):
     c2 = ct * ct
     if w is not None:
         c2 = c2 * w.unsqueeze(-1)
-    return torch.einsum("kbo,bi->oi" if reduce_sum else "kbo,bi->boi", c2, x * x)
+    c2 = c2.sum(0)  # [B, O]: the columns summed first, a contiguous reduction
+    if reduce_sum:
+        return torch.mm(c2.t(), x * x)
+    return c2.unsqueeze(-1) * (x * x).unsqueeze(-2)
 
 
 def linear_weight_sandwich(ct, x, sigma, out_diag):
