@@ -365,23 +365,35 @@ def adaptive_avg_weights(x, y, n: int):
     return w
 
 
-_NEAREST_EXACT_BACKWARD = {1: torch.ops.aten._upsample_nearest_exact1d_backward,
-                           2: torch.ops.aten._upsample_nearest_exact2d_backward,
-                           3: torch.ops.aten._upsample_nearest_exact3d_backward}
+_A = torch.ops.aten
+_RESAMPLE_BACKWARD = {  # (mode, spatial rank) -> (ATen's backward kernel, whether it takes align_corners)
+    ("nearest-exact", 1): (_A._upsample_nearest_exact1d_backward, False),
+    ("nearest-exact", 2): (_A._upsample_nearest_exact2d_backward, False),
+    ("nearest-exact", 3): (_A._upsample_nearest_exact3d_backward, False),
+    ("nearest", 1): (_A.upsample_nearest1d_backward, False),
+    ("nearest", 2): (_A.upsample_nearest2d_backward, False),
+    ("nearest", 3): (_A.upsample_nearest3d_backward, False),
+    ("linear", 1): (_A.upsample_linear1d_backward, True),
+    ("bilinear", 2): (_A.upsample_bilinear2d_backward, True),
+    ("bicubic", 2): (_A.upsample_bicubic2d_backward, True),
+    ("trilinear", 3): (_A.upsample_trilinear3d_backward, True),
+}
 
 
-def nearest_exact_transpose(ct, x, size, scale_factor, recompute_scale_factor):
-    """Adjoint of ``interpolate(x, mode='nearest-exact')`` on a stack: aten's backward on the merged stack.
+def resample_transpose(ct, x, size, scale_factor, mode, align_corners, recompute_scale_factor):
+    """Adjoint of ``interpolate(x)`` on a stack: ATen's backward kernel on the merged stack (no forward rerun).
 
-    vmap has no batching rule for it. The scales are those ``F.interpolate`` hands to the forward kernel.
+    The scales are those ``F.interpolate`` hands to the forward kernel (none where it recomputes them).
     """
     n = x.dim() - 2
     if size is not None or recompute_scale_factor:
         scales = [None] * n
     else:
         scales = [float(s) for s in _tuple(scale_factor, n)]
+    kernel, takes_corners = _RESAMPLE_BACKWARD[(mode, n)]
     size_in = [ct.shape[0] * x.shape[0]] + list(x.shape[1:])
-    g = _NEAREST_EXACT_BACKWARD[n](ct.flatten(0, 1), list(ct.shape[-n:]), size_in, *scales)
+    corners = (bool(align_corners),) if takes_corners else ()
+    g = kernel(ct.flatten(0, 1), list(ct.shape[-n:]), size_in, *corners, *scales)
     return g.unflatten(0, ct.shape[:2])
 
 
@@ -775,9 +787,10 @@ class Interpolate(_StackedLinear):
 
     def transpose(self, e, site, ct):  # noqa: D102
         a = site.args
-        if a["mode"] == "nearest-exact":
-            return e(nearest_exact_transpose, ct, a["input"], a["size"], a["scale_factor"],
-                     a["recompute_scale_factor"])
+        if (a["mode"], site.ndim("input") - 2) in _RESAMPLE_BACKWARD and not a["antialias"] and \
+                not isinstance(a["align_corners"], torch.fx.Node):
+            return e(resample_transpose, ct, a["input"], a["size"], a["scale_factor"], a["mode"],
+                     a["align_corners"], a["recompute_scale_factor"])
         return super().transpose(e, site, ct)
 
     def diag_vjp(self, e, site, d):

@@ -156,6 +156,39 @@ def group_norm_stats(x, groups, eps):
     return xhat.reshape(x.shape), u, r
 
 
+def group_norm_with_stats(x, weight, bias, groups, eps):
+    """``group_norm`` with its per-group mean and ``1/σ`` ``[N, groups]`` (ATen's fused kernel)."""
+    n, x = x.shape[0], x.contiguous()  # as torch.group_norm does
+    return torch.ops.aten.native_group_norm(x, weight, bias, n, x.shape[1], x.numel() // max(n * x.shape[1], 1),
+                                            groups, eps)
+
+
+def group_norm_saved_stats(x, mean, rstd, groups):
+    """:func:`group_norm_stats` from the primal's saved mean and ``1/σ``."""
+    g = to_groups(x, x, groups)
+    r = rstd.unsqueeze(-1)
+    xhat = (g - mean.unsqueeze(-1)) * r
+    return xhat.reshape(x.shape), xhat * (1.0 / math.sqrt(g.shape[-1])), r
+
+
+def group_norm_cts(ct, x, mean, rstd, weight, groups, mask):
+    """Cotangent stacks ``[K, *]`` of group norm's (input, weight, bias), summed over the batch, ``None`` where
+    ``mask`` is false: one column through ATen's fused backward (autograd's kernel), a stack by Note
+    [normalisation Jacobians] with the saved statistics.
+    """
+    n, c = x.shape[0], x.shape[1]
+    if ct.shape[0] == 1:
+        parts = torch.ops.aten.native_group_norm_backward(ct[0].contiguous(), x.contiguous(), mean, rstd, weight, n, c,
+                                                          x.numel() // max(n * c, 1), groups, list(mask))
+        return tuple(p.unsqueeze(0) if m else None for p, m in zip(parts, mask))
+    xhat, u, r = group_norm_saved_stats(x, mean, rstd, groups)
+    gx = group_apply(ct if weight is None else ct * channel_view(weight, x), x, r, u, groups,
+                     groups / max(x.numel() // n, 1)) if mask[0] else None
+    gw = channel_sum(ct * xhat, False) if mask[1] else None
+    gb = channel_sum(ct, False) if mask[2] else None
+    return gx, gw, gb
+
+
 def group_apply(t, x, r, u, groups, alpha):
     """:func:`normalise_apply` over each group of a stack shaped like ``[K, *x.shape]``."""
     return normalise_apply(to_groups(t, x, groups), r, u, (-1,), alpha).reshape(t.shape)
@@ -472,7 +505,11 @@ class _ChannelNorm(Rule):
         groups = self._groups(site)
         shape = tuple(site.val("input").shape)
         m = math.prod(shape[1:]) // groups
-        s = e(group_norm_stats, x, groups, site.args["eps"])
+        saved = site.extra.get("saved", {})
+        if "rstd" in saved:
+            s = e(group_norm_saved_stats, x, saved["mean"], saved["rstd"], groups)
+        else:
+            s = e(group_norm_stats, x, groups, site.args["eps"])
         xhat, u, r = (e(operator.getitem, s, i) for i in range(3))
         return x, groups, xhat, u, r, 1.0 / m
 
@@ -533,6 +570,26 @@ class GroupNorm(_ChannelNorm):
         if not isinstance(g, int):
             raise Decline
         return g
+
+    def primal(self, e, site):
+        """ATen's fused kernel, keeping its statistics (as autograd does)."""
+        a = site.args
+        if not isinstance(a["num_groups"], int) or site.ndim("input") < 2 or isinstance(a["eps"], torch.fx.Node):
+            return None
+        both = e(group_norm_with_stats, a["input"], a["weight"], a["bias"], a["num_groups"], a["eps"])
+        return e(operator.getitem, both, 0), {"mean": e(operator.getitem, both, 1),
+                                              "rstd": e(operator.getitem, both, 2)}
+
+    def vjp(self, e, site, ct):
+        """Shared-parameter and input cotangents from :func:`group_norm_cts` (one column: autograd's kernel)."""
+        saved = site.extra.get("saved", {})
+        a, names = site.args, ("input", "weight", "bias")
+        need = [site.needs(k) and a.get(k) is not None for k in names]
+        if "rstd" not in saved or any(need[i] and names[i] in site.ps for i in (1, 2)):
+            return super().vjp(e, site, ct)
+        parts = e(group_norm_cts, ct, a["input"], saved["mean"], saved["rstd"], a["weight"], self._groups(site),
+                  need)
+        return {k: e(operator.getitem, parts, i) for i, k in enumerate(names) if need[i]}
 
 
 class _EvalBatchNorm(Rule):
