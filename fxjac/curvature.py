@@ -8,7 +8,7 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from passes import ZERO, backward_cotangents, forward_tangents
+from passes import ZERO, forward_tangents
 
 from . import assemble as A
 from . import checks
@@ -52,9 +52,8 @@ def ggn_vp(model, loss: str = "cross_entropy", wrt: Any = "params", class_dim: i
         ty = tan.get(src.output, ZERO)
         if ty is ZERO:
             return (y, e(torch.zeros_like, v))
-        cts = backward_cotangents(b, {src.output: e(loss_hvp, y, ty, loss, class_dim, sig)},
-                                  list(src.param_nodes))
-        return (y, e.method("squeeze", A.param_results(e, src, cts, 1, y), 0))
+        flat = A.param_stack(b, e, src, {src.output: e(loss_hvp, y, ty, loss, class_dim, sig)}, 1, y, ps=False)
+        return (y, e.method("squeeze", flat, 0))
 
     return make_product(assemble, model, wrt, takes_target=True, **options)
 

@@ -36,7 +36,7 @@ def test_resnet_metric_product_svg(resnet, tmp_path):
     assert any(lb.startswith("primal (reused)") for lb in labels)
     # One cluster per residual block, cotangent boxes named after their op, structured rules coloured.
     assert "cluster_layers_0" in src and "cluster_layers_1" in src and 'label="layers[0]"' in src
-    assert "ct conv2d_1" in src and "conv_input_ct" in src
+    assert "ct conv2d_1" in src and "conv_cts" in src
     assert FILL["structured"] in src and "legend" in src
 
 
