@@ -508,8 +508,25 @@ class _Conv(Rule):
         return out
 
     def diag_vjp(self, e, site, d):
-        """Input: the adjoint with ``W∘W``; weight: the weight cotangent against ``x∘x``; bias: d summed."""
-        return self._backward(e, site, d, lambda w: e(square, w), lambda x: e(square, x))
+        """Input: the adjoint with ``W∘W``; weight: the weight cotangent against ``x∘x``; bias: d summed. Shared
+        parameters and the input go through :func:`conv_cts` (one column: autograd's kernel) with those squares.
+        """
+        self._check(site)
+        a, names = site.args, ("input", "weight", "bias")
+        mask = [site.needs(k) and a[k] is not None and k not in site.ps for k in names]
+        if isinstance(a["padding"], str) or not any(mask):
+            return self._backward(e, site, d, lambda w: e(square, w), lambda x: e(square, x))
+        x, w, p = a["input"], a["weight"], (a["bias"] is not None, a["stride"], a["padding"], a["dilation"],
+                                            a["groups"], self.transposed,
+                                            a["output_padding"] if self.transposed else 0)
+        out = {}
+        if mask[0]:
+            out["input"] = e(operator.getitem, e(conv_cts, d, x, e(square, w), *p, [True, False, False]), 0)
+        if mask[1] or mask[2]:
+            parts = e(conv_cts, d, e(square, x), w, *p, [False, mask[1], mask[2]])
+            out.update({k: e(operator.getitem, parts, i) for i, k in enumerate(names) if i and mask[i]})
+        out.update(self._backward(e, site, d, lambda w: e(square, w), lambda x: e(square, x), done=set(out)))
+        return out
 
 
 def _conv_signature(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):  # noqa: D103
