@@ -225,6 +225,41 @@ def patches(a, ksize, dilation, stride, grid):
     return a.permute(0, 1, 4, 5, 2, 3).reshape(a.shape[0], -1, grid[0] * grid[1])
 
 
+def _corr_weight_shifts(a, c, dilation, ksize, groups, per_sample):
+    """:func:`corr_weight` of a stride-1 convolution without patches: one batched GEMM per kernel offset (the
+    caller takes it where each GEMM has enough input channels and positions to beat copying the patches: at
+    least 16 and 512 here).
+
+    With the cotangent zero-padded to the input's row length, the input window of kernel offset ``(i, j)`` is a
+    contiguous run of the flattened (padded) input starting at ``i·d·W + j·d``: a strided view that the GEMM
+    reads in place (the padding columns meet zeros).
+
+    Args:
+        a: the padded input ``[B, C, H, W]`` (one column).
+        c: the output cotangent stack ``[K, B, O, Ho, Wo]``, ``Ho = H - d(kh - 1)`` and likewise ``Wo``.
+        dilation: the convolution's dilation ``(dh, dw)``.
+        ksize: its kernel size ``(kh, kw)``.
+        groups: its groups.
+        per_sample: keep the batch apart.
+
+    Returns:
+        ``[K, B, O, C/g, kh, kw]`` per sample, else ``[K, O, C/g, kh, kw]``.
+    """
+    b, ch, h, w = a.shape
+    k, o, g = c.shape[0], c.shape[2], groups
+    ho, wo = c.shape[-2:]
+    length = (ho - 1) * w + wo
+    cw = c.reshape(k, b, g, o // g, ho, wo).permute(1, 2, 0, 3, 4, 5)
+    cw = F.pad(cw, (0, w - wo)).reshape(b * g, k * (o // g), ho * w)[..., :length]  # [B·g, K·O/g, L]
+    flat = a.reshape(b * g, ch // g, h * w)
+    cols = [torch.bmm(cw, flat[..., i * dilation[0] * w + j * dilation[1]:][..., :length].transpose(1, 2))
+            for i in range(ksize[0]) for j in range(ksize[1])]  # each [B·g, K·O/g, C/g]
+    y = torch.stack(cols, -1).reshape(b, g, k, o // g, ch // g, ksize[0], ksize[1])
+    if per_sample:
+        return y.permute(2, 0, 1, 3, 4, 5, 6).reshape(k, b, o, ch // g, ksize[0], ksize[1])
+    return y.sum(0).permute(1, 0, 2, 3, 4, 5).reshape(k, o, ch // g, ksize[0], ksize[1])
+
+
 def _corr_weight_unfold(a, c, stride, dilation, ksize, groups, per_sample):
     """:func:`corr_weight` by im2col: the patches of the (padded) input times the cotangent, one batched GEMM.
 
@@ -238,6 +273,11 @@ def _corr_weight_unfold(a, c, stride, dilation, ksize, groups, per_sample):
     ka, b, ch = a.shape[:3]
     kc, o, g = c.shape[0], c.shape[2], groups
     so = tuple(c.shape[-2:])
+    dil = _tuple(dilation, 2)
+    if ka == 1 and ch // g >= 16 and so[0] * so[1] >= 512 and _tuple(stride, 2) == (1, 1) and \
+            all(L - d * (k - 1) == s for L, d, k, s in zip(a.shape[-2:], dil, ksize, so)):
+        y = _corr_weight_shifts(a[0], c, dil, ksize, g, per_sample)
+        return y.reshape(y.shape[:-2] + tuple(ksize[-n:]))
     cols = patches(a.reshape((ka * b, ch) + tuple(a.shape[-2:])), ksize, _tuple(dilation, 2), _tuple(stride, 2), so)
     cols = cols.reshape(ka, b, g, -1, so[0] * so[1])  # [Ka, B, g, C/g·k, L]
     cc = c.reshape(kc, b, g, o // g, so[0] * so[1])  # [Kc, B, g, O/g, L]

@@ -189,6 +189,34 @@ def test_conv_weight_cotangents_without_im2col(name, factory, shape, monkeypatch
     _check(_model(factory), _input(shape, 3), products=("vjp", "mjp", "jacobian"))
 
 
+@pytest.mark.parametrize("conv", [nn.Conv2d(16, 3, 3, padding=1),
+                                  nn.Conv2d(32, 4, 3, padding=2, dilation=2, groups=2, bias=False),
+                                  nn.Conv1d(16, 3, 5, padding=2)], ids=["plain", "dilated_grouped", "1d"])
+def test_conv_weight_cotangents_by_kernel_offsets(conv, monkeypatch):
+    # Stride-1 convolutions with many channels and positions take one GEMM per kernel offset (no patches):
+    # per-sample and summed weight cotangents, one column and a stack, against torch.func.
+    from reference import assert_close, per_sample_jacobian
+
+    import fxjac
+    from fxjac.rules import conv as rules
+
+    used = []
+    shifts = rules._corr_weight_shifts
+    monkeypatch.setattr(rules, "_corr_weight_shifts", lambda *a: used.append(1) or shifts(*a))
+    model = nn.Sequential(conv).double()
+    x = _input((conv.in_channels,) + ((24, 24) if conv.weight.dim() == 4 else (520,)), 2)
+    J = per_sample_jacobian(model, (x,), "params")  # [B, O, P]
+    g = torch.Generator().manual_seed(5)
+    M = torch.randn(2, 3, J.shape[1], generator=g, dtype=torch.float64)
+    _, got = fxjac.mjp(model, wrt="params", reduce="none")(x, M)
+    assert_close(got, torch.einsum("bko,bop->bkp", M, J), "per-sample mjp")
+    _, got = fxjac.mjp(model, wrt="params")(x, M)
+    assert_close(got, torch.einsum("bko,bop->kp", M, J), "summed mjp")
+    _, got = fxjac.vjp(model, wrt="params", reduce="none")(x, M[:, 0].reshape(model(x).shape))
+    assert_close(got, torch.einsum("bo,bop->bp", M[:, 0], J), "per-sample vjp")
+    assert used, "the kernel-offset path was not taken"
+
+
 @pytest.mark.parametrize("name, factory, shape", POOL_CASES + RESAMPLE_CASES,
                          ids=[c[0] for c in POOL_CASES + RESAMPLE_CASES])
 def test_linear_and_pooling(name, factory, shape):
