@@ -62,3 +62,10 @@ def expand_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Expand a (possibly lower-rank) stack to ``[K, *like.shape]``."""
     t = align(t, like.dim())
     return t.expand((t.shape[0],) + tuple(like.shape))
+
+
+def one_column(parts, mask) -> tuple:
+    """The results of an ATen backward kernel run on one column, as stacks ``[1, *]`` (``None`` where ``mask``
+    did not ask for them): the fused single-column paths of the convolution and normalisation rules.
+    """
+    return tuple(p.unsqueeze(0) if m else None for p, m in zip(parts, mask))

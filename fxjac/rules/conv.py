@@ -315,7 +315,7 @@ def conv_cts(ct, x, w, has_bias, stride, padding, dilation, groups, transposed, 
             ct[0], x, w, [w.shape[1] * groups if transposed else w.shape[0]] if has_bias else None,
             list(_tuple(stride, n)), list(_tuple(padding, n)), list(_tuple(dilation, n)), transposed,
             list(_tuple(output_padding, n)), groups, list(mask))
-        return tuple(p.unsqueeze(0) if m else None for p, m in zip(parts, mask))
+        return _rt.one_column(parts, mask)
     adj = (stride, padding, dilation, groups)
     return ((conv_t_input_ct if transposed else conv_input_ct)(ct, x, w, *adj) if mask[0] else None,
             (conv_t_weight_ct if transposed else conv_weight_ct)(ct, x, w, *adj, False) if mask[1] else None,

@@ -109,7 +109,7 @@ def layer_norm_cts(ct, x, normalized_shape, mean, rstd, weight, bias, mask):
     if ct.shape[0] == 1:
         parts = torch.ops.aten.native_layer_norm_backward(ct[0], x, list(normalized_shape), mean, rstd, weight,
                                                            bias, list(mask))
-        return tuple(p.unsqueeze(0) if m else None for p, m in zip(parts, mask))
+        return _rt.one_column(parts, mask)
     n_dims = len(normalized_shape)
     dims, lead = tuple(range(-n_dims, 0)), tuple(range(1, ct.dim() - n_dims))
     xhat, u, r = layer_norm_saved_stats(x, mean, rstd, n_dims)
@@ -180,7 +180,7 @@ def group_norm_cts(ct, x, mean, rstd, weight, groups, mask):
     if ct.shape[0] == 1:
         parts = torch.ops.aten.native_group_norm_backward(ct[0].contiguous(), x.contiguous(), mean, rstd, weight, n, c,
                                                           x.numel() // max(n * c, 1), groups, list(mask))
-        return tuple(p.unsqueeze(0) if m else None for p, m in zip(parts, mask))
+        return _rt.one_column(parts, mask)
     xhat, u, r = group_norm_saved_stats(x, mean, rstd, groups)
     gx = group_apply(ct if weight is None else ct * channel_view(weight, x), x, r, u, groups,
                      groups / max(x.numel() // n, 1)) if mask[0] else None
@@ -238,7 +238,7 @@ def batch_norm_cts(ct, x, running_mean, running_var, weight, eps, mask):
     if ct.shape[0] == 1:
         parts = torch.ops.aten.native_batch_norm_backward(ct[0], x, weight, running_mean, running_var, None, None,
                                                           False, eps, list(mask))
-        return tuple(p.unsqueeze(0) if m else None for p, m in zip(parts, mask))
+        return _rt.one_column(parts, mask)
     gx = ct * channel_view(batch_norm_scale(running_var, weight, eps), x) if mask[0] else None
     gw = channel_sum(ct * batch_norm_xhat(x, running_mean, running_var, eps), False) if mask[1] else None
     gb = channel_sum(ct, False) if mask[2] else None
