@@ -560,3 +560,47 @@ def test_huge_page_advice_leaves_the_tensor_as_it_is():
     assert t.sum().item() == 2.0 * (1 << 24)
     small = torch.ones(3)
     assert advise_huge_pages(small) is small and small.sum().item() == 3
+
+
+def test_differentiable_vjp_through_fused_kernels():
+    """``differentiable=True`` through the rules' fused ATen kernels (convolution, group/batch/layer norm, max
+    pooling, interpolate, activations): second derivatives match torch.func's (group norm's fused backward has
+    no double backward in ATen, so the rule must not use it then).
+    """
+    from torch.func import functional_call, grad
+    from torch.func import vjp as func_vjp
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.gn = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)
+            self.c2, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8).eval()
+            self.ln, self.fc = nn.LayerNorm(8), nn.Linear(32, 4)
+
+        def forward(self, x):
+            h = F.max_pool2d(torch.relu(self.gn(self.c1(x))), 2)
+            h = F.interpolate(F.gelu(self.bn(self.c2(h))), scale_factor=2, mode="bilinear")
+            h = self.ln(F.avg_pool2d(h, 4).permute(0, 2, 3, 1)).flatten(1)
+            return self.fc(torch.tanh(h))
+
+    torch.manual_seed(0)
+    model = Net().double()
+    model.bn.running_mean.uniform_(-1, 1)
+    model.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, dtype=torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    for wrt in ("input", "params"):
+        _, g = fxjac.vjp(model, wrt=wrt, differentiable=True)(x, w)
+        (got,) = torch.autograd.grad((g ** 2).sum(), x)
+
+        def f(xx, wrt=wrt):
+            if wrt == "input":
+                _, pull = func_vjp(lambda u: functional_call(model, (params, buffers), (u,)), xx)
+                return (pull(w)[0] ** 2).sum()
+            _, pull = func_vjp(lambda p: functional_call(model, (p, buffers), (xx,)), params)
+            return sum((v ** 2).sum() for v in pull(w)[0].values())
+
+        ref = grad(f)(x.detach())
+        assert (got - ref).abs().max() <= 1e-10 * ref.abs().max(), wrt

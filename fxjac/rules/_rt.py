@@ -69,3 +69,10 @@ def one_column(parts, mask) -> tuple:
     did not ask for them): the fused single-column paths of the convolution and normalisation rules.
     """
     return tuple(p.unsqueeze(0) if m else None for p, m in zip(parts, mask))
+
+
+def records_grad(*tensors) -> bool:
+    """Whether autograd records an op on these (a ``differentiable=True`` product): kernels without a double
+    backward must not be used then.
+    """
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -177,7 +177,7 @@ def group_norm_cts(ct, x, mean, rstd, weight, groups, mask):
     [normalisation Jacobians] with the saved statistics.
     """
     n, c = x.shape[0], x.shape[1]
-    if ct.shape[0] == 1:
+    if ct.shape[0] == 1 and not _rt.records_grad(ct, x, mean, weight):  # ATen has no double backward for it
         parts = torch.ops.aten.native_group_norm_backward(ct[0].contiguous(), x.contiguous(), mean, rstd, weight, n, c,
                                                           x.numel() // max(n * c, 1), groups, list(mask))
         return _rt.one_column(parts, mask)
