@@ -289,8 +289,20 @@ def _corr_weight_unfold(a, c, stride, dilation, ksize, groups, per_sample):
 
 
 def conv_weight_ct(ct, x, w, stride, padding, dilation, groups, per_sample):
-    """Weight cotangent of ``conv(x, w)`` for an output cotangent stack ``ct`` ``[K, *y]``."""
+    """Weight cotangent of ``conv(x, w)`` for an output cotangent stack ``ct`` ``[K, *y]``.
+
+    One column of per-sample cotangents is ATen's weight gradient of the same convolution with the batch moved
+    into the groups (``[1, B·C, *S]``, ``B·groups`` groups): each sample's kernel gradient from one fused call.
+    """
     pads = conv_pads(w, padding, dilation)
+    n, b = w.dim() - 2, x.shape[0]
+    if per_sample and ct.shape[0] == 1 and w.shape[1] >= 4 and all(lo == hi for lo, hi in pads):
+        like = w.new_zeros(()).expand((b * w.shape[0],) + tuple(w.shape[1:]))
+        gw = torch.ops.aten.convolution_backward(
+            ct.reshape((1, -1) + tuple(ct.shape[-n:])), x.reshape((1, -1) + tuple(x.shape[2:])), like, None,
+            list(_tuple(stride, n)), [lo for lo, _ in pads], list(_tuple(dilation, n)), False, [0] * n, b * groups,
+            [False, True, False])[1]
+        return gw.reshape((1, b) + tuple(w.shape))
     return corr_weight(x.unsqueeze(0), ct, stride, dilation, pads, tuple(w.shape[2:]), groups, per_sample)
 
 

@@ -189,6 +189,20 @@ def test_conv_weight_cotangents_without_im2col(name, factory, shape, monkeypatch
     _check(_model(factory), _input(shape, 3), products=("vjp", "mjp", "jacobian"))
 
 
+_WIDE = [  # at least 4 input channels per group: one column of per-sample weight cotangents by a grouped kernel
+    ("conv2d_stride2", lambda: nn.Conv2d(4, 3, 3, stride=2, padding=1), (4, 7, 6)),
+    ("conv2d_same_dilation2_groups2", lambda: nn.Conv2d(8, 4, 3, padding="same", dilation=2, groups=2), (8, 6, 5)),
+    ("conv2d_same_even_kernel", lambda: nn.Conv2d(4, 3, (2, 3), padding="same"), (4, 5, 6)),
+    ("conv1d_stride3", lambda: nn.Conv1d(5, 2, 4, stride=3, padding=2), (5, 11)),
+    ("conv3d", lambda: nn.Conv3d(4, 2, 2, stride=(1, 2, 1), padding=1), (4, 3, 4, 3)),
+]
+
+
+@pytest.mark.parametrize("name, factory, shape", _WIDE, ids=[c[0] for c in _WIDE])
+def test_conv_per_sample_weight_cotangents_wide(name, factory, shape):
+    _check(_model(factory), _input(shape, 3), products=("vjp", "mjp"))
+
+
 @pytest.mark.parametrize("conv", [nn.Conv2d(16, 3, 3, padding=1),
                                   nn.Conv2d(32, 4, 3, padding=2, dilation=2, groups=2, bias=False),
                                   nn.Conv1d(16, 3, 5, padding=2)], ids=["plain", "dilated_grouped", "1d"])
