@@ -33,16 +33,17 @@ def _options(kwargs: dict, extra=(), chunked: bool = False) -> dict:
     return kwargs
 
 
-def chunks(k: int, chunk_size, src, budget: int = 1 << 30) -> list:
+def chunks(k: int, chunk_size, src, budget: int = 1 << 30, never_stacked=frozenset()) -> list:
     """Column ranges ``[(a, b), ...]`` covering ``k`` columns: ``chunk_size`` given, or as many columns as keep
-    the largest per-column stack (K x B x the largest value or parameter) under ``budget`` bytes.
+    the largest per-column stack (K x B x the largest value or parameter) under ``budget`` bytes. Parameter nodes
+    in ``never_stacked`` (reduced in closed form, never forming per-sample stacks) do not count.
     """
     if chunk_size is None:
         per_column = 0
         batch = src.inputs[0].meta["val"].shape[0] if src.inputs else 1
         for n in src.gm.graph.nodes:
             v = n.meta.get("val")
-            if isinstance(v, torch.Tensor):
+            if isinstance(v, torch.Tensor) and n not in never_stacked:
                 # a parameter's per-sample stack holds the whole parameter per sample
                 per = v.numel() if n in src.param_nodes else math.prod(v.shape[1:])
                 per_column = max(per_column, per * batch * v.element_size())

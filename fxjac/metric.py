@@ -430,21 +430,37 @@ def _backward_metric(src, b, e, y, seeds, w, k, out, reduce_sum, method):
         return e(gram, c, w, False)
     ps = not reduce_sum or method != "diag_backprop"
     direct: dict = {}
-    sinks = None
-    if method == "exact" and out == "diag":
-        sinks = _sink(src, direct, "gram_diag", lambda info: (w, reduce_sum))
+    sinks, stack = None, None
+    if method == "exact" and out == "diag":  # the diagonal written once into its flat stack (Note [flat writes])
+        stack = e(A.flat_empty, 1 if reduce_sum else batch, src.P, y)
+        sinks = _sink(src, direct, "gram_diag_into", lambda info: (w, reduce_sum), stack)
     elif method == "exact" and reduce_sum:
         sinks = _sink(src, direct, "kron", lambda info: ())
     early = None
     if method == "exact" and out == "diag":
-        early = _early_diag(src, direct, k, batch, w, reduce_sum)
+        early = _early_diag(src, direct, k, batch, w, reduce_sum, stack)
     cts = backward_cotangents(b, {src.output: seeds}, list(src.param_nodes), ps=ps, method=_method(method),
                               sinks=sinks, reduce=early)
     if method == "diag_backprop":
         rows = e(operator.mul, k, batch) if ps else k
         flat = A.param_results(e, src, cts, rows, y)
         return flat if ps else e.method("squeeze", flat, 0)
+    if stack is not None:
+        return _diag_stack(e, src, cts, k, batch, y, w, reduce_sum, direct, stack)
     return _reduce_params(e, src, cts, k, batch, y, w, out, reduce_sum, direct)
+
+
+def _diag_stack(e, src, cts, k, batch, y, w, reduce_sum, direct, stack):
+    """The diagonal ``[P]`` (per sample ``[B, P]``) in its flat stack: blocks ``direct`` holds are written; the
+    others' diagonals are formed from their rows and stored.
+    """
+    rows_of = _rows_by_param(e, src, cts, y, k, batch)
+    for p in src.params:
+        if p.name not in direct:
+            block = e(A.flat_block, stack, p.offset, p.numel)
+            direct[p.name] = e(A.flat_store, block, e(gram_diag, rows_of(p), w, reduce_sum))
+    flat = e(A.flat_done, stack, *(direct[p.name] for p in src.params))
+    return e.method("squeeze", flat, 0) if reduce_sum else flat
 
 
 def _param_uses(src) -> dict:
@@ -454,9 +470,10 @@ def _param_uses(src) -> dict:
     return uses
 
 
-def _early_diag(src, direct: dict, k, batch, w, reduce_sum):
+def _early_diag(src, direct: dict, k, batch, w, reduce_sum, stack=None):
     """Reduce a parameter's per-sample cotangents to its diagonal as soon as they are complete (parameters
-    read at one place only; a tied one needs its contributions summed first).
+    read at one place only; a tied one needs its contributions summed first), stored in its block of ``stack``
+    when given.
     """
     uses = _param_uses(src)
 
@@ -464,15 +481,19 @@ def _early_diag(src, direct: dict, k, batch, w, reduce_sum):
         info = src.param_nodes.get(node)
         if info is None or uses[info.name] != 1:
             return ct
-        direct[info.name] = e(gram_diag, e(per_sample_rows, ct, k, batch), w, reduce_sum)
+        d = e(gram_diag, e(per_sample_rows, ct, k, batch), w, reduce_sum)
+        if stack is not None:
+            d = e(A.flat_store, e(A.flat_block, stack, info.offset, info.numel), d)
+        direct[info.name] = d
         return ZERO
 
     return reduce
 
 
-def _sink(src, direct: dict, form: str, args_of):
+def _sink(src, direct: dict, form: str, args_of, stack=None):
     """A backward-pass sink that lets a rule reduce a parameter's per-sample cotangents in closed form
-    (``rule.param_reduce``), for parameters read at exactly one place; results land in ``direct``.
+    (``rule.param_reduce``), for parameters read at exactly one place; results land in ``direct``. With
+    ``stack`` (form ``"gram_diag_into"``) the rule writes into the parameter's block of it.
     """
     uses = _param_uses(src)
 
@@ -481,10 +502,16 @@ def _sink(src, direct: dict, form: str, args_of):
         reduce = getattr(rule, "param_reduce", None)
         if info is None or reduce is None or uses[info.name] != 1:
             return False
+        block = None if stack is None else e(A.flat_block, stack, info.offset, info.numel)
         try:
+            if block is not None:
+                direct[info.name] = reduce(e, site, name, ct, form, block, *args_of(info))
+                return True
             r = reduce(e, site, name, ct, form, *args_of(info))
             direct[info.name] = e(flat_diag, r, args_of(info)[1]) if form == "gram_diag" else r
         except Decline:
+            if block is not None:
+                e.graph.erase_node(block)
             return False
         return True
 
@@ -498,7 +525,7 @@ def _chunked_metric(src, b, e, y, seed, w, k, out, reduce_sum, chunk_size):
     if not isinstance(k, int):
         return _backward_metric(src, b, e, y, seed, w, k, out, reduce_sum, "exact")
     results = []
-    for lo, hi in chunks(k, chunk_size, src):
+    for lo, hi in chunks(k, chunk_size, src, never_stacked=_linear_weights(src) if out == "diag" else frozenset()):
         if (lo, hi) == (0, k):
             s, wc = seed, w
         else:
@@ -510,6 +537,23 @@ def _chunked_metric(src, b, e, y, seed, w, k, out, reduce_sum, chunk_size):
     if isinstance(results[0], list):
         return [e(add_all, list(parts)) for parts in zip(*results)]
     return e(add_all, results)
+
+
+def _linear_weights(src) -> frozenset:
+    """Parameter nodes whose exact diagonal a rule forms in closed form, never as per-sample stacks: the weight of
+    a single ``F.linear`` on ``[B, in]`` (``Linear.param_reduce``).
+    """
+    out = set()
+    for node in src.param_nodes:
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_function" and users[0].target is torch.nn.functional.linear:
+            args = users[0].args
+            x = args[0] if args else None
+            if len(args) > 1 and args[1] is node and isinstance(x, torch.fx.Node) and \
+                    isinstance(x.meta.get("val"), torch.Tensor) and x.meta["val"].dim() == 2 and \
+                    x.meta.get("batch_dim", 0) == 0 and users[0].meta.get("batch_dim", 0) == 0:
+                out.add(node)
+    return frozenset(out)
 
 
 def _method(method: str) -> str:

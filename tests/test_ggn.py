@@ -334,3 +334,21 @@ def test_full_ggn_in_closed_form_compiles_fullgraph(name):
         got, ref = compiled(x)[1], p(x)[1]
         assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_closed_form_linear_weights_do_not_force_chunks():
+    """The exact diagonal never forms per-sample stacks of a Linear weight on ``[B, in]`` (closed form), so such
+    weights do not shrink the column chunks: one chunk here (P·B·4 bytes per column would otherwise be 1.6 GiB),
+    while a weight used at several positions still counts and the result stays exact.
+    """
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(1600, 2000), nn.Tanh(), nn.Linear(2000, 10))
+    x = torch.randn(128, 1600)
+    p = fxjac.ggn(wide, loss="cross_entropy", out="diag", example_inputs=(x,))
+    p.ensure_built()
+    assert "take" not in p.code
+    small = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    xs = torch.randn(7, 3, 6, dtype=torch.float64)  # positions: per-sample stacks, chunked by chunk_size
+    got = fxjac.ggn(small, loss="mse", out="diag", chunk_size=2)(xs)[1]
+    ref = fxjac.ggn(small, loss="mse", out="diag")(xs)[1]
+    assert torch.allclose(got, ref, rtol=1e-12, atol=1e-14)

@@ -105,6 +105,21 @@ def linear_weight_gram_diag(ct, x, w, reduce_sum):
     return c2.unsqueeze(-1) * (x * x).unsqueeze(-2)
 
 
+def linear_weight_gram_diag_into(out, ct, x, w, reduce_sum):
+    """:func:`linear_weight_gram_diag` written into ``out``, the ``[rows, out*in]`` block of a flat stack (Note
+    [flat writes] in fxjac/assemble.py): one ``mm`` (or outer product per sample) writing there; returns the block.
+    """
+    c2 = ct * ct
+    if w is not None:
+        c2 = c2 * w.unsqueeze(-1)
+    c2 = c2.sum(0)
+    o, i = ct.shape[-1], x.shape[-1]
+    if reduce_sum:
+        return _write(out.view(o, i), torch.mm, c2.t(), x * x).reshape(out.shape)
+    b = x.shape[0]
+    return _write(out.view(b, o, i), torch.mul, c2.unsqueeze(-1), (x * x).unsqueeze(-2)).reshape(out.shape)
+
+
 def linear_weight_sandwich(ct, x, sigma, out_diag):
     """``J_W diag(σ) J_Wᵀ`` per sample for a Linear without extra positions, from O cotangent rows ``ct``
     ``[O, B, out]``: ``Σ_ij ct_oi ct_qi σ_ij x_j²`` -> ``[B, O, O]`` (or its diagonal ``[B, O]``).
@@ -230,7 +245,8 @@ class Linear(Rule):
 
     def param_reduce(self, e, site, name, ct, form, *args):
         """Closed-form parameter reductions for the weight of a Linear on ``[B, in]`` (no extra positions):
-        ``form="gram_diag"`` (args: weights, reduce_sum) or ``"sandwich"`` (args: σ shaped like W, out_diag).
+        ``form="gram_diag"`` (args: weights, reduce_sum), ``"gram_diag_into"`` (args: the flat block to write,
+        weights, reduce_sum) or ``"sandwich"`` (args: σ shaped like W, out_diag).
         ``form="kron"`` (no args) hands back the factors of the per-sample cotangents for the product to contract
         itself (Note [Kronecker GGN] in fxjac/metric.py): ``(ct, x)`` for the weight (sample b, column k:
         ``ct_kb ⊗ x_b``), ``(ct, None)`` for the bias (``ct_kb``).
@@ -244,6 +260,8 @@ class Linear(Rule):
             raise Decline
         if form == "gram_diag":
             return e(linear_weight_gram_diag, ct, x, *args)
+        if form == "gram_diag_into":
+            return e(linear_weight_gram_diag_into, *args[:1], ct, x, *args[1:])
         if form == "sandwich":
             return e(linear_weight_sandwich, ct, x, *args)
         raise Decline
