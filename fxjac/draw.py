@@ -4,7 +4,7 @@ Primal ops, the tangents or cotangents that run beside them, what flows along ea
 
 Note [drawing units]
     One box per primal op (a copied node of the model's graph) and one box per (role, primal) group of emitted
-    nodes: the several nodes a rule emits for one op (``ct_relu = relu_grad(...); ct_relu_1 = ct * ...``) are
+    nodes: the several nodes a rule emits for one op (``ct_sin = cos(...); ct_sin_1 = ct * ...``) are
     one product box named after the op, listing the functions it calls. Edges are the product graph's edges
     between boxes. Shapes come from ``node.meta["val"]`` where shape propagation stored one and, for emitted
     nodes, from one run of the product under ``FakeTensorMode`` (shapes only: no memory, no arithmetic); the
@@ -48,7 +48,8 @@ _J_ROWS = {"sandwich", "sandwich_diag", "weighted_outer", "weighted_outer_diag",
            "project"}
 _SUFFIXES = {".svg": "svg", ".png": "png", ".pdf": "pdf", ".dot": None, ".gv": None}
 _METRIC_REDUCERS = {"gram", "gram_diag", "outer_cols", "rows_outer", "sandwich", "sandwich_diag", "weighted_outer",
-                    "weighted_outer_diag", "jac_sandwich", "project", "flat_diag", "eigen_stack", "loss_factor"}
+                    "weighted_outer_diag", "jac_sandwich", "project", "eigen_stack", "loss_factor", "kron_gram",
+                    "linear_weight_gram_diag_into"}
 
 
 # --- public entry ----------------------------------------------------------------------------------------

@@ -55,11 +55,6 @@ def diag_weights(d):
     return d.reshape(d.shape[0], math.prod(d.shape[1:])).t()
 
 
-def flat_diag(d, reduce_sum):
-    """A parameter-shaped diagonal as ``[n]`` (or per-sample ``[B, n]``)."""
-    return d.reshape(-1) if reduce_sum else d.reshape(d.shape[0], math.prod(d.shape[1:]))
-
-
 def gram(c, w, reduce_sum):
     """``Σ_k w_kb c_kb c_kbᵀ``: ``[K, B, N]`` -> ``[N, N]`` (summed over b) or ``[B, N, N]``."""
     cw = c if w is None else c * w.unsqueeze(-1)
@@ -336,14 +331,10 @@ def _output_columns(e, src, b, y, matrix, m):
 
 
 def _reduce_params(e, src, cts, k, batch, y, w, out, reduce_sum, direct):
-    """Per-parameter per-sample rows -> diagonal ``[P]``, blocks, or the full ``[P, P]`` (``direct`` holds
-    diagonals a rule already reduced in closed form).
+    """Per-parameter per-sample rows -> blocks or the full ``[P, P]`` (``direct`` holds the factors of the Linear
+    parameters a rule reduced in closed form; the diagonal is :func:`_diag_stack`).
     """
     rows_of = _rows_by_param(e, src, cts, y, k, batch)
-    if out == "diag":
-        parts = [direct[p.name] if p.name in direct
-                 else e(gram_diag, rows_of(p), w, reduce_sum) for p in src.params]
-        return e(cat_rows, parts)
     if out == "block":
         return [_gram_of(e, [p for p in src.params if p.module == module], rows_of, w, reduce_sum, direct)
                 for module in _modules(src)]
@@ -504,11 +495,7 @@ def _sink(src, direct: dict, form: str, args_of, stack=None):
             return False
         block = None if stack is None else e(A.flat_block, stack, info.offset, info.numel)
         try:
-            if block is not None:
-                direct[info.name] = reduce(e, site, name, ct, form, block, *args_of(info))
-                return True
-            r = reduce(e, site, name, ct, form, *args_of(info))
-            direct[info.name] = e(flat_diag, r, args_of(info)[1]) if form == "gram_diag" else r
+            direct[info.name] = reduce(e, site, name, ct, form, *(() if block is None else (block,)), *args_of(info))
         except Decline:
             if block is not None:
                 e.graph.erase_node(block)

@@ -128,3 +128,13 @@ def test_cli_draw(tmp_path, capsys):
         assert message in err and len(err.strip().splitlines()) == 1, err
     with pytest.raises(fxjac.TraceError):
         main(["draw", f"{model_file}:Net", "--input-shape", "2,3", "-o", str(tmp_path / "n.dot"), "--debug"])
+
+
+@pytest.mark.parametrize("out", ["diag", "full"])
+def test_built_metric_product_of_linear_layers_draws_factors(out):
+    # A built product is classified by the reducers it calls; an MLP's Linear weights are reduced in closed form
+    # (written into the diagonal, or Kronecker blocks), with no generic Gram kernel in the graph.
+    model = nn.Sequential(nn.Linear(4, 8, bias=False), nn.Tanh(), nn.Linear(8, 3, bias=False))
+    p = fxjac.jtmjp(model, wrt="params", out=out, example_inputs=(torch.randn(5, 4),))
+    p.ensure_built()
+    assert any(lb.startswith("√M factor (cotangents)") for lb in _edge_labels(fxjac.draw(p).source))

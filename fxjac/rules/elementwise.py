@@ -23,11 +23,6 @@ _aten = torch.ops.aten
 # --- derivative kernels (run inside generated code) -----------------------------------------------------
 
 
-def relu_grad(x):
-    """relu'(x) = [x > 0]."""
-    return (x > 0).to(x.dtype)
-
-
 def leaky_relu_grad(x, slope):
     """leaky_relu'(x) = 1 where x > 0, else the slope."""
     return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, slope))
@@ -112,9 +107,6 @@ class Relu(Elementwise):
 
     def signature(input, inplace=False):  # noqa: D103
         ...
-
-    def derivative(self, e, site):  # noqa: D102
-        return e(relu_grad, site.args["input"])
 
     def fused(self, e, site, t):  # noqa: D102
         return e(_aten.threshold_backward, t, site.out, 0)

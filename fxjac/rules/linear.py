@@ -92,27 +92,16 @@ def linear_bias_ct_into(out, ct, per_sample):
     return _write(out.view(k, b, o), torch.sum, ct.reshape(k, b, math.prod(ct.shape[2:-1]), o), 2).reshape(out.shape)
 
 
-def linear_weight_gram_diag(ct, x, w, reduce_sum):
+def linear_weight_gram_diag_into(out, ct, x, w, reduce_sum):
     """``Σ_k w_kb (ct_kb ⊗ x_b)²`` for a Linear without extra positions: the weight's GGN diagonal from squared
-    cotangents and squared inputs, never forming per-sample gradients. ``[O, I]`` or per-sample ``[B, O, I]``.
+    cotangents and squared inputs, never forming per-sample gradients (``[O, I]``, per sample ``[B, O, I]``),
+    written into ``out``, its ``[rows, out*in]`` block of a flat stack (Note [flat writes] in fxjac/assemble.py)
+    by one ``mm`` (or an outer product per sample); returns the block.
     """
     c2 = ct * ct
     if w is not None:
         c2 = c2 * w.unsqueeze(-1)
     c2 = c2.sum(0)  # [B, O]: the columns summed first, a contiguous reduction
-    if reduce_sum:
-        return torch.mm(c2.t(), x * x)
-    return c2.unsqueeze(-1) * (x * x).unsqueeze(-2)
-
-
-def linear_weight_gram_diag_into(out, ct, x, w, reduce_sum):
-    """:func:`linear_weight_gram_diag` written into ``out``, the ``[rows, out*in]`` block of a flat stack (Note
-    [flat writes] in fxjac/assemble.py): one ``mm`` (or outer product per sample) writing there; returns the block.
-    """
-    c2 = ct * ct
-    if w is not None:
-        c2 = c2 * w.unsqueeze(-1)
-    c2 = c2.sum(0)
     o, i = ct.shape[-1], x.shape[-1]
     if reduce_sum:
         return _write(out.view(o, i), torch.mm, c2.t(), x * x).reshape(out.shape)
@@ -245,8 +234,8 @@ class Linear(Rule):
 
     def param_reduce(self, e, site, name, ct, form, *args):
         """Closed-form parameter reductions for the weight of a Linear on ``[B, in]`` (no extra positions):
-        ``form="gram_diag"`` (args: weights, reduce_sum), ``"gram_diag_into"`` (args: the flat block to write,
-        weights, reduce_sum) or ``"sandwich"`` (args: σ shaped like W, out_diag).
+        ``form="gram_diag_into"`` (args: the flat block to write, weights, reduce_sum) or ``"sandwich"`` (args: σ
+        shaped like W, out_diag).
         ``form="kron"`` (no args) hands back the factors of the per-sample cotangents for the product to contract
         itself (Note [Kronecker GGN] in fxjac/metric.py): ``(ct, x)`` for the weight (sample b, column k:
         ``ct_kb ⊗ x_b``), ``(ct, None)`` for the bias (``ct_kb``).
@@ -258,8 +247,6 @@ class Linear(Rule):
             return (ct, x if name == "weight" else None)
         if name != "weight" or site.val("input").dim() != 2:
             raise Decline
-        if form == "gram_diag":
-            return e(linear_weight_gram_diag, ct, x, *args)
         if form == "gram_diag_into":
             return e(linear_weight_gram_diag_into, *args[:1], ct, x, *args[1:])
         if form == "sandwich":
