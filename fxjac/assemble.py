@@ -219,6 +219,14 @@ def param_results(e: Emitter, src: Source, cts: dict, rows: fx.Node, like: fx.No
     return e(flat_cat, parts, [p.numel for p in src.params], rows, like)
 
 
+def param_uses(src: Source) -> dict:
+    """How many places read each selected parameter (over all its get_attr nodes), by name."""
+    uses: dict = {}
+    for node, info in src.param_nodes.items():
+        uses[info.name] = uses.get(info.name, 0) + len(node.users)
+    return uses
+
+
 class FlatWriter:
     """Writes the parameters' cotangents into one flat stack ``[rows, P]``, each block once (Note [flat writes]).
 
@@ -230,9 +238,7 @@ class FlatWriter:
         self.src = src
         self.stack = e(flat_empty, rows, src.P, like)
         self.last: dict = {}  # parameter name -> the node of the latest write into its block
-        self.uses: dict = {}
-        for node, info in src.param_nodes.items():
-            self.uses[info.name] = self.uses.get(info.name, 0) + len(node.users)
+        self.uses = param_uses(src)
 
     def sink(self, e: Emitter, rule, site, name: str, ct: fx.Node, node: fx.Node) -> bool:
         """Let the rule write the cotangent of a parameter read at this one place straight into its block."""
@@ -288,7 +294,7 @@ def numel_per_sample(node: fx.Node) -> int:
 
 
 __all__ = [
-    "FlatWriter", "api_emitter", "checks", "eye_stack", "flat_cat", "input_placeholders", "param_results",
+    "FlatWriter", "param_uses", "api_emitter", "checks", "eye_stack", "flat_cat", "input_placeholders", "param_results",
     "param_stack",
     "param_seeds", "param_slice", "size", "stack_to_batch_rows", "stack_to_rows",
     "stack_to_shape", "zeros_stack", "reshape_like_batch", "param_rows", "param_sigma", "numel_per_sample",

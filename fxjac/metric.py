@@ -454,19 +454,12 @@ def _diag_stack(e, src, cts, k, batch, y, w, reduce_sum, direct, stack):
     return e.method("squeeze", flat, 0) if reduce_sum else flat
 
 
-def _param_uses(src) -> dict:
-    uses: dict = {}
-    for node, info in src.param_nodes.items():
-        uses[info.name] = uses.get(info.name, 0) + len(node.users)
-    return uses
-
-
 def _early_diag(src, direct: dict, k, batch, w, reduce_sum, stack=None):
     """Reduce a parameter's per-sample cotangents to its diagonal as soon as they are complete (parameters
     read at one place only; a tied one needs its contributions summed first), stored in its block of ``stack``
     when given.
     """
-    uses = _param_uses(src)
+    uses = A.param_uses(src)
 
     def reduce(e, node, ct):
         info = src.param_nodes.get(node)
@@ -486,7 +479,7 @@ def _sink(src, direct: dict, form: str, args_of, stack=None):
     (``rule.param_reduce``), for parameters read at exactly one place; results land in ``direct``. With
     ``stack`` (form ``"gram_diag_into"``) the rule writes into the parameter's block of it.
     """
-    uses = _param_uses(src)
+    uses = A.param_uses(src)
 
     def sink(e, rule, site, name, ct, node):
         info = src.param_nodes.get(node)

@@ -16,6 +16,14 @@ from passes.protocol import ZERO, Decline, Emitter, Rule, Site
 
 from . import _rt
 
+PARTS = ("input", "weight", "bias")
+"""The arguments of a layer whose fused ATen backward returns one result for each (convolution, norms)."""
+
+
+def parts_of(e: Emitter, parts, mask) -> dict:
+    """The results of such a fused kernel's node ``parts`` that ``mask`` asked for, by argument name."""
+    return {k: e(operator.getitem, parts, i) for i, k in enumerate(PARTS) if mask[i]}
+
 
 class NonDifferentiable(Rule):
     """An op whose output is constant for differentiation (integer, boolean or shape-valued)."""

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from passes.protocol import ZERO, Decline, Rule
 
 from . import _rt
-from .base import LinearOp
+from .base import PARTS, LinearOp, parts_of
 from .registry import register
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -273,12 +273,12 @@ def _corr_weight_unfold(a, c, stride, dilation, ksize, groups, per_sample):
     ka, b, ch = a.shape[:3]
     kc, o, g = c.shape[0], c.shape[2], groups
     so = tuple(c.shape[-2:])
-    dil = _tuple(dilation, 2)
-    if ka == 1 and ch // g >= 16 and so[0] * so[1] >= 512 and _tuple(stride, 2) == (1, 1) and \
+    dil, st = _tuple(dilation, 2), _tuple(stride, 2)
+    if ka == 1 and ch // g >= 16 and so[0] * so[1] >= 512 and st == (1, 1) and \
             all(L - d * (k - 1) == s for L, d, k, s in zip(a.shape[-2:], dil, ksize, so)):
         y = _corr_weight_shifts(a[0], c, dil, ksize, g, per_sample)
         return y.reshape(y.shape[:-2] + tuple(ksize[-n:]))
-    cols = patches(a.reshape((ka * b, ch) + tuple(a.shape[-2:])), ksize, _tuple(dilation, 2), _tuple(stride, 2), so)
+    cols = patches(a.reshape((ka * b, ch) + tuple(a.shape[-2:])), ksize, dil, st, so)
     cols = cols.reshape(ka, b, g, -1, so[0] * so[1])  # [Ka, B, g, C/g·k, L]
     cc = c.reshape(kc, b, g, o // g, so[0] * so[1])  # [Kc, B, g, O/g, L]
     if per_sample:
@@ -544,18 +544,26 @@ class _Conv(Rule):
             out["bias"] = e(bias_ct, ct, self.n, "bias" in site.ps)
         return out
 
+    def _fused(self, site):
+        """What :func:`conv_cts` can give here (the input and shared parameters that are needed) and its
+        arguments after the stack, input and weight; ``(None, None)`` for a string padding.
+        """
+        a = site.args
+        if isinstance(a["padding"], str):
+            return None, None
+        mask = [site.needs(k) and a[k] is not None and k not in site.ps for k in PARTS]
+        return mask, (a["bias"] is not None, a["stride"], a["padding"], a["dilation"], a["groups"], self.transposed,
+                      a["output_padding"] if self.transposed else 0)
+
     def vjp(self, e, site, ct):
         """Shared-parameter and input cotangents from :func:`conv_cts` (one column: autograd's own kernel); per-sample
         parameters and string paddings through the kernels of Note [convolution weight cotangents].
         """
         self._check(site)
-        a, names = site.args, ("input", "weight", "bias")
-        mask = [site.needs(k) and a[k] is not None and k not in site.ps for k in names]
-        if isinstance(a["padding"], str) or not any(mask):
+        mask, args = self._fused(site)
+        if mask is None or not any(mask):
             return self._backward(e, site, ct, lambda w: w, lambda x: x)
-        parts = e(conv_cts, ct, a["input"], a["weight"], a["bias"] is not None, a["stride"], a["padding"],
-                  a["dilation"], a["groups"], self.transposed, a["output_padding"] if self.transposed else 0, mask)
-        out = {k: e(operator.getitem, parts, i) for i, k in enumerate(names) if mask[i]}
+        out = parts_of(e, e(conv_cts, ct, site.args["input"], site.args["weight"], *args, mask), mask)
         out.update(self._backward(e, site, ct, lambda w: w, lambda x: x, done=set(out)))
         return out
 
@@ -564,19 +572,16 @@ class _Conv(Rule):
         parameters and the input go through :func:`conv_cts` (one column: autograd's kernel) with those squares.
         """
         self._check(site)
-        a, names = site.args, ("input", "weight", "bias")
-        mask = [site.needs(k) and a[k] is not None and k not in site.ps for k in names]
-        if isinstance(a["padding"], str) or not any(mask):
+        mask, args = self._fused(site)
+        if mask is None or not any(mask):
             return self._backward(e, site, d, lambda w: e(square, w), lambda x: e(square, x))
-        x, w, p = a["input"], a["weight"], (a["bias"] is not None, a["stride"], a["padding"], a["dilation"],
-                                            a["groups"], self.transposed,
-                                            a["output_padding"] if self.transposed else 0)
+        x, w = site.args["input"], site.args["weight"]
         out = {}
         if mask[0]:
-            out["input"] = e(operator.getitem, e(conv_cts, d, x, e(square, w), *p, [True, False, False]), 0)
+            out.update(parts_of(e, e(conv_cts, d, x, e(square, w), *args, [True, False, False]), [True, False, False]))
         if mask[1] or mask[2]:
-            parts = e(conv_cts, d, e(square, x), w, *p, [False, mask[1], mask[2]])
-            out.update({k: e(operator.getitem, parts, i) for i, k in enumerate(names) if i and mask[i]})
+            params = [False, mask[1], mask[2]]
+            out.update(parts_of(e, e(conv_cts, d, e(square, x), w, *args, params), params))
         out.update(self._backward(e, site, d, lambda w: e(square, w), lambda x: e(square, x), done=set(out)))
         return out
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from passes.protocol import ZERO, Decline, Rule
 
 from . import _rt
+from .base import PARTS, parts_of
 from .registry import register
 
 # --- kernels ---------------------------------------------------------------------------------------------
@@ -156,11 +157,16 @@ def group_norm_stats(x, groups, eps):
     return xhat.reshape(x.shape), u, r
 
 
+def _n_c_positions(x) -> tuple:
+    """``(N, C, positions per channel)`` of ``[N, C, *sp]``, as ATen's group norm kernels take them."""
+    n, c = x.shape[0], x.shape[1]
+    return n, c, x.numel() // max(n * c, 1)
+
+
 def group_norm_with_stats(x, weight, bias, groups, eps):
     """``group_norm`` with its per-group mean and ``1/σ`` ``[N, groups]`` (ATen's fused kernel)."""
-    n, x = x.shape[0], x.contiguous()  # as torch.group_norm does
-    return torch.ops.aten.native_group_norm(x, weight, bias, n, x.shape[1], x.numel() // max(n * x.shape[1], 1),
-                                            groups, eps)
+    x = x.contiguous()  # as torch.group_norm does
+    return torch.ops.aten.native_group_norm(x, weight, bias, *_n_c_positions(x), groups, eps)
 
 
 def group_norm_saved_stats(x, mean, rstd, groups):
@@ -176,10 +182,10 @@ def group_norm_cts(ct, x, mean, rstd, weight, groups, mask):
     ``mask`` is false: one column through ATen's fused backward (autograd's kernel), a stack by Note
     [normalisation Jacobians] with the saved statistics.
     """
-    n, c = x.shape[0], x.shape[1]
+    n, c, positions = _n_c_positions(x)
     if ct.shape[0] == 1 and not _rt.records_grad(ct, x, mean, weight):  # ATen has no double backward for it
         parts = torch.ops.aten.native_group_norm_backward(ct[0].contiguous(), x.contiguous(), mean, rstd, weight, n, c,
-                                                          x.numel() // max(n * c, 1), groups, list(mask))
+                                                          positions, groups, list(mask))
         return _rt.one_column(parts, mask)
     xhat, u, r = group_norm_saved_stats(x, mean, rstd, groups)
     gx = group_apply(ct if weight is None else ct * channel_view(weight, x), x, r, u, groups,
@@ -357,6 +363,11 @@ class TorchLogSoftmax(_LogSoftmax):
 # --- normalisations with statistics of the sample ----------------------------------------------------------
 
 
+def _with_stats(e, both):
+    """A fused normalisation's ``(output, mean, 1/σ)`` node as :meth:`Rule.primal`'s (output, saved statistics)."""
+    return e(operator.getitem, both, 0), {"mean": e(operator.getitem, both, 1), "rstd": e(operator.getitem, both, 2)}
+
+
 def _affine_param_tangent(e, site, name, t, ndim):
     """A trailing-axes parameter tangent (layer/RMS norm weight or bias) lined up with the output stack."""
     if name in site.ps:
@@ -454,21 +465,18 @@ class LayerNorm(_TrailingNorm):
         if not isinstance(ns, (tuple, list)) or not ns or site.ndim("input") < len(ns):
             return None
         a = site.args
-        both = e(layer_norm_with_stats, a["input"], a["normalized_shape"], a["weight"], a["bias"], a["eps"])
-        return e(operator.getitem, both, 0), {"mean": e(operator.getitem, both, 1),
-                                              "rstd": e(operator.getitem, both, 2)}
+        return _with_stats(e, e(layer_norm_with_stats, a["input"], a["normalized_shape"], a["weight"], a["bias"],
+                                a["eps"]))
 
     def vjp(self, e, site, ct):  # noqa: D102
         saved = site.extra.get("saved", {})
         if "rstd" not in saved:
             return super().vjp(e, site, ct)
-        names = ("input", "weight", "bias")
         a = site.args
-        need = [site.needs("input")] + [a[n] is not None and site.needs(n) for n in names[1:]]
-        fused = [need[0]] + [need[i] and names[i] not in site.ps for i in (1, 2)]
-        parts = e(layer_norm_cts, ct, a["input"], a["normalized_shape"], saved["mean"], saved["rstd"], a["weight"],
-                  a["bias"], fused)
-        out = {n: e(operator.getitem, parts, i) for i, n in enumerate(names) if fused[i]}
+        need = [site.needs("input")] + [a[n] is not None and site.needs(n) for n in PARTS[1:]]
+        fused = [need[0]] + [need[i] and PARTS[i] not in site.ps for i in (1, 2)]
+        out = parts_of(e, e(layer_norm_cts, ct, a["input"], a["normalized_shape"], saved["mean"], saved["rstd"],
+                            a["weight"], a["bias"], fused), fused)
         if need[1] and not fused[1]:
             xhat = e(operator.getitem, e(layer_norm_saved_stats, a["input"], saved["mean"], saved["rstd"],
                                          len(site.val("normalized_shape"))), 0)
@@ -576,20 +584,17 @@ class GroupNorm(_ChannelNorm):
         a = site.args
         if not isinstance(a["num_groups"], int) or site.ndim("input") < 2 or isinstance(a["eps"], torch.fx.Node):
             return None
-        both = e(group_norm_with_stats, a["input"], a["weight"], a["bias"], a["num_groups"], a["eps"])
-        return e(operator.getitem, both, 0), {"mean": e(operator.getitem, both, 1),
-                                              "rstd": e(operator.getitem, both, 2)}
+        return _with_stats(e, e(group_norm_with_stats, a["input"], a["weight"], a["bias"], a["num_groups"], a["eps"]))
 
     def vjp(self, e, site, ct):
         """Shared-parameter and input cotangents from :func:`group_norm_cts` (one column: autograd's kernel)."""
         saved = site.extra.get("saved", {})
-        a, names = site.args, ("input", "weight", "bias")
-        need = [site.needs(k) and a.get(k) is not None for k in names]
-        if "rstd" not in saved or any(need[i] and names[i] in site.ps for i in (1, 2)):
+        a = site.args
+        need = [site.needs(k) and a.get(k) is not None for k in PARTS]
+        if "rstd" not in saved or any(need[i] and PARTS[i] in site.ps for i in (1, 2)):
             return super().vjp(e, site, ct)
-        parts = e(group_norm_cts, ct, a["input"], saved["mean"], saved["rstd"], a["weight"], self._groups(site),
-                  need)
-        return {k: e(operator.getitem, parts, i) for i, k in enumerate(names) if need[i]}
+        return parts_of(e, e(group_norm_cts, ct, a["input"], saved["mean"], saved["rstd"], a["weight"],
+                             self._groups(site), need), need)
 
 
 class _EvalBatchNorm(Rule):
@@ -645,12 +650,12 @@ class _EvalBatchNorm(Rule):
     def vjp(self, e, site, ct):
         """Shared-parameter and input cotangents from :func:`batch_norm_cts` (one column: autograd's kernel)."""
         self._check(site)
-        a, names = site.args, ("input", "weight", "bias")
-        mask = [site.needs(k) and a.get(k) is not None and k not in site.ps for k in names]
-        if not all(mask[i] or not site.needs(k) or a.get(k) is None for i, k in enumerate(names)):
+        a = site.args
+        mask = [site.needs(k) and a.get(k) is not None and k not in site.ps for k in PARTS]
+        if not all(mask[i] or not site.needs(k) or a.get(k) is None for i, k in enumerate(PARTS)):
             return self._backward(e, site, ct, square=False)  # per-sample parameters
-        parts = e(batch_norm_cts, ct, a["input"], a["running_mean"], a["running_var"], a["weight"], a["eps"], mask)
-        return {k: e(operator.getitem, parts, i) for i, k in enumerate(names) if mask[i]}
+        return parts_of(e, e(batch_norm_cts, ct, a["input"], a["running_mean"], a["running_var"], a["weight"],
+                             a["eps"], mask), mask)
 
     def diag_vjp(self, e, site, d):  # noqa: D102
         return self._backward(e, site, d, square=True)
