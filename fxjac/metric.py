@@ -505,7 +505,8 @@ def _chunked_metric(src, b, e, y, seed, w, k, out, reduce_sum, chunk_size):
     if not isinstance(k, int):
         return _backward_metric(src, b, e, y, seed, w, k, out, reduce_sum, "exact")
     results = []
-    for lo, hi in chunks(k, chunk_size, src, never_stacked=_linear_weights(src) if out == "diag" else frozenset()):
+    never = _never_stacked(src, b.rules) if out == "diag" else frozenset()
+    for lo, hi in chunks(k, chunk_size, src, never_stacked=never):
         if (lo, hi) == (0, k):
             s, wc = seed, w
         else:
@@ -519,20 +520,16 @@ def _chunked_metric(src, b, e, y, seed, w, k, out, reduce_sum, chunk_size):
     return e(add_all, results)
 
 
-def _linear_weights(src) -> frozenset:
-    """Parameter nodes whose exact diagonal a rule forms in closed form, never as per-sample stacks: the weight of
-    a single ``F.linear`` on ``[B, in]`` (``Linear.param_reduce``).
+def _never_stacked(src, rules) -> frozenset:
+    """Parameter nodes, read at one place, whose exact diagonal their reader's rule forms in closed form and so
+    never as per-sample stacks (``rule.diagonal_in_closed_form``, beside the rule's ``param_reduce``).
     """
     out = set()
     for node in src.param_nodes:
         users = list(node.users)
-        if len(users) == 1 and users[0].op == "call_function" and users[0].target is torch.nn.functional.linear:
-            args = users[0].args
-            x = args[0] if args else None
-            if len(args) > 1 and args[1] is node and isinstance(x, torch.fx.Node) and \
-                    isinstance(x.meta.get("val"), torch.Tensor) and x.meta["val"].dim() == 2 and \
-                    x.meta.get("batch_dim", 0) == 0 and users[0].meta.get("batch_dim", 0) == 0:
-                out.add(node)
+        closed = getattr(rules.lookup(users[0]), "diagonal_in_closed_form", None) if len(users) == 1 else None
+        if closed is not None and closed(users[0], node):
+            out.add(node)
     return frozenset(out)
 
 

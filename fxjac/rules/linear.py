@@ -11,6 +11,7 @@ import operator
 import string
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 
 from passes.protocol import ZERO, Decline, Rule
@@ -280,6 +281,18 @@ class Linear(Rule):
         if b is not None and site.needs("bias"):
             out["bias"] = e(_rt.sum_to_ps, d, b) if "bias" in site.ps else e(_rt.sum_to, d, b)
         return out
+
+    @staticmethod
+    def diagonal_in_closed_form(node, param) -> bool:
+        """Whether :meth:`param_reduce` (``"gram_diag_into"``) will take ``param`` at ``node``, known before the
+        pass: it is the weight, of a call on ``[B, in]`` whose values lead with the batch (else the per-sample
+        stacks go to the fallback), so its per-sample stacks are never formed.
+        """
+        args = node.args
+        x = args[0] if args else None
+        return len(args) > 1 and args[1] is param and isinstance(x, fx.Node) and \
+            isinstance(x.meta.get("val"), torch.Tensor) and x.meta["val"].dim() == 2 and \
+            x.meta.get("batch_dim", 0) == 0 and node.meta.get("batch_dim", 0) == 0
 
     def param_into(self, e, site, name, ct, block):
         """Write the weight's or the bias's cotangent, per-sample or summed as the site has it, straight into
