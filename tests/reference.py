@@ -310,3 +310,17 @@ def check_diag_backprop(model, inputs, names=None, dtype=torch.float64, seed=0):
             _, r2 = fxjac.jtmjp(model, wrt=w, matrix="diag", out="diag", method="diag_backprop",
                                 reduce="none")(*inputs, d)
             assert_close(r2, ref, "diag_backprop[params, reduce=none]", dtype)
+
+
+def assert_every_key_reached(rules_module, models) -> None:
+    """Every key that ``rules_module`` registers is called by the traced graph of some model in ``models``."""
+    from fxjac.rules.registry import RULES
+    from fxjac.tracing import trace
+    from passes.protocol import rule_key
+
+    mine = {k for k, rule in RULES.items() if type(rule).__module__ == rules_module.__name__}
+    seen = set()
+    for model in models:
+        seen |= {rule_key(n) for n in trace(model).graph.nodes}
+    missing = mine - seen
+    assert not missing, f"no test case reaches {missing}"
