@@ -352,3 +352,38 @@ def test_closed_form_linear_weights_do_not_force_chunks():
     got = fxjac.ggn(small, loss="mse", out="diag", chunk_size=2)(xs)[1]
     ref = fxjac.ggn(small, loss="mse", out="diag")(xs)[1]
     assert torch.allclose(got, ref, rtol=1e-12, atol=1e-14)
+
+
+class _SeqFirst(nn.Module):
+    """Positions first, the batch second: ``[T, B, d]`` (the shared-weight kernels must decline)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x.transpose(0, 1)))).sum(0)
+
+
+@pytest.mark.parametrize("layout", ["batch_first", "seq_first"])
+def test_weights_shared_across_positions_are_contracted_sample_major(layout, one_thread):
+    """A Linear on ``[B, T, d]``: the exact GGN diagonal and ``J diag(σ) Jᵀ`` contract its per-sample
+    cotangents as soon as they are formed (``linear_weight_shared_*``); every metric product stays exact, also
+    where the batch is not the first axis and the generic path is taken.
+    """
+    g = torch.Generator().manual_seed(6)
+    if layout == "batch_first":
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), nn.Flatten()).double()
+    else:
+        model = _SeqFirst().double()
+    x = torch.randn(5, 3, 3, dtype=torch.float64, generator=g)
+    shared = layout == "batch_first"
+    assert ("linear_weight_shared_sandwich" in fxjac.jmjtp(model, wrt="params", matrix="diag",
+                                                          example_inputs=(x,)).code) == shared
+    p = fxjac.ggn(model, loss="cross_entropy", out="diag", example_inputs=(x,))
+    assert ("linear_weight_shared_gram_diag_into" in p.code) == shared
+    dense = dense_ggn(model, (x,), "cross_entropy")
+    assert_close(p(x)[1], torch.diagonal(dense.sum(0)), f"ggn diag [{layout}]")
+    _, per = fxjac.ggn(model, loss="cross_entropy", out="diag", reduce="none")(x)
+    assert_close(per, torch.diagonal(dense, dim1=-2, dim2=-1), f"ggn diag per sample [{layout}]")
+    check_metric_products(model, (x,), wrts=("params",), matrices=("identity", "diag", "sqrt"))

@@ -110,6 +110,41 @@ def linear_weight_gram_diag_into(out, ct, x, w, reduce_sum):
     return _write(out.view(b, o, i), torch.mul, c2.unsqueeze(-1), (x * x).unsqueeze(-2)).reshape(out.shape)
 
 
+def shared_weight_grads(ct, x):
+    """Per-sample, per-column cotangents of a weight shared across positions, ``G_kb = Σ_t ct_kbt ⊗ x_bt``, as
+    ``[B, K, out*in]``: ``ct`` ``[K, B, *, out]``, ``x`` ``[B, *, in]``. One bmm per call, sample-major, so the
+    contractions after it (over the columns, the parameters or both) need no permuted copy of ``G``.
+    """
+    k, b, o, i = ct.shape[0], ct.shape[1], ct.shape[-1], x.shape[-1]
+    t = math.prod(x.shape[1:-1])
+    c = ct.reshape(k, b, t, o).permute(1, 0, 3, 2).reshape(b, k * o, t)
+    return torch.bmm(c, x.reshape(b, t, i)).view(b, k, o * i)
+
+
+def linear_weight_shared_gram_diag_into(out, ct, x, w, reduce_sum):
+    """:func:`linear_weight_gram_diag_into` for a weight shared across positions: ``Σ_k w_kb G_kb²`` from
+    :func:`shared_weight_grads`, summed over the batch unless per sample, written into ``out``.
+    """
+    g = shared_weight_grads(ct, x)
+    g2 = g * g
+    if w is not None:
+        g2 = g2 * w.t().unsqueeze(-1)
+    if reduce_sum:
+        return _write(out.view(-1), torch.sum, g2.view(-1, g2.shape[-1]), 0).reshape(out.shape)
+    return _write(out.view(g2.shape[0], -1), torch.sum, g2, 1).reshape(out.shape)
+
+
+def linear_weight_shared_sandwich(ct, x, sigma, out_diag):
+    """:func:`linear_weight_sandwich` for a weight shared across positions: ``Σ_p G_ob,p σ_p G_qb,p`` from
+    :func:`shared_weight_grads` -> ``[B, O, O]`` (or its diagonal ``[B, O]``).
+    """
+    g = shared_weight_grads(ct, x)
+    gs = g * sigma.reshape(-1)
+    if out_diag:
+        return (gs * g).sum(-1)
+    return torch.bmm(gs, g.transpose(1, 2))
+
+
 def linear_weight_sandwich(ct, x, sigma, out_diag):
     """``J_W diag(σ) J_Wᵀ`` per sample for a Linear without extra positions, from O cotangent rows ``ct``
     ``[O, B, out]``: ``Σ_ij ct_oi ct_qi σ_ij x_j²`` -> ``[B, O, O]`` (or its diagonal ``[B, O]``).
@@ -234,9 +269,9 @@ class Linear(Rule):
         return out
 
     def param_reduce(self, e, site, name, ct, form, *args):
-        """Closed-form parameter reductions for the weight of a Linear on ``[B, in]`` (no extra positions):
-        ``form="gram_diag_into"`` (args: the flat block to write, weights, reduce_sum) or ``"sandwich"`` (args: σ
-        shaped like W, out_diag).
+        """Parameter reductions for the weight of a Linear: ``form="gram_diag_into"`` (args: the flat block to
+        write, weights, reduce_sum) or ``"sandwich"`` (args: σ shaped like W, out_diag). In closed form on
+        ``[B, in]``; on ``[B, *, in]`` from per-sample cotangents formed sample-major and contracted at once.
         ``form="kron"`` (no args) hands back the factors of the per-sample cotangents for the product to contract
         itself (Note [Kronecker GGN] in fxjac/metric.py): ``(ct, x)`` for the weight (sample b, column k:
         ``ct_kb ⊗ x_b``), ``(ct, None)`` for the bias (``ct_kb``).
@@ -246,13 +281,18 @@ class Linear(Rule):
             if site.val("input").dim() != 2 or "input" in site.ps:
                 raise Decline
             return (ct, x if name == "weight" else None)
-        if name != "weight" or site.val("input").dim() != 2:
+        if name != "weight" or form not in ("gram_diag_into", "sandwich"):
+            raise Decline
+        if site.val("input").dim() == 2:
+            if form == "gram_diag_into":
+                return e(linear_weight_gram_diag_into, *args[:1], ct, x, *args[1:])
+            return e(linear_weight_sandwich, ct, x, *args)
+        # positions share the weight: per-sample cotangents are formed, but sample-major and contracted at once
+        if site.extra["batched"].get(x) != 0 or site.extra["out_batch_dim"] != 0:
             raise Decline
         if form == "gram_diag_into":
-            return e(linear_weight_gram_diag_into, *args[:1], ct, x, *args[1:])
-        if form == "sandwich":
-            return e(linear_weight_sandwich, ct, x, *args)
-        raise Decline
+            return e(linear_weight_shared_gram_diag_into, *args[:1], ct, x, *args[1:])
+        return e(linear_weight_shared_sandwich, ct, x, *args)
 
     def diag_jvp(self, e, site, tangents):  # noqa: D102
         """(A∘A) d: the jvp with the weight and the input squared."""
