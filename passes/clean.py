@@ -16,6 +16,17 @@ def _key(node: fx.Node):
         return None
 
 
+def _written(node: fx.Node) -> bool:
+    """Whether a user writes its result into ``node``'s value (it says so with ``meta["writes_arg"]``, the index of
+    the argument it overwrites): such a value must keep its one reader, so it is never merged with a twin.
+    """
+    for user in node.users:
+        i = user.meta.get("writes_arg")
+        if i is not None and i < len(user.args) and user.args[i] is node:
+            return True
+    return False
+
+
 def clean(gm: fx.GraphModule) -> fx.GraphModule:
     """Merge identical pure nodes and drop dead ones, in place; returns ``gm`` recompiled."""
     seen: dict = {}
@@ -30,6 +41,8 @@ def clean(gm: fx.GraphModule) -> fx.GraphModule:
         if key is None:
             continue
         if key in seen:
+            if _written(node) or _written(seen[key]):
+                continue
             node.replace_all_uses_with(seen[key])
             gm.graph.erase_node(node)
         else:

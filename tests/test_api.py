@@ -604,3 +604,21 @@ def test_differentiable_vjp_through_fused_kernels():
 
         ref = grad(f)(x.detach())
         assert (got - ref).abs().max() <= 1e-10 * ref.abs().max(), wrt
+
+
+@pytest.mark.parametrize("written", [False, True])
+def test_clean_up_never_merges_a_value_that_is_written_into(written):
+    """Twin nodes are merged by clean-up, unless a user writes its result into one of them (``writes_arg``)."""
+    import torch.fx as fx
+
+    from passes.clean import clean
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    a, b = g.call_function(torch.neg, (x,)), g.call_function(torch.neg, (x,))
+    w = g.call_function(torch.mul, (b, 2.0))
+    if written:
+        w.meta["writes_arg"] = 0
+    g.output((a, w))
+    gm = clean(fx.GraphModule(torch.nn.Module(), g))
+    assert sum(n.target is torch.neg for n in gm.graph.nodes) == (2 if written else 1)

@@ -5,7 +5,10 @@ Stacks follow Note [stacked columns] in ``passes/protocol.py``: one leading colu
 
 from __future__ import annotations
 
+import operator
+
 import torch
+import torch.fx as fx
 
 
 def align(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -76,3 +79,65 @@ def records_grad(*tensors) -> bool:
     backward must not be used then.
     """
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# Note [reused cotangents]
+# ~~~~~~~~~~~~~~~~~~~~~~~~
+# A stack of K columns through a convolutional net is the largest tensor of a product (the cnn's first
+# activation with 10 columns: 42 MB). On CPU every fresh buffer that large is new memory from the kernel, and its
+# page faults cost more than the arithmetic (a ReLU's mask on it: 10 ms into a new buffer, 1 ms in place). So an
+# activation's fused backward kernel writes into the cotangent it reads when that cotangent is memory nothing
+# else reads: the result of a kernel that allocates it (marked with :func:`allocates`, or the sum of two stacks),
+# read by that one kernel alone. In the backward pass a value's cotangent has exactly one reader, the rule of the
+# op that made the value, so the check at build time holds at run time. :func:`into_cotangent` still runs the
+# plain kernel where writing in place is not allowed: under autograd, under torch.compile, or where the result
+# would not have the cotangent's shape and dtype.
+
+ALLOCATING: set = set()
+WRITERS: dict = {}  # name -> a backward kernel with a ``grad_input=`` form (product code names it: fx prints no ops)
+
+
+def allocates(fn):
+    """Mark a kernel whose results are memory it allocated, read by nothing else (Note [reused cotangents])."""
+    ALLOCATING.add(fn)
+    return fn
+
+
+def writes_into(fn):
+    """Register a backward kernel ``fn(t, *args, grad_input=None)`` that may write its result into ``t``."""
+    WRITERS[fn.__name__] = fn
+    return fn
+
+
+def fresh(node) -> bool:
+    """Whether the value of a product-graph node is memory that only its one reader reads."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or len(node.users) != 1:
+        return False
+    if node.target is operator.getitem:
+        src = node.args[0]
+        return isinstance(src, fx.Node) and src.op == "call_function" and src.target in ALLOCATING
+    if node.target is operator.add:
+        return all(isinstance(a, fx.Node) for a in node.args)
+    return node.target in ALLOCATING
+
+
+def reuse_cotangent(node, ct) -> None:
+    """Turn ``node``, a call of a registered kernel on ``ct``, into one that writes into ``ct`` where ``ct`` is
+    memory no one else reads; marked so that clean-up never merges ``ct`` with a twin (passes/clean.py).
+    """
+    name = getattr(node.target, "__name__", None)
+    if node.args[:1] == (ct,) and WRITERS.get(name) is node.target and fresh(ct):
+        node.args, node.target = (name,) + node.args, into_cotangent
+        node.meta["writes_arg"] = 1
+
+
+def into_cotangent(name, t, *args, **kwargs):
+    """``kernel(t, *args)`` for the kernel registered as ``name``, written into ``t`` where allowed (Note
+    [reused cotangents]).
+    """
+    kernel = WRITERS[name]
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if torch.compiler.is_compiling() or records_grad(t, *tensors) or \
+            any(a.dtype != t.dtype or torch.broadcast_shapes(a.shape, t.shape) != t.shape for a in tensors):
+        return kernel(t, *args, **kwargs)
+    return kernel(t, *args, grad_input=t, **kwargs)

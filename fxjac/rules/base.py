@@ -72,8 +72,14 @@ class Elementwise(Rule):
         return self._times_derivative(e, site, t)
 
     def vjp(self, e, site, ct):
-        """``f'(x) * ct``."""
-        return {"input": self._times_derivative(e, site, ct)}
+        """``f'(x) * ct``, written into ``ct`` where that is memory no one else reads (Note [reused cotangents]
+        in fxjac/rules/_rt.py).
+        """
+        out = self.fused(e, site, ct)
+        if out is None:
+            return {"input": e(operator.mul, ct, self.derivative(e, site))}
+        _rt.reuse_cotangent(out, ct)
+        return {"input": out}
 
     def diag_vjp(self, e, site, d):
         """``f'(x)² * d``."""

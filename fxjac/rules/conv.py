@@ -281,6 +281,15 @@ def _corr_weight_unfold(a, c, stride, dilation, ksize, groups, per_sample):
     cols = patches(a.reshape((ka * b, ch) + tuple(a.shape[-2:])), ksize, dil, st, so)
     cols = cols.reshape(ka, b, g, -1, so[0] * so[1])  # [Ka, B, g, C/g·k, L]
     cc = c.reshape(kc, b, g, o // g, so[0] * so[1])  # [Kc, B, g, O/g, L]
+    if per_sample and ka == 1 and not torch.compiler.is_compiling() and not _rt.records_grad(cc, cols):
+        # one bmm per cotangent column, written in place (so not under autograd or torch.compile): an einsum
+        # would first copy the whole cotangent stack sample-major (the largest tensor here), and expanding the
+        # patches over the columns copies those
+        y = cc.new_empty((kc, b, g, o // g, cols.shape[3]))
+        pt = cols[0].reshape(b * g, -1, so[0] * so[1]).transpose(1, 2)
+        for k in range(kc):
+            torch.bmm(cc[k].reshape(b * g, o // g, -1), pt, out=y[k].view(b * g, o // g, -1))
+        return y.reshape((kc, b, o, ch // g) + tuple(ksize[-n:]))
     if per_sample:
         y = torch.einsum("abgjl,cbgol->acbgoj", cols, cc)
         return y.reshape((ka * kc, b, o, ch // g) + tuple(ksize[-n:]))
@@ -315,6 +324,7 @@ def conv_t_weight_ct(ct, x, w, stride, padding, dilation, groups, per_sample):
     return corr_weight(ct, x.unsqueeze(0), stride, dilation, pads, tuple(w.shape[2:]), groups, per_sample)
 
 
+@_rt.allocates
 def conv_cts(ct, x, w, has_bias, stride, padding, dilation, groups, transposed, output_padding, mask):
     """Cotangent stacks ``[K, *]`` of a convolution's (input, weight, bias), summed over the batch, ``None``
     where ``mask`` is false. One column goes through ATen's ``convolution_backward`` (the kernel autograd runs:
@@ -369,6 +379,7 @@ def pool_gather(t, idx, n: int):
     return t.flatten(-n).gather(-1, i).reshape((t.shape[0],) + tuple(idx.shape))
 
 
+@_rt.allocates
 def pool_scatter(ct, idx, x, n: int):
     """Adjoint of :func:`pool_gather`: ``[K, *y]`` added into zeros ``[K, *x]`` at the indices.
 

@@ -15,10 +15,15 @@ import torch.nn.functional as F
 
 from passes.protocol import ZERO
 
+from . import _rt
 from .base import Broadcasting, Elementwise
 from .registry import register
 
 _aten = torch.ops.aten
+# the activations' backward kernels may write into a cotangent no one else reads (Note [reused cotangents])
+for _kernel in (_aten.threshold_backward, _aten.leaky_relu_backward, _aten.elu_backward, _aten.silu_backward,
+                _aten.tanh_backward, _aten.sigmoid_backward, _aten.softplus_backward, _aten.hardtanh_backward):
+    _rt.writes_into(_kernel)
 
 # --- derivative kernels (run inside generated code) -----------------------------------------------------
 
@@ -45,9 +50,12 @@ def gelu_grad(x, approximate="none"):
     return cdf + x * pdf
 
 
-def gelu_times(t, x, approximate):
-    """``gelu'(x) · t`` by ATen's gelu backward (its oneDNN kernel wants ``x`` expanded to the stack's shape)."""
-    return _aten.gelu_backward(t, x.expand_as(t), approximate=approximate)
+@_rt.writes_into
+def gelu_times(t, x, approximate, **out):
+    """``gelu'(x) · t`` by ATen's gelu backward (its oneDNN kernel wants ``x`` expanded to the stack's shape);
+    ``out`` may name its ``grad_input``.
+    """
+    return _aten.gelu_backward(t, x.expand_as(t), approximate=approximate, **out)
 
 
 def silu_grad(x):

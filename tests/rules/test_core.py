@@ -288,3 +288,59 @@ def test_operator_spellings_are_registered():
 
     for key in (operator.add, operator.mul, operator.matmul, operator.getitem, "relu", torch.tanh, F.linear):
         assert key in RULES
+
+
+class _ConvActPool(nn.Module):
+    """conv → activation → max pool, the activation's output also read by a second branch where ``fan_out``."""
+
+    def __init__(self, f, fan_out):
+        super().__init__()
+        self.f, self.fan_out = f, fan_out
+        self.conv, self.fc = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(12, 4)
+
+    def forward(self, x):
+        h = self.f(self.conv(x))
+        out = F.max_pool2d(h, 2)
+        if self.fan_out:
+            out = out + F.avg_pool2d(h, 2)
+        return self.fc(out.flatten(1))
+
+
+@pytest.mark.parametrize("fan_out", [False, True])
+@pytest.mark.parametrize("name", _FUSED)
+def test_activation_kernels_write_into_fresh_cotangents(name, fan_out):
+    """Note [reused cotangents]: behind a max pooling (and a sum of two branches) the activation's backward kernel
+    writes into the cotangent stack it reads; every product stays exact, in float64 and float32.
+    """
+    import fxjac
+
+    f = next(s[1] for s in SAMPLES if s[0] == name)
+    inner = lambda t: f(None, t)  # noqa: E731
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    model = _ConvActPool(inner, fan_out)
+    x = torch.randn(3, 2, 4, 4, generator=g) * 2
+    assert "into_cotangent" in fxjac.ggn(model, loss="cross_entropy", out="diag", example_inputs=(x,)).code
+    check_direction_products(model.double(), (x.double(),), products=("vjp", "mjp"))
+    check_direction_products(model.float(), (x,), dtype=torch.float32, products=("vjp", "mjp"))
+
+
+def test_cotangents_read_elsewhere_are_never_overwritten():
+    """The caller's cotangent, and a cotangent an addition hands to both of its inputs, are read by more than the
+    activation: they are never written into (Note [reused cotangents]).
+    """
+    import fxjac
+
+    class Net(nn.Module):
+        def forward(self, x):
+            return torch.relu(torch.relu(x) + x.flip(-1))
+
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    w = torch.randn(3, 4, dtype=torch.float64)
+    keep = w.clone()
+    p = fxjac.vjp(Net(), wrt="input", example_inputs=(x,))
+    assert "into_cotangent" not in p.code
+    _, got = p(x, w)
+    assert torch.equal(w, keep)
+    _, ref = torch.func.vjp(Net(), x)
+    assert torch.allclose(got, ref(w)[0], rtol=1e-12, atol=1e-12)
