@@ -260,6 +260,11 @@ def _corr_weight_shifts(a, c, dilation, ksize, groups, per_sample):
     return y.sum(0).permute(1, 0, 2, 3, 4, 5).reshape(k, o, ch // g, ksize[0], ksize[1])
 
 
+# Under torch.compile the per-column GEMMs of :func:`_corr_weight_unfold` are unrolled into the graph up to this
+# many columns (more would slow compilation; the einsum serves those).
+PER_COLUMN_UNROLL = 32
+
+
 def _corr_weight_unfold(a, c, stride, dilation, ksize, groups, per_sample):
     """:func:`corr_weight` by im2col: the patches of the (padded) input times the cotangent, one batched GEMM.
 
@@ -281,15 +286,18 @@ def _corr_weight_unfold(a, c, stride, dilation, ksize, groups, per_sample):
     cols = patches(a.reshape((ka * b, ch) + tuple(a.shape[-2:])), ksize, dil, st, so)
     cols = cols.reshape(ka, b, g, -1, so[0] * so[1])  # [Ka, B, g, C/g·k, L]
     cc = c.reshape(kc, b, g, o // g, so[0] * so[1])  # [Kc, B, g, O/g, L]
-    if per_sample and ka == 1 and not torch.compiler.is_compiling() and not _rt.records_grad(cc, cols):
-        # one bmm per cotangent column, written in place (so not under autograd or torch.compile): an einsum
-        # would first copy the whole cotangent stack sample-major (the largest tensor here), and expanding the
-        # patches over the columns copies those
-        y = cc.new_empty((kc, b, g, o // g, cols.shape[3]))
+    if per_sample and ka == 1 and (kc <= PER_COLUMN_UNROLL or not torch.compiler.is_compiling()):
+        # one bmm per cotangent column: an einsum would first copy the whole cotangent stack sample-major (the
+        # largest tensor here), and expanding the patches over the columns copies those. Written in place
+        # eagerly; under autograd or torch.compile, stacked (inductor writes the GEMMs into the stack)
         pt = cols[0].reshape(b * g, -1, so[0] * so[1]).transpose(1, 2)
+        shape = (kc, b, o, ch // g) + tuple(ksize[-n:])
+        if torch.compiler.is_compiling() or _rt.records_grad(cc, cols):
+            return torch.stack([torch.bmm(cc[k].reshape(b * g, o // g, -1), pt) for k in range(kc)]).reshape(shape)
+        y = cc.new_empty((kc, b, g, o // g, cols.shape[3]))
         for k in range(kc):
             torch.bmm(cc[k].reshape(b * g, o // g, -1), pt, out=y[k].view(b * g, o // g, -1))
-        return y.reshape((kc, b, o, ch // g) + tuple(ksize[-n:]))
+        return y.reshape(shape)
     if per_sample:
         y = torch.einsum("abgjl,cbgol->acbgoj", cols, cc)
         return y.reshape((ka * kc, b, o, ch // g) + tuple(ksize[-n:]))

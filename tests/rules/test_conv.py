@@ -328,3 +328,32 @@ def test_torch_compile_changing_batch():
 def test_diag_backprop(name, factory, shape):
     # One op: the diagonal rule must equal the exact diagonal of Jᵀ diag(d) J.
     reference.check_diag_backprop(_model(factory), (_input(shape, 3),))
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("mode", ["eager", "autograd", "compiled", "compiled_einsum"])
+def test_per_sample_weight_cotangents_per_column(mode, monkeypatch):
+    """A stack of columns of per-sample weight cotangents by im2col takes one GEMM per column: written into one
+    buffer eagerly, stacked under autograd and torch.compile, by one einsum under compile past
+    ``PER_COLUMN_UNROLL`` columns; all exact.
+    """
+    from reference import assert_close, per_sample_jacobian
+
+    from fxjac.rules import conv as rules
+
+    if mode == "compiled_einsum":
+        monkeypatch.setattr(rules, "PER_COLUMN_UNROLL", 1)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), nn.Tanh(),
+                          nn.Conv2d(6, 3, 2)).double()
+    x = _input((4, 7, 6), 3)
+    J = per_sample_jacobian(model, (x,), "params")  # [B, O, P]
+    M = torch.randn(3, 4, J.shape[1], generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    p = fxjac.mjp(model, wrt="params", reduce="none", differentiable=mode == "autograd", example_inputs=(x,))
+    if mode.startswith("compiled"):
+        p = torch.compile(p, backend="aot_eager", fullgraph=True)
+    got = p(x, M.requires_grad_(mode == "autograd"))[1]
+    assert_close(got.detach(), torch.einsum("bko,bop->bkp", M.detach(), J), f"per-sample mjp [{mode}]")
+    if mode == "autograd":  # and it differentiates: d<got, R>/dM = R J per sample
+        R = torch.randn_like(got)
+        (dm,) = torch.autograd.grad((got * R).sum(), M)
+        assert_close(dm, torch.einsum("bkp,bop->bko", R, J), "d per-sample mjp / dM")
