@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import fxjac
@@ -163,3 +164,48 @@ def test_inductor_vjp(reduce):
     for batch in BATCHES:
         x, w = torch.randn(batch, 4), torch.randn(batch, 3)
         _close(compiled(x, w)[1], p(x, w)[1])
+
+
+class _ConvPool(nn.Module):
+    """conv → ReLU → max pool → conv → ReLU → linear: im2col patches, max-pool scatters and ReLU masks."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 3), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = F.max_pool2d(torch.relu(self.c1(x)), 2)
+        return self.fc(torch.relu(self.c2(h)).flatten(1))
+
+
+@pytest.mark.parametrize("name, options", [("ggn", dict(loss="cross_entropy", out="diag")),
+                                           ("vjp", dict(wrt="params", reduce="none")),
+                                           ("vjp", dict(wrt="params", differentiable=True))])
+def test_eager_kernels_stay_custom_ops_under_compile(name, options):
+    """Note [eager kernels under torch.compile]: the max-pool scatter, the im2col patches and ReLU's mask written
+    into its cotangent are custom ops in the compiled graph, with shapes that follow the batch; differentiable
+    products keep the plain ops (the custom ops have no derivative).
+    """
+    torch.manual_seed(0)
+    model = _ConvPool().eval()
+    g = torch.Generator().manual_seed(2)
+    p = getattr(fxjac, name)(model, example_inputs=(torch.randn(6, 2, 8, 8, generator=g),), **options)
+    seen = set()
+
+    def backend(gm, example_inputs):
+        seen.update(str(n.target).split(".")[1] for n in gm.graph.nodes if str(n.target).startswith("fxjac."))
+        return gm.forward
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(p, backend=backend, fullgraph=True, dynamic=True)
+    differentiable = options.get("differentiable", False)
+    for batch in (6, 7):  # 3·batch ≥ 16 for both: fake convolution guards on it (a PyTorch choice)
+        x = torch.randn(batch, 2, 8, 8, generator=g)
+        ops = () if name == "ggn" else (torch.randn(batch, 3, generator=g, requires_grad=differentiable),)
+        _close(compiled(x, *ops)[1].detach(), p(x, *ops)[1].detach())
+    # per-sample weight cotangents of the 2-channel convolution come from patches
+    want = set() if differentiable else {"pool_scatter", "relu_mask_", "patches"}
+    assert seen == want, seen
+    assert counters["stats"]["unique_graphs"] == 1, f"recompiled: {dict(counters['stats'])}"
+    assert not counters["graph_break"], dict(counters["graph_break"])

@@ -214,10 +214,17 @@ UNFOLD_BYTES = 256 << 20
 """Patch matrices up to this size take the im2col path of :func:`corr_weight` (1-d and 2-d convolutions)."""
 
 
-def patches(a, ksize, dilation, stride, grid):
+def _patches_like(a, ksize, dilation, stride, grid):
+    return a.new_empty((a.shape[0], a.shape[1] * ksize[0] * ksize[1], grid[0] * grid[1]))
+
+
+@_rt.eager_under_compile(_patches_like)
+def patches(a: torch.Tensor, ksize: list[int], dilation: list[int], stride: list[int],
+            grid: list[int]) -> torch.Tensor:
     """im2col of ``a`` ``[N, C, H, W]``: ``[N, C·kh·kw, gh·gw]``, the first ``grid`` positions of each axis.
 
-    A strided view of the windows copied once (ATen's im2col is about twice as slow on CPU).
+    A strided view of the windows copied once (ATen's im2col is about twice as slow on CPU, inductor's loops
+    for it as slow: an eager kernel under torch.compile).
     """
     for axis, (k, d, st, n) in enumerate(zip(ksize, dilation, stride, grid)):
         a = a.unfold(2 + axis, d * (k - 1) + 1, st)[..., ::d] if d > 1 else a.unfold(2 + axis, k, st)
@@ -260,8 +267,11 @@ def _corr_weight_shifts(a, c, dilation, ksize, groups, per_sample):
     return y.sum(0).permute(1, 0, 2, 3, 4, 5).reshape(k, o, ch // g, ksize[0], ksize[1])
 
 
-# Under torch.compile the per-column GEMMs of :func:`_corr_weight_unfold` are unrolled into the graph up to this
-# many columns (more would slow compilation; the einsum serves those).
+# Per-sample weight cotangents of a stack by im2col take one GEMM per column where a patch (C/g · kernel size)
+# has at most PER_COLUMN_PATCH entries (measured on CPU: 27 entries 2x faster than the einsum, 72 1.2x faster,
+# 144 about even, 432 1.5x slower); under torch.compile, for at most PER_COLUMN_UNROLL columns (each GEMM is a
+# node of the graph: more would slow compilation).
+PER_COLUMN_PATCH = 128
 PER_COLUMN_UNROLL = 32
 
 
@@ -286,10 +296,12 @@ def _corr_weight_unfold(a, c, stride, dilation, ksize, groups, per_sample):
     cols = patches(a.reshape((ka * b, ch) + tuple(a.shape[-2:])), ksize, dil, st, so)
     cols = cols.reshape(ka, b, g, -1, so[0] * so[1])  # [Ka, B, g, C/g·k, L]
     cc = c.reshape(kc, b, g, o // g, so[0] * so[1])  # [Kc, B, g, O/g, L]
-    if per_sample and ka == 1 and (kc <= PER_COLUMN_UNROLL or not torch.compiler.is_compiling()):
+    if per_sample and ka == 1 and cols.shape[3] <= PER_COLUMN_PATCH and \
+            (kc <= PER_COLUMN_UNROLL or not torch.compiler.is_compiling()):
         # one bmm per cotangent column: an einsum would first copy the whole cotangent stack sample-major (the
-        # largest tensor here), and expanding the patches over the columns copies those. Written in place
-        # eagerly; under autograd or torch.compile, stacked (inductor writes the GEMMs into the stack)
+        # largest tensor here), and expanding the patches over the columns copies those. That copy outweighs the
+        # GEMMs where the patches are short; with long patches the einsum's one GEMM over all columns is faster.
+        # Written in place eagerly; under autograd or torch.compile, stacked (inductor writes the GEMMs into it)
         pt = cols[0].reshape(b * g, -1, so[0] * so[1]).transpose(1, 2)
         shape = (kc, b, o, ch // g) + tuple(ksize[-n:])
         if torch.compiler.is_compiling() or _rt.records_grad(cc, cols):
@@ -387,12 +399,18 @@ def pool_gather(t, idx, n: int):
     return t.flatten(-n).gather(-1, i).reshape((t.shape[0],) + tuple(idx.shape))
 
 
+def _scattered_like(ct, idx, x, n):
+    return ct.new_empty((ct.shape[0],) + tuple(x.shape))
+
+
 @_rt.allocates
-def pool_scatter(ct, idx, x, n: int):
+@_rt.eager_under_compile(_scattered_like)
+def pool_scatter(ct: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
     """Adjoint of :func:`pool_gather`: ``[K, *y]`` added into zeros ``[K, *x]`` at the indices.
 
     Every (column, sample, channel) plane is one plane of ATen's adaptive max pooling backward, which only reads
-    the indices: one fused scatter kernel, where windows that share a maximum add up there, as in autograd.
+    the indices: one fused scatter kernel, where windows that share a maximum add up there, as in autograd (an
+    eager kernel under torch.compile: inductor's loops around it were 3x slower).
     """
     k, in_sp, out_sp = ct.shape[0], tuple(x.shape[-n:]), tuple(idx.shape[-n:])
     lead = (k,) + tuple(idx.shape[:-n])

@@ -331,11 +331,11 @@ def test_diag_backprop(name, factory, shape):
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("mode", ["eager", "autograd", "compiled", "compiled_einsum"])
+@pytest.mark.parametrize("mode", ["eager", "autograd", "compiled", "compiled_einsum", "long_patches"])
 def test_per_sample_weight_cotangents_per_column(mode, monkeypatch):
     """A stack of columns of per-sample weight cotangents by im2col takes one GEMM per column: written into one
-    buffer eagerly, stacked under autograd and torch.compile, by one einsum under compile past
-    ``PER_COLUMN_UNROLL`` columns; all exact.
+    buffer eagerly, stacked under autograd and torch.compile; by one einsum under compile past
+    ``PER_COLUMN_UNROLL`` columns and for patches longer than ``PER_COLUMN_PATCH``; all exact.
     """
     from reference import assert_close, per_sample_jacobian
 
@@ -343,6 +343,8 @@ def test_per_sample_weight_cotangents_per_column(mode, monkeypatch):
 
     if mode == "compiled_einsum":
         monkeypatch.setattr(rules, "PER_COLUMN_UNROLL", 1)
+    if mode == "long_patches":
+        monkeypatch.setattr(rules, "PER_COLUMN_PATCH", 0)
     model = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), nn.Tanh(),
                           nn.Conv2d(6, 3, 2)).double()
     x = _input((4, 7, 6), 3)
