@@ -209,3 +209,26 @@ def test_eager_kernels_stay_custom_ops_under_compile(name, options):
     assert seen == want, seen
     assert counters["stats"]["unique_graphs"] == 1, f"recompiled: {dict(counters['stats'])}"
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@pytest.mark.parametrize("name, options", [("ggn", dict(loss="cross_entropy", out="diag")),
+                                           ("jmjtp", dict(wrt="params", matrix="diag")),
+                                           ("jmjtp", dict(wrt="params", matrix="diag", out="diag"))])
+def test_shared_weight_contractions_compile_fullgraph(name, options):
+    """A Linear on ``[B, T, d]`` (its weight read at T positions): the sample-major contractions compile to one
+    graph (in one piece, where eager code forms them a few samples at a time)."""
+    torch.manual_seed(0)
+    model = _Positions().eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(3)
+    p = getattr(fxjac, name)(model, example_inputs=(torch.randn(BATCHES[0], 6, 4, generator=g),), **options)
+    assert "linear_weight_shared" in p.code
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(p, backend="aot_eager", fullgraph=True, dynamic=True)
+    for batch in BATCHES:
+        x = torch.randn(batch, 6, 4, generator=g)
+        ops = () if name == "ggn" else (torch.rand(n_params, generator=g),)
+        _close(compiled(x, *ops)[1], p(x, *ops)[1])
+    assert counters["stats"]["unique_graphs"] == 1, f"recompiled: {dict(counters['stats'])}"
+    assert not counters["graph_break"], dict(counters["graph_break"])

@@ -365,19 +365,21 @@ class _SeqFirst(nn.Module):
         return self.b(torch.tanh(self.a(x.transpose(0, 1)))).sum(0)
 
 
-@pytest.mark.parametrize("layout", ["batch_first", "seq_first"])
-def test_weights_shared_across_positions_are_contracted_sample_major(layout, one_thread):
+@pytest.mark.parametrize("layout", ["batch_first", "seq_first", "one_sample_per_piece"])
+def test_weights_shared_across_positions_are_contracted_sample_major(layout, one_thread, monkeypatch):
     """A Linear on ``[B, T, d]``: the exact GGN diagonal and ``J diag(σ) Jᵀ`` contract its per-sample
-    cotangents as soon as they are formed (``linear_weight_shared_*``); every metric product stays exact, also
-    where the batch is not the first axis and the generic path is taken.
+    cotangents as soon as they are formed (``linear_weight_shared_*``), a few samples at a time; every metric
+    product stays exact, also where the batch is not the first axis and the generic path is taken.
     """
+    if layout == "one_sample_per_piece":
+        monkeypatch.setattr(fxjac.rules.linear, "SHARED_CHUNK_BYTES", 1)
     g = torch.Generator().manual_seed(6)
-    if layout == "batch_first":
+    if layout != "seq_first":
         model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), nn.Flatten()).double()
     else:
         model = _SeqFirst().double()
     x = torch.randn(5, 3, 3, dtype=torch.float64, generator=g)
-    shared = layout == "batch_first"
+    shared = layout != "seq_first"
     assert ("linear_weight_shared_sandwich" in fxjac.jmjtp(model, wrt="params", matrix="diag",
                                                           example_inputs=(x,)).code) == shared
     p = fxjac.ggn(model, loss="cross_entropy", out="diag", example_inputs=(x,))

@@ -110,39 +110,60 @@ def linear_weight_gram_diag_into(out, ct, x, w, reduce_sum):
     return _write(out.view(b, o, i), torch.mul, c2.unsqueeze(-1), (x * x).unsqueeze(-2)).reshape(out.shape)
 
 
+# The per-sample cotangents of a shared weight are formed and contracted a few samples at a time, so that each
+# piece stays in cache between the GEMM that forms it and the passes that contract it (eagerly: under
+# torch.compile in one piece, which inductor fuses).
+SHARED_CHUNK_BYTES = 1 << 20
+
+
 def shared_weight_grads(ct, x):
     """Per-sample, per-column cotangents of a weight shared across positions, ``G_kb = Σ_t ct_kbt ⊗ x_bt``, as
-    ``[B, K, out*in]``: ``ct`` ``[K, B, *, out]``, ``x`` ``[B, *, in]``. One bmm per call, sample-major, so the
-    contractions after it (over the columns, the parameters or both) need no permuted copy of ``G``.
+    ``[B, K, out*in]`` pieces of consecutive samples: ``ct`` ``[K, B, *, out]``, ``x`` ``[B, *, in]``. One bmm
+    per piece, sample-major, so the contractions after it (over the columns, the parameters or both) need no
+    permuted copy of ``G``.
     """
     k, b, o, i = ct.shape[0], ct.shape[1], ct.shape[-1], x.shape[-1]
     t = math.prod(x.shape[1:-1])
     c = ct.reshape(k, b, t, o).permute(1, 0, 3, 2).reshape(b, k * o, t)
-    return torch.bmm(c, x.reshape(b, t, i)).view(b, k, o * i)
+    xs = x.reshape(b, t, i)
+    if torch.compiler.is_compiling():
+        return [torch.bmm(c, xs).view(b, k, o * i)]
+    step = max(1, SHARED_CHUNK_BYTES // max(1, k * o * i * ct.element_size()))
+    return [torch.bmm(c[lo:lo + step], xs[lo:lo + step]).view(min(step, b - lo), k, o * i)
+            for lo in range(0, max(b, 1), step)]  # sizes spelled out: with a batch of zero, -1 is ambiguous
+
+
+def _cat0(parts):
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def linear_weight_shared_gram_diag_into(out, ct, x, w, reduce_sum):
     """:func:`linear_weight_gram_diag_into` for a weight shared across positions: ``Σ_k w_kb G_kb²`` from
     :func:`shared_weight_grads`, summed over the batch unless per sample, written into ``out``.
     """
-    g = shared_weight_grads(ct, x)
-    g2 = g * g
-    if w is not None:
-        g2 = g2 * w.t().unsqueeze(-1)
+    wt = None if w is None else w.t().unsqueeze(-1)
+    sums, lo = [], 0
+    for g in shared_weight_grads(ct, x):
+        g2 = g * g
+        if wt is not None:
+            g2 = g2 * wt[lo:lo + g.shape[0]]
+        lo += g.shape[0]
+        sums.append(g2.sum((0, 1)) if reduce_sum else g2.sum(1))
     if reduce_sum:
-        return _write(out.view(-1), torch.sum, g2.view(-1, g2.shape[-1]), 0).reshape(out.shape)
-    return _write(out.view(g2.shape[0], -1), torch.sum, g2, 1).reshape(out.shape)
+        return _write(out.view(-1), torch.sum, torch.stack(sums), 0).reshape(out.shape)
+    return _write(out.view(ct.shape[1], -1), torch.cat, sums).reshape(out.shape)
 
 
 def linear_weight_shared_sandwich(ct, x, sigma, out_diag):
     """:func:`linear_weight_sandwich` for a weight shared across positions: ``Σ_p G_ob,p σ_p G_qb,p`` from
     :func:`shared_weight_grads` -> ``[B, O, O]`` (or its diagonal ``[B, O]``).
     """
-    g = shared_weight_grads(ct, x)
-    gs = g * sigma.reshape(-1)
-    if out_diag:
-        return (gs * g).sum(-1)
-    return torch.bmm(gs, g.transpose(1, 2))
+    s = sigma.reshape(-1)
+    parts = []
+    for g in shared_weight_grads(ct, x):
+        gs = g * s
+        parts.append((gs * g).sum(-1) if out_diag else torch.bmm(gs, g.transpose(1, 2)))
+    return _cat0(parts)
 
 
 def linear_weight_sandwich(ct, x, sigma, out_diag):
