@@ -317,7 +317,7 @@ def test_weighted_jtmjp_of_linear_layers_in_closed_form(name, one_thread):
 
 @pytest.mark.parametrize("name", ["conv", "narrow_head"])
 def test_full_ggn_in_closed_form_compiles_fullgraph(name):
-    """Under torch.compile the result is one ``cat`` instead of writes into slices (each a pass over all of it)."""
+    """Under torch.compile the Kronecker blocks are one custom op, which runs the eager writes into the result."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -328,12 +328,19 @@ def test_full_ggn_in_closed_form_compiles_fullgraph(name):
     assert "kron_gram" in p.code
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(p, backend="aot_eager", fullgraph=True, dynamic=True)
+    seen = set()
+
+    def backend(gm, example_inputs):  # aot_eager, noting the custom ops in the captured graph
+        seen.update(str(n.target) for n in gm.graph.nodes if str(n.target).startswith("fxjac."))
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    compiled = torch.compile(p, backend=backend, fullgraph=True, dynamic=True)
     for batch in (5, 7):
         x = torch.randn(batch, *shape[1:], generator=g)
         got, ref = compiled(x)[1], p(x)[1]
         assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert not counters["graph_break"], dict(counters["graph_break"])
+    assert any(t.startswith("fxjac.kron_gram") for t in seen), seen  # an eager kernel (custom op) when compiled
 
 
 def test_closed_form_linear_weights_do_not_force_chunks():
