@@ -16,19 +16,24 @@ def _key(node: fx.Node):
         return None
 
 
-def _written(node: fx.Node) -> bool:
-    """Whether a user writes its result into ``node``'s value (it says so with ``meta["writes_arg"]``, the index of
-    the argument it overwrites): such a value must keep its one reader, so it is never merged with a twin.
+def _unwrite_shared(graph: fx.Graph) -> None:
+    """A node that writes its result into one of its arguments (``meta["writes_arg"]``, that argument's index) may
+    do so only as the argument's one reader; elsewhere it gets back its plain form: ``meta["plain"]``, a target
+    that takes the node's arguments after the first ``meta["plain_drop"]``. Checked on the finished graph: a
+    reader may be emitted after the writer (an addition hands the same cotangent to both of its inputs), or
+    merged into the argument's readers by CSE.
     """
-    for user in node.users:
-        i = user.meta.get("writes_arg")
-        if i is not None and i < len(user.args) and user.args[i] is node:
-            return True
-    return False
+    for node in graph.nodes:
+        i = node.meta.get("writes_arg")
+        if i is not None and len(node.args[i].users) != 1:
+            node.target, node.args = node.meta.pop("plain"), node.args[node.meta.pop("plain_drop"):]
+            del node.meta["writes_arg"]
 
 
 def clean(gm: fx.GraphModule) -> fx.GraphModule:
-    """Merge identical pure nodes and drop dead ones, in place; returns ``gm`` recompiled."""
+    """Merge identical pure nodes, drop dead ones and keep writes into arguments only where they are safe, in place;
+    returns ``gm`` recompiled.
+    """
     seen: dict = {}
     for node in list(gm.graph.nodes):
         if node.op not in ("call_function", "call_method", "get_attr"):
@@ -41,13 +46,12 @@ def clean(gm: fx.GraphModule) -> fx.GraphModule:
         if key is None:
             continue
         if key in seen:
-            if _written(node) or _written(seen[key]):
-                continue
             node.replace_all_uses_with(seen[key])
             gm.graph.erase_node(node)
         else:
             seen[key] = node
     gm.graph.eliminate_dead_code()
+    _unwrite_shared(gm.graph)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -606,19 +606,29 @@ def test_differentiable_vjp_through_fused_kernels():
         assert (got - ref).abs().max() <= 1e-10 * ref.abs().max(), wrt
 
 
-@pytest.mark.parametrize("written", [False, True])
-def test_clean_up_never_merges_a_value_that_is_written_into(written):
-    """Twin nodes are merged by clean-up, unless a user writes its result into one of them (``writes_arg``)."""
+@pytest.mark.parametrize("twin", [False, True])
+def test_clean_up_keeps_writes_into_arguments_only_for_their_one_reader(twin):
+    """A node that writes into its argument (``meta["writes_arg"]``) keeps doing so only where it is that value's
+    one reader in the finished graph; where CSE merges the argument with a twin that others read, it gets back its
+    plain form (``meta["plain"]``).
+    """
     import torch.fx as fx
 
     from passes.clean import clean
 
+    def scale_into(tag, t, k):
+        return t.mul_(k)
+
     g = fx.Graph()
     x = g.placeholder("x")
-    a, b = g.call_function(torch.neg, (x,)), g.call_function(torch.neg, (x,))
-    w = g.call_function(torch.mul, (b, 2.0))
-    if written:
-        w.meta["writes_arg"] = 0
+    a = g.call_function(torch.neg, (x,))
+    b = g.call_function(torch.neg, (x if twin else a,))  # a twin of ``a``, or a value of its own
+    w = g.call_function(scale_into, ("mul", b, 2.0))
+    w.meta.update(writes_arg=1, plain=torch.mul, plain_drop=1)
     g.output((a, w))
     gm = clean(fx.GraphModule(torch.nn.Module(), g))
-    assert sum(n.target is torch.neg for n in gm.graph.nodes) == (2 if written else 1)
+    (writer,) = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is not torch.neg]
+    assert writer.target is (torch.mul if twin else scale_into)
+    x = torch.randn(3)
+    y, z = gm(x)
+    assert torch.equal(y, -x) and torch.equal(z, (-x if twin else x) * 2)

@@ -89,8 +89,9 @@ def records_grad(*tensors) -> bool:
 # page faults cost more than the arithmetic (a ReLU's mask on it: 10 ms into a new buffer, 1 ms in place). So an
 # activation's fused backward kernel writes into the cotangent it reads when that cotangent is memory nothing
 # else reads: the result of a kernel that allocates it (marked with :func:`allocates`, or the sum of two stacks),
-# read by that one kernel alone. In the backward pass a value's cotangent has exactly one reader, the rule of the
-# op that made the value, so the check at build time holds at run time. :func:`into_cotangent` still runs the
+# read by that one kernel alone. That is checked when the rule emits the kernel and again on the finished graph
+# (passes/clean.py), as a reader may come later: an addition hands the same cotangent to both of its inputs, so
+# ``tanh(x) + x`` gives ``x`` the very cotangent that tanh's kernel reads. :func:`into_cotangent` still runs the
 # plain kernel where writing in place is not allowed: under autograd, under torch.compile, or where the result
 # would not have the cotangent's shape and dtype.
 
@@ -124,12 +125,13 @@ def fresh(node) -> bool:
 
 def reuse_cotangent(node, ct) -> None:
     """Turn ``node``, a call of a registered kernel on ``ct``, into one that writes into ``ct`` where ``ct`` is
-    memory no one else reads; marked so that clean-up never merges ``ct`` with a twin (passes/clean.py).
+    memory no one else reads. Marked with its plain form, which clean-up restores where ``ct`` has another reader
+    in the finished graph (passes/clean.py).
     """
     name = getattr(node.target, "__name__", None)
     if node.args[:1] == (ct,) and WRITERS.get(name) is node.target and fresh(ct):
+        node.meta.update(plain=node.target, plain_drop=1, writes_arg=1)
         node.args, node.target = (name,) + node.args, into_cotangent
-        node.meta["writes_arg"] = 1
 
 
 def into_cotangent(name, t, *args, **kwargs):

@@ -326,8 +326,9 @@ def test_activation_kernels_write_into_fresh_cotangents(name, fan_out):
 
 
 def test_cotangents_read_elsewhere_are_never_overwritten():
-    """The caller's cotangent, and a cotangent an addition hands to both of its inputs, are read by more than the
-    activation: they are never written into (Note [reused cotangents]).
+    """The caller's cotangent, and a cotangent an addition hands to both of its inputs (also where the other reader
+    comes after the activation's kernel), are read by more than the activation: they are never written into
+    (Note [reused cotangents]).
     """
     import fxjac
 
@@ -335,12 +336,19 @@ def test_cotangents_read_elsewhere_are_never_overwritten():
         def forward(self, x):
             return torch.relu(torch.relu(x) + x.flip(-1))
 
+    class Later(nn.Module):  # found by the fuzzer: x's second reader of that cotangent comes after tanh's kernel
+        def forward(self, x):
+            h = torch.tanh(x) + x
+            return h.mean(-1, keepdim=True) * h
+
     x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     w = torch.randn(3, 4, dtype=torch.float64)
     keep = w.clone()
-    p = fxjac.vjp(Net(), wrt="input", example_inputs=(x,))
-    assert "into_cotangent" not in p.code
-    _, got = p(x, w)
-    assert torch.equal(w, keep)
-    _, ref = torch.func.vjp(Net(), x)
-    assert torch.allclose(got, ref(w)[0], rtol=1e-12, atol=1e-12)
+    for net in (Net(), Later()):
+        p = fxjac.vjp(net, wrt="input", example_inputs=(x,))
+        assert "into_cotangent" not in p.code
+        _, got = p(x, w)
+        assert torch.equal(w, keep)
+        _, ref = torch.func.vjp(net, x)
+        assert torch.allclose(got, ref(w)[0], rtol=1e-12, atol=1e-12)
+        check_direction_products(net, (x,), products=("vjp", "mjp"))
