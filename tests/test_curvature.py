@@ -90,6 +90,7 @@ def _worker(rank, world, port, out_dir):
         model, loader = _model(), _loader(n_batches=5)
         d = fxjac.accumulate(fxjac.ggn(model, loss="cross_entropy"), loader, progress=False)
         torch.save(d, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears gloo down (rank 0 hosts the store)
     finally:
         dist.destroy_process_group()
 
