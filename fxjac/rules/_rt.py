@@ -124,9 +124,9 @@ def fresh(node) -> bool:
 
 
 def reuse_cotangent(node, ct) -> None:
-    """Turn ``node``, a call of a registered kernel on ``ct``, into one that writes into ``ct`` where ``ct`` is
-    memory no one else reads. Marked with its plain form, which clean-up restores where ``ct`` has another reader
-    in the finished graph (passes/clean.py).
+    """Turn ``node``, where it is a call of a registered kernel on ``ct``, into one that writes into ``ct`` where
+    ``ct`` is memory no one else reads (any other node is left as it is). Marked with its plain form, which
+    clean-up restores where ``ct`` has another reader in the finished graph (passes/clean.py).
     """
     name = getattr(node.target, "__name__", None)
     if node.args[:1] == (ct,) and WRITERS.get(name) is node.target and fresh(ct):

@@ -75,9 +75,7 @@ class Elementwise(Rule):
         """``f'(x) * ct``, written into ``ct`` where that is memory no one else reads (Note [reused cotangents]
         in fxjac/rules/_rt.py).
         """
-        out = self.fused(e, site, ct)
-        if out is None:
-            return {"input": e(operator.mul, ct, self.derivative(e, site))}
+        out = self._times_derivative(e, site, ct)
         _rt.reuse_cotangent(out, ct)
         return {"input": out}
 

@@ -303,12 +303,13 @@ def _corr_weight_unfold(a, c, stride, dilation, ksize, groups, per_sample):
         # GEMMs where the patches are short; with long patches the einsum's one GEMM over all columns is faster.
         # Written in place eagerly; under autograd or torch.compile, stacked (inductor writes the GEMMs into it)
         pt = cols[0].reshape(b * g, -1, so[0] * so[1]).transpose(1, 2)
+        ck = cc.reshape(kc, b * g, o // g, -1)
         shape = (kc, b, o, ch // g) + tuple(ksize[-n:])
         if torch.compiler.is_compiling() or _rt.records_grad(cc, cols):
-            return torch.stack([torch.bmm(cc[k].reshape(b * g, o // g, -1), pt) for k in range(kc)]).reshape(shape)
-        y = cc.new_empty((kc, b, g, o // g, cols.shape[3]))
+            return torch.stack([torch.bmm(ck[k], pt) for k in range(kc)]).reshape(shape)
+        y = cc.new_empty((kc, b * g, o // g, cols.shape[3]))
         for k in range(kc):
-            torch.bmm(cc[k].reshape(b * g, o // g, -1), pt, out=y[k].view(b * g, o // g, -1))
+            torch.bmm(ck[k], pt, out=y[k])
         return y.reshape(shape)
     if per_sample:
         y = torch.einsum("abgjl,cbgol->acbgoj", cols, cc)
