@@ -15,7 +15,7 @@ from passes import propagate_shapes
 from passes.shape_prop import propagate_batch_dims
 
 from .errors import OptionError, ShapeError, TraceError
-from .tracing import check_modes, trace
+from .tracing import check_modes, trace, unpack_sequence_arguments
 
 
 @dataclass
@@ -153,6 +153,7 @@ def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_m
         propagate_shapes(gm, *example_inputs)
     except Exception as err:  # the model itself failed on these inputs: report it as the model's error
         raise TraceError(f"running the traced model on the example inputs failed: {err}") from err
+    unpack_sequence_arguments(gm)
     propagate_batch_dims(gm, *example_inputs)
     if not isinstance(out.meta.get("val"), torch.Tensor):
         raise OptionError("the selected output is not a tensor; choose one with output=")

@@ -74,9 +74,10 @@ class Tracer(fx.Tracer):
         self.record_stack_traces = True
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_instances = [m for m in leaf_modules if isinstance(m, nn.Module)]
+        self.untraceable: list = []  # torch.nn built-ins whose forward torch.fx could not trace: leaves
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # noqa: D102
-        if any(m is inst for inst in self.leaf_instances):
+        if any(m is inst for inst in self.leaf_instances) or any(m is u for u in self.untraceable):
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
@@ -104,7 +105,32 @@ class Tracer(fx.Tracer):
         decomp = decomposition_for(type(m))
         if decomp is not None and not self.is_leaf_module(m, ""):
             return decomp(m, *args, **kwargs)
-        return super().call_module(m, forward, args, kwargs)
+        if not _builtin(m) or self.is_leaf_module(m, ""):
+            return super().call_module(m, forward, args, kwargs)
+        # A torch.nn built-in whose forward branches on its input (``nn.Softmax2d`` checks ``input.dim()``,
+        # spectral norm's parametrisation ``weight.ndim``) cannot be traced into: it becomes a leaf, which the
+        # autograd fallback differentiates. The nodes of the failed attempt are removed first.
+        last, stack, calls = self.graph._root.prev, list(self.module_stack.items()), dict(self.num_calls)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except _UNTRACEABLE:
+            while self.graph._root.prev is not last:
+                self.graph.erase_node(self.graph._root.prev)
+            self.module_stack.clear()  # the failed calls' scopes were never closed
+            self.module_stack.update(stack)
+            self.num_calls.clear()
+            self.num_calls.update(calls)
+            self.untraceable.append(m)
+            return super().call_module(m, forward, args, kwargs)
+
+
+_UNTRACEABLE = (fx.proxy.TraceError, TypeError, RuntimeError, NotImplementedError, AttributeError)
+
+
+def _builtin(m: nn.Module) -> bool:
+    """A module class of torch.nn itself (not a container, whose forward calls the user's modules)."""
+    return type(m).__module__.startswith("torch.nn.") and not isinstance(
+        m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
 
 
 def _default_args(model: nn.Module, n_inputs: Optional[int]) -> dict:
@@ -399,6 +425,46 @@ def normalise(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def unpack_sequence_arguments(gm: fx.GraphModule) -> None:
+    """A tuple-valued node handed whole to another op (``torch.stack(x.chunk(2))``, an LSTM's ``(h, c)``) is
+    replaced there by a tuple (or list) of ``getitem`` nodes, so every rule sees one node per tensor.
+
+    Needs ``meta["val"]`` (shape propagation); the new nodes get their piece of it.
+    """
+    pieces: dict = {}  # node -> its tuple of getitem nodes
+
+    def has_tensor(v) -> bool:
+        return isinstance(v, torch.Tensor) or (isinstance(v, (tuple, list)) and any(has_tensor(x) for x in v))
+
+    def unpack(node: fx.Node):
+        val = node.meta.get("val")
+        if not isinstance(val, (tuple, list)) or isinstance(val, torch.Size) or not has_tensor(val):
+            return node
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], slice):
+            return unpack(node.args[0])[node.args[1]]  # a slice of the pieces: ``x.split(2)[1:]``
+        if node not in pieces:
+            with gm.graph.inserting_after(node):
+                items = []
+                for i, v in enumerate(val):
+                    item = gm.graph.call_function(operator.getitem, (node, i))
+                    item.meta = {k: m for k, m in node.meta.items() if k in ("stack_trace", "nn_module_stack")}
+                    item.meta["val"] = v
+                    items.append(item)
+            pieces[node] = (list if isinstance(val, list) else tuple)(unpack(item) for item in items)
+        return pieces[node]
+
+    for node in list(gm.graph.nodes):
+        if node.op in ("placeholder", "get_attr", "output") or node in pieces or \
+                (node.op == "call_function" and node.target in (operator.getitem, builtins.getattr)):
+            continue
+        args, kwargs = map_arg((node.args, node.kwargs), unpack)
+        if args != node.args or kwargs != node.kwargs:
+            node.args, node.kwargs = args, kwargs
+    gm.graph.eliminate_dead_code()  # slices of pieces nobody reads any more
+    gm.graph.lint()
+    gm.recompile()
+
+
 # --- mode checks -----------------------------------------------------------------------------------------
 
 _DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
@@ -426,10 +492,14 @@ def check_modes(gm: fx.GraphModule) -> None:
             bad.append(n)
         elif n.target is F.batch_norm and _arg(n, 5, "training", False):
             bad.append(n)
+        elif n.target in (F.rrelu, torch.rrelu) and _arg(n, 3, "training", False):
+            bad.append(n)
     if bad:
-        raise ModeError("the model is in training mode: active Dropout or BatchNorm using batch statistics "
-                        "makes samples depend on each other or on chance; call model.eval() before building "
-                        "the product (BatchNorm also needs track_running_stats=True):\n" + describe(bad))
+        raise ModeError("the model is in training mode: active Dropout, RReLU's random slopes or BatchNorm "
+                        "using batch statistics make samples depend on each other or on chance; call "
+                        "model.eval() before building the product (BatchNorm also needs "
+                        "track_running_stats=True):\n" + describe(bad))
 
 
-__all__ = ["AUTO_LEAVES", "Tracer", "check_modes", "decomposes", "normalise", "source_line", "trace"]
+__all__ = ["AUTO_LEAVES", "Tracer", "check_modes", "decomposes", "normalise", "source_line", "trace",
+           "unpack_sequence_arguments"]

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-from passes.builder import Builder, is_structural, new_emitter, structural_index
+from passes.builder import Builder, is_structural, new_emitter, nodes_in, structural_index
 from passes.dag import between
 from passes.protocol import ZERO, Decline
 
@@ -42,17 +42,9 @@ def _differentiable(node: fx.Node) -> bool:
     return False
 
 
-def _nodes_in(v) -> list:
-    if isinstance(v, fx.Node):
-        return [v]
-    if isinstance(v, (list, tuple)):
-        return [a for a in v if isinstance(a, fx.Node)]
-    return []
-
-
 def _needed(old_args: dict, active: set) -> frozenset:
     """Argument names through which a cotangent must flow (some input node on the active path)."""
-    return frozenset(k for k, v in old_args.items() if any(a in active for a in _nodes_in(v)))
+    return frozenset(k for k, v in old_args.items() if any(a in active for a in nodes_in(v)))
 
 
 def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, method: str = "vjp",
@@ -98,6 +90,8 @@ def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, metho
                 pending.setdefault(src, []).append((structural_index(node), ct))
             continue
         site = b.prepare(node, ps)
+        if site.extra["rule"].ignores(_needed(site.extra["old_args"], active)):
+            site = b.prepare(node, ps, b.decline(node))
         rule, old_args, ps_names = site.extra["rule"], site.extra["old_args"], site.ps
         site.extra["need"] = _needed(old_args, active)
         sunk = set()

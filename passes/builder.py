@@ -29,6 +29,15 @@ class MissingRulesError(Exception):
         super().__init__(f"{len(nodes)} op(s) without a rule")
 
 
+def nodes_in(v) -> list:
+    """The nodes of one bound argument: the node itself, or those of a list or tuple argument."""
+    if isinstance(v, fx.Node):
+        return [v]
+    if isinstance(v, (list, tuple)):
+        return [a for a in v if isinstance(a, fx.Node)]
+    return []
+
+
 def is_structural(node: fx.Node) -> bool:
     """``getitem`` (or a named field, ``.values``) on a tuple or list value: plumbing the passes handle."""
     if node.op == "call_function" and node.target in (operator.getitem, builtins.getattr):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 
-from passes.builder import Builder, is_structural, new_emitter, structural_index, structure_of
+from passes.builder import Builder, is_structural, new_emitter, nodes_in, structural_index, structure_of
 from passes.dag import between
 from passes.protocol import ZERO, Decline
 
@@ -68,6 +68,9 @@ def forward_tangents(b: Builder, seeds: dict, ps: bool = False, method: str = "j
             continue
         e = new_emitter(b, node, "tangent", "t_")
         site = b.prepare(node, ps)
+        carried = [k for k, v in site.extra["old_args"].items() if any(look(a) is not ZERO for a in nodes_in(v))]
+        if site.extra["rule"].ignores(carried):
+            site = b.prepare(node, ps, b.decline(node))
         try:
             tan[node] = getattr(site.extra["rule"], method)(e, site, _tangents(e, site, look))
         except Decline:

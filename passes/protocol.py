@@ -189,13 +189,19 @@ class Emitter:
 class Rule:
     """Base of every rule; ``signature`` names the arguments of the call the rule is registered for.
 
-    ``diff`` lists the argument names that can carry a derivative (default: every tensor argument).
+    ``diff`` lists the argument names whose derivatives the rule computes (``None``: every tensor argument). The
+    passes hand a node to the fallback when a (co)tangent flows through an argument outside ``diff``, so a rule
+    never drops one silently (``max(a, b)`` binds ``b`` as ``dim``; ``clamp`` may get tensor bounds).
     """
 
     signature: inspect.Signature = None
     diff: Optional[tuple] = None
     name: str = "rule"
     kind: str = "structured"
+
+    def ignores(self, names) -> bool:
+        """Whether a derivative through one of the argument ``names`` would be outside :attr:`diff`."""
+        return self.diff is not None and not set(names) <= set(self.diff)
 
     def jvp(self, e: Emitter, site: Site, tangents: dict):  # pragma: no cover - interface
         """Push a stack of tangents through the op."""

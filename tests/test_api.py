@@ -415,6 +415,57 @@ def test_rnn_leaf_through_the_fallback():
     check_metric_products(model, (x,), matrices=("diag",), wrts=("params",))
 
 
+def test_untraceable_builtins_become_leaves():
+    # nn.Softmax2d and nn.LocalResponseNorm branch on input.dim(); spectral norm's parametrisation on weight.ndim.
+    # torch.fx cannot trace into them, so they become leaves for the autograd fallback.
+    from reference import check_direction_products
+
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Softmax2d(), nn.LocalResponseNorm(2), nn.Flatten()).double()
+    spectral = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(4, 3)), nn.Tanh()).double().eval()
+    for model, x in ((conv, randn(2, 2, 5, 5)), (spectral, randn(3, 4))):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            fxjac.vjp(model, wrt="params", example_inputs=(x,))
+        assert any("fallback" in str(r.message) for r in rec)
+        check_direction_products(model, (x,), products=("jvp", "vjp", "mjp"))
+
+
+class StackedLSTMs(nn.Module):
+    """The first LSTM's state ``(h, c)`` is handed whole, a tuple-valued node, to the second."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.LSTM(3, 4, batch_first=True)
+        self.b = nn.LSTM(4, 4, batch_first=True)
+
+    def forward(self, x):
+        out, state = self.a(x)
+        return self.b(out.flip(1), state)[0].flatten(1)
+
+
+def test_tuple_state_handed_between_recurrent_leaves():
+    from reference import check_direction_products
+
+    torch.manual_seed(0)
+    check_direction_products(StackedLSTMs().double(), (randn(3, 4, 3),), products=("jvp", "vjp", "mjp"))
+
+
+def test_fallback_loops_where_vmap_returns_wrong_shapes():
+    # torch 2.13's batching rule for prelu's backward, nested in the per-sample vmap, returns the batch where
+    # the columns belong (a [1, B, 4] slope cotangent came back [B, B, 4]). The fallback checks the shapes and
+    # loops over the samples instead; the values must be the per-sample vjps.
+    from fxjac.rules.fallback import fallback_vjp
+
+    x, a, ct = randn(3, 4), randn(4, g=rng(1)), randn(1, 3, 4, g=rng(2))
+    got_x, got_a = fallback_vjp("torch.prelu", ("__fxjac_slot_0__", "__fxjac_slot_1__"), {}, (x, a), ct,
+                                (0, None), per_sample=True)
+    for i in range(3):
+        ref_x, ref_a = torch.func.vjp(torch.prelu, x[i:i + 1], a)[1](ct[0, i:i + 1])
+        assert_close(got_x[0, i], ref_x[0], f"input cotangent of sample {i}")
+        assert_close(got_a[0, i], ref_a, f"slope cotangent of sample {i}")
+
+
 # --- parameter-space results written once (Note [flat writes]) ----------------------------------------------
 
 

@@ -309,6 +309,16 @@ def test_functional_dropout_is_a_mode_error_and_p_zero_is_not():
     assert_close(t, torch.func.jvp(train_p0, (x,), (v,))[1], "jvp through dropout(p=0)")
 
 
+def test_training_mode_rrelu_is_a_mode_error_and_eval_is_leaky_relu():
+    model = nn.Sequential(nn.Linear(3, 3), nn.RReLU(0.1, 0.3)).double()
+    with pytest.raises(fxjac.ModeError, match=r"(?s)RReLU.*model\.eval\(\).*rrelu"):
+        fxjac.vjp(model)
+    model.eval()
+    x, v = randn(4, 3), randn(4, 3, seed=1)
+    _, t = fxjac.jvp(model)(x, v)
+    assert_close(t, torch.func.jvp(model, (x,), (v,))[1], "jvp through eval-mode rrelu")
+
+
 # --- wrt ---------------------------------------------------------------------------------------------------
 
 

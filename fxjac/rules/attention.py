@@ -143,6 +143,8 @@ class HeadsView(LinearOp):
 class HeadDimScale(LinearOp):
     """y = x / √E, the default attention scale (E read from the query at run time); squared entries 1/E."""
 
+    diff = ("input", "query")  # the query is read for its size only
+
     def signature(input, query, power=1):  # noqa: D102
         ...
 
@@ -176,6 +178,8 @@ class RepeatHeads(LinearOp):
 @register("masked_fill", torch.masked_fill)
 class MaskedFill(Rule):
     """y = x where not mask, value where mask (a boolean mask); dy = dx with the masked entries zeroed."""
+
+    diff = ("input", "value")
 
     def signature(input, mask, value):  # noqa: D102
         ...

@@ -47,6 +47,8 @@ class NonDifferentiable(Rule):
 class Elementwise(Rule):
     """``y = f(x)`` applied element by element; subclasses give ``f'(x)`` (broadcastable to ``x``)."""
 
+    diff = ("input",)
+
     def signature(input):  # noqa: D103, N805
         ...
 
@@ -197,6 +199,8 @@ class LinearOp(Rule):
     ``transpose(e, site, ct)``: its adjoint ``[K, *out]`` -> ``[K, *in]``. The diagonal rule squares the op's
     entries, which for a 0/1 or permutation op (most views) is the op itself; others override ``diag_vjp``.
     """
+
+    diff = ("input",)
 
     square_is_self = True
 

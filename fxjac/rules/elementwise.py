@@ -13,8 +13,9 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from passes.protocol import ZERO
+from passes.protocol import ZERO, Decline
 
+from ..tracing import decomposes
 from . import _rt
 from .base import Broadcasting, Elementwise
 from .registry import register
@@ -92,7 +93,9 @@ def pow_grad(x, exponent):
 
 
 def pow_exponent_grad(x, y):
-    """d(x^c)/dc = x^c log x (0 where x = 0, as autograd)."""
+    """d(x^c)/dc = x^c log x (0 where x = 0, as autograd); ``x`` may be a number (``2 ** t``)."""
+    if not isinstance(x, torch.Tensor):
+        return torch.zeros_like(y) if x == 0 else y * math.log(x) if x > 0 else y * math.nan
     return torch.where(x == 0, torch.zeros_like(y), y * torch.log(x))
 
 
@@ -136,6 +139,40 @@ class LeakyRelu(Elementwise):
     def fused(self, e, site, t):  # noqa: D102
         slope = site.args["negative_slope"]
         return e(_aten.leaky_relu_backward, t, site.args["input"], slope, False) if _numbers(slope) else None
+
+
+@register(F.rrelu, torch.rrelu)
+class RRelu(LeakyRelu):
+    """Randomised leaky ReLU in eval mode: leaky ReLU with the mean slope (lower + upper) / 2. Training mode draws
+    a random slope per element and is refused (``tracing.check_modes``).
+    """
+
+    def signature(input, lower=1.0 / 8, upper=1.0 / 3, training=False, inplace=False, generator=None):  # noqa: D103
+        ...  # F.rrelu's fifth argument is ``inplace``, torch.rrelu's ``generator``: both unused in eval mode
+
+    @staticmethod
+    def _slope(site):
+        lo, hi = site.args["lower"], site.args["upper"]
+        if not _numbers(lo, hi):
+            raise Decline  # bounds computed in the graph
+        return (lo + hi) / 2
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(leaky_relu_grad, site.args["input"], self._slope(site))
+
+    def fused(self, e, site, t):  # noqa: D102
+        return e(_aten.leaky_relu_backward, t, site.args["input"], self._slope(site), False)
+
+
+@decomposes(F.prelu)
+def prelu(input, weight):
+    """PReLU as ``where(x > 0, x, a·x)``, ``a`` (one slope, or one per channel) applied along dim 1.
+
+    torch's own batching rule for prelu's backward is wrong under nested vmap (the autograd fallback's
+    per-sample path), and the parts get structured rules: the slopes' per-sample cotangents are sums.
+    """
+    scaled = (input.transpose(1, -1) * weight).transpose(1, -1)
+    return torch.where(input > 0, input, scaled)
 
 
 @register(F.elu)
@@ -324,21 +361,9 @@ class Clamp(Elementwise):
         ...
 
     def derivative(self, e, site):  # noqa: D102
+        if any(isinstance(site.args[k], torch.fx.Node) for k in ("min", "max")):
+            raise Decline  # tensor bounds: they are operands too (the autograd fallback)
         return e(clamp_grad, site.args["input"], site.args["min"], site.args["max"])
-
-    def jvp(self, e, site, tangents):  # noqa: D102
-        self._numbers_only(site)
-        return super().jvp(e, site, tangents)
-
-    def vjp(self, e, site, ct):  # noqa: D102
-        self._numbers_only(site)
-        return super().vjp(e, site, ct)
-
-    @staticmethod
-    def _numbers_only(site):
-        for k in ("min", "max"):
-            if isinstance(site.args[k], torch.fx.Node):
-                raise NotImplementedError("clamp with tensor bounds")
 
 
 @register(F.hardtanh)

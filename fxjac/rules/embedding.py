@@ -132,6 +132,8 @@ class Embedding(Rule):
     The entries are 0 or 1, so the diagonal rule is the same scatter.
     """
 
+    diff = ("weight",)
+
     def signature(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,  # noqa: D102
                   scale_grad_by_freq=False, sparse=False):
         ...
@@ -165,6 +167,8 @@ class EmbeddingBag(Rule):
 
     For 2-D input; ``a`` is the per-sample weights or 1 (``sum``), or 1/count (``mean``).
     """
+
+    diff = ("weight", "per_sample_weights")
 
     def signature(input, weight, offsets=None, max_norm=None, norm_type=2, scale_grad_by_freq=False,  # noqa: D102
                   mode="mean", sparse=False, per_sample_weights=None, include_last_offset=False,

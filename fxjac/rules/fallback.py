@@ -111,9 +111,15 @@ def _key(fn):
     return fn
 
 
+def _expanded(t) -> bool:
+    return isinstance(t, torch.Tensor) and any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
+
+
 def _jvp_columns(g, primals, tangents, fn):
     """``J t`` for a stack of tangent columns (dimension 0 of every tangent)."""
     key = _key(fn)
+    # Forward mode attaches a tangent to each primal in place, which an expanded view (stride 0) refuses.
+    primals = tuple(p.contiguous() if _expanded(p) else p for p in primals)
     if key not in _NO_FORWARD_AD:
         try:
             return torch.vmap(lambda *ts: torch.func.jvp(g, primals, ts)[1])(*tangents)
@@ -147,13 +153,14 @@ def _float_cts(spec, ct, out_value, per_sample_dim=None):
                  for c, o, f in zip(cts, outs, _spec_leaves(spec)) if f)
 
 
-def _per_sample(fn, primals, bdims, ctx, cdims, extra, extra_dims, body, out_dims):
+def _per_sample(fn, primals, bdims, ctx, cdims, extra, extra_dims, body, out_dims, expect=None):
     """Run ``body(xs, ctx, *extra)`` one sample at a time: batched primals and constants sliced along their
     batch axes (``bdims``, ``cdims``; a unit axis is kept so the op sees a batch of one), ``extra`` stacks
     along ``extra_dims``; each result gains the batch back at its entry of ``out_dims``.
 
-    Uses ``vmap`` over the batch; where the op has no batching rule (RNN kernels), loops over the batch (the one
-    Python loop fxjac allows; the fallback warning names the op).
+    Uses ``vmap`` over the batch; where the op has no batching rule (RNN kernels), or vmap's results do not have
+    the ``expect``ed shapes, loops over the batch (the one Python loop fxjac allows; the fallback warning names
+    the op).
     """
     n = len(primals)
 
@@ -165,14 +172,19 @@ def _per_sample(fn, primals, bdims, ctx, cdims, extra, extra_dims, body, out_dim
 
     in_dims = tuple(bdims) + tuple(cdims) + tuple(extra_dims)
     flat_in = (*primals, *ctx, *extra)
+    batch = next(t.shape[d] for t, d in zip(flat_in, in_dims) if d is not None)
     if fn not in _NO_VMAP:
         try:
-            return torch.vmap(one, in_dims=in_dims, out_dims=out_dims)(*flat_in)
+            res = torch.vmap(one, in_dims=in_dims, out_dims=out_dims)(*flat_in)
+            if expect is None or [tuple(r.shape) for r in res] == [tuple(e) for e in expect]:
+                return res
+            # A batching rule that is wrong under nested vmap (torch 2.13's prelu backward returns the batch
+            # where the columns belong): never trust its values; the loop below is right.
         except (RuntimeError, NotImplementedError):
             # No batching rule, or a kernel that mixes vmapped and plain tensors in place (RNNs): the loop below
             # computes the same samples one by one (and raises its own error if the op itself fails).
-            _NO_VMAP.add(fn)
-    batch = next(t.shape[d] for t, d in zip(flat_in, in_dims) if d is not None)
+            pass
+        _NO_VMAP.add(fn)
     results = [one(*[t.select(d, i) if d is not None else t for t, d in zip(flat_in, in_dims)])
                for i in range(batch)]
     return tuple(torch.stack(rs, dim=d) for rs, d in zip(zip(*results), out_dims))
@@ -228,7 +240,14 @@ def fallback_vjp(fn, args, kwargs, primals, ct, bdims, ctx=(), cdims=(), per_sam
         res = torch.vmap(vjp_fn)(c if spec is not True else c[0])
         return _squeeze_batch(res, bdims)
 
-    return _per_sample(fn, primals, bdims, ctx, cdims, cts, _stack_dims(odims), body, _stack_dims(bdims))
+    return _per_sample(fn, primals, bdims, ctx, cdims, cts, _stack_dims(odims), body, _stack_dims(bdims),
+                       _cotangent_shapes(primals, bdims, cts, odims))
+
+
+def _cotangent_shapes(primals, bdims, stacks, odims):
+    """Shapes of the primals' cotangent stacks: ``[K, *x]``, or ``[K, B, *s]`` for unbatched (per-sample) ones."""
+    k, batch = stacks[0].shape[0], stacks[0].shape[1 + odims[0]]
+    return [(k,) + tuple(x.shape) if d is not None else (k, batch) + tuple(x.shape) for x, d in zip(primals, bdims)]
 
 
 def fallback_diag_vjp(fn, args, kwargs, primals, d, bdims, ctx=(), cdims=(), per_sample=False, spec=True,
@@ -254,7 +273,8 @@ def fallback_diag_vjp(fn, args, kwargs, primals, d, bdims, ctx=(), cdims=(), per
                 res[i] = res[i] + (do.reshape(do.shape[0], -1) @ sq).reshape((do.shape[0],) + tuple(x.shape))
         return _squeeze_batch(res, bdims)
 
-    res = _per_sample(fn, primals, bdims, ctx, cdims, ds, _stack_dims(odims), body, _stack_dims(bdims))
+    res = _per_sample(fn, primals, bdims, ctx, cdims, ds, _stack_dims(odims), body, _stack_dims(bdims),
+                      _cotangent_shapes(primals, bdims, ds, odims))
     return tuple(r if d is not None or per_sample else r.sum(1) for r, d in zip(res, bdims))
 
 
@@ -413,14 +433,19 @@ class Fallback(Rule):
         spec = output_spec(site.out_val)
         res = e(kernel, fn, t_args, t_kwargs, primals, ct, *self._dims(site, primals, ctx, spec), per_sample,
                 spec, site.out if spec is not True else None, self._out_dims(site, spec))
-        # Hand each chosen input its cotangent, in the argument structure the pass expects.
+        # Hand each chosen input its cotangent, in the argument structure the pass expects. A value at several
+        # places had one slot, whose cotangent already sums them: it is handed over at the first place only.
         per_node = {old_v: e(_getitem, res, i) for i, (old_v, _) in enumerate(chosen)}
+
+        def take(a):
+            return per_node.pop(a) if isinstance(a, fx.Node) and a in per_node else ZERO
+
         out = {}
         for k, old_v in site.extra["old_args"].items():
             if isinstance(old_v, fx.Node) and old_v in per_node:
-                out[k] = per_node[old_v]
+                out[k] = take(old_v)
             elif isinstance(old_v, (list, tuple)) and any(isinstance(a, fx.Node) and a in per_node for a in old_v):
-                out[k] = [per_node.get(a, ZERO) if isinstance(a, fx.Node) else ZERO for a in old_v]
+                out[k] = [take(a) for a in old_v]
         return out
 
 

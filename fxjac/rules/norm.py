@@ -262,6 +262,8 @@ def _implicit_softmax_dim(ndim: int) -> int:
 class _SoftmaxLike(Rule):
     """Shared plumbing of softmax-like ops along one axis: the axis, the optional dtype cast, the sign."""
 
+    diff = ("input",)
+
     sign = 1.0
 
     def _dim(self, site):
@@ -388,6 +390,8 @@ class _TrailingNorm(Rule):
     Jacobians].
     """
 
+    diff = ("input", "weight", "bias")
+
     alpha_of_n = True  # α = 1/n (centred) or 0
     stats = staticmethod(layer_norm_stats)
 
@@ -503,6 +507,8 @@ class _ChannelNorm(Rule):
     Subclasses say how many groups (``_groups``); see Note [normalisation Jacobians] (``α = 1/m``).
     """
 
+    diff = ("input", "weight", "bias")
+
     def _groups(self, site) -> int:
         raise NotImplementedError
 
@@ -599,6 +605,8 @@ class GroupNorm(_ChannelNorm):
 
 class _EvalBatchNorm(Rule):
     """y = (x - μ_run) w / √(σ²_run + eps) + b per channel, the running statistics constant (eval mode)."""
+
+    diff = ("input", "weight", "bias")
 
     def _check(self, site, tangents=None):
         if isinstance(site.args.get("eps"), torch.fx.Node) or site.ndim("input") < 2:
@@ -702,6 +710,8 @@ class InstanceNorm(Rule):
     ``use_input_stats=False`` (eval mode with ``track_running_stats``) normalises with the running statistics.
     """
 
+    diff = ("input", "weight", "bias")
+
     def signature(input, running_mean=None, running_var=None, weight=None, bias=None,  # noqa: D102
                   use_input_stats=True, momentum=0.1, eps=1e-5):
         ...
@@ -728,6 +738,8 @@ class InstanceNorm(Rule):
 @register(F.normalize)
 class Normalize(Rule):
     """y = x / max(‖x‖₂, eps) along dim; J = (I - y yᵀ) / ‖x‖ (I / eps where the norm is clamped)."""
+
+    diff = ("input",)
 
     def signature(input, p=2.0, dim=1, eps=1e-12, out=None):  # noqa: D102
         ...

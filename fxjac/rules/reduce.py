@@ -12,6 +12,7 @@ import torch
 
 from passes.protocol import ZERO, Decline, Rule
 
+from ..tracing import decomposes
 from .base import LinearOp
 from .registry import register
 from .shape import stack_sum, unreduce
@@ -136,6 +137,8 @@ class Mean(LinearOp):
 class _Weighted(Rule):
     """A reduction whose derivative is a weighted sum over the reduced axes with weights ``w(x, y)``."""
 
+    diff = ("input",)
+
     def weights(self, e, site):
         """The weights, shaped like the input."""
         raise NotImplementedError
@@ -187,6 +190,8 @@ class Max(Rule):
     the binary form (``max(a, b)``) goes to the fallback.
     """
 
+    diff = ("input",)
+
     def signature(input, dim=None, keepdim=False):  # noqa: D103
         ...
 
@@ -201,6 +206,8 @@ class Max(Rule):
         return e(index_weights, x, idx, dim, keepdim), dim, keepdim
 
     def jvp(self, e, site, tangents):  # noqa: D102
+        if isinstance(site.args["dim"], torch.fx.Node):
+            raise Decline  # max(a, b): element-wise, and b (bound as ``dim``) may be the one with a tangent
         t = tangents["input"]
         if t is ZERO:
             return ZERO
@@ -218,6 +225,16 @@ class Max(Rule):
         return {"input": e(torch.mul, u, w)}
 
 
+@decomposes(torch.cdist)
+def cdist(x1, x2, p=2.0, compute_mode="use_mm_for_euclid_dist_if_necessary"):
+    """Pairwise distances as the norms of all differences, ``[*, P, R]``.
+
+    ATen's cdist has neither a forward-mode formula nor a second derivative, which the fallback's tangents need.
+    ``compute_mode`` only picks ATen's kernel; the values are the same.
+    """
+    return torch.linalg.vector_norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), p, -1)
+
+
 def _rt_getitem(seq, i):
     """``seq[i]``."""
     return seq[i]
@@ -226,6 +243,8 @@ def _rt_getitem(seq, i):
 @register(torch.var, "var", torch.std, "std")
 class Var(Rule):
     """y = var(x) (or std = sqrt(var)); dy = 2 Σ (x - mean) dx / (n - correction) (÷ 2 std for std)."""
+
+    diff = ("input",)
 
     def signature(input, dim=None, unbiased=None, keepdim=False, *, correction=None):  # noqa: D103
         ...

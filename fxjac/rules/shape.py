@@ -136,6 +136,8 @@ def permute_transpose(ct, dims):
 class _ReshapeLike(LinearOp):
     """An op that only reshapes: the stack is reshaped to the output, the cotangent back to the input."""
 
+    diff = ("0",)
+
     def apply(self, e, site, t):  # noqa: D102
         return e(_rt.reshape_like, t, site.out)
 
@@ -166,6 +168,8 @@ class Reshape(_ReshapeLike):
 class Identity(LinearOp):
     """y = x (copies, contiguity, dropout in eval mode; training-mode dropout is refused before this)."""
 
+    diff = ("0",)
+
     signature = None
 
     def jvp(self, e, site, tangents):  # noqa: D102
@@ -181,6 +185,8 @@ class Identity(LinearOp):
 @register("permute", torch.permute)
 class Permute(LinearOp):
     """y = x.permute(dims); dy = dx permuted, the cotangent permuted back."""
+
+    diff = ("0",)
 
     signature = None
 
@@ -234,6 +240,8 @@ class T(LinearOp):
 class Expand(LinearOp):
     """y = x broadcast to a larger shape; the adjoint sums the copies."""
 
+    diff = ("0",)
+
     signature = None
 
     def jvp(self, e, site, tangents):  # noqa: D102
@@ -256,6 +264,8 @@ class Expand(LinearOp):
 @register("repeat")
 class Repeat(LinearOp):
     """y = x.repeat(*sizes); the adjoint sums the copies."""
+
+    diff = ("0",)
 
     signature = None
 
@@ -282,6 +292,8 @@ class Repeat(LinearOp):
 class Cat(Rule):
     """y = cat(xs, dim); dy = cat of the tangents; the adjoint splits the cotangent."""
 
+    diff = ("tensors",)
+
     square_is_self = True
 
     def signature(tensors, dim=0, *, axis=None):  # noqa: D103
@@ -299,7 +311,7 @@ class Cat(Rule):
 
     def vjp(self, e, site, ct):  # noqa: D102
         pieces = e(cat_transpose, ct, site.args["tensors"], self._dim(site))
-        return {"tensors": [e(operator.getitem, pieces, i) for i in range(len(site.args["tensors"]))]}
+        return {"tensors": [e(operator.getitem, pieces, i) for i in range(len(site.val("tensors")))]}
 
     def diag_vjp(self, e, site, d):  # noqa: D102
         return self.vjp(e, site, d)
@@ -308,6 +320,8 @@ class Cat(Rule):
 @register(torch.stack)
 class Stack(Rule):
     """y = stack(xs, dim); the adjoint unbinds the cotangent."""
+
+    diff = ("tensors",)
 
     square_is_self = True
 
@@ -322,7 +336,7 @@ class Stack(Rule):
 
     def vjp(self, e, site, ct):  # noqa: D102
         pieces = e(stack_transpose, ct, site.args["dim"], site.ndim() - 1)
-        return {"tensors": [e(operator.getitem, pieces, i) for i in range(len(site.args["tensors"]))]}
+        return {"tensors": [e(operator.getitem, pieces, i) for i in range(len(site.val("tensors")))]}
 
     def diag_vjp(self, e, site, d):  # noqa: D102
         return self.vjp(e, site, d)
@@ -330,6 +344,8 @@ class Stack(Rule):
 
 class _Pieces(Rule):
     """A tuple-valued split (chunk, split, unbind): the same split on the stack; the adjoint concatenates."""
+
+    diff = ("input",)
 
     square_is_self = True
 

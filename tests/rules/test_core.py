@@ -14,8 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fxjac
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from reference import check_diag_backprop, check_direction_products  # noqa: E402
+from reference import assert_close, check_diag_backprop, check_direction_products  # noqa: E402
 
 
 class Op(nn.Module):
@@ -42,6 +44,10 @@ SAMPLES = [
     ("F.relu", lambda m, x: F.relu(x), False),
     ("F.leaky_relu", lambda m, x: F.leaky_relu(x, 0.2), False),
     ("F.elu", lambda m, x: F.elu(x, 0.7), False),
+    ("F.rrelu_eval", lambda m, x: F.rrelu(x, 0.1, 0.3), False),
+    ("torch.rrelu_eval", lambda m, x: torch.rrelu(x, 0.2, 0.4, False, None), False),
+    ("F.prelu_channels", lambda m, x: F.prelu(x, m.w[:3]), False),
+    ("F.prelu_one", lambda m, x: F.prelu(x, m.w[1:2]), False),
     ("F.gelu", lambda m, x: F.gelu(x), False),
     ("F.gelu_tanh", lambda m, x: F.gelu(x, approximate="tanh"), False),
     ("F.silu", lambda m, x: F.silu(x), False),
@@ -167,6 +173,11 @@ SAMPLES = [
     ("split_method", lambda m, x: x.split([2, 3], -1)[1], False),
     ("torch.split", lambda m, x: torch.split(x, 2, 2)[0] + torch.split(x, 2, 2)[1], False),
     ("unbind_method", lambda m, x: x.unbind(1)[0] * x.unbind(1)[2], False),
+    # a tuple-valued op handed whole to another (tracing.unpack_sequence_arguments)
+    ("stack_of_chunk", lambda m, x: torch.stack(x.chunk(5, -1), 1) * m.w[:1], False),
+    ("cat_of_split_reversed", lambda m, x: torch.cat(x.split([2, 3], -1)[::-1], -1), False),
+    ("cat_of_unbind", lambda m, x: torch.cat(torch.unbind(x * m.w, 1), -1), False),
+    ("dstack_of_tensor_split", lambda m, x: torch.dstack(x.tensor_split(2, -1)) * m.w[:1], False),
     ("torch.unbind", lambda m, x: torch.unbind(x, -1)[3], False),
     ("getitem_slices", lambda m, x: x[:, 1:, ::2], False),
     ("getitem_int_none_ellipsis", lambda m, x: x[:, 0, None, ...], False),
@@ -194,6 +205,12 @@ SAMPLES = [
     ("torch.max_dim", lambda m, x: torch.max(x, 1)[0], False),
     ("max_method_values", lambda m, x: x.max(-1, keepdim=True).values, False),
     ("torch.min_dim", lambda m, x: torch.min(x, 2).values, False),
+    ("outer_same_operand", lambda m, x: x + torch.outer(m.w, m.w)[:3], False),
+    ("clamp_tensor_bounds", lambda m, x: x.clamp(min=-m.w, max=m.w * 2), False),
+    ("number_to_the_power", lambda m, x: 2.0 ** (x * m.w) + torch.pow(1.5, x), False),
+    # the binary forms: the second operand, bound as ``dim``, may be the only one with a tangent
+    ("torch.max_binary", lambda m, x: torch.max(x.detach(), x * m.w), False),
+    ("min_method_binary", lambda m, x: (x * 0.5).min(m.w * x), False),
     ("min_method", lambda m, x: x.min(1)[0], False),
     ("torch.logsumexp", lambda m, x: torch.logsumexp(x, -1), False),
     ("logsumexp_method", lambda m, x: x.logsumexp(1, keepdim=True), False),
@@ -258,6 +275,9 @@ _NOT_ONE_OP = {
     "float_method", "to_dtype", "amax_ties", "squeeze_method", "view_as", "reshape_as", "contiguous",
     "torch.concatenate", "F.dropout2d", "F.dropout3d", "torch.squeeze", "broadcast_to_method",
     "torch.broadcast_to", "expand", "operator.sub", "getitem_int_none_ellipsis", "bmm_method",
+    "stack_of_chunk", "cat_of_split_reversed", "cat_of_unbind", "dstack_of_tensor_split", "F.prelu_channels",
+    "F.prelu_one", "torch.max_binary", "min_method_binary", "outer_same_operand", "clamp_tensor_bounds",
+    "number_to_the_power",
 }
 
 
@@ -352,3 +372,19 @@ def test_cotangents_read_elsewhere_are_never_overwritten():
         _, ref = torch.func.vjp(net, x)
         assert torch.allclose(got, ref(w)[0], rtol=1e-12, atol=1e-12)
         check_direction_products(net, (x,), products=("vjp", "mjp"))
+
+
+def test_cdist_against_autograd_without_vmap():
+    # torch.cdist is expanded into norms of differences (ATen's kernel has no forward-mode formula and no second
+    # derivative). The reference is reverse-mode autograd row by row: torch.func's vmapped cdist backward gives
+    # wrong values here in torch 2.13.
+    model = Op(lambda m, x: torch.cat([torch.cdist(x, m.W.t().expand(x.shape[0], 4, 5)),
+                                       torch.cdist(x, x[:, :2] * 2, p=1.5)], -1))
+    x = _input(2, False)
+    J = torch.autograd.functional.jacobian(model, x)  # [B, 3, 6, B, 3, 5], one backward per output entry
+    J = torch.stack([J[b, :, :, b] for b in range(2)]).reshape(2, 18, 15)
+    v, w = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 3, 6, dtype=torch.float64)
+    _, t = fxjac.jvp(model)(x, v)
+    assert_close(t.reshape(2, 18), torch.einsum("boi,bi->bo", J, v.reshape(2, 15)), "jvp through cdist")
+    _, g = fxjac.vjp(model)(x, w)
+    assert_close(g.reshape(2, 15), torch.einsum("boi,bo->bi", J, w.reshape(2, 18)), "vjp through cdist")
