@@ -10,6 +10,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from passes import Builder, MissingRulesError, clean
+from passes.builder import BatchLayoutError
 
 from .errors import OptionError, StaleProductError, TraceError, UnsupportedOpError, describe
 from .rules import default_rules
@@ -182,6 +183,8 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
         b = Builder(src.gm, default_rules(), strict=strict)
         try:
             outs = assemble(src, b, key)
+        except BatchLayoutError as err:
+            raise UnsupportedOpError(f"{err}:\n" + describe([err.node])) from err
         except MissingRulesError as err:
             nodes = err.nodes
             if strict:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import builtins
 import operator
+import types
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.node import map_arg
+from torch.fx.node import map_aggregate, map_arg
 
 from passes.protocol import module_call
 
@@ -66,8 +67,39 @@ def _inplace_method(op):
     return method
 
 
+_FACTORIES = ("zeros", "ones", "full", "empty", "arange", "eye", "linspace", "tril_indices", "triu_indices")
+"""torch tensor factories a model may call with sizes read off its input (``torch.zeros(x.shape[0], d)``)."""
+
+
+class _TracedTorch(types.ModuleType):
+    """``torch`` as a traced forward sees it: the same module, except that a factory called with a traced size
+    is recorded as a graph call.
+    """
+
+    def __init__(self, tracer):
+        super().__init__("torch")
+        self._tracer = tracer
+
+    def __getattr__(self, name):
+        value = getattr(torch, name)
+        if name not in _FACTORIES:
+            return value
+        tracer = self._tracer
+
+        def factory(*args, **kwargs):
+            traced = []
+            map_aggregate((args, kwargs), lambda a: traced.append(a) if isinstance(a, fx.Proxy) else None)
+            if traced:
+                return tracer.create_proxy("call_function", value, args, kwargs)
+            return value(*args, **kwargs)
+
+        return factory
+
+
 class Tracer(fx.Tracer):
     """torch.fx tracer that traces into torch.nn built-ins and honours ``leaf_modules``."""
+
+    proxy_buffer_attributes = True  # ``self.mask[:, :T]`` with a traced ``T``: the buffer must be a graph value
 
     def __init__(self, leaf_modules: Sequence = ()):
         super().__init__()
@@ -89,9 +121,12 @@ class Tracer(fx.Tracer):
         # torch.fx's Proxy has no in-place operators, so ``h += x`` would be recorded as ``h = h + x`` and a
         # second name for ``h`` (a saved skip connection) would silently miss the mutation. Record them as
         # ``operator.iadd``…; normalisation then rewrites them with aliases followed (Note [in-place ops]).
+        self.grad_at_start = torch.is_grad_enabled()
         saved = {name: fx.Proxy.__dict__.get(name) for name in _PROXY_INPLACE}
         for name, op in _PROXY_INPLACE.items():
             setattr(fx.Proxy, name, _inplace_method(op))
+        self._torch_view, self._globals_seen = _TracedTorch(self), []
+        self._see_globals(type(root).forward)
         try:
             return super().trace(root, concrete_args)
         finally:
@@ -100,8 +135,30 @@ class Tracer(fx.Tracer):
                     delattr(fx.Proxy, name)
                 else:
                     setattr(fx.Proxy, name, old)
+            for g in self._globals_seen:
+                if g.get("torch") is self._torch_view:
+                    g["torch"] = torch
+
+    def _see_globals(self, forward):
+        """Tensor factories given a traced size (``torch.zeros(x.shape[0], d)``) must be recorded as calls, where
+        torch would reject the Proxy: the name ``torch`` in the forward's module reads a view of torch whose
+        factories record them. The torch module itself is never modified.
+        """
+        g = getattr(getattr(forward, "__func__", forward), "__globals__", None)
+        if isinstance(g, dict) and g.get("torch") is torch:
+            g["torch"] = self._torch_view
+            self._globals_seen.append(g)
+
+    def create_node(self, *args, **kwargs):  # noqa: D102
+        node = super().create_node(*args, **kwargs)
+        if self.grad_at_start and not torch.is_grad_enabled():
+            # Inside ``with torch.no_grad():`` in forward: autograd gives the result no derivative, nor do the
+            # passes (they leave nodes marked ``no_grad`` out of every derivative path).
+            node.meta["no_grad"] = True
+        return node
 
     def call_module(self, m, forward, args, kwargs):  # noqa: D102
+        self._see_globals(forward)
         decomp = decomposition_for(type(m))
         if decomp is not None and not self.is_leaf_module(m, ""):
             return decomp(m, *args, **kwargs)

@@ -33,6 +33,15 @@ def _accumulate(e, parts: list, val):
     return e.sum(parts)
 
 
+def rows_to_samples(ct, factor):
+    """Per-row stacks ``[K, B·T, *s]`` summed to per-sample ``[K, B, *s]``: T = ``factor`` rows per sample, each
+    sample's together, or T = ``-factor`` interleaved (Note [merged batch] in passes/builder.py).
+    """
+    if factor > 0:
+        return ct.unflatten(1, (-1, factor)).sum(2)
+    return ct.unflatten(1, (-factor, -1)).sum(1)
+
+
 def _differentiable(node: fx.Node) -> bool:
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
@@ -70,7 +79,7 @@ def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, metho
         old-graph node -> cotangent for each wanted node reached (ZERO-free).
     """
     wanted = set(wanted)
-    active = {n for n in between(b.nx, wanted, seeds) if _differentiable(n)}
+    active = {n for n in between(b.nx, wanted, seeds) if _differentiable(n) and not n.meta.get("no_grad")}
     pending: dict = {n: [c] for n, c in seeds.items()}
     result = {}
     for node in reversed(list(b.src.graph.nodes)):
@@ -95,7 +104,7 @@ def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, metho
         rule, old_args, ps_names = site.extra["rule"], site.extra["old_args"], site.ps
         site.extra["need"] = _needed(old_args, active)
         sunk = set()
-        if sinks is not None:
+        if sinks is not None and site.extra.get("batch_factor", 1) == 1:  # closed forms see one row per sample
             for name in sorted(ps_names & site.extra["need"] if ps else site.extra["need"]):
                 old = old_args[name]
                 if isinstance(old, fx.Node) and old in wanted and len(old.users) == 1 and \
@@ -123,6 +132,8 @@ def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, metho
                 if ci is ZERO or not isinstance(t, fx.Node) or t not in active:
                     continue
                 if name in ps_names and t not in b.batched:
+                    if site.extra.get("batch_factor", 1) != 1:  # Note [merged batch]: rows back to samples
+                        ci = e(rows_to_samples, ci, site.extra["batch_factor"])
                     ci = e.method("flatten", ci, 0, 1)
                 pending.setdefault(t, []).append(ci)
     return result

@@ -29,6 +29,14 @@ class MissingRulesError(Exception):
         super().__init__(f"{len(nodes)} op(s) without a rule")
 
 
+class BatchLayoutError(Exception):
+    """Raised where per-sample stacks meet a batch axis whose rows cannot be assigned to samples."""
+
+    def __init__(self, node: fx.Node, message: str):
+        self.node = node
+        super().__init__(message)
+
+
 def nodes_in(v) -> list:
     """The nodes of one bound argument: the node itself, or those of a list or tuple argument."""
     if isinstance(v, fx.Node):
@@ -55,6 +63,11 @@ def _has_batch(bd) -> bool:
 def batch_dim(node: fx.Node):
     """The batch axis of ``node``'s value (0 where it was not measured), ``None`` without one."""
     return node.meta.get("batch_dim", 0)
+
+
+def batch_factor(node: fx.Node) -> int:
+    """Rows per sample along ``node``'s batch axis (Note [merged batch]); 1 where each row is a sample."""
+    return node.meta.get("batch_factor", 1)
 
 
 def leading_batch(node: fx.Node) -> bool:
@@ -88,6 +101,7 @@ class Builder:
         if any("batch_dim" in n.meta for n in src.graph.nodes):  # measured axes: see propagate_batch_dims
             self.batched = {n for n in src.graph.nodes if _has_batch(n.meta.get("batch_dim"))}
         self.batch: Optional[fx.Node] = None
+        self._rows: dict = {}  # rows per sample -> node holding batch size × rows
         self.fallback_nodes: list = []
         self.saved: dict = {}
 
@@ -146,6 +160,16 @@ class Builder:
             self.batch = self.graph.create_node("call_method", "size", (self.env[first], 0), name="batch_size")
         return self.batch
 
+    def rows(self, factor: int) -> Optional[fx.Node]:
+        """A new-graph node holding ``factor`` rows per sample: the batch size times ``factor``."""
+        batch = self.batch_size()
+        if factor == 1 or batch is None:
+            return batch
+        if factor not in self._rows:
+            with self.graph.inserting_after(batch):
+                self._rows[factor] = self.graph.call_function(operator.mul, (batch, factor))
+        return self._rows[factor]
+
     # --- rule application ----------------------------------------------------------------------------
     def rule(self, node: fx.Node) -> Rule:
         """The rule for ``node``: structured, or the fallback (recorded, so the caller can warn)."""
@@ -181,6 +205,22 @@ class Builder:
             self.batch_size()
         site = self.site(node, rule, ps_names)
         site.extra["rule"] = rule
+        if ps_names:
+            # Note [merged batch]: where the batch axis holds T rows per sample (``x.view(-1, d)``), the rule
+            # treats rows as samples: per-sample stacks are repeated to rows going in, summed back coming out.
+            # ``batch_factor`` is T where each sample's rows are together, -T where the samples interleave
+            # (``x.transpose(0, 1).reshape(-1, d)``), 1 where a row is a sample.
+            merged = list(site.extra["batched_old"]) + [node]
+            layouts = {(batch_factor(a), a.meta.get("sample_major") if batch_factor(a) > 1 else True)
+                       for a in merged}
+            if len(layouts) > 1 or None in next(iter(layouts)):
+                raise BatchLayoutError(
+                    node, "per-sample results need to know which rows of the batch axis belong to which sample; "
+                    "at this op values with different row layouts meet, or the layout could not be measured. "
+                    "Keep the batch axis apart (a Linear takes [B, T, d] as it is)")
+            factor, sample_major = layouts.pop()
+            site.extra["batch_factor"] = factor if sample_major else -factor
+            site.batch = self.rows(factor)
         return site
 
     def _ps_inputs(self, node: fx.Node, old_args: dict, ps: bool) -> frozenset:

@@ -14,6 +14,16 @@ from passes.dag import between
 from passes.protocol import ZERO, Decline
 
 
+def samples_to_rows(t, rows, factor):
+    """Per-sample stacks ``[K·B, *s]`` as per-row ``[K, B·T, *s]``: T = ``factor`` rows per sample, each sample's
+    together, or T = ``-factor`` interleaved (Note [merged batch] in passes/builder.py).
+    """
+    per_sample = t.unflatten(0, (-1, rows // abs(factor)))
+    if factor > 0:
+        return per_sample.repeat_interleave(factor, dim=1)
+    return per_sample.repeat((1, -factor) + (1,) * (per_sample.dim() - 2))
+
+
 def _tangents(e, site, look) -> dict:
     """The tangents of ``site``'s arguments, per-sample stacks of unbatched inputs as ``[K, B, *s]``."""
     tangents = {k: structure_of(v, look) for k, v in site.extra["old_args"].items()}
@@ -23,6 +33,9 @@ def _tangents(e, site, look) -> dict:
             return [per_sample(ti, oi) for ti, oi in zip(t, old)]
         if t is ZERO or old in site.extra["batched_old"]:
             return t
+        factor = site.extra.get("batch_factor", 1)
+        if factor != 1:  # Note [merged batch]: each sample's tangent repeated to its rows
+            return e(samples_to_rows, t, site.batch, factor)
         return e.method("unflatten", t, 0, (-1, site.batch))
 
     for k in site.ps:
@@ -45,7 +58,7 @@ def forward_tangents(b: Builder, seeds: dict, ps: bool = False, method: str = "j
         old-graph node -> tangent (a node, a tuple of them for tuple values, or ZERO), for every node reached.
     """
     out_node = b.output_node()
-    active = between(b.nx, seeds, [out_node])
+    active = {n for n in between(b.nx, seeds, [out_node]) if not n.meta.get("no_grad")}
     tan = dict(seeds)
     look = lambda a: tan.get(a, ZERO)  # noqa: E731
     for node in b.src.graph.nodes:

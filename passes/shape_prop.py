@@ -32,14 +32,38 @@ def propagate_shapes(gm: fx.GraphModule, *example_inputs) -> object:
 
 
 class _ShapeRecorder(fx.Interpreter):
-    def __init__(self, gm):
+    """Runs the graph on one more sample (a copy of sample 0) and records each value's shape, and where an axis
+    grew by several rows, whether the new sample's rows were appended as a block (sample-major) or interleaved.
+    """
+
+    def __init__(self, gm, batch: int):
         super().__init__(gm)
+        self.batch = batch
         self.shapes = {}
+        self.sample_major = {}
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
         self.shapes[n] = tree_map(lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else None, out)
+        val = n.meta.get("val")
+        if isinstance(out, torch.Tensor) and isinstance(val, torch.Tensor) and out.dim() == val.dim():
+            grown = [(i, b - a) for i, (a, b) in enumerate(zip(val.shape, out.shape)) if a != b]
+            if len(grown) == 1 and grown[0][1] > 1 and self.batch:
+                axis, rows = grown[0]
+                self.sample_major[n] = _appended_as_block(out.movedim(axis, 0), self.batch, rows)
         return out
+
+
+def _appended_as_block(v, batch, rows):
+    """For ``v`` with ``(batch + 1)·rows`` leading rows whose last sample copies sample 0: True if the copy's rows
+    came last (sample-major), False if each of the ``rows`` groups ends with it (sample-minor), None if the values
+    cannot tell.
+    """
+    v = v.detach()
+    block = bool(torch.equal(v[batch * rows:], v[:rows]))
+    groups = v.unflatten(0, (rows, batch + 1))
+    interleaved = bool(torch.equal(groups[:, batch], groups[:, 0]))
+    return block if block != interleaved else None
 
 
 def _one_more(x):
@@ -65,10 +89,12 @@ def propagate_batch_dims(gm: fx.GraphModule, *example_inputs) -> bool:
     """Find which axis of every value is the batch: run again with one more sample and compare the shapes.
 
     Stores ``node.meta["batch_dim"]``: the axis (an int), ``None`` for values without one (parameters, sizes,
-    constants), or a tuple of those for tuple values. Returns False (storing nothing) when the model cannot run
-    on a batch one larger (it hard-codes its batch size), so callers fall back to "the batch is axis 0".
+    constants), or a tuple of those for tuple values; and ``node.meta["batch_factor"]`` where that axis holds
+    several rows per sample (Note [merged batch] in passes/builder.py). Returns False (storing nothing) when the
+    model cannot run on a batch one larger (it hard-codes its batch size), so callers fall back to "the batch is
+    axis 0".
     """
-    rec = _ShapeRecorder(gm)
+    rec = _ShapeRecorder(gm, _batch_of(example_inputs))
     try:
         with torch.no_grad():
             rec.run(*[_one_more(x) for x in example_inputs])
@@ -79,4 +105,17 @@ def propagate_batch_dims(gm: fx.GraphModule, *example_inputs) -> bool:
         if n in rec.shapes and val is not None:
             first = tree_map(lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else None, val)
             n.meta["batch_dim"] = _batch_dim(first, rec.shapes[n])
+            bd = n.meta["batch_dim"]
+            if isinstance(bd, int) and isinstance(first, tuple):
+                # Rows per sample along the batch axis: more than one where the batch was merged with another
+                # axis (``x.view(-1, d)`` on ``[B, T, d]``: B·T rows, T per sample).
+                grown = rec.shapes[n][bd] - first[bd]
+                if grown > 1 and first[bd] == grown * _batch_of(example_inputs):
+                    n.meta["batch_factor"] = grown
+                    n.meta["sample_major"] = rec.sample_major.get(n)
     return True
+
+
+def _batch_of(example_inputs) -> int:
+    first = next((x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+    return first.shape[0] if first is not None else 0

@@ -199,6 +199,97 @@ def test_mutation_of_a_view_is_never_a_silently_wrong_answer():
     assert_close(t, t_ref, "jvp on the second batch")
 
 
+class _GPT2Conv1D(nn.Module):
+    """GPT-2's projection: ``addmm`` on ``x.view(-1, d)``, the batch merged with the positions."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.n_out = n_out
+        self.weight = nn.Parameter(torch.randn(n_in, n_out, generator=rng(3), dtype=torch.float64) * 0.3)
+        self.bias = nn.Parameter(torch.randn(n_out, generator=rng(4), dtype=torch.float64) * 0.1)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.n_out,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class _GPT2Attention(nn.Module):
+    """GPT-2's causal self-attention: a mask buffer sliced to the traced length, heads by views."""
+
+    def __init__(self, d=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.c_attn, self.c_proj = _GPT2Conv1D(d, 3 * d), _GPT2Conv1D(d, d)
+        self.register_buffer("bias", torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16))
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, 2)
+        q, k, v = [t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v)]
+        att = (q @ k.transpose(-2, -1)) / (k.size(-1) ** 0.5)
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf")).softmax(-1)
+        return x + self.c_proj((att @ v).transpose(1, 2).contiguous().view(B, T, C))
+
+
+class _Frames(nn.Module):
+    """A convolution applied to every frame: ``[B, T, C, H, W]`` viewed as ``[B·T, C, H, W]`` and back."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.fc = nn.Linear(3 * 4, 2)
+
+    def forward(self, x):
+        B, T = x.shape[:2]
+        h = torch.tanh(self.conv(x.flatten(0, 1))).view(B, T, -1)
+        return self.fc(h).flatten(1)
+
+
+class _Interleaved(nn.Module):
+    """Rows of the batch axis ordered position-major: sample ``b`` owns rows ``b, b + B, …``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        return torch.tanh(self.fc(x.transpose(0, 1).reshape(-1, 4))).view(T, B, 3).transpose(0, 1).flatten(1)
+
+
+@pytest.mark.parametrize("name", ["gpt2_attention", "frames", "interleaved"])
+def test_batch_merged_with_another_axis(name):
+    # Note [merged batch]: per-sample stacks meet ops whose batch axis holds several rows per sample; summed
+    # products never notice, per-sample ones (mjp, jacobians, J Σ Jᵀ, the GGN) must sum each sample's rows.
+    model, x = {"gpt2_attention": (_GPT2Attention(), randn(2, 5, 8)), "frames": (_Frames(), randn(2, 3, 2, 4, 4)),
+                "interleaved": (_Interleaved(), randn(2, 3, 4))}[name]
+    model = model.double()
+    check_direction_products(model, (x,))
+    check_metric_products(model, (x,), wrts=("params",))
+    J = per_sample_jacobian(model, (x,), "params")
+    _, diag = fxjac.ggn(model, loss="mse", out="diag")(x, target=torch.zeros_like(model(x)))
+    assert_close(diag, (J * J).sum((0, 1)), "exact GGN diagonal (MSE)")
+
+
+def test_tensor_factories_and_buffers_sized_by_the_input():
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(10, 4)
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("scale", torch.linspace(0.5, 2.0, 10))
+
+        def forward(self, x):
+            T = x.shape[1]
+            h = self.fc(x) + self.pos(torch.arange(T, device=x.device))[None] * self.scale[:T, None]
+            start = torch.zeros(x.shape[0], 1, 4, dtype=x.dtype) + torch.ones(1, dtype=x.dtype)
+            return torch.cat([start, h], 1).flatten(1)
+
+    model = Positions().double()
+    for T in (3, 5):  # one product per length: the traced T is read off the input
+        check_direction_products(model, (randn(2, T, 4),), products=("jvp", "vjp", "mjp"))
+
+
 # --- operands ----------------------------------------------------------------------------------------------
 
 
@@ -415,6 +506,27 @@ def test_non_differentiable_ops_have_an_exactly_zero_derivative():
         assert torch.equal(J, per_sample_jacobian(model, (x,), wrt))
     _, G = fxjac.jtmjp(model, wrt="params", out="full")(x)
     assert G.shape == (12, 12) and torch.count_nonzero(G) == 0
+
+
+class _CentredWithoutGrad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        with torch.no_grad():  # autograd: the mean is a constant
+            m = h.mean(-1, keepdim=True)
+        return torch.tanh(h - m)
+
+
+def test_no_grad_block_in_forward_is_a_constant():
+    model = _CentredWithoutGrad().double()
+    x = randn(3, 4)
+    check_direction_products(model, (x,), products=("jvp", "vjp", "mjp"))
+    with torch.no_grad():  # building the product under no_grad changes nothing
+        _, t = fxjac.jvp(model)(x, randn(3, 4, seed=1))
+    assert_close(t, torch.func.jvp(model, (x,), (randn(3, 4, seed=1),))[1], "jvp built under no_grad")
 
 
 def test_torch_where_mask_passes_the_chosen_branch():

@@ -472,7 +472,8 @@ class Div(Broadcasting):
             return ZERO
         other = site.args["other"]
         if name == "input":
-            return 1.0 / other if isinstance(other, (int, float)) else e(torch.reciprocal, other)
+            # ``other`` may be a number computed in the graph (``k.size(-1) ** 0.5``): no tensor-only kernel
+            return 1.0 / other if isinstance(other, (int, float)) else e(operator.truediv, 1.0, other)
         return e(operator.neg, e(operator.truediv, site.out, other))
 
 

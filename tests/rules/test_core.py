@@ -208,6 +208,7 @@ SAMPLES = [
     ("outer_same_operand", lambda m, x: x + torch.outer(m.w, m.w)[:3], False),
     ("clamp_tensor_bounds", lambda m, x: x.clamp(min=-m.w, max=m.w * 2), False),
     ("number_to_the_power", lambda m, x: 2.0 ** (x * m.w) + torch.pow(1.5, x), False),
+    ("div_by_traced_number", lambda m, x: x / (x.size(-1) ** 0.5) + m.w / x.shape[1], False),
     # the binary forms: the second operand, bound as ``dim``, may be the only one with a tangent
     ("torch.max_binary", lambda m, x: torch.max(x.detach(), x * m.w), False),
     ("min_method_binary", lambda m, x: (x * 0.5).min(m.w * x), False),
@@ -277,7 +278,7 @@ _NOT_ONE_OP = {
     "torch.broadcast_to", "expand", "operator.sub", "getitem_int_none_ellipsis", "bmm_method",
     "stack_of_chunk", "cat_of_split_reversed", "cat_of_unbind", "dstack_of_tensor_split", "F.prelu_channels",
     "F.prelu_one", "torch.max_binary", "min_method_binary", "outer_same_operand", "clamp_tensor_bounds",
-    "number_to_the_power",
+    "number_to_the_power", "div_by_traced_number",
 }
 
 
