@@ -14,7 +14,7 @@ from . import assemble as A
 from . import checks
 from .direction import _options
 from .errors import OptionError
-from .losses import LOSSES, loss_hvp
+from .losses import LOSSES, check_class_dim, loss_hvp
 from .product import Product, make_product
 
 
@@ -39,9 +39,11 @@ def ggn_vp(model, loss: str = "cross_entropy", wrt: Any = "params", class_dim: i
         raise OptionError(f"unknown loss {loss!r}; one of {sorted(LOSSES)}")
     if isinstance(wrt, str) and wrt.startswith("input"):
         raise OptionError("ggn_vp is a parameter-space product: use wrt='params' or parameter names")
+    check_class_dim(loss, class_dim)
     sig = sigma if isinstance(sigma, (int, float)) else torch.as_tensor(sigma)
 
     def assemble(src, b, key):
+        check_class_dim(loss, class_dim, src.output.meta["val"].dim())
         xs = A.input_placeholders(b, src)
         v = b.graph.placeholder("v")
         b.graph.placeholder("target", default_value=None)

@@ -12,8 +12,26 @@ import math
 import torch
 
 from .assemble import eye_stack
+from .errors import OptionError
 
 LOSSES = ("mse", "cross_entropy", "bce", "gaussian", "gaussian_nll")
+
+
+def check_class_dim(loss: str, class_dim, ndim=None) -> None:
+    """Refuse a cross-entropy class axis that is the batch (axis 0) or, once the output's rank is known, outside it.
+
+    Raises:
+        OptionError: naming the axis and the output's rank.
+    """
+    if loss != "cross_entropy":
+        return
+    if not isinstance(class_dim, int) or isinstance(class_dim, bool):
+        raise OptionError(f"class_dim must be an int, got {class_dim!r}")
+    if ndim is not None and not -ndim <= class_dim < ndim:
+        raise OptionError(f"class_dim={class_dim} is outside the model output's {ndim} axes")
+    if class_dim == 0 or (ndim is not None and class_dim % ndim == 0):
+        raise OptionError(f"class_dim={class_dim} is the batch axis; the classes are another axis of the output "
+                          "(1 for [B, C] or [B, C, H, W], -1 for [B, T, C])")
 
 
 def _diag(y, loss, class_dim, sigma):
@@ -39,6 +57,7 @@ def cross_entropy_columns(y, class_dim):
     Returns ``[C * S, *y.shape]`` for ``S`` positions besides the class axis (one column per class and position,
     supported on that position only).
     """
+    class_dim = class_dim % y.dim()  # the stack's axes are y's plus one in front: count from the front
     yt = y.movedim(class_dim, 1)
     b, c = yt.shape[0], yt.shape[1]
     spatial = tuple(yt.shape[2:])
@@ -73,5 +92,5 @@ def loss_hvp(y, t, loss, class_dim=1, sigma=1.0):
         return t
     if loss == "cross_entropy":
         p = torch.softmax(y, class_dim)
-        return p * t - p * (p * t).sum(class_dim + 1, keepdim=True)
+        return p * t - p * (p * t).sum(class_dim % y.dim() + 1, keepdim=True)
     return _diag(y, loss, class_dim, sigma) * t

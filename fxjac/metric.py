@@ -35,7 +35,7 @@ from . import assemble as A
 from . import checks
 from .direction import _options, _reduce, chunks
 from .errors import OptionError
-from .losses import LOSSES, loss_factor
+from .losses import LOSSES, check_class_dim, loss_factor
 from .product import Product, make_product
 from .rules._rt import records_grad
 
@@ -777,6 +777,7 @@ def ggn(model, loss: str = "cross_entropy", wrt: Any = "params", out: str = "dia
     reduce = _reduce(reduce)
     if loss not in LOSSES:
         raise OptionError(f"unknown loss {loss!r}; one of {sorted(LOSSES)}")
+    check_class_dim(loss, class_dim)
     kind = _wrt_kind(wrt)
     _check_options("jtmjp", kind, "diag", out, method if method != "diag_backprop" else "exact")
     if method == "diag_backprop" and out != "diag":
@@ -787,6 +788,7 @@ def ggn(model, loss: str = "cross_entropy", wrt: Any = "params", out: str = "dia
         sigma_value = float(sigma)
 
     def assemble(src, b, key):
+        check_class_dim(loss, class_dim, src.output.meta["val"].dim())
         A.input_placeholders(b, src)
         b.graph.placeholder("target", default_value=None)
         b.copy_all()

@@ -274,14 +274,16 @@ def loss_hessian(y, loss, class_dim=1, sigma=1.0):
         d = torch.cat([1 / var, torch.full_like(var, 0.5)], dim=1).reshape(B, -1)
         return torch.diag_embed(d)
     t = torch.zeros_like(y[0])
+    in_sample = class_dim % y.dim() - 1  # the class axis of one sample
     if loss == "cross_entropy":
-        t = torch.zeros(y[0].movedim(class_dim - 1, 0).shape[1:], dtype=torch.long)
+        t = torch.zeros(y[0].movedim(in_sample, 0).shape[1:], dtype=torch.long)
 
     def f(ys):
         if loss == "mse":
             return 0.5 * ((ys - t) ** 2).sum()
         if loss == "cross_entropy":
-            return torch.nn.functional.cross_entropy(ys.unsqueeze(0), t.unsqueeze(0), reduction="sum")
+            logits = ys.movedim(in_sample, 0).unsqueeze(0)
+            return torch.nn.functional.cross_entropy(logits, t.unsqueeze(0), reduction="sum")
         if loss == "bce":
             return torch.nn.functional.binary_cross_entropy_with_logits(ys, t, reduction="sum")
         return 0.5 * (((ys - t) / sigma) ** 2).sum()

@@ -50,6 +50,31 @@ def test_ggn_gaussian_nll_and_sigma_and_spatial_cross_entropy():
     assert_close(d3, torch.diagonal(G3.sum(0)), "per-pixel cross-entropy GGN")
 
 
+@pytest.mark.parametrize("class_dim", [-1, 2])
+def test_cross_entropy_over_the_last_axis(class_dim):
+    # Logits [B, T, C] (a language model): the loss Hessian is softmax's at every position, classes on the last
+    # axis, named from the end or the front. A negative axis once moved the columns' axis instead.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5)).double()
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    G = dense_ggn(net, (x,), "cross_entropy", class_dim=class_dim).sum(0)
+    for out, ref in (("diag", torch.diagonal(G)), ("full", G)):
+        _, got = fxjac.ggn(net, loss="cross_entropy", out=out, class_dim=class_dim)(x)
+        assert_close(got, ref, f"GGN {out}, class_dim={class_dim}")
+    v = torch.randn(G.shape[0], dtype=torch.float64)
+    _, gv = fxjac.ggn_vp(net, loss="cross_entropy", class_dim=class_dim)(x, v)
+    assert_close(gv, G @ v, f"GGN-vector product, class_dim={class_dim}")
+
+
+@pytest.mark.parametrize("class_dim", [0, 3, -4, 1.0])
+def test_class_dim_on_the_batch_or_outside_the_output_is_refused(class_dim):
+    net = nn.Linear(4, 5)
+    with pytest.raises(fxjac.OptionError, match="class_dim"):
+        fxjac.ggn(net, loss="cross_entropy", class_dim=class_dim)(torch.randn(2, 3, 4))
+    with pytest.raises(fxjac.OptionError, match="class_dim"):
+        fxjac.ggn_vp(net, loss="cross_entropy", class_dim=class_dim)(torch.randn(2, 3, 4), torch.randn(25))
+
+
 def test_ggn_matches_backpack_diag_ggn_exact():
     backpack = pytest.importorskip("backpack")
     from backpack.extensions import DiagGGNExact
