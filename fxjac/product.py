@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import types
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
@@ -33,6 +35,13 @@ class Product(fx.GraphModule):
     """
 
     def __init__(self, root: nn.Module, graph: fx.Graph, build: Callable, spec: dict):
+        # torch.compile(product) compiles ``__call__``, and dynamo keeps at most 8 compiled versions per code
+        # object: shared by every product, the 9th product compiled in a process would fail (fullgraph) or run
+        # eagerly. Each product calls through a copy of the code of its own, set on the class torch.fx makes for
+        # every GraphModule instance (before its recompile wraps ``__call__``).
+        call = Product.__call__
+        type(self).__call__ = types.FunctionType(call.__code__.replace(), call.__globals__, call.__name__,
+                                                 call.__defaults__, call.__closure__)
         super().__init__(root, graph, class_name="Product")
         self._fxjac_build = build
         self._fxjac_spec = spec
@@ -40,6 +49,14 @@ class Product(fx.GraphModule):
         self._fxjac_variants: dict = {}
         self._fxjac_structure: list = []
         self.wrt_names: list = []
+
+    def __deepcopy__(self, memo):
+        """A copy computing with a copy of the model (torch.fx's own copy keeps only the graph and submodules)."""
+        res = super().__deepcopy__(memo)
+        for key, value in self.__dict__.items():
+            if key.startswith("_fxjac") or key in ("wrt_names", "fallback_ops"):
+                res.__dict__[key] = copy.deepcopy(value, memo)
+        return res
 
     # The model is held as a submodule so that parameter lookups in the code are live (``self.model.fc.weight``).
     def _install(self, gm: "Product", src: Source) -> None:

@@ -431,6 +431,25 @@ def test_untraceable_builtins_become_leaves():
         check_direction_products(model, (x,), products=("jvp", "vjp", "mjp"))
 
 
+def test_deepcopy_of_a_product_computes_with_a_copy_of_the_model():
+    import copy
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, w = randn(5, 3), randn(5, 2, g=rng(1))
+    p = fxjac.vjp(model, wrt="params")
+    _, g = p(x, w)
+    q = copy.deepcopy(p)
+    assert_close(q(x, w)[1], g, "vjp of the copy")
+    with torch.no_grad():
+        q.model[0].weight.mul_(2.0)
+    twice = copy.deepcopy(model)
+    with torch.no_grad():
+        twice[0].weight.mul_(2.0)
+    J = per_sample_jacobian(twice, (x,), "params")
+    assert_close(q(x, w)[1], torch.einsum("bop,bo->p", J, w), "vjp of the copy after changing its model")
+    assert_close(p(x, w)[1], g, "vjp of the original, unchanged")
+
+
 class StackedLSTMs(nn.Module):
     """The first LSTM's state ``(h, c)`` is handed whole, a tuple-valued node, to the second."""
 

@@ -232,3 +232,41 @@ def test_shared_weight_contractions_compile_fullgraph(name, options):
         _close(compiled(x, *ops)[1], p(x, *ops)[1])
     assert counters["stats"]["unique_graphs"] == 1, f"recompiled: {dict(counters['stats'])}"
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+class _WithFallbackOps(nn.Module):
+    """A net with ops that have no structured rule (``addmm``, ``cummax``): the autograd fallback."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x):
+        h = torch.addmm(self.fc.bias, x, self.fc.weight.t())
+        return torch.cummax(torch.tanh(h), -1).values
+
+
+@pytest.mark.compile
+def test_fallback_ops_compile_fullgraph():
+    # The fallback names its op by a string in the generated code; under torch.compile it is looked up in a
+    # table filled at build time (importlib cannot be traced).
+    model = _WithFallbackOps()
+    x = torch.randn(BATCHES[0], 4)
+    p = fxjac.mjp(model, wrt="params", example_inputs=(x,))
+    torch._dynamo.reset()
+    compiled = torch.compile(p, backend="inductor", fullgraph=True, dynamic=True)
+    for batch in BATCHES:
+        x, m = torch.randn(batch, 4), torch.randn(batch, 2, 6)
+        _close(compiled(x, m)[1], p(x, m)[1])
+
+
+def test_many_products_compiled_in_one_process():
+    # torch.compile(product) compiles the product's __call__; dynamo keeps at most 8 versions per code object, so
+    # a shared __call__ made the 9th compiled product of a process fail under fullgraph=True.
+    torch._dynamo.reset()
+    model = _model()
+    x = torch.randn(BATCHES[0], 4)
+    for i in range(10):
+        p = fxjac.vjp(model, wrt="params" if i % 2 else "input", example_inputs=(x,))
+        w = torch.randn(BATCHES[0], 3)
+        _close(torch.compile(p, backend="eager", fullgraph=True, dynamic=True)(x, w)[1], p(x, w)[1])

@@ -58,10 +58,15 @@ def _resolve(name: str):
     raise LookupError(f"cannot resolve {name!r}")
 
 
+_NAMED: dict = {}
+"""Qualified name -> function, filled when a fallback node is built: generated code names the op by a string,
+and a dict lookup (unlike ``importlib``) is something torch.compile can trace."""
+
+
 def _call(fn, args, kwargs):
     if fn.startswith("method:"):
         return getattr(args[0], fn[len("method:"):])(*args[1:], **kwargs)
-    return _resolve(fn)(*args, **kwargs)
+    return (_NAMED.get(fn) or _resolve(fn))(*args, **kwargs)
 
 
 def _flat(spec, v):
@@ -374,7 +379,8 @@ class Fallback(Rule):
             name = "method:" + node.target
         else:
             name = _get_qualified_name(node.target)
-            if _resolve(name) is not node.target:
+            _NAMED[name] = _resolve(name)
+            if _NAMED[name] is not node.target:
                 raise NotImplementedError(f"the fallback cannot name {node.target!r}")
         return name, t_args, t_kwargs, chosen, tuple(ctx)
 
