@@ -65,6 +65,17 @@ def batch_dim(node: fx.Node):
     return node.meta.get("batch_dim", 0)
 
 
+def _touches_complex(node: fx.Node) -> bool:
+    """Whether ``node`` reads or returns a complex tensor (``torch.fft.rfft(x).abs()``)."""
+
+    def complex_in(v) -> bool:
+        if isinstance(v, torch.Tensor):
+            return v.is_complex()
+        return isinstance(v, (tuple, list)) and any(complex_in(x) for x in v)
+
+    return complex_in(node.meta.get("val")) or any(complex_in(a.meta.get("val")) for a in node.all_input_nodes)
+
+
 def batch_factor(node: fx.Node) -> int:
     """Rows per sample along ``node``'s batch axis (Note [merged batch]); 1 where each row is a sample."""
     return node.meta.get("batch_factor", 1)
@@ -196,6 +207,8 @@ class Builder:
         go to the fallback, which slices each value along its own batch axis. ``site.extra["rule"]`` is the rule.
         """
         rule = self.rule(node) if rule is None else rule
+        if rule is not self.rules.fallback and _touches_complex(node):
+            rule = self.decline(node)  # structured rules are written for real values; autograd's conventions
         ps_names = self._ps_inputs(node, self.site(node, rule).extra["old_args"], ps)
         if ps_names and rule is not self.rules.fallback and not (
                 leading_batch(node) and all(leading_batch(a) for a in node.all_input_nodes)):

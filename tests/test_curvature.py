@@ -93,6 +93,9 @@ def _worker(rank, world, port, out_dir):
         dist.barrier()  # both ranks done before either tears gloo down (rank 0 hosts the store)
     finally:
         dist.destroy_process_group()
+    # Interpreter teardown with gloo loaded sometimes aborts ("terminate called without an active exception": a
+    # joinable C++ thread destroyed at exit), failing the spawn after the work is saved. Leave without it.
+    os._exit(0)
 
 
 def _free_port():

@@ -369,3 +369,35 @@ def transformer_encoder(m, src, mask=None, src_key_padding_mask=None, is_causal=
     if m.norm is not None:
         out = m.norm(out)
     return out
+
+
+@decomposes(nn.TransformerDecoder)
+def transformer_decoder(m, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                        memory_key_padding_mask=None, tgt_is_causal=None, memory_is_causal=False):
+    """``nn.TransformerDecoder.forward``: the layers in turn, then the optional final norm.
+
+    As for the encoder, a causal ``tgt_mask`` is applied as it is (PyTorch detects one by its values).
+    """
+    out = tgt
+    for layer in m.layers:
+        out = layer(out, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                    tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                    tgt_is_causal=tgt_is_causal is True, memory_is_causal=memory_is_causal)
+    if m.norm is not None:
+        out = m.norm(out)
+    return out
+
+
+@decomposes(nn.Transformer)
+def transformer(m, src, tgt, src_mask=None, tgt_mask=None, memory_mask=None, src_key_padding_mask=None,
+                tgt_key_padding_mask=None, memory_key_padding_mask=None, src_is_causal=None, tgt_is_causal=None,
+                memory_is_causal=False):
+    """``nn.Transformer.forward``: the encoder on ``src``, the decoder on ``tgt`` and the encoder's output.
+
+    PyTorch's checks of the batch and feature sizes are left out (a trace cannot branch on them); the model's
+    own forward runs them at the first call, which compares its output with the product's.
+    """
+    memory = m.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal)
+    return m.decoder(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                     tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                     tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)

@@ -316,7 +316,7 @@ def output_spec(val):
     """``True`` for a single tensor output, else the output's structure with a flag per leaf: floating?"""
     if isinstance(val, (tuple, list)):
         return tuple(output_spec(v) if isinstance(v, (tuple, list)) else
-                     bool(isinstance(v, torch.Tensor) and v.is_floating_point()) for v in val)
+                     bool(isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())) for v in val)
     return True
 
 
@@ -427,7 +427,7 @@ class Fallback(Rule):
 
         def pick(old_v, new):
             val = old_v.meta.get("val")
-            if not (isinstance(val, torch.Tensor) and val.is_floating_point()):
+            if not (isinstance(val, torch.Tensor) and (val.is_floating_point() or val.is_complex())):
                 return False
             return need is None or any(old_v is a or (isinstance(a, (list, tuple)) and old_v in a)
                                        for k, a in site.extra["old_args"].items() if k in need)

@@ -113,6 +113,18 @@ class Decoder(nn.Module):
         return self.d(x, x[:, :3])
 
 
+class FullTransformer(nn.Module):
+    """nn.Transformer (encoder, decoder, their final norms) with a causal target mask made from the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.t = nn.Transformer(6, 2, 1, 2, 8, batch_first=True)
+
+    def forward(self, x):
+        mask = nn.Transformer.generate_square_subsequent_mask(3, dtype=x.dtype)
+        return self.t(x, x[:, :3], tgt_mask=mask, tgt_is_causal=True)
+
+
 class MaskedFill(nn.Module):
     """masked_fill: the method with a constant mask, torch.masked_fill with a data-dependent one."""
 
@@ -165,13 +177,14 @@ CASES = {
     "encoder": (lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(6, 2, 4, batch_first=True), 2,
                                               norm=nn.LayerNorm(6), enable_nested_tensor=False), 6),
     "decoder layer": (lambda: Decoder(), 6),
+    "transformer": (lambda: FullTransformer(), 6),
     "masked_fill method": (lambda: MaskedFill("method"), (2, 5)),
     "masked_fill torch": (lambda: MaskedFill("torch"), (2, 5)),
 }
 BATCH_ONE = ["sdpa gqa", "mha seq first", "masked_fill torch"]
 INPUT_ONLY = {"encoder layer seq first"}
 # Every product for these; vjp and jacobian (both modes) for the others.
-FULL = {"sdpa causal", "mha", "encoder layer pre-norm gelu", "masked_fill method"}
+FULL = {"sdpa causal", "mha", "encoder layer pre-norm gelu", "masked_fill method", "transformer"}
 
 
 def _model(name):
@@ -299,7 +312,8 @@ def test_mha_training_dropout_is_refused():
 
 def test_decompositions_reproduce_the_modules():
     """The traced decompositions give the modules' own outputs (fast path included, under no_grad)."""
-    names = ("mha", "mha seq first", "mha 3d float mask and padding", "encoder layer post-norm", "encoder")
+    names = ("mha", "mha seq first", "mha 3d float mask and padding", "encoder layer post-norm", "encoder",
+             "transformer")
     for name in names:
         model = _model(name)
         x = _input(name, 3)

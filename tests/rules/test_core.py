@@ -209,6 +209,9 @@ SAMPLES = [
     ("clamp_tensor_bounds", lambda m, x: x.clamp(min=-m.w, max=m.w * 2), False),
     ("number_to_the_power", lambda m, x: 2.0 ** (x * m.w) + torch.pow(1.5, x), False),
     ("div_by_traced_number", lambda m, x: x / (x.size(-1) ** 0.5) + m.w / x.shape[1], False),
+    # complex intermediates: the autograd fallback, with autograd's conventions
+    ("fft_abs", lambda m, x: torch.fft.rfft(x * m.w, dim=-1).abs(), False),
+    ("fft_real_imag", lambda m, x: torch.fft.fft(x, dim=1).real * torch.fft.fft(x * m.w, dim=1).imag, False),
     # the binary forms: the second operand, bound as ``dim``, may be the only one with a tangent
     ("torch.max_binary", lambda m, x: torch.max(x.detach(), x * m.w), False),
     ("min_method_binary", lambda m, x: (x * 0.5).min(m.w * x), False),
@@ -278,7 +281,7 @@ _NOT_ONE_OP = {
     "torch.broadcast_to", "expand", "operator.sub", "getitem_int_none_ellipsis", "bmm_method",
     "stack_of_chunk", "cat_of_split_reversed", "cat_of_unbind", "dstack_of_tensor_split", "F.prelu_channels",
     "F.prelu_one", "torch.max_binary", "min_method_binary", "outer_same_operand", "clamp_tensor_bounds",
-    "number_to_the_power", "div_by_traced_number",
+    "number_to_the_power", "div_by_traced_number", "fft_abs", "fft_real_imag",
 }
 
 
