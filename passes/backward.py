@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import torch
 import torch.fx as fx
 
 from passes.builder import Builder, is_structural, new_emitter, nodes_in, structural_index
-from passes.dag import between
+from passes.dag import between, differentiable
 from passes.protocol import ZERO, Decline
 
 
@@ -40,15 +39,6 @@ def rows_to_samples(ct, factor):
     if factor > 0:
         return ct.unflatten(1, (-1, factor)).sum(2)
     return ct.unflatten(1, (-factor, -1)).sum(1)
-
-
-def _differentiable(node: fx.Node) -> bool:
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return val.is_floating_point() or val.is_complex()
-    if isinstance(val, (tuple, list)):
-        return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in val)
-    return False
 
 
 def _needed(old_args: dict, active: set) -> frozenset:
@@ -79,7 +69,7 @@ def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, metho
         old-graph node -> cotangent for each wanted node reached (ZERO-free).
     """
     wanted = set(wanted)
-    active = {n for n in between(b.nx, wanted, seeds) if _differentiable(n) and not n.meta.get("no_grad")}
+    active = {n for n in between(b.nx, wanted, seeds) if differentiable(n) and not n.meta.get("no_grad")}
     pending: dict = {n: [c] for n, c in seeds.items()}
     result = {}
     for node in reversed(list(b.src.graph.nodes)):

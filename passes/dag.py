@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import networkx as nx
+import torch
 import torch.fx as fx
 
 
@@ -27,6 +28,16 @@ def between(g: nx.DiGraph, sources: Iterable[fx.Node], sinks: Iterable[fx.Node])
     for t in sinks:
         up |= nx.ancestors(g, t) | {t}
     return down & up
+
+
+def differentiable(node: fx.Node) -> bool:
+    """Whether ``node``'s value can carry a derivative: a floating or complex tensor, or a tuple holding one."""
+    def carries(v) -> bool:
+        if isinstance(v, torch.Tensor):
+            return v.is_floating_point() or v.is_complex()
+        return isinstance(v, (tuple, list)) and any(carries(x) for x in v)
+
+    return carries(node.meta.get("val"))
 
 
 def batched_nodes(g: nx.DiGraph, graph: fx.Graph) -> set:

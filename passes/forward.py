@@ -10,7 +10,7 @@ from __future__ import annotations
 import operator
 
 from passes.builder import Builder, is_structural, new_emitter, nodes_in, structural_index, structure_of
-from passes.dag import between
+from passes.dag import between, differentiable
 from passes.protocol import ZERO, Decline
 
 
@@ -69,7 +69,7 @@ def forward_tangents(b: Builder, seeds: dict, ps: bool = False, method: str = "j
             continue
         if is_structural(node):
             src_t = look(node.args[0])
-            if src_t is ZERO:
+            if src_t is ZERO or not differentiable(node):  # e.g. the indices of ``topk``: no tangent
                 continue
             if isinstance(src_t, (tuple, list)):
                 tan[node] = src_t[structural_index(node)]
