@@ -14,7 +14,7 @@ import torch.nn as nn
 from passes import propagate_shapes
 from passes.shape_prop import propagate_batch_dims
 
-from .errors import OptionError, ShapeError, TraceError
+from .errors import ModeError, OptionError, ShapeError, TraceError
 from .tracing import check_modes, trace, unpack_sequence_arguments
 
 
@@ -109,6 +109,39 @@ def parse_wrt(wrt: Any) -> tuple:
     raise OptionError(f"bad wrt {wrt!r}: use 'input', 'input:N', 'params' or a list of parameter names")
 
 
+_SAME = {torch.float64: 1e-8, torch.float32: 2e-4}  # relative changes that are rounding (else 2e-2: half types)
+
+
+def _check_samples_independent(y, grown) -> None:
+    """Refuse a model whose output for a sample changes when another sample joins the batch.
+
+    ``grown`` is the output on the example batch plus a copy of its first sample. Every product assumes that
+    samples are independent (API.md); batch statistics or a mean over the batch break it, silently otherwise.
+
+    Raises:
+        ModeError: with the size of the change.
+    """
+    if not (isinstance(y, torch.Tensor) and isinstance(grown, torch.Tensor) and y.dim() > 0 and y.numel()
+            and grown.shape[1:] == y.shape[1:] and grown.shape[0] == y.shape[0] + 1):
+        return
+    before, after = y.detach(), grown[:y.shape[0]].detach()
+    if not before.is_floating_point():
+        changed = not torch.equal(before, after)
+        rel = float("nan")
+    else:
+        finite = torch.isfinite(before) & torch.isfinite(after)
+        diff = (before - after).abs()[finite]
+        scale = before.abs()[finite].max() if finite.any() else torch.tensor(0.0)
+        rel = (diff.max() / scale.clamp_min(torch.finfo(before.dtype).tiny)).item() if diff.numel() else 0.0
+        same_nan = torch.equal(torch.isnan(before), torch.isnan(after))
+        changed = rel > _SAME.get(before.dtype, 2e-2) or not same_nan
+    if changed:
+        raise ModeError(f"the model's output for the first {y.shape[0]} samples changed (relative {rel:.1e}) when "
+                        "one more sample joined the batch: its samples depend on each other (batch statistics, a "
+                        "mean or a softmax over the batch axis?). fxjac's products are per sample; make the forward "
+                        "treat samples independently (model.eval() for BatchNorm)")
+
+
 def _select_output(gm: fx.GraphModule, output: Any) -> fx.Node:
     out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     val = out_node.args[0]
@@ -150,11 +183,11 @@ def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_m
         raise OptionError(f"wrt='input:{index}': that input is not a floating-point tensor (integer ids, masks "
                           "are constants); differentiate w.r.t. a floating input or the parameters")
     try:
-        propagate_shapes(gm, *example_inputs)
+        y = propagate_shapes(gm, *example_inputs)
     except Exception as err:  # the model itself failed on these inputs: report it as the model's error
         raise TraceError(f"running the traced model on the example inputs failed: {err}") from err
     unpack_sequence_arguments(gm)
-    propagate_batch_dims(gm, *example_inputs)
+    _check_samples_independent(y, propagate_batch_dims(gm, *example_inputs))
     if not isinstance(out.meta.get("val"), torch.Tensor):
         raise OptionError("the selected output is not a tensor; choose one with output=")
     src = Source(model, gm, inputs, out, kind, index or 0, params)

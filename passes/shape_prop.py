@@ -85,21 +85,21 @@ def _batch_dim(a, b):
     return None
 
 
-def propagate_batch_dims(gm: fx.GraphModule, *example_inputs) -> bool:
+def propagate_batch_dims(gm: fx.GraphModule, *example_inputs):
     """Find which axis of every value is the batch: run again with one more sample and compare the shapes.
 
     Stores ``node.meta["batch_dim"]``: the axis (an int), ``None`` for values without one (parameters, sizes,
     constants), or a tuple of those for tuple values; and ``node.meta["batch_factor"]`` where that axis holds
-    several rows per sample (Note [merged batch] in passes/builder.py). Returns False (storing nothing) when the
-    model cannot run on a batch one larger (it hard-codes its batch size), so callers fall back to "the batch is
-    axis 0".
+    several rows per sample (Note [merged batch] in passes/builder.py). Returns the graph's output on the grown
+    batch, or None (storing nothing) when the model cannot run on a batch one larger (it hard-codes its batch
+    size), so callers fall back to "the batch is axis 0".
     """
     rec = _ShapeRecorder(gm, _batch_of(example_inputs))
     try:
         with torch.no_grad():
-            rec.run(*[_one_more(x) for x in example_inputs])
+            grown_output = rec.run(*[_one_more(x) for x in example_inputs])
     except Exception:  # noqa: BLE001 - any failure means: no second run, keep the conservative default
-        return False
+        return None
     for n in gm.graph.nodes:
         val = n.meta.get("val")
         if n in rec.shapes and val is not None:
@@ -113,7 +113,7 @@ def propagate_batch_dims(gm: fx.GraphModule, *example_inputs) -> bool:
                 if grown > 1 and first[bd] == grown * _batch_of(example_inputs):
                     n.meta["batch_factor"] = grown
                     n.meta["sample_major"] = rec.sample_major.get(n)
-    return True
+    return grown_output
 
 
 def _batch_of(example_inputs) -> int:

@@ -382,6 +382,23 @@ def test_training_mode_batchnorm_is_a_mode_error():
     assert_close(d, (J * J).sum((0, 1)), "jtmjp once in eval mode")
 
 
+@pytest.mark.parametrize("mix", ["batch_mean", "softmax_over_batch"])
+def test_samples_that_depend_on_each_other_are_a_mode_error(mix):
+    class Mixing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.fc(x)
+            if mix == "batch_mean":
+                return h - h.mean(0)
+            return h.softmax(0)
+
+    with pytest.raises(fxjac.ModeError, match="samples depend on each other"):
+        fxjac.vjp(Mixing().double())(randn(4, 3), randn(4, 3, seed=1))
+
+
 def test_functional_dropout_is_a_mode_error_and_p_zero_is_not():
     class Net(nn.Module):
         def __init__(self, p):
