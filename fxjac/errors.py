@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Iterable, Optional
 
+import torch
 import torch.fx as fx
 
 
@@ -35,8 +37,15 @@ class StaleProductError(FxJacError):
     """The model's structure changed since the product was built."""
 
 
+_INTERNAL = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, fx)) + (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "passes") + os.sep)
+
+
 def source_line(node: fx.Node) -> Optional[str]:
-    """The user's source line that created ``node`` (the last frame of its recorded stack trace)."""
+    """The user's source line that created ``node``: the innermost frame of its recorded stack trace outside
+    torch and fxjac (torch.fx records its own frames after the user's), else the innermost outside torch.fx.
+    """
     trace = node.meta.get("stack_trace")
     if not trace:
         return None
@@ -44,9 +53,15 @@ def source_line(node: fx.Node) -> Optional[str]:
     files = [i for i, ln in enumerate(lines) if ln.startswith("File ")]
     if not files:
         return lines[-1]
-    i = files[-1]
+
+    def path(i):
+        return lines[i].split('"')[1] if lines[i].count('"') >= 2 else ""
+
+    user = [i for i in files if not path(i).startswith(_INTERNAL)]
+    outside_fx = [i for i in files if not path(i).startswith(_INTERNAL[1])]
+    i = (user or outside_fx or files)[-1]
     where = lines[i]
-    code = lines[i + 1] if i + 1 < len(lines) else ""
+    code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
     return f"{where}: {code}" if code else where
 
 

@@ -534,7 +534,8 @@ def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
 
 
 def check_modes(gm: fx.GraphModule) -> None:
-    """Refuse training-mode BatchNorm and active Dropout (their outputs are not functions of one sample).
+    """Refuse training-mode BatchNorm and active Dropout (their outputs are not functions of one sample), and
+    random draws in the forward.
 
     Raises:
         ModeError: listing every offending node with the user's source line.
@@ -556,6 +557,19 @@ def check_modes(gm: fx.GraphModule) -> None:
                         "using batch statistics make samples depend on each other or on chance; call "
                         "model.eval() before building the product (BatchNorm also needs "
                         "track_running_stats=True):\n" + describe(bad))
+    random = [n for n in gm.graph.nodes if (n.op == "call_function" and n.target in _RANDOM_FUNCTIONS)
+              or (n.op == "call_method" and n.target in _RANDOM_METHODS)]
+    if random:
+        raise ModeError("the forward draws random numbers (a VAE's reparameterisation noise?): its output is a "
+                        "function of chance, not of the input alone; pass the noise in as an input (then it is "
+                        "a constant of the product), or build the product on the deterministic part:\n"
+                        + describe(random))
+
+
+_RANDOM_FUNCTIONS = (torch.randn_like, torch.rand_like, torch.randint_like, torch.randn, torch.rand, torch.randint,
+                     torch.randperm, torch.normal, torch.bernoulli, torch.multinomial, torch.poisson)
+_RANDOM_METHODS = ("normal_", "uniform_", "bernoulli_", "exponential_", "geometric_", "log_normal_", "cauchy_",
+                   "random_", "bernoulli", "multinomial")
 
 
 __all__ = ["AUTO_LEAVES", "Tracer", "check_modes", "decomposes", "normalise", "source_line", "trace",

@@ -188,6 +188,9 @@ def test_fallback_is_exact_and_named_and_strict_refuses():
         warnings.simplefilter("always")
         p = fxjac.vjp(model, wrt="params", example_inputs=(x,))
     assert any("no structured rule" in str(r.message) and "erfc" in str(r.message) for r in rec)
+    # The line named is the user's (torch.fx records its own frames after it).
+    assert any(f'{__file__}", line' in str(r.message) and "return torch.special.erfc(self.fc(x))" in str(r.message)
+               and "torch/fx" not in str(r.message) for r in rec)
     _, g = p(x, w)
     J = per_sample_jacobian(model, (x,), "params")
     assert_close(g, torch.einsum("bop,bo->p", J, w), "vjp through fallback ops")

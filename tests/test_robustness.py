@@ -382,6 +382,20 @@ def test_training_mode_batchnorm_is_a_mode_error():
     assert_close(d, (J * J).sum((0, 1)), "jtmjp once in eval mode")
 
 
+def test_random_draws_in_forward_are_a_mode_error():
+    class Reparameterised(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec = nn.Linear(4, 4), nn.Linear(2, 3)
+
+        def forward(self, x):
+            mu, log_var = self.enc(x).chunk(2, -1)
+            return self.dec(mu + torch.randn_like(mu) * (0.5 * log_var).exp())
+
+    with pytest.raises(fxjac.ModeError, match=r"(?s)random numbers.*randn_like.*test_robustness\.py"):
+        fxjac.vjp(Reparameterised().double())(randn(3, 4), randn(3, 3, seed=1))
+
+
 @pytest.mark.parametrize("mix", ["batch_mean", "softmax_over_batch"])
 def test_samples_that_depend_on_each_other_are_a_mode_error(mix):
     class Mixing(nn.Module):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from passes.protocol import ZERO, Decline, Rule
 
+from ..tracing import decomposes
 from . import _rt
 from .registry import register
 
@@ -596,3 +597,18 @@ class Bilinear(Rule):
         if b is not None and site.needs("bias"):
             out["bias"] = e(_rt.sum_to_ps, ct, b) if "bias" in site.ps else e(_rt.sum_to, ct, b)
         return out
+
+
+@decomposes(torch.addmm)
+def addmm(input, mat1, mat2, *, beta=1, alpha=1):
+    """``beta·input + alpha·(mat1 @ mat2)`` (GPT-2's ``Conv1D``) as a matmul and an addition, which have rules."""
+    out = mat1 @ mat2
+    if alpha != 1:
+        out = out * alpha
+    return out + (input if beta == 1 else input * beta)
+
+
+@decomposes(torch.baddbmm)
+def baddbmm(input, batch1, batch2, *, beta=1, alpha=1):
+    """``beta·input + alpha·(batch1 @ batch2)``, batched."""
+    return addmm(input, batch1, batch2, beta=beta, alpha=alpha)

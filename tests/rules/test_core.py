@@ -210,6 +210,9 @@ SAMPLES = [
     ("number_to_the_power", lambda m, x: 2.0 ** (x * m.w) + torch.pow(1.5, x), False),
     ("div_by_traced_number", lambda m, x: x / (x.size(-1) ** 0.5) + m.w / x.shape[1], False),
     ("topk_values_and_gather", lambda m, x: x.topk(2, -1).values * x.gather(-1, x.topk(2, -1).indices), False),
+    ("torch.addmm", lambda m, x: torch.addmm(m.V[0, :, 0], x.reshape(-1, 5), m.W, beta=0.5, alpha=2.0)
+     .view(x.shape[0], 3, 4), False),
+    ("torch.baddbmm", lambda m, x: torch.baddbmm(m.V[0, :3, :4], x, m.W.expand(x.shape[0], 5, 4)), False),
     # complex intermediates: the autograd fallback, with autograd's conventions
     ("fft_abs", lambda m, x: torch.fft.rfft(x * m.w, dim=-1).abs(), False),
     ("fft_real_imag", lambda m, x: torch.fft.fft(x, dim=1).real * torch.fft.fft(x * m.w, dim=1).imag, False),
@@ -283,7 +286,7 @@ _NOT_ONE_OP = {
     "stack_of_chunk", "cat_of_split_reversed", "cat_of_unbind", "dstack_of_tensor_split", "F.prelu_channels",
     "F.prelu_one", "torch.max_binary", "min_method_binary", "outer_same_operand", "clamp_tensor_bounds",
     "number_to_the_power", "div_by_traced_number", "fft_abs", "fft_real_imag",
-    "topk_values_and_gather",
+    "topk_values_and_gather", "torch.addmm", "torch.baddbmm",
 }
 
 
