@@ -122,8 +122,8 @@ def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, metho
                 if ci is ZERO or not isinstance(t, fx.Node) or t not in active:
                     continue
                 if name in ps_names and t not in b.batched:
-                    if site.extra.get("batch_factor", 1) != 1:  # Note [merged batch]: rows back to samples
-                        ci = e(rows_to_samples, ci, site.extra["batch_factor"])
+                    if site.extra.get("batch_factor", 1) != 1 and name not in site.extra.get("rows_summed", ()):
+                        ci = e(rows_to_samples, ci, site.extra["batch_factor"])  # Note [merged batch]
                     ci = e.method("flatten", ci, 0, 1)
                 pending.setdefault(t, []).append(ci)
     return result

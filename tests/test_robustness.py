@@ -269,6 +269,10 @@ def test_batch_merged_with_another_axis(name):
     J = per_sample_jacobian(model, (x,), "params")
     _, diag = fxjac.ggn(model, loss="mse", out="diag")(x, target=torch.zeros_like(model(x)))
     assert_close(diag, (J * J).sum((0, 1)), "exact GGN diagonal (MSE)")
+    if name != "frames":  # a weight's per-sample cotangent is contracted over each sample's rows by its rule,
+        p = fxjac.vjp(model, wrt="params", reduce="none")  # never formed per row (T times larger)
+        p(x, torch.ones_like(model(x)))
+        assert "rows_by_sample" in p.code
 
 
 def test_tensor_factories_and_buffers_sized_by_the_input():

@@ -281,13 +281,24 @@ class Linear(Rule):
         out = {}
         if site.needs("input"):
             out["input"] = e(torch.matmul, ct, w)
+        factor = site.extra.get("batch_factor", 1)
+        if factor != 1 and site.ps & {"weight", "bias"}:
+            # x.view(-1, d) before the Linear: each sample's rows contracted here, never a cotangent per row
+            ct_s, x_s = e(_rt.rows_by_sample, ct, factor, 1), e(_rt.rows_by_sample, x, factor, 0)
         if site.needs("weight"):
             if "weight" in site.ps:
-                out["weight"] = e(linear_weight_ct_ps, ct, x)
+                out["weight"] = e(linear_weight_ct_ps, *((ct_s, x_s) if factor != 1 else (ct, x)))
+                if factor != 1:
+                    _rt.sum_rows_here(site, "weight")
             else:
                 out["weight"] = e(linear_weight_ct, ct, x)
         if b is not None and site.needs("bias"):
-            out["bias"] = e(_rt.sum_to_ps, ct, b) if "bias" in site.ps else e(_rt.sum_to, ct, b)
+            if "bias" in site.ps:
+                out["bias"] = e(_rt.sum_to_ps, ct_s if factor != 1 else ct, b)
+                if factor != 1:
+                    _rt.sum_rows_here(site, "bias")
+            else:
+                out["bias"] = e(_rt.sum_to, ct, b)
         return out
 
     def param_reduce(self, e, site, name, ct, form, *args):
@@ -396,7 +407,14 @@ class _Matmul(Rule):
         if site.needs(self.left):
             out[self.left] = e(matmul_ct_left, ct, a, b, site.batch if self.left in site.ps else None)
         if site.needs(self.right):
-            out[self.right] = e(matmul_ct_right, ct, a, b, site.batch if self.right in site.ps else None)
+            factor = site.extra.get("batch_factor", 1)
+            if self.right in site.ps and factor != 1 and site.val(self.left).dim() == 2:
+                # rows of ``a`` merged with the batch (GPT-2's Conv1D): each sample's rows contracted here
+                ct_s, a_s = e(_rt.rows_by_sample, ct, factor, 1), e(_rt.rows_by_sample, a, factor, 0)
+                out[self.right] = e(matmul_ct_right, ct_s, a_s, b, site.batch)
+                _rt.sum_rows_here(site, self.right)
+            else:
+                out[self.right] = e(matmul_ct_right, ct, a, b, site.batch if self.right in site.ps else None)
         return out
 
     def diag_vjp(self, e, site, d):  # noqa: D102
