@@ -109,6 +109,24 @@ def parse_wrt(wrt: Any) -> tuple:
     raise OptionError(f"bad wrt {wrt!r}: use 'input', 'input:N', 'params' or a list of parameter names")
 
 
+def _check_output_batch(out: fx.Node, grown) -> None:
+    """Refuse an output whose batch is not its first axis, one row per sample (API.md: dim 0 of the output).
+
+    Raises:
+        ShapeError: naming what was measured and the usual fix.
+    """
+    if grown is None or not isinstance(out.meta.get("val"), torch.Tensor) or out.meta["val"].dim() == 0:
+        return
+    bd, rows = out.meta.get("batch_dim"), out.meta.get("batch_factor", 1)
+    if bd not in (0, None):
+        raise ShapeError(f"the model's output carries the batch on axis {bd}; fxjac takes dim 0 of the output as "
+                         "the batch (a sequence-first model: permute its output to batch first)")
+    if bd == 0 and rows != 1:
+        raise ShapeError(f"the model's output holds {rows} rows per sample on its batch axis (logits.view(-1, C) "
+                         "of [B, T, C]?); return one row per sample, e.g. [B, T, C] (cross-entropy: "
+                         "class_dim=-1)")
+
+
 _SAME = {torch.float64: 1e-8, torch.float32: 2e-4}  # relative changes that are rounding (else 2e-2: half types)
 
 
@@ -187,7 +205,9 @@ def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_m
     except Exception as err:  # the model itself failed on these inputs: report it as the model's error
         raise TraceError(f"running the traced model on the example inputs failed: {err}") from err
     unpack_sequence_arguments(gm)
-    _check_samples_independent(y, propagate_batch_dims(gm, *example_inputs))
+    grown = propagate_batch_dims(gm, *example_inputs)
+    _check_output_batch(out, grown)
+    _check_samples_independent(y, grown)
     if not isinstance(out.meta.get("val"), torch.Tensor):
         raise OptionError("the selected output is not a tensor; choose one with output=")
     src = Source(model, gm, inputs, out, kind, index or 0, params)

@@ -386,6 +386,22 @@ def test_training_mode_batchnorm_is_a_mode_error():
     assert_close(d, (J * J).sum((0, 1)), "jtmjp once in eval mode")
 
 
+@pytest.mark.parametrize("layout", ["seq_first", "rows_per_sample"])
+def test_output_without_the_batch_first_is_a_shape_error(layout):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 5)
+
+        def forward(self, x):
+            y = self.fc(x)  # [B, T, 5]
+            return y.transpose(0, 1) if layout == "seq_first" else y.reshape(-1, 5)
+
+    match = "batch on axis 1" if layout == "seq_first" else "3 rows per sample"
+    with pytest.raises(fxjac.ShapeError, match=match):
+        fxjac.ggn(Net().double(), loss="cross_entropy")(randn(2, 3, 4))
+
+
 def test_random_draws_in_forward_are_a_mode_error():
     class Reparameterised(nn.Module):
         def __init__(self):
