@@ -418,6 +418,28 @@ def test_rnn_leaf_through_the_fallback():
     check_metric_products(model, (x,), matrices=("diag",), wrts=("params",))
 
 
+def test_shape_templates_carrying_a_derivative_keep_their_structured_rules():
+    # view_as / reshape_as / expand_as read their second tensor for its shape only; Rule.diff lists it, so a
+    # tangent flowing through it does not send the op to the fallback.
+    class Templates(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.w = nn.Parameter(torch.randn(4, dtype=torch.float64))
+
+        def forward(self, x):
+            h = self.fc(x)
+            return self.w.expand_as(h) * h + x.view_as(h) + x.reshape_as(h)
+
+    from reference import check_direction_products
+
+    model = Templates().double()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        check_direction_products(model, (randn(3, 4),), products=("jvp", "vjp"))
+    assert not [r for r in rec if "fallback" in str(r.message)]
+
+
 def test_untraceable_builtins_become_leaves():
     # nn.Softmax2d and nn.LocalResponseNorm branch on input.dim(); spectral norm's parametrisation on weight.ndim.
     # torch.fx cannot trace into them, so they become leaves for the autograd fallback.

@@ -136,7 +136,7 @@ def permute_transpose(ct, dims):
 class _ReshapeLike(LinearOp):
     """An op that only reshapes: the stack is reshaped to the output, the cotangent back to the input."""
 
-    diff = ("0",)
+    diff = ("0", "1")  # a template (view_as, expand_as) is read for its shape only
 
     def apply(self, e, site, t):  # noqa: D102
         return e(_rt.reshape_like, t, site.out)
@@ -240,7 +240,7 @@ class T(LinearOp):
 class Expand(LinearOp):
     """y = x broadcast to a larger shape; the adjoint sums the copies."""
 
-    diff = ("0",)
+    diff = ("0", "1")  # a template (view_as, expand_as) is read for its shape only
 
     signature = None
 
