@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.node import map_aggregate, map_arg
 
+from passes.dag import any_tensor
 from passes.protocol import module_call
 
 from .errors import ModeError, TraceError, describe, source_line
@@ -490,12 +491,9 @@ def unpack_sequence_arguments(gm: fx.GraphModule) -> None:
     """
     pieces: dict = {}  # node -> its tuple of getitem nodes
 
-    def has_tensor(v) -> bool:
-        return isinstance(v, torch.Tensor) or (isinstance(v, (tuple, list)) and any(has_tensor(x) for x in v))
-
     def unpack(node: fx.Node):
         val = node.meta.get("val")
-        if not isinstance(val, (tuple, list)) or isinstance(val, torch.Size) or not has_tensor(val):
+        if not isinstance(val, (tuple, list)) or isinstance(val, torch.Size) or not any_tensor(val):
             return node
         if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], slice):
             return unpack(node.args[0])[node.args[1]]  # a slice of the pieces: ``x.split(2)[1:]``

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch.fx as fx
 
-from passes.builder import Builder, is_structural, new_emitter, nodes_in, structural_index
+from passes.builder import Builder, is_structural, new_emitter, nodes_in, rows_by_sample, structural_index
 from passes.dag import between, differentiable
 from passes.protocol import ZERO, Decline
 
@@ -33,12 +33,10 @@ def _accumulate(e, parts: list, val):
 
 
 def rows_to_samples(ct, factor):
-    """Per-row stacks ``[K, B·T, *s]`` summed to per-sample ``[K, B, *s]``: T = ``factor`` rows per sample, each
-    sample's together, or T = ``-factor`` interleaved (Note [merged batch] in passes/builder.py).
+    """Per-row stacks ``[K, B·T, *s]`` summed to per-sample ``[K, B, *s]`` (Note [merged batch] in
+    passes/builder.py).
     """
-    if factor > 0:
-        return ct.unflatten(1, (-1, factor)).sum(2)
-    return ct.unflatten(1, (-factor, -1)).sum(1)
+    return rows_by_sample(ct, factor, 1).sum(2)
 
 
 def _needed(old_args: dict, active: set) -> frozenset:

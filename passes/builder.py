@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_arg
 
-from passes.dag import batched_nodes, to_networkx
+from passes.dag import any_tensor, batched_nodes, to_networkx
 from passes.protocol import ZERO, Emitter, Rule, RuleTable, Site, bind, module_call
 
 _NO_DEFAULT = object()
@@ -67,18 +67,21 @@ def batch_dim(node: fx.Node):
 
 def _touches_complex(node: fx.Node) -> bool:
     """Whether ``node`` reads or returns a complex tensor (``torch.fft.rfft(x).abs()``)."""
-
-    def complex_in(v) -> bool:
-        if isinstance(v, torch.Tensor):
-            return v.is_complex()
-        return isinstance(v, (tuple, list)) and any(complex_in(x) for x in v)
-
-    return complex_in(node.meta.get("val")) or any(complex_in(a.meta.get("val")) for a in node.all_input_nodes)
+    return any(any_tensor(n.meta.get("val"), torch.Tensor.is_complex) for n in (node, *node.all_input_nodes))
 
 
 def batch_factor(node: fx.Node) -> int:
     """Rows per sample along ``node``'s batch axis (Note [merged batch]); 1 where each row is a sample."""
     return node.meta.get("batch_factor", 1)
+
+
+def rows_by_sample(t: torch.Tensor, factor: int, axis: int) -> torch.Tensor:
+    """A batch axis holding T = ``|factor|`` rows per sample split into ``[B, T]`` (Note [merged batch]): each
+    sample's rows together (``factor > 0``) or interleaved (``factor < 0``).
+    """
+    if factor > 0:
+        return t.unflatten(axis, (-1, factor))
+    return t.unflatten(axis, (-factor, -1)).transpose(axis, axis + 1)
 
 
 def leading_batch(node: fx.Node) -> bool:

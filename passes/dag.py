@@ -30,14 +30,18 @@ def between(g: nx.DiGraph, sources: Iterable[fx.Node], sinks: Iterable[fx.Node])
     return down & up
 
 
+def any_tensor(v, pred=lambda t: True) -> bool:
+    """Whether ``v`` (a propagated value: a tensor, or nested tuples and lists) holds a tensor ``t`` with
+    ``pred(t)``.
+    """
+    if isinstance(v, torch.Tensor):
+        return bool(pred(v))
+    return isinstance(v, (tuple, list)) and any(any_tensor(x, pred) for x in v)
+
+
 def differentiable(node: fx.Node) -> bool:
     """Whether ``node``'s value can carry a derivative: a floating or complex tensor, or a tuple holding one."""
-    def carries(v) -> bool:
-        if isinstance(v, torch.Tensor):
-            return v.is_floating_point() or v.is_complex()
-        return isinstance(v, (tuple, list)) and any(carries(x) for x in v)
-
-    return carries(node.meta.get("val"))
+    return any_tensor(node.meta.get("val"), lambda t: t.is_floating_point() or t.is_complex())
 
 
 def batched_nodes(g: nx.DiGraph, graph: fx.Graph) -> set:

@@ -39,15 +39,6 @@ def sum_to(ct: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return ct.sum_to_size(target).reshape((ct.shape[0],) + shape)
 
 
-def rows_by_sample(t: torch.Tensor, factor: int, axis: int) -> torch.Tensor:
-    """A batch axis holding T = ``|factor|`` rows per sample split into ``[B, T]`` (Note [merged batch] in
-    passes/builder.py): each sample's rows together (``factor > 0``) or interleaved (``factor < 0``).
-    """
-    if factor > 0:
-        return t.unflatten(axis, (-1, factor))
-    return t.unflatten(axis, (-factor, -1)).transpose(axis, axis + 1)
-
-
 def sum_rows_here(site, name: str) -> None:
     """Tell the backward pass that the rule summed ``name``'s per-sample cotangent over each sample's rows itself
     (Note [merged batch]), so the pass does not (a weight's per-row cotangents are T times larger).

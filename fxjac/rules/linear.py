@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from passes.builder import rows_by_sample
 from passes.protocol import ZERO, Decline, Rule
 
 from ..tracing import decomposes
@@ -282,23 +283,19 @@ class Linear(Rule):
         if site.needs("input"):
             out["input"] = e(torch.matmul, ct, w)
         factor = site.extra.get("batch_factor", 1)
-        if factor != 1 and site.ps & {"weight", "bias"}:
-            # x.view(-1, d) before the Linear: each sample's rows contracted here, never a cotangent per row
-            ct_s, x_s = e(_rt.rows_by_sample, ct, factor, 1), e(_rt.rows_by_sample, x, factor, 0)
+        merged = factor != 1 and bool(site.ps & {"weight", "bias"})
+        ct_ps, x_ps = ct, x
+        if merged:  # x.view(-1, d) before the Linear: each sample's rows contracted here, never per row
+            ct_ps, x_ps = e(rows_by_sample, ct, factor, 1), e(rows_by_sample, x, factor, 0)
         if site.needs("weight"):
             if "weight" in site.ps:
-                out["weight"] = e(linear_weight_ct_ps, *((ct_s, x_s) if factor != 1 else (ct, x)))
-                if factor != 1:
-                    _rt.sum_rows_here(site, "weight")
+                out["weight"] = e(linear_weight_ct_ps, ct_ps, x_ps)
             else:
                 out["weight"] = e(linear_weight_ct, ct, x)
         if b is not None and site.needs("bias"):
-            if "bias" in site.ps:
-                out["bias"] = e(_rt.sum_to_ps, ct_s if factor != 1 else ct, b)
-                if factor != 1:
-                    _rt.sum_rows_here(site, "bias")
-            else:
-                out["bias"] = e(_rt.sum_to, ct, b)
+            out["bias"] = e(_rt.sum_to_ps, ct_ps, b) if "bias" in site.ps else e(_rt.sum_to, ct, b)
+        for name in (site.ps & {"weight", "bias"}) if merged else ():
+            _rt.sum_rows_here(site, name)
         return out
 
     def param_reduce(self, e, site, name, ct, form, *args):
@@ -410,7 +407,7 @@ class _Matmul(Rule):
             factor = site.extra.get("batch_factor", 1)
             if self.right in site.ps and factor != 1 and site.val(self.left).dim() == 2:
                 # rows of ``a`` merged with the batch (GPT-2's Conv1D): each sample's rows contracted here
-                ct_s, a_s = e(_rt.rows_by_sample, ct, factor, 1), e(_rt.rows_by_sample, a, factor, 0)
+                ct_s, a_s = e(rows_by_sample, ct, factor, 1), e(rows_by_sample, a, factor, 0)
                 out[self.right] = e(matmul_ct_right, ct_s, a_s, b, site.batch)
                 _rt.sum_rows_here(site, self.right)
             else:

@@ -206,8 +206,6 @@ class Max(Rule):
         return e(index_weights, x, idx, dim, keepdim), dim, keepdim
 
     def jvp(self, e, site, tangents):  # noqa: D102
-        if isinstance(site.args["dim"], torch.fx.Node):
-            raise Decline  # max(a, b): element-wise, and b (bound as ``dim``) may be the one with a tangent
         t = tangents["input"]
         if t is ZERO:
             return ZERO
