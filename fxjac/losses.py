@@ -52,10 +52,16 @@ def _diag(y, loss, class_dim, sigma):
 
 
 def cross_entropy_columns(y, class_dim):
-    """Columns of the square root ``diag(√p) − p √pᵀ`` of the softmax Hessian at every position.
+    """Columns of a square root of the softmax Hessian ``H = diag(p) − p pᵀ`` at every position: ``C − 1`` of them.
 
-    Returns ``[C * S, *y.shape]`` for ``S`` positions besides the class axis (one column per class and position,
-    supported on that position only).
+    ``H`` has rank ``C − 1`` (``H 1 = 0``), so ``C`` columns waste one: with ``q = √p``, ``H = D (I − q qᵀ) D``
+    for ``D = diag(q)``, and the Householder reflection ``I − u uᵀ / (1 + q_L)``, ``u = q + e_L`` (``L`` the last
+    class), maps ``q`` to ``−e_L``; its other ``C − 1`` columns are an orthonormal basis of ``q``'s complement.
+    Column ``j < L`` of the factor is then ``q_j (e_j − r)`` with ``r = (p + q_L e_L) / (1 + q_L)`` (no division
+    by less than 1). One class keeps its single (zero) column.
+
+    Returns ``[K * S, *y.shape]`` for ``S`` positions besides the class axis and ``K = C − 1`` (one column per
+    factor column and position, supported on that position only).
     """
     class_dim = class_dim % y.dim()  # the stack's axes are y's plus one in front: count from the front
     yt = y.movedim(class_dim, 1)
@@ -63,14 +69,32 @@ def cross_entropy_columns(y, class_dim):
     spatial = tuple(yt.shape[2:])
     p = torch.softmax(yt, 1).reshape(b, c, math.prod(yt.shape[2:]))  # [B, C, S]
     s = p.shape[2]
-    sp = p.sqrt()
+    q = p.sqrt()
     eye_c = torch.eye(c, dtype=y.dtype, device=y.device)
-    cols = sp.permute(1, 0, 2).unsqueeze(2) * (eye_c[:, None, :, None] - p.unsqueeze(0))  # [C, B, C, S]
+    if c > 1:
+        q_last = q[:, -1:]  # [B, 1, S]
+        r = (p + q_last * eye_c[-1][:, None]) / (1 + q_last)
+        q, eye_c = q[:, :-1], eye_c[:-1]
+    else:
+        r = p
+    k = q.shape[1]
+    cols = q.permute(1, 0, 2).unsqueeze(2) * (eye_c[:, None, :, None] - r.unsqueeze(0))  # [K, B, C, S]
     if s > 1:
         eye_s = torch.eye(s, dtype=y.dtype, device=y.device)
-        cols = cols.unsqueeze(1) * eye_s[None, :, None, None, :]  # [C, S, B, C, S]
-    cols = cols.reshape((c * s, b, c) + spatial)
+        cols = cols.unsqueeze(1) * eye_s[None, :, None, None, :]  # [K, S, B, C, S]
+    cols = cols.reshape((k * s, b, c) + spatial)
     return cols.movedim(2, class_dim + 1)
+
+
+def factor_width(loss: str, y: torch.Tensor, class_dim=1) -> int:
+    """Columns per sample of ``loss_factor(..., "factor")`` for an output like ``y``: one per output entry, but
+    ``C − 1`` per position for the cross-entropy (:func:`cross_entropy_columns`).
+    """
+    n = math.prod(y.shape[1:])
+    if loss == "cross_entropy":
+        c = y.shape[class_dim % y.dim()]
+        return n // c * (c - 1) if c > 1 else n
+    return n
 
 
 def loss_factor(y, loss, form, class_dim=1, sigma=1.0):

@@ -35,7 +35,7 @@ from . import assemble as A
 from . import checks
 from .direction import _options, _reduce, chunks
 from .errors import OptionError
-from .losses import LOSSES, check_class_dim, loss_factor
+from .losses import LOSSES, check_class_dim, factor_width, loss_factor
 from .product import Product, make_product
 from .rules._rt import records_grad
 
@@ -800,7 +800,7 @@ def ggn(model, loss: str = "cross_entropy", wrt: Any = "params", out: str = "dia
             return (y, _backward_metric(src, b, e, y, seed, None, 1, out, reduce == "sum", method))
         fac = e(loss_factor, y, loss, "factor", class_dim, sigma_value)
         seed, w = e(operator.getitem, fac, 0), e(operator.getitem, fac, 1)
-        k = A.numel_per_sample(src.output)  # every loss here has one column per output entry
+        k = factor_width(loss, src.output.meta["val"], class_dim)
         return (y, _chunked_metric(src, b, e, y, seed, w, k, out, reduce == "sum", chunk_size))
 
     return make_product(assemble, model, wrt, takes_target=True, **options)
