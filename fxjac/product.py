@@ -112,13 +112,12 @@ class Product(fx.GraphModule):
         return self
 
     def _check_structure(self) -> None:
-        model = self.model
-        for path, mod in self._fxjac_structure:
-            try:
-                now = model.get_submodule(path) if path else model
-            except AttributeError:
-                now = None
-            if now is not mod:
+        """Every module the product reads is still where it was: one dict lookup per module (see :func:`_structure`),
+        not a walk from the root per path (0.1 ms a call on the transformer).
+        """
+        for path, parent, name, mod in self._fxjac_structure:
+            holder = self if parent is None else parent
+            if holder._modules.get(name) is not mod:
                 raise StaleProductError(f"the model's submodule {path!r} was replaced since this product was "
                                         "built; build the product again")
 
@@ -141,7 +140,11 @@ class Product(fx.GraphModule):
 
 
 def _structure(src: Source) -> list:
-    """(path, module) pairs the product relies on: every module owning a parameter or buffer it reads."""
+    """The modules the product relies on (every module owning a parameter or buffer it reads, and every module
+    traced into) with their ancestors, as ``(path, parent, name, module)`` from the root down: ``parent`` (``None``
+    for the product itself, which holds the model as ``model``) must still hold ``module`` as its child ``name``.
+    Checked in that order, each parent has been checked before its children.
+    """
     model = src.model
     paths = set()
     for n in src.gm.graph.nodes:
@@ -149,12 +152,22 @@ def _structure(src: Source) -> list:
             paths.add(n.target.rsplit(".", 1)[0] if "." in n.target else "")
         for path, _ in (n.meta.get("nn_module_stack") or {}).values():  # modules traced into, with or
             paths.add(path)                                             # without parameters
+    for p in list(paths):
+        parts = p.split(".") if p else []
+        paths.update(".".join(parts[:i]) for i in range(len(parts)))
     out = []
-    for p in sorted(paths):
-        try:
-            out.append((p, model.get_submodule(p) if p else model))
-        except AttributeError:
+    for p in sorted(paths, key=lambda q: (q.count(".") + bool(q), q)):
+        if not p:
+            out.append(("", None, "model", model))
             continue
+        parent_path, _, name = p.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_path) if parent_path else model
+            mod = parent._modules[name]
+        except (AttributeError, KeyError):
+            continue
+        if isinstance(mod, nn.Module):
+            out.append((p, parent, name, mod))
     return out
 
 

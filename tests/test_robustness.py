@@ -849,6 +849,22 @@ def test_replaced_parametric_submodule_of_a_params_product_is_stale():
         p(x)
 
 
+def test_replaced_ancestor_of_a_nested_module_is_stale():
+    # The check looks each module up in its parent only (one dict lookup), so the parents themselves are checked
+    # first: a container replaced by another holding equal layers must not go unnoticed.
+    block = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+    model = nn.Sequential(nn.Sequential(block), nn.Linear(4, 2)).double()
+    x = randn(4, 3)
+    p = fxjac.vjp(model, wrt="params", example_inputs=(x,))
+    w = randn(4, 2, seed=1)
+    _, g = p(x, w)
+    model[0] = nn.Sequential(copy.deepcopy(model[0][0]))
+    with pytest.raises(fxjac.StaleProductError, match="'0' was replaced"):
+        p(x, w)
+    q = copy.deepcopy(fxjac.vjp(model, wrt="params", example_inputs=(x,)))
+    assert_close(q(x, w)[1], g, "a deep copy's vjp")
+
+
 def test_replaced_parameter_free_submodule_is_stale():
     model, x, v = mlp(), randn(4, 3), randn(4, 3, seed=1)
     p = fxjac.jvp(model)

@@ -382,8 +382,13 @@ class _Matmul(Rule):
 
     left, right = "input", "other"
 
+    def _operands(self, site):
+        """The operands ``(a, b)``: contiguous copies where the primal made them (:meth:`Matmul.primal`)."""
+        saved = site.extra.get("saved", {}).get("operands", {})
+        return tuple(saved.get(name, site.args[name]) for name in (self.left, self.right))
+
     def jvp(self, e, site, tangents):  # noqa: D102
-        a, b = site.args[self.left], site.args[self.right]
+        a, b = self._operands(site)
         ta, tb = tangents[self.left], tangents[self.right]
         self._check_ps(site)
         return e(matmul_tangent, ta, tb, a, b, self.left in site.ps, self.right in site.ps)
@@ -398,9 +403,11 @@ class _Matmul(Rule):
             raise Decline
 
     def vjp(self, e, site, ct):  # noqa: D102
-        a, b = site.args[self.left], site.args[self.right]
+        a, b = self._operands(site)
         self._check_ps(site)
         out = {}
+        if site.needs(self.left) and site.needs(self.right):
+            ct = e.method("contiguous", ct)  # both products below would copy a strided cotangent to fold it
         if site.needs(self.left):
             out[self.left] = e(matmul_ct_left, ct, a, b, site.batch if self.left in site.ps else None)
         if site.needs(self.right):
@@ -418,7 +425,7 @@ class _Matmul(Rule):
         """(A∘A)ᵀ d: each entry of a @ b depends on a row of a through one product with b, so the squared
         Jacobian is the vjp's with the other operand squared.
         """
-        a, b = site.args[self.left], site.args[self.right]
+        a, b = self._operands(site)
         self._check_ps(site)
         out = {}
         if site.needs(self.left):
@@ -430,12 +437,52 @@ class _Matmul(Rule):
         return out
 
 
+# Note [contiguous matmul operands]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# ``torch.matmul`` folds batch axes into one batched GEMM, and copies an operand whose batch axes do not fold
+# (attention's ``x.view(B, T, H, d).transpose(1, 2)``). Autograd saves that folded copy for its backward; the
+# product graph multiplied the original views again, so the query, key and value of every attention layer were
+# copied three times (once per product), and the strided output cotangent twice. Now the matmul rule emits its
+# primal with such operands copied once (``contiguous``) and its derivatives read the copies; a cotangent needed
+# by both operands' products is made contiguous once. The copies only move: the primal matmul no longer makes them.
+
+
+def _copied_by_matmul(t, batch) -> bool:
+    """Whether ``torch.matmul`` copies operand ``t`` (its propagated value) to fold it for one (batched) GEMM: a
+    view of a transpose over the batch axes (attention's heads, ``x.view(B, T, H, d).transpose(1, 2)``) does not
+    fold. An operand broadcast over batch axes it lacks is left alone: copying it whole would cost more.
+    """
+    if not isinstance(t, torch.Tensor) or t.dim() < 3 or tuple(t.shape[:-2]) != tuple(batch):
+        return False
+    try:
+        s = t.view((-1,) + tuple(t.shape[-2:])).stride()
+    except RuntimeError:
+        return True
+    return s[-1] != 1 and s[-2] != 1
+
+
 @register(torch.matmul, operator.matmul, "matmul")
 class Matmul(_Matmul):
     """y = a @ b."""
 
     def signature(input, other):  # noqa: D103
         ...
+
+    def primal(self, e, site):
+        """An operand that matmul would copy to fold its batch axes is copied once, before the primal call, and
+        saved: the derivatives multiply it again (twice for a plain vjp), and each ``matmul`` on the original
+        view would copy it again (Note [contiguous matmul operands]).
+        """
+        a, b = site.vals.get(self.left), site.vals.get(self.right)
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or min(a.dim(), b.dim()) < 3:
+            return None
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        saved = {name: e.method("contiguous", site.args[name]) for name, v in ((self.left, a), (self.right, b))
+                 if _copied_by_matmul(v, batch)}
+        if not saved:
+            return None
+        ops = [saved.get(name, site.args[name]) for name in (self.left, self.right)]
+        return e(torch.matmul, *ops), {"operands": saved}
 
 
 @register(torch.mm, "mm", torch.bmm, "bmm")

@@ -37,6 +37,11 @@ class Op(nn.Module):
 
 
 # (id, f(m, x), positive input?) — x is [B, 3, 5]
+def _heads(x):
+    """``[B, 3, 5]`` -> ``[B, 2, 3, 5]`` as attention splits heads: a transpose over the batch axes of a view."""
+    return torch.cat([x, x.sin()], 1).view(x.shape[0], 3, 2, 5).transpose(1, 2)
+
+
 SAMPLES = [
     # element-wise, unary
     ("relu_method", lambda m, x: x.relu(), False),
@@ -114,6 +119,7 @@ SAMPLES = [
     ("matmul_method", lambda m, x: x.matmul(m.w), False),
     ("matmul_vector_left", lambda m, x: m.w @ x.transpose(1, 2), False),
     ("matmul_batched_param", lambda m, x: (x.unsqueeze(1) @ m.V.transpose(1, 2)).sum(1), False),
+    ("matmul_heads", lambda m, x: _heads(x) @ (_heads(x) * m.w[:5]).transpose(-2, -1), False),
     ("torch.mm", lambda m, x: torch.mm(x.flatten(1)[:, :5], m.W), False),
     ("mm_method", lambda m, x: x[:, 0].mm(m.W), False),
     ("torch.bmm", lambda m, x: torch.bmm(x, x.transpose(1, 2)), False),
@@ -286,7 +292,7 @@ _NOT_ONE_OP = {
     "stack_of_chunk", "cat_of_split_reversed", "cat_of_unbind", "dstack_of_tensor_split", "F.prelu_channels",
     "F.prelu_one", "torch.max_binary", "min_method_binary", "outer_same_operand", "clamp_tensor_bounds",
     "number_to_the_power", "div_by_traced_number", "fft_abs", "fft_real_imag",
-    "topk_values_and_gather", "torch.addmm", "torch.baddbmm",
+    "topk_values_and_gather", "torch.addmm", "torch.baddbmm", "matmul_heads",
 }
 
 
@@ -397,3 +403,15 @@ def test_cdist_against_autograd_without_vmap():
     assert_close(t.reshape(2, 18), torch.einsum("boi,bi->bo", J, v.reshape(2, 15)), "jvp through cdist")
     _, g = fxjac.vjp(model)(x, w)
     assert_close(g.reshape(2, 15), torch.einsum("boi,bo->bi", J, w.reshape(2, 18)), "vjp through cdist")
+
+
+def test_matmul_copies_a_strided_operand_once_for_its_derivatives():
+    # Note [contiguous matmul operands]: head-split operands do not fold into one batched GEMM; the primal copies
+    # each once and the derivatives multiply the copies (before, every product on the view copied it again).
+    model = Op(lambda m, x: _heads(x) @ (_heads(x) * m.w[:5]).transpose(-2, -1), False)
+    x = _input(3, False)
+    p = fxjac.vjp(model, example_inputs=(x,))
+    assert p.code.count(".contiguous()") == 3  # both operands, and the cotangent both products read
+    p = fxjac.vjp(model, wrt="params", example_inputs=(x,))
+    assert p.code.count(".contiguous()") == 2  # only the right operand's cotangent is needed
+    check_direction_products(model, (x,), products=("jvp", "vjp"))
