@@ -359,3 +359,25 @@ def test_per_sample_weight_cotangents_per_column(mode, monkeypatch):
         R = torch.randn_like(got)
         (dm,) = torch.autograd.grad((got * R).sum(), M)
         assert_close(dm, torch.einsum("bkp,bop->bko", R, J), "d per-sample mjp / dM")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_max_pool_scatter_of_a_large_stack_into_huge_pages(n):
+    # A stack of columns whose scatter target reaches glibc's mmap threshold (32 MiB) is written into a buffer
+    # advised for transparent huge pages through ATen's out= kernel: the same numbers as autograd's max-pool
+    # backward, column by column (overlapping windows, so some inputs receive several windows' cotangents).
+    from fxjac.rules.conv import pool_scatter, pool_with_indices
+
+    torch.manual_seed(0)
+    shape = {1: (4, 8, 2 ** 18), 2: (4, 8, 512, 512), 3: (4, 8, 64, 64, 64)}[n]
+    x = torch.randn(shape)
+    y, idx = pool_with_indices(x, n, 3, 2, 1, 1, False)
+    ct = torch.randn((2,) + tuple(y.shape))
+    got = pool_scatter(ct, idx, x, n)
+    assert got.numel() * 4 >= 1 << 25
+    pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[n]
+    xr = x.clone().requires_grad_(True)
+    yr = pool(xr, 3, 2, 1)
+    for k in range(2):
+        (ref,) = torch.autograd.grad(yr, xr, ct[k], retain_graph=True)
+        assert torch.equal(got[k], ref), f"column {k}"
