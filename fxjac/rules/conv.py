@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from passes.protocol import ZERO, Decline, Rule
 
-from ..assemble import _HUGE_MIN_BYTES, advise_huge_pages
+from ..assemble import advise_huge_pages
 from . import _rt
 from .base import PARTS, LinearOp, parts_of
 from .registry import register
@@ -423,10 +423,11 @@ def pool_scatter(ct: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, n: int) -
         g, i, in_sp = g.unsqueeze(-2), i.unsqueeze(-2), (1,) + in_sp
     like = ct.new_zeros(()).expand((planes, 1) + in_sp)
     backward = torch.ops.aten.adaptive_max_pool3d_backward if n == 3 else torch.ops.aten.adaptive_max_pool2d_backward
-    if _rt.records_grad(ct) or planes * math.prod(in_sp) * ct.element_size() < _HUGE_MIN_BYTES:
+    if _rt.records_grad(ct):  # out= kernels are not differentiable
         return backward(g, like, i).reshape((k,) + tuple(x.shape))
     # The result is the largest stack of a product with K columns (the cnn's first pooling: 42 MB), fresh memory
-    # at each call: with transparent huge pages its zero fill takes one page fault per 2 MiB (cnn: 19 -> 11 ms).
+    # at each call: with transparent huge pages (asked for large buffers only) its zero fill takes one page fault
+    # per 2 MiB (cnn: 19 -> 11 ms).
     out = advise_huge_pages(ct.new_empty((planes, 1) + in_sp))
     backward.grad_input(g, like, i, grad_input=out)
     return out.reshape((k,) + tuple(x.shape))

@@ -448,11 +448,11 @@ class _Matmul(Rule):
 
 
 def _copied_by_matmul(t, batch) -> bool:
-    """Whether ``torch.matmul`` copies operand ``t`` (its propagated value) to fold it for one (batched) GEMM: a
-    view of a transpose over the batch axes (attention's heads, ``x.view(B, T, H, d).transpose(1, 2)``) does not
-    fold. An operand broadcast over batch axes it lacks is left alone: copying it whole would cost more.
+    """Whether ``torch.matmul`` copies operand ``t`` (its propagated value, at least 3-D) to fold it for one batched
+    GEMM: a view of a transpose over the batch axes (attention's heads, ``x.view(B, T, H, d).transpose(1, 2)``)
+    does not fold. An operand broadcast over batch axes it lacks is left alone: copying it whole would cost more.
     """
-    if not isinstance(t, torch.Tensor) or t.dim() < 3 or tuple(t.shape[:-2]) != tuple(batch):
+    if tuple(t.shape[:-2]) != tuple(batch):
         return False
     try:
         s = t.view((-1,) + tuple(t.shape[-2:])).stride()
