@@ -104,9 +104,10 @@ def check_direction_products(model, inputs, names=None, dtype=torch.float64, see
     """Every direction product w.r.t. the first input and w.r.t. parameters ``names`` (None: all) against the
     dense per-sample Jacobian from torch.func; raises AssertionError naming the first mismatch."""
     g = torch.Generator().manual_seed(seed)
+    device = inputs[0].device
 
-    def rand(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    def rand(*shape):  # drawn on the CPU (the same numbers on every device), then moved to the inputs' device
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
 
     x = inputs[0]
     B = x.shape[0]
@@ -176,9 +177,10 @@ def check_metric_products(model, inputs, names=None, dtype=torch.float64, seed=0
                           matrices=None):
     """Every exact jtmjp / jmjtp combination against dense products of the per-sample Jacobian."""
     g = torch.Generator().manual_seed(seed)
+    device = inputs[0].device
 
-    def rand(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    def rand(*shape):  # drawn on the CPU (the same numbers on every device), then moved to the inputs' device
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
 
     B = inputs[0].shape[0]
     wrt_p = "params" if names is None else list(names)
@@ -195,7 +197,7 @@ def check_metric_products(model, inputs, names=None, dtype=torch.float64, seed=0
             if matrices and kind not in matrices:
                 continue
             M64 = None if M is None else M.double()
-            dense = {"identity": torch.eye(O, dtype=torch.float64).expand(B, O, O),
+            dense = {"identity": torch.eye(O, dtype=torch.float64, device=device).expand(B, O, O),
                      "diag": torch.diag_embed(M64) if kind == "diag" else None,
                      "sqrt": M64 @ M64.transpose(-1, -2) if kind == "sqrt" else None, "full": M64}[kind]
             ref = torch.einsum("boi,bop,bpj->bij", J, dense, J)  # per sample [B, N, N]
@@ -232,7 +234,7 @@ def check_metric_products(model, inputs, names=None, dtype=torch.float64, seed=0
                 continue
             M64 = None if M is None else M.double()
             if kind == "identity":
-                dense = torch.eye(N, dtype=torch.float64)
+                dense = torch.eye(N, dtype=torch.float64, device=device)
             elif kind == "diag":
                 dense = torch.diag_embed(M64)
             elif kind == "sqrt":
@@ -276,7 +278,7 @@ def loss_hessian(y, loss, class_dim=1, sigma=1.0):
     t = torch.zeros_like(y[0])
     in_sample = class_dim % y.dim() - 1  # the class axis of one sample
     if loss == "cross_entropy":
-        t = torch.zeros(y[0].movedim(in_sample, 0).shape[1:], dtype=torch.long)
+        t = torch.zeros(y[0].movedim(in_sample, 0).shape[1:], dtype=torch.long, device=y.device)
 
     def f(ys):
         if loss == "mse":
@@ -302,7 +304,7 @@ def check_diag_backprop(model, inputs, names=None, dtype=torch.float64, seed=0):
             continue
         J = per_sample_jacobian(model, inputs, wrt, names)
         O = J.shape[1]
-        d = torch.randn(B, O, generator=g, dtype=torch.float64).to(dtype)
+        d = torch.randn(B, O, generator=g, dtype=torch.float64).to(device=inputs[0].device, dtype=dtype)
         w = "input" if wrt == "input" else ("params" if names is None else list(names))
         p = fxjac.jtmjp(model, wrt=w, matrix="diag", out="diag", method="diag_backprop")
         _, r = p(*inputs, d)

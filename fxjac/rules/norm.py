@@ -242,8 +242,11 @@ def batch_norm_cts(ct, x, running_mean, running_var, weight, eps, mask):
     where ``mask`` is false: one column through ATen's fused backward (autograd's kernel), a stack per part.
     """
     if ct.shape[0] == 1:
-        parts = torch.ops.aten.native_batch_norm_backward(ct[0], x, weight, running_mean, running_var, None, None,
-                                                          False, eps, list(mask))
+        # Eval mode reads the running statistics; CUDA's kernel asserts that the saved ones are defined, so they
+        # are passed as the empty tensors the eval forward returns (the CPU kernel accepts either).
+        unused = running_mean.new_empty(0)
+        parts = torch.ops.aten.native_batch_norm_backward(ct[0], x, weight, running_mean, running_var, unused,
+                                                          unused, False, eps, list(mask))
         return _rt.one_column(parts, mask)
     gx = ct * channel_view(batch_norm_scale(running_var, weight, eps), x) if mask[0] else None
     gw = channel_sum(ct * batch_norm_xhat(x, running_mean, running_var, eps), False) if mask[1] else None
