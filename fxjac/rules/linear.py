@@ -113,8 +113,9 @@ def linear_weight_gram_diag_into(out, ct, x, w, reduce_sum):
 
 
 # The per-sample cotangents of a shared weight are formed and contracted a few samples at a time, so that each
-# piece stays in cache between the GEMM that forms it and the passes that contract it (eagerly: under
-# torch.compile in one piece, which inductor fuses).
+# piece stays in cache between the GEMM that forms it and the passes that contract it (eagerly on the CPU: under
+# torch.compile in one piece, which inductor fuses; on a GPU in one piece, as launches cost more than the cache
+# saves).
 SHARED_CHUNK_BYTES = 1 << 20
 
 
@@ -128,7 +129,7 @@ def shared_weight_grads(ct, x):
     t = math.prod(x.shape[1:-1])
     c = ct.reshape(k, b, t, o).permute(1, 0, 3, 2).reshape(b, k * o, t)
     xs = x.reshape(b, t, i)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or ct.device.type != "cpu":
         return [torch.bmm(c, xs).view(b, k, o * i)]
     step = max(1, SHARED_CHUNK_BYTES // max(1, k * o * i * ct.element_size()))
     return [torch.bmm(c[lo:lo + step], xs[lo:lo + step]).view(min(step, b - lo), k, o * i)
