@@ -67,11 +67,13 @@ class Setup:
 class Ctx:
     """A case's model, inputs and operands, built deterministically (the same in every process)."""
 
-    def __init__(self, case: Case, dtype: torch.dtype = torch.float32):
+    def __init__(self, case: Case, dtype: torch.dtype = torch.float32, device: str = "cpu"):
         self.case = case
         self.dtype = dtype
+        self.device = torch.device(device)
         self.model = self.fresh_model()
         (self.x,) = zoo.example_inputs(case.zoo, case.batch, case.preset, dtype)
+        self.x = self.x.to(self.device)
         with torch.no_grad():
             y = self.model(self.x)
         self.y_shape = tuple(y.shape)
@@ -80,21 +82,24 @@ class Ctx:
         self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = tuple(p for p in self.model.parameters() if p.requires_grad)
         self.P = sum(p.numel() for p in self.params)
+        # Operands are drawn on the CPU (the same numbers for every device), then moved.
         gen = torch.Generator().manual_seed(1)
         if case.loss == "cross_entropy":
-            self.target = torch.randint(0, y.shape[1], (self.B,) + self.y_shape[2:], generator=gen)
+            target = torch.randint(0, y.shape[1], (self.B,) + self.y_shape[2:], generator=gen)
         else:
-            self.target = torch.randn(self.y_shape, generator=gen, dtype=dtype)
-        self.w = torch.randn(self.y_shape, generator=gen, dtype=dtype)
-        self.v_in = torch.randn(self.x.shape, generator=gen, dtype=dtype)
-        self.v_params = torch.randn(self.P, generator=gen, dtype=dtype)
+            target = torch.randn(self.y_shape, generator=gen, dtype=dtype)
+        w = torch.randn(self.y_shape, generator=gen, dtype=dtype)
+        v_in = torch.randn(self.x.shape, generator=gen, dtype=dtype)
+        v_params = torch.randn(self.P, generator=gen, dtype=dtype)
         # A diagonal posterior covariance (variances below 1, so laplace's prior precision 1 can be matched).
-        self.sigma = torch.rand(self.P, generator=gen, dtype=dtype) * 1e-2 + 1e-3
+        sigma = torch.rand(self.P, generator=gen, dtype=dtype) * 1e-2 + 1e-3
+        self.target, self.w, self.v_in, self.v_params, self.sigma = (
+            t.to(self.device) for t in (target, w, v_in, v_params, sigma))
 
     def fresh_model(self) -> torch.nn.Module:
         """A new copy of the case's model (same seed, so the same weights)."""
         model, _ = zoo.build(self.case.zoo, self.case.preset, self.dtype)
-        return model
+        return model.to(self.device)
 
     def split(self, vec: torch.Tensor) -> tuple:
         """A flat ``[P]`` vector as a tuple shaped like the parameters."""
@@ -476,7 +481,7 @@ def curvlinops_setup(ctx: Ctx, task: str) -> Setup:
     op = cl.GGNLinearOperator(model, ctx.loss_fn(), params, data, **kw)
     if task == "ggn_vp":
         return Setup(lambda: (op @ ctx.v_params) * ctx.mse_scale, "GGNLinearOperator @ v")
-    eye = torch.eye(ctx.P, dtype=ctx.dtype)
+    eye = torch.eye(ctx.P, dtype=ctx.dtype, device=ctx.device)
     return Setup(lambda: (op @ eye) * ctx.mse_scale, "GGNLinearOperator @ I (P matvecs, batched)")
 
 

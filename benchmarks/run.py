@@ -7,7 +7,8 @@ to the same case's forward+backward measured in the same process. Each result is
 reference (max |a − ref| / max |ref|); a result off by more than ``TOLERANCE`` is marked WRONG and never counts
 as the fastest. Peak memory is measured per (contender, case, task) in a fresh subprocess (resident-set growth
 during one call). Prints Markdown tables and writes JSON to ``--out`` (a timestamped file and ``latest.json``;
-``--quick`` writes ``quick-*.json`` and ``latest-quick.json``).
+``--quick`` writes ``quick-*.json`` and ``latest-quick.json``). ``--device cuda`` runs every contender on the GPU
+(times end with ``torch.cuda.synchronize``; memory is the device's peak allocation) and tags the files ``cuda-``.
 """
 
 from __future__ import annotations
@@ -53,16 +54,20 @@ ROOT = Path(__file__).resolve().parent.parent
 class Timing:
     """How long to measure: a warm-up call, then repeats filling ``budget_s`` (within [min_rep, max_rep]).
 
-    A first call longer than ``slow_s`` is taken as the measurement itself (one call, no warm-up).
+    A first call longer than ``slow_s`` is taken as the measurement itself (one call, no warm-up). On a GPU,
+    ``sync`` (``torch.cuda.synchronize``) ends every timed call, so a time covers the kernels, not their launch.
     """
 
-    def __init__(self, quick: bool):
+    def __init__(self, quick: bool, sync=None):
         self.budget_s, self.min_rep, self.max_rep, self.slow_s = (
             (0.05, 1, 3, 0.5) if quick else (0.5, 3, 7, 2.0))
+        self.sync = sync or (lambda: None)
 
     def measure(self, fn):
+        self.sync()
         t0 = time.perf_counter()
         out = fn()
+        self.sync()
         first = time.perf_counter() - t0
         if first > self.slow_s:
             return out, [first], "1 call (first call > %.1f s, no warm-up)" % self.slow_s
@@ -71,6 +76,7 @@ class Timing:
         for _ in range(n):
             t0 = time.perf_counter()
             fn()
+            self.sync()
             times.append(time.perf_counter() - t0)
         return out, times, ""
 
@@ -104,7 +110,7 @@ def run_case(case: Case, args, timing: Timing, state: dict) -> list:
     t_case = time.perf_counter()
     rows = []
     fx_setups = {}
-    ctx = C.Ctx(case)
+    ctx = C.Ctx(case, device=args.device)
     tasks = [t for t in case.all_tasks() if t in ("forward", "fwd_bwd") or not args.tasks or t in args.tasks]
     print(f"## {case.name} ({case.zoo}, preset {case.preset}, batch {case.batch}, P = {ctx.P:,}, "
           f"C = {ctx.C}, loss {case.loss})", file=sys.stderr, flush=True)
@@ -176,8 +182,8 @@ def run_case(case: Case, args, timing: Timing, state: dict) -> list:
     if args.profile:
         for t in _missed(rows, case.name):
             if t in fx_setups:
-                state["profiles"][f"{case.name}/{t}"] = profile_fxjac(fx_setups[t], _time_of(rows, case.name, t,
-                                                                                            "fxjac"))
+                state["profiles"][f"{case.name}/{t}"] = profile_fxjac(
+                    fx_setups[t], _time_of(rows, case.name, t, "fxjac"), device=args.device)
     del ctx, fx_setups
     gc.collect()
     print(f"  ({case.name}: {time.perf_counter() - t_case:.1f} s)", file=sys.stderr, flush=True)
@@ -256,26 +262,38 @@ def _missed(rows, case) -> list:
     return [t["task"] for t in evaluate_targets([r for r in rows if r["case"] == case]) if t["met"] is False]
 
 
-def profile_fxjac(s: "C.Setup", t_call: Optional[float], top: int = 8) -> list:
-    """torch.profiler on one call of fxjac's generated GraphModule(s) (already warm): the top ops by self CPU."""
+def profile_fxjac(s: "C.Setup", t_call: Optional[float], top: int = 8, device: str = "cpu") -> list:
+    """torch.profiler on one call of fxjac's generated GraphModule(s) (already warm): the top ops by self time
+    (CPU time; on a GPU, kernel time)."""
     from torch.profiler import ProfilerActivity, profile
+
+    gpu = device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
 
     if t_call is not None and t_call > 20:
         return [{"error": f"not profiled: one call takes {t_call:.0f} s"}]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=activities) as prof:
                 t0 = time.perf_counter()
                 s.fn()
+                if gpu:
+                    torch.cuda.synchronize()
                 wall = time.perf_counter() - t0
     except Exception as err:  # noqa: BLE001
         return [{"error": _reason(err)}]
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    def self_us(e):
+        return e.self_device_time_total if gpu else e.self_cpu_time_total
+
+    averages = prof.key_averages()
+    # On a GPU the kernels themselves (an aten op's device time is its kernels': counted once, as kernels).
+    events = [e for e in averages if not gpu or str(e.device_type).endswith("CUDA")]
+    events.sort(key=self_us, reverse=True)
+    total = sum(self_us(e) for e in events) or 1.0
     summary = {"summary": True, "wall_ms": wall * 1e3, "aten_self_ms": total / 1e3,
-               "aten_calls": sum(e.count for e in events if e.key.startswith("aten::"))}
-    return [summary] + [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
+               "aten_calls": sum(e.count for e in averages if e.key.startswith("aten::"))}
+    return [summary] + [{"op": e.key, "self_ms": self_us(e) / 1e3, "share": self_us(e) / total,
                          "calls": e.count} for e in events[:top]]
 
 
@@ -295,17 +313,27 @@ def memory_child(args) -> int:
     """In a fresh process: set up one contender, call it once (warm-up), then the resident-set growth during a
     second call (MiB), sampled every 0.5 ms and from ``getrusage``'s max RSS. The parent starts this process with
     ``MALLOC_MMAP_THRESHOLD_=65536``, so glibc returns every freed tensor to the system and the warm-up call's
-    freed memory cannot hide the second call's.
+    freed memory cannot hide the second call's. On a GPU: the peak of device memory allocated by PyTorch during
+    the second call, above what was allocated before it.
     """
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     case = get_case(args.case, args.quick)
-    ctx = C.Ctx(case)
+    ctx = C.Ctx(case, device=args.device)
     result = {"peak_mib": None, "reason": ""}
     try:
         s = C.setup(args.contender, ctx, args.task, backend=args.compile_backend)
         s.fn()
         gc.collect()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            s.fn()
+            torch.cuda.synchronize()
+            result["peak_mib"] = max(0, torch.cuda.max_memory_allocated() - base) / 2**20
+            print("MEMORY " + json.dumps(result), flush=True)
+            return 0
         base, max_before = _rss(), _maxrss()
         peak = [base]
         done = threading.Event()
@@ -339,7 +367,8 @@ def measure_memory(rows: list, args, state: dict) -> None:
             r["note"] = "; ".join(x for x in (r["note"], "memory not measured: --time-limit passed") if x)
             continue
         cmd = [sys.executable, "-m", "benchmarks.run", "--memory-child", "--case", r["case"], "--task", r["task"],
-               "--contender", r["contender"], "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+               "--contender", r["contender"], "--threads", str(args.threads), "--device", args.device] + (
+                   ["--quick"] if args.quick else [])
         try:
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
@@ -381,8 +410,10 @@ def _cell(r) -> str:
 def markdown(result: dict) -> str:
     rows, meta = result["rows"], result["meta"]
     used = [c for c in C.CONTENDERS if any(r["contender"] == c and r["status"] != "n/a" for r in rows)]
-    lines = [f"fxjac benchmark ({meta['mode']}): {meta['date']}, torch {meta['torch']}, {meta['threads']} thread(s), "
-             f"{meta['cpu']}", ""]
+    where = f"{meta['threads']} thread(s), {meta['cpu']}"
+    if meta.get("device", "cpu") != "cpu":
+        where = f"{meta['gpu']} (CPU: {meta['cpu']})"
+    lines = [f"fxjac benchmark ({meta['mode']}): {meta['date']}, torch {meta['torch']}, {where}", ""]
     if meta.get("amended"):
         lines += [f"Amended after the run: {meta['amended']}", ""]
     lines += [
@@ -422,7 +453,9 @@ def markdown(result: dict) -> str:
                          f"{'%.1f' % c['compile_s'] if c else '—'} |")
     mem = [r for r in rows if r.get("peak_mib") is not None]
     if mem:
-        lines += ["", "Peak memory (resident-set growth during one call, fresh process, MiB):", "",
+        what = ("device memory allocated above the baseline" if meta.get("device", "cpu") != "cpu"
+                else "resident-set growth")
+        lines += ["", f"Peak memory ({what} during one call, fresh process, MiB):", "",
                   "| case | task | contender | peak MiB |", "|---|---|---|---|"]
         lines += [f"| {r['case']} | {TASK_TITLES[r['task']]} | {r['contender']} | {r['peak_mib']:.1f} |" for r in mem]
         for m in result["memory_targets"]:
@@ -446,17 +479,25 @@ def markdown(result: dict) -> str:
         for (c, note), where in _group(notes).items():
             lines.append(f"- {c} — {', '.join(where)}: {note}")
     if result.get("profiles"):
-        lines += ["", "Profiles of fxjac where a target is missed (torch.profiler, top ops by self CPU time):", ""]
+        gpu = meta.get("device", "cpu") != "cpu"
+        lines += ["", "Profiles of fxjac where a target is missed (torch.profiler, top "
+                  + ("kernels by GPU time" if gpu else "ops by self CPU time") + "):", ""]
         for key, ops in result["profiles"].items():
             head = ""
             if ops and ops[0].get("summary"):
                 sm = ops[0]
-                head = (f"{sm['aten_calls']} aten calls, op self time {sm['aten_self_ms']:.3g} of "
-                        f"{sm['wall_ms']:.3g} ms (profiled); ")
+                head = (f"{sm['aten_calls']} aten calls, {'kernel' if gpu else 'op self'} time "
+                        f"{sm['aten_self_ms']:.3g} of {sm['wall_ms']:.3g} ms (profiled); ")
                 ops = ops[1:]
-            desc = ", ".join(f"{o['op']} {o['share']:.0%}" if "op" in o else o.get("error", "") for o in ops[:5])
+            desc = ", ".join(f"{_short(o['op'])} {o['share']:.0%}" if "op" in o else o.get("error", "")
+                             for o in ops[:5])
             lines.append(f"- {key}: {head}{desc}")
     return "\n".join(lines)
+
+
+def _short(op: str, width: int = 60) -> str:
+    """An op or kernel name cut to ``width`` characters (CUDA kernels' template names run to pages)."""
+    return op if len(op) <= width else op[:width - 1] + "…"
 
 
 def _group(rows) -> dict:
@@ -525,6 +566,9 @@ def parse(argv=None):
     p.add_argument("--tasks", nargs="+", default=None, help=f"tasks (default: all): {', '.join(TASKS[2:])}")
     p.add_argument("--contenders", nargs="+", default=None, help=f"contenders: {', '.join(C.CONTENDERS)}")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON results")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the models, data and products live (default cpu; cuda: the results' files are "
+                   "prefixed cuda-)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads (default 1: the machine is shared; 1 thread times steadily)")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor; quick: "
@@ -564,6 +608,8 @@ def parse(argv=None):
         args.memory = not q
     if args.profile is None:
         args.profile = not q
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device cuda: this torch ({torch.__version__}) sees no CUDA device")
     known = {c.name for c in cases(q)}
     for name in args.cases or []:
         if name not in known:
@@ -588,12 +634,15 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore")
     t_start = time.perf_counter()
     _warm_up()
-    timing = Timing(args.quick)
+    timing = Timing(args.quick, sync=torch.cuda.synchronize if args.device == "cuda" else None)
     state = {"compile_spent": 0.0, "profiles": {}, "t0": t_start}
     rows = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    partial = out / f"partial{'-quick' if args.quick else ''}.json"  # rows so far, removed when the run ends
+    # latest.json, latest-quick.json, latest-cuda.json, ...; the timestamped file carries the same tag.
+    tag = "-".join(t for t in ("cuda" if args.device == "cuda" else "", "quick" if args.quick else "") if t)
+    suffix = "-" + tag if tag else ""
+    partial = out / f"partial{suffix}.json"  # rows so far, removed when the run ends
     for case in cases(args.quick):
         if args.cases and case.name not in args.cases:
             continue
@@ -603,7 +652,9 @@ def main(argv=None) -> int:
         rows += case_rows
         partial.write_text(json.dumps({"rows": rows, "profiles": state["profiles"]}, default=str))
     meta = {"mode": "quick" if args.quick else "full", "date": dt.datetime.now().isoformat(timespec="seconds"),
-            "torch": torch.__version__, "threads": args.threads, "cpu": _cpu(), "python": platform.python_version(),
+            "torch": torch.__version__, "threads": args.threads, "cpu": _cpu(), "device": args.device,
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+            "python": platform.python_version(),
             "versions": _versions(), "git": _git(), "compile_backend": args.compile_backend,
             "compile_cases": args.compile_cases, "tolerance": TOLERANCE, "argv": sys.argv[1:],
             "cases": [c.__dict__ for c in cases(args.quick) if not args.cases or c.name in args.cases],
@@ -612,13 +663,13 @@ def main(argv=None) -> int:
               "profiles": state["profiles"]}
     meta["wall_s"] = time.perf_counter() - t_start
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    prefix = "quick-" if args.quick else ""
     text = json.dumps(result, indent=1, default=str)
-    (out / f"{prefix}{stamp}.json").write_text(text)
-    (out / f"latest{'-quick' if args.quick else ''}.json").write_text(text)
+    stamped = out / f"{tag + '-' if tag else ''}{stamp}.json"
+    stamped.write_text(text)
+    (out / f"latest{suffix}.json").write_text(text)
     partial.unlink(missing_ok=True)
     print(markdown(result))
-    print(f"\nwrote {out / (prefix + stamp + '.json')} ({meta['wall_s']:.0f} s)", file=sys.stderr)
+    print(f"\nwrote {stamped} ({meta['wall_s']:.0f} s)", file=sys.stderr)
     return 0
 
 
