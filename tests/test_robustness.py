@@ -802,6 +802,37 @@ def test_frozen_parameters_are_left_out_but_still_used():
 # --- devices -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3)])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer_sdpa", "transformer_mha"])
+def test_half_precision_products(name, dtype, tol):
+    # The product graph decomposes attention (matmul, softmax), so in bfloat16 its output differs from the
+    # model's fused kernel by a few thousandths: the first call's trace check once called that a mis-trace.
+    model, _ = zoo.build(name)
+    xs = zoo.example_inputs(name, 3)
+    J = per_sample_jacobian(model, xs, "params")
+    w = randn(*model(*xs).shape, seed=1)
+    half, xh = model.to(dtype), tuple(x.to(dtype) for x in xs)
+    y, g = fxjac.vjp(half, wrt="params")(*xh, w.to(dtype))
+    assert y.dtype == g.dtype == dtype
+    assert_close(g, torch.einsum("bop,bo->p", J, w.reshape(3, -1)), f"vjp[{name}, {dtype}]", rtol=tol)
+    _, d = fxjac.ggn(half, loss="mse")(*xh)
+    assert_close(d, (J * J).sum((0, 1)), f"ggn[{name}, {dtype}]", rtol=tol)
+
+
+def test_trace_check_still_catches_a_small_mutation_in_float32():
+    class Bump(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.calls = nn.Linear(3, 2), 0
+
+        def forward(self, x):
+            self.calls += 1  # a Python side effect fx bakes in as the constant 1
+            return self.fc(x) * (1 + 1e-2 * self.calls)
+
+    with pytest.raises(fxjac.TraceError, match="does not reproduce"):
+        fxjac.jvp(Bump())(torch.randn(4, 3), torch.randn(4, 3))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_products_on_device(device):
     model = mlp().to(device)
