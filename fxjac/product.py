@@ -74,6 +74,14 @@ class Product(fx.GraphModule):
             # checks (first-call output check, module identity) stay out of the compiled graph.
             with torch.set_grad_enabled(bool(self._fxjac_spec.get("differentiable"))):
                 return super().__call__(*args, **kwargs)
+        autocast = _autocast_device(args)
+        if autocast is not None:
+            # torch.autocast would run some ops of the product in half precision and the buffers that the rules
+            # allocate in the model's dtype would then meet mixed dtypes. Products compute in the model's dtype,
+            # so autocast is paused for the call (and for the first call's build); to compute in bfloat16, cast
+            # the model and inputs.
+            with torch.autocast(autocast, enabled=False):
+                return self(*args, **kwargs)
         spec = self._fxjac_spec
         n_in = spec.get("n_inputs")
         if n_in is not None and len(args) > n_in:
@@ -136,6 +144,14 @@ class Product(fx.GraphModule):
                              "Python side effect torch.fx did not record?); name the module that does it in "
                              "leaf_modules=[...]")
         self._fxjac_checked = True
+
+
+def _autocast_device(args) -> Optional[str]:
+    """The device type of the first tensor argument, if torch.autocast is on for it."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device.type if torch.is_autocast_enabled(a.device.type) else None
+    return None
 
 
 def _same_output(ref: torch.Tensor, y: torch.Tensor) -> bool:

@@ -819,6 +819,24 @@ def test_half_precision_products(name, dtype, tol):
     assert_close(d, (J * J).sum((0, 1)), f"ggn[{name}, {dtype}]", rtol=tol)
 
 
+@pytest.mark.parametrize("name", ["cnn", "resnet", "transformer_sdpa"])
+def test_products_under_autocast_compute_in_the_models_dtype(name):
+    # Under torch.autocast some ops of the product ran in bfloat16 and met the rules' float32 buffers (an ATen
+    # dtype error on the conv nets): a product now pauses autocast and computes in the model's dtype.
+    model, _ = zoo.build(name, dtype=torch.float32)
+    xs = zoo.example_inputs(name, 3, dtype=torch.float32)
+    _, d_ref = fxjac.ggn(model, loss="mse")(*xs)
+    w = randn(*model(*xs).shape, seed=1, dtype=torch.float32)
+    _, g_ref = fxjac.vjp(model, wrt="params")(*xs, w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, d = fxjac.ggn(model, loss="mse")(*xs)
+        _, g = fxjac.vjp(model, wrt="params")(*xs, w)
+        assert torch.is_autocast_enabled("cpu")
+    assert y.dtype == d.dtype == g.dtype == torch.float32
+    assert_close(d, d_ref, f"ggn[{name}] under autocast", torch.float32, rtol=1e-6)
+    assert_close(g, g_ref, f"vjp[{name}] under autocast", torch.float32, rtol=1e-6)
+
+
 def test_trace_check_still_catches_a_small_mutation_in_float32():
     class Bump(nn.Module):
         def __init__(self):
