@@ -381,3 +381,36 @@ def test_max_pool_scatter_of_a_large_stack_into_huge_pages(n):
     for k in range(2):
         (ref,) = torch.autograd.grad(yr, xr, ct[k], retain_graph=True)
         assert torch.equal(got[k], ref), f"column {k}"
+
+
+def test_max_pool_scatter_reads_the_indices_in_place_for_every_column():
+    # ATen's kernel makes its indices contiguous: expanded over K columns they were copied at every call (cnn:
+    # 19 MB of int64 for 9 columns, 7 ms). On the CPU each column is one call over the indices as they are.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fxjac.rules.conv import pool_scatter, pool_with_indices
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.int_copies = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default) and \
+                    out.dtype == torch.int64:
+                self.int_copies.append(tuple(out.shape))
+            return out
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 8, 8)
+    y, idx = pool_with_indices(x, 2, 2, 2, 0, 1, False)
+    ct = torch.randn((5,) + tuple(y.shape))
+    with Copies() as mode:
+        got = pool_scatter(ct, idx, x, 2)
+    assert mode.int_copies == []
+    xr = x.clone().requires_grad_(True)
+    yr = F.max_pool2d(xr, 2, 2)
+    for k in range(5):
+        (ref,) = torch.autograd.grad(yr, xr, ct[k], retain_graph=True)
+        assert torch.equal(got[k], ref), f"column {k}"
