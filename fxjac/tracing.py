@@ -472,12 +472,54 @@ def _decompose(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
 
 
+# Note [ReLU after max pooling]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# ``max_pool(relu(x)) == relu(max_pool(x))`` exactly: ReLU is monotone, so the window's maximum is the same
+# entry either way, and every derivative agrees too (at ties the routed cotangent is masked to zero in both
+# orders). ReLU after the pooling touches a quarter of the entries (2x2 windows), in the forward and in every
+# product: the backward mask of a K-column stack then runs on the pooled stack (cnn exact GGN diagonal: the
+# two masks over 9 columns took 6 of 84 ms). Rewritten only where the pooling is the ReLU's one user and the
+# ReLU is not in place.
+
+_RELUS = (torch.relu, F.relu)
+_MAX_POOLS = {F.max_pool1d: 6, F.max_pool2d: 6, F.max_pool3d: 6, torch.max_pool1d: None, torch.max_pool2d: None,
+              torch.max_pool3d: None, F.adaptive_max_pool1d: 2, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 2}
+
+
+def _plain_relu(node) -> bool:
+    if not isinstance(node, fx.Node) or len(node.users) != 1 or len(node.args) != 1:
+        return False
+    if node.op == "call_method":
+        return node.target == "relu" and not node.kwargs
+    return node.op == "call_function" and node.target in _RELUS and not node.kwargs.get("inplace", False) and \
+        set(node.kwargs) <= {"inplace"}
+
+
+def _relu_after_max_pool(gm: fx.GraphModule) -> None:
+    """Note [ReLU after max pooling]: ``max_pool(relu(x))`` becomes ``relu(max_pool(x))``."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _MAX_POOLS or not node.args:
+            continue
+        at = _MAX_POOLS[node.target]
+        with_indices = node.kwargs.get("return_indices", at is not None and len(node.args) > at and node.args[at])
+        relu = node.args[0]
+        if with_indices or not _plain_relu(relu):
+            continue
+        node.args = (relu.args[0],) + tuple(node.args[1:])
+        with gm.graph.inserting_after(node):
+            after = gm.graph.call_function(F.relu, (node,))
+        after.meta = {k: v for k, v in relu.meta.items() if k in ("stack_trace", "nn_module_stack")}
+        node.replace_all_uses_with(after, delete_user_cb=lambda user: user is not after)
+        gm.graph.erase_node(relu)
+
+
 def normalise(gm: fx.GraphModule) -> fx.GraphModule:
     """All normalisations, in place; returns ``gm`` recompiled."""
     _leaf_calls(gm)
     _functionalise(gm)
     _attributes(gm)
     _decompose(gm)
+    _relu_after_max_pool(gm)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -355,7 +355,10 @@ def test_activation_kernels_write_into_fresh_cotangents(name, fan_out):
     torch.manual_seed(5)
     model = _ConvActPool(inner, fan_out)
     x = torch.randn(3, 2, 4, 4, generator=g) * 2
-    assert "into_cotangent" in fxjac.ggn(model, loss="cross_entropy", out="diag", example_inputs=(x,)).code
+    code = fxjac.ggn(model, loss="cross_entropy", out="diag", example_inputs=(x,)).code
+    # A ReLU whose one user is the max pooling moves after it (Note [ReLU after max pooling]): its mask then
+    # meets the pooled cotangent, which is not fresh; behind the pooling and a sum it still writes in place.
+    assert ("into_cotangent" in code) == (name != "relu_method" or fan_out)
     check_direction_products(model.double(), (x.double(),), products=("vjp", "mjp"))
     check_direction_products(model.float(), (x,), dtype=torch.float32, products=("vjp", "mjp"))
 
