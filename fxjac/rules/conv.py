@@ -384,14 +384,42 @@ def square(x):
     return x * x
 
 
+# Note [channels-last max pooling]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# On the CPU, ATen's max pooling with indices over contiguous (NCHW) 2-d and 3-d inputs runs one window at a
+# time, and its channels-last kernel vectorises over channels: 0.6 against 4.9 ms for the cnn's first pooling
+# (64 x 16 x 32 x 32), and 1.5 ms with both copies between layouts. With few channels the vector is short and it
+# is slower (3 channels at 224 x 224: 14.7 against 10.7 ms), hence at least 8 channels. The two kernels scan
+# each window in the same order, so they pick the same argmax at ties and at NaNs (a test checks this). Autograd
+# runs the NCHW kernel, so this also speeds up the forward over a plain forward+backward. Not under
+# torch.compile, where inductor writes its own pooling loops.
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _channels_last_pooling(x) -> bool:
+    return x.device.type == "cpu" and x.dim() in _CHANNELS_LAST and x.shape[1] >= 8 and x.is_contiguous() and \
+        not torch.compiler.is_compiling()
+
+
+def _pooled_back(pooled):
+    return tuple(t.contiguous() for t in pooled)
+
+
 def pool_with_indices(x, n: int, kernel_size, stride, padding, dilation, ceil_mode):
-    """A max pooling's output and flat spatial argmax indices: PyTorch's own, so ties go where autograd goes."""
+    """A max pooling's output and flat spatial argmax indices: PyTorch's own, so ties go where autograd goes
+    (Note [channels-last max pooling]).
+    """
     stride = None if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) else stride
+    if _channels_last_pooling(x):
+        xl = x.contiguous(memory_format=_CHANNELS_LAST[x.dim()])
+        return _pooled_back(_MAX_POOL[n](xl, kernel_size, stride, padding, dilation, ceil_mode, True))
     return _MAX_POOL[n](x, kernel_size, stride, padding, dilation, ceil_mode, True)
 
 
 def adaptive_pool_with_indices(x, n: int, output_size):
-    """An adaptive max pooling's output and flat spatial argmax indices."""
+    """An adaptive max pooling's output and flat spatial argmax indices (Note [channels-last max pooling])."""
+    if _channels_last_pooling(x):
+        return _pooled_back(_ADAPTIVE_MAX[n](x.contiguous(memory_format=_CHANNELS_LAST[x.dim()]), output_size, True))
     return _ADAPTIVE_MAX[n](x, output_size, True)
 
 

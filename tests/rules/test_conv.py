@@ -414,3 +414,24 @@ def test_max_pool_scatter_reads_the_indices_in_place_for_every_column():
     for k in range(5):
         (ref,) = torch.autograd.grad(yr, xr, ct[k], retain_graph=True)
         assert torch.equal(got[k], ref), f"column {k}"
+
+
+@pytest.mark.parametrize("n, args", [(2, (2, 2, 0)), (2, (3, 2, 1)), (3, (2, 2, 0)), (2, "adaptive"),
+                                     (3, "adaptive")])
+def test_channels_last_pooling_picks_autograds_argmax_at_ties(n, args):
+    # Note [channels-last max pooling]: the faster kernel must route cotangents exactly where autograd's NCHW
+    # kernel does, also where a window holds its maximum twice (integer values) or a NaN.
+    from fxjac.rules.conv import adaptive_pool_with_indices, pool_with_indices
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randint(-2, 2, (3, 8) + (6,) * n, generator=g).float()
+    x.view(-1)[5] = float("nan")
+    if args == "adaptive":
+        got = adaptive_pool_with_indices(x, n, 3)
+        ref = (F.adaptive_max_pool2d if n == 2 else F.adaptive_max_pool3d)(x, 3, return_indices=True)
+    else:
+        got = pool_with_indices(x, n, args[0], args[1], args[2], 1, False)
+        ref = (F.max_pool2d if n == 2 else F.max_pool3d)(x, *args, return_indices=True)
+    assert got[0].is_contiguous() and got[1].is_contiguous()
+    assert torch.equal(got[1], ref[1])
+    assert torch.equal(got[0].nan_to_num(), ref[0].nan_to_num())
