@@ -61,9 +61,42 @@ def on_stack(op: str, t, rank: int, *args):
 
 
 def pullback(op: str, x, ct, *args):
-    """Adjoint of the linear op ``op(x, *args)`` on a stack ``[K, *y]``: PyTorch's own backward, K batched."""
+    """Adjoint of the linear op ``op(x, *args)`` on a stack ``[K, *y]``: PyTorch's own backward, K batched.
+    Average poolings call ATen's backward kernel on the stack (with the columns joined to the batch); other ops
+    go through torch.func (0.19 ms against 0.03 for a ResNet's global average pooling of one column).
+    """
+    if op in _POOL_ADJOINTS:
+        n = int(op[-2])
+        g = ct.reshape((-1,) + tuple(ct.shape[-(n + 1):]))
+        # the kernels read only the input's shape: a zero-stride tensor of it, as in pool_scatter
+        like = ct.new_zeros(()).expand((g.shape[0],) + tuple(x.shape[-(n + 1):]))
+        return _POOL_ADJOINTS[op](n, g, like, *args).reshape((ct.shape[0],) + tuple(x.shape))
     _, pull = torch.func.vjp(lambda u: _OPS[op](u, *args), x)
     return torch.vmap(pull)(ct)[0]
+
+
+def _adaptive_avg_adjoint(n, g, like, output_size):
+    if n == 1:  # through the 2-d kernel with a unit axis
+        return _adaptive_avg_adjoint(2, g.unsqueeze(-2), like.unsqueeze(-2), None).squeeze(-2)
+    kernel = torch.ops.aten._adaptive_avg_pool3d_backward if n == 3 else torch.ops.aten._adaptive_avg_pool2d_backward
+    return kernel(g, like)
+
+
+def _avg_adjoint(n, g, like, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                 divisor_override=None):
+    stride = [] if stride is None else list(_tuple(stride, n))  # empty: the kernel size, as the forward has it
+    if n == 1:  # through the 2-d kernel with a unit axis
+        return torch.ops.aten.avg_pool2d_backward(
+            g.unsqueeze(-2), like.unsqueeze(-2), [1, _tuple(kernel_size, 1)[0]], [1] + stride if stride else [],
+            [0, _tuple(padding, 1)[0]], ceil_mode, count_include_pad, None).squeeze(-2)
+    kernel = torch.ops.aten.avg_pool3d_backward if n == 3 else torch.ops.aten.avg_pool2d_backward
+    return kernel(g, like, list(_tuple(kernel_size, n)), stride, list(_tuple(padding, n)), ceil_mode,
+                  count_include_pad, divisor_override)
+
+
+_POOL_ADJOINTS = {"adaptive_avg_pool1d": _adaptive_avg_adjoint, "adaptive_avg_pool2d": _adaptive_avg_adjoint,
+                  "adaptive_avg_pool3d": _adaptive_avg_adjoint, "avg_pool1d": _avg_adjoint,
+                  "avg_pool2d": _avg_adjoint, "avg_pool3d": _avg_adjoint}
 
 
 def conv_pads(w, padding, dilation) -> list:
@@ -518,6 +551,10 @@ def resample_transpose(ct, x, size, scale_factor, mode, align_corners, recompute
 
     The scales are those ``F.interpolate`` hands to the forward kernel (none where it recomputes them).
     """
+    if torch.compiler.is_compiling():
+        # With a dynamic batch, the fake kernel of ATen's backward refuses the symbolic input size (torch 2.13:
+        # "Expected IntList but got GenericList"); torch.func's adjoint traces.
+        return pullback("interpolate", x, ct, size, scale_factor, mode, align_corners, recompute_scale_factor)
     n = x.dim() - 2
     if size is not None or recompute_scale_factor:
         scales = [None] * n
