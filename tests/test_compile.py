@@ -171,7 +171,8 @@ class _ConvPool(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.c1, self.c2, self.fc = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 3), nn.Linear(12, 3)
+        # 8 channels into the pooling: it runs through the channels-last kernel (Note [channels-last max pooling])
+        self.c1, self.c2, self.fc = nn.Conv2d(2, 8, 3, padding=1), nn.Conv2d(8, 3, 3), nn.Linear(12, 3)
 
     def forward(self, x):
         h = F.max_pool2d(torch.relu(self.c1(x)), 2)
@@ -182,9 +183,9 @@ class _ConvPool(nn.Module):
                                            ("vjp", dict(wrt="params", reduce="none")),
                                            ("vjp", dict(wrt="params", differentiable=True))])
 def test_eager_kernels_stay_custom_ops_under_compile(name, options):
-    """Note [eager kernels under torch.compile]: the max-pool scatter, the im2col patches and ReLU's mask written
-    into its cotangent are custom ops in the compiled graph, with shapes that follow the batch; differentiable
-    products keep the plain ops (the custom ops have no derivative).
+    """Note [eager kernels under torch.compile]: the channels-last max pooling, the max-pool scatter, the im2col
+    patches and ReLU's mask written into its cotangent are custom ops in the compiled graph, with shapes that
+    follow the batch; differentiable products keep the plain ops (the custom ops have no derivative).
     """
     torch.manual_seed(0)
     model = _ConvPool().eval()
@@ -205,7 +206,7 @@ def test_eager_kernels_stay_custom_ops_under_compile(name, options):
         ops = () if name == "ggn" else (torch.randn(batch, 3, generator=g, requires_grad=differentiable),)
         _close(compiled(x, *ops)[1].detach(), p(x, *ops)[1].detach())
     # per-sample weight cotangents of the 2-channel convolution come from patches
-    want = set() if differentiable else {"pool_scatter", "relu_mask_", "patches"}
+    want = set() if differentiable else {"max_pool_channels_last", "pool_scatter", "relu_mask_", "patches"}
     assert seen == want, seen
     assert counters["stats"]["unique_graphs"] == 1, f"recompiled: {dict(counters['stats'])}"
     assert not counters["graph_break"], dict(counters["graph_break"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -424,18 +425,40 @@ def square(x):
 # (64 x 16 x 32 x 32), and 1.5 ms with both copies between layouts. With few channels the vector is short and it
 # is slower (3 channels at 224 x 224: 14.7 against 10.7 ms), hence at least 8 channels. The two kernels scan
 # each window in the same order, so they pick the same argmax at ties and at NaNs (a test checks this). Autograd
-# runs the NCHW kernel, so this also speeds up the forward over a plain forward+backward. Not under
-# torch.compile, where inductor writes its own pooling loops.
+# runs the NCHW kernel, so this also speeds up the forward over a plain forward+backward. Under torch.compile it
+# stays this eager kernel (a custom op, Note [eager kernels under torch.compile]).
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def _channels_last_pooling(x) -> bool:
-    return x.device.type == "cpu" and x.dim() in _CHANNELS_LAST and x.shape[1] >= 8 and x.is_contiguous() and \
-        not torch.compiler.is_compiling()
+    return x.device.type == "cpu" and x.dim() in _CHANNELS_LAST and x.shape[1] >= 8 and x.is_contiguous()
 
 
-def _pooled_back(pooled):
-    return tuple(t.contiguous() for t in pooled)
+def _max_pool_like(x, n, kernel, stride, padding, dilation, ceil_mode):
+    return _MAX_POOL[n](x, kernel, stride or None, padding, dilation, ceil_mode, True)
+
+
+@_rt.eager_under_compile(_max_pool_like)
+def max_pool_channels_last(x: torch.Tensor, n: int, kernel: List[int], stride: List[int], padding: List[int],
+                           dilation: List[int], ceil_mode: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Max pooling with indices through the channels-last kernel (Note [channels-last max pooling]); an empty
+    ``stride`` is the kernel's.
+    """
+    xl = x.contiguous(memory_format=_CHANNELS_LAST[x.dim()])
+    y, i = _MAX_POOL[n](xl, kernel, stride or None, padding, dilation, ceil_mode, True)
+    return y.contiguous(), i.contiguous()
+
+
+def _adaptive_max_like(x, n, output_size):
+    return _ADAPTIVE_MAX[n](x, output_size, True)
+
+
+@_rt.eager_under_compile(_adaptive_max_like)
+def adaptive_max_pool_channels_last(x: torch.Tensor, n: int, output_size: List[int]) -> Tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    """Adaptive max pooling with indices through the channels-last kernel (Note [channels-last max pooling])."""
+    y, i = _ADAPTIVE_MAX[n](x.contiguous(memory_format=_CHANNELS_LAST[x.dim()]), output_size, True)
+    return y.contiguous(), i.contiguous()
 
 
 def pool_with_indices(x, n: int, kernel_size, stride, padding, dilation, ceil_mode):
@@ -444,15 +467,17 @@ def pool_with_indices(x, n: int, kernel_size, stride, padding, dilation, ceil_mo
     """
     stride = None if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) else stride
     if _channels_last_pooling(x):
-        xl = x.contiguous(memory_format=_CHANNELS_LAST[x.dim()])
-        return _pooled_back(_MAX_POOL[n](xl, kernel_size, stride, padding, dilation, ceil_mode, True))
+        return max_pool_channels_last(x, n, list(_tuple(kernel_size, n)), [] if stride is None else
+                                      list(_tuple(stride, n)), list(_tuple(padding, n)), list(_tuple(dilation, n)),
+                                      bool(ceil_mode))
     return _MAX_POOL[n](x, kernel_size, stride, padding, dilation, ceil_mode, True)
 
 
 def adaptive_pool_with_indices(x, n: int, output_size):
     """An adaptive max pooling's output and flat spatial argmax indices (Note [channels-last max pooling])."""
-    if _channels_last_pooling(x):
-        return _pooled_back(_ADAPTIVE_MAX[n](x.contiguous(memory_format=_CHANNELS_LAST[x.dim()]), output_size, True))
+    size = _tuple(output_size, n)
+    if _channels_last_pooling(x) and all(isinstance(v, int) for v in size):  # None keeps an axis's size
+        return adaptive_max_pool_channels_last(x, n, list(size))
     return _ADAPTIVE_MAX[n](x, output_size, True)
 
 
