@@ -435,3 +435,29 @@ def test_channels_last_pooling_picks_autograds_argmax_at_ties(n, args):
     assert got[0].is_contiguous() and got[1].is_contiguous()
     assert torch.equal(got[1], ref[1])
     assert torch.equal(got[0].nan_to_num(), ref[0].nan_to_num())
+
+
+@pytest.mark.parametrize("pool", [
+    lambda h: F.max_pool2d(h, 3, 2, 1, ceil_mode=True),
+    lambda h: F.max_pool2d(h, 2, 1, 0, dilation=2),
+    lambda h: F.adaptive_max_pool2d(h, (3, None)),
+    lambda h: F.adaptive_max_pool2d(h, 2),
+    lambda h: F.max_pool3d(h.unsqueeze(2).repeat(1, 1, 2, 1, 1), 2, 1),
+], ids=["ceil_pad", "dilated", "adaptive_none", "adaptive", "3d"])
+def test_channels_last_pooling_in_products(pool):
+    # Note [channels-last max pooling] takes pools over 8 or more channels: every product kind through it,
+    # after a ReLU that moves behind the pooling (Note [ReLU after max pooling]).
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(2, 8, 3, padding=1), nn.LazyLinear(3)
+
+        def forward(self, x):
+            return self.fc(pool(torch.relu(self.conv(x))).flatten(1))
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 5, 6, dtype=torch.float64)
+    net = Net().double()
+    net(x)
+    reference.check_direction_products(net, (x,), products=("jvp", "vjp", "mjp"))
+    reference.check_metric_products(net, (x,), matrices=("diag",), wrts=("params",))
