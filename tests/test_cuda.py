@@ -148,3 +148,27 @@ def test_inductor_on_the_device(name, product, options):
         got, ref = compiled(*args)[1], p(*args)[1]
         assert got.device.type == DEV
         assert_close(got, ref, f"inductor {product}[{name}] at batch {batch}", torch.float32, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet", "transformer_sdpa"])
+def test_products_under_autocast(name):
+    # A product pauses torch.autocast and computes in the model's dtype (on CUDA autocast runs matmuls and
+    # convolutions in bfloat16, which met the rules' float32 buffers).
+    model, xs = on_device(name, 3, torch.float32)
+    _, ref = fxjac.ggn(model, loss="mse")(*xs)
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        y, d = fxjac.ggn(model, loss="mse")(*xs)
+    assert y.dtype == d.dtype == torch.float32
+    assert_close(d, ref, f"ggn[{name}] under autocast", torch.float32, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cnn", "transformer_sdpa"])
+def test_bfloat16_models(name):
+    # A bfloat16 model on the device: fused attention kernels against the product's decomposed attention differ
+    # by bfloat16 rounding, which the first call's trace check must accept.
+    model, xs = on_device(name, 3)
+    J = per_sample_jacobian(model, xs, "params")
+    half, xh = model.to(torch.bfloat16), tuple(x.to(torch.bfloat16) for x in xs)
+    _, d = fxjac.ggn(half, loss="mse")(*xh)
+    assert d.dtype == torch.bfloat16
+    assert_close(d, (J * J).sum((0, 1)), f"ggn[{name}] in bfloat16", rtol=3e-2)
