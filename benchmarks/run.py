@@ -410,9 +410,8 @@ def _cell(r) -> str:
 def markdown(result: dict) -> str:
     rows, meta = result["rows"], result["meta"]
     used = [c for c in C.CONTENDERS if any(r["contender"] == c and r["status"] != "n/a" for r in rows)]
-    where = f"{meta['threads']} thread(s), {meta['cpu']}"
-    if meta.get("device", "cpu") != "cpu":
-        where = f"{meta['gpu']} (CPU: {meta['cpu']})"
+    gpu = meta.get("device", "cpu") != "cpu"  # results saved before --device existed are CPU runs
+    where = f"{meta['gpu']} (CPU: {meta['cpu']})" if gpu else f"{meta['threads']} thread(s), {meta['cpu']}"
     lines = [f"fxjac benchmark ({meta['mode']}): {meta['date']}, torch {meta['torch']}, {where}", ""]
     if meta.get("amended"):
         lines += [f"Amended after the run: {meta['amended']}", ""]
@@ -453,8 +452,7 @@ def markdown(result: dict) -> str:
                          f"{'%.1f' % c['compile_s'] if c else '—'} |")
     mem = [r for r in rows if r.get("peak_mib") is not None]
     if mem:
-        what = ("device memory allocated above the baseline" if meta.get("device", "cpu") != "cpu"
-                else "resident-set growth")
+        what = "device memory allocated above the baseline" if gpu else "resident-set growth"
         lines += ["", f"Peak memory ({what} during one call, fresh process, MiB):", "",
                   "| case | task | contender | peak MiB |", "|---|---|---|---|"]
         lines += [f"| {r['case']} | {TASK_TITLES[r['task']]} | {r['contender']} | {r['peak_mib']:.1f} |" for r in mem]
@@ -479,7 +477,6 @@ def markdown(result: dict) -> str:
         for (c, note), where in _group(notes).items():
             lines.append(f"- {c} — {', '.join(where)}: {note}")
     if result.get("profiles"):
-        gpu = meta.get("device", "cpu") != "cpu"
         lines += ["", "Profiles of fxjac where a target is missed (torch.profiler, top "
                   + ("kernels by GPU time" if gpu else "ops by self CPU time") + "):", ""]
         for key, ops in result["profiles"].items():
