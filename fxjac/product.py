@@ -206,11 +206,13 @@ def finish(b: Builder, outputs: Any, src: Source) -> Product:
             n.target = "model." + n.target
     holder = nn.Module()
     holder.model = src.model
+    for name, module in b.modules.items():
+        holder.add_module(name, module)
     b.graph.output(outputs)
-    b.graph.eliminate_dead_code()
-    b.graph.lint()
-    gm = fx.GraphModule(holder, b.graph, class_name="Product")
-    gm.model = src.model
+    gm = fx.GraphModule(holder, b.graph, class_name="Product")  # before the purity checks: column loops are
+    gm.model = src.model                                          # submodules
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
     clean(gm)
     gm.fallback_ops = list(b.fallback_nodes)
     return gm

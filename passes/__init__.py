@@ -4,11 +4,13 @@ from passes.backward import backward_cotangents
 from passes.builder import Builder, MissingRulesError
 from passes.clean import clean
 from passes.forward import forward_tangents
+from passes.loop import ColumnLoop, column_loop
 from passes.protocol import ZERO, Emitter, Rule, RuleTable, Site, module_call, rule_key
 from passes.shape_prop import propagate_shapes
 
 __all__ = [
     "Builder",
+    "ColumnLoop",
     "Emitter",
     "MissingRulesError",
     "Rule",
@@ -17,6 +19,7 @@ __all__ = [
     "ZERO",
     "backward_cotangents",
     "clean",
+    "column_loop",
     "forward_tangents",
     "module_call",
     "propagate_shapes",

@@ -118,6 +118,7 @@ class Builder:
         self._rows: dict = {}  # rows per sample -> node holding batch size × rows
         self.fallback_nodes: list = []
         self.saved: dict = {}
+        self.modules: dict = {}  # submodules the product graph calls (column loops), by attribute name
 
     # --- primal copy ---------------------------------------------------------------------------------
     def placeholder(self, name: str, default: Any = _NO_DEFAULT) -> fx.Node:

@@ -163,6 +163,10 @@ class Emitter:
         """Emit ``obj.name(*args, **kwargs)`` as a ``call_method`` node."""
         return self._tag(self.graph.create_node("call_method", name, (obj,) + args, kwargs, name=self._name()))
 
+    def module(self, target: str, *args) -> fx.Node:
+        """Emit ``self.<target>(*args)`` as a ``call_module`` node (a submodule the product will hold)."""
+        return self._tag(self.graph.create_node("call_module", target, args, {}, name=self._name()))
+
     def add(self, a, b):
         """``a + b`` where either may be ZERO."""
         if a is ZERO:

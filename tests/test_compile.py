@@ -72,6 +72,24 @@ def test_product_compiles_fullgraph_with_changing_batch(name, options):
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.parametrize("out", ["diag", "block"])
+def test_column_loop_compiles_fullgraph_with_changing_batch(out):
+    # K = 3 MSE columns two at a time: dynamo unrolls the column loop (its trip count is fixed at build time),
+    # the padded last chunk included
+    model = _model()
+    g = torch.Generator().manual_seed(2)
+    p = fxjac.ggn(model, loss="mse", out=out, chunk_size=2, example_inputs=(torch.randn(BATCHES[0], 4),))
+    assert "column_loop_0(" in p.code
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(p, backend="aot_eager", fullgraph=True, dynamic=True)
+    for batch in BATCHES:
+        x = torch.randn(batch, 4, generator=g)
+        _close(compiled(x)[1], fxjac.ggn(model, loss="mse", out=out)(x)[1])
+    assert counters["stats"]["unique_graphs"] == 1, f"recompiled: {dict(counters['stats'])}"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
 class _Positions(nn.Module):
     """A Linear on ``[B, T, d]`` (its weight read at T positions per sample) and one on ``[B, d]``."""
 

@@ -191,7 +191,7 @@ def test_chunked_columns_give_the_same_result():
     xs = zoo.example_inputs("cnn", 3)
     _, ref = fxjac.ggn(model, loss="cross_entropy", out="block")(*xs)
     p = fxjac.ggn(model, loss="cross_entropy", out="block", chunk_size=1, example_inputs=xs)
-    assert p.code.count("take(") >= 2  # several chunks in one static graph
+    assert "column_loop_0(" in p.code and "take(" not in p.code  # one copy of the chunk, called in a loop
     _, got = p(*xs)
     for a, b in zip(got, ref):
         assert_close(a, b, "chunked ggn blocks")
@@ -204,6 +204,74 @@ def test_chunked_columns_give_the_same_result():
         assert_close(J, per_sample_jacobian(model, xs, "input"), f"chunked jacobian ({mode})")
     with pytest.raises(fxjac.OptionError, match="chunk_size"):
         fxjac.jvp(model, chunk_size=4)
+
+
+@pytest.mark.parametrize("name, loss", [("resnet", "mse"), ("unet", "mse"), ("transformer_mha", "mse")])
+def test_column_loops_match_the_dense_reference(name, loss):
+    """Chunks of columns go through one outlined copy of the backward pass, called in a loop (Note [column loops]):
+    on branching nets (additive skips and batch norm, concatenations and resampling, attention), with a last chunk
+    padded by zero columns, every exact GGN form and an output-space metric with eigen-weighted columns match the
+    dense float64 reference.
+    """
+    model, _ = zoo.build(name, preset="small")
+    model = model.double().eval()
+    xs = zoo.example_inputs(name, 2, preset="small", dtype=torch.float64)
+    y = model(*xs)
+    J = per_sample_jacobian(model, xs, "params")  # [B, O, P]
+    H = loss_hessian(y, loss)
+    G = torch.einsum("bop,boq,bqr->bpr", J, H, J)
+    k = y[0].numel() - (loss == "cross_entropy")  # the factor's columns (C - 1 for cross-entropy)
+    width = next(w for w in range(2, k) if k % w)  # never divides k: the last chunk is padded
+    p = fxjac.ggn(model, loss=loss, out="diag", chunk_size=width, example_inputs=xs)
+    assert "column_loop_0(" in p.code
+    assert_close(p(*xs)[1], torch.diagonal(G.sum(0)), f"{name} looped ggn diag")
+    assert_close(fxjac.ggn(model, loss=loss, out="diag", reduce="none", chunk_size=width)(*xs)[1],
+                 torch.diagonal(G, dim1=1, dim2=2), f"{name} looped per-sample ggn diag")
+    if name != "unet":  # [P, P] of the U-Net's 14k parameters: the diagonal forms suffice there
+        blocks = fxjac.ggn(model, loss=loss, out="block", chunk_size=width)(*xs)[1]
+        assert_close(torch.block_diag(*blocks), _block_diagonal(G.sum(0), [b.shape[0] for b in blocks]),
+                     f"{name} looped ggn blocks")
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(2, y[0].numel(), y[0].numel(), generator=gen, dtype=torch.float64)
+    M = a + a.transpose(1, 2)  # symmetric, indefinite: eigen-weighted columns
+    got = fxjac.jtmjp(model, wrt="params", matrix="full", out="diag", chunk_size=width)(*xs, M)[1]
+    assert_close(got, torch.einsum("bop,boq,bqp->p", J, M, J), f"{name} looped jtmjp full M")
+
+
+def test_chunks_unroll_where_the_loop_cannot_be_outlined(monkeypatch):
+    """Where outlining is refused, each chunk gets its own copy of the backward pass in the graph, as before."""
+    import fxjac.metric as metric
+    from passes.loop import outline
+
+    monkeypatch.setattr(metric, "column_loop", lambda *args: None)
+    model, _ = zoo.build("resnet", preset="small")
+    model = model.double().eval()
+    xs = zoo.example_inputs("resnet", 2, preset="small", dtype=torch.float64)
+    p = fxjac.ggn(model, loss="mse", out="diag", chunk_size=2, example_inputs=xs)
+    assert p.code.count("take(") >= 2 and "add_all(" in p.code and "column_loop" not in p.code
+    J, H = per_sample_jacobian(model, xs, "params"), loss_hessian(model(*xs), "mse")
+    assert_close(p(*xs)[1], torch.einsum("bop,boq,bqp->p", J, H, J), "unrolled chunks")
+
+    @torch.fx.node.has_side_effect
+    def write(buf, t):
+        return buf.add_(t)
+
+    g = torch.fx.Graph()  # a chunk that would write into a value computed before it: refused, graph unchanged
+    x = g.placeholder("x")
+    buf = g.call_function(torch.zeros_like, (x,))
+    root = g.call_function(torch.neg, (x,))
+    out = g.call_function(write, (buf, root))
+    before = list(g.nodes)
+    assert outline(g, buf, [root, None], out) is None
+    assert list(g.nodes) == before
+
+
+def _block_diagonal(m, sizes):
+    out, at = torch.zeros_like(m), 0
+    for n in sizes:
+        out[at:at + n, at:at + n] = m[at:at + n, at:at + n]
+        at += n
+    return out
 
 
 def layerwise_diag_forward(layers, x, d_in=None, d_params=None):

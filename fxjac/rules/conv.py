@@ -15,6 +15,16 @@ Note [convolution weight cotangents]
     sample contributes exactly; no patch matrix is built. The same kernel gives the transposed convolution's
     weight cotangent (its adjoint is a convolution with the roles of input and cotangent exchanged) and the
     diagonal rules (``x∘x`` in place of ``x``).
+
+Note [convolution input cotangents]
+    The adjoint of a convolution in its input is the transposed convolution, and that is what autograd runs
+    (``convolution_backward``, the same kernel on a CPU). At stride 1 it is also a plain convolution of the
+    cotangent, zero-padded by the kernel's reach minus the primal padding, with the flipped kernel whose in and
+    out channels are exchanged within each group. On this 2-core CPU oneDNN's forward kernel was up to twice as
+    fast: the U-Net's 8 -> 24 channel input cotangent over 160 rows at 32x32 took 7.3 ms against 13.3 ms
+    (alternating runs, best of 15), and the other zoo shapes were within noise of each other. A 1x1 kernel at
+    stride 1 without padding is a matrix product over the channels: 0.28 ms against 2.6 ms for 1 -> 8 channels
+    over the same rows. Strides above 1 and padding past the kernel's reach keep the transposed convolution.
 """
 
 from __future__ import annotations
@@ -121,14 +131,37 @@ def conv_stack(t, w, stride, padding, dilation, groups):
     return y.unflatten(0, t.shape[:2])
 
 
-def conv_input_ct(ct, x, w, stride, padding, dilation, groups):
-    """Adjoint of ``conv(·, w)`` on a stack ``[K, *y]`` -> ``[K, *x]``.
+def flipped_kernel(w, groups):
+    """The kernel of ``conv_transpose(·, w)`` at stride 1 as a convolution: in and out channels exchanged within
+    each group, the spatial taps reversed.
+    """
+    o, i = w.shape[:2]
+    w = w.reshape((groups, o // groups, i) + tuple(w.shape[2:])).transpose(1, 2)
+    return w.reshape((i * groups, o // groups) + tuple(w.shape[3:])).flip(tuple(range(2, w.dim() - 1)))
 
-    A transposed convolution whose output padding restores the input size.
+
+def conv_input_ct(ct, x, w, stride, padding, dilation, groups):
+    """Adjoint of ``conv(·, w)`` on a stack ``[K, *y]`` -> ``[K, *x]`` (Note [convolution input cotangents]).
+
+    A transposed convolution whose output padding restores the input size; at stride 1 a convolution with the
+    flipped kernel, and for a 1x1 kernel at stride 1 without padding a matrix product over the channels.
     """
     n = w.dim() - 2
     s, dil, pads = _tuple(stride, n), _tuple(dilation, n), conv_pads(w, padding, dilation)
     size = tuple(x.shape[-n:])
+    if all(v == 1 for v in s):
+        reach = [d * (k - 1) for d, k in zip(dil, w.shape[2:])]
+        if groups == 1 and not any(reach) and not any(lo or hi for lo, hi in pads):
+            y = torch.matmul(w.reshape(w.shape[:2]).t(), ct.flatten(-n))  # [..., C_out, S] -> [..., C_in, S]
+            return y.unflatten(-1, size)
+        full = [(r - lo, r - hi) for r, (lo, hi) in zip(reach, pads)]
+        if all(a >= 0 and b >= 0 for a, b in full):
+            c = ct.flatten(0, 1)
+            if any(a != b for a, b in full):
+                c = F.pad(c, [v for pair in reversed(full) for v in pair])
+                full = [(0, 0)] * n
+            g = _CONV[n](c, flipped_kernel(w, groups), None, 1, [a for a, _ in full], dil, groups)
+            return g.unflatten(0, ct.shape[:2])
     extra = [(L + lo + hi - d * (k - 1) - 1) % st
              for L, (lo, hi), d, k, st in zip(size, pads, dil, w.shape[2:], s)]
     g = _CONV_T[n](ct.flatten(0, 1), w, None, s, [lo for lo, _ in pads], extra, groups, dil)

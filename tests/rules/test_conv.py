@@ -74,6 +74,14 @@ CONV_CASES = [
     ("conv1d_same_dilation2", lambda: nn.Conv1d(2, 3, 4, padding="same", dilation=2), SEQ),
     ("conv3d_stride", lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=(1, 0, 1)), VOL),
     ("conv3d_groups2", lambda: nn.Conv3d(2, 4, 2, groups=2, dilation=(2, 1, 1)), VOL),
+    # stride 1: input cotangents by the flipped kernel, or a channel matrix product for 1x1 kernels
+    ("conv2d_1x1", lambda: nn.Conv2d(2, 3, 1), IMG),
+    ("conv1d_1x1_nobias", lambda: nn.Conv1d(2, 4, 1, bias=False), SEQ),
+    ("conv3d_1x1_groups2", lambda: nn.Conv3d(2, 4, 1, groups=2), VOL),
+    ("conv2d_1x1_padded", lambda: nn.Conv2d(2, 3, 1, padding=1), IMG),  # padding past the kernel's reach
+    ("conv2d_pad_past_reach", lambda: nn.Conv2d(2, 3, (3, 2), padding=(1, 2)), IMG),
+    ("conv2d_asymmetric_dilated", lambda: nn.Conv2d(4, 2, (3, 2), padding=(2, 1), dilation=(2, 3), groups=2),
+     (4, 6, 7)),
     ("F.conv2d", lambda: ConvFn(F.conv2d, (4, 1, 2, 3), 4, stride=(2, 1), groups=2), IMG),
     ("conv_transpose2d", lambda: nn.ConvTranspose2d(2, 3, 3), IMG),
     ("conv_transpose2d_stride2_outpad_groups2",
