@@ -22,11 +22,13 @@ Note [Kronecker GGN]
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 
 from passes import ZERO, backward_cotangents, column_loop, forward_tangents
 from passes.protocol import Decline
@@ -40,11 +42,17 @@ from .product import Product, make_product
 from .rules._rt import records_grad
 
 _MATRICES = ("identity", "diag", "full", "sqrt", "block")
-# Columns per chunk of a metric product: as many as keep the largest per-column stack under this many bytes
-# (measured on a 2-core CPU, exact GGN diagonals: the U-Net's 1,024 MSE columns at 1.5 MB each ran in 18.2 s
-# in chunks of 682, 9.7 s in chunks of 32 and 7.3 s in chunks of 8; the cnn's and ResNet's 9 columns fastest one
-# at a time). Chunks beyond the first cost a loop iteration, not build time (Note [column loops]).
-CHUNK_BYTES = 16 << 20
+# Columns per chunk of a metric product (Note [column loops]): as many as keep the largest per-column stack under
+# a budget, but at most MAX_CHUNKS chunks (each costs a loop iteration, about 1 ms of Python on the U-Net). On a
+# CPU a convolution's time per row grew 2-3x once its stack outgrew one core's L2 (2 MiB here: a 16 -> 16 3x3
+# input cotangent, 0.036 ms a row over 64 rows, 0.08-0.11 over 288), where GEMMs and element-wise ops kept
+# their speed. Exact GGN diagonals on the 2-core CPU: the U-Net's 1,024 MSE columns at 1.5 MB each took 18.2 s
+# in chunks of 682, 9.7 s in chunks of 32, 6.2-6.9 s in chunks of 4 to 10 and 7.4 s one at a time; the ResNet's
+# 9 columns at 2 MiB, 190 ms one at a time and 265 ms in one or two chunks; the cnn's at 4 MiB 62 ms against
+# 72 ms; the mlp's at 0.25 MiB 8.5 ms in one chunk against 10 ms in two. On a GPU a chunk is a launch per kernel
+# and memory is not page-faulted in: 1 GiB there.
+CPU_CHUNK_BYTES, CONV_CHUNK_BYTES, GPU_CHUNK_BYTES, MAX_CHUNKS = 16 << 20, 2 << 20, 1 << 30, 128
+_CONVOLUTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
 
 
 # --- run-time kernels ------------------------------------------------------------------------------------
@@ -526,10 +534,11 @@ def _chunked_metric(src, b, e, y, seed, w, k, out, reduce_sum, chunk_size):
     if not isinstance(k, int):
         return _backward_metric(src, b, e, y, seed, w, k, out, reduce_sum, "exact")
     never = _never_stacked(src, b.rules) if out == "diag" else frozenset()
-    ranges = chunks(k, chunk_size, src, budget=CHUNK_BYTES, never_stacked=never)
-    if len(ranges) == 1:
+    width = chunks(k, chunk_size, src, budget=_chunk_budget(src), never_stacked=never)[0][1]
+    if chunk_size is None:  # at most MAX_CHUNKS chunks, balanced
+        width = -(-k // -(-k // max(width, -(-k // MAX_CHUNKS))))
+    if width >= k:
         return _backward_metric(src, b, e, y, seed, w, k, out, reduce_sum, "exact")
-    width = ranges[0][1] if chunk_size is not None else -(-k // len(ranges))  # automatic: balanced chunks
     start = next(iter(reversed(e.graph.nodes)))
     s = e(take, seed, 0, width)
     wc = None if w is None else e(take, w, 0, width)
@@ -546,6 +555,15 @@ def _chunked_metric(src, b, e, y, seed, w, k, out, reduce_sum, chunk_size):
     if isinstance(results[0], list):
         return [e(add_all, list(parts)) for parts in zip(*results)]
     return e(add_all, results)
+
+
+def _chunk_budget(src) -> int:
+    """Bytes of the largest per-column stack in one chunk, by the model's device and its ops (see CPU_CHUNK_BYTES)."""
+    held = next(itertools.chain(src.model.parameters(), src.model.buffers()), None)  # (shapes are on "meta")
+    if held is not None and held.device.type != "cpu":
+        return GPU_CHUNK_BYTES
+    convs = any(n.op == "call_function" and n.target in _CONVOLUTIONS for n in src.gm.graph.nodes)
+    return CONV_CHUNK_BYTES if convs else CPU_CHUNK_BYTES
 
 
 def _never_stacked(src, rules) -> frozenset:
