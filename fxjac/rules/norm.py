@@ -97,7 +97,10 @@ def layer_norm_with_stats(x, normalized_shape, weight, bias, eps):
 
 
 def layer_norm_saved_stats(x, mean, rstd, n_dims):
-    """:func:`layer_norm_stats` from the primal's saved mean and ``1/σ``."""
+    """:func:`layer_norm_stats` from the primal's saved mean and ``1/σ`` (which CUDA keeps in float32 for a half
+    precision input: taken in the input's dtype, as autograd's results are).
+    """
+    mean, rstd = mean.to(x.dtype), rstd.to(x.dtype)
     xhat = (x - mean) * rstd
     return xhat, xhat * (1.0 / math.sqrt(math.prod(x.shape[-n_dims:]))), rstd
 
@@ -170,7 +173,10 @@ def group_norm_with_stats(x, weight, bias, groups, eps):
 
 
 def group_norm_saved_stats(x, mean, rstd, groups):
-    """:func:`group_norm_stats` from the primal's saved mean and ``1/σ``."""
+    """:func:`group_norm_stats` from the primal's saved mean and ``1/σ`` (in the input's dtype, see
+    :func:`layer_norm_saved_stats`).
+    """
+    mean, rstd = mean.to(x.dtype), rstd.to(x.dtype)
     g = to_groups(x, x, groups)
     r = rstd.unsqueeze(-1)
     xhat = (g - mean.unsqueeze(-1)) * r

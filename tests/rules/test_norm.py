@@ -171,3 +171,23 @@ def test_training_batch_norm_is_refused():
     model = nn.Sequential(nn.BatchNorm1d(3)).double().train()
     with pytest.raises(fxjac.ModeError):
         fxjac.vjp(model)(_input((3,), 4), _input((3,), 4))
+
+
+@pytest.mark.parametrize("kind", ["layer", "group"])
+def test_float32_saved_statistics_of_a_bfloat16_input(kind):
+    # On CUDA the fused layer and group norm kernels keep their mean and 1/σ in float32 for a bfloat16 input (on
+    # the CPU in bfloat16). A stack of cotangents read with such statistics must stay bfloat16, as autograd's are:
+    # float32 cotangents met a bfloat16 weight's GEMM downstream (a GPU run's bf16 transformer).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    ct = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
+    if kind == "layer":
+        _, mean, rstd = torch.ops.aten.native_layer_norm(x, [5], None, None, 1e-5)
+        run = lambda *a: norm.layer_norm_cts(*a[:2], [5], *a[2:], None, None, [True, True, False])  # noqa: E731
+    else:
+        _, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, 3, 4, 5, 2, 1e-5)
+        run = lambda *a: norm.group_norm_cts(*a, None, 2, [True, False, False])  # noqa: E731
+    ref = run(ct, x, mean, rstd)[0]
+    got = run(ct.bfloat16(), x.bfloat16(), mean.float(), rstd.float())[0]
+    assert got.dtype == torch.bfloat16
+    assert (got.double() - ref).abs().max() <= 0.05 * ref.abs().max()
