@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from passes import ZERO, backward_cotangents, column_loop, forward_tangents
+from passes import ZERO, backward_cotangents, chunk_body, column_loop, forward_tangents
 from passes.protocol import Decline
 
 from . import assemble as A
@@ -528,24 +528,39 @@ def _sink(src, direct: dict, form: str, args_of, stack=None):
 def _chunked_metric(src, b, e, y, seed, w, k, out, reduce_sum, chunk_size):
     """The exact backward metric over the K seed columns, chunk by chunk (Note [metric factors]): every
     reduction is a sum over columns, so the chunks' results add. Several chunks go through one copy of the
-    backward pass, called in a loop (Note [column loops] in passes/loop.py); where that copy cannot be outlined,
-    the chunks are unrolled.
+    backward pass, called in a loop (Note [column loops] in passes/loop.py); under torch.compile, which unrolls
+    the loop, through a second copy for chunks sized as on a GPU. Where the chunk cannot be outlined, the chunks
+    are unrolled.
     """
     if not isinstance(k, int):
         return _backward_metric(src, b, e, y, seed, w, k, out, reduce_sum, "exact")
     never = _never_stacked(src, b.rules) if out == "diag" else frozenset()
-    width = chunks(k, chunk_size, src, budget=_chunk_budget(src), never_stacked=never)[0][1]
-    if chunk_size is None:  # at most MAX_CHUNKS chunks, balanced
-        width = -(-k // -(-k // max(width, -(-k // MAX_CHUNKS))))
+
+    def width_for(budget):
+        width = chunks(k, chunk_size, src, budget=budget, never_stacked=never)[0][1]
+        if chunk_size is None:  # at most MAX_CHUNKS chunks, balanced
+            width = -(-k // -(-k // max(width, -(-k // MAX_CHUNKS))))
+        return width
+
+    def chunk(width):  # one chunk's backward pass: (the graph's last node before it, its column slices, result)
+        start = next(iter(reversed(e.graph.nodes)))
+        s = e(take, seed, 0, width)
+        wc = None if w is None else e(take, w, 0, width)
+        return start, [s, wc], _backward_metric(src, b, e, y, s, wc, width, out, reduce_sum, "exact")
+
+    width, wide = width_for(_chunk_budget(src)), width_for(GPU_CHUNK_BYTES)
     if width >= k:
         return _backward_metric(src, b, e, y, seed, w, k, out, reduce_sum, "exact")
-    start = next(iter(reversed(e.graph.nodes)))
-    s = e(take, seed, 0, width)
-    wc = None if w is None else e(take, w, 0, width)
-    first = _backward_metric(src, b, e, y, s, wc, width, out, reduce_sum, "exact")
-    looped = column_loop(e, b.modules, start, [s, wc], first, k, width)
-    if looped is not None:
-        return looped
+    start, roots, first = chunk(width)
+    eager = chunk_body(e.graph, start, roots, first)
+    if eager is not None:
+        variants = [eager + (width,)]
+        if wide != width:
+            compiled = chunk_body(e.graph, *chunk(min(wide, k)))
+            if compiled is None:  # the same emission with another width: outlined alike
+                raise RuntimeError("fxjac: internal error: a chunk of columns outlined at one width and not another")
+            variants.append(compiled + (min(wide, k),))
+        return column_loop(e, b.modules, seed, w, k, variants, first)
     results = [first]
     for lo in range(width, k, width):
         hi = min(lo + width, k)

@@ -4,7 +4,7 @@ from passes.backward import backward_cotangents
 from passes.builder import Builder, MissingRulesError
 from passes.clean import clean
 from passes.forward import forward_tangents
-from passes.loop import ColumnLoop, column_loop
+from passes.loop import ColumnLoop, chunk_body, column_loop
 from passes.protocol import ZERO, Emitter, Rule, RuleTable, Site, module_call, rule_key
 from passes.shape_prop import propagate_shapes
 
@@ -18,6 +18,7 @@ __all__ = [
     "Site",
     "ZERO",
     "backward_cotangents",
+    "chunk_body",
     "clean",
     "column_loop",
     "forward_tangents",

@@ -90,6 +90,22 @@ def test_column_loop_compiles_fullgraph_with_changing_batch(out):
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+def test_column_loop_compiles_the_wide_variant():
+    # A net with convolutions whose per-column stacks outgrow the CPU's chunk budget: eagerly one column at a
+    # time, under torch.compile (which unrolls the loop) the one wide chunk of the second variant.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(8 * 32 * 32, 3))
+    x = torch.randn(80, 1, 32, 32)
+    p = fxjac.ggn(model, loss="mse", out="diag", example_inputs=(x,))
+    assert p.column_loop_0.widths == [1, 3]
+    torch._dynamo.reset()
+    counters.clear()
+    got = torch.compile(p, backend="aot_eager", fullgraph=True, dynamic=True)(x)[1]
+    _close(got, p(x)[1])
+    _close(got, fxjac.ggn(model, loss="mse", out="diag", chunk_size=3)(x)[1])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
 class _Positions(nn.Module):
     """A Linear on ``[B, T, d]`` (its weight read at T positions per sample) and one on ``[B, d]``."""
 

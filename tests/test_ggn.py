@@ -243,7 +243,7 @@ def test_chunks_unroll_where_the_loop_cannot_be_outlined(monkeypatch):
     import fxjac.metric as metric
     from passes.loop import outline
 
-    monkeypatch.setattr(metric, "column_loop", lambda *args: None)
+    monkeypatch.setattr(metric, "chunk_body", lambda *args: None)
     model, _ = zoo.build("resnet", preset="small")
     model = model.double().eval()
     xs = zoo.example_inputs("resnet", 2, preset="small", dtype=torch.float64)
