@@ -81,6 +81,8 @@ def test_ggn(name, loss):
     assert_close(d, torch.diagonal(G.sum(0)), f"ggn[{name}, {loss}] diag")
     _, dn = fxjac.ggn(model, loss=loss, reduce="none")(*xs)
     assert_close(dn, torch.diagonal(G, dim1=-2, dim2=-1), f"ggn[{name}, {loss}] diag per sample")
+    _, dc = fxjac.ggn(model, loss=loss, chunk_size=2)(*xs)  # a column loop wherever K > 2
+    assert_close(dc, torch.diagonal(G.sum(0)), f"ggn[{name}, {loss}] diag, chunks of 2 columns")
     _, blocks = fxjac.ggn(model, loss=loss, out="block")(*xs)
     mask = torch.block_diag(*[torch.ones(b.shape, dtype=torch.bool, device=DEV) for b in blocks])
     assert_close(torch.block_diag(*blocks), G.sum(0) * mask, f"ggn[{name}, {loss}] blocks")
