@@ -508,3 +508,30 @@ def test_weights_shared_across_positions_are_contracted_sample_major(layout, one
     _, per = fxjac.ggn(model, loss="cross_entropy", out="diag", reduce="none")(x)
     assert_close(per, torch.diagonal(dense, dim1=-2, dim2=-1), f"ggn diag per sample [{layout}]")
     check_metric_products(model, (x,), wrts=("params",), matrices=("identity", "diag", "sqrt"))
+
+
+def test_chunk_widths_follow_the_budgets(monkeypatch):
+    """Automatic chunks: as many columns as keep a per-column stack under the budget (2 MiB with convolutions
+    on a CPU), at most MAX_CHUNKS chunks unless that would pass the 1 GiB (GPU) budget, balanced; under
+    torch.compile the second body's chunks follow the 1 GiB budget."""
+    import fxjac.metric as metric
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 7)).double()
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    ref = fxjac.ggn(model, loss="mse", out="diag")(x)[1]  # one chunk: every stack is tiny
+
+    def widths(conv_bytes, gpu_bytes, most_chunks):
+        monkeypatch.setattr(metric, "CONV_CHUNK_BYTES", conv_bytes)
+        monkeypatch.setattr(metric, "GPU_CHUNK_BYTES", gpu_bytes)
+        monkeypatch.setattr(metric, "MAX_CHUNKS", most_chunks)
+        p = fxjac.ggn(model, loss="mse", out="diag", example_inputs=(x,))
+        assert_close(p(x)[1], ref, "chunked ggn diagonal")
+        return p.column_loop_0.widths if hasattr(p, "column_loop_0") else None
+
+    per_column = 3 * 2 * 4 * 4 * 8  # the conv's output stack, the largest, per column (float64)
+    assert widths(1, 1 << 30, 128) == [1, 7]  # one column at a time; compiled: one chunk of all 7
+    assert widths(2 * per_column, 1 << 30, 128) == [2, 7]  # 7 columns in chunks of 2 (the last padded)
+    assert widths(1, 1 << 30, 2) == [4, 7]  # at most 2 chunks: 4 + 3
+    assert widths(1, 2 * per_column, 2) == [2]  # ... unless a chunk would pass the GPU budget
+    assert widths(1 << 30, 1 << 30, 128) is None
