@@ -38,10 +38,17 @@ from torch import nn
 from passes.clean import clean
 
 
+def _impure(node: fx.Node) -> bool:
+    """A side-effecting function call (fx cannot ask a ``call_module`` before the graph has its module; the
+    product's own calls of modules are the user's leaf modules in the forward pass, not writes).
+    """
+    return node.op == "call_function" and node.is_impure()
+
+
 def _writes(node: fx.Node) -> list:
     """The argument nodes ``node`` may write into: ``meta["writes_arg"]``'s, and a side-effecting call's first."""
     i = node.meta.get("writes_arg")
-    if i is None and node.op == "call_function" and node.is_impure() and node.args:
+    if i is None and _impure(node) and node.args:
         i = 0
     arg = node.args[i] if i is not None and i < len(node.args) else None
     return [arg] if isinstance(arg, fx.Node) else []
@@ -79,7 +86,7 @@ def outline(graph: fx.Graph, start: fx.Node, roots: list, result: Any) -> Option
     while changed:
         changed = False
         for n in region:
-            if n not in variant and (n.is_impure() or any(a in variant for a in n.all_input_nodes)):
+            if n not in variant and (_impure(n) or any(a in variant for a in n.all_input_nodes)):
                 variant.add(n)
                 changed = True
         for n in list(variant):

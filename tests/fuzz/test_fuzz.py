@@ -100,7 +100,8 @@ def check_metric_subset(model, inputs, kind, seed):
 
 
 def check_compile_once(model, inputs, seed):
-    """A product built at batch B (``example_inputs``) and called at B + 1; the Jacobian in chunks of 2."""
+    """Products built at batch B (``example_inputs``) and called at B + 1; the Jacobian and the GGN diagonal in
+    chunks of 2 columns."""
     if not selected(model):
         return
     x = inputs[0]
@@ -109,6 +110,8 @@ def check_compile_once(model, inputs, seed):
     J2 = per_sample_jacobian(model, (x2,), "params")
     p = fxjac.jtmjp(model, wrt="params", out="diag", example_inputs=(x,))
     assert_close(p(x2)[1], (J2 * J2).sum((0, 1)), "jtmjp[params, diag] at another batch size")
+    p = fxjac.ggn(model, loss="mse", out="diag", chunk_size=2, example_inputs=(x,))  # a column loop where K > 2
+    assert_close(p(x2)[1], (J2 * J2).sum((0, 1)), "ggn[mse, diag, chunk_size=2] at another batch size")
     _, J = fxjac.jacobian(model, wrt="params", chunk_size=2)(x2)
     assert_close(J, J2, "jacobian[params, chunk_size=2]")
 
