@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from passes import ZERO, backward_cotangents, forward_tangents
+from passes import ZERO, backward_cotangents, chunk_body, column_loop, forward_tangents
 
 from . import assemble as A
 from . import checks
@@ -33,6 +35,33 @@ def _options(kwargs: dict, extra=(), chunked: bool = False) -> dict:
     return kwargs
 
 
+# Columns per chunk (Note [column loops] in passes/loop.py): as many as keep the largest per-column stack under
+# a budget, and at most MAX_CHUNKS chunks where that keeps a chunk's stacks under GPU_CHUNK_BYTES (each chunk
+# costs a loop iteration, about 1 ms of Python on the U-Net).
+# On a CPU a convolution's time per row grew 2-3x once its stack outgrew one core's L2 (2 MiB here: a 16 -> 16
+# 3x3 input cotangent, 0.036 ms a row over 64 rows, 0.08-0.11 over 288), where GEMMs and element-wise ops kept
+# their speed. Exact GGN diagonals on the 2-core CPU: the U-Net's 1,024 MSE columns at 1.5 MB each took 18.2 s
+# in chunks of 682, 9.7 s in chunks of 32, 6.2-6.9 s in chunks of 4 to 10 and 7.4 s one at a time; the ResNet's
+# 9 columns at 2 MiB, 190 ms one at a time and 265 ms in one or two chunks; the cnn's at 4 MiB 62 ms against
+# 72 ms; the mlp's at 0.25 MiB 8.5 ms in one chunk against 10 ms in two.
+# On a GPU a chunk is a launch per kernel and memory is not page-faulted in: 1 GiB there.
+CPU_CHUNK_BYTES, CONV_CHUNK_BYTES, GPU_CHUNK_BYTES, MAX_CHUNKS = 16 << 20, 2 << 20, 1 << 30, 128
+_CONVOLUTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
+
+
+def take(t, lo, hi):
+    """Columns ``lo:hi`` of a stack or of column weights (``None`` stays ``None``)."""
+    return None if t is None else t[lo:hi]
+
+
+def add_all(parts):
+    """Sum of a list of tensors."""
+    out = parts[0]
+    for p in parts[1:]:
+        out = out + p
+    return out
+
+
 def chunks(k: int, chunk_size, src, budget: int = 1 << 30, never_stacked=frozenset()) -> list:
     """Column ranges ``[(a, b), ...]`` covering ``k`` columns: ``chunk_size`` given, or as many columns as keep
     the largest per-column stack (K x B x the largest value or parameter) under ``budget`` bytes. Parameter nodes
@@ -49,6 +78,70 @@ def chunks(k: int, chunk_size, src, budget: int = 1 << 30, never_stacked=frozens
                 per_column = max(per_column, per * batch * v.element_size())
         chunk_size = max(1, budget // max(per_column, 1))
     return [(a, min(a + chunk_size, k)) for a in range(0, k, chunk_size)]
+
+
+def _chunk_budget(src) -> int:
+    """Bytes of the largest per-column stack in one chunk, by the model's device and its ops (see CPU_CHUNK_BYTES)."""
+    held = next(itertools.chain(src.model.parameters(), src.model.buffers()), None)  # (shapes are on "meta")
+    if held is not None and held.device.type != "cpu":
+        return GPU_CHUNK_BYTES
+    convs = any(n.op == "call_function" and n.target in _CONVOLUTIONS for n in src.gm.graph.nodes)
+    return CONV_CHUNK_BYTES if convs else CPU_CHUNK_BYTES
+
+
+def chunk_widths(k: int, chunk_size, src, never_stacked=frozenset()) -> tuple:
+    """Columns per chunk, eagerly and under torch.compile: ``chunk_size`` where given; else as many as keep the
+    per-column stacks within the budget (:func:`_chunk_budget`, GPU_CHUNK_BYTES under torch.compile), at most
+    MAX_CHUNKS chunks where a chunk then stays within GPU_CHUNK_BYTES, balanced.
+    """
+    def width_for(budget):
+        width = chunks(k, chunk_size, src, budget=budget, never_stacked=never_stacked)[0][1]
+        if chunk_size is not None:
+            return width
+        most = chunks(k, None, src, budget=max(budget, GPU_CHUNK_BYTES), never_stacked=never_stacked)[0][1]
+        width = max(width, min(-(-k // MAX_CHUNKS), most))
+        return -(-k // -(-k // width))
+
+    return width_for(_chunk_budget(src)), width_for(GPU_CHUNK_BYTES)
+
+
+def through_chunks(e, b, src, k: int, chunk_size, seed, weights, emit, cat_dim=None, never=frozenset()):
+    """``emit(columns, weights, n)`` (a node, or a list of nodes) over the ``k`` columns of ``seed`` (and of
+    ``weights``, ``None`` when there are none), chunk by chunk (:func:`chunk_widths`), the chunks' results added
+    or concatenated along ``cat_dim``. Several chunks go through one copy of the emitted pass, called in a loop
+    (Note [column loops] in passes/loop.py), and under torch.compile, which unrolls the loop, through a second
+    copy for wider chunks; where the chunk cannot be outlined, the chunks are unrolled.
+    """
+    width, wide = chunk_widths(k, chunk_size, src, never)
+    if width >= k:
+        return emit(seed, weights, k)
+
+    def chunk(n):  # one chunk's pass: (the graph's last node before it, its column slices, result)
+        start = next(iter(reversed(e.graph.nodes)))
+        s = e(take, seed, 0, n)
+        wc = None if weights is None else e(take, weights, 0, n)
+        return start, [s, wc], emit(s, wc, n)
+
+    start, roots, first = chunk(width)
+    eager = chunk_body(e.graph, start, roots, first)
+    if eager is not None:
+        variants = [eager + (width,)]
+        if wide != width:
+            compiled = chunk_body(e.graph, *chunk(min(wide, k)))
+            if compiled is None:  # the same emission with another width: outlined alike
+                raise RuntimeError("fxjac: internal error: a chunk of columns outlined at one width and not another")
+            variants.append(compiled + (min(wide, k),))
+        return column_loop(e, b.modules, seed, weights, k, variants, first, cat_dim)
+    parts = [first]
+    for lo in range(width, k, width):
+        hi = min(lo + width, k)
+        s = e(take, seed, lo, hi)
+        parts.append(emit(s, None if weights is None else e(take, weights, lo, hi), hi - lo))
+    if cat_dim is not None:
+        return e(torch.cat, parts, cat_dim)
+    if isinstance(parts[0], list):
+        return [e(add_all, list(p)) for p in zip(*parts)]
+    return e(add_all, parts)
 
 
 def _reduce(reduce: str) -> str:
@@ -244,41 +337,33 @@ def jacobian(model, wrt: Any = "input", mode: str = "auto", **options) -> Produc
         n_out = A.numel_per_sample(src.output)
         n_in = A.numel_per_sample(src.inputs[src.wrt_index]) if src.wrt_kind == "input" else src.P
         forward = mode == "forward" or (mode == "auto" and n_in < n_out)
+        b.copy_all()
+        y = b.env[src.output]
         if forward:  # columns of J, chunk by chunk, pushed forward
-            b.copy_all()
-            y = b.env[src.output]
             if src.wrt_kind == "input":
                 eye = e(A.eye_stack, xs[src.wrt_index], n_in)
             else:
                 eye = e(A.eye_like, xs[0], n_in)
-            parts = []
-            for lo, hi in chunks(n_in, chunk_size, src):
-                cols = eye if (lo, hi) == (0, n_in) else e(operator.getitem, eye, slice(lo, hi))
-                if src.wrt_kind == "input":
-                    seeds = {src.inputs[src.wrt_index]: cols}
-                else:
-                    seeds = A.param_seeds(e, src, cols)
+
+            def push(cols, _, n):
+                seeds = {src.inputs[src.wrt_index]: cols} if src.wrt_kind == "input" else A.param_seeds(e, src, cols)
                 ty = forward_tangents(b, seeds).get(src.output, ZERO)
-                parts.append(e(A.zeros_stack, y, hi - lo) if ty is ZERO else ty)
-            ty = parts[0] if len(parts) == 1 else e(torch.cat, parts)
+                return e(A.zeros_stack, y, n) if ty is ZERO else ty
+
+            ty = through_chunks(e, b, src, n_in, chunk_size, eye, None, push, cat_dim=0)
             return (y, e(A.stack_to_rows, ty, A.size(e, y, 0)))
-        b.copy_all()
-        y = b.env[src.output]
         batch = A.size(e, y, 0)
-        eye = e(A.eye_stack, y, n_out)
-        parts = []
-        for lo, hi in chunks(n_out, chunk_size, src):  # rows of J, chunk by chunk, pulled back
-            rows = eye if (lo, hi) == (0, n_out) else e(operator.getitem, eye, slice(lo, hi))
+
+        def pull(rows, _, n):  # rows of J, chunk by chunk, pulled back
             seeds = {src.output: rows}
             if src.wrt_kind == "input":
-                x = xs[src.wrt_index]
-                ct = backward_cotangents(b, seeds, [src.inputs[src.wrt_index]]).get(src.inputs[src.wrt_index],
-                                                                                      ZERO)
-                parts.append(e(A.stack_to_batch_rows, e(A.zeros_stack, x, hi - lo) if ct is ZERO else ct, batch))
-            else:
-                flat = A.param_stack(b, e, src, seeds, e(operator.mul, batch, hi - lo), y, True)
-                parts.append(e(_ps_rows_to_batch_first, flat, hi - lo, batch))
-        return (y, parts[0] if len(parts) == 1 else e(torch.cat, parts, 1))
+                x_old = src.inputs[src.wrt_index]
+                ct = backward_cotangents(b, seeds, [x_old]).get(x_old, ZERO)
+                return e(A.stack_to_batch_rows, e(A.zeros_stack, xs[src.wrt_index], n) if ct is ZERO else ct, batch)
+            flat = A.param_stack(b, e, src, seeds, e(operator.mul, batch, n), y, True)
+            return e(_ps_rows_to_batch_first, flat, n, batch)
+
+        return (y, through_chunks(e, b, src, n_out, chunk_size, e(A.eye_stack, y, n_out), None, pull, cat_dim=1))
 
     return make_product(assemble, model, wrt, **options)
 

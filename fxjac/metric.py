@@ -22,38 +22,24 @@ Note [Kronecker GGN]
 
 from __future__ import annotations
 
-import itertools
 import math
 import operator
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
-from passes import ZERO, backward_cotangents, chunk_body, column_loop, forward_tangents
+from passes import ZERO, backward_cotangents, forward_tangents
 from passes.protocol import Decline
 
 from . import assemble as A
 from . import checks
-from .direction import _options, _reduce, chunks
+from .direction import _options, _reduce, add_all, through_chunks
 from .errors import OptionError
 from .losses import LOSSES, check_class_dim, factor_width, loss_factor
 from .product import Product, make_product
 from .rules._rt import records_grad
 
 _MATRICES = ("identity", "diag", "full", "sqrt", "block")
-# Columns per chunk of a metric product (Note [column loops]): as many as keep the largest per-column stack under
-# a budget, and at most MAX_CHUNKS chunks where that keeps a chunk's stacks under GPU_CHUNK_BYTES (each chunk
-# costs a loop iteration, about 1 ms of Python on the U-Net).
-# On a CPU a convolution's time per row grew 2-3x once its stack outgrew one core's L2 (2 MiB here: a 16 -> 16
-# 3x3 input cotangent, 0.036 ms a row over 64 rows, 0.08-0.11 over 288), where GEMMs and element-wise ops kept
-# their speed. Exact GGN diagonals on the 2-core CPU: the U-Net's 1,024 MSE columns at 1.5 MB each took 18.2 s
-# in chunks of 682, 9.7 s in chunks of 32, 6.2-6.9 s in chunks of 4 to 10 and 7.4 s one at a time; the ResNet's
-# 9 columns at 2 MiB, 190 ms one at a time and 265 ms in one or two chunks; the cnn's at 4 MiB 62 ms against
-# 72 ms; the mlp's at 0.25 MiB 8.5 ms in one chunk against 10 ms in two.
-# On a GPU a chunk is a launch per kernel and memory is not page-faulted in: 1 GiB there.
-CPU_CHUNK_BYTES, CONV_CHUNK_BYTES, GPU_CHUNK_BYTES, MAX_CHUNKS = 16 << 20, 2 << 20, 1 << 30, 128
-_CONVOLUTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
 
 
 # --- run-time kernels ------------------------------------------------------------------------------------
@@ -300,19 +286,6 @@ def jac_sandwich(j, m, kind, out_diag):
     return torch.einsum("obj,qbj->boq", torch.einsum("obi,bij->obj", j, m), j)
 
 
-def take(t, lo, hi):
-    """Columns ``lo:hi`` of a stack or of column weights (``None`` stays ``None``)."""
-    return None if t is None else t[lo:hi]
-
-
-def add_all(parts):
-    """Sum of a list of tensors."""
-    out = parts[0]
-    for p in parts[1:]:
-        out = out + p
-    return out
-
-
 # --- option checks ---------------------------------------------------------------------------------------
 
 
@@ -528,61 +501,13 @@ def _sink(src, direct: dict, form: str, args_of, stack=None):
 
 def _chunked_metric(src, b, e, y, seed, w, k, out, reduce_sum, chunk_size):
     """The exact backward metric over the K seed columns, chunk by chunk (Note [metric factors]): every
-    reduction is a sum over columns, so the chunks' results add. Several chunks go through one copy of the
-    backward pass, called in a loop (Note [column loops] in passes/loop.py); under torch.compile, which unrolls
-    the loop, through a second copy for chunks sized as on a GPU. Where the chunk cannot be outlined, the chunks
-    are unrolled.
+    reduction is a sum over columns, so the chunks' results add (:func:`through_chunks`).
     """
     if not isinstance(k, int):
         return _backward_metric(src, b, e, y, seed, w, k, out, reduce_sum, "exact")
     never = _never_stacked(src, b.rules) if out == "diag" else frozenset()
-
-    def width_for(budget):
-        width = chunks(k, chunk_size, src, budget=budget, never_stacked=never)[0][1]
-        if chunk_size is not None:
-            return width
-        # at most MAX_CHUNKS chunks where that stays within GPU_CHUNK_BYTES of stack, and balanced
-        most = chunks(k, None, src, budget=max(budget, GPU_CHUNK_BYTES), never_stacked=never)[0][1]
-        width = max(width, min(-(-k // MAX_CHUNKS), most))
-        return -(-k // -(-k // width))
-
-    def chunk(width):  # one chunk's backward pass: (the graph's last node before it, its column slices, result)
-        start = next(iter(reversed(e.graph.nodes)))
-        s = e(take, seed, 0, width)
-        wc = None if w is None else e(take, w, 0, width)
-        return start, [s, wc], _backward_metric(src, b, e, y, s, wc, width, out, reduce_sum, "exact")
-
-    width, wide = width_for(_chunk_budget(src)), width_for(GPU_CHUNK_BYTES)
-    if width >= k:
-        return _backward_metric(src, b, e, y, seed, w, k, out, reduce_sum, "exact")
-    start, roots, first = chunk(width)
-    eager = chunk_body(e.graph, start, roots, first)
-    if eager is not None:
-        variants = [eager + (width,)]
-        if wide != width:
-            compiled = chunk_body(e.graph, *chunk(min(wide, k)))
-            if compiled is None:  # the same emission with another width: outlined alike
-                raise RuntimeError("fxjac: internal error: a chunk of columns outlined at one width and not another")
-            variants.append(compiled + (min(wide, k),))
-        return column_loop(e, b.modules, seed, w, k, variants, first)
-    results = [first]
-    for lo in range(width, k, width):
-        hi = min(lo + width, k)
-        s = e(take, seed, lo, hi)
-        wc = None if w is None else e(take, w, lo, hi)
-        results.append(_backward_metric(src, b, e, y, s, wc, hi - lo, out, reduce_sum, "exact"))
-    if isinstance(results[0], list):
-        return [e(add_all, list(parts)) for parts in zip(*results)]
-    return e(add_all, results)
-
-
-def _chunk_budget(src) -> int:
-    """Bytes of the largest per-column stack in one chunk, by the model's device and its ops (see CPU_CHUNK_BYTES)."""
-    held = next(itertools.chain(src.model.parameters(), src.model.buffers()), None)  # (shapes are on "meta")
-    if held is not None and held.device.type != "cpu":
-        return GPU_CHUNK_BYTES
-    convs = any(n.op == "call_function" and n.target in _CONVOLUTIONS for n in src.gm.graph.nodes)
-    return CONV_CHUNK_BYTES if convs else CPU_CHUNK_BYTES
+    return through_chunks(e, b, src, k, chunk_size, seed, w, never=never,
+                          emit=lambda s, wc, n: _backward_metric(src, b, e, y, s, wc, n, out, reduce_sum, "exact"))
 
 
 def _never_stacked(src, rules) -> frozenset:

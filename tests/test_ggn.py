@@ -238,12 +238,28 @@ def test_column_loops_match_the_dense_reference(name, loss):
     assert_close(got, torch.einsum("bop,boq,bqp->p", J, M, J), f"{name} looped jtmjp full M")
 
 
+@pytest.mark.parametrize("name", ["resnet", "unet", "transformer_mha"])
+@pytest.mark.parametrize("wrt", ["input", "params"])
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_jacobian_column_loops(name, wrt, mode):
+    """The Jacobian's columns (forward) or rows (reverse) in a loop, concatenated, the padded chunk cut off."""
+    model, _ = zoo.build(name, preset="small")
+    model = model.double().eval()
+    xs = zoo.example_inputs(name, 2, preset="small", dtype=torch.float64)
+    ref = per_sample_jacobian(model, xs, wrt)
+    k = ref.shape[2] if mode == "forward" else ref.shape[1]
+    width = next(w for w in range(2, k) if k % w)
+    p = fxjac.jacobian(model, wrt=wrt, mode=mode, chunk_size=width, example_inputs=xs)
+    assert "column_loop_0(" in p.code
+    assert_close(p(*xs)[1], ref, f"{name} jacobian[{wrt}, {mode}] in chunks of {width}")
+
+
 def test_chunks_unroll_where_the_loop_cannot_be_outlined(monkeypatch):
     """Where outlining is refused, each chunk gets its own copy of the backward pass in the graph, as before."""
-    import fxjac.metric as metric
+    import fxjac.direction as direction
     from passes.loop import outline
 
-    monkeypatch.setattr(metric, "chunk_body", lambda *args: None)
+    monkeypatch.setattr(direction, "chunk_body", lambda *args: None)
     model, _ = zoo.build("resnet", preset="small")
     model = model.double().eval()
     xs = zoo.example_inputs("resnet", 2, preset="small", dtype=torch.float64)
@@ -514,7 +530,7 @@ def test_chunk_widths_follow_the_budgets(monkeypatch):
     """Automatic chunks: as many columns as keep a per-column stack under the budget (2 MiB with convolutions
     on a CPU), at most MAX_CHUNKS chunks unless that would pass the 1 GiB (GPU) budget, balanced; under
     torch.compile the second body's chunks follow the 1 GiB budget."""
-    import fxjac.metric as metric
+    import fxjac.direction as direction
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 7)).double()
@@ -522,9 +538,9 @@ def test_chunk_widths_follow_the_budgets(monkeypatch):
     ref = fxjac.ggn(model, loss="mse", out="diag")(x)[1]  # one chunk: every stack is tiny
 
     def widths(conv_bytes, gpu_bytes, most_chunks):
-        monkeypatch.setattr(metric, "CONV_CHUNK_BYTES", conv_bytes)
-        monkeypatch.setattr(metric, "GPU_CHUNK_BYTES", gpu_bytes)
-        monkeypatch.setattr(metric, "MAX_CHUNKS", most_chunks)
+        monkeypatch.setattr(direction, "CONV_CHUNK_BYTES", conv_bytes)
+        monkeypatch.setattr(direction, "GPU_CHUNK_BYTES", gpu_bytes)
+        monkeypatch.setattr(direction, "MAX_CHUNKS", most_chunks)
         p = fxjac.ggn(model, loss="mse", out="diag", example_inputs=(x,))
         assert_close(p(x)[1], ref, "chunked ggn diagonal")
         return p.column_loop_0.widths if hasattr(p, "column_loop_0") else None
@@ -542,10 +558,10 @@ def test_every_zoo_model_builds_both_loop_bodies(name, monkeypatch):
     """With a budget of one byte every chunk holds one column eagerly, and the torch.compile body all of them: the
     second body is emitted after the first was outlined, from the same builder, on every zoo model; the eager
     loop matches the dense reference."""
-    import fxjac.metric as metric
+    import fxjac.direction as direction
 
-    monkeypatch.setattr(metric, "CPU_CHUNK_BYTES", 1)
-    monkeypatch.setattr(metric, "CONV_CHUNK_BYTES", 1)
+    monkeypatch.setattr(direction, "CPU_CHUNK_BYTES", 1)
+    monkeypatch.setattr(direction, "CONV_CHUNK_BYTES", 1)
     model, _ = zoo.build(name, preset="small")
     model = model.double().eval()
     xs = zoo.example_inputs(name, 2, preset="small", dtype=torch.float64)
