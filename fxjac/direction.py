@@ -35,16 +35,17 @@ def _options(kwargs: dict, extra=(), chunked: bool = False) -> dict:
     return kwargs
 
 
-# Columns per chunk (Note [column loops] in passes/loop.py): as many as keep the largest per-column stack under
-# a budget, and at most MAX_CHUNKS chunks where that keeps a chunk's stacks under GPU_CHUNK_BYTES (each chunk
-# costs a loop iteration, about 1 ms of Python on the U-Net).
-# On a CPU a convolution's time per row grew 2-3x once its stack outgrew one core's L2 (2 MiB here: a 16 -> 16
-# 3x3 input cotangent, 0.036 ms a row over 64 rows, 0.08-0.11 over 288), where GEMMs and element-wise ops kept
-# their speed. Exact GGN diagonals on the 2-core CPU: the U-Net's 1,024 MSE columns at 1.5 MB each took 18.2 s
-# in chunks of 682, 9.7 s in chunks of 32, 6.2-6.9 s in chunks of 4 to 10 and 7.4 s one at a time; the ResNet's
-# 9 columns at 2 MiB, 190 ms one at a time and 265 ms in one or two chunks; the cnn's at 4 MiB 62 ms against
-# 72 ms; the mlp's at 0.25 MiB 8.5 ms in one chunk against 10 ms in two.
-# On a GPU a chunk is a launch per kernel and memory is not page-faulted in: 1 GiB there.
+# Columns per chunk (Note [column loops] in passes/loop.py): as many as keep the largest per-column stack under a
+# budget, and at most MAX_CHUNKS chunks where that keeps a chunk's stacks under GPU_CHUNK_BYTES (each chunk costs a
+# loop iteration, about 1 ms of Python on the U-Net). Measured end to end on the 2-core CPU (exact GGN diagonals),
+# not explained op by op: the U-Net's 1,024 MSE columns at 1.5 MB each took 18.2 s in chunks of 682, 9.7 s in
+# chunks of 32, 6.2-6.9 s in chunks of 4 to 10 and 7.4 s one at a time; the ResNet's 9 columns at 2 MiB, 190 ms one
+# at a time and 265 ms in one or two chunks; the cnn's at 4 MiB, 62 ms against 72 ms; the mlp's at 0.25 MiB, 8.5 ms
+# in one chunk against 10 ms in two; the transformer's, 40 ms in one chunk against 42 ms in chunks of 2. So 2 MiB
+# (one core's L2 here) with convolutions, 16 MiB without. One convolution over 320 rows took no longer than ten
+# over 32 rows in isolation: the gain is likely cache reuse between a chunk's ops and fresh buffers small enough
+# for the allocator to recycle (no page faults). On a GPU a chunk is a launch per kernel and memory is not page-
+# faulted in: 1 GiB there.
 CPU_CHUNK_BYTES, CONV_CHUNK_BYTES, GPU_CHUNK_BYTES, MAX_CHUNKS = 16 << 20, 2 << 20, 1 << 30, 128
 _CONVOLUTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
 
