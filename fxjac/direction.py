@@ -91,17 +91,17 @@ def _chunk_budget(src) -> int:
 
 
 def chunk_widths(k: int, chunk_size, src, never_stacked=frozenset()) -> tuple:
-    """Columns per chunk, eagerly and under torch.compile: ``chunk_size`` where given; else as many as keep the
-    per-column stacks within the budget (:func:`_chunk_budget`, GPU_CHUNK_BYTES under torch.compile), at most
-    MAX_CHUNKS chunks where a chunk then stays within GPU_CHUNK_BYTES, balanced.
+    """Columns per chunk, eagerly and under torch.compile: at most ``chunk_size`` where given; else as many as
+    keep the per-column stacks within the budget (:func:`_chunk_budget`, GPU_CHUNK_BYTES under torch.compile),
+    at most MAX_CHUNKS chunks where a chunk then stays within GPU_CHUNK_BYTES. Balanced: K = 1,024 with
+    ``chunk_size=1000`` gives two chunks of 512, not 1,000 and a last one padded with 976 zero columns.
     """
     def width_for(budget):
         width = chunks(k, chunk_size, src, budget=budget, never_stacked=never_stacked)[0][1]
-        if chunk_size is not None:
-            return width
-        most = chunks(k, None, src, budget=max(budget, GPU_CHUNK_BYTES), never_stacked=never_stacked)[0][1]
-        width = max(width, min(-(-k // MAX_CHUNKS), most))
-        return -(-k // -(-k // width))
+        if chunk_size is None:
+            most = chunks(k, None, src, budget=max(budget, GPU_CHUNK_BYTES), never_stacked=never_stacked)[0][1]
+            width = max(width, min(-(-k // MAX_CHUNKS), most))
+        return -(-k // -(-k // width))  # as many chunks, balanced: the last one padded by fewer than their count
 
     return width_for(_chunk_budget(src)), width_for(GPU_CHUNK_BYTES)
 

@@ -551,6 +551,9 @@ def test_chunk_widths_follow_the_budgets(monkeypatch):
     assert widths(1, 1 << 30, 2) == [4, 7]  # at most 2 chunks: 4 + 3
     assert widths(1, 2 * per_column, 2) == [2]  # ... unless a chunk would pass the GPU budget
     assert widths(1 << 30, 1 << 30, 128) is None
+    p = fxjac.ggn(model, loss="mse", out="diag", chunk_size=5, example_inputs=(x,))  # at most 5: balanced, 4 + 3
+    assert p.column_loop_0.widths == [4]
+    assert_close(p(x)[1], ref, "ggn diagonal in chunks of at most 5")
 
 
 @pytest.mark.parametrize("name", zoo.names())
