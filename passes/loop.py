@@ -4,8 +4,8 @@ GraphModule that a :class:`ColumnLoop` calls once per chunk.
 A product whose K seed columns are fixed at build time (a GGN's loss-Hessian factor, an output-space metric)
 used to unroll its chunks: one copy of the backward pass per chunk in one static graph. Large chunks are slow on
 a CPU (a U-Net's 1,024 MSE columns in two chunks of about 1 GB per stack: 18 s, against 6.3-6.8 s in chunks
-of 8, for the same arithmetic), and small ones unrolled cost build time (128 copies: 3 s). So the passes emit the chunk once,
-with K' columns, and this pass outlines it (Note [column loops]).
+of 8, for the same arithmetic), and small ones unrolled cost build time (128 copies: 3 s). So the passes emit the
+chunk once, with K' columns, and this pass outlines it (Note [column loops]).
 
 Note [column loops]
 ~~~~~~~~~~~~~~~~~~~
