@@ -63,22 +63,19 @@ def add_all(parts):
     return out
 
 
-def chunks(k: int, chunk_size, src, budget: int = 1 << 30, never_stacked=frozenset()) -> list:
-    """Column ranges ``[(a, b), ...]`` covering ``k`` columns: ``chunk_size`` given, or as many columns as keep
-    the largest per-column stack (K x B x the largest value or parameter) under ``budget`` bytes. Parameter nodes
-    in ``never_stacked`` (reduced in closed form, never forming per-sample stacks) do not count.
+def _per_column_bytes(src, never_stacked) -> int:
+    """Bytes of the largest per-column stack (B x the largest value per sample, or x a whole parameter: a
+    parameter's per-sample stack holds it whole per sample). Parameter nodes in ``never_stacked`` (reduced in
+    closed form, never forming per-sample stacks) do not count.
     """
-    if chunk_size is None:
-        per_column = 0
-        batch = src.inputs[0].meta["val"].shape[0] if src.inputs else 1
-        for n in src.gm.graph.nodes:
-            v = n.meta.get("val")
-            if isinstance(v, torch.Tensor) and n not in never_stacked:
-                # a parameter's per-sample stack holds the whole parameter per sample
-                per = v.numel() if n in src.param_nodes else math.prod(v.shape[1:])
-                per_column = max(per_column, per * batch * v.element_size())
-        chunk_size = max(1, budget // max(per_column, 1))
-    return [(a, min(a + chunk_size, k)) for a in range(0, k, chunk_size)]
+    per_column = 0
+    batch = src.inputs[0].meta["val"].shape[0] if src.inputs else 1
+    for n in src.gm.graph.nodes:
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor) and n not in never_stacked:
+            per = v.numel() if n in src.param_nodes else math.prod(v.shape[1:])
+            per_column = max(per_column, per * batch * v.element_size())
+    return max(per_column, 1)
 
 
 def _chunk_budget(src) -> int:
@@ -96,11 +93,14 @@ def chunk_widths(k: int, chunk_size, src, never_stacked=frozenset()) -> tuple:
     at most MAX_CHUNKS chunks where a chunk then stays within GPU_CHUNK_BYTES. Balanced: K = 1,024 with
     ``chunk_size=1000`` gives two chunks of 512, not 1,000 and a last one padded with 976 zero columns.
     """
+    per_column = None if chunk_size is not None else _per_column_bytes(src, never_stacked)
+
     def width_for(budget):
-        width = chunks(k, chunk_size, src, budget=budget, never_stacked=never_stacked)[0][1]
-        if chunk_size is None:
-            most = chunks(k, None, src, budget=max(budget, GPU_CHUNK_BYTES), never_stacked=never_stacked)[0][1]
-            width = max(width, min(-(-k // MAX_CHUNKS), most))
+        if chunk_size is not None:
+            width = chunk_size
+        else:
+            most = max(1, max(budget, GPU_CHUNK_BYTES) // per_column)
+            width = max(1, budget // per_column, min(-(-k // MAX_CHUNKS), most))
         return -(-k // -(-k // width))  # as many chunks, balanced: the last one padded by fewer than their count
 
     return width_for(_chunk_budget(src)), width_for(GPU_CHUNK_BYTES)

@@ -14,8 +14,9 @@ The region is every node emitted for the chunk: from the column slices (the root
 that the chunk writes into), closed under "writes into": a node that writes into an argument makes that argument
 variant too, so a value computed once is never overwritten by the first chunk and read by the second. Variant
 nodes move into the body; the region's other nodes (masks, batch sizes, reshaped weights) stay in the product
-graph and are computed once, as the body's extra inputs. Outlining is refused (``None``) where a variant node
-other than the result has a reader outside the region; the caller then unrolls as before.
+graph and are computed once, as the body's extra inputs. Outlining is refused (``None``) where the chunk would
+write into a value computed before it, or where its result does not depend on the columns; the caller then
+unrolls as before.
 
 The loop slices the seed (and its column weights) K' columns at a time, pads the last chunk with zero columns
 (they add nothing: every result is a sum over columns of a product that is linear in each column), and adds the
@@ -96,12 +97,10 @@ def outline(graph: fx.Graph, start: fx.Node, roots: list, result: Any) -> Option
                         return None  # would write into a value the product computed before the chunk
                     variant.add(a)
                     changed = True
-    outputs = set(_flat_nodes(result))
-    if not outputs <= variant:
+    # Every reader of a variant node is variant (the region runs to the graph's end), so nothing outside the body
+    # reads into it; only a result that does not depend on the columns cannot be looped.
+    if not set(_flat_nodes(result)) <= variant:
         return None
-    for n in variant:
-        if n not in outputs and any(u not in variant for u in n.users):
-            return None
     body = fx.Graph()
     env: dict = {}
     for r in roots:
