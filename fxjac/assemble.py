@@ -13,15 +13,13 @@ Note [flat writes]
     never forms a cotangent of its own; every other parameter's complete cotangent is copied into its block (a
     tied parameter's get_attr nodes add theirs there), and blocks nothing reached are zeroed. Nothing is
     concatenated. Filling a large fresh stack is then bound by page faults; on Linux it asks for transparent huge
-    pages (:func:`advise_huge_pages`). Under torch.compile the same graph computes each block's value instead and
-    concatenates them (:func:`flat_done`): inductor writes concatenated values straight into the result.
+    pages (``advise_huge_pages`` in fxjac/rules/_rt.py). Under torch.compile the same writes are custom ops
+    (Note [flat writes under torch.compile], there).
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
-import sys
 
 import torch
 import torch.fx as fx
@@ -30,6 +28,7 @@ from passes import ZERO, Builder, Emitter, backward_cotangents
 from passes.protocol import Decline
 
 from . import checks
+from .rules import _rt
 from .source import Source
 
 
@@ -71,41 +70,25 @@ def flat_cat(parts, numels, rows, like):
     return torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
 
 
-_HUGE_PAGE = 1 << 21  # a transparent huge page of x86-64 and arm64 Linux
-_HUGE_MIN_BYTES = 1 << 25  # glibc serves allocations this large from fresh mmap()s, never from its heap
-_libc = None
-
-
-def advise_huge_pages(t: torch.Tensor) -> torch.Tensor:
-    """Ask Linux to back a large, not yet touched CPU tensor with transparent huge pages (``madvise``), so that
-    filling it takes one page fault per 2 MiB instead of one per 4 KiB: writing a fresh ``[B, P]`` per-sample
-    stack is bound by those faults (the mlp benchmark: 120 ms of faults for 343 MB, 55 ms with huge pages).
-    PyTorch does the same for every allocation under ``THP_MEM_ALLOC_ENABLE=1``. A no-op elsewhere (other
-    systems, devices, small tensors, under torch.compile) and where the kernel refuses.
-    """
-    global _libc
-    if torch.compiler.is_compiling():  # first: no guard on the (symbolic) size
-        return t
-    nbytes = t.numel() * t.element_size()
-    if nbytes < _HUGE_MIN_BYTES or t.device.type != "cpu" or not sys.platform.startswith("linux"):
-        return t
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        start = (t.data_ptr() + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)  # whole huge pages inside the tensor only
-        end = (t.data_ptr() + nbytes) & ~(_HUGE_PAGE - 1)
-        if end > start:
-            _libc.madvise(start, end - start, 14)  # MADV_HUGEPAGE
-    except (OSError, AttributeError):
-        pass
-    return t
-
-
 @fx.node.has_side_effect  # never merged with another allocation of the same size by the clean-up's CSE
 def flat_empty(rows, numel, like):
-    """An uninitialised flat stack ``[rows, numel]`` with ``like``'s dtype and device (Note [flat writes])."""
-    return advise_huge_pages(torch.empty((rows, numel), dtype=like.dtype, device=like.device))
+    """An uninitialised flat stack ``[rows, numel]`` with ``like``'s dtype and device (Note [flat writes]); under
+    torch.compile a custom op, so that it too gets huge pages (Note [flat writes under torch.compile] in
+    fxjac/rules/_rt.py).
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.fxjac.flat_empty(rows, numel, like.dtype, like.device)
+    return _flat_empty(rows, numel, like.dtype, like.device)
+
+
+@torch.library.custom_op("fxjac::flat_empty", mutates_args=())
+def _flat_empty(rows: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return _rt.advise_huge_pages(torch.empty((rows, numel), dtype=dtype, device=device))
+
+
+@_flat_empty.register_fake
+def _(rows, numel, dtype, device):
+    return torch.empty((rows, numel), dtype=dtype, device=device)
 
 
 def flat_block(stack, offset, numel):
@@ -116,36 +99,22 @@ def flat_block(stack, offset, numel):
 @fx.node.has_side_effect
 def flat_store(block, ct, prev=None):
     """Copy a parameter's stack ``[rows, *shape]`` into its block, or add it to ``prev``, what an earlier store
-    left there (a tied parameter's second get_attr); returns what the block holds (under torch.compile the value,
-    not written: see :func:`flat_done`).
+    left there (a tied parameter's second get_attr); returns the block.
     """
-    if torch.compiler.is_compiling():
-        value = ct.reshape(block.shape)
-        return value if prev is None else prev + value
-    dst = block.view(ct.shape)
-    if prev is None:
-        dst.copy_(ct)
-    else:
-        dst.add_(ct)
+    _rt.write(block.view(ct.shape), "copy" if prev is None else "add", ct)
     return block
 
 
 @fx.node.has_side_effect
 def flat_zero(block):
-    """Zero a block nothing reached; returns it (under torch.compile a zero value)."""
-    if torch.compiler.is_compiling():
-        return torch.zeros_like(block)
-    return block.zero_()
+    """Zero a block nothing reached; returns it."""
+    return _rt.write(block, "zero")
 
 
 def flat_done(stack, *blocks):
     """The stack once its blocks (arguments, in the flat layout's order: so every write runs first and stays in
-    the graph) are written. Under torch.compile the blocks are values and are concatenated: inductor writes each
-    straight into its columns of the result, while writes into views of one buffer would each become a scatter
-    into the whole buffer.
+    the graph) are written.
     """
-    if torch.compiler.is_compiling():
-        return torch.cat(blocks, 1) if len(blocks) > 1 else blocks[0]
     return stack
 
 

@@ -647,7 +647,7 @@ def test_per_sample_vjp_is_differentiable():
 
 
 def test_huge_page_advice_leaves_the_tensor_as_it_is():
-    from fxjac.assemble import advise_huge_pages
+    from fxjac.rules._rt import advise_huge_pages
 
     t = torch.empty(1 << 24)  # 64 MiB: large enough to be advised
     assert advise_huge_pages(t) is t

@@ -213,13 +213,65 @@ class _ConvPool(nn.Module):
         return self.fc(torch.relu(self.c2(h)).flatten(1))
 
 
+class _ConvKinds(nn.Module):
+    """A 'same'-padded dilated Conv1d, a grouped ConvTranspose2d with output padding, a strided Conv3d."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 4, 3, padding="same", dilation=2)
+        self.t2 = nn.ConvTranspose2d(4, 4, 3, stride=2, output_padding=1, groups=2)
+        self.c3 = nn.Conv3d(1, 2, 2, stride=2, bias=False)
+        self.fc = nn.Linear(4 * 2 * 2 + 16, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.c1(x))  # [B, 4, 6]
+        u = self.t2(h.unsqueeze(-1))  # [B, 4, 14, 2]
+        v = self.c3(u[:, :, :4].unsqueeze(1))  # [B, 2, 2, 2, 1]
+        return self.fc(torch.cat([v.flatten(1), u[:, :, :2, 0].flatten(1).tanh(), h[:, :, :2].flatten(1)], 1)[:, :32])
+
+
+@pytest.mark.parametrize("name, options", [("jvp", dict(wrt="params")), ("vjp", dict(wrt="input")),
+                                           ("ggn", dict(loss="cross_entropy", out="diag")),
+                                           ("jmjtp", dict(wrt="params", matrix="diag"))])
+def test_convolutions_are_custom_ops_under_compile(name, options):
+    """Note [convolutions under torch.compile]: no convolution of a product reaches inductor as ``aten`` (whose
+    layout pass would turn the graph channels-last on a CPU); string padding, transposed, grouped and 3-d ones
+    give eager numbers, the batch changing.
+    """
+    torch.manual_seed(0)
+    model = _ConvKinds().double().eval()
+    g = torch.Generator().manual_seed(5)
+    p = getattr(fxjac, name)(model, example_inputs=(torch.randn(3, 2, 6, generator=g, dtype=torch.float64),),
+                             **options)
+    seen = set()
+
+    def backend(gm, example_inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(p, backend=backend, fullgraph=True, dynamic=True)
+    n_params = sum(q.numel() for q in model.parameters())
+    for batch in (3, 4):
+        x = torch.randn(batch, 2, 6, generator=g, dtype=torch.float64)
+        ops = {"jvp": (torch.randn(n_params, generator=g, dtype=torch.float64),),
+               "vjp": (torch.randn(batch, 3, generator=g, dtype=torch.float64),),
+               "jmjtp": (torch.rand(n_params, generator=g, dtype=torch.float64),)}.get(name, ())
+        _close(compiled(x, *ops)[1], p(x, *ops)[1])
+    convs = {t for t in seen if "conv" in t and "convolution_backward" not in t}  # the backward is no layout cue
+    assert convs == {"fxjac.convolution"}, convs
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
 @pytest.mark.parametrize("name, options", [("ggn", dict(loss="cross_entropy", out="diag")),
                                            ("vjp", dict(wrt="params", reduce="none")),
                                            ("vjp", dict(wrt="params", differentiable=True))])
 def test_eager_kernels_stay_custom_ops_under_compile(name, options):
     """Note [eager kernels under torch.compile]: the channels-last max pooling, the max-pool scatter, the im2col
     patches and ReLU's mask written into its cotangent are custom ops in the compiled graph, with shapes that
-    follow the batch; differentiable products keep the plain ops (the custom ops have no derivative).
+    follow the batch, and so are the flat stack's allocation and writes (Note [flat writes under torch.compile]);
+    differentiable products keep the plain ops (the custom ops have no derivative), gradients included.
     """
     torch.manual_seed(0)
     model = _ConvPool().eval()
@@ -238,9 +290,17 @@ def test_eager_kernels_stay_custom_ops_under_compile(name, options):
     for batch in (6, 7):  # 3·batch ≥ 16 for both: fake convolution guards on it (a PyTorch choice)
         x = torch.randn(batch, 2, 8, 8, generator=g)
         ops = () if name == "ggn" else (torch.randn(batch, 3, generator=g, requires_grad=differentiable),)
-        _close(compiled(x, *ops)[1].detach(), p(x, *ops)[1].detach())
-    # per-sample weight cotangents of the 2-channel convolution come from patches
-    want = set() if differentiable else {"max_pool_channels_last", "pool_scatter", "relu_mask_", "patches"}
+        got, ref = compiled(x, *ops)[1], p(x, *ops)[1]
+        _close(got.detach(), ref.detach())
+        if differentiable:  # the writes into the flat stack stay on autograd's tape
+            (g_got,), (g_ref,) = (torch.autograd.grad((r * r).sum(), ops) for r in (got, ref))
+            _close(g_got, g_ref)
+    # per-sample weight cotangents of the 2-channel convolution come from patches; the flat stack is allocated by
+    # a custom op (no tensor input, nothing to differentiate) and written by one where autograd records nothing;
+    # every convolution is one too, so that inductor keeps eager code's layout (Note [convolutions under
+    # torch.compile])
+    want = {"flat_empty"} if differentiable else {"max_pool_channels_last", "pool_scatter", "relu_mask_", "patches",
+                                                  "flat_empty", "write_into", "convolution"}
     assert seen == want, seen
     assert counters["stats"]["unique_graphs"] == 1, f"recompiled: {dict(counters['stats'])}"
     assert not counters["graph_break"], dict(counters["graph_break"])

@@ -32,20 +32,19 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from passes.protocol import ZERO, Decline, Rule
 
-from ..assemble import advise_huge_pages
 from . import _rt
 from .base import PARTS, LinearOp, parts_of
 from .registry import register
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_F_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_F_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _MAX_POOL = {1: F.max_pool1d_with_indices, 2: F.max_pool2d_with_indices, 3: F.max_pool3d_with_indices}
 _ADAPTIVE_MAX = {1: F.adaptive_max_pool1d_with_indices, 2: F.adaptive_max_pool2d_with_indices,
                  3: F.adaptive_max_pool3d_with_indices}
@@ -63,6 +62,59 @@ _OPS = {
 def _tuple(v, n: int) -> tuple:
     """A convolution or pooling size argument as an n-tuple."""
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+# Note [convolutions under torch.compile]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# On a CPU with oneDNN, inductor lays out every graph that holds a convolution channels-last
+# (``GraphLowering.decide_layout_opt``): inputs, kernels and the stacks around them are converted, and its
+# convolutions and copies run in that layout. For the products (the cnn's: 3-channel input, NCHW
+# ``convolution_backward`` after the forward), that made the compiled products 1.2-1.3x slower than the eager
+# ones; with the layout left alone 1.05-1.1x. So under torch.compile every convolution a product computes (its
+# primal and the rules' own) is the custom op ``fxjac::convolution``, which inductor calls as it is, in the
+# layout eager code would use; not where autograd records it (a differentiable product).
+
+
+def conv(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    """``F.conv{1,2,3}d`` (by ``w``'s rank); under torch.compile the opaque op (Note [convolutions under
+    torch.compile]).
+    """
+    n = w.dim() - 2
+    if torch.compiler.is_compiling() and not _rt.records_grad(x, w, b):
+        mode = padding if isinstance(padding, str) else ""
+        return torch.ops.fxjac.convolution(x, w, b, False, _ints(stride, n), mode, [] if mode else _ints(padding, n),
+                                           _ints(dilation, n), [0] * n, groups)
+    return _F_CONV[n](x, w, b, stride, padding, dilation, groups)
+
+
+def conv_transpose(x, w, b=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """``F.conv_transpose{1,2,3}d`` (by ``w``'s rank); under torch.compile the opaque op."""
+    n = w.dim() - 2
+    if torch.compiler.is_compiling() and not _rt.records_grad(x, w, b):
+        return torch.ops.fxjac.convolution(x, w, b, True, _ints(stride, n), "", _ints(padding, n),
+                                           _ints(dilation, n), _ints(output_padding, n), groups)
+    return _F_CONV_T[n](x, w, b, stride, padding, output_padding, groups, dilation)
+
+
+def _ints(v, n: int) -> list:
+    return [int(a) for a in _tuple(v, n)]
+
+
+def _convolve(x, w, b, transposed, stride, padding_mode, padding, dilation, output_padding, groups):
+    n = w.dim() - 2
+    if transposed:
+        return _F_CONV_T[n](x, w, b, stride, padding, output_padding, groups, dilation)
+    return _F_CONV[n](x, w, b, stride, padding_mode or padding, dilation, groups)
+
+
+@torch.library.custom_op("fxjac::convolution", mutates_args=())
+def _convolution(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], transposed: bool, stride: List[int],
+                 padding_mode: str, padding: List[int], dilation: List[int], output_padding: List[int],
+                 groups: int) -> torch.Tensor:
+    return _convolve(x, w, b, transposed, stride, padding_mode, padding, dilation, output_padding, groups)
+
+
+_convolution.register_fake(_convolve)
 
 
 def on_stack(op: str, t, rank: int, *args):
@@ -127,8 +179,7 @@ def conv_pads(w, padding, dilation) -> list:
 
 def conv_stack(t, w, stride, padding, dilation, groups):
     """``conv(t, w)`` on a stack ``[K, B, C, *S]``."""
-    n = w.dim() - 2
-    y = _CONV[n](t.flatten(0, 1), w, None, stride, padding, dilation, groups)
+    y = conv(t.flatten(0, 1), w, None, stride, padding, dilation, groups)
     return y.unflatten(0, t.shape[:2])
 
 
@@ -161,11 +212,11 @@ def conv_input_ct(ct, x, w, stride, padding, dilation, groups):
             if any(a != b for a, b in full):
                 c = F.pad(c, [v for pair in reversed(full) for v in pair])
                 full = [(0, 0)] * n
-            g = _CONV[n](c, flipped_kernel(w, groups), None, 1, [a for a, _ in full], dil, groups)
+            g = conv(c, flipped_kernel(w, groups), None, 1, [a for a, _ in full], dil, groups)
             return g.unflatten(0, ct.shape[:2])
     extra = [(L + lo + hi - d * (k - 1) - 1) % st
              for L, (lo, hi), d, k, st in zip(size, pads, dil, w.shape[2:], s)]
-    g = _CONV_T[n](ct.flatten(0, 1), w, None, s, [lo for lo, _ in pads], extra, groups, dil)
+    g = conv_transpose(ct.flatten(0, 1), w, None, s, [lo for lo, _ in pads], extra, groups, dil)
     # 'same' padding of an even effective kernel pads one more element on the right: drop its cotangent.
     g = g[(Ellipsis,) + tuple(slice(0, L) for L in size)]
     return g.unflatten(0, ct.shape[:2])
@@ -177,15 +228,14 @@ def conv_t_input_ct(ct, x, w, stride, padding, dilation, groups):
     The result is cropped where an output padding of at least the stride made the primal output longer.
     """
     n = w.dim() - 2
-    g = _CONV[n](ct.flatten(0, 1), w, None, stride, padding, dilation, groups)
+    g = conv(ct.flatten(0, 1), w, None, stride, padding, dilation, groups)
     g = g[(Ellipsis,) + tuple(slice(0, L) for L in x.shape[-n:])]
     return g.unflatten(0, ct.shape[:2])
 
 
 def conv_t_stack(t, w, stride, padding, output_padding, groups, dilation):
     """``conv_transpose(t, w)`` on a stack ``[K, B, C, *S]``."""
-    n = w.dim() - 2
-    y = _CONV_T[n](t.flatten(0, 1), w, None, stride, padding, output_padding, groups, dilation)
+    y = conv_transpose(t.flatten(0, 1), w, None, stride, padding, output_padding, groups, dilation)
     return y.unflatten(0, t.shape[:2])
 
 
@@ -207,10 +257,10 @@ def conv_weight_tangent(x, tw, stride, padding, dilation, groups):
     if tw.dim() == n + 4:
         w = tw.reshape((k, b, g, -1) + kernel).permute((1, 2, 0, 3) + tuple(range(4, 5 + n)))
         x1 = x.reshape((1, -1) + tuple(x.shape[2:]))
-        y = _CONV[n](x1, w.reshape((-1,) + kernel), None, stride, padding, dilation, b * g)
+        y = conv(x1, w.reshape((-1,) + kernel), None, stride, padding, dilation, b * g)
     else:
         w = tw.reshape((k, g, -1) + kernel).transpose(0, 1)
-        y = _CONV[n](x, w.reshape((-1,) + kernel), None, stride, padding, dilation, g)
+        y = conv(x, w.reshape((-1,) + kernel), None, stride, padding, dilation, g)
     return _columns_out(y, k, b, g, n)
 
 
@@ -228,7 +278,7 @@ def conv_t_weight_tangent(x, tw, stride, padding, output_padding, groups, dilati
     else:
         w = tw.transpose(0, 1)  # [C, K, O/g, *k]
         w = w.reshape((w.shape[0], -1) + kernel)
-    y = _CONV_T[n](x, w, None, stride, padding, output_padding, g, dilation)
+    y = conv_transpose(x, w, None, stride, padding, output_padding, g, dilation)
     return _columns_out(y, k, b, groups, n)
 
 
@@ -260,7 +310,6 @@ def corr_weight(a, c, stride, dilation, pads, ksize, groups, per_sample):
     sp, so, r = tuple(a.shape[3:]), tuple(c.shape[3:]), tuple(range(4, 4 + n))
     a = a.reshape((ka, b, g, ch // g) + sp)
     c = c.reshape((kc, b, g, o // g) + so)
-    conv = _CONV[n]
     if per_sample:
         img = a.permute((0, 3, 1, 2) + r).reshape((-1, b * g) + sp)
         ker = c.permute((1, 2, 0, 3) + r).reshape((-1, 1) + so)
@@ -554,7 +603,7 @@ def pool_scatter(ct: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, n: int) -
     # The result is the largest stack of a product with K columns (the cnn's first pooling: 42 MB), fresh memory
     # at each call: with transparent huge pages (asked for large buffers only) its zero fill takes one page fault
     # per 2 MiB (cnn: 19 -> 11 ms).
-    out = advise_huge_pages(ct.new_empty((planes, 1) + unit + in_sp))
+    out = _rt.advise_huge_pages(ct.new_empty((planes, 1) + unit + in_sp))
     for lo in range(0, planes, max(rows, 1)):
         backward.grad_input(g[lo:lo + rows], like, i, grad_input=out[lo:lo + rows])
     return out.reshape((k,) + tuple(x.shape))
@@ -718,6 +767,11 @@ class _Conv(Rule):
     def _adjoint_params(self, site):
         a = site.args
         return a["stride"], a["padding"], a["dilation"], a["groups"]
+
+    def primal(self, e, site):  # noqa: D102
+        a = site.args  # the same call, an opaque op under torch.compile (Note [convolutions under torch.compile])
+        return e(conv_transpose if self.transposed else conv, a["input"], a["weight"], a["bias"],
+                 *self._params(site)), {}
 
     def jvp(self, e, site, tangents):  # noqa: D102
         self._check(site)

@@ -46,53 +46,35 @@ def linear_weight_ct_ps(ct, x):
     return torch.einsum("kb...o,b...i->kboi", ct, x)
 
 
-def _write(out, fn, *args):
-    """``fn(*args)`` written into the view ``out`` of a flat stack; returns what ``out`` holds then. Eagerly with
-    ``out=`` (no temporary), or copied where ``out=`` does not serve (autograd does not record it; the dtypes
-    differ). Under torch.compile nothing is written and the value is returned: the stack is then concatenated
-    from its blocks (``flat_done`` in fxjac/assemble.py), which inductor writes in place, where writes into views
-    of one buffer would each scatter into the whole buffer.
-    """
-    if torch.compiler.is_compiling():
-        return fn(*args)
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if any(t.dtype != out.dtype for t in tensors) or (
-            torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        out.copy_(fn(*args))
-    else:
-        fn(*args, out=out)
-    return out
-
-
 def linear_weight_ct_into(out, ct, x, per_sample):
     """The weight cotangent written into ``out``, a ``[rows, out*in]`` block of a flat stack (Note [flat writes]
-    in fxjac/assemble.py); returns the block (see :func:`_write`). Per-sample (``ct`` ``[K, B, *, out]``, ``x``
-    ``[B, *, in]``, rows ``K*B``): one outer product per sample for ``[B, in]`` inputs, else a matrix product
-    over the positions; or summed over the batch (rows ``K``).
+    in fxjac/assemble.py); returns the block (see :func:`fxjac.rules._rt.write`). Per-sample (``ct``
+    ``[K, B, *, out]``, ``x`` ``[B, *, in]``, rows ``K*B``): one outer product per sample for ``[B, in]`` inputs,
+    else a matrix product over the positions; or summed over the batch (rows ``K``).
     """
     k, o, i = ct.shape[0], ct.shape[-1], x.shape[-1]
     if not per_sample:  # sizes spelled out, not -1: a batch of zero leaves -1 ambiguous
         n = math.prod(x.shape[:-1])
         x = x.reshape(1, n, i).expand(k, n, i)
-        w = _write(out.view(k, o, i), torch.bmm, ct.reshape(k, n, o).transpose(1, 2), x)
+        w = _rt.write(out.view(k, o, i), "bmm", ct.reshape(k, n, o).transpose(1, 2), x)
     elif x.dim() == 2:
-        w = _write(out.view(k, x.shape[0], o, i), torch.mul, ct.unsqueeze(-1), x.unsqueeze(-2))
+        w = _rt.write(out.view(k, x.shape[0], o, i), "mul", ct.unsqueeze(-1), x.unsqueeze(-2))
     else:  # bmm, not matmul: matmul's out= folds the batch axes, which a strided block does not allow
         b, t = x.shape[0], math.prod(x.shape[1:-1])
         x = x.reshape(1, b, t, i).expand(k, b, t, i).reshape(k * b, t, i)
-        w = _write(out.view(k * b, o, i), torch.bmm, ct.reshape(k * b, t, o).transpose(1, 2), x)
+        w = _rt.write(out.view(k * b, o, i), "bmm", ct.reshape(k * b, t, o).transpose(1, 2), x)
     return w.reshape(out.shape)
 
 
 def linear_bias_ct_into(out, ct, per_sample):
     """The bias cotangent (``ct`` summed over the positions, and over the batch unless ``per_sample``) written
-    into ``out``, a ``[rows, out]`` block of a flat stack; returns the block (see :func:`_write`).
+    into ``out``, a ``[rows, out]`` block of a flat stack; returns the block (see :func:`fxjac.rules._rt.write`).
     """
     k, o = ct.shape[0], ct.shape[-1]
     if not per_sample:
-        return _write(out, torch.sum, ct.reshape(k, math.prod(ct.shape[1:-1]), o), 1)
+        return _rt.write(out, "sum", ct.reshape(k, math.prod(ct.shape[1:-1]), o), 1)
     b = ct.shape[1]
-    return _write(out.view(k, b, o), torch.sum, ct.reshape(k, b, math.prod(ct.shape[2:-1]), o), 2).reshape(out.shape)
+    return _rt.write(out.view(k, b, o), "sum", ct.reshape(k, b, math.prod(ct.shape[2:-1]), o), 2).reshape(out.shape)
 
 
 def linear_weight_gram_diag_into(out, ct, x, w, reduce_sum):
@@ -107,9 +89,9 @@ def linear_weight_gram_diag_into(out, ct, x, w, reduce_sum):
     c2 = c2.sum(0)  # [B, O]: the columns summed first, a contiguous reduction
     o, i = ct.shape[-1], x.shape[-1]
     if reduce_sum:
-        return _write(out.view(o, i), torch.mm, c2.t(), x * x).reshape(out.shape)
+        return _rt.write(out.view(o, i), "mm", c2.t(), x * x).reshape(out.shape)
     b = x.shape[0]
-    return _write(out.view(b, o, i), torch.mul, c2.unsqueeze(-1), (x * x).unsqueeze(-2)).reshape(out.shape)
+    return _rt.write(out.view(b, o, i), "mul", c2.unsqueeze(-1), (x * x).unsqueeze(-2)).reshape(out.shape)
 
 
 # The per-sample cotangents of a shared weight are formed and contracted a few samples at a time, so that each
@@ -153,8 +135,8 @@ def linear_weight_shared_gram_diag_into(out, ct, x, w, reduce_sum):
         lo += g.shape[0]
         sums.append(g2.sum((0, 1)) if reduce_sum else g2.sum(1))
     if reduce_sum:
-        return _write(out.view(-1), torch.sum, torch.stack(sums), 0).reshape(out.shape)
-    return _write(out.view(ct.shape[1], -1), torch.cat, sums).reshape(out.shape)
+        return _rt.write(out.view(-1), "sum", torch.stack(sums), 0).reshape(out.shape)
+    return _rt.write(out.view(ct.shape[1], -1), "cat", sums).reshape(out.shape)
 
 
 def linear_weight_shared_sandwich(ct, x, sigma, out_diag):
