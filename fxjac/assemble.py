@@ -167,6 +167,13 @@ def zeros_stack(like, k=1):
 # --- graph pieces ----------------------------------------------------------------------------------------
 
 
+def param_like(b: Builder, src: Source) -> fx.Node:
+    """A selected parameter's node in the product: parameter-space operands take its dtype and device (not the
+    first input's, which may be integer token ids).
+    """
+    return b.copy(next(iter(src.param_nodes)))
+
+
 def param_seeds(e: Emitter, src: Source, stack: fx.Node) -> dict:
     """Seeds for every get_attr node of a selected parameter from a flat stack ``[S, P]``."""
     seeds, per_param = {}, {}

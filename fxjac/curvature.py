@@ -14,7 +14,7 @@ from . import assemble as A
 from . import checks
 from .direction import _options
 from .errors import OptionError
-from .losses import LOSSES, check_class_dim, loss_hvp
+from .losses import LOSSES, check_class_dim, loss_hvp, sigma_option
 from .product import Product, make_product
 
 
@@ -40,15 +40,17 @@ def ggn_vp(model, loss: str = "cross_entropy", wrt: Any = "params", class_dim: i
     if isinstance(wrt, str) and wrt.startswith("input"):
         raise OptionError("ggn_vp is a parameter-space product: use wrt='params' or parameter names")
     check_class_dim(loss, class_dim)
-    sig = sigma if isinstance(sigma, (int, float)) else torch.as_tensor(sigma)
+    if loss == "gaussian":
+        sigma_option(sigma)
 
     def assemble(src, b, key):
         check_class_dim(loss, class_dim, src.output.meta["val"].dim())
-        xs = A.input_placeholders(b, src)
+        sig = sigma_option(sigma, src.output.meta["val"].shape[1:]) if loss == "gaussian" else 1.0
+        A.input_placeholders(b, src)
         v = b.graph.placeholder("v")
         b.graph.placeholder("target", default_value=None)
         e = A.api_emitter(b)
-        v = e(checks.check_shape, v, (src.P,), xs[0], "v")
+        v = e(checks.check_shape, v, (src.P,), A.param_like(b, src), "v")
         tan = forward_tangents(b, A.param_seeds(e, src, e.method("unsqueeze", v, 0)))
         y = b.env[src.output]
         ty = tan.get(src.output, ZERO)

@@ -182,11 +182,11 @@ def jvp(model, wrt: Any = "input", **options) -> Product:
             seeds = {src.inputs[src.wrt_index]: e.method("unsqueeze", v, 0)}
             tan = forward_tangents(b, seeds)
         elif key == "ps":
-            v = e(checks.check_shape, v, (-1, src.P), xs[0], "v")
+            v = e(checks.check_shape, v, (-1, src.P), A.param_like(b, src), "v")
             stack = v  # [B, P]: K = 1, so the K*B stack is v itself
             tan = forward_tangents(b, A.param_seeds(e, src, stack), ps=True)
         else:
-            v = e(checks.check_shape, v, (src.P,), xs[0], "v")
+            v = e(checks.check_shape, v, (src.P,), A.param_like(b, src), "v")
             tan = forward_tangents(b, A.param_seeds(e, src, e.method("unsqueeze", v, 0)))
         y = b.env[src.output]
         ty = tan.get(src.output, ZERO)
@@ -259,7 +259,7 @@ def jmp(model, wrt: Any = "input", **options) -> Product:
             m = e(checks.check_shape, m, (A.size(e, x, 0), n, -1), x, "M")
             seeds = {src.inputs[src.wrt_index]: e(A.stack_to_shape, m, x)}
         else:
-            m = e(checks.check_shape, m, (src.P, -1), xs[0], "M")
+            m = e(checks.check_shape, m, (src.P, -1), A.param_like(b, src), "M")
             seeds = A.param_seeds(e, src, e.method("t", m))
         tan = forward_tangents(b, seeds)
         y = b.env[src.output]
@@ -344,7 +344,7 @@ def jacobian(model, wrt: Any = "input", mode: str = "auto", **options) -> Produc
             if src.wrt_kind == "input":
                 eye = e(A.eye_stack, xs[src.wrt_index], n_in)
             else:
-                eye = e(A.eye_like, xs[0], n_in)
+                eye = e(A.eye_like, A.param_like(b, src), n_in)
 
             def push(cols, _, n):
                 seeds = {src.inputs[src.wrt_index]: cols} if src.wrt_kind == "input" else A.param_seeds(e, src, cols)

@@ -34,6 +34,33 @@ def check_class_dim(loss: str, class_dim, ndim=None) -> None:
                           "(1 for [B, C] or [B, C, H, W], -1 for [B, T, C])")
 
 
+def sigma_option(sigma, sample_shape=None):
+    """The Gaussian loss's ``sigma`` as product code can hold it: a float, or a tensor's values as nested lists
+    (generated code cannot spell a tensor). Checked when the product is built: positive, finite and, with
+    ``sample_shape``, broadcastable to one sample of the output.
+    """
+    if isinstance(sigma, (int, float)) and not isinstance(sigma, bool):
+        t = torch.tensor(float(sigma), dtype=torch.float64)
+    else:
+        try:
+            t = torch.as_tensor(sigma).detach().to("cpu", torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise OptionError(f"sigma must be a positive float or a tensor shaped like one sample, not {sigma!r}") \
+                from err
+    if not bool(torch.isfinite(t).all() and (t > 0).all()):
+        raise OptionError("sigma (the Gaussian loss's standard deviation) must be positive and finite")
+    if sample_shape is not None:
+        shape = tuple(sample_shape)
+        try:
+            ok = torch.broadcast_shapes(t.shape, shape) == shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise OptionError(f"sigma of shape {tuple(t.shape)} does not broadcast to one output sample, "
+                              f"{shape}")
+    return t.item() if t.dim() == 0 else t.tolist()
+
+
 def _diag(y, loss, class_dim, sigma):
     if loss == "mse":
         return torch.ones_like(y)

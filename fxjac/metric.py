@@ -35,7 +35,7 @@ from . import assemble as A
 from . import checks
 from .direction import _options, _reduce, add_all, through_chunks
 from .errors import OptionError
-from .losses import LOSSES, check_class_dim, factor_width, loss_factor
+from .losses import LOSSES, check_class_dim, factor_width, loss_factor, sigma_option
 from .product import Product, make_product
 from .rules._rt import records_grad
 
@@ -704,9 +704,9 @@ def _diag_forward(src, b, e, xs, m, matrix):
         seeds = {x_old: e.method("unsqueeze", d, 0)}
     else:
         if matrix == "identity":
-            stack = e(_ones_row, xs[0], src.P)
+            stack = e(_ones_row, A.param_like(b, src), src.P)
         else:
-            stack = e.method("unsqueeze", e(checks.check_shape, m, (src.P,), xs[0], "M"), 0)
+            stack = e.method("unsqueeze", e(checks.check_shape, m, (src.P,), A.param_like(b, src), "M"), 0)
         seeds = A.param_seeds(e, src, stack)
     tan = forward_tangents(b, seeds, method="diag_jvp")
     y = b.env[src.output]
@@ -758,13 +758,12 @@ def ggn(model, loss: str = "cross_entropy", wrt: Any = "params", out: str = "dia
     _check_options("jtmjp", kind, "diag", out, method if method != "diag_backprop" else "exact")
     if method == "diag_backprop" and out != "diag":
         raise OptionError("method='diag_backprop' gives a diagonal: use out='diag'")
-    if isinstance(sigma, torch.Tensor) or not isinstance(sigma, (int, float)):
-        sigma_value = torch.as_tensor(sigma)
-    else:
-        sigma_value = float(sigma)
+    if loss == "gaussian":
+        sigma_option(sigma)
 
     def assemble(src, b, key):
         check_class_dim(loss, class_dim, src.output.meta["val"].dim())
+        sigma_value = sigma_option(sigma, src.output.meta["val"].shape[1:]) if loss == "gaussian" else 1.0
         A.input_placeholders(b, src)
         b.graph.placeholder("target", default_value=None)
         b.copy_all()

@@ -50,6 +50,36 @@ def test_ggn_gaussian_nll_and_sigma_and_spatial_cross_entropy():
     assert_close(d3, torch.diagonal(G3.sum(0)), "per-pixel cross-entropy GGN")
 
 
+@pytest.mark.parametrize("sigma_shape", [(2, 1), (2, 2), ()])
+def test_gaussian_sigma_tensor_shaped_like_a_sample(sigma_shape):
+    """``sigma=`` as a tensor (one standard deviation per output entry, broadcast over a sample): the product's
+    code holds its values, not the tensor (a tensor in generated code was a NameError at the first call).
+    """
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 4), nn.Unflatten(1, (2, 2))).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    sigma = 0.3 + torch.rand(sigma_shape, dtype=torch.float32)  # float32 on a float64 net: cast by the product
+    G = dense_ggn(net, (x,), "gaussian", sigma=sigma.double()).sum(0)
+    _, d = fxjac.ggn(net, loss="gaussian", sigma=sigma)(x)
+    assert_close(d, torch.diagonal(G), "gaussian GGN diagonal, tensor sigma")
+    _, f = fxjac.ggn(net, loss="gaussian", sigma=sigma, out="full", chunk_size=1)(x)
+    assert_close(f, G, "gaussian GGN, tensor sigma, one column per chunk")
+    v = torch.randn(G.shape[0], dtype=torch.float64)
+    _, gv = fxjac.ggn_vp(net, loss="gaussian", sigma=sigma)(x, v)
+    assert_close(gv, G @ v, "gaussian GGN-vector product, tensor sigma")
+
+
+@pytest.mark.parametrize("sigma, words", [(-1.0, "positive"), (torch.tensor([1.0, 0.0]), "positive"),
+                                          (float("nan"), "positive"), (torch.ones(3), "broadcast"),
+                                          ("wide", "sigma")])
+def test_gaussian_sigma_is_checked_when_built(sigma, words):
+    net = nn.Sequential(nn.Linear(3, 4), nn.Unflatten(1, (2, 2)))
+    for build in (lambda: fxjac.ggn(net, loss="gaussian", sigma=sigma, example_inputs=(torch.randn(2, 3),)),
+                  lambda: fxjac.ggn_vp(net, loss="gaussian", sigma=sigma, example_inputs=(torch.randn(2, 3),))):
+        with pytest.raises(fxjac.OptionError, match=words):
+            build()
+
+
 @pytest.mark.parametrize("class_dim", [-1, 2])
 def test_cross_entropy_over_the_last_axis(class_dim):
     # Logits [B, T, C] (a language model): the loss Hessian is softmax's at every position, classes on the last

@@ -362,6 +362,43 @@ def test_wrt_an_integer_input_is_refused():
         fxjac.jacobian(Tokens().double())(ids)
 
 
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_parameter_tangents_of_a_model_on_token_ids(padding_idx):
+    """Forward-mode products w.r.t. the parameters of a model whose input is integer ids: the parameter-space
+    operand takes the parameters' dtype, not the input's (int64 ids once made jvp refuse a float ``v`` and the
+    forward Jacobian seed an integer identity).
+    """
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(6, 3, padding_idx=padding_idx)
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, ids):
+            return self.fc(torch.tanh(self.emb(ids))).mean(1)
+
+    torch.manual_seed(0)
+    model = Tokens().double()
+    ids = torch.tensor([[0, 2, 2, 5], [1, 0, 3, 3], [4, 4, 0, 1]])
+    J = per_sample_jacobian(model, (ids,), "params")  # [B, O, P]
+    n_params = J.shape[-1]
+    v, vb, m = randn(n_params, seed=1), randn(3, n_params, seed=2), randn(n_params, 4, seed=3)
+    assert_close(fxjac.jvp(model, wrt="params")(ids, v)[1], J @ v, "jvp [P]")
+    assert_close(fxjac.jvp(model, wrt="params")(ids, vb)[1], torch.einsum("bop,bp->bo", J, vb), "jvp [B, P]")
+    assert_close(fxjac.jmp(model, wrt="params")(ids, m)[1], J @ m, "jmp")
+    for mode in ("forward", "reverse"):
+        assert_close(fxjac.jacobian(model, wrt="params", mode=mode)(ids)[1], J, f"jacobian ({mode})")
+    d = randn(n_params, seed=4).abs()
+    assert_close(fxjac.jmjtp(model, wrt="params", matrix="diag", out="diag")(ids, d)[1],
+                 torch.einsum("bop,p,bop->bo", J, d, J), "jmjtp diag")
+    H = torch.einsum("bop,boq->pq", J, J)
+    assert_close(fxjac.ggn_vp(model, loss="mse")(ids, v)[1], H @ v, "ggn_vp")
+    emb = nn.Embedding(6, 3, padding_idx=padding_idx).double()  # one op: diagonal back-propagation is exact
+    Je = per_sample_jacobian(emb, (ids,), "params")
+    assert_close(fxjac.jmjtp(emb, wrt="params", method="diag_backprop", out="diag")(ids)[1],
+                 torch.einsum("bop,bop->bo", Je, Je), "diag_backprop, identity")
+
+
 # --- training mode -----------------------------------------------------------------------------------------
 
 
