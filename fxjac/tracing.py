@@ -370,8 +370,10 @@ def _functionalise(gm: fx.GraphModule) -> None:
         still bound to the old value (an alias, a captured skip connection read after the mutation) would see
         the mutation at run time. So every use of the mutated node that comes after the in-place op is
         redirected to the new out-of-place node. A mutated slice (``x[:, :2].relu_()``, ``x[idx] = v``) writes
-        back into its base with :func:`setitem`, and later readers of the base read that. A mutation through
-        another kind of view whose base is read again is refused (TraceError), never silently dropped.
+        back into its base with :func:`setitem`, and later readers of the base read that; so does a mutated
+        ``narrow`` or ``select``, and a reshaped or transposed view is reshaped or transposed back
+        (:func:`_undo_view`). A mutation through another kind of view (``diagonal``, ``as_strided``) whose base is
+        read again is refused (TraceError), never silently dropped.
     """
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in list(gm.graph.nodes):
@@ -406,18 +408,69 @@ def _write_back(gm: fx.GraphModule, base: fx.Node, new: fx.Node, pos: int, order
     if view is None:
         return
     outer, index = view
-    if index is None:
-        if any(order.get(u, -1) > pos for u in outer.users):
-            where = source_line(new)
-            raise TraceError("an in-place op writes through a view (" + base.format_node() + ") whose base is "
-                             "read afterwards; fxjac cannot follow that alias: write the op out of place"
-                             + (f"\n  at {where}" if where else ""))
-        return
+    if not _read_later(outer, pos, order):
+        return  # nothing reads the base, or a base of it, afterwards
     with gm.graph.inserting_after(new):
-        back = gm.graph.call_function(setitem, (outer, index, new))
+        if index is not None:
+            back = gm.graph.call_function(setitem, (outer, index, new))
+        else:
+            back = _undo_view(gm, base, outer, new)
+    if back is None:
+        where = source_line(new)
+        raise TraceError("an in-place op writes through a view (" + base.format_node() + ") whose base is "
+                         "read afterwards; fxjac cannot follow that alias: write the op out of place"
+                         + (f"\n  at {where}" if where else ""))
     back.meta = dict(new.meta)
     order[back] = pos
     _write_back(gm, outer, back, pos, order)
+
+
+def _read_later(node: fx.Node, pos: int, order: dict) -> bool:
+    """Whether ``node``, or the base it is a view of (and so on), has a reader after position ``pos``."""
+    while node is not None:
+        if any(order.get(u, -1) > pos for u in node.users):
+            return True
+        view = _view_of(node)
+        node = view[0] if view is not None else None
+    return False
+
+
+_RESHAPES = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze"}
+_TRANSPOSES = {"transpose", "swapaxes", "t"}
+
+
+def _undo_view(gm: fx.GraphModule, view: fx.Node, outer: fx.Node, new: fx.Node):
+    """The base ``outer`` after an in-place op wrote ``new`` through ``view``, a non-indexing view of it (Note
+    [in-place ops]): ``new`` reshaped or transposed back, or written into ``outer`` where the view is a
+    ``narrow`` or ``select``; ``None`` for another view (``diagonal``, ``as_strided``, ``expand``...).
+    """
+    name = view.target if view.op == "call_method" else getattr(view.target, "__name__", None)
+    args = list(view.args[1:])
+    for key in ("dim", "dim0", "dim1", "dims", "start", "length", "index", "source", "destination"):
+        if key in view.kwargs:
+            args.append(view.kwargs[key])
+    if name in _RESHAPES:
+        return gm.graph.call_method("reshape_as", (new, outer))
+    if name in _TRANSPOSES:
+        return gm.graph.call_method("t", (new,)) if name == "t" else gm.graph.call_method("transpose", (new, *args))
+    if name == "permute":
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+        if all(isinstance(d, int) for d in dims):  # permute names every axis
+            inverse = sorted(range(len(dims)), key=lambda i: dims[i] % len(dims))
+            return gm.graph.call_method("permute", (new, *inverse))
+    if name == "movedim" and len(args) == 2:
+        return gm.graph.call_method("movedim", (new, args[1], args[0]))
+    if name in ("narrow", "select") and len(args) == (3 if name == "narrow" else 2) and \
+            all(isinstance(a, int) for a in args):
+        dim, start = args[0], args[1]
+        if name == "select":
+            pick = start
+        else:
+            end = start + args[2]
+            pick = slice(start, None if start < 0 <= end else end)
+        index = (slice(None),) * dim + (pick,) if dim >= 0 else (Ellipsis, pick) + (slice(None),) * (-dim - 1)
+        return gm.graph.call_function(setitem, (outer, index, new))
+    return None
 
 
 def _leaf_calls(gm: fx.GraphModule) -> None:
