@@ -171,7 +171,14 @@ def param_like(b: Builder, src: Source) -> fx.Node:
     """A selected parameter's node in the product: parameter-space operands take its dtype and device (not the
     first input's, which may be integer token ids).
     """
-    return b.copy(next(iter(src.param_nodes)))
+    node = next(iter(src.param_nodes), None)
+    if node is None:  # no selected parameter is read (the model ignores them): a floating input, else the output
+        node = next((x for x in src.inputs if isinstance(x.meta.get("val"), torch.Tensor)
+                     and x.meta["val"].is_floating_point()), None)
+    if node is None:
+        b.copy_all()
+        return b.env[src.output]
+    return b.copy(node)
 
 
 def param_seeds(e: Emitter, src: Source, stack: fx.Node) -> dict:

@@ -246,11 +246,12 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
         except BatchLayoutError as err:
             raise UnsupportedOpError(f"{err}:\n" + describe([err.node])) from err
         except MissingRulesError as err:
-            nodes = err.nodes
-            if strict:
-                nodes = _all_missing(src, b)
-            raise UnsupportedOpError("strict=True and these ops have no structured rule:\n" + describe(nodes)) \
-                from err
+            nodes = list(err.nodes)
+            if strict:  # every op without a rule, and the op whose rule declined these arguments
+                missing = _all_missing(src, b)
+                nodes = missing + [n for n in nodes if n not in missing]
+            raise UnsupportedOpError("strict=True and these ops have no structured rule (or none for these "
+                                     "arguments):\n" + describe(nodes)) from err
         gm = finish(b, outs, src)
         warn_fallback(b.fallback_nodes)
         prod = Product(gm, gm.graph, None, {"n_inputs": len(src.inputs), "output": output,

@@ -91,6 +91,18 @@ def leading_batch(node: fx.Node) -> bool:
     return all(b in (0, None) for b in flat)
 
 
+def _one_batch_axis(node: fx.Node):
+    """The batch axis that ``node``'s value and every batched input share, with one row per sample (a
+    sequence-first ``[T, B, d]``), or ``None``.
+    """
+    values = [node] + [a for a in node.all_input_nodes if _has_batch(a.meta.get("batch_dim", 0))]
+    axes = {a.meta.get("batch_dim", 0) for a in values}
+    if len(axes) != 1 or any(batch_factor(a) != 1 for a in values):
+        return None
+    axis = axes.pop()
+    return axis if isinstance(axis, int) else None
+
+
 def structural_index(node: fx.Node) -> int:
     """The element a structural node selects (a named field of a torch return type mapped to its index)."""
     key = node.args[1]
@@ -214,14 +226,18 @@ class Builder:
         if rule is not self.rules.fallback and _touches_complex(node):
             rule = self.decline(node)  # structured rules are written for real values; autograd's conventions
         ps_names = self._ps_inputs(node, self.site(node, rule).extra["old_args"], ps)
+        moved = 0
         if ps_names and rule is not self.rules.fallback and not (
                 leading_batch(node) and all(leading_batch(a) for a in node.all_input_nodes)):
-            rule = self.decline(node)
-            ps_names = self._ps_inputs(node, self.site(node, rule).extra["old_args"], ps)
+            moved = _one_batch_axis(node) if getattr(rule, "batch_anywhere", False) else None
+            if moved is None:
+                rule = self.decline(node)
+                ps_names = self._ps_inputs(node, self.site(node, rule).extra["old_args"], ps)
         if ps_names:
             self.batch_size()
         site = self.site(node, rule, ps_names)
         site.extra["rule"] = rule
+        site.extra["ps_batch_dim"] = moved or 0
         if ps_names:
             # Note [merged batch]: where the batch axis holds T rows per sample (``x.view(-1, d)``), the rule
             # treats rows as samples: per-sample stacks are repeated to rows going in, summed back coming out.

@@ -229,6 +229,12 @@ class Rule:
         """
         return None
 
+    batch_anywhere: bool = False
+    """True for rules whose per-sample stacks follow ``site.extra["ps_batch_dim"]``, the batch axis of every
+    value at the site (0 unless the values are sequence-first); other rules see per-sample stacks only where
+    the batch leads (else the builder hands the node to the fallback).
+    """
+
     square_is_self: bool = False
     """True for ops whose Jacobian holds only zeros and ones (views, copies, slicing): ``A∘A = A``."""
 

@@ -443,6 +443,37 @@ def test_parameter_tangents_of_a_model_on_token_ids(padding_idx):
                  torch.einsum("bop,bop->bo", Je, Je), "diag_backprop, identity")
 
 
+class _SeqFirst(nn.Module):
+    """Sequence-first inside (``[T, B, d]``, as ``batch_first=False`` transformers): Linear, LayerNorm, RMSNorm
+    and a ``TransformerEncoderLayer(batch_first=False)`` on values whose batch is axis 1.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.ln, self.rms = nn.Linear(4, 6), nn.LayerNorm(6), nn.RMSNorm(6)
+        self.enc = nn.TransformerEncoderLayer(6, 2, 12, dropout=0.0, batch_first=False)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):  # [B, T, 4]
+        h = self.rms(torch.tanh(self.ln(self.fc(x.transpose(0, 1)))))
+        return self.out(self.enc(h)).mean(0)
+
+
+def test_sequence_first_values_take_the_structured_rules():
+    """Per-sample parameter terms of a Linear or a norm on ``[T, B, d]`` move the batch first (they went to
+    the autograd fallback); every product against torch.func, and ``strict=True`` builds.
+    """
+    torch.manual_seed(0)
+    model, x = _SeqFirst().double().eval(), randn(3, 5, 4)
+    check_direction_products(model, (x,))
+    check_metric_products(model, (x,), wrts=("params",))
+    n_params = sum(q.numel() for q in model.parameters())
+    for build, operand in ((lambda: fxjac.vjp(model, wrt="params", reduce="none", strict=True), randn(3, 3, seed=1)),
+                           (lambda: fxjac.jvp(model, wrt="params", strict=True), randn(3, n_params, seed=2)),
+                           (lambda: fxjac.ggn(model, out="diag", reduce="none", strict=True), None)):
+        build()(x, *(() if operand is None else (operand,)))
+
+
 # --- training mode -----------------------------------------------------------------------------------------
 
 

@@ -25,6 +25,21 @@ def parts_of(e: Emitter, parts, mask) -> dict:
     return {k: e(operator.getitem, parts, i) for i, k in enumerate(PARTS) if mask[i]}
 
 
+def batch_first(e: Emitter, site, t, stacked: int = 1):
+    """A per-sample operand with the site's batch axis (``site.extra["ps_batch_dim"]``: a sequence-first
+    ``[T, B, d]`` has 1) moved first, after the column axis where ``t`` is a stack (``stacked=1``); ``t`` itself
+    where the batch leads.
+    """
+    bd = site.extra.get("ps_batch_dim", 0)
+    return t if bd == 0 else e.method("movedim", t, bd + stacked, stacked)
+
+
+def batch_back(e: Emitter, site, t):
+    """A stack ``[K, B, ...]`` with its batch axis moved back to the site's (the inverse of :func:`batch_first`)."""
+    bd = site.extra.get("ps_batch_dim", 0)
+    return t if bd == 0 else e.method("movedim", t, 1, bd + 1)
+
+
 class NonDifferentiable(Rule):
     """An op whose output is constant for differentiation (integer, boolean or shape-valued)."""
 

@@ -19,6 +19,7 @@ from passes.protocol import ZERO, Decline, Rule
 
 from ..tracing import decomposes
 from . import _rt
+from .base import batch_back, batch_first
 from .registry import register
 
 # --- kernels ---------------------------------------------------------------------------------------------
@@ -240,6 +241,8 @@ def matmul_ct_right(ct, a, b, batch=None):
 class Linear(Rule):
     """y = x Wᵀ + b; dy = dx Wᵀ + x dWᵀ + db, reusing the primal input for the weight terms."""
 
+    batch_anywhere = True  # a sequence-first input's positions lead: per-sample terms move the batch first
+
     def signature(input, weight, bias=None):  # noqa: D103
         ...
 
@@ -249,11 +252,17 @@ class Linear(Rule):
         if tangents["input"] is not ZERO:
             terms.append(e(F.linear, tangents["input"], w))
         if tangents["weight"] is not ZERO:
-            kernel = linear_weight_tangent_ps if "weight" in site.ps else linear_weight_tangent
-            terms.append(e(kernel, x, tangents["weight"]))
+            if "weight" in site.ps:
+                terms.append(batch_back(e, site, e(linear_weight_tangent_ps, batch_first(e, site, x, 0),
+                                                   tangents["weight"])))
+            else:
+                terms.append(e(linear_weight_tangent, x, tangents["weight"]))
         tb = tangents.get("bias", ZERO)
         if tb is not ZERO:
-            tb = e(_rt.align_ps, tb, site.ndim()) if "bias" in site.ps else e(_rt.align, tb, site.ndim())
+            if "bias" in site.ps:
+                tb = batch_back(e, site, e(_rt.align_ps, tb, site.ndim()))
+            else:
+                tb = e(_rt.align, tb, site.ndim())
             terms.append(tb)
         out = e.sum(terms)
         if len(terms) == 1 and tb is not ZERO:
@@ -268,6 +277,8 @@ class Linear(Rule):
         factor = site.extra.get("batch_factor", 1)
         merged = factor != 1 and bool(site.ps & {"weight", "bias"})
         ct_ps, x_ps = ct, x
+        if site.ps & {"weight", "bias"}:
+            ct_ps, x_ps = batch_first(e, site, ct), batch_first(e, site, x, 0)
         if merged:  # x.view(-1, d) before the Linear: each sample's rows contracted here, never per row
             ct_ps, x_ps = e(rows_by_sample, ct, factor, 1), e(rows_by_sample, x, factor, 0)
         if site.needs("weight"):
@@ -329,10 +340,13 @@ class Linear(Rule):
         if site.needs("input"):
             out["input"] = e(torch.matmul, d, e(torch.square, w))
         if site.needs("weight"):
-            kernel = linear_weight_ct_ps if "weight" in site.ps else linear_weight_ct
-            out["weight"] = e(kernel, d, e(torch.square, x))
+            if "weight" in site.ps:
+                x2 = batch_first(e, site, e(torch.square, x), 0)
+                out["weight"] = e(linear_weight_ct_ps, batch_first(e, site, d), x2)
+            else:
+                out["weight"] = e(linear_weight_ct, d, e(torch.square, x))
         if b is not None and site.needs("bias"):
-            out["bias"] = e(_rt.sum_to_ps, d, b) if "bias" in site.ps else e(_rt.sum_to, d, b)
+            out["bias"] = e(_rt.sum_to_ps, batch_first(e, site, d), b) if "bias" in site.ps else e(_rt.sum_to, d, b)
         return out
 
     @staticmethod
@@ -353,11 +367,14 @@ class Linear(Rule):
         node of the written block.
         """
         per_sample = name in site.ps
+        x = site.args["input"]
+        if per_sample:
+            ct, x = batch_first(e, site, ct), batch_first(e, site, x, 0)
         if name == "bias":
             return e(linear_bias_ct_into, block, ct, per_sample)
         if name != "weight" or (per_sample and site.args["input"] not in site.extra["batched"]):
             raise Decline
-        return e(linear_weight_ct_into, block, ct, site.args["input"], per_sample)
+        return e(linear_weight_ct_into, block, ct, x, per_sample)
 
 
 class _Matmul(Rule):

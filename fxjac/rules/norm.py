@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from passes.protocol import ZERO, Decline, Rule
 
 from . import _rt
-from .base import PARTS, parts_of
+from .base import PARTS, batch_back, batch_first, parts_of
 from .registry import register
 
 # --- kernels ---------------------------------------------------------------------------------------------
@@ -382,14 +382,14 @@ def _with_stats(e, both):
 def _affine_param_tangent(e, site, name, t, ndim):
     """A trailing-axes parameter tangent (layer/RMS norm weight or bias) lined up with the output stack."""
     if name in site.ps:
-        return e(_rt.align_ps, t, ndim)
+        return batch_back(e, site, e(_rt.align_ps, t, ndim))
     return e(_rt.align, t, ndim)
 
 
 def _affine_param_ct(e, site, name, c):
     """A trailing-axes parameter cotangent: summed over positions (and the batch unless per-sample)."""
     like = site.args[name]
-    return e(_rt.sum_to_ps, c, like) if name in site.ps else e(_rt.sum_to, c, like)
+    return e(_rt.sum_to_ps, batch_first(e, site, c), like) if name in site.ps else e(_rt.sum_to, c, like)
 
 
 class _TrailingNorm(Rule):
@@ -404,10 +404,13 @@ class _TrailingNorm(Rule):
     alpha_of_n = True  # α = 1/n (centred) or 0
     stats = staticmethod(layer_norm_stats)
 
+    batch_anywhere = True  # a sequence-first input: per-sample parameter terms move the batch first
+
     def _setup(self, e, site):
         ns = tuple(site.val("normalized_shape"))
-        if site.ndim("input") < len(ns) or not ns:
-            raise Decline
+        n = site.ndim("input")
+        if n < len(ns) or not ns or site.extra.get("ps_batch_dim", 0) >= n - len(ns):
+            raise Decline  # (a batch axis among the normalised ones would mix the samples)
         saved = site.extra.get("saved", {})
         if "rstd" in saved:
             s = e(layer_norm_saved_stats, site.args["input"], saved["mean"], saved["rstd"], len(ns))
