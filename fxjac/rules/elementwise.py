@@ -22,9 +22,25 @@ from .registry import register
 
 _aten = torch.ops.aten
 # the activations' backward kernels may write into a cotangent no one else reads (Note [reused cotangents])
-for _kernel in (_aten.threshold_backward, _aten.leaky_relu_backward, _aten.elu_backward, _aten.silu_backward,
-                _aten.tanh_backward, _aten.sigmoid_backward, _aten.softplus_backward, _aten.hardtanh_backward):
+for _kernel in (_aten.threshold_backward, _aten.leaky_relu_backward, _aten.elu_backward, _aten.tanh_backward,
+                _aten.sigmoid_backward, _aten.softplus_backward, _aten.hardtanh_backward, _aten.softshrink_backward,
+                _aten.hardshrink_backward, _aten.log_sigmoid_backward):
     _rt.writes_into(_kernel)
+# (mish_backward has no out form, hardswish_backward's is named ``out``: those two always allocate. silu's,
+# hardsigmoid's and mish's kernels have no derivative of their own: see ``once_differentiable``)
+
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+SIXTH = float(torch.tensor(1 / 6, dtype=torch.float32))
+"""hardsigmoid's slope as ATen's backward kernel has it in every dtype (``1.0f / 6.0f``): autograd's derivative."""
+
+
+def celu_input_scale(alpha):
+    """1 / alpha as autograd's celu derivative has it: alpha rounded to float32 first (derivatives.yaml,
+    ``1.0/alpha.toFloat()``), so the rule agrees with autograd to the last bit in float64 too.
+    """
+    return 1.0 / float(torch.tensor(alpha, dtype=torch.float32))
+
 
 # --- derivative kernels (run inside generated code) -----------------------------------------------------
 
@@ -37,6 +53,59 @@ def leaky_relu_grad(x, slope):
 def elu_grad(x, alpha):
     """elu'(x) = 1 where x > 0, else alpha·exp(x)."""
     return torch.where(x > 0, torch.ones_like(x), alpha * torch.exp(x))
+
+
+def scaled_elu_grad(x, alpha, scale, input_scale):
+    """The derivative of ATen's scaled elu (selu, celu): scale where x > 0, else
+    alpha·scale·input_scale·exp(input_scale·x) (the exp branch at 0, as autograd).
+    """
+    return torch.where(x > 0, torch.full_like(x, scale), alpha * scale * input_scale * torch.exp(x * input_scale))
+
+
+def mish_grad(x):
+    """mish'(x) = tanh(sp) + x sigmoid(x) (1 - tanh(sp)²), sp = softplus(x)."""
+    t = torch.tanh(F.softplus(x))
+    return t + x * torch.sigmoid(x) * (1 - t * t)
+
+
+def hardswish_grad(x):
+    """hardswish'(x) = 0 for x <= -3, x/3 + 1/2 for -3 < x < 3, 1 for x >= 3 (autograd's choice at ±3)."""
+    inner = torch.where(x < 3, x / 3 + 0.5, torch.ones_like(x))
+    return torch.where(x <= -3, torch.zeros_like(x), inner)
+
+
+def hardsigmoid_grad(x):
+    """hardsigmoid'(x) = 1/6 for -3 < x < 3, else 0 (strict, as autograd)."""
+    return ((x > -3) & (x < 3)).to(x.dtype) * SIXTH
+
+
+def softsign_grad(x):
+    """softsign'(x) = 1 / (1 + |x|)²."""
+    return torch.reciprocal(torch.square(x.abs() + 1))
+
+
+def threshold_grad(x, threshold):
+    """threshold'(x) = [x > threshold] (0 at the threshold, as autograd)."""
+    return (x > threshold).to(x.dtype)
+
+
+def shrink_grad(x, lambd):
+    """softshrink'(x) = hardshrink'(x) = [|x| > lambd] (0 at ±lambd, as autograd)."""
+    return torch.logical_not((x >= -lambd) & (x <= lambd)).to(x.dtype)
+
+
+def once_differentiable(kernel, derivative):
+    """``kernel(t, x, **out)`` (ATen's ``f'(x)·t``, which autograd cannot differentiate) as a run-time kernel that
+    computes ``derivative(x)·t`` instead where autograd records (a differentiable product).
+    """
+
+    def times(t, x, **out):
+        if _rt.records_grad(t, x):
+            return t * derivative(x)
+        return kernel(t, x, **out)
+
+    times.__name__ = times.__qualname__ = kernel.__name__.split('.')[0].replace("_backward", "_times")
+    return times
 
 
 def gelu_grad(x, approximate="none"):
@@ -80,6 +149,22 @@ def clamp_grad(x, lo, hi):
     return mask.to(x.dtype)
 
 
+def clamp_min_grad(x, lo, hi):
+    """∂clamp/∂min = [x < min < max] ([x < min] without max), as autograd (nothing gets one where x < min = max)."""
+    mask = x < lo
+    if hi is not None:
+        mask = mask & (lo < hi)
+    return mask.to(x.dtype)
+
+
+def clamp_max_grad(x, lo, hi):
+    """∂clamp/∂max = [x > max or max < min] ([x > max] without min): where the bounds cross the result is max."""
+    mask = x > hi
+    if lo is not None:
+        mask = mask | (hi < lo)
+    return mask.to(x.dtype)
+
+
 def hardtanh_grad(x, lo, hi):
     """hardtanh'(x) = [lo < x < hi] (strict, as autograd's hardtanh_backward)."""
     return ((x > lo) & (x < hi)).to(x.dtype)
@@ -107,6 +192,11 @@ def _numbers(*args) -> bool:
 def mask_of(cond, dtype_like):
     """A boolean mask as 0/1 values of ``dtype_like``'s dtype."""
     return cond.to(dtype_like.dtype)
+
+
+silu_times = _rt.writes_into(once_differentiable(_aten.silu_backward, silu_grad))
+hardsigmoid_times = _rt.writes_into(once_differentiable(_aten.hardsigmoid_backward, hardsigmoid_grad))
+mish_times = once_differentiable(_aten.mish_backward, mish_grad)
 
 
 # --- unary element-wise ops ------------------------------------------------------------------------------
@@ -218,7 +308,7 @@ class Silu(Elementwise):
         return e(silu_grad, site.args["input"])
 
     def fused(self, e, site, t):  # noqa: D102
-        return e(_aten.silu_backward, t, site.args["input"])
+        return e(silu_times, t, site.args["input"])
 
 
 @register(torch.tanh, "tanh")  # F.tanh and F.sigmoid call the methods
@@ -260,6 +350,177 @@ class Softplus(Elementwise):
         if not _numbers(beta, threshold):
             return None
         return e(_aten.softplus_backward, t, site.args["input"], beta, threshold)
+
+
+@register(F.selu, torch.selu)
+class Selu(Elementwise):
+    """y = scale·elu(x, alpha) with SELU's constants; y' = scale or scale·alpha·exp x (the exp branch at 0)."""
+
+    def signature(input, inplace=False):  # noqa: D103
+        ...
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(scaled_elu_grad, site.args["input"], SELU_ALPHA, SELU_SCALE, 1.0)
+
+    def fused(self, e, site, t):  # noqa: D102
+        return e(_aten.elu_backward, t, SELU_ALPHA, SELU_SCALE, 1, False, site.args["input"])
+
+
+@register(F.celu, torch.celu)
+class Celu(Elementwise):
+    """y = x or alpha (exp(x / alpha) - 1); y' = 1 or exp(x / alpha)."""
+
+    def signature(input, alpha=1.0, inplace=False):  # noqa: D103
+        ...
+
+    @staticmethod
+    def _alpha(site):
+        alpha = site.args["alpha"]
+        if not _numbers(alpha):
+            raise Decline  # alpha computed in the graph
+        return alpha
+
+    def derivative(self, e, site):  # noqa: D102
+        alpha = self._alpha(site)
+        return e(scaled_elu_grad, site.args["input"], alpha, 1.0, celu_input_scale(alpha))
+
+    def fused(self, e, site, t):  # noqa: D102
+        alpha = self._alpha(site)
+        return e(_aten.elu_backward, t, alpha, 1, celu_input_scale(alpha), False, site.args["input"])
+
+
+@register(F.mish)
+class Mish(Elementwise):
+    """y = x tanh(softplus(x)); y' = tanh(sp) + x sigmoid(x) (1 - tanh(sp)²)."""
+
+    def signature(input, inplace=False):  # noqa: D103
+        ...
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(mish_grad, site.args["input"])
+
+    def fused(self, e, site, t):  # noqa: D102
+        return e(mish_times, t, site.args["input"])
+
+
+@register(F.hardswish)
+class Hardswish(Elementwise):
+    """y = x relu6(x + 3) / 6; y' = 0, x/3 + 1/2 or 1 (0 at -3 and 1 at 3, as autograd)."""
+
+    def signature(input, inplace=False):  # noqa: D103
+        ...
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(hardswish_grad, site.args["input"])
+
+    def fused(self, e, site, t):  # noqa: D102
+        return e(_aten.hardswish_backward, t, site.args["input"])
+
+
+@register(F.hardsigmoid)
+class Hardsigmoid(Elementwise):
+    """y = relu6(x + 3) / 6; y' = [-3 < x < 3] / 6 (strict, as autograd)."""
+
+    def signature(input, inplace=False):  # noqa: D103
+        ...
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(hardsigmoid_grad, site.args["input"])
+
+    def fused(self, e, site, t):  # noqa: D102
+        return e(hardsigmoid_times, t, site.args["input"])
+
+
+@register(F.logsigmoid)  # torch._C._nn.log_sigmoid
+class LogSigmoid(Elementwise):
+    """y = log sigmoid(x); y' = sigmoid(-x). The primal is ATen's forward, whose buffer the fused kernel reads."""
+
+    def primal(self, e, site):  # noqa: D102
+        both = e(_aten.log_sigmoid_forward, site.args["input"])
+        return e(operator.getitem, both, 0), {"buffer": e(operator.getitem, both, 1)}
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(torch.sigmoid, e(operator.neg, site.args["input"]))
+
+    def fused(self, e, site, t):  # noqa: D102
+        buffer = site.extra.get("saved", {}).get("buffer")
+        return None if buffer is None else e(_aten.log_sigmoid_backward, t, site.args["input"], buffer)
+
+
+@register(F.softsign)
+class Softsign(Elementwise):
+    """y = x / (1 + |x|); y' = 1 / (1 + |x|)²."""
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(softsign_grad, site.args["input"])
+
+
+@register(F.tanhshrink)
+class Tanhshrink(Elementwise):
+    """y = x - tanh(x); y' = tanh(x)²."""
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(torch.square, e(torch.tanh, site.args["input"]))
+
+
+class _Shrink(Elementwise):
+    """softshrink/hardshrink: y' = [|x| > lambd] (0 at ±lambd, as autograd) = y'²."""
+
+    kernel = None
+
+    def signature(input, lambd=0.5):  # noqa: D103
+        ...
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(shrink_grad, site.args["input"], site.args["lambd"])
+
+    def fused(self, e, site, t):  # noqa: D102
+        lambd = site.args["lambd"]
+        return e(self.kernel, t, site.args["input"], lambd) if _numbers(lambd) else None
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return {"input": self._times_derivative(e, site, d)}
+
+
+@register(F.softshrink)  # torch._C._nn.softshrink
+class Softshrink(_Shrink):
+    """y = x - lambd, 0 or x + lambd."""
+
+    kernel = _aten.softshrink_backward
+
+
+@register(torch.hardshrink, "hardshrink")  # F.hardshrink is torch.hardshrink
+class Hardshrink(_Shrink):
+    """y = x where |x| > lambd, else 0."""
+
+    kernel = _aten.hardshrink_backward
+
+
+@register(F.threshold, torch.threshold)  # F.threshold is F._threshold
+class Threshold(Elementwise):
+    """y = x where x > threshold, else value; y' = [x > threshold] (0 at the threshold, as autograd) = y'²."""
+
+    def signature(input, threshold, value, inplace=False):  # noqa: D103
+        ...
+
+    def derivative(self, e, site):  # noqa: D102
+        return e(threshold_grad, site.args["input"], site.args["threshold"])
+
+    def fused(self, e, site, t):  # noqa: D102
+        th = site.args["threshold"]
+        return e(_aten.threshold_backward, t, site.args["input"], th) if _numbers(th) else None
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return {"input": self._times_derivative(e, site, d)}
+
+
+@decomposes(F.glu)
+def glu(input, dim=-1):
+    """GLU as ``a · sigmoid(b)``, ``a`` and ``b`` the halves of ``input`` along ``dim``: autograd's glu backward is
+    this product rule, and the halves' structured rules need no kernel of their own.
+    """
+    halves = input.chunk(2, dim)
+    return halves[0] * torch.sigmoid(halves[1])
 
 
 @register(torch.sin, "sin")
@@ -354,16 +615,19 @@ class Erf(Elementwise):
 
 
 @register(torch.clamp, torch.clip, "clamp", "clip")
-class Clamp(Elementwise):
-    """y = clamp(x, min, max); y' = [min <= x <= max] (numbers as bounds)."""
+class Clamp(Broadcasting):
+    """y = clamp(x, min, max); partials [min <= x <= max], [x < min < max] and [x > max or max < min] (autograd's
+    backward: x keeps the derivative at a bound it touches; numbers as bounds get none).
+    """
+
+    inputs = ("input", "min", "max")
 
     def signature(input, min=None, max=None):  # noqa: D103
         ...
 
-    def derivative(self, e, site):  # noqa: D102
-        if any(isinstance(site.args[k], torch.fx.Node) for k in ("min", "max")):
-            raise Decline  # tensor bounds: they are operands too (the autograd fallback)
-        return e(clamp_grad, site.args["input"], site.args["min"], site.args["max"])
+    def partial(self, e, site, name):  # noqa: D102
+        grad = {"input": clamp_grad, "min": clamp_min_grad, "max": clamp_max_grad}[name]
+        return e(grad, site.args["input"], site.args["min"], site.args["max"])
 
 
 @register(F.hardtanh)

@@ -1,4 +1,4 @@
-"""Reductions: sum, mean, amax/amin, max/min with a dim, logsumexp, var/std, cumsum.
+"""Reductions: sum, mean, prod, amax/amin, max/min with a dim, logsumexp, var/std, cumsum.
 
 At ties ``amax``/``amin`` (and ``max``/``min`` without a dim) split the derivative evenly among the maxima,
 while ``max(x, dim)`` sends it to the index it returns, as autograd does.
@@ -65,6 +65,19 @@ def logsumexp_weights(x, y, dim, keepdim):
         for d in sorted(dims):
             y = y.unsqueeze(d)
     return torch.exp(x - y)
+
+
+def prod_weights(x, dim):
+    """∂(Π x)/∂x_i = Π_{j≠i} x_j over ``dim`` (None: all axes), the products before and after i: exact where x
+    holds zeros (no division), as autograd.
+    """
+    if dim is None:
+        return prod_weights(x.reshape(-1), 0).reshape(x.shape)
+    d, n = dim % x.dim(), x.shape[dim]
+    one = torch.ones_like(x.narrow(d, 0, 1))
+    before = torch.cat([one, x.narrow(d, 0, n - 1)], d).cumprod(d)
+    after = torch.cat([x.narrow(d, 1, n - 1), one], d).flip(d).cumprod(d).flip(d)
+    return before * after
 
 
 def var_tangent(t, x, dim, correction, keepdim):
@@ -221,6 +234,17 @@ class Max(Rule):
                 return {}
         u = e(unreduce, ct, site.args["input"], dim, keepdim)
         return {"input": e(torch.mul, u, w)}
+
+
+@register(torch.prod, "prod")
+class Prod(_Weighted):
+    """y = Π_dim x; dy = Σ (Π_{j≠i} x_j) dx_i."""
+
+    def signature(input, dim=None, keepdim=False, *, dtype=None):  # noqa: D103
+        ...
+
+    def weights(self, e, site):  # noqa: D102
+        return e(prod_weights, site.args["input"], site.args["dim"])
 
 
 @decomposes(torch.cdist)

@@ -1,4 +1,4 @@
-"""Shape ops: views, permutations, broadcasts, concatenation, splitting and indexing.
+"""Shape ops: views, permutations, broadcasts, repeats, concatenation, splitting, indexing, padding and masks.
 
 All are linear with 0/1 entries, so each gives its action on a stack and its adjoint; the diagonal rule is the
 adjoint itself. Axes are shifted by one for the column axis (Note [stacked columns]); sizes come from the primal
@@ -17,6 +17,8 @@ from passes.protocol import ZERO, Decline, Rule
 from . import _rt
 from .base import LinearOp
 from .registry import register
+
+_aten = torch.ops.aten
 
 # --- kernels ---------------------------------------------------------------------------------------------
 
@@ -128,6 +130,59 @@ def permute_transpose(ct, dims):
     for i, d in enumerate(dims):
         inv[d % n] = i
     return ct.permute((0,) + tuple(i + 1 for i in inv))
+
+
+_PAD_BACKWARD = {("reflect", 1): _aten.reflection_pad1d_backward, ("reflect", 2): _aten.reflection_pad2d_backward,
+                 ("reflect", 3): _aten.reflection_pad3d_backward, ("replicate", 1): _aten.replication_pad1d_backward,
+                 ("replicate", 2): _aten.replication_pad2d_backward,
+                 ("replicate", 3): _aten.replication_pad3d_backward}
+
+
+def pad_tangent(t, pad, mode):
+    """``pad(x, pad, mode)`` (reflect, replicate, circular) on a stack: its leading axes merged into a batch of one
+    channel, the layout every mode takes.
+    """
+    n = len(pad) // 2
+    out = F.pad(t.reshape((-1, 1) + tuple(t.shape[t.dim() - n:])), pad, mode=mode)
+    return out.reshape(tuple(t.shape[:t.dim() - n]) + tuple(out.shape[2:]))
+
+
+def pad_transpose(ct, like, pad, mode):
+    """Adjoint of a reflect, replicate or circular ``pad``: each copied entry added back onto its source, by ATen's
+    backward kernel (whose input is read for its shape only) or, for circular, an ``index_add`` per padded axis.
+    """
+    n = len(pad) // 2
+    g = ct.reshape((-1, 1) + tuple(ct.shape[ct.dim() - n:]))
+    spatial = tuple(like.shape[like.dim() - n:])
+    if mode == "circular":
+        for i in range(n):
+            d, size, left, right = g.dim() - 1 - i, spatial[n - 1 - i], pad[2 * i], pad[2 * i + 1]
+            start = max(-left, 0)  # negative pads crop first; the padding wraps around the entries kept
+            kept = size - start - max(-right, 0)
+            idx = start + torch.arange(-max(left, 0), kept + max(right, 0), device=g.device) % kept
+            g = g.new_zeros(tuple(g.shape[:d]) + (size,) + tuple(g.shape[d + 1:])).index_add(d, idx, g)
+    else:
+        g = _PAD_BACKWARD[mode, n](g, g.new_zeros(()).expand(tuple(g.shape[:2]) + spatial), pad)
+    return g.reshape((ct.shape[0],) + tuple(like.shape))
+
+
+def repeat_interleave_tangent(t, repeats, dim):
+    """``x.repeat_interleave(repeats, dim)`` on a stack (``dim=None``: of the flattened value)."""
+    if dim is None:
+        return t.flatten(1).repeat_interleave(repeats, 1)
+    return t.repeat_interleave(repeats, dim % (t.dim() - 1) + 1)
+
+
+def repeat_interleave_transpose(ct, like, repeats, dim):
+    """Adjoint of ``x.repeat_interleave(repeats, dim)``: each entry's consecutive copies summed back onto it."""
+    shape = (like.numel(),) if dim is None else tuple(like.shape)
+    d = 0 if dim is None else dim % like.dim()
+    if isinstance(repeats, int):
+        ct = ct.reshape((ct.shape[0],) + shape[:d] + (shape[d], repeats) + shape[d + 1:]).sum(d + 2)
+    else:
+        idx = torch.repeat_interleave(torch.arange(shape[d], device=ct.device), repeats.to(ct.device))
+        ct = ct.new_zeros((ct.shape[0],) + shape).index_add(d + 1, idx, ct)
+    return ct.reshape((ct.shape[0],) + tuple(like.shape))
 
 
 # --- rules -----------------------------------------------------------------------------------------------
@@ -443,19 +498,21 @@ class Flip(LinearOp):
 
 @register(F.pad)
 class Pad(LinearOp):
-    """y = pad(x) with constant zeros (a constant fill value adds nothing to the derivative)."""
+    """y = pad(x): zeros (a constant fill value adds nothing to the derivative), or copies of x's border entries
+    (reflect, replicate, circular), which the adjoint adds back onto them.
+    """
 
     def signature(input, pad, mode="constant", value=None):  # noqa: D103
         ...
 
     def apply(self, e, site, t):  # noqa: D102
         if site.args["mode"] != "constant":
-            raise Decline
+            return e(pad_tangent, t, site.args["pad"], site.args["mode"])
         return e(F.pad, t, site.args["pad"])
 
     def transpose(self, e, site, ct):  # noqa: D102
         if site.args["mode"] != "constant":
-            raise Decline
+            return e(pad_transpose, ct, site.args["input"], site.args["pad"], site.args["mode"])
         neg = [-p for p in site.args["pad"]]
         return e(F.pad, ct, neg)
 
@@ -473,6 +530,91 @@ class Narrow(LinearOp):
 
     def transpose(self, e, site, ct):  # noqa: D102
         d = site.args["dim"] % site.ndim("input")
-        idx = (slice(None),) * d + (slice(site.args["start"], e(operator.add, site.args["start"],
-                                                                  site.args["length"])),)
+        start, length = site.args["start"], site.args["length"]
+        if isinstance(start, int) and isinstance(length, int) and start < 0:  # counted from the end
+            start += site.val("input").shape[d]
+        idx = (slice(None),) * d + (slice(start, e(operator.add, start, length)),)
         return e(getitem_transpose, ct, site.args["input"], idx)
+
+
+@register("select", torch.select)
+class Select(LinearOp):
+    """y = x.select(dim, index); the adjoint writes the cotangent into zeros at that index."""
+
+    def signature(input, dim, index):  # noqa: D103
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        return e(torch.select, t, site.args["dim"] % site.ndim("input") + 1, site.args["index"])
+
+    def transpose(self, e, site, ct):  # noqa: D102
+        idx = (slice(None),) * (site.args["dim"] % site.ndim("input")) + (site.args["index"],)
+        return e(getitem_transpose, ct, site.args["input"], idx)
+
+
+@register("movedim", torch.movedim, "moveaxis", torch.moveaxis)
+class Movedim(LinearOp):
+    """y = x.movedim(source, destination); the adjoint moves the axes back."""
+
+    def signature(input, source, destination):  # noqa: D103
+        ...
+
+    def _move(self, e, site, t, src, dst):
+        n = site.ndim("input")
+        return e(torch.movedim, t, _rt.shift_dim(site.args[src], n), _rt.shift_dim(site.args[dst], n))
+
+    def apply(self, e, site, t):  # noqa: D102
+        return self._move(e, site, t, "source", "destination")
+
+    def transpose(self, e, site, ct):  # noqa: D102
+        return self._move(e, site, ct, "destination", "source")
+
+
+@register("repeat_interleave", torch.repeat_interleave)
+class RepeatInterleave(LinearOp):
+    """y = x.repeat_interleave(repeats, dim) (a number or a constant tensor of repeats); the adjoint sums each
+    entry's copies.
+    """
+
+    def signature(input, repeats=None, dim=None, *, output_size=None):  # noqa: D103
+        ...
+
+    @staticmethod
+    def _repeats(site):
+        if site.args["repeats"] is None:
+            raise Decline  # repeat_interleave(repeats): integer indices
+        return site.args["repeats"]
+
+    def apply(self, e, site, t):  # noqa: D102
+        return e(repeat_interleave_tangent, t, self._repeats(site), site.args["dim"])
+
+    def transpose(self, e, site, ct):  # noqa: D102
+        return e(repeat_interleave_transpose, ct, site.args["input"], self._repeats(site), site.args["dim"])
+
+
+class _Triangle(LinearOp):
+    """A triangular mask of the last two axes: y = M∘x, its own adjoint."""
+
+    op = None
+
+    def signature(input, diagonal=0):  # noqa: D103
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        return e(self.op, t, site.args["diagonal"])
+
+    transpose = apply
+
+
+@register("tril", torch.tril)
+class Tril(_Triangle):
+    """y = tril(x, diagonal)."""
+
+    op = torch.tril
+
+
+@register("triu", torch.triu)
+class Triu(_Triangle):
+    """y = triu(x, diagonal)."""
+
+    op = torch.triu

@@ -42,6 +42,10 @@ def _heads(x):
     return torch.cat([x, x.sin()], 1).view(x.shape[0], 3, 2, 5).transpose(1, 2)
 
 
+_ZEROS = torch.tensor([[1.0, 0, 1, 1, 1], [0, 1, 0, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.float64)
+"""Rows holding one, two and no zeros: a product's derivative there (autograd's is exact)."""
+
+
 SAMPLES = [
     # element-wise, unary
     ("relu_method", lambda m, x: x.relu(), False),
@@ -95,6 +99,27 @@ SAMPLES = [
     ("torch.neg", lambda m, x: torch.neg(x), False),
     ("operator.neg", lambda m, x: -x, False),
     ("neg_method", lambda m, x: x.neg(), False),
+    ("F.mish", lambda m, x: F.mish(x), False),
+    ("F.selu", lambda m, x: F.selu(x), False),
+    ("torch.selu", lambda m, x: torch.selu(x), False),
+    ("F.celu", lambda m, x: F.celu(x, 0.7), False),
+    ("torch.celu", lambda m, x: torch.celu(x, 1.3), False),
+    ("F.softsign", lambda m, x: F.softsign(x), False),
+    ("F.logsigmoid", lambda m, x: F.logsigmoid(x), False),
+    ("F.hardswish", lambda m, x: F.hardswish(x * 4), False),
+    ("F.hardsigmoid", lambda m, x: F.hardsigmoid(x * 4), False),
+    ("F.tanhshrink", lambda m, x: F.tanhshrink(x), False),
+    ("F.softshrink", lambda m, x: F.softshrink(x, 0.3), False),
+    ("torch.hardshrink", lambda m, x: torch.hardshrink(x, 0.3), False),
+    ("hardshrink_method", lambda m, x: x.hardshrink(), False),
+    ("F.threshold", lambda m, x: F.threshold(x, 0.1, 2.0), False),
+    ("torch.threshold", lambda m, x: torch.threshold(x, -0.2, 0.5), False),
+    # parameters computed in the graph: no fused kernel, the derivative itself
+    ("F.softshrink_traced_lambd", lambda m, x: F.softshrink(x, x.shape[-1] / 10), False),
+    ("hardshrink_traced_lambd", lambda m, x: x.hardshrink(x.shape[-1] / 10), False),
+    ("F.threshold_traced", lambda m, x: F.threshold(x, x.shape[-1] / 20, 2.0), False),
+    ("F.glu", lambda m, x: F.glu(x[..., 1:]), False),
+    ("F.glu_dim1", lambda m, x: F.glu(x[:, 1:] * m.w, 1), False),
     # element-wise, binary with broadcasting and parameters
     ("operator.add", lambda m, x: x + m.w, False),
     ("torch.add", lambda m, x: torch.add(x, m.w, alpha=2.0), False),
@@ -195,6 +220,27 @@ SAMPLES = [
     ("F.pad", lambda m, x: F.pad(x, (1, 2, 0, 1)), False),
     ("torch.narrow", lambda m, x: torch.narrow(x, 2, 1, 3), False),
     ("narrow_method", lambda m, x: x.narrow(1, 0, 2), False),
+    ("narrow_from_the_end", lambda m, x: x.narrow(-1, -2, 2), False),
+    ("F.pad_reflect", lambda m, x: F.pad(x, (1, 2), mode="reflect"), False),
+    ("F.pad_reflect_2d", lambda m, x: F.pad(x, (2, 2, 1, 2), mode="reflect"), False),
+    ("F.pad_replicate", lambda m, x: F.pad(x, (0, 2, 2, 1), mode="replicate"), False),
+    ("F.pad_replicate_3d", lambda m, x: F.pad(x.unsqueeze(1), (1, 0, 0, 1, 1, 2), mode="replicate"), False),
+    ("F.pad_circular", lambda m, x: F.pad(x, (2, 1), mode="circular"), False),
+    ("F.pad_circular_2d_crop", lambda m, x: F.pad(x, (-1, 3, 1, -1), mode="circular"), False),
+    ("repeat_interleave_method", lambda m, x: x.repeat_interleave(2, dim=1), False),
+    ("torch.repeat_interleave", lambda m, x: torch.repeat_interleave(x, 2, dim=-1), False),
+    ("repeat_interleave_flat_param", lambda m, x: x * torch.repeat_interleave(m.V[0, :3, :1], 5).view(3, 5), False),
+    ("repeat_interleave_tensor", lambda m, x: x.repeat_interleave(torch.tensor([1, 0, 2, 1, 3]), -1), False),
+    ("movedim_method", lambda m, x: x.movedim(1, 2), False),
+    ("torch.movedim", lambda m, x: torch.movedim(x.unsqueeze(1).expand(-1, 2, -1, -1), (-1, 1), (1, -2)), False),
+    ("moveaxis_method", lambda m, x: x.moveaxis(-1, 1), False),
+    ("torch.moveaxis", lambda m, x: torch.moveaxis(x, 2, 1), False),
+    ("select_method", lambda m, x: x.select(1, 2), False),
+    ("torch.select", lambda m, x: torch.select(x, -1, -2), False),
+    ("tril_method", lambda m, x: x.tril(), False),
+    ("torch.tril", lambda m, x: torch.tril(x, -1), False),
+    ("triu_method", lambda m, x: x.triu(1), False),
+    ("torch.triu", lambda m, x: torch.triu(x, diagonal=-1), False),
     ("to_dtype", lambda m, x: x.to(torch.float64) * 2, False),
     ("double_method", lambda m, x: x.double() * m.w, False),
     ("type_as", lambda m, x: x.type_as(m.w), False),
@@ -213,6 +259,11 @@ SAMPLES = [
     ("torch.min_dim", lambda m, x: torch.min(x, 2).values, False),
     ("outer_same_operand", lambda m, x: x + torch.outer(m.w, m.w)[:3], False),
     ("clamp_tensor_bounds", lambda m, x: x.clamp(min=-m.w, max=m.w * 2), False),
+    ("clamp_bounds_from_input", lambda m, x: torch.clamp(x, min=-x.abs().mean(1, keepdim=True), max=x.flip(-1)),
+     False),
+    ("clamp_crossed_bounds", lambda m, x: torch.clamp(x, x.cos(), x.sin() * m.w), False),
+    ("clip_tensor_min", lambda m, x: x.clip(min=m.w - 1.0), False),
+    ("clamp_tensor_max", lambda m, x: x.clamp(max=torch.ones_like(x) * 0.3), False),
     ("number_to_the_power", lambda m, x: 2.0 ** (x * m.w) + torch.pow(1.5, x), False),
     ("div_by_traced_number", lambda m, x: x / (x.size(-1) ** 0.5) + m.w / x.shape[1], False),
     ("topk_values_and_gather", lambda m, x: x.topk(2, -1).values * x.gather(-1, x.topk(2, -1).indices), False),
@@ -234,6 +285,10 @@ SAMPLES = [
     ("std_method", lambda m, x: x.std(-1), False),
     ("torch.cumsum", lambda m, x: torch.cumsum(x, 1), False),
     ("cumsum_method", lambda m, x: x.cumsum(-1), False),
+    ("torch.prod", lambda m, x: torch.prod(x, 1), False),
+    ("prod_method", lambda m, x: x.prod(-1, keepdim=True), False),
+    ("prod_all_param", lambda m, x: x * m.w.prod(), False),
+    ("prod_with_zeros", lambda m, x: (x * _ZEROS).prod(-1), False),
     # constants for differentiation
     ("argmax_gather", lambda m, x: x.gather(-1, x.argmax(-1, keepdim=True)), False),
     ("masks_and_casts", lambda m, x: x * (x > 0).to(x.dtype) + x.floor() + torch.sign(x), False),
@@ -259,7 +314,9 @@ def test_rule(name, f, positive, batch):
 
 
 _FUSED = ["relu_method", "F.leaky_relu", "F.elu", "F.gelu", "F.gelu_tanh", "F.silu", "torch.tanh", "torch.sigmoid",
-          "F.softplus", "F.hardtanh", "F.relu6"]
+          "F.softplus", "F.hardtanh", "F.relu6", "F.mish", "F.selu", "F.celu", "F.hardswish", "F.hardsigmoid",
+          "F.logsigmoid", "F.softshrink", "torch.hardshrink", "F.threshold"]
+_ALLOCATING = {"F.mish", "F.hardswish"}  # their ATen backward kernels have no ``grad_input=`` form to write into
 
 
 @pytest.mark.parametrize("name", _FUSED)
@@ -292,7 +349,9 @@ _NOT_ONE_OP = {
     "stack_of_chunk", "cat_of_split_reversed", "cat_of_unbind", "dstack_of_tensor_split", "F.prelu_channels",
     "F.prelu_one", "torch.max_binary", "min_method_binary", "outer_same_operand", "clamp_tensor_bounds",
     "number_to_the_power", "div_by_traced_number", "fft_abs", "fft_real_imag",
-    "topk_values_and_gather", "torch.addmm", "torch.baddbmm", "matmul_heads",
+    "topk_values_and_gather", "torch.addmm", "torch.baddbmm", "matmul_heads", "F.glu", "F.glu_dim1",
+    "clamp_bounds_from_input", "clamp_crossed_bounds", "clip_tensor_min", "clamp_tensor_max", "F.pad_replicate_3d",
+    "repeat_interleave_flat_param", "torch.movedim", "prod_all_param", "prod_with_zeros",
 }
 
 
@@ -358,7 +417,7 @@ def test_activation_kernels_write_into_fresh_cotangents(name, fan_out):
     code = fxjac.ggn(model, loss="cross_entropy", out="diag", example_inputs=(x,)).code
     # A ReLU whose one user is the max pooling moves after it (Note [ReLU after max pooling]): its mask then
     # meets the pooled cotangent, which is not fresh; behind the pooling and a sum it still writes in place.
-    assert ("into_cotangent" in code) == (name != "relu_method" or fan_out)
+    assert ("into_cotangent" in code) == ((name != "relu_method" or fan_out) and name not in _ALLOCATING)
     check_direction_products(model.double(), (x.double(),), products=("vjp", "mjp"))
     check_direction_products(model.float(), (x,), dtype=torch.float32, products=("vjp", "mjp"))
 
@@ -418,3 +477,118 @@ def test_matmul_copies_a_strided_operand_once_for_its_derivatives():
     p = fxjac.vjp(model, wrt="params", example_inputs=(x,))
     assert p.code.count(".contiguous()") == 2  # only the right operand's cotangent is needed
     check_direction_products(model, (x,), products=("jvp", "vjp"))
+
+
+# --- kinks and ties: the derivative there is autograd's (reverse mode), in every product -----------------------
+
+_KINKS = [  # (id, f(x), values placed in the input exactly)
+    ("F.hardswish", lambda x: F.hardswish(x), (-3.0, 3.0)),  # 0 at -3, 1 at 3
+    ("F.hardsigmoid", lambda x: F.hardsigmoid(x), (-3.0, 3.0)),  # 0 at both
+    ("F.softshrink", lambda x: F.softshrink(x, 0.5), (-0.5, 0.5)),  # 0 at both
+    ("torch.hardshrink", lambda x: torch.hardshrink(x, 0.5), (-0.5, 0.5)),  # 0 at both
+    ("F.threshold", lambda x: F.threshold(x, 0.1, 2.0), (0.1,)),  # 0 at the threshold
+    ("F.softshrink_traced_lambd", lambda x: F.softshrink(x, x.shape[-1] / 10), (-0.5, 0.5)),
+    ("hardshrink_traced_lambd", lambda x: x.hardshrink(x.shape[-1] / 10), (-0.5, 0.5)),
+    ("F.threshold_traced", lambda x: F.threshold(x, x.shape[-1] / 20, 2.0), (0.25,)),
+    ("F.selu", lambda x: F.selu(x), (0.0,)),  # scale·alpha at 0
+    ("F.celu", lambda x: F.celu(x, 0.7), (0.0,)),  # 1 at 0
+    ("torch.prod", lambda x: x.prod(-1), (0.0,)),  # rows with one zero and with two
+]
+
+
+class _Fn(nn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x):
+        return self.f(x)
+
+
+def _autograd_blocks(model, x):
+    """Per-sample Jacobians ``[B, O, I]`` by plain reverse-mode autograd (no vmap)."""
+    B = x.shape[0]
+    J = torch.autograd.functional.jacobian(model, x).reshape(B, -1, B, x[0].numel())
+    return torch.stack([J[b, :, b] for b in range(B)])
+
+
+def _check_against_autograd(model, x, dtype):
+    """jvp, vjp and diagonal back-propagation w.r.t. the input against ``_autograd_blocks`` in the same dtype (the
+    kinks of float32 inputs are float32 numbers: 0.1 is not float64's).
+    """
+    J = _autograd_blocks(model, x).double()
+    B, O, n = J.shape
+    g = torch.Generator().manual_seed(3)
+    v, u = (torch.randn(B, k, generator=g, dtype=torch.float64) for k in (n, O))
+    _, t = fxjac.jvp(model, wrt="input", strict=True)(x, v.to(dtype).reshape(x.shape))
+    assert_close(t.reshape(B, O), torch.einsum("boi,bi->bo", J, v), "jvp", dtype)
+    _, c = fxjac.vjp(model, wrt="input", strict=True)(x, u.to(dtype).reshape(B, *model(x).shape[1:]))
+    assert_close(c.reshape(B, n), torch.einsum("boi,bo->bi", J, u), "vjp", dtype)
+    p = fxjac.jtmjp(model, wrt="input", matrix="diag", out="diag", method="diag_backprop", strict=True)
+    _, d = p(x, u.to(dtype))
+    assert_close(d.reshape(B, n), torch.einsum("boi,bo->bi", J * J, u), "diag_backprop", dtype)
+    assert J.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("name,f,kinks", _KINKS, ids=[k[0] for k in _KINKS])
+def test_derivative_at_kinks_is_autograds(name, f, kinks, dtype):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 5, generator=g, dtype=torch.float64) * 2
+    flat = x.view(-1)
+    flat[::3] = torch.tensor(kinks, dtype=torch.float64).repeat(10)[:10]  # every 3rd entry a kink: rows of 5
+    x = x.to(dtype)                                                         # hold one or two
+    assert all((x == k).any() for k in torch.tensor(kinks, dtype=dtype))
+    _check_against_autograd(_Fn(f).to(dtype), x, dtype)
+
+
+def _clamp_input():
+    """Rows x, lo, hi (per sample) meeting every tie of clamp: x = lo < hi, lo < x = hi, x < lo = hi, lo > hi with x
+    between, x = lo = hi; x > lo = hi, x < lo < hi, x > hi > lo, x < hi < lo, lo < x < hi.
+    """
+    x = [[0.0, 1.0, -1.0, 0.3, 0.5], [0.9, -2.0, 3.0, 0.0, 0.2]]
+    lo = [[0.0, 0.0, 0.5, 0.5, 0.5], [0.5, 1.0, 0.0, 0.5, -0.5]]
+    hi = [[1.0, 1.0, 0.5, 0.1, 0.5], [0.5, 2.0, 1.0, 0.1, 0.5]]
+    return torch.tensor([[a, b, c] for a, b, c in zip(x, lo, hi)], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("bounds", ["both", "min", "max"])
+def test_clamp_with_tensor_bounds_at_ties_is_autograds(bounds):
+    # autograd's backward: x keeps the derivative at a bound it touches, min gets it where x < min < max, max where
+    # x > max or max < min (and nothing does where x < min = max); forward mode (torch.func.jvp) differs at ties.
+    lo = (lambda x: x[:, 1]) if bounds != "max" else (lambda x: None)
+    hi = (lambda x: x[:, 2]) if bounds != "min" else (lambda x: None)
+    model = _Fn(lambda x: torch.clamp(x[:, 0], lo(x), hi(x)))
+    _check_against_autograd(model, _clamp_input(), torch.float64)
+
+
+_NEW_RULES = [
+    "F.mish", "F.selu", "torch.selu", "F.celu", "torch.celu", "F.softsign", "F.logsigmoid", "F.hardswish",
+    "F.hardsigmoid", "F.tanhshrink", "F.softshrink", "torch.hardshrink", "hardshrink_method", "F.threshold",
+    "torch.threshold", "F.softshrink_traced_lambd", "hardshrink_traced_lambd", "F.threshold_traced", "F.glu",
+    "F.glu_dim1", "clamp_tensor_bounds", "clamp_bounds_from_input",
+    "clamp_crossed_bounds", "clip_tensor_min", "clamp_tensor_max", "F.pad_reflect", "F.pad_reflect_2d",
+    "F.pad_replicate", "F.pad_replicate_3d", "F.pad_circular", "F.pad_circular_2d_crop", "repeat_interleave_method",
+    "torch.repeat_interleave", "repeat_interleave_tensor", "repeat_interleave_flat_param", "movedim_method",
+    "torch.movedim", "moveaxis_method", "torch.moveaxis", "select_method", "torch.select", "tril_method",
+    "torch.tril", "triu_method", "torch.triu", "torch.prod", "prod_method", "prod_all_param", "prod_with_zeros",
+]
+
+
+@pytest.mark.parametrize("name", _NEW_RULES)
+def test_no_autograd_fallback(name):
+    # These ops went through the autograd fallback (with its warning); strict=True refuses any op without a
+    # structured rule, or whose rule declines the call, and no fallback warning is given.
+    import warnings
+
+    f = next(s[1] for s in SAMPLES if s[0] == name)
+    model, x = Op(f), _input(2, False)
+    v = torch.ones(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for wrt in ("input", "params"):
+            fxjac.vjp(model, wrt=wrt, strict=True)(x, model(x))
+            fxjac.jvp(model, wrt=wrt, strict=True)(x, x if wrt == "input" else v)
+        if name not in _NOT_ONE_OP:
+            fxjac.jtmjp(model, matrix="diag", out="diag", method="diag_backprop", strict=True)(x, model(x).flatten(1))
+    assert not [w for w in caught if "fallback" in str(w.message)]
