@@ -70,8 +70,12 @@ class Product(fx.GraphModule):
 
     def __call__(self, *args, **kwargs):  # noqa: D102
         if torch.compiler.is_compiling():
-            # Under torch.compile the product must already be built (fxjac.compile sees to it); the eager-only
-            # checks (first-call output check, module identity) stay out of the compiled graph.
+            # Under torch.compile the product must already be built (fxjac.compile sees to it), and so must the
+            # sibling for another operand form (a jvp's [B, P] tangents); the eager-only checks (first-call output
+            # check, module identity) stay out of the compiled graph.
+            sibling = self._variant_of(args)
+            if sibling is not None:
+                return sibling(*args, **kwargs)
             with torch.set_grad_enabled(bool(self._fxjac_spec.get("differentiable"))):
                 return super().__call__(*args, **kwargs)
         autocast = _autocast_device(args)
@@ -84,14 +88,9 @@ class Product(fx.GraphModule):
                 return self(*args, **kwargs)
         spec = self._fxjac_spec
         n_in = spec.get("n_inputs")
-        if n_in is not None and len(args) > n_in:
-            variant = spec.get("variant")
-            if variant is not None:
-                key = variant(args[n_in:])
-                if key is not None:
-                    if key not in self._fxjac_variants:
-                        self._fxjac_variants[key] = self._fxjac_build(args[:n_in], key)
-                    return self._fxjac_variants[key](*args, **kwargs)
+        sibling = self._variant_of(args, build=True)
+        if sibling is not None:
+            return sibling(*args, **kwargs)
         if self._fxjac_build is not None and spec.get("lazy"):
             inputs = args[:n_in] if n_in is not None else args
             built = self._fxjac_build(inputs, None)
@@ -108,8 +107,28 @@ class Product(fx.GraphModule):
             self._check_primal(args, out)
         return out
 
+    def _variant_of(self, args, build=False):
+        """The sibling product for these operands' form (built on demand eagerly: ``build``), or ``None`` where
+        this product takes them itself.
+        """
+        spec = self._fxjac_spec
+        n_in, variant = spec.get("n_inputs"), spec.get("variant")
+        if variant is None or n_in is None or len(args) <= n_in:
+            return None
+        key = variant(args[n_in:])
+        if key is None:
+            return None
+        if key not in self._fxjac_variants:
+            if not build:
+                raise RuntimeError("this operand form needs a sibling product that is built at its first call: "
+                                   "call the product once eagerly with operands of this form before torch.compile")
+            self._fxjac_variants[key] = self._fxjac_build(args[:n_in], key)
+        return self._fxjac_variants[key]
+
     def ensure_built(self, *args) -> "Product":
         """Build a lazily built product for these inputs (and operands) without computing anything."""
+        if self._variant_of(args, build=True) is not None:
+            return self
         spec = self._fxjac_spec
         if self._fxjac_build is not None and spec.get("lazy"):
             n_in = spec.get("n_inputs")

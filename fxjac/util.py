@@ -60,24 +60,31 @@ class CompiledProduct:
     def __init__(self, product, backend: str):
         self.product = product
         self.backend = backend
-        self.compiled = None
+        self._compiled: dict = {}  # id of the product (or of its sibling for another operand form) -> compiled
         if not product._fxjac_spec.get("lazy"):
-            self._compile()
+            self._compile(product)
 
-    def _compile(self):
+    @property
+    def compiled(self):
+        """The compiled forward of the product itself (``None`` before its first call when built lazily)."""
+        return self._compiled.get(id(self.product))
+
+    def _compile(self, p):
         # The generated forward is a code object of its own per product, so each product gets its own dynamo
         # cache (compiling ``Product.__call__``, shared by all products, would exhaust dynamo's per-code limit).
-        self.compiled = torch.compile(self.product.forward, backend=self.backend, fullgraph=True, dynamic=True)
+        self._compiled[id(p)] = torch.compile(p.forward, backend=self.backend, fullgraph=True, dynamic=True)
 
     def __call__(self, *args, **kwargs):
-        """Compute the product (compiled after the first call)."""
-        if self.compiled is None:
-            out = self.product(*args, **kwargs)
-            self._compile()
+        """Compute the product (compiled after the first call with operands of this form)."""
+        p = self.product._variant_of(args, build=True) or self.product  # a jvp's [B, P] tangents: a sibling
+        compiled = self._compiled.get(id(p))
+        if compiled is None:
+            out = p(*args, **kwargs)
+            self._compile(p)
             return out
-        self.product._check_structure()
-        with torch.set_grad_enabled(bool(self.product._fxjac_spec.get("differentiable"))):
-            return self.compiled(*args, **kwargs)
+        p._check_structure()
+        with torch.set_grad_enabled(bool(p._fxjac_spec.get("differentiable"))):
+            return compiled(*args, **kwargs)
 
     @property
     def code(self) -> str:

@@ -701,6 +701,74 @@ def test_differentiable_vjp_through_fused_kernels():
         assert (got - ref).abs().max() <= 1e-10 * ref.abs().max(), wrt
 
 
+class _ManualLayerNorm(nn.Module):
+    """``nn.LayerNorm``'s arithmetic in plain ops (the reference: ATen's fused kernel keeps its statistics out of
+    autograd's double backward under torch.func)."""
+
+    def __init__(self, ln):
+        super().__init__()
+        self.ln = ln
+
+    def forward(self, x):
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + self.ln.eps) * self.ln.weight + self.ln.bias
+
+
+@pytest.mark.parametrize("name", ["jtmjp", "jmp", "ggn"])
+def test_differentiable_products_with_several_columns(name):
+    """``differentiable=True`` where a stack of columns goes through layer norm (whose saved statistics are
+    constants to autograd: computed again from the input then) and SiLU, Mish and Hardsigmoid (whose ATen kernels
+    have no derivative: their derivatives instead): d/dx of the result matches torch.func's.
+    """
+    from torch.func import jacrev
+
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(5)
+    with torch.no_grad():
+        ln.weight.normal_(1, 0.3)
+        ln.bias.normal_(0, 0.3)
+    # autograd has no second derivative of hardsigmoid (the torch.func reference): finite differences check it
+    gate = nn.Hardsigmoid() if name == "ggn" else nn.Tanh()
+    head = [nn.Linear(5, 5), nn.Mish(), nn.Linear(5, 4), gate, nn.Linear(4, 3)]
+    model = nn.Sequential(nn.Linear(4, 5), ln, nn.SiLU(), *head).double().eval()
+    reference = nn.Sequential(model[0], _ManualLayerNorm(ln), *model[2:]).eval()
+    g = torch.Generator().manual_seed(1)
+    x, m = randn(3, 4, g=g), randn(3, 4, 2, g=g)
+    c = randn(3, 4, g=g) if name == "jtmjp" else randn(3, 3, 2, g=g)  # weights of the result's entries
+
+    def jac(xx):
+        J = jacrev(reference)(xx)  # [B, 3, B, 4]
+        return torch.stack([J[b, :, b] for b in range(xx.shape[0])])
+
+    if name == "jtmjp":
+        product, ref = fxjac.jtmjp(model, out="diag", differentiable=True), lambda xx: (jac(xx) ** 2).sum(1)
+    elif name == "jmp":
+        product, ref = fxjac.jmp(model, differentiable=True), lambda xx: torch.einsum("boi,bik->bok", jac(xx), m)
+    else:
+        product = fxjac.ggn(model, loss="cross_entropy", out="diag", differentiable=True)
+        n_params = sum(q.numel() for q in model.parameters())
+    xx = x.clone().requires_grad_()
+    got = product(xx, m)[1] if name == "jmp" else product(xx)[1]
+    if name == "ggn":  # d/dx of the GGN diagonal against finite differences of fxjac's (checked) values
+        w = randn(n_params, g=g)
+        (gx,) = torch.autograd.grad((got * w).sum(), xx)
+        h, fd = 1e-6, torch.zeros_like(x)
+        with torch.no_grad():
+            for i in range(x.numel()):
+                step = torch.zeros(x.numel(), dtype=x.dtype)
+                step[i] = h
+                step = step.reshape(x.shape)
+                fd.view(-1)[i] = ((product(x + step)[1] - product(x - step)[1]) * w).sum() / (2 * h)
+        assert_close(gx, fd, "d/dx of a differentiable GGN diagonal", rtol=1e-6)
+        return
+    (gx,) = torch.autograd.grad((got * c).sum(), xx)
+    xr = x.clone().requires_grad_()
+    (rx,) = torch.autograd.grad((ref(xr) * c).sum(), xr)
+    assert_close(got.detach(), ref(x).detach(), f"{name} values")
+    assert_close(gx, rx, f"d/dx of a differentiable {name}")
+
+
 @pytest.mark.parametrize("twin", [False, True])
 def test_clean_up_keeps_writes_into_arguments_only_for_their_one_reader(twin):
     """A node that writes into its argument (``meta["writes_arg"]``) keeps doing so only where it is that value's

@@ -106,6 +106,45 @@ def test_column_loop_compiles_the_wide_variant():
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.parametrize("name, options", [("vjp", dict(wrt="params", reduce="none")),
+                                           ("ggn", dict(loss="cross_entropy", out="diag")),
+                                           ("jacobian", dict(wrt="params"))])
+def test_pointwise_convolution_products_compile(name, options):
+    """A stride-1 1x1 convolution's patches are a view of its input: the eager-kernel custom op returns a copy
+    (a custom op's result may not alias its inputs; compiling failed).
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.Tanh(), nn.Conv2d(3, 2, 1), nn.Flatten(), nn.Linear(18, 3))
+    g = torch.Generator().manual_seed(6)
+    p = getattr(fxjac, name)(model, example_inputs=(torch.randn(BATCHES[0], 2, 3, 3, generator=g),), **options)
+    torch._dynamo.reset()
+    compiled = torch.compile(p, backend="aot_eager", fullgraph=True, dynamic=True)
+    for batch in BATCHES:
+        x = torch.randn(batch, 2, 3, 3, generator=g)
+        ops = (torch.randn(batch, 3, generator=g),) if name == "vjp" else ()
+        _close(compiled(x, *ops)[1], p(x, *ops)[1])
+
+
+def test_per_sample_tangents_compile():
+    """A jvp w.r.t. the parameters with per-sample tangents ``[B, P]`` runs a sibling product: compiled too,
+    through torch.compile after an eager call of that form, and through fxjac.compile from its first call.
+    """
+    model = _model()
+    n_params = sum(q.numel() for q in model.parameters())
+    p = fxjac.jvp(model, wrt="params")
+    x, v = torch.randn(BATCHES[0], 4), torch.randn(BATCHES[0], n_params)
+    p(x, v)
+    torch._dynamo.reset()
+    compiled = torch.compile(p, backend="aot_eager", fullgraph=True, dynamic=True)
+    via_fxjac = fxjac.compile(model, "jvp", wrt="params", backend="aot_eager")
+    for batch in BATCHES:
+        x, v = torch.randn(batch, 4), torch.randn(batch, n_params)
+        ref = p(x, v)[1]
+        _close(compiled(x, v)[1], ref)
+        _close(via_fxjac(x, v)[1], ref)
+        _close(via_fxjac(x, v[0])[1], p(x, v[0])[1])  # and the shared [P] form next to it
+
+
 class _Positions(nn.Module):
     """A Linear on ``[B, T, d]`` (its weight read at T positions per sample) and one on ``[B, d]``."""
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import inspect
 import operator
 import sys
+import typing
 
 import torch
 import torch.fx as fx
@@ -182,7 +184,18 @@ def eager_under_compile(fake):
     """
 
     def wrap(fn):
-        op = torch.library.custom_op(f"fxjac::{fn.__name__}", mutates_args=())(fn)
+        @functools.wraps(fn)
+        def fresh_result(*args):  # a custom op's result may not alias its inputs (a 1x1 kernel's patches: a view)
+            out = fn(*args)
+            storages = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            return tuple(_unaliased(o, storages) for o in out) if isinstance(out, tuple) else \
+                _unaliased(out, storages)
+
+        sig, hints = inspect.signature(fn), typing.get_type_hints(fn)  # the schema, from fn's own module
+        fresh_result.__signature__ = sig.replace(
+            parameters=[q.replace(annotation=hints.get(q.name, q.annotation)) for q in sig.parameters.values()],
+            return_annotation=hints.get("return", sig.return_annotation))
+        op = torch.library.custom_op(f"fxjac::{fn.__name__}", mutates_args=())(fresh_result)
         op.register_fake(fake)
 
         @functools.wraps(fn)
@@ -194,6 +207,12 @@ def eager_under_compile(fake):
         return call
 
     return wrap
+
+
+def _unaliased(t, storages):
+    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in storages:
+        return t.clone()
+    return t
 
 
 @torch.library.custom_op("fxjac::relu_mask_", mutates_args={"t"})

@@ -96,16 +96,20 @@ def layer_norm_with_stats(x, normalized_shape, weight, bias, eps):
     return torch.ops.aten.native_layer_norm(x, list(normalized_shape), weight, bias, eps)
 
 
-def layer_norm_saved_stats(x, mean, rstd, n_dims):
+def layer_norm_saved_stats(x, mean, rstd, n_dims, eps=None):
     """:func:`layer_norm_stats` from the primal's saved mean and ``1/σ`` (which CUDA keeps in float32 for a half
-    precision input: taken in the input's dtype, as autograd's results are).
+    precision input: taken in the input's dtype, as autograd's results are). Where autograd records (a
+    differentiable product) and ``eps`` is given, computed again from ``x``: ATen's saved statistics are constants
+    to autograd, so their dependence on ``x`` would be lost.
     """
+    if eps is not None and _rt.records_grad(x):
+        return layer_norm_stats(x, n_dims, eps)
     mean, rstd = mean.to(x.dtype), rstd.to(x.dtype)
     xhat = (x - mean) * rstd
     return xhat, xhat * (1.0 / math.sqrt(math.prod(x.shape[-n_dims:]))), rstd
 
 
-def layer_norm_cts(ct, x, normalized_shape, mean, rstd, weight, bias, mask):
+def layer_norm_cts(ct, x, normalized_shape, mean, rstd, weight, bias, mask, eps=None):
     """Cotangent stacks ``[K, *]`` of layer_norm's (input, weight, bias), summed over the batch, ``None`` where
     ``mask`` is false. One column goes through ATen's fused backward (autograd's kernel), a stack through Note
     [normalisation Jacobians] with the saved statistics.
@@ -116,7 +120,7 @@ def layer_norm_cts(ct, x, normalized_shape, mean, rstd, weight, bias, mask):
         return _rt.one_column(parts, mask)
     n_dims = len(normalized_shape)
     dims, lead = tuple(range(-n_dims, 0)), tuple(range(1, ct.dim() - n_dims))
-    xhat, u, r = layer_norm_saved_stats(x, mean, rstd, n_dims)
+    xhat, u, r = layer_norm_saved_stats(x, mean, rstd, n_dims, eps)
     gx = normalise_apply(ct if weight is None else ct * weight, r, u, dims, 1.0 / math.prod(normalized_shape)) \
         if mask[0] else None
     gw = (ct * xhat).sum(lead) if mask[1] else None
@@ -413,7 +417,7 @@ class _TrailingNorm(Rule):
             raise Decline  # (a batch axis among the normalised ones would mix the samples)
         saved = site.extra.get("saved", {})
         if "rstd" in saved:
-            s = e(layer_norm_saved_stats, site.args["input"], saved["mean"], saved["rstd"], len(ns))
+            s = e(layer_norm_saved_stats, site.args["input"], saved["mean"], saved["rstd"], len(ns), site.args["eps"])
         else:
             s = e(self.stats, site.args["input"], len(ns), site.args["eps"])
         xhat, u, r = (e(operator.getitem, s, i) for i in range(3))
@@ -492,10 +496,10 @@ class LayerNorm(_TrailingNorm):
         need = [site.needs("input")] + [a[n] is not None and site.needs(n) for n in PARTS[1:]]
         fused = [need[0]] + [need[i] and PARTS[i] not in site.ps for i in (1, 2)]
         out = parts_of(e, e(layer_norm_cts, ct, a["input"], a["normalized_shape"], saved["mean"], saved["rstd"],
-                            a["weight"], a["bias"], fused), fused)
+                            a["weight"], a["bias"], fused, a["eps"]), fused)
         if need[1] and not fused[1]:
             xhat = e(operator.getitem, e(layer_norm_saved_stats, a["input"], saved["mean"], saved["rstd"],
-                                         len(site.val("normalized_shape"))), 0)
+                                         len(site.val("normalized_shape")), a["eps"]), 0)
             out["weight"] = _affine_param_ct(e, site, "weight", e(torch.mul, ct, xhat))
         if need[2] and not fused[2]:
             out["bias"] = _affine_param_ct(e, site, "bias", ct)
