@@ -34,7 +34,8 @@ def compile(model: torch.nn.Module, product: str, *, backend: Optional[str] = No
         model: the model.
         product: the product's name, as the function that builds it.
         backend: when given, the product is passed to ``torch.compile(product, backend=backend,
-            fullgraph=True, dynamic=True)``.
+            fullgraph=True, dynamic=True)`` (``fullgraph=False`` for a model holding an RNN, which torch.compile
+            does not trace).
         **options: the options of that product.
 
     Returns:
@@ -72,7 +73,9 @@ class CompiledProduct:
     def _compile(self, p):
         # The generated forward is a code object of its own per product, so each product gets its own dynamo
         # cache (compiling ``Product.__call__``, shared by all products, would exhaust dynamo's per-code limit).
-        self._compiled[id(p)] = torch.compile(p.forward, backend=self.backend, fullgraph=True, dynamic=True)
+        # torch.compile refuses to trace nn.RNN/LSTM/GRU ("Attempted to wrap RNN"): around them it breaks the graph.
+        whole = not any(isinstance(m, torch.nn.RNNBase) for m in p.model.modules())
+        self._compiled[id(p)] = torch.compile(p.forward, backend=self.backend, fullgraph=whole, dynamic=True)
 
     def __call__(self, *args, **kwargs):
         """Compute the product (compiled after the first call with operands of this form)."""

@@ -145,6 +145,27 @@ def test_per_sample_tangents_compile():
         _close(via_fxjac(x, v[0])[1], p(x, v[0])[1])  # and the shared [P] form next to it
 
 
+def test_fxjac_compile_breaks_the_graph_around_an_rnn():
+    """torch.compile refuses to trace nn.LSTM (fullgraph=True fails): fxjac.compile compiles around it."""
+    torch.manual_seed(0)
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.rnn(x)[0][:, -1]))
+
+    model = Tagger()
+    torch._dynamo.reset()
+    compiled = fxjac.compile(model, "vjp", wrt="params", backend="aot_eager")
+    p = fxjac.vjp(model, wrt="params")
+    for batch in BATCHES:
+        x, w = torch.randn(batch, 5, 3), torch.randn(batch, 2)
+        _close(compiled(x, w)[1], p(x, w)[1])
+
+
 class _Positions(nn.Module):
     """A Linear on ``[B, T, d]`` (its weight read at T positions per sample) and one on ``[B, d]``."""
 

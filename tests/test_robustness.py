@@ -671,6 +671,30 @@ def test_non_differentiable_ops_have_an_exactly_zero_derivative():
     assert G.shape == (12, 12) and torch.count_nonzero(G) == 0
 
 
+class _SizedMask(nn.Module):
+    """A causal mask from tensor factories sized by the input (``T = x.shape[1]``): downstream of ``x`` in the
+    graph, constant for differentiation."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(4, 4)
+
+    def forward(self, x):
+        t = x.shape[1]
+        mask = torch.full((t, t), float("-inf"), dtype=x.dtype).triu(1) + torch.zeros(t, t, dtype=x.dtype)
+        steps = torch.arange(t, dtype=x.dtype) / t + torch.ones(t, dtype=x.dtype)
+        return torch.softmax(self.q(x) @ x.transpose(1, 2) + mask, -1) @ (x * steps[:, None])
+
+
+def test_tensor_factories_sized_by_the_input_are_constants():
+    torch.manual_seed(0)
+    model = _SizedMask().double()
+    x = randn(2, 3, 4)
+    check_direction_products(model, (x,))
+    fxjac.vjp(model, strict=True)(x, randn(2, 3, 4, seed=1))  # strict: nothing went to the autograd fallback
+    fxjac.ggn(model, loss="mse", strict=True)(x)
+
+
 class _CentredWithoutGrad(nn.Module):
     def __init__(self):
         super().__init__()

@@ -14,8 +14,9 @@ from passes.protocol import ZERO, Decline
 from .base import NonDifferentiable
 from .registry import register
 
-# Only spellings a traced model can apply to a value that carries a derivative are listed (tensor factories
-# without tensor inputs never meet a tangent; random ones cannot pass the first-call output check).
+# Spellings a traced model can apply to a value that carries a derivative, and tensor factories whose sizes are
+# read from one (``torch.full((T, T), -inf)`` with ``T = x.shape[1]``: reverse mode sees them downstream of
+# ``x``). Random factories are left out: they cannot pass the first-call output check.
 _METHODS = (
     "size", "dim", "ndimension", "numel", "argmax", "argmin", "eq", "ne", "lt", "le", "gt", "ge", "long", "int",
     "bool", "short", "byte", "sign", "nonzero", "isnan", "isinf", "isfinite", "any", "all", "detach", "new_zeros",
@@ -29,6 +30,8 @@ _FUNCTIONS = (
     torch.full_like, torch.detach, torch.floor_divide, operator.floordiv, torch.logical_not, torch.logical_and,
     torch.logical_or, torch.argsort, torch.bucketize,
     torch.searchsorted, torch.nonzero, torch.numel,
+    torch.full, torch.zeros, torch.ones, torch.empty, torch.arange, torch.eye, torch.linspace, torch.logspace,
+    torch.tril_indices, torch.triu_indices, torch.tensor,
 )
 
 

@@ -104,7 +104,13 @@ def _op(fn, args, kwargs, ctx=(), spec=True):
 
     def g(*primals):
         a, k = _fill((args, kwargs), primals, ctx)
-        out = _call(fn, a, k)
+        if a and isinstance(a[0], torch.nn.RNNBase):  # a leaf RNN (module_call(module, ...))
+            # oneDNN's float32 LSTM keeps its backward's workspace for autograd only, not under torch.func's
+            # transforms ("Expected a proper Tensor ... 'workspace'"): ATen's own RNN kernels run here
+            with torch.backends.mkldnn.flags(enabled=False):
+                out = _call(fn, a, k)
+        else:
+            out = _call(fn, a, k)
         if spec is True:
             return out
         return tuple(leaf for leaf, f in zip(_flat(spec, out), _spec_leaves(spec)) if f)
