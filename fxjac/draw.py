@@ -20,7 +20,9 @@ Note [clusters and repeated blocks]
 
 from __future__ import annotations
 
+import contextlib
 import html
+import logging
 import operator
 import re
 from collections import OrderedDict
@@ -201,6 +203,18 @@ def _to_meta(v: torch.Tensor) -> torch.Tensor:
     return torch.empty(tuple(int(s) for s in v.shape), dtype=v.dtype, device="meta")
 
 
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """Silence a logger for the block (the shapes run retries on real tensors where fake ones fail)."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _run_shapes(p: fx.GraphModule, inputs: Optional[tuple]) -> dict:
     """Every node's value as a meta tensor (or Python value), from one shapes-only run; ``{}`` if it fails."""
     phs = [n for n in p.graph.nodes if n.op == "placeholder"]
@@ -221,7 +235,7 @@ def _run_shapes(p: fx.GraphModule, inputs: Optional[tuple]) -> dict:
             with torch.no_grad():
                 if fake:
                     mode = FakeTensorMode(allow_non_fake_inputs=True)
-                    with mode:
+                    with mode, _quiet("torch._subclasses.fake_tensor"):  # a failed meta run logs an error
                         run.run(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
                 else:
                     run.run(*args)

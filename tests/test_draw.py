@@ -138,3 +138,21 @@ def test_built_metric_product_of_linear_layers_draws_factors(out):
     p = fxjac.jtmjp(model, wrt="params", out=out, example_inputs=(torch.randn(5, 4),))
     p.ensure_built()
     assert any(lb.startswith("√M factor (cotangents)") for lb in _edge_labels(fxjac.draw(p).source))
+
+
+def test_drawing_an_rnn_logs_no_error(tmp_path, caplog):
+    """The shapes-only run falls back from fake to real tensors where a leaf (an LSTM) fails on fake ones:
+    torch's fake-tensor log of that failure is no error of the user's."""
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    with caplog.at_level("WARNING"):
+        g = fxjac.draw(Tagger(), tmp_path / "lstm.dot", product="ggn", example_inputs=(torch.randn(2, 4, 3),))
+    assert g is not None and (tmp_path / "lstm.dot").exists()
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
