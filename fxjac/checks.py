@@ -37,12 +37,26 @@ def check_shape(t, shape, like, name):
 
 
 def check_symmetric(m, name):
-    """A full metric must be symmetric (indefinite is fine)."""
+    """A full metric must be symmetric (indefinite is fine). Under torch.compile the check is an assertion in the
+    compiled graph, which raises a RuntimeError with the same message.
+    """
     tol = 1e-6 if m.dtype == torch.float64 else 1e-3
     scale = m.abs().amax().clamp_min(1e-30)
-    if (m - m.transpose(-1, -2)).abs().amax() > tol * scale:
+    if torch.compiler.is_compiling():  # a branch on values breaks the graph: a run-time assertion instead
+        torch._assert_async((m - m.transpose(-1, -2)).abs().amax() <= tol * scale, f"{name} must be symmetric")
+    elif (m - m.transpose(-1, -2)).abs().amax() > tol * scale:
         raise ShapeError(f"{name} must be symmetric")
     return m
+
+
+def check_blocks(m, sizes, like, name):
+    """A block-diagonal metric: a list of one symmetric ``[n, n]`` block per module, ``n`` in ``sizes``."""
+    if not isinstance(m, (list, tuple)) or len(m) != len(sizes):
+        got = f"{len(m)} blocks" if isinstance(m, (list, tuple)) else f"a {type(m).__name__}"
+        raise ShapeError(f"{name} must be a list of {len(sizes)} blocks (one per module owning selected "
+                         f"parameters, sizes {list(sizes)}), got {got}")
+    return [check_symmetric(check_shape(b, (n, n), like, f"{name}[{i}]"), f"{name}[{i}]")
+            for i, (b, n) in enumerate(zip(m, sizes))]
 
 
 def check_input(x, sample_shape, name):

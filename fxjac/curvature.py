@@ -14,7 +14,7 @@ from . import assemble as A
 from . import checks
 from .direction import _options
 from .errors import OptionError
-from .losses import LOSSES, check_class_dim, loss_hvp, sigma_option
+from .losses import LOSSES, check_class_dim, check_loss_output, loss_hvp, sigma_option
 from .product import Product, make_product
 
 
@@ -45,6 +45,7 @@ def ggn_vp(model, loss: str = "cross_entropy", wrt: Any = "params", class_dim: i
 
     def assemble(src, b, key):
         check_class_dim(loss, class_dim, src.output.meta["val"].dim())
+        check_loss_output(loss, src.output.meta["val"].shape)
         sig = sigma_option(sigma, src.output.meta["val"].shape[1:]) if loss == "gaussian" else 1.0
         A.input_placeholders(b, src)
         v = b.graph.placeholder("v")
@@ -74,9 +75,11 @@ def _split(batch, n_inputs: int, wants_target: bool):
 def _add(total, part):
     if total is None:
         return part
-    if isinstance(part, (list, tuple)):
-        return [a + b for a, b in zip(total, part)]
-    return total + part
+    pairs = list(zip(total, part)) if isinstance(part, (list, tuple)) else [(total, part)]
+    if any(a.shape != b.shape for a, b in pairs):
+        raise OptionError("accumulate sums results of the same shape over batches: this product's result has a "
+                          "batch axis (reduce='none', or a result in input space); build it with reduce='sum'")
+    return [a + b for a, b in pairs] if isinstance(part, (list, tuple)) else total + part
 
 
 def accumulate(product, loader: Iterable, *operands, progress: Optional[bool] = None) -> Any:

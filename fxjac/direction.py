@@ -182,7 +182,7 @@ def jvp(model, wrt: Any = "input", **options) -> Product:
             seeds = {src.inputs[src.wrt_index]: e.method("unsqueeze", v, 0)}
             tan = forward_tangents(b, seeds)
         elif key == "ps":
-            v = e(checks.check_shape, v, (-1, src.P), A.param_like(b, src), "v")
+            v = e(checks.check_shape, v, (A.size(e, xs[0], 0), src.P), A.param_like(b, src), "v")
             stack = v  # [B, P]: K = 1, so the K*B stack is v itself
             tan = forward_tangents(b, A.param_seeds(e, src, stack), ps=True)
         else:

@@ -34,6 +34,15 @@ def check_class_dim(loss: str, class_dim, ndim=None) -> None:
                           "(1 for [B, C] or [B, C, H, W], -1 for [B, T, C])")
 
 
+def check_loss_output(loss: str, shape) -> None:
+    """Refuse, when the product is built, an output the loss cannot read: ``gaussian_nll`` wants ``[B, 2, ...]``
+    (mean and log-variance on axis 1).
+    """
+    if loss == "gaussian_nll" and (len(shape) < 2 or shape[1] != 2):
+        raise OptionError(f"loss='gaussian_nll' reads the mean and log-variance on axis 1 of a [B, 2, ...] output; "
+                          f"the model's output is {list(shape)}")
+
+
 def sigma_option(sigma, sample_shape=None):
     """The Gaussian loss's ``sigma`` as product code can hold it: a float, or a tensor's values as nested lists
     (generated code cannot spell a tensor). Checked when the product is built: positive, finite and, with

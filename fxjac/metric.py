@@ -35,7 +35,7 @@ from . import assemble as A
 from . import checks
 from .direction import _options, _reduce, add_all, through_chunks
 from .errors import OptionError
-from .losses import LOSSES, check_class_dim, factor_width, loss_factor, sigma_option
+from .losses import LOSSES, check_class_dim, check_loss_output, factor_width, loss_factor, sigma_option
 from .product import Product, make_product
 from .rules._rt import records_grad
 
@@ -653,6 +653,9 @@ def jmjtp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
             m = e(checks.check_shape, m, (P, -1), y, "M")
         elif matrix == "full":
             m = e(checks.check_symmetric, e(checks.check_shape, m, (P, P), y, "M"), "M")
+        elif matrix == "block":
+            sizes = [sum(p.numel for p in src.params if p.module == module) for module in _modules(src)]
+            m = e(checks.check_blocks, m, sizes, y, "M")
         direct: dict = {}
         sinks = None
         if matrix == "diag":
@@ -763,6 +766,7 @@ def ggn(model, loss: str = "cross_entropy", wrt: Any = "params", out: str = "dia
 
     def assemble(src, b, key):
         check_class_dim(loss, class_dim, src.output.meta["val"].dim())
+        check_loss_output(loss, src.output.meta["val"].shape)
         sigma_value = sigma_option(sigma, src.output.meta["val"].shape[1:]) if loss == "gaussian" else 1.0
         A.input_placeholders(b, src)
         b.graph.placeholder("target", default_value=None)

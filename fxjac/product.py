@@ -14,7 +14,7 @@ import torch.nn as nn
 from passes import Builder, MissingRulesError, clean
 from passes.builder import BatchLayoutError
 
-from .errors import OptionError, StaleProductError, TraceError, UnsupportedOpError, describe
+from .errors import ModeError, OptionError, StaleProductError, TraceError, UnsupportedOpError, describe
 from .rules import default_rules
 from .source import Source, build_source
 
@@ -66,6 +66,7 @@ class Product(fx.GraphModule):
                 setattr(self, name, mod)
         self.recompile()
         self._fxjac_structure = _structure(src)
+        self._fxjac_n_positional = None
         self.fallback_ops = list(getattr(gm, "fallback_ops", []))
 
     def __call__(self, *args, **kwargs):  # noqa: D102
@@ -98,14 +99,39 @@ class Product(fx.GraphModule):
             self.wrt_names = built.wrt_names
             spec["lazy"] = False
         self._check_structure()
-        if spec.get("differentiable"):
-            out = super().__call__(*args, **kwargs)
-        else:
-            with torch.no_grad():
+        if spec.get("takes_target") and len(args) > self._n_positional():
+            raise TypeError("target is keyword-only: call the product as p(x, ..., target=t)")
+        try:
+            if spec.get("differentiable"):
                 out = super().__call__(*args, **kwargs)
+            else:
+                with torch.no_grad():
+                    out = super().__call__(*args, **kwargs)
+        except Exception as err:
+            self._check_param_shapes(err)
+            raise
         if not self._fxjac_checked:
             self._check_primal(args, out)
         return out
+
+    def _check_param_shapes(self, err: Exception) -> None:
+        """After a failed call: a selected parameter replaced by one of another shape (the generated code holds the
+        old layout) is a StaleProductError, not the kernel's error. Checked only then, so calls pay nothing.
+        """
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for name, shape in getattr(self, "_fxjac_param_shapes", None) or []:
+            if name in params and tuple(params[name].shape) != tuple(shape):
+                raise StaleProductError(f"the model's parameter {name!r} has shape {tuple(params[name].shape)} "
+                                        f"but this product was built for {tuple(shape)}; build the product "
+                                        "again") from err
+
+    def _n_positional(self) -> int:
+        """How many positional arguments the built product takes (its inputs and operands, not ``target``)."""
+        n = self.__dict__.get("_fxjac_n_positional")
+        if n is None:
+            n = sum(1 for node in self.graph.nodes if node.op == "placeholder" and node.target != "target")
+            self._fxjac_n_positional = n
+        return n
 
     def _variant_of(self, args, build=False):
         """The sibling product for these operands' form (built on demand eagerly: ``build``), or ``None`` where
@@ -142,18 +168,24 @@ class Product(fx.GraphModule):
         """Every module the product reads is still where it was: one dict lookup per module (see :func:`_structure`),
         not a walk from the root per path (0.1 ms a call on the transformer).
         """
-        for path, parent, name, mod in self._fxjac_structure:
+        for path, parent, name, mod, moded in self._fxjac_structure:
             holder = self if parent is None else parent
             if holder._modules.get(name) is not mod:
                 raise StaleProductError(f"the model's submodule {path!r} was replaced since this product was "
                                         "built; build the product again")
+            if moded and mod.training:
+                raise ModeError(f"the model's submodule {path!r} ({type(mod).__name__}) is in training mode since "
+                                "this product was built in eval mode: call model.eval() (a product computes what "
+                                "the model computed when it was built)")
 
     def _check_primal(self, args, out) -> None:
         """First call: the product's ``y`` must equal the model's own output (catches mis-traced mutation)."""
         n_in = self._fxjac_spec.get("n_inputs") or len(args)
         model = self.model
-        with torch.no_grad():
-            ref = model(*args[:n_in])
+        fixed = {k: v for k, v in (self._fxjac_spec.get("concrete_args") or {}).items()
+                 if v is not fx._symbolic_trace.PH}
+        with torch.no_grad():  # the forward's other arguments as traced (concrete_args=)
+            ref = model(*args[:n_in], **fixed)
         sel = self._fxjac_spec.get("output")
         if sel is not None:
             ref = ref[sel]
@@ -205,7 +237,7 @@ def _structure(src: Source) -> list:
     out = []
     for p in sorted(paths, key=lambda q: (q.count(".") + bool(q), q)):
         if not p:
-            out.append(("", None, "model", model))
+            out.append(("", None, "model", model, _moded(model)))
             continue
         parent_path, _, name = p.rpartition(".")
         try:
@@ -214,8 +246,20 @@ def _structure(src: Source) -> list:
         except (AttributeError, KeyError):
             continue
         if isinstance(mod, nn.Module):
-            out.append((p, parent, name, mod))
+            out.append((p, parent, name, mod, _moded(mod)))
     return out
+
+
+# Modules whose training mode changes what they compute per sample (check_modes refuses them at build): switched
+# to training after the build, the product would go on computing the eval forward.
+_MODED = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.RReLU)
+
+
+def _moded(mod: nn.Module) -> bool:
+    """Whether ``mod`` computed its eval forward when built and would compute another in training mode."""
+    if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p == 0:
+        return False
+    return isinstance(mod, _MODED) and not mod.training
 
 
 def finish(b: Builder, outputs: Any, src: Source) -> Product:
@@ -245,6 +289,28 @@ def warn_fallback(nodes: Sequence[fx.Node]) -> None:
                       + describe(nodes), stacklevel=4)
 
 
+def _check_common(leaf_modules, concrete_args, output, strict, differentiable) -> tuple:
+    """The options every product takes, checked when it is built (OptionError, a ValueError); returns
+    ``leaf_modules`` as a tuple (one class or module may be given alone).
+    """
+    for name, flag in (("strict", strict), ("differentiable", differentiable)):
+        if not isinstance(flag, bool):
+            raise OptionError(f"{name}= takes True or False, got {flag!r}")
+    if output is not None and (isinstance(output, bool) or not isinstance(output, (int, str))):
+        raise OptionError(f"output= takes an index or a key, got {output!r}")
+    if concrete_args is not None and not isinstance(concrete_args, dict):
+        raise OptionError(f"concrete_args= takes a dict of argument names to values, got {concrete_args!r}")
+    items = [leaf_modules] if isinstance(leaf_modules, (type, nn.Module)) else leaf_modules
+    try:
+        items = list(items)
+    except TypeError:
+        items = [leaf_modules]
+    bad = [m for m in items if not (isinstance(m, nn.Module) or (isinstance(m, type) and issubclass(m, nn.Module)))]
+    if bad:
+        raise OptionError(f"leaf_modules= takes nn.Module classes or instances, got {bad[0]!r}")
+    return tuple(items)
+
+
 def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inputs=None, leaf_modules=(),
                  concrete_args=None, output=None, strict=False, differentiable=False, variant=None,
                  n_inputs: Optional[int] = None, takes_target: bool = False) -> Product:
@@ -255,6 +321,7 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
     """
     if isinstance(model, Product):
         raise TypeError("pass the model, not a product")
+    leaf_modules = _check_common(leaf_modules, concrete_args, output, strict, differentiable)
 
     def build(inputs, key):
         src = build_source(model, wrt, list(inputs), leaf_modules=leaf_modules, concrete_args=concrete_args,
@@ -274,7 +341,7 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
         gm = finish(b, outs, src)
         warn_fallback(b.fallback_nodes)
         prod = Product(gm, gm.graph, None, {"n_inputs": len(src.inputs), "output": output,
-                                             "differentiable": differentiable})
+                                             "differentiable": differentiable, "concrete_args": concrete_args})
         prod.model = model
         prod._fxjac_src = src
         prod._fxjac_structure = _structure(src)
@@ -284,7 +351,7 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
         return prod
 
     spec = {"n_inputs": n_inputs, "output": output, "differentiable": differentiable, "variant": variant,
-            "takes_target": takes_target}
+            "takes_target": takes_target, "concrete_args": concrete_args}
     if example_inputs is not None:
         inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         built = build(inputs, None)

@@ -213,6 +213,10 @@ def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_m
     _check_samples_independent(y, grown)
     if not isinstance(out.meta.get("val"), torch.Tensor):
         raise OptionError("the selected output is not a tensor; choose one with output=")
+    if output is not None and out.op == "call_function" and out.target is operator.getitem and \
+            isinstance(out.args[0], fx.Node) and isinstance(out.args[0].meta.get("val"), torch.Tensor):
+        raise OptionError(f"output={output!r} selects from a tuple or dict output, but the model returns one "
+                          "tensor (indexing it would pick a sample): leave output= out")
     src = Source(model, gm, inputs, out, kind, index or 0, params)
     by_id = {id(p.param): p for p in params}
     for n in gm.graph.nodes:

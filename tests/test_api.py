@@ -799,3 +799,136 @@ def test_clean_up_keeps_writes_into_arguments_only_for_their_one_reader(twin):
     x = torch.randn(3)
     y, z = gm(x)
     assert torch.equal(y, -x) and torch.equal(z, (-x if twin else x) * 2)
+
+
+# --- the contract's edges (found by a probe of API.md, eighth session) ----------------------------------------
+
+
+def test_block_metric_is_checked():
+    """``matrix="block"``: one symmetric ``[P_m, P_m]`` per module, the model's dtype, else ShapeError."""
+    model = mlp()
+    x = randn(4, 3)
+    p = fxjac.jmjtp(model, wrt="params", matrix="block", example_inputs=(x,))
+    good = [torch.eye(20, dtype=torch.float64), torch.eye(12, dtype=torch.float64)]
+    _, r = p(x, good)
+    J = per_sample_jacobian(model, (x,), "params")
+    assert_close(r, torch.einsum("bop,bqp->boq", J, J), "identity blocks")
+    asym = torch.randn(12, 12, dtype=torch.float64)
+    for bad, words in ((good[:1], "list of 2 blocks"), (good + good[:1], "list of 2 blocks"),
+                       ([good[0], torch.eye(11, dtype=torch.float64)], r"M\[1\] has shape"),
+                       ([good[0], asym], r"M\[1\] must be symmetric"), ([good[0], good[1].float()], "dtype"),
+                       (torch.eye(32, dtype=torch.float64), "got a Tensor")):
+        with pytest.raises(fxjac.ShapeError, match=words):
+            p(x, bad)
+
+
+@pytest.mark.compile
+def test_full_metric_compiles_with_its_symmetry_check():
+    """A full ``M``'s symmetry check reads values: under torch.compile an assertion in the graph, not a break."""
+    model = mlp()
+    x = randn(4, 3)
+    p = fxjac.jmjtp(model, wrt="params", matrix="full", example_inputs=(x,))
+    a = randn(32, 32)
+    torch._dynamo.reset()
+    compiled = torch.compile(p, backend="aot_eager", fullgraph=True, dynamic=True)
+    for batch in (4, 6):
+        xb = randn(batch, 3)
+        assert_close(compiled(xb, a + a.T)[1], p(xb, a + a.T)[1], "compiled jmjtp, full M")
+    via_fxjac = fxjac.compile(model, "jmjtp", wrt="params", matrix="full", backend="aot_eager",
+                              example_inputs=(x,))
+    via_fxjac(x, a + a.T)
+    with pytest.raises(RuntimeError, match="M must be symmetric"):
+        via_fxjac(x, a)
+
+
+def test_training_mode_after_the_build_is_a_mode_error():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.2), nn.Linear(4, 2)).double().eval()
+    p = fxjac.vjp(model)
+    x, w = randn(5, 3), randn(5, 2)
+    p(x, w)
+    model[2].train()
+    with pytest.raises(fxjac.ModeError, match=r"'2' \(Dropout\) is in training mode"):
+        p(x, w)
+    model.eval()
+    model[1].train()
+    with pytest.raises(fxjac.ModeError, match="BatchNorm1d"):
+        p(x, w)
+    model.eval()
+    p(x, w)
+    zero = nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.0)).double().eval()  # p = 0: the same in either mode
+    q = fxjac.vjp(zero)
+    q(x, w)
+    zero.train()
+    q(x, w)
+
+
+def test_concrete_args_other_than_the_defaults():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x, double=False):
+            return self.fc(x) * (2.0 if double else 1.0)
+
+    model = Twice().double()
+    x, v = randn(4, 3), randn(4, 3)
+    y, t = fxjac.jvp(model, concrete_args={"double": True})(x, v)
+    y_ref, t_ref = torch.func.jvp(lambda u: model(u, True), (x,), (v,))
+    assert_close(y, y_ref, "primal with double=True")
+    assert_close(t, t_ref, "jvp with double=True")
+
+
+def test_output_on_a_tensor_output_is_refused():
+    with pytest.raises(fxjac.OptionError, match="returns one tensor"):
+        fxjac.jvp(mlp(), output=0, example_inputs=(randn(4, 3),))
+
+
+def test_ggn_target_is_keyword_only():
+    model = mlp()
+    x, t = randn(4, 3), torch.zeros(4, dtype=torch.long)
+    p = fxjac.ggn(model)
+    assert torch.equal(p(x)[1], p(x, target=t)[1])
+    with pytest.raises(TypeError, match="keyword-only"):
+        p(x, t)
+    with pytest.raises(TypeError, match="keyword-only"):
+        fxjac.ggn_vp(model)(x, randn(32), t)
+
+
+def test_operand_and_output_shape_errors_at_build_or_call():
+    model = mlp()
+    x = randn(4, 3)
+    with pytest.raises(fxjac.ShapeError, match=r"expected \(4, 32\)"):
+        fxjac.jvp(model, wrt="params")(x, randn(5, 32))  # a [B, P] tangent for another batch
+    with pytest.raises(fxjac.OptionError, match=r"\[B, 2, \.\.\.\]"):  # mean and log-variance on axis 1
+        fxjac.ggn(nn.Sequential(model, nn.Linear(2, 3).double()), loss="gaussian_nll", example_inputs=(x,))
+    fxjac.ggn(nn.Sequential(model, nn.Unflatten(1, (2, 1))), loss="gaussian_nll", example_inputs=(x,))
+
+
+def test_a_parameter_of_another_shape_is_a_stale_product():
+    model = mlp()
+    x = randn(4, 3)
+    p = fxjac.jvp(model, wrt="params")
+    p(x, randn(32))
+    model[0].weight = nn.Parameter(randn(6, 3))
+    with pytest.raises(fxjac.StaleProductError, match=r"'0.weight' has shape \(6, 3\)"):
+        p(x, randn(32))
+
+
+def test_common_options_are_checked_when_built():
+    model = mlp()
+    for options, words in ((dict(leaf_modules=3), "leaf_modules"), (dict(strict="yes"), "strict"),
+                           (dict(output=1.5), "output"), (dict(differentiable=1), "differentiable"),
+                           (dict(concrete_args=[1]), "concrete_args")):
+        with pytest.raises(fxjac.OptionError, match=words):
+            fxjac.vjp(model, **options)
+    p = fxjac.vjp(model, leaf_modules=nn.Tanh)  # one class alone is a list of one
+    p(randn(4, 3), randn(4, 2))
+    assert p.fallback_ops
+
+
+def test_accumulate_refuses_results_with_a_batch_axis():
+    model = mlp()
+    p = fxjac.ggn(model, reduce="none")
+    with pytest.raises(fxjac.OptionError, match="reduce='sum'"):
+        fxjac.accumulate(p, [randn(4, 3), randn(3, 3)])
