@@ -78,7 +78,7 @@ def flat_empty(rows, numel, like):
     """
     if torch.compiler.is_compiling():
         return torch.ops.fxjac.flat_empty(rows, numel, like.dtype, like.device)
-    return _flat_empty(rows, numel, like.dtype, like.device)
+    return _rt.advise_huge_pages(torch.empty((rows, numel), dtype=like.dtype, device=like.device))
 
 
 @torch.library.custom_op("fxjac::flat_empty", mutates_args=())

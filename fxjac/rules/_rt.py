@@ -236,7 +236,8 @@ def advise_huge_pages(t: torch.Tensor) -> torch.Tensor:
     filling it takes one page fault per 2 MiB instead of one per 4 KiB: writing a fresh ``[B, P]`` per-sample
     stack is bound by those faults (the mlp benchmark: 120 ms of faults for 343 MB, 55 ms with huge pages).
     PyTorch does the same for every allocation under ``THP_MEM_ALLOC_ENABLE=1``. A no-op elsewhere (other
-    systems, devices, small tensors, under torch.compile) and where the kernel refuses.
+    systems, devices, small tensors, while dynamo traces: compiled products call it inside their custom op
+    ``fxjac::flat_empty``) and where the kernel refuses.
     """
     global _libc
     if torch.compiler.is_compiling():  # first: no guard on the (symbolic) size
@@ -255,7 +256,6 @@ def advise_huge_pages(t: torch.Tensor) -> torch.Tensor:
     except (OSError, AttributeError):
         pass
     return t
-
 
 
 # Note [flat writes under torch.compile]
