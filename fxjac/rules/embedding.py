@@ -1,4 +1,4 @@
-"""Embeddings: ``F.embedding`` and ``F.embedding_bag`` (2-D input, ``sum`` or ``mean``).
+"""Embeddings: ``F.embedding`` and ``F.embedding_bag`` (2-D input; ``sum``, ``mean`` or ``max``).
 
 They are differentiated with respect to the weight (the indices are constants) and the bag's per-sample
 weights. An output row is a (weighted) copy of weight rows, so the weight's tangent is gathered at the
@@ -10,6 +10,8 @@ fallback.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +124,37 @@ def bag_psw_ct(ct, idx, weight, keep, power=1):
     return out if keep is None else out * keep.to(out.dtype)
 
 
+def bag_max(idx, weight, padding_idx):
+    """``embedding_bag(mode="max")`` of 2-D ids, with the row each output entry was taken from (-1 for an empty
+    bag, whose output is 0): ATen's own choice at ties.
+    """
+    b, n = idx.shape
+    offsets = torch.arange(0, b * n, n, device=idx.device)
+    out, _, size, rows = torch.embedding_bag(weight, idx.reshape(-1), offsets, False, 2, False, None, False,
+                                             padding_idx)
+    return out, torch.where(size.unsqueeze(-1) > 0, rows, -1)
+
+
+def bag_max_tangent(rows, tw, ps):
+    """``tw[rows[b, j], j]`` for a shared ``[K, num, dim]`` (or per-sample ``[K, B, num, dim]``) stack."""
+    k, r = tw.shape[0], rows.clamp_min(0)
+    if ps:
+        t = tw.gather(2, r.unsqueeze(1).unsqueeze(0).expand(k, -1, 1, -1)).squeeze(2)
+    else:
+        t = tw.gather(1, r.unsqueeze(0).expand(k, -1, -1))
+    return t * (rows >= 0).to(t.dtype)
+
+
+def bag_max_ct(ct, rows, weight, ps):
+    """``ct[b, j]`` sent to entry ``(rows[b, j], j)`` of the weight: ``[K, num, dim]`` or ``[K, B, num, dim]``."""
+    k, b, d = ct.shape
+    c, r = ct * (rows >= 0).to(ct.dtype), rows.clamp_min(0)
+    if ps:
+        return ct.new_zeros((k, b, weight.shape[0], d)).scatter_(2, r.unsqueeze(1).unsqueeze(0).expand(k, -1, 1, -1),
+                                                                  c.unsqueeze(2))
+    return ct.new_zeros((k, weight.shape[0], d)).scatter_add_(1, r.unsqueeze(0).expand(k, -1, -1), c)
+
+
 # --- rules -----------------------------------------------------------------------------------------------
 
 
@@ -163,7 +196,8 @@ class Embedding(Rule):
 
 @register(F.embedding_bag)
 class EmbeddingBag(Rule):
-    """y[b] = Σ_l a[b, l] W[idx[b, l]]: linear in W and in the per-sample weights.
+    """y[b] = Σ_l a[b, l] W[idx[b, l]]: linear in W and in the per-sample weights; ``max``: y[b, j] = W[r, j] for
+    the row r the primal picked (kept by :meth:`primal`).
 
     For 2-D input; ``a`` is the per-sample weights or 1 (``sum``), or 1/count (``mean``).
     """
@@ -176,10 +210,31 @@ class EmbeddingBag(Rule):
         ...
 
     @staticmethod
+    def _plain(site) -> bool:
+        """2-D ids without offsets, renormalisation or frequency scaling: the bags this rule takes."""
+        a = site.args
+        return (a["offsets"] is None and a["max_norm"] is None and not a["scale_grad_by_freq"]
+                and site.val("input").dim() == 2)
+
+    def primal(self, e, site):  # noqa: D102
+        a = site.args
+        if a["mode"] != "max" or not self._plain(site):
+            return None
+        both = e(bag_max, a["input"], a["weight"], a["padding_idx"])
+        return e(operator.getitem, both, 0), {"rows": e(operator.getitem, both, 1)}
+
+    @staticmethod
+    def _max_rows(site):
+        """``mode="max"``: each output entry is one entry of the weight, at the row the primal chose."""
+        rows = site.extra.get("saved", {}).get("rows")
+        if rows is None:
+            raise Decline
+        return rows
+
+    @staticmethod
     def _setup(e, site):
         a = site.args
-        if (a["offsets"] is not None or a["max_norm"] is not None or a["scale_grad_by_freq"]
-                or a["mode"] not in ("sum", "mean") or site.val("input").dim() != 2):
+        if not EmbeddingBag._plain(site) or a["mode"] not in ("sum", "mean"):
             raise Decline
         if "per_sample_weights" in site.ps:
             raise Decline  # bag weights shared by the batch: unusual, left to the fallback
@@ -190,6 +245,9 @@ class EmbeddingBag(Rule):
         return coef, keep
 
     def jvp(self, e, site, tangents):  # noqa: D102
+        if site.args["mode"] == "max":
+            tw = tangents["weight"]
+            return ZERO if tw is ZERO else e(bag_max_tangent, self._max_rows(site), tw, "weight" in site.ps)
         coef, keep = self._setup(e, site)
         idx, w = site.args["input"], site.args["weight"]
         terms = []
@@ -201,6 +259,10 @@ class EmbeddingBag(Rule):
         return e.sum(terms)
 
     def _backward(self, e, site, c, power):
+        if site.args["mode"] == "max":  # a selection: its squared Jacobian is itself
+            rows = self._max_rows(site)
+            return {"weight": e(bag_max_ct, c, rows, site.args["weight"], "weight" in site.ps)} \
+                if site.needs("weight") else {}
         coef, keep = self._setup(e, site)
         idx, w = site.args["input"], site.args["weight"]
         out = {}

@@ -74,6 +74,9 @@ class Bag(nn.Module):
         keep = torch.ones_like(idx, dtype=torch.bool)
         if self.e.padding_idx is not None:
             keep = idx != self.e.padding_idx
+        if self.e.mode == "max":  # the largest entry per column over the bag's kept rows; 0 for an empty bag
+            rows = self.e.weight[idx].masked_fill(~keep.unsqueeze(-1), float("-inf"))
+            return torch.where(keep.any(-1, keepdim=True), rows.amax(1), 0.0)
         a = a * keep
         if self.e.mode == "mean":
             a = a / keep.sum(-1, keepdim=True).clamp_min(1)
@@ -88,9 +91,12 @@ CASES = {
     "bag mean padding": (lambda: Bag(padding_idx=1), (6,)),
     "bag sum": (lambda: Bag(mode="sum"), (6,)),
     "bag sum weights": (lambda: Bag(mode="sum", psw=True, padding_idx=2), (6,)),
+    "bag max": (lambda: Bag(mode="max"), (6,)),
+    "bag max padding": (lambda: Bag(mode="max", padding_idx=1), (6,)),
 }
 # One op w.r.t. the weight (and elementwise ops before the bag weights): diagonal back-propagation is exact.
-SINGLE_OP = ["embedding", "embedding padding", "bag mean", "bag mean padding", "bag sum", "bag sum weights"]
+SINGLE_OP = ["embedding", "embedding padding", "bag mean", "bag mean padding", "bag sum", "bag sum weights",
+             "bag max", "bag max padding"]
 
 
 def _model(name):
@@ -148,3 +154,13 @@ def test_padding_row_gets_no_cotangent():
 
 def test_every_embedding_key_has_a_case():
     assert_every_key_reached(embedding, (_model(name) for name in CASES))
+
+
+def test_max_bag_of_padding_only():
+    """``mode="max"``: a bag holding only the padding index is zero, and so is its derivative; the others select
+    one row per column (ATen's choice, kept from the primal)."""
+    model = _model("bag max padding")
+    x = _input("bag max padding", 3)
+    x[1] = 0.4  # every index 1, the padding index
+    _no_fallback(lambda: check_direction_products(model, (x,)))
+    assert torch.count_nonzero(model(x)[1]) == 0
