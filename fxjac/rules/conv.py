@@ -70,17 +70,18 @@ def _tuple(v, n: int) -> tuple:
 # (``GraphLowering.decide_layout_opt``): inputs, kernels and the stacks around them are converted, and its
 # convolutions and copies run in that layout. For the products (the cnn's: 3-channel input, NCHW
 # ``convolution_backward`` after the forward), that made the compiled products 1.2-1.3x slower than the eager
-# ones; with the layout left alone 1.05-1.1x. So under torch.compile every convolution a product computes (its
-# primal and the rules' own) is the custom op ``fxjac::convolution``, which inductor calls as it is, in the
-# layout eager code would use; not where autograd records it (a differentiable product).
+# ones; with the layout left alone 1.05-1.1x. So under torch.compile on a CPU every convolution a product
+# computes (its primal and the rules' own) is the custom op ``fxjac::convolution``, which inductor calls as it
+# is, in the layout eager code would use; not where autograd records it (a differentiable product), and not on
+# a GPU, where the layout pass has its own heuristics and this was never measured.
 
 
 def conv(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
-    """``F.conv{1,2,3}d`` (by ``w``'s rank); under torch.compile the opaque op (Note [convolutions under
+    """``F.conv{1,2,3}d`` (by ``w``'s rank); under torch.compile on a CPU the opaque op (Note [convolutions under
     torch.compile]).
     """
     n = w.dim() - 2
-    if torch.compiler.is_compiling() and not _rt.records_grad(x, w, b):
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and not _rt.records_grad(x, w, b):
         mode = padding if isinstance(padding, str) else ""
         return torch.ops.fxjac.convolution(x, w, b, False, _ints(stride, n), mode, [] if mode else _ints(padding, n),
                                            _ints(dilation, n), [0] * n, groups)
@@ -88,9 +89,9 @@ def conv(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
 
 
 def conv_transpose(x, w, b=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
-    """``F.conv_transpose{1,2,3}d`` (by ``w``'s rank); under torch.compile the opaque op."""
+    """``F.conv_transpose{1,2,3}d`` (by ``w``'s rank); under torch.compile on a CPU the opaque op."""
     n = w.dim() - 2
-    if torch.compiler.is_compiling() and not _rt.records_grad(x, w, b):
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and not _rt.records_grad(x, w, b):
         return torch.ops.fxjac.convolution(x, w, b, True, _ints(stride, n), "", _ints(padding, n),
                                            _ints(dilation, n), _ints(output_padding, n), groups)
     return _F_CONV_T[n](x, w, b, stride, padding, output_padding, groups, dilation)
