@@ -109,6 +109,17 @@ def _one_line(err: Exception) -> str:
     return text + (" [--debug shows more]" if len(lines) > 1 else "")
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
 def main(argv=None) -> int:
     """Entry point of the console script."""
     parser = argparse.ArgumentParser(prog="fxjac", description="Jacobian products of PyTorch modules.")
@@ -118,7 +129,7 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help="every product on every zoo model, checked against torch.func and timed")
     d.add_argument("--quick", action="store_true", help="fewer models, one timing repeat")
     d.add_argument("--models", default="", help="comma-separated zoo names")
-    d.add_argument("--batch", type=int, default=4)
+    d.add_argument("--batch", type=_positive_int, default=4)
     d.add_argument("--out", default="fxjac-demo", help="folder for the product-flow pictures ('' for none)")
     w = sub.add_parser("draw", help="draw the flow of a product of a model (SVG, PNG, PDF or DOT)")
     w.add_argument("model", metavar="MODULE:FACTORY",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from typing import Any, Iterable, Optional
 
 import torch
@@ -66,6 +67,9 @@ def ggn_vp(model, loss: str = "cross_entropy", wrt: Any = "params", class_dim: i
 def _split(batch, n_inputs: int, wants_target: bool):
     if isinstance(batch, torch.Tensor):
         return (batch,), None
+    if isinstance(batch, Mapping):
+        raise OptionError("accumulate takes batches that are tensors or tuples (the model's inputs, then the target);"
+                          f" got a dict with keys {list(batch)}: map the loader to tuples first")
     batch = tuple(batch)
     inputs = batch[:n_inputs]
     target = batch[n_inputs] if wants_target and len(batch) > n_inputs else None

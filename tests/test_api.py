@@ -932,3 +932,8 @@ def test_accumulate_refuses_results_with_a_batch_axis():
     p = fxjac.ggn(model, reduce="none")
     with pytest.raises(fxjac.OptionError, match="reduce='sum'"):
         fxjac.accumulate(p, [randn(4, 3), randn(3, 3)])
+
+
+def test_accumulate_names_a_dict_batch():
+    with pytest.raises(fxjac.OptionError, match="got a dict with keys"):
+        fxjac.accumulate(fxjac.ggn(mlp()), [{"x": randn(4, 3), "y": torch.zeros(4, dtype=torch.long)}])

@@ -22,3 +22,8 @@ def test_version_and_bad_model():
     assert "fxjac" in run("--version").stdout
     r = run("demo", "--models", "nonet")
     assert r.returncode == 2 and "unknown model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_demo_batch_must_be_positive():
+    r = run("demo", "--batch", "0")
+    assert r.returncode == 2 and "not positive" in r.stderr and "Traceback" not in r.stderr

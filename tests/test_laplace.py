@@ -72,3 +72,31 @@ def test_zoo_nets_where_backpack_or_asdl_fail(name):
     ref, p_ref = _fit(make, GGNInterface, loader, X[:4], subset_of_weights="all", hessian_structure="diag")
     assert ((ours.H - ref.H).abs().max() / ref.H.abs().max()) < 1e-5
     assert torch.allclose(p_ours, p_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_enable_backprop_gives_input_gradients(subset):
+    """``enable_backprop=True``: the GLM predictive variance is differentiable w.r.t. the input, with the same
+    gradient as laplace-torch's curvlinops backend, even after a call without it (a product built for one is not
+    reused for the other)."""
+    g = torch.Generator().manual_seed(2)
+    X, Y = torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+    grads = []
+    for backend in (FxJacGGN, CurvlinopsGGN):
+        la = Laplace(_mlp().double(), "classification", subset_of_weights=subset, hessian_structure="full",
+                     backend=backend, enable_backprop=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            la.fit(_loader(X, Y))
+            la.enable_backprop = False
+            la(X[:2], pred_type="glm")
+            la.enable_backprop = True
+            x = X[:3].clone().requires_grad_(True)
+            _, f_var = la._glm_predictive_distribution(x)
+        grads.append(torch.autograd.grad(f_var.sum(), x)[0])
+    assert torch.allclose(grads[0], grads[1], rtol=1e-6, atol=1e-9)  # two GGNs summed in another order
+
+
+def test_kron_is_refused_with_a_message():
+    with pytest.raises(NotImplementedError, match="hessian_structure='diag'"):
+        FxJacGGN(_mlp(), "classification").kron(torch.randn(2, 4), torch.zeros(2, dtype=torch.long))

@@ -54,16 +54,18 @@ class FxJacGGN(GGNInterface):
         """``(Js [B, C, P], f [B, C])`` by fxjac's Jacobian product (reverse accumulation over the C outputs)."""
         if self.subnetwork_indices is not None or not isinstance(x, torch.Tensor):
             return super().jacobians(x, enable_backprop)
-        p = self._product("jacobian", lambda net: direction.jacobian(net, wrt="params", mode="reverse",
-                                                                     differentiable=enable_backprop))
+        p = self._product(f"jacobian_{enable_backprop}",  # a differentiable product is another product
+                          lambda net: direction.jacobian(net, wrt="params", mode="reverse",
+                                                         differentiable=enable_backprop))
         f, js = p(x)
         return (js, f) if enable_backprop else (js.detach(), f.detach())
 
     def last_layer_jacobians(self, x, enable_backprop: bool = False):
         """``(Js, f)`` w.r.t. the last layer from its input features."""
         f, phi = self.model.forward_with_features(x)
-        p = self._product("ll_jacobian", lambda net: direction.jacobian(self.model.last_layer, wrt="params",
-                                                                        mode="reverse"))
+        p = self._product(f"ll_jacobian_{enable_backprop}",
+                          lambda net: direction.jacobian(self.model.last_layer, wrt="params", mode="reverse",
+                                                         differentiable=enable_backprop))
         _, js = p(phi)
         return (js, f) if enable_backprop else (js.detach(), f.detach())
 
@@ -80,6 +82,11 @@ class FxJacGGN(GGNInterface):
         if self._fallback() or not isinstance(x, torch.Tensor):
             return super().diag(x, y, **kwargs)
         return self._ggn(x, y, "diag")
+
+    def kron(self, x, y, **kwargs: Any):
+        """Not computed by fxjac (laplace-torch's defaults ask for it: ``hessian_structure="kron"``)."""
+        raise NotImplementedError("FxJacGGN gives the exact diagonal and full GGN: use hessian_structure='diag' "
+                                  "or 'full' (laplace-torch's default is 'kron')")
 
     def full(self, x, y, **kwargs: Any):
         """``(loss, full GGN [P, P])``."""
