@@ -412,9 +412,9 @@ class _TrailingNorm(Rule):
 
     def _setup(self, e, site):
         ns = tuple(site.val("normalized_shape"))
-        n = site.ndim("input")
-        if n < len(ns) or not ns or site.extra.get("ps_batch_dim", 0) >= n - len(ns):
-            raise Decline  # (a batch axis among the normalised ones would mix the samples)
+        n, moved = site.ndim("input"), site.extra.get("ps_batch_dim", 0)
+        if n < len(ns) or not ns or (moved and moved >= n - len(ns)):
+            raise Decline  # (a moved batch axis among the normalised ones would mix the samples)
         saved = site.extra.get("saved", {})
         if "rstd" in saved:
             s = e(layer_norm_saved_stats, site.args["input"], saved["mean"], saved["rstd"], len(ns), site.args["eps"])
