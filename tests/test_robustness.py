@@ -673,7 +673,7 @@ def test_non_differentiable_ops_have_an_exactly_zero_derivative():
 
 class _SizedMask(nn.Module):
     """A causal mask from tensor factories sized by the input (``T = x.shape[1]``): downstream of ``x`` in the
-    graph, constant for differentiation."""
+    graph, constant for differentiation (integer ones, ``tril_indices``, and a filled ``empty`` need no rule)."""
 
     def __init__(self):
         super().__init__()

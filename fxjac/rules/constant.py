@@ -30,8 +30,7 @@ _FUNCTIONS = (
     torch.full_like, torch.detach, torch.floor_divide, operator.floordiv, torch.logical_not, torch.logical_and,
     torch.logical_or, torch.argsort, torch.bucketize,
     torch.searchsorted, torch.nonzero, torch.numel,
-    torch.full, torch.zeros, torch.ones, torch.empty, torch.arange, torch.eye, torch.linspace, torch.logspace,
-    torch.tril_indices, torch.triu_indices, torch.tensor,
+    torch.full, torch.zeros, torch.ones, torch.arange, torch.eye, torch.linspace, torch.logspace, torch.tensor,
 )
 
 
