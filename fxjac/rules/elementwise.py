@@ -297,18 +297,28 @@ class Gelu(Elementwise):
         return e(gelu_times, t, site.args["input"], approximate)
 
 
-@register(F.silu)
-class Silu(Elementwise):
-    """y = x sigmoid(x); y' = s (1 + x (1 - s))."""
+class _Activation(Elementwise):
+    """``y = f(x)``: ``grad`` computes ``f'(x)``, ``times`` applies ``f'(x)·t`` to a stack as one kernel
+    (``times(t, x)``: ATen's backward, or its once-differentiable wrapper).
+    """
+
+    grad = times = None
 
     def signature(input, inplace=False):  # noqa: D103
         ...
 
     def derivative(self, e, site):  # noqa: D102
-        return e(silu_grad, site.args["input"])
+        return e(self.grad, site.args["input"])
 
     def fused(self, e, site, t):  # noqa: D102
-        return e(silu_times, t, site.args["input"])
+        return e(self.times, t, site.args["input"])
+
+
+@register(F.silu)
+class Silu(_Activation):
+    """y = x sigmoid(x); y' = s (1 + x (1 - s))."""
+
+    grad, times = staticmethod(silu_grad), staticmethod(silu_times)
 
 
 @register(torch.tanh, "tanh")  # F.tanh and F.sigmoid call the methods
@@ -390,45 +400,24 @@ class Celu(Elementwise):
 
 
 @register(F.mish)
-class Mish(Elementwise):
+class Mish(_Activation):
     """y = x tanh(softplus(x)); y' = tanh(sp) + x sigmoid(x) (1 - tanh(sp)²)."""
 
-    def signature(input, inplace=False):  # noqa: D103
-        ...
-
-    def derivative(self, e, site):  # noqa: D102
-        return e(mish_grad, site.args["input"])
-
-    def fused(self, e, site, t):  # noqa: D102
-        return e(mish_times, t, site.args["input"])
+    grad, times = staticmethod(mish_grad), staticmethod(mish_times)
 
 
 @register(F.hardswish)
-class Hardswish(Elementwise):
+class Hardswish(_Activation):
     """y = x relu6(x + 3) / 6; y' = 0, x/3 + 1/2 or 1 (0 at -3 and 1 at 3, as autograd)."""
 
-    def signature(input, inplace=False):  # noqa: D103
-        ...
-
-    def derivative(self, e, site):  # noqa: D102
-        return e(hardswish_grad, site.args["input"])
-
-    def fused(self, e, site, t):  # noqa: D102
-        return e(_aten.hardswish_backward, t, site.args["input"])
+    grad, times = staticmethod(hardswish_grad), _aten.hardswish_backward
 
 
 @register(F.hardsigmoid)
-class Hardsigmoid(Elementwise):
+class Hardsigmoid(_Activation):
     """y = relu6(x + 3) / 6; y' = [-3 < x < 3] / 6 (strict, as autograd)."""
 
-    def signature(input, inplace=False):  # noqa: D103
-        ...
-
-    def derivative(self, e, site):  # noqa: D102
-        return e(hardsigmoid_grad, site.args["input"])
-
-    def fused(self, e, site, t):  # noqa: D102
-        return e(hardsigmoid_times, t, site.args["input"])
+    grad, times = staticmethod(hardsigmoid_grad), staticmethod(hardsigmoid_times)
 
 
 @register(F.logsigmoid)  # torch._C._nn.log_sigmoid
