@@ -15,7 +15,7 @@ from . import assemble as A
 from . import checks
 from .direction import _options
 from .errors import OptionError
-from .losses import LOSSES, check_class_dim, check_loss_output, loss_hvp, sigma_option
+from .losses import LOSSES, loss_hvp, loss_options
 from .product import Product, make_product
 
 
@@ -40,14 +40,10 @@ def ggn_vp(model, loss: str = "cross_entropy", wrt: Any = "params", class_dim: i
         raise OptionError(f"unknown loss {loss!r}; one of {sorted(LOSSES)}")
     if isinstance(wrt, str) and wrt.startswith("input"):
         raise OptionError("ggn_vp is a parameter-space product: use wrt='params' or parameter names")
-    check_class_dim(loss, class_dim)
-    if loss == "gaussian":
-        sigma_option(sigma)
+    loss_options(loss, class_dim, sigma)
 
     def assemble(src, b, key):
-        check_class_dim(loss, class_dim, src.output.meta["val"].dim())
-        check_loss_output(loss, src.output.meta["val"].shape)
-        sig = sigma_option(sigma, src.output.meta["val"].shape[1:]) if loss == "gaussian" else 1.0
+        sig = loss_options(loss, class_dim, sigma, src.output.meta["val"])
         A.input_placeholders(b, src)
         v = b.graph.placeholder("v")
         b.graph.placeholder("target", default_value=None)

@@ -34,13 +34,18 @@ def check_class_dim(loss: str, class_dim, ndim=None) -> None:
                           "(1 for [B, C] or [B, C, H, W], -1 for [B, T, C])")
 
 
-def check_loss_output(loss: str, shape) -> None:
-    """Refuse, when the product is built, an output the loss cannot read: ``gaussian_nll`` wants ``[B, 2, ...]``
-    (mean and log-variance on axis 1).
+def loss_options(loss: str, class_dim, sigma, output=None):
+    """Check a loss's options when the product is built (with ``output``, the model output's value, against it
+    too: the class axis, ``gaussian_nll``'s ``[B, 2, ...]``, ``sigma``'s shape); returns ``sigma`` as product
+    code can hold it (:func:`sigma_option`; 1.0 for the losses without one).
     """
-    if loss == "gaussian_nll" and (len(shape) < 2 or shape[1] != 2):
+    check_class_dim(loss, class_dim, None if output is None else output.dim())
+    if output is not None and loss == "gaussian_nll" and (output.dim() < 2 or output.shape[1] != 2):
         raise OptionError(f"loss='gaussian_nll' reads the mean and log-variance on axis 1 of a [B, 2, ...] output; "
-                          f"the model's output is {list(shape)}")
+                          f"the model's output is {list(output.shape)}")
+    if loss != "gaussian":
+        return 1.0
+    return sigma_option(sigma, None if output is None else output.shape[1:])
 
 
 def sigma_option(sigma, sample_shape=None):

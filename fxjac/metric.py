@@ -35,7 +35,7 @@ from . import assemble as A
 from . import checks
 from .direction import _options, _reduce, add_all, through_chunks
 from .errors import OptionError
-from .losses import LOSSES, check_class_dim, check_loss_output, factor_width, loss_factor, sigma_option
+from .losses import LOSSES, factor_width, loss_factor, loss_options
 from .product import Product, make_product
 from .rules._rt import records_grad
 
@@ -756,18 +756,14 @@ def ggn(model, loss: str = "cross_entropy", wrt: Any = "params", out: str = "dia
     reduce = _reduce(reduce)
     if loss not in LOSSES:
         raise OptionError(f"unknown loss {loss!r}; one of {sorted(LOSSES)}")
-    check_class_dim(loss, class_dim)
+    loss_options(loss, class_dim, sigma)
     kind = _wrt_kind(wrt)
     _check_options("jtmjp", kind, "diag", out, method if method != "diag_backprop" else "exact")
     if method == "diag_backprop" and out != "diag":
         raise OptionError("method='diag_backprop' gives a diagonal: use out='diag'")
-    if loss == "gaussian":
-        sigma_option(sigma)
 
     def assemble(src, b, key):
-        check_class_dim(loss, class_dim, src.output.meta["val"].dim())
-        check_loss_output(loss, src.output.meta["val"].shape)
-        sigma_value = sigma_option(sigma, src.output.meta["val"].shape[1:]) if loss == "gaussian" else 1.0
+        sigma_value = loss_options(loss, class_dim, sigma, src.output.meta["val"])
         A.input_placeholders(b, src)
         b.graph.placeholder("target", default_value=None)
         b.copy_all()
