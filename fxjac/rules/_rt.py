@@ -279,13 +279,14 @@ def write(out: torch.Tensor, op: str, *args) -> torch.Tensor:
     dtypes agree and autograd records nothing, else copied; under torch.compile one custom op (Note [flat writes
     under torch.compile]).
     """
-    tensors = list(args[0]) if op == "cat" else [a for a in args if isinstance(a, torch.Tensor)]
-    if torch.compiler.is_compiling() and not records_grad(out, *tensors):
-        dims = [a for a in args[1:] if isinstance(a, int)] if op == "cat" else \
-            [a for a in args if not isinstance(a, torch.Tensor)]
-        torch.ops.fxjac.write_into(out, op, tensors, dims)
-    else:
-        _write_now(out, op, args)
+    if torch.compiler.is_compiling():
+        tensors = list(args[0]) if op == "cat" else [a for a in args if isinstance(a, torch.Tensor)]
+        if not records_grad(out, *tensors):
+            dims = [a for a in args[1:] if isinstance(a, int)] if op == "cat" else \
+                [a for a in args if not isinstance(a, torch.Tensor)]
+            torch.ops.fxjac.write_into(out, op, tensors, dims)
+            return out
+    _write_now(out, op, args)
     return out
 
 
