@@ -77,6 +77,17 @@ def input_fn(model, inputs, index=0, output=None):
     return f
 
 
+class Fn(torch.nn.Module):
+    """A functional call ``fn(x)`` as a module (no parameters of its own)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
 def per_sample_jacobian(model, inputs, wrt="input", names=None, use_jacrev=True):
     """Dense per-sample Jacobian ``[B, O, I]`` or ``[B, O, P]`` from torch.func (reverse mode)."""
     B = inputs[0].shape[0]

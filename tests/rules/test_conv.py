@@ -19,20 +19,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import reference  # noqa: E402
-from reference import check_direction_products  # noqa: E402
+from reference import Fn, check_direction_products  # noqa: E402
 
 import fxjac  # noqa: E402
-
-
-class Fn(nn.Module):
-    """A functional call as a module."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
 class ConvFn(nn.Module):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import fxjac
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from reference import assert_close, check_diag_backprop, check_direction_products  # noqa: E402
+from reference import Fn, assert_close, check_diag_backprop, check_direction_products  # noqa: E402
 
 
 class Op(nn.Module):
@@ -496,15 +496,6 @@ _KINKS = [  # (id, f(x), values placed in the input exactly)
 ]
 
 
-class _Fn(nn.Module):
-    def __init__(self, f):
-        super().__init__()
-        self.f = f
-
-    def forward(self, x):
-        return self.f(x)
-
-
 def _autograd_blocks(model, x):
     """Per-sample Jacobians ``[B, O, I]`` by plain reverse-mode autograd (no vmap)."""
     B = x.shape[0]
@@ -539,7 +530,7 @@ def test_derivative_at_kinks_is_autograds(name, f, kinks, dtype):
     flat[::3] = torch.tensor(kinks, dtype=torch.float64).repeat(10)[:10]  # every 3rd entry a kink: rows of 5
     x = x.to(dtype)                                                         # hold one or two
     assert all((x == k).any() for k in torch.tensor(kinks, dtype=dtype))
-    _check_against_autograd(_Fn(f).to(dtype), x, dtype)
+    _check_against_autograd(Fn(f).to(dtype), x, dtype)
 
 
 def _clamp_input():
@@ -558,7 +549,7 @@ def test_clamp_with_tensor_bounds_at_ties_is_autograds(bounds):
     # x > max or max < min (and nothing does where x < min = max); forward mode (torch.func.jvp) differs at ties.
     lo = (lambda x: x[:, 1]) if bounds != "max" else (lambda x: None)
     hi = (lambda x: x[:, 2]) if bounds != "min" else (lambda x: None)
-    model = _Fn(lambda x: torch.clamp(x[:, 0], lo(x), hi(x)))
+    model = Fn(lambda x: torch.clamp(x[:, 0], lo(x), hi(x)))
     _check_against_autograd(model, _clamp_input(), torch.float64)
 
 
