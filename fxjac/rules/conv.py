@@ -283,7 +283,7 @@ def conv_t_weight_tangent(x, tw, stride, padding, output_padding, groups, dilati
     return _columns_out(y, k, b, groups, n)
 
 
-def corr_weight(a, c, stride, dilation, pads, ksize, groups, per_sample):
+def corr_weight(a, c, stride, dilation, pads, ksize, groups, per_sample, cols=None):
     """Weight cotangents ``Σ_positions c ⊗ patches(a)`` of a convolution.
 
     See Note [convolution weight cotangents].
@@ -297,10 +297,13 @@ def corr_weight(a, c, stride, dilation, pads, ksize, groups, per_sample):
         ksize: the kernel's spatial size.
         groups: the convolution's groups.
         per_sample: keep the batch apart.
+        cols: the patches of ``a`` from :func:`weight_patches`, where the caller computed them already.
 
     Returns:
         ``[K, O, C/g, *k]``, or ``[K, B, O, C/g, *k]`` per sample.
     """
+    if cols is not None:
+        return _corr_weight_unfold(None, c, stride, dilation, ksize, groups, per_sample, cols)
     n = len(ksize)
     ka, b, ch = a.shape[:3]
     kc, o = c.shape[0], c.shape[2]
@@ -395,57 +398,134 @@ PER_COLUMN_PATCH = 128
 PER_COLUMN_UNROLL = 32
 
 
-def _corr_weight_unfold(a, c, stride, dilation, ksize, groups, per_sample):
+def _as_2d(a, ksize, stride, dilation):
+    """A 1-d convolution's padded input ``[Ka, B, C, L]`` and parameters as 2-d ones with a unit axis."""
+    if len(ksize) == 1:
+        return a.unsqueeze(-2), (1,) + tuple(ksize), (1,) + _tuple(stride, 1), (1,) + _tuple(dilation, 1)
+    return a, tuple(ksize), _tuple(stride, 2), _tuple(dilation, 2)
+
+
+def _grid(a, ksize, stride, dilation) -> tuple:
+    """The output positions per axis of a convolution of the padded 2-d input ``a``."""
+    return tuple((L - d * (k - 1) - 1) // s + 1 for L, k, s, d in zip(a.shape[-2:], ksize, stride, dilation))
+
+
+def _shifts_apply(a, groups, ksize, stride, dilation, grid) -> bool:
+    """Whether :func:`_corr_weight_shifts` takes a one-column padded 2-d input ``a`` with a cotangent over
+    ``grid`` (see there).
+    """
+    return a.shape[0] == 1 and a.shape[2] // groups >= 16 and grid[0] * grid[1] >= 512 and stride == (1, 1)
+
+
+def _unfold_cols(a, ksize, stride, dilation, groups, grid):
+    """The patches ``[Ka, B, g, C/g·k, L]`` of a padded 2-d input ``[Ka, B, C, H, W]`` over the first ``grid``
+    output positions, for im2col.
+    """
+    ka, b, ch = a.shape[:3]
+    cols = patches(a.reshape((ka * b, ch) + tuple(a.shape[-2:])), ksize, dilation, stride, grid)
+    return cols.reshape(ka, b, groups, -1, grid[0] * grid[1])
+
+
+def weight_patches(x, w, stride, padding, dilation, groups):
+    """The patches that :func:`conv_weight_ct` takes for one column of per-sample cotangents, or ``None`` where it
+    takes another path (ATen's grouped kernel, the shifted GEMMs, no im2col).
+
+    A function of the primal input alone, emitted as its own node: a column loop computes it once before its
+    columns (Note [column loops] in passes/loop.py), where inside the cotangent kernel it was copied again for
+    every column (the cnn's first layer, 3 input channels: 3.0 of 58 ms of its exact GGN diagonal).
+    """
+    n = w.dim() - 2
+    pads = conv_pads(w, padding, dilation)
+    if n > 2 or (w.shape[1] >= 4 and all(lo == hi for lo, hi in pads)):
+        return None
+    a = F.pad(x.unsqueeze(0), [p for lohi in reversed(pads) for p in lohi])
+    if a.numel() * math.prod(w.shape[2:]) * a.element_size() > UNFOLD_BYTES:
+        return None
+    a, ksize, st, dil = _as_2d(a, tuple(w.shape[2:]), stride, dilation)
+    grid = _grid(a, ksize, st, dil)
+    if _shifts_apply(a, groups, ksize, st, dil, grid):
+        return None
+    return _unfold_cols(a, ksize, st, dil, groups, grid)
+
+
+# Per-sample weight cotangents of a stack by im2col take one GEMM per column where a patch (C/g · kernel size)
+# has at most PER_COLUMN_PATCH entries (measured on CPU: 27 entries 2x faster than the einsum, 72 1.2x faster,
+# 144 about even, 432 1.5x slower); under torch.compile, for at most PER_COLUMN_UNROLL columns (each GEMM is a
+# node of the graph: more would slow compilation). On a GPU never: a launch per column costs more than the copy
+# the einsum makes (U-Net exact GGN diagonal on an H100, 1,023 columns: 3,000 GEMM launches per call).
+# Each GEMM computes the transposed block (patches times cotangent) where a patch is shorter than
+# SHORT_PATCH: MKL's batched GEMM with 27 rows of output per sample against 16 ran in 0.6 of the time of the
+# other orientation (9 entries: 0.7; 72 and more: even).
+PER_COLUMN_PATCH = 128
+PER_COLUMN_UNROLL = 32
+SHORT_PATCH = 64
+
+
+def _corr_weight_unfold(a, c, stride, dilation, ksize, groups, per_sample, cols=None):
     """:func:`corr_weight` by im2col: the patches of the (padded) input times the cotangent, one batched GEMM.
 
     Faster than the grouped convolution whose kernel is the cotangent when the output is large (big kernels are
-    slow in every convolution backend, and inductor's channels-last layout makes them slower still).
+    slow in every convolution backend, and inductor's channels-last layout makes them slower still). ``cols``:
+    the patches already made (:func:`weight_patches`); ``a`` is not read then.
     """
     n = len(ksize)
     if n == 1:  # as 2-d with a unit axis
-        a, c, ksize = a.unsqueeze(-2), c.unsqueeze(-2), (1,) + tuple(ksize)
-        stride, dilation = (1,) + _tuple(stride, 1), (1,) + _tuple(dilation, 1)
-    ka, b, ch = a.shape[:3]
-    kc, o, g = c.shape[0], c.shape[2], groups
-    so = tuple(c.shape[-2:])
-    dil, st = _tuple(dilation, 2), _tuple(stride, 2)
-    if ka == 1 and ch // g >= 16 and so[0] * so[1] >= 512 and st == (1, 1) and \
-            all(L - d * (k - 1) == s for L, d, k, s in zip(a.shape[-2:], dil, ksize, so)):
-        y = _corr_weight_shifts(a[0], c, dil, ksize, g, per_sample)
-        return y.reshape(y.shape[:-2] + tuple(ksize[-n:]))
-    cols = patches(a.reshape((ka * b, ch) + tuple(a.shape[-2:])), ksize, dil, st, so)
-    cols = cols.reshape(ka, b, g, -1, so[0] * so[1])  # [Ka, B, g, C/g·k, L]
-    cc = c.reshape(kc, b, g, o // g, so[0] * so[1])  # [Kc, B, g, O/g, L]
-    if per_sample and ka == 1 and cols.shape[3] <= PER_COLUMN_PATCH and cc.device.type == "cpu" and \
+        c = c.unsqueeze(-2)
+    if cols is None:
+        a, ksize2, st, dil = _as_2d(a, ksize, stride, dilation)
+        grid = tuple(c.shape[-2:])
+        if _shifts_apply(a, groups, ksize2, st, dil, grid) and \
+                all(L - d * (k - 1) == s for L, d, k, s in zip(a.shape[-2:], dil, ksize2, grid)):
+            y = _corr_weight_shifts(a[0], c, dil, ksize2, groups, per_sample)
+            return y.reshape(y.shape[:-2] + tuple(ksize))
+        cols = _unfold_cols(a, ksize2, st, dil, groups, grid)  # [Ka, B, g, C/g·k, L]
+    ka, b, g, patch, length = cols.shape
+    kc, o = c.shape[0], c.shape[2]
+    ch = patch * g // math.prod(ksize)
+    cc = c.reshape(kc, b, g, o // g, length)  # [Kc, B, g, O/g, L]
+    if per_sample and ka == 1 and patch <= PER_COLUMN_PATCH and cc.device.type == "cpu" and \
             (kc <= PER_COLUMN_UNROLL or not torch.compiler.is_compiling()):
         # one bmm per cotangent column: an einsum would first copy the whole cotangent stack sample-major (the
         # largest tensor here), and expanding the patches over the columns copies those. That copy outweighs the
         # GEMMs where the patches are short; with long patches the einsum's one GEMM over all columns is faster.
         # Written in place eagerly; under autograd or torch.compile, stacked (inductor writes the GEMMs into it)
-        pt = cols[0].reshape(b * g, -1, so[0] * so[1]).transpose(1, 2)
-        ck = cc.reshape(kc, b * g, o // g, -1)
-        shape = (kc, b, o, ch // g) + tuple(ksize[-n:])
+        pt = cols[0].reshape(b * g, patch, length)
+        ck = cc.reshape(kc, b * g, o // g, length)
+        shape = (kc, b, o, ch // g) + tuple(ksize)
+        short = patch < SHORT_PATCH
         if torch.compiler.is_compiling() or _rt.records_grad(cc, cols):
-            return torch.stack([torch.bmm(ck[k], pt) for k in range(kc)]).reshape(shape)
-        y = cc.new_empty((kc, b * g, o // g, cols.shape[3]))
+            if short:
+                y = torch.stack([torch.bmm(pt, ck[k].transpose(1, 2)) for k in range(kc)]).transpose(-1, -2)
+            else:
+                y = torch.stack([torch.bmm(ck[k], pt.transpose(1, 2)) for k in range(kc)])
+            return y.reshape(shape)
+        if short:
+            y = cc.new_empty((kc, b * g, patch, o // g))
+            for k in range(kc):
+                torch.bmm(pt, ck[k].transpose(1, 2), out=y[k])
+            return y.transpose(-1, -2).reshape(shape)
+        y = cc.new_empty((kc, b * g, o // g, patch))
         for k in range(kc):
-            torch.bmm(ck[k], pt, out=y[k])
+            torch.bmm(ck[k], pt.transpose(1, 2), out=y[k])
         return y.reshape(shape)
     if per_sample:
         y = torch.einsum("abgjl,cbgol->acbgoj", cols, cc)
-        return y.reshape((ka * kc, b, o, ch // g) + tuple(ksize[-n:]))
+        return y.reshape((ka * kc, b, o, ch // g) + tuple(ksize))
     y = torch.einsum("abgjl,cbgol->acgoj", cols, cc)
-    return y.reshape((ka * kc, o, ch // g) + tuple(ksize[-n:]))
+    return y.reshape((ka * kc, o, ch // g) + tuple(ksize))
 
 
-def conv_weight_ct(ct, x, w, stride, padding, dilation, groups, per_sample):
+def conv_weight_ct(ct, x, w, stride, padding, dilation, groups, per_sample, cols=None):
     """Weight cotangent of ``conv(x, w)`` for an output cotangent stack ``ct`` ``[K, *y]``.
 
     One column of per-sample cotangents is ATen's weight gradient of the same convolution with the batch moved
     into the groups (``[1, B·C, *S]``, ``B·groups`` groups): each sample's kernel gradient from one fused call.
+    ``cols``: the input's patches from :func:`weight_patches` (``None``: made here where needed).
     """
     pads = conv_pads(w, padding, dilation)
     n, b = w.dim() - 2, x.shape[0]
+    if cols is not None:
+        return corr_weight(None, ct, stride, dilation, pads, tuple(w.shape[2:]), groups, per_sample, cols)
     if per_sample and ct.shape[0] == 1 and w.shape[1] >= 4 and all(lo == hi for lo, hi in pads):
         like = w.new_zeros(()).expand((b * w.shape[0],) + tuple(w.shape[1:]))
         gw = torch.ops.aten.convolution_backward(
@@ -800,8 +880,13 @@ class _Conv(Rule):
         if site.needs("input") and "input" not in done:
             out["input"] = e(conv_t_input_ct if self.transposed else conv_input_ct, ct, x, weight_of(w), *p)
         if site.needs("weight") and "weight" not in done:
-            kernel = conv_t_weight_ct if self.transposed else conv_weight_ct
-            out["weight"] = e(kernel, ct, input_of(x), w, *p, "weight" in site.ps)
+            if self.transposed:
+                out["weight"] = e(conv_t_weight_ct, ct, input_of(x), w, *p, "weight" in site.ps)
+            elif "weight" in site.ps:  # the patches in a node of their own: a column loop makes them once
+                a = input_of(x)
+                out["weight"] = e(conv_weight_ct, ct, a, w, *p, True, e(weight_patches, a, w, *p))
+            else:
+                out["weight"] = e(conv_weight_ct, ct, input_of(x), w, *p, False)
         if b is not None and site.needs("bias") and "bias" not in done:
             out["bias"] = e(bias_ct, ct, self.n, "bias" in site.ps)
         return out
