@@ -45,12 +45,15 @@ def input_placeholders(b: Builder, src: Source) -> list:
         new.meta = dict(n.meta)
         out.append(new)
     e = api_emitter(b)
+    first = None
     for i, (n, new) in enumerate(zip(src.inputs, out)):
         val = n.meta.get("val")
         if isinstance(val, torch.Tensor) and val.dim() > 0:
-            checked = e(checks.check_input, new, tuple(val.shape[1:]), f"input {i}")
+            batch_of = () if first is None else (first,)  # the later inputs' batch must be the first's
+            checked = e(checks.check_input, new, tuple(val.shape[1:]), f"input {i}", *batch_of)
             checked.meta = dict(n.meta)
             b.env[n] = checked
+            first = checked if first is None else first
         else:
             b.env[n] = new
     return [b.env[n] for n in src.inputs]

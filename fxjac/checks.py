@@ -41,10 +41,12 @@ def check_symmetric(m, name):
     compiled graph, which raises a RuntimeError with the same message.
     """
     tol = 1e-6 if m.dtype == torch.float64 else 1e-3
-    scale = m.abs().amax().clamp_min(1e-30)
+    # each matrix against its own scale: one large sample must not hide another's asymmetry
+    scale = m.abs().amax((-2, -1)).clamp_min(1e-30)
+    bad = ((m - m.transpose(-1, -2)).abs().amax((-2, -1)) > tol * scale).any()
     if torch.compiler.is_compiling():  # a branch on values breaks the graph: a run-time assertion instead
-        torch._assert_async((m - m.transpose(-1, -2)).abs().amax() <= tol * scale, f"{name} must be symmetric")
-    elif (m - m.transpose(-1, -2)).abs().amax() > tol * scale:
+        torch._assert_async(~bad, f"{name} must be symmetric")
+    elif bad:
         raise ShapeError(f"{name} must be symmetric")
     return m
 
@@ -59,9 +61,14 @@ def check_blocks(m, sizes, like, name):
             for i, (b, n) in enumerate(zip(m, sizes))]
 
 
-def check_input(x, sample_shape, name):
-    """A model input must keep the per-sample shape (and dtype) the product was built for; the batch is free."""
+def check_input(x, sample_shape, name, first=None):
+    """A model input must keep the per-sample shape (and dtype) the product was built for; the batch is free, but
+    the same for every input (``first``: the first tensor input, for the others).
+    """
     if isinstance(x, torch.Tensor) and (tuple(x.shape[1:]) != tuple(sample_shape) or x.dim() == 0):
         raise ShapeError(f"{name} has shape {tuple(x.shape)}; this product was built for [B, "
                          f"{', '.join(map(str, sample_shape))}] (build another product for other sample shapes)")
+    if isinstance(first, torch.Tensor) and isinstance(x, torch.Tensor) and x.shape[0] != first.shape[0]:
+        raise ShapeError(f"{name} has a batch of {x.shape[0]} and input 0 of {first.shape[0]}: dim 0 of every "
+                         "input is the batch")
     return x

@@ -46,8 +46,12 @@ _MATRICES = ("identity", "diag", "full", "sqrt", "block")
 
 
 def eigen_stack(m, like):
-    """A symmetric per-sample ``[B, N, N]`` as (columns ``[N, *like.shape]``, weights ``[N, B]``)."""
-    lam, vec = torch.linalg.eigh(m)
+    """A symmetric per-sample ``[B, N, N]`` as (columns ``[N, *like.shape]``, weights ``[N, B]``). A sample with
+    a NaN or infinity (where LAPACK's eigh fails) gets NaN weights: its result is NaN, as autograd's would be.
+    """
+    finite = torch.isfinite(m).all(-1).all(-1)
+    lam, vec = torch.linalg.eigh(torch.where(finite[:, None, None], m, torch.zeros((), dtype=m.dtype, device=m.device)))
+    lam = torch.where(finite[:, None], lam, torch.full((), math.nan, dtype=lam.dtype, device=lam.device))
     return vec.permute(2, 0, 1).reshape((m.shape[-1],) + tuple(like.shape)), lam.t()
 
 

@@ -27,7 +27,8 @@ def _products() -> dict:
     return table
 
 
-def compile(model: torch.nn.Module, product: str, *, backend: Optional[str] = None, **options):  # noqa: A001
+def compile(model: torch.nn.Module, product: str, *, backend: Optional[str] = None,  # noqa: A001
+            mode: Optional[str] = None, dynamic: Optional[bool] = True, **options):
     """Build the product named ``product`` (``"jvp"``, ``"jtmjp"``, …) with ``options``.
 
     Args:
@@ -36,6 +37,9 @@ def compile(model: torch.nn.Module, product: str, *, backend: Optional[str] = No
         backend: when given, the product is passed to ``torch.compile(product, backend=backend,
             fullgraph=True, dynamic=True)`` (``fullgraph=False`` for a model holding an RNN, which torch.compile
             does not trace).
+        mode: torch.compile's ``mode`` (``"max-autotune"``, …), with ``backend`` only.
+        dynamic: torch.compile's ``dynamic`` (default True: a new batch size reuses the compiled code), with
+            ``backend`` only.
         **options: the options of that product.
 
     Returns:
@@ -45,10 +49,12 @@ def compile(model: torch.nn.Module, product: str, *, backend: Optional[str] = No
     table = _products()
     if product not in table:
         raise OptionError(f"unknown product {product!r}; one of {sorted(table)}")
+    if backend is None and (mode is not None or dynamic is not True):
+        raise OptionError("mode= and dynamic= are torch.compile's options: they need backend=")
     p = table[product](model, **options)
     if backend is None:
         return p
-    return CompiledProduct(p, backend)
+    return CompiledProduct(p, backend, mode, dynamic)
 
 
 class CompiledProduct:
@@ -58,9 +64,10 @@ class CompiledProduct:
     a compiled graph: that call runs eagerly, the following ones compiled.
     """
 
-    def __init__(self, product, backend: str):
+    def __init__(self, product, backend: str, mode: Optional[str] = None, dynamic: Optional[bool] = True):
         self.product = product
         self.backend = backend
+        self.mode, self.dynamic = mode, dynamic
         self._compiled: dict = {}  # id of the product (or of its sibling for another operand form) -> compiled
         if not product._fxjac_spec.get("lazy"):
             self._compile(product)
@@ -75,7 +82,8 @@ class CompiledProduct:
         # cache (compiling ``Product.__call__``, shared by all products, would exhaust dynamo's per-code limit).
         # torch.compile refuses to trace nn.RNN/LSTM/GRU ("Attempted to wrap RNN"): around them it breaks the graph.
         whole = not any(isinstance(m, torch.nn.RNNBase) for m in p.model.modules())
-        self._compiled[id(p)] = torch.compile(p.forward, backend=self.backend, fullgraph=whole, dynamic=True)
+        self._compiled[id(p)] = torch.compile(p.forward, backend=self.backend, fullgraph=whole, dynamic=self.dynamic,
+                                              mode=self.mode)
 
     def __call__(self, *args, **kwargs):
         """Compute the product (compiled after the first call with operands of this form)."""

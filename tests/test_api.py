@@ -312,6 +312,11 @@ def test_compile_by_name():
     assert_close(d, (J * J).sum((0, 1)), "jtmjp by name")
     with pytest.raises(fxjac.OptionError):
         fxjac.compile(model, "hessian")
+    with pytest.raises(fxjac.OptionError, match="need backend="):
+        fxjac.compile(model, "vjp", dynamic=False)
+    c = fxjac.compile(model, "jtmjp", wrt="params", out="diag", backend="eager", dynamic=False, mode="default")
+    assert (c.dynamic, c.mode) == (False, "default")
+    assert_close(c(x)[1], d, "jtmjp by name, compiled with torch.compile's own options")
 
 
 class SeqFirst(nn.Module):

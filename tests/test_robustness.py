@@ -362,6 +362,51 @@ def test_metric_operand_of_wrong_shape_or_dtype_is_a_shape_error():
     m = randn(4, 2, 2, seed=2)
     with pytest.raises(fxjac.ShapeError, match="symmetric"):
         fxjac.jtmjp(model, matrix="full")(x, m)
+    # each sample against its own scale: a large symmetric sample must not let another's asymmetry pass
+    m = torch.eye(2, dtype=torch.float64).repeat(4, 1, 1)
+    m[0] *= 1e4
+    m[1, 0, 1] = 0.5
+    with pytest.raises(fxjac.ShapeError, match="symmetric"):
+        fxjac.jtmjp(model, matrix="full")(x, m)
+
+
+def test_full_metric_with_a_non_finite_sample_spoils_that_sample_only():
+    """LAPACK's eigh fails on a NaN or infinite matrix: that sample's result is not finite, the others' exact."""
+    model, x = mlp(), randn(4, 3)
+    m = torch.eye(2, dtype=torch.float64).repeat(4, 1, 1) + 0.1
+    bad = m.clone()
+    bad[1] = float("nan")
+    bad[2] = float("inf")
+    for p, a in [(fxjac.jtmjp(model, matrix="full"), m), (fxjac.jmjtp(model, matrix="full"), None)]:
+        if a is None:  # input-space M of jmjtp: [B, I, I]
+            a = torch.eye(3, dtype=torch.float64).repeat(4, 1, 1) + 0.1
+            bad = a.clone()
+            bad[1] = float("nan")
+            bad[2] = float("inf")
+        _, good = p(x, a)
+        _, got = p(x, bad)
+        assert not torch.isfinite(got[1:3]).any()
+        assert_close(got[[0, 3]], good[[0, 3]], "the finite samples")
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(2, 2)
+
+    def forward(self, x, z):
+        return torch.tanh(self.a(x)) * self.b(z)
+
+
+def test_inputs_with_different_batches_are_a_shape_error():
+    torch.manual_seed(0)
+    model = TwoInputs().double()
+    x, z = randn(3, 3), randn(3, 2, seed=1)
+    p = fxjac.vjp(model, wrt="params")
+    p(x, z, randn(3, 2, seed=2))
+    for bad in (randn(2, 2, seed=3), randn(1, 2, seed=3)):
+        with pytest.raises(fxjac.ShapeError, match="input 1 has a batch of"):
+            p(x, bad, randn(3, 2, seed=2))
 
 
 def test_sqrt_factor_of_wrong_shape_is_a_shape_error():
