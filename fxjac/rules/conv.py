@@ -22,10 +22,12 @@ Note [convolution input cotangents]
     cotangent, zero-padded by the kernel's reach minus the primal padding, with the flipped kernel whose in and
     out channels are exchanged within each group. On this 2-core CPU oneDNN's forward kernel was up to twice as
     fast: the U-Net's 8 -> 24 channel input cotangent over 160 rows at 32x32 took 7.3 ms against 13.3 ms
-    (alternating runs, best of 15), and the other zoo shapes were within noise of each other. A 1x1 kernel at
-    stride 1 without padding is a matrix product over the channels: 0.28 ms against 2.6 ms for 1 -> 8 channels
-    over the same rows. Strides above 1 and padding past the kernel's reach keep the transposed convolution, and
-    so does every GPU (the GPU runs so far could not measure the two apart; cuDNN has its own kernels).
+    (alternating runs, best of 15), and the other zoo shapes were within noise of each other. A 1x1 kernel
+    without padding is a matrix product over the channels, placed at every stride-th position: 0.28 ms against
+    2.6 ms for 1 -> 8 channels over the same rows, and 0.17 against 1.96 ms for the ResNet's stride-2 shortcut
+    (one column too: ATen's kernel is as slow). Other strides above 1 and padding past the kernel's reach keep
+    the transposed convolution, and so does every GPU (the GPU runs so far could not measure the two apart;
+    cuDNN has its own kernels).
 """
 
 from __future__ import annotations
@@ -193,20 +195,41 @@ def flipped_kernel(w, groups):
     return w.reshape((i * groups, o // groups) + tuple(w.shape[3:])).flip(tuple(range(2, w.dim() - 1)))
 
 
+def _pointwise(w, padding, dilation, groups, device) -> bool:
+    """Whether a convolution is a channel matrix product at every stride-th position (Note [convolution input
+    cotangents]): a 1x1 kernel, no padding, one group, on a CPU (measured there only).
+    """
+    return groups == 1 and device.type == "cpu" and all(k == 1 for k in w.shape[2:]) and \
+        not any(lo or hi for lo, hi in conv_pads(w, padding, dilation))
+
+
+def pointwise_input_ct(ct, w, size, stride):
+    """Adjoint of a 1x1 convolution without padding (one group) on a stack or a batch ``[..., C_out, *S']``: the
+    channel matrix product, placed at every stride-th position of a zero ``[..., C_in, *size]``.
+    """
+    n = w.dim() - 2
+    y = torch.matmul(w.reshape(w.shape[:2]).t(), ct.flatten(-n)).unflatten(-1, tuple(ct.shape[-n:]))
+    s = _tuple(stride, n)
+    if all(v == 1 for v in s):
+        return y
+    out = y.new_zeros(tuple(y.shape[:-n]) + tuple(size))
+    out[(Ellipsis,) + tuple(slice(None, None, v) for v in s)] = y
+    return out
+
+
 def conv_input_ct(ct, x, w, stride, padding, dilation, groups):
     """Adjoint of ``conv(·, w)`` on a stack ``[K, *y]`` -> ``[K, *x]`` (Note [convolution input cotangents]).
 
     A transposed convolution whose output padding restores the input size; at stride 1 a convolution with the
-    flipped kernel, and for a 1x1 kernel at stride 1 without padding a matrix product over the channels.
+    flipped kernel, and for a 1x1 kernel without padding a matrix product over the channels.
     """
     n = w.dim() - 2
     s, dil, pads = _tuple(stride, n), _tuple(dilation, n), conv_pads(w, padding, dilation)
     size = tuple(x.shape[-n:])
+    if _pointwise(w, padding, dilation, groups, ct.device):
+        return pointwise_input_ct(ct, w, size, s)
     if all(v == 1 for v in s) and ct.device.type == "cpu":  # measured on the CPU only
         reach = [d * (k - 1) for d, k in zip(dil, w.shape[2:])]
-        if groups == 1 and not any(reach) and not any(lo or hi for lo, hi in pads):
-            y = torch.matmul(w.reshape(w.shape[:2]).t(), ct.flatten(-n))  # [..., C_out, S] -> [..., C_in, S]
-            return y.unflatten(-1, size)
         full = [(r - lo, r - hi) for r, (lo, hi) in zip(reach, pads)]
         if all(a >= 0 and b >= 0 for a, b in full):
             c = ct.flatten(0, 1)
@@ -554,11 +577,18 @@ def conv_cts(ct, x, w, has_bias, stride, padding, dilation, groups, transposed, 
     """
     n = w.dim() - 2
     if ct.shape[0] == 1:
-        parts = torch.ops.aten.convolution_backward(
-            ct[0], x, w, [w.shape[1] * groups if transposed else w.shape[0]] if has_bias else None,
-            list(_tuple(stride, n)), list(_tuple(padding, n)), list(_tuple(dilation, n)), transposed,
-            list(_tuple(output_padding, n)), groups, list(mask))
-        return _rt.one_column(parts, mask)
+        gx = None
+        if mask[0] and not transposed and _pointwise(w, padding, dilation, groups, ct.device):
+            # ATen's kernel: 1.96 ms for the ResNet's 1x1 stride-2 shortcut (16 -> 32 channels, 32x32, batch 32)
+            # against 0.17 ms as a matrix product placed at every other position
+            gx, mask = pointwise_input_ct(ct, w, tuple(x.shape[-n:]), stride), [False] + list(mask[1:])
+        parts = (None, None, None)
+        if any(mask):
+            parts = _rt.one_column(torch.ops.aten.convolution_backward(
+                ct[0], x, w, [w.shape[1] * groups if transposed else w.shape[0]] if has_bias else None,
+                list(_tuple(stride, n)), list(_tuple(padding, n)), list(_tuple(dilation, n)), transposed,
+                list(_tuple(output_padding, n)), groups, list(mask)), mask)
+        return (gx if gx is not None else parts[0],) + tuple(parts[1:])
     adj = (stride, padding, dilation, groups)
     return ((conv_t_input_ct if transposed else conv_input_ct)(ct, x, w, *adj) if mask[0] else None,
             (conv_t_weight_ct if transposed else conv_weight_ct)(ct, x, w, *adj, False) if mask[1] else None,

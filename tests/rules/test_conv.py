@@ -68,6 +68,10 @@ CONV_CASES = [
     ("conv1d_1x1_nobias", lambda: nn.Conv1d(2, 4, 1, bias=False), SEQ),
     ("conv3d_1x1_groups2", lambda: nn.Conv3d(2, 4, 1, groups=2), VOL),
     ("conv2d_1x1_padded", lambda: nn.Conv2d(2, 3, 1, padding=1), IMG),  # padding past the kernel's reach
+    # 1x1 kernels at strides above 1 (a ResNet's shortcut): the channel product at every stride-th position
+    ("conv2d_1x1_stride2_odd", lambda: nn.Conv2d(2, 3, 1, stride=2), (2, 5, 6)),
+    ("conv1d_1x1_stride3", lambda: nn.Conv1d(2, 4, 1, stride=3, bias=False), SEQ),
+    ("conv3d_1x1_stride_mixed", lambda: nn.Conv3d(2, 3, 1, stride=(2, 1, 3)), VOL),
     ("conv2d_pad_past_reach", lambda: nn.Conv2d(2, 3, (3, 2), padding=(1, 2)), IMG),
     ("conv2d_asymmetric_dilated", lambda: nn.Conv2d(4, 2, (3, 2), padding=(2, 1), dilation=(2, 3), groups=2),
      (4, 6, 7)),
