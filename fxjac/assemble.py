@@ -37,11 +37,20 @@ def api_emitter(b: Builder) -> Emitter:
     return Emitter(b.graph, "api")
 
 
+OPERAND_NAMES = frozenset({"v", "w", "M", "target", "operands"})
+"""The products' own arguments after the inputs: a model input of the same name is renamed."""
+
+
+def input_name(name: str) -> str:
+    """A model input's name in a product's signature (``forward(q, k, v)``: ``v`` is a product's operand)."""
+    return f"{name}_input" if name in OPERAND_NAMES else name
+
+
 def input_placeholders(b: Builder, src: Source) -> list:
     """One placeholder per model input, mapped in the builder's env; returns the new nodes."""
     out = []
     for n in src.inputs:
-        new = b.graph.placeholder(n.name)
+        new = b.graph.placeholder(input_name(n.name))
         new.meta = dict(n.meta)
         out.append(new)
     e = api_emitter(b)

@@ -14,6 +14,7 @@ import torch.nn as nn
 from passes import Builder, MissingRulesError, clean
 from passes.builder import BatchLayoutError
 
+from .assemble import input_name
 from .errors import ModeError, OptionError, StaleProductError, TraceError, UnsupportedOpError, describe
 from .rules import default_rules
 from .source import Source, build_source
@@ -169,6 +170,11 @@ class Product(fx.GraphModule):
         not a walk from the root per path (0.1 ms a call on the transformer).
         """
         for path, parent, name, mod, moded in self._fxjac_structure:
+            if isinstance(moded, _Tie):  # a tied parameter's second name: still the first name's tensor?
+                if parent._parameters.get(name) is not mod._parameters.get(moded.attr):
+                    raise StaleProductError(f"the model's parameter {path!r} was tied to another when this product "
+                                            "was built and no longer is; build the product again")
+                continue
             holder = self if parent is None else parent
             if holder._modules.get(name) is not mod:
                 raise StaleProductError(f"the model's submodule {path!r} was replaced since this product was "
@@ -247,6 +253,29 @@ def _structure(src: Source) -> list:
             continue
         if isinstance(mod, nn.Module):
             out.append((p, parent, name, mod, _moded(mod)))
+    return out + _ties(model)
+
+
+class _Tie:
+    """The last slot of a structure entry for a tied parameter's second name: the first name's attribute."""
+
+    def __init__(self, attr: str):
+        self.attr = attr
+
+
+def _ties(model: nn.Module) -> list:
+    """One entry per second name of a tied parameter: ``(alias, its holder, its attribute, the first name's holder,
+    _Tie(the first name's attribute))``. The graph reads a tied parameter by its first name only: untied after the
+    build, the product would go on reading that tensor for both.
+    """
+    first, out = {}, []
+    for full, prm in model.named_parameters(remove_duplicate=False):
+        path, _, attr = full.rpartition(".")
+        holder = model.get_submodule(path) if path else model
+        if id(prm) in first:
+            out.append((full, holder, attr, first[id(prm)][0], _Tie(first[id(prm)][1])))
+        else:
+            first[id(prm)] = (holder, attr)
     return out
 
 
@@ -375,7 +404,7 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
         raise OptionError(f"wrt='input:{index}' but the model has {n_ph} input(s)")
     spec.update(lazy=True, n_inputs=n_ph)
     graph = fx.Graph()
-    phs = [graph.placeholder(n.name) for n in gm.graph.nodes if n.op == "placeholder"]
+    phs = [graph.placeholder(input_name(n.name)) for n in gm.graph.nodes if n.op == "placeholder"]
     rest = graph.placeholder("operands", default_value=None)
     graph.output(graph.call_function(_unbuilt, tuple(phs) + (rest,)))
     holder = nn.Module()

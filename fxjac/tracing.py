@@ -122,15 +122,20 @@ class Tracer(fx.Tracer):
         # torch.fx's Proxy has no in-place operators, so ``h += x`` would be recorded as ``h = h + x`` and a
         # second name for ``h`` (a saved skip connection) would silently miss the mutation. Record them as
         # ``operator.iadd``…; normalisation then rewrites them with aliases followed (Note [in-place ops]).
-        self.grad_at_start = torch.is_grad_enabled()
+        # Grad mode on while tracing, whatever the caller's (a first call under ``torch.no_grad()``): a ``with
+        # torch.no_grad():`` block in forward is then seen, and left out of every derivative (create_node).
+        self.grad_at_start = True
         saved = {name: fx.Proxy.__dict__.get(name) for name in _PROXY_INPLACE}
         for name, op in _PROXY_INPLACE.items():
             setattr(fx.Proxy, name, _inplace_method(op))
         self._torch_view, self._globals_seen = _TracedTorch(self), []
         self._see_globals(type(root).forward)
+        torch.autograd.Function.apply = classmethod(_traced_apply)
         try:
-            return super().trace(root, concrete_args)
+            with torch.enable_grad():
+                return super().trace(root, concrete_args)
         finally:
+            torch.autograd.Function.apply = _FUNCTION_APPLY
             for name, old in saved.items():
                 if old is None:
                     delattr(fx.Proxy, name)
@@ -183,6 +188,54 @@ class Tracer(fx.Tracer):
 
 
 _UNTRACEABLE = (fx.proxy.TraceError, TypeError, RuntimeError, NotImplementedError, AttributeError)
+
+_FUNCTION_APPLY = torch.autograd.Function.__dict__["apply"]
+
+
+def _traced_apply(cls, *args, **kwargs):
+    """``torch.autograd.Function.apply`` while tracing (Note [custom autograd Functions]).
+
+    Note [custom autograd Functions]
+    ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    torch.fx would trace into a custom Function's ``forward``, which autograd runs without recording: its ops
+    would be constants, the Function's ``backward`` never used, and every derivative through it silently zero (a
+    straight-through estimator, a stable softplus). A Function applied to traced values is one node instead,
+    differentiated by the autograd fallback through torch.func, which runs the Function's own backward; that
+    needs the style torch.func supports (``forward`` without ``ctx``, ``setup_context``, and
+    ``generate_vmap_rule = True`` or a ``vmap`` rule), and other Functions are a TraceError. Activation
+    checkpointing (``torch.utils.checkpoint``'s reentrant Function) only saves memory: the checkpointed function
+    is traced as it is.
+    """
+    proxies = [a for a in list(args) + list(kwargs.values()) if isinstance(a, fx.Proxy)]
+    if not proxies:
+        return _FUNCTION_APPLY.__func__(cls, *args, **kwargs)
+    from torch.utils.checkpoint import CheckpointFunction
+
+    if cls is CheckpointFunction:  # (function, preserve_rng_state, *args)
+        return args[0](*args[2:])
+    if cls.setup_context is torch.autograd.Function.setup_context:
+        raise TraceError(
+            f"the custom torch.autograd.Function {cls.__qualname__} takes forward(ctx, ...): fxjac differentiates it "
+            "through torch.func, which needs forward without ctx, a setup_context staticmethod and "
+            "generate_vmap_rule = True (see torch.func's 'Extending torch.func with autograd.Function'); its ops "
+            "traced one by one would ignore its backward")
+    return proxies[0].tracer.create_proxy("call_function", _applier(cls), args, kwargs)
+
+
+_APPLIERS: dict = {}
+
+
+def _applier(cls) -> Callable:
+    """One plain function per custom Function class that applies it: a node's target that generated code can hold
+    (torch.fx would name a bound ``cls.apply`` by its module, ``torch.autograd.function.apply``).
+    """
+    if cls not in _APPLIERS:
+        def apply(*args, **kwargs):
+            return _FUNCTION_APPLY.__get__(None, cls)(*args, **kwargs)
+
+        apply.__name__ = apply.__qualname__ = f"apply_{cls.__name__}"
+        _APPLIERS[cls] = apply
+    return _APPLIERS[cls]
 
 
 def _builtin(m: nn.Module) -> bool:

@@ -7,6 +7,7 @@ not repeated here. A case that shows a current fxjac bug is an ``xfail(strict=Tr
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -762,9 +763,122 @@ def test_no_grad_block_in_forward_is_a_constant():
     model = _CentredWithoutGrad().double()
     x = randn(3, 4)
     check_direction_products(model, (x,), products=("jvp", "vjp", "mjp"))
-    with torch.no_grad():  # building the product under no_grad changes nothing
-        _, t = fxjac.jvp(model)(x, randn(3, 4, seed=1))
-    assert_close(t, torch.func.jvp(model, (x,), (randn(3, 4, seed=1),))[1], "jvp built under no_grad")
+    v = randn(3, 4, seed=1)
+    ref = torch.einsum("boi,bi->bo", per_sample_jacobian(model, (x,), "input").flatten(2), v)  # reverse mode's
+    with torch.no_grad():  # building the product under no_grad changes nothing: the block is still a constant
+        _, t = fxjac.jvp(model)(x, v)
+        _, d = fxjac.ggn(model, loss="mse")(x)
+    assert_close(t, ref, "jvp built under no_grad")
+    J = per_sample_jacobian(model, (x,), "params")
+    assert_close(d, (J * J).sum((0, 1)), "GGN diagonal built under no_grad")
+
+
+class _SoftplusFn(torch.autograd.Function):
+    """A custom Function in torch.func's style, with its own backward and jvp."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.log1p(torch.exp(x))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * torch.sigmoid(ctx.saved_tensors[0])
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t * torch.sigmoid(ctx.saved_tensors[0])
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Rounding whose derivative is declared the identity (quantisation-aware training)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.round(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t
+
+
+class _OldStyle(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+class _WithFunction(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn, self.a, self.b = fn, nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(self.fn.apply(3.0 * self.a(x)))
+
+
+@pytest.mark.parametrize("fn", [_SoftplusFn, _StraightThrough], ids=["softplus", "straight_through"])
+def test_custom_autograd_function_uses_its_own_derivatives(fn):
+    """Traced op by op, a Function's forward ran without recording: every derivative through it was silently 0."""
+    torch.manual_seed(0)
+    model = _WithFunction(fn).double()
+    x, w, v = randn(3, 4), randn(3, 3, seed=1), randn(3, 4, seed=2)
+    x_ = x.clone().requires_grad_()
+    (model(x_) * w).sum().backward()  # autograd runs the Function's backward
+    _, g = fxjac.vjp(model)(x, w)
+    assert_close(g, x_.grad, "vjp through the Function")
+    _, gp = fxjac.vjp(model, wrt="params")(x, w)
+    assert_close(gp, torch.cat([p.grad.reshape(-1) for p in model.parameters()]), "parameter vjp through it")
+    _, t = fxjac.jvp(model)(x, v)
+    assert_close(t, torch.func.jvp(model, (x,), (v,))[1], "jvp through the Function (its jvp)")
+    J = torch.stack([torch.autograd.functional.jacobian(lambda a: model(a[None])[0], x[b]) for b in range(3)])
+    _, d = fxjac.jtmjp(model, out="diag")(x)
+    assert_close(d, (J * J).sum(1), "J^T J's diagonal through it")
+
+
+def test_old_style_autograd_function_is_a_trace_error_and_checkpointing_is_traced_through():
+    with pytest.raises(fxjac.TraceError, match="_OldStyle takes forward\\(ctx"):
+        fxjac.vjp(_WithFunction(_OldStyle).double())(randn(3, 4), randn(3, 3, seed=1))
+
+    class Checkpointed(nn.Module):
+        def __init__(self, reentrant):
+            super().__init__()
+            self.reentrant, self.a, self.b = reentrant, nn.Sequential(nn.Linear(4, 6), nn.Tanh()), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(torch.utils.checkpoint.checkpoint(self.a, x, use_reentrant=self.reentrant))
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = randn(3, 4)
+    for reentrant in (True, False):
+        model = Checkpointed(reentrant).double()
+        model.a[0].load_state_dict(plain[0].state_dict())
+        model.b.load_state_dict(plain[2].state_dict())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, d = fxjac.ggn(model, loss="mse")(x)
+        assert_close(d, fxjac.ggn(plain, loss="mse")(x)[1], f"GGN diagonal, checkpoint(use_reentrant={reentrant})")
 
 
 def test_torch_where_mask_passes_the_chosen_branch():
@@ -1142,3 +1256,70 @@ def test_relu_before_max_pooling_is_moved_after_it():
         assert (relu_at > pool_at) == (not keep)
         check_direction_products(net, (x,), products=("jvp", "vjp"))
         check_metric_products(net, (x,), matrices=("diag",), wrts=("params",))
+
+
+def test_untying_a_tied_parameter_after_the_build_is_stale():
+    """The graph reads a tied parameter by its first name: untied later, it would read that tensor for both."""
+    class TiedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.mid = nn.Embedding(5, 4), nn.Linear(4, 4)
+            self.head = nn.Linear(4, 5, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, idx):
+            return self.head(torch.tanh(self.mid(self.embed(idx))))
+
+    torch.manual_seed(0)
+    model = TiedHead().double()
+    idx = torch.randint(0, 5, (2, 3), generator=rng())
+    p = fxjac.vjp(model, wrt="params")
+    p(idx, randn(2, 3, 5))
+    model.head.weight = nn.Parameter(model.embed.weight.detach().clone())
+    with pytest.raises(fxjac.StaleProductError, match="'head.weight' was tied"):
+        p(idx, randn(2, 3, 5))
+
+
+class _QKV(nn.Module):
+    """Inputs named like the products' own arguments (``v``, ``w``, ``M``, ``target``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, q, v, target):
+        return self.fc(q * torch.tanh(v) + target)
+
+
+def test_inputs_named_like_the_operands():
+    torch.manual_seed(0)
+    model = _QKV().double()
+    inputs = (randn(2, 4), randn(2, 4, seed=1), randn(2, 4, seed=2))
+    check_direction_products(model, inputs)
+    p = fxjac.ggn(model, loss="mse", out="diag")
+    _, d = p(*inputs)
+    J = per_sample_jacobian(model, inputs, "params")
+    assert_close(d, (J * J).sum((0, 1)), "GGN diagonal of a model whose third input is called target")
+
+
+class _PositionEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, 3, 4, generator=rng(5), dtype=torch.float64))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x + self.pos)
+
+
+def test_parameter_broadcast_against_the_batch_built_at_batch_one():
+    """Built at batch 1 the embedding's shape is the output's: its cotangent must still sum over the samples."""
+    torch.manual_seed(0)
+    model = _PositionEmbedding().double()
+    x, w = randn(3, 3, 4), randn(3, 3, 2, seed=1)
+    J = per_sample_jacobian(model, (x,), "params")
+    for reduce in ("sum", "none"):
+        p = fxjac.vjp(model, wrt="params", reduce=reduce, example_inputs=(randn(1, 3, 4),))
+        _, g = p(x, w)
+        ref = torch.einsum("bop,bo->bp", J, w.flatten(1))
+        assert_close(g, ref.sum(0) if reduce == "sum" else ref, f"vjp built at batch 1 ({reduce})")

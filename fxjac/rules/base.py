@@ -201,10 +201,18 @@ class Broadcasting(Rule):
             c = self._times(e, ct, p)
             if name in site.ps:
                 c = e(_rt.sum_to_ps, c, x)
-            elif tuple(site.val(name).shape) != tuple(site.out_val.shape):
+            elif tuple(site.val(name).shape) != tuple(site.out_val.shape) or _meets_batch(site, x):
                 c = e(_rt.sum_to, c, x)
             out[name] = c
         return out
+
+
+def _meets_batch(site, x) -> bool:
+    """Whether an unbatched ``x`` broadcasts against a batched output (a ``[1, T, d]`` position embedding: built
+    at batch 1 its shape is the output's, but at any other batch its cotangent sums over the samples).
+    """
+    batched = site.extra.get("batched")
+    return batched is not None and x not in batched and site.extra.get("out_batch_dim") is not None
 
 
 class LinearOp(Rule):

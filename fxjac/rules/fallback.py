@@ -385,9 +385,14 @@ class Fallback(Rule):
             name = "method:" + node.target
         else:
             name = _get_qualified_name(node.target)
-            _NAMED[name] = _resolve(name)
-            if _NAMED[name] is not node.target:
-                raise NotImplementedError(f"the fallback cannot name {node.target!r}")
+            try:
+                found = _resolve(name)
+            except (LookupError, AttributeError):
+                found = None
+            if found is None or found != node.target:  # not importable under its name (a class defined in a
+                name = f"{name}@{id(node.target):x}"     # function, a custom Function's apply): by identity
+                found = node.target
+            _NAMED[name] = found
         return name, t_args, t_kwargs, chosen, tuple(ctx)
 
     def jvp(self, e, site, tangents):  # noqa: D102
