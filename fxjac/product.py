@@ -100,8 +100,13 @@ class Product(fx.GraphModule):
             self.wrt_names = built.wrt_names
             spec["lazy"] = False
         self._check_structure()
-        if spec.get("takes_target") and len(args) > self._n_positional():
-            raise TypeError("target is keyword-only: call the product as p(x, ..., target=t)")
+        if len(args) > self._n_positional():
+            names = [n.target for n in self.graph.nodes if n.op == "placeholder" and n.target != "target"]
+            hint = "target is keyword-only: call the product as p(x, ..., target=t); " \
+                if spec.get("takes_target") else ""
+            raise TypeError(f"this product takes {len(names)} positional argument(s) ({', '.join(names)}), got "
+                            f"{len(args)}: {hint}a forward argument with a default is traced as that default unless "
+                            "the product is built with it among example_inputs=(...)")
         try:
             if spec.get("differentiable"):
                 out = super().__call__(*args, **kwargs)
@@ -194,7 +199,7 @@ class Product(fx.GraphModule):
             ref = model(*args[:n_in], **fixed)
         sel = self._fxjac_spec.get("output")
         if sel is not None:
-            ref = ref[sel]
+            ref = getattr(ref, sel) if isinstance(sel, str) and hasattr(ref, "_fields") else ref[sel]
         y = out[0]
         if not isinstance(ref, torch.Tensor) or ref.shape != y.shape or not _same_output(ref.to(y.dtype), y):
             raise TraceError("the traced graph does not reproduce the model's output (an in-place mutation or "

@@ -163,9 +163,27 @@ def _check_samples_independent(y, grown) -> None:
                         "treat samples independently (model.eval() for BatchNorm)")
 
 
-def _select_output(gm: fx.GraphModule, output: Any) -> fx.Node:
+def _field_index(gm: fx.GraphModule, output: str, example_inputs: Sequence) -> Any:
+    """A NamedTuple output's field ``output`` as its index (the graph can index a tuple, not name its fields), or
+    ``output`` itself where the output is no NamedTuple; from one shape run of the model.
+    """
+    try:
+        whole = propagate_shapes(gm, *example_inputs)
+    except Exception:  # noqa: BLE001 - the main shape run reports the model's own errors
+        return output
+    fields = getattr(type(whole), "_fields", None)
+    if fields is None:
+        return output
+    if output not in fields:
+        raise OptionError(f"output={output!r} selects nothing from the model's output (fields {list(fields)})")
+    return fields.index(output)
+
+
+def _select_output(gm: fx.GraphModule, output: Any, example_inputs: Sequence = ()) -> fx.Node:
     out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     val = out_node.args[0]
+    if isinstance(output, str) and isinstance(val, fx.Node):
+        output = _field_index(gm, output, example_inputs)
     if output is not None:
         try:
             if isinstance(val, fx.Node):
@@ -191,7 +209,7 @@ def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_m
     params = select_params(model, wrt) if kind == "params" else []
     gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, n_inputs=len(example_inputs))
     check_modes(gm)
-    out = _select_output(gm, output)
+    out = _select_output(gm, output, example_inputs)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]

@@ -339,9 +339,12 @@ def _trace_message(err: Exception) -> str:
     user = [f for f in frames if "/torch/" not in f.filename and "/fxjac/" not in f.filename]
     where = f"\n  at {user[-1].filename}:{user[-1].lineno}: {user[-1].line}" if user else ""
     return (f"torch.fx cannot trace this model: {err}{where}\n"
-            "Hint: data-dependent Python control flow, .item() or iterating over a tensor cannot be traced; "
-            "name the module that does it in leaf_modules=[...] (fxjac then differentiates it with the "
-            "autograd fallback), or pass concrete_args=.")
+            "Hint: torch.fx traces sizes symbolically, so a size used as a Python number (range(x.shape[1]), "
+            "int(x.shape[0] / n), len(x), list(x.shape), a branch or assert on a shape), data-dependent control "
+            "flow, .item() and iterating over a tensor (for t in x.unbind(1)) cannot be traced. Keep sizes in "
+            "tensor ops (x.flatten(1), x.unflatten(-1, (h, d)), x.reshape(x.shape[0], -1)), or name the submodule "
+            "that does it in leaf_modules=[...] (fxjac then differentiates it with the autograd fallback; the "
+            "model itself cannot be its own leaf), or pass concrete_args=.")
 
 
 # --- normalisation ---------------------------------------------------------------------------------------

@@ -942,3 +942,20 @@ def test_accumulate_refuses_results_with_a_batch_axis():
 def test_accumulate_names_a_dict_batch():
     with pytest.raises(fxjac.OptionError, match="got a dict with keys"):
         fxjac.accumulate(fxjac.ggn(mlp()), [{"x": randn(4, 3), "y": torch.zeros(4, dtype=torch.long)}])
+
+
+def test_an_optional_input_passed_positionally_to_a_lazy_product_is_explained():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x, mask=None):
+            return self.fc(x if mask is None else x * mask)
+
+    model = Masked().double()
+    x, mask = randn(4, 3), randn(4, 3, g=rng(1))
+    with pytest.raises(TypeError, match=r"takes 2 positional argument\(s\) \(x, w\), got 3.*example_inputs"):
+        fxjac.vjp(model)(x, mask, randn(4, 2, g=rng(2)))
+    _, g = fxjac.vjp(model, example_inputs=(x, mask))(x, mask, randn(4, 2, g=rng(2)))
+    assert_close(g, torch.func.vjp(lambda a: model(a, mask), x)[1](randn(4, 2, g=rng(2)))[0], "with the mask")

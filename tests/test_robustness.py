@@ -7,6 +7,7 @@ not repeated here. A case that shows a current fxjac bug is an ``xfail(strict=Tr
 """
 
 import copy
+import typing
 import warnings
 
 import pytest
@@ -1323,3 +1324,44 @@ def test_parameter_broadcast_against_the_batch_built_at_batch_one():
         _, g = p(x, w)
         ref = torch.einsum("bop,bo->bp", J, w.flatten(1))
         assert_close(g, ref.sum(0) if reduce == "sum" else ref, f"vjp built at batch 1 ({reduce})")
+
+
+class _Out(typing.NamedTuple):
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class _NamedOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return _Out(self.b(h), h)
+
+
+def test_named_tuple_output_selected_by_field():
+    torch.manual_seed(0)
+    model = _NamedOutput().double()
+    x, w = randn(2, 4), randn(2, 3, seed=1)
+    _, g = fxjac.vjp(model, output="logits")(x, w)
+    assert_close(g, torch.func.vjp(lambda a: model(a).logits, x)[1](w)[0], "vjp of the logits field")
+    _, g1 = fxjac.vjp(model, output=1)(x, randn(2, 5, seed=2))
+    assert_close(g1, torch.func.vjp(lambda a: model(a).hidden, x)[1](randn(2, 5, seed=2))[0], "by index")
+    with pytest.raises(fxjac.OptionError, match="fields \\['logits', 'hidden'\\]"):
+        fxjac.vjp(model, output="nope")(x, w)
+
+
+def test_no_columns_through_convolutions():
+    """K is free at every call, 0 included: a [B, O, 0] result (the weight tangents' reshape failed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.ConvTranspose2d(3, 2, 2, stride=2), nn.Flatten(),
+                          nn.Linear(2 * 8 * 8, 3)).double()
+    x = randn(2, 2, 6, 6)
+    P = sum(p.numel() for p in model.parameters())
+    _, r = fxjac.jmp(model, wrt="params")(x, torch.zeros(P, 0, dtype=torch.float64))
+    assert r.shape == (2, 3, 0)
+    _, r = fxjac.jmp(model, wrt="params")(x, randn(P, 2, seed=1))  # and columns again after none
+    J = per_sample_jacobian(model, (x,), "params")
+    assert_close(r, J @ randn(P, 2, seed=1), "jmp after an empty call")

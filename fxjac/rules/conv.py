@@ -277,6 +277,8 @@ def conv_weight_tangent(x, tw, stride, padding, dilation, groups):
     the groups); the convolution's output channels hold the K columns.
     """
     n, k, b, g = x.dim() - 2, tw.shape[0], x.shape[0], groups
+    if k == 0:  # no columns (K is free): the shape of one, empty
+        return conv_weight_tangent(x, tw.new_zeros((1,) + tuple(tw.shape[1:])), stride, padding, dilation, groups)[:0]
     kernel = tuple(tw.shape[-n - 1:])  # (C/g, *k)
     if tw.dim() == n + 4:
         w = tw.reshape((k, b, g, -1) + kernel).permute((1, 2, 0, 3) + tuple(range(4, 5 + n)))
@@ -294,6 +296,9 @@ def conv_t_weight_tangent(x, tw, stride, padding, output_padding, groups, dilati
     ``tw`` is ``[K, C, O/g, *k]`` (shared by the batch) or ``[K, B, C, O/g, *k]`` (per sample).
     """
     n, k, b, g = x.dim() - 2, tw.shape[0], x.shape[0], groups
+    if k == 0:  # no columns (K is free): the shape of one, empty
+        return conv_t_weight_tangent(x, tw.new_zeros((1,) + tuple(tw.shape[1:])), stride, padding, output_padding,
+                                     groups, dilation)[:0]
     kernel = tuple(tw.shape[-n:])
     if tw.dim() == n + 4:
         w = tw.permute((1, 2, 0) + tuple(range(3, 4 + n)))  # [B, C, K, O/g, *k]
