@@ -1365,3 +1365,26 @@ def test_no_columns_through_convolutions():
     _, r = fxjac.jmp(model, wrt="params")(x, randn(P, 2, seed=1))  # and columns again after none
     J = per_sample_jacobian(model, (x,), "params")
     assert_close(r, J @ randn(P, 2, seed=1), "jmp after an empty call")
+
+
+class _Spectral(nn.Module):
+    """An FNO-style spectral weight: a real parameter viewed as complex numbers."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 2, generator=rng(7), dtype=torch.float64))
+        self.b = nn.Parameter(torch.randn(3, generator=rng(8), dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.view_as_real((x + self.b) * torch.view_as_complex(self.w)).flatten(1)
+
+
+def test_real_parameter_viewed_as_complex_with_per_sample_tangents():
+    """A [B, P] tangent's columns for w are a slice of row stride P = 9: view_as_complex refused them."""
+    model, x = _Spectral(), randn(2, 3)
+    J = per_sample_jacobian(model, (x,), "params")
+    V = randn(2, 9, seed=1)
+    _, t = fxjac.jvp(model, wrt="params")(x, V)
+    assert_close(t, torch.einsum("bop,bp->bo", J, V), "jvp with [B, P] tangents")
+    _, Jf = fxjac.jacobian(model, wrt="params", mode="forward")(x)
+    assert_close(Jf, J, "forward-mode Jacobian")

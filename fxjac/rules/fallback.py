@@ -69,6 +69,11 @@ def _call(fn, args, kwargs):
     return (_NAMED.get(fn) or _resolve(fn))(*args, **kwargs)
 
 
+_DENSE_ONLY = frozenset({"torch.view_as_complex"})
+"""Ops whose tangents must be dense: a parameter's columns of a ``[B, P]`` tangent are a strided slice (row stride
+``P``, maybe odd), which a view as complex numbers (pairs of adjacent reals) cannot take."""
+
+
 def _flat(spec, v):
     """Leaves of an output-like structure ``v`` along ``spec`` (a missing sub-structure gives Nones)."""
     if isinstance(spec, tuple):
@@ -131,6 +136,8 @@ def _jvp_columns(g, primals, tangents, fn):
     key = _key(fn)
     # Forward mode attaches a tangent to each primal in place, which an expanded view (stride 0) refuses.
     primals = tuple(p.contiguous() if _expanded(p) else p for p in primals)
+    if fn in _DENSE_ONLY:
+        tangents = tuple(t.contiguous() if isinstance(t, torch.Tensor) else t for t in tangents)
     if key not in _NO_FORWARD_AD:
         try:
             return torch.vmap(lambda *ts: torch.func.jvp(g, primals, ts)[1])(*tangents)
