@@ -758,3 +758,23 @@ class Where(Broadcasting):
         if name == "input":
             return e(mask_of, cond, site.out)
         return e(mask_of, e(torch.logical_not, cond), site.out)
+
+
+@register(torch.lerp, "lerp")
+class Lerp(Broadcasting):
+    """y = lerp(input, end, weight) = input + weight (end - input); partials 1 - weight, weight and end - input (a
+    number as weight gets none).
+    """
+
+    inputs = ("input", "end", "weight")
+
+    def signature(input, end, weight):  # noqa: D103
+        ...
+
+    def partial(self, e, site, name):  # noqa: D102
+        w = site.args["weight"]
+        if name == "input":
+            return 1.0 - w if isinstance(w, (int, float)) else e(operator.sub, 1.0, w)
+        if name == "end":
+            return w
+        return e(operator.sub, site.args["end"], site.args["input"])

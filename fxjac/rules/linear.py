@@ -1,4 +1,4 @@
-"""Linear and bilinear algebra: ``F.linear``, ``F.bilinear``, matmul (``@``, ``mm``, ``bmm``) and ``einsum``.
+"""Linear and bilinear algebra: ``F.linear``, ``F.bilinear``, matmul (``@``, ``mm``, ``bmm``), ``einsum`` and ``outer``.
 
 Weights used at several positions (a Linear on ``[B, T, d]``) get exact per-sample cotangents from one einsum
 over the positions; nothing builds a Jacobian.
@@ -511,10 +511,22 @@ def _einsum_parts(equation: str, n: int):
     return terms, rhs, free
 
 
+def expand_summed(c, like, axes):
+    """An operand's cotangent stack without its axes ``axes`` (indices summed in that operand only, along which every
+    entry has the same derivative) broadcast back to ``[K, *like.shape]`` (``[K, B, *like.shape]`` per sample).
+    """
+    lead = c.dim() - (like.dim() - len(axes))
+    for a in sorted(axes):
+        c = c.unsqueeze(a + lead)
+    return c.expand(tuple(c.shape[:lead]) + tuple(like.shape))
+
+
 @register(torch.einsum)
 class Einsum(Rule):
-    """y = einsum(eq, *ops), linear in each operand: the tangent replaces one operand at a time; the
-    cotangent of an operand is the einsum of the output cotangent with the others.
+    """y = einsum(eq, *ops), any number of operands, linear in each: the tangent replaces one operand at a time;
+    the cotangent of an operand is the einsum of the output cotangent with the others (broadcast along the indices
+    summed in that operand only). A per-sample stack of an unbatched operand keeps the output's leading (batch)
+    index.
     """
 
     signature = None
@@ -527,21 +539,32 @@ class Einsum(Rule):
             return eq, list(vals[0]), "1", True
         return eq, vals, None, False
 
+    @staticmethod
+    def _batch(site, list_key, terms, rhs, i):
+        """The batch index kept by operand ``i``'s per-sample stack, or ``""`` where it has none."""
+        if not site.ps:
+            return ""
+        if list_key is not None:
+            raise Decline  # which operand of the list is per-sample: the fallback's per-sample rule
+        if str(i + 1) not in site.ps:
+            return ""
+        if not rhs[:1].isalpha() or rhs[0] in terms[i] or "..." in terms[i]:
+            raise Decline  # the batch inside an ellipsis
+        return rhs[0]
+
     def jvp(self, e, site, tangents):  # noqa: D102
         eq, ops, list_key, _ = self._operands(site)
         tans = tangents[list_key] if list_key else [tangents[str(i + 1)] for i in range(len(ops))]
         if tans is ZERO:
             return ZERO
         terms, rhs, free = _einsum_parts(eq, len(ops))
-        if site.ps:
-            raise Decline
         z = free[0]
         out = []
         for i, t in enumerate(tans):
             if t is ZERO:
                 continue
             ts = list(terms)
-            ts[i] = z + ts[i]
+            ts[i] = z + self._batch(site, list_key, terms, rhs, i) + ts[i]
             args = list(ops)
             args[i] = t
             out.append(e(torch.einsum, f"{','.join(ts)}->{z}{rhs}", *args))
@@ -556,8 +579,6 @@ class Einsum(Rule):
     def _pull(self, e, site, ct, square):
         eq, ops, list_key, _ = self._operands(site)
         terms, rhs, free = _einsum_parts(eq, len(ops))
-        if site.ps:
-            raise Decline
         z = free[0]
         cts = []
         for i, op in enumerate(ops):
@@ -567,24 +588,91 @@ class Einsum(Rule):
             ti = terms[i]
             letters = [c for c in ti if c.isalpha()]
             others = "".join(terms[:i] + terms[i + 1:]) + rhs
-            if len(set(letters)) != len(letters) or any(c not in others for c in letters):
-                raise Decline  # a diagonal or a summed-only index: the transpose is not one einsum
+            if len(set(letters)) != len(letters):
+                raise Decline  # a diagonal: the transpose is not one einsum
+            alone = [k for k, c in enumerate(ti) if c.isalpha() and c not in others]
+            if alone and "..." in ti:
+                raise Decline
             partners = [o for j, o in enumerate(ops) if j != i]
+            pterms = [t for j, t in enumerate(terms) if j != i]
             if square:
-                # Each output entry must depend on an entry of operand i through ONE product term, else the
-                # square of a sum is not the sum of squares: every partner index is in operand i or the output.
-                if any(c not in ti + rhs for j, t in enumerate(terms) if j != i for c in t if c.isalpha()):
-                    raise Decline
+                # An output entry depends on an entry of operand i through a sum over the partner indices in
+                # neither (``k`` of x in ``ij,jk,kl->il``), and the square of a sum is not the sum of squares:
+                # the partners are contracted over those first, into one factor P, and the entries of P squared.
+                summed = {c for t in pterms for c in t if c.isalpha() and c not in ti + rhs}
+                if summed:
+                    if any("..." in t for t in pterms):
+                        raise Decline
+                    kept = "".join(dict.fromkeys(c for t in pterms for c in t if c not in summed))
+                    partners, pterms = [e(torch.einsum, f"{','.join(pterms)}->{kept}", *partners)], [kept]
                 partners = [e(torch.square, o) if isinstance(o, torch.fx.Node) else o ** 2 for o in partners]
-            ts = [z + rhs] + [t for j, t in enumerate(terms) if j != i]
-            args = [ct] + partners
-            c = e(torch.einsum, f"{','.join(ts)}->{z}{ti}", *args)
-            if "..." in ti:
+            ts = [z + rhs] + pterms
+            batch = self._batch(site, list_key, terms, rhs, i)
+            target = "".join(c for k, c in enumerate(ti) if k not in alone)
+            c = e(torch.einsum, f"{','.join(ts)}->{z}{batch}{target}", ct, *partners)
+            if alone:
+                c = e(expand_summed, c, op, alone)
+            elif "..." in ti:
                 c = e(_rt.sum_to, c, op)
             cts.append(c)
         if list_key:
             return {list_key: cts}
         return {str(i + 1): c for i, c in enumerate(cts)}
+
+
+def outer_tangent(ta, tb, a, b, ps_b=False):
+    """Tangent of ``outer(a, b) = a bᵀ``: ``ta bᵀ + a tbᵀ`` on stacks ``[K, M]`` and ``[K, N]`` (None: no tangent);
+    ``ps_b``: ``tb`` is a per-sample stack ``[K, B, N]`` of an unbatched ``b`` against a batch ``a`` of B numbers.
+    """
+    out = None if ta is None else ta.unsqueeze(-1) * b
+    if tb is not None:
+        term = a.unsqueeze(-1) * (tb if ps_b else tb.unsqueeze(-2))
+        out = term if out is None else out + term
+    return out
+
+
+@register(torch.outer, "outer", torch.ger, "ger")
+class Outer(Rule):
+    """y = outer(a, b) = a bᵀ (ger: the same); the cotangents are ``C b`` and ``Cᵀ a``, the diagonal ones ``D b²``
+    and ``Dᵀ a²`` (each entry of y holds one product). Against a batch ``a`` of B numbers, ``b``'s per-sample
+    cotangents are the rows ``a_b C_b``.
+    """
+
+    diff = ("input", "vec2")
+
+    def signature(input, vec2):  # noqa: D103
+        ...
+
+    @staticmethod
+    def _check(site):
+        if "input" in site.ps:
+            raise Decline  # the batch on the output's second axis
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        ta, tb = tangents.get("input", ZERO), tangents.get("vec2", ZERO)
+        if ta is ZERO and tb is ZERO:
+            return ZERO
+        self._check(site)
+        return e(outer_tangent, ta, tb, site.args["input"], site.args["vec2"], "vec2" in site.ps)
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        return self._pull(e, site, ct, square=False)
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return self._pull(e, site, d, square=True)
+
+    def _pull(self, e, site, ct, square):
+        self._check(site)
+        a, b = site.args["input"], site.args["vec2"]
+        if square:
+            a, b = e(torch.square, a), e(torch.square, b)
+        out = {}
+        if isinstance(site.args["input"], fx.Node) and site.needs("input"):
+            out["input"] = e(torch.matmul, ct, b)
+        if isinstance(site.args["vec2"], fx.Node) and site.needs("vec2"):
+            per_sample = "vec2" in site.ps
+            out["vec2"] = e(operator.mul, ct, e.method("unsqueeze", a, -1)) if per_sample else e(torch.matmul, a, ct)
+        return out
 
 
 def bilinear_tangent(t1, t2, tw, x1, x2, w):

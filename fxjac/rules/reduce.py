@@ -1,4 +1,5 @@
-"""Reductions: sum, mean, prod, amax/amin, max/min with a dim, logsumexp, var/std, cumsum.
+"""Reductions: sum, mean, prod, amax/amin, max/min with a dim, logsumexp, var/std, vector norms, cumsum, cumprod;
+the decompositions of cdist, cosine_similarity and pairwise_distance into norms.
 
 At ties ``amax``/``amin`` (and ``max``/``min`` without a dim) split the derivative evenly among the maxima,
 while ``max(x, dim)`` sends it to the index it returns, as autograd does.
@@ -6,6 +7,7 @@ while ``max(x, dim)`` sends it to the index it returns, as autograd does.
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -13,7 +15,7 @@ import torch
 from passes.protocol import ZERO, Decline, Rule
 
 from ..tracing import decomposes
-from .base import LinearOp
+from .base import LinearOp, NonDifferentiable
 from .registry import register
 from .shape import stack_sum, unreduce
 
@@ -78,6 +80,69 @@ def prod_weights(x, dim):
     before = torch.cat([one, x.narrow(d, 0, n - 1)], d).cumprod(d)
     after = torch.cat([x.narrow(d, 1, n - 1), one], d).flip(d).cumprod(d).flip(d)
     return before * after
+
+
+def norm_weights(x, y, p, dim, keepdim):
+    """∂‖x‖_p/∂x over ``dim`` (None: all axes), ``y`` the norm, as autograd's ``norm_backward``: sgn(x) for p = 1;
+    x / y for p = 2; for p = ±∞, sgn(x) split evenly among the entries with |x| = y (ties); sgn(x) |x|^(p-1) / y^(p-1)
+    otherwise (for p < 1, 0 where x = 0); 0 for p = 0. At a zero vector (y = 0) the subgradient is 0, as autograd's
+    (its mask where y = 0, or sgn(0) = 0).
+    """
+    if p == 0:
+        return torch.zeros_like(x)
+    if p == 1:
+        return x.sgn()
+    dims = _dims(dim, x.dim())
+    if not keepdim:
+        for d in sorted(dims):
+            y = y.unsqueeze(d)
+    if math.isinf(p):
+        mask = (x.abs() == y) | x.isnan()
+        return x.sgn() * mask / mask.sum(dims, keepdim=True)
+    if p == 2:
+        return (x / y).masked_fill(y == 0, 0)
+    if p < 1:
+        return x.sgn() * x.abs().pow(p - 1).masked_fill(x == 0, 0) * y.pow(1 - p)
+    scaled = x.sgn() * x.abs().pow(p - 1) if p < 2 else x * x.abs().pow(p - 2)
+    return (scaled / y.pow(p - 1)).masked_fill(y == 0, 0)
+
+
+def _cumprod_zeros(x, d):
+    """``(live, first, past)`` of ``cumprod`` along axis ``d``: ``live`` marks the entries before their line's
+    first zero, ``first`` that zero, and ``past`` (from it on, else 0) the cumulative product with that one zero
+    replaced by 1: ``Π_{j≤i, j≠z} x_j = ∂y_i/∂x_z`` for ``i ≥ z``, without a division.
+    """
+    zero = x == 0
+    seen = zero.cumsum(d)
+    live, first = seen == 0, zero & (seen == 1)
+    past = torch.where(first, torch.ones_like(x), x).cumprod(d)
+    return live, first, past.masked_fill(live, 0)
+
+
+def cumprod_tangent(t, x, y, dim):
+    """Tangent of ``y = cumprod(x, dim)``: ``dy_i = y_i Σ_{k≤i} t_k / x_k`` before the line's first zero ``z``;
+    from it on only ``x_z`` counts, ``dy_i = (Π_{j≤i, j≠z} x_j) t_z`` (exact at zeros, as autograd).
+    """
+    d = dim % x.dim() - x.dim()
+    live, first, past = _cumprod_zeros(x, d)
+    ones = torch.ones_like(x)
+    before = y * (t / torch.where(live, x, ones)).cumsum(d)
+    return torch.where(live, before, past * (t * first).sum(d, keepdim=True))
+
+
+def cumprod_ct(ct, x, y, dim, square=False):
+    """Cotangent of ``cumprod``: ``Σ_{k≤i<z} c_i y_i / x_k`` before the first zero ``z``, ``Σ_{i≥z} c_i ∂y_i/∂x_z``
+    at it, 0 past it (every derivative there holds ``x_z = 0``); with ``square``, ``(A∘A)ᵀ c``: each entry of
+    the Jacobian squared, ``y_i² / x_k²`` and ``(∂y_i/∂x_z)²``.
+    """
+    d = dim % x.dim() - x.dim()
+    live, first, past = _cumprod_zeros(x, d)
+    xs = torch.where(live, x, torch.ones_like(x))
+    y = y.masked_fill(~live, 0)
+    if square:
+        y, xs, past = y * y, xs * xs, past * past
+    before = (ct * y).flip(d).cumsum(d).flip(d) / xs
+    return torch.where(live, before, first * (ct * past).sum(d, keepdim=True))
 
 
 def var_tangent(t, x, dim, correction, keepdim):
@@ -247,6 +312,108 @@ class Prod(_Weighted):
         return e(prod_weights, site.args["input"], site.args["dim"])
 
 
+class _Norm(_Weighted):
+    """A vector norm ``y = ‖x‖_p`` over ``dim``; ``dy = Σ w dx`` with autograd's (sub)gradient ``w``
+    (:func:`norm_weights`).
+    """
+
+    def order(self, site):
+        """``p`` as a Python number, or Decline (a matrix norm, a dtype or ``out=`` argument, a traced order)."""
+        raise NotImplementedError
+
+    def weights(self, e, site):  # noqa: D102
+        return e(norm_weights, site.args["input"], site.out, self.order(site), site.args["dim"], site.args["keepdim"])
+
+
+def _number(p):
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise Decline  # a string (a matrix norm) or an order computed in the graph
+    return float(p)
+
+
+@register(torch.linalg.vector_norm)
+class VectorNorm(_Norm):
+    """y = ‖x‖_ord over dim (None: all axes)."""
+
+    def signature(input, ord=2, dim=None, keepdim=False, *, dtype=None, out=None):  # noqa: D103
+        ...
+
+    def order(self, site):  # noqa: D102
+        if site.args["dtype"] is not None or site.args["out"] is not None:
+            raise Decline
+        return _number(site.args["ord"])
+
+
+@register(torch.norm, "norm")
+class Norm(_Norm):
+    """torch.norm / Tensor.norm: the vector norm of order p over dim, 'fro' (over at most two axes) the 2-norm;
+    matrix norms ('nuc') go to the fallback.
+    """
+
+    def signature(input, p="fro", dim=None, keepdim=False, out=None, dtype=None):  # noqa: D103
+        ...  # Tensor.norm's fourth argument is dtype, bound here as ``out``: declined
+
+    def order(self, site):  # noqa: D102
+        p, dim = site.args["p"], site.args["dim"]
+        if site.args["dtype"] is not None or site.args["out"] is not None:
+            raise Decline
+        if p == "fro" and (dim is None or isinstance(dim, int) or len(dim) <= 2):
+            return 2.0
+        return 2.0 if p is None else _number(p)
+
+
+@register(torch.linalg.norm)
+class LinalgNorm(_Norm):
+    """torch.linalg.norm: a vector norm (an int dim, or no dim and no ord), or the Frobenius norm (the 2-norm of
+    the entries) of matrices; other matrix norms go to the fallback.
+    """
+
+    def signature(input, ord=None, dim=None, keepdim=False, *, out=None, dtype=None):  # noqa: D103
+        ...
+
+    def order(self, site):  # noqa: D102
+        ord, dim = site.args["ord"], site.args["dim"]
+        if site.args["dtype"] is not None or site.args["out"] is not None:
+            raise Decline
+        vector = isinstance(dim, int) or (dim is None and (ord is None or site.ndim("input") == 1)) or \
+            (isinstance(dim, (tuple, list)) and len(dim) == 1)
+        if ord is None or (ord == "fro" and not vector):
+            return 2.0
+        if not vector:
+            raise Decline  # a matrix norm other than Frobenius
+        return _number(ord)
+
+
+@register(torch.cumprod, "cumprod")
+class Cumprod(Rule):
+    """y_i = Π_{j≤i} x_j along dim: a lower-triangular Jacobian ``y_i / x_k``, where x holds zeros the division-free
+    products autograd also takes (:func:`cumprod_tangent`, :func:`cumprod_ct`).
+    """
+
+    diff = ("input",)
+
+    def signature(input, dim, *, dtype=None):  # noqa: D103
+        ...
+
+    @staticmethod
+    def _dim(site):
+        if site.args["dtype"] is not None or site.ndim("input") == 0:
+            raise Decline
+        return site.args["dim"]
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        t = tangents["input"]
+        if t is ZERO:
+            return ZERO
+        return e(cumprod_tangent, t, site.args["input"], site.out, self._dim(site))
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        return {"input": e(cumprod_ct, ct, site.args["input"], site.out, self._dim(site))}
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return {"input": e(cumprod_ct, d, site.args["input"], site.out, self._dim(site), True)}
+
+
 @decomposes(torch.cdist)
 def cdist(x1, x2, p=2.0, compute_mode="use_mm_for_euclid_dist_if_necessary"):
     """Pairwise distances as the norms of all differences, ``[*, P, R]``.
@@ -255,6 +422,64 @@ def cdist(x1, x2, p=2.0, compute_mode="use_mm_for_euclid_dist_if_necessary"):
     ``compute_mode`` only picks ATen's kernel; the values are the same.
     """
     return torch.linalg.vector_norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), p, -1)
+
+
+def norm_floor(norm, eps):
+    """``max(norm, eps)``, a clamp autograd does not see: ATen's ``cosine_similarity`` clamps its norms in place
+    under ``no_grad``, so its derivative is the unclamped norm's.
+    """
+    return norm.clamp_min(eps)
+
+
+@register(norm_floor)
+class NormFloor(LinearOp):
+    """y = max(x, eps) with the derivative of y = x (:func:`norm_floor`)."""
+
+    def signature(input, eps):  # noqa: D103
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        return t
+
+    transpose = apply
+
+
+def broadcast_shape(x1, x2):
+    """The shape ``x1`` and ``x2`` broadcast to."""
+    return torch.broadcast_shapes(x1.shape, x2.shape)
+
+
+@register(broadcast_shape)
+class BroadcastShape(NonDifferentiable):
+    """A shape: a constant."""
+
+    def signature(x1, x2):  # noqa: D103
+        ...
+
+
+def _emit(fn, *args):
+    """``fn(*args)`` recorded as one graph op (a run-time kernel with a rule) inside a decomposition."""
+    tracer = next((a.tracer for a in args if isinstance(a, torch.fx.Proxy)), None)
+    return fn(*args) if tracer is None else tracer.create_proxy("call_function", fn, args, {})
+
+
+@decomposes(torch.cosine_similarity)  # F.cosine_similarity
+def cosine_similarity(x1, x2, dim=1, eps=1e-8):
+    """ATen's computation: both operands broadcast, each divided by its 2-norm along ``dim`` (raised to ``eps``
+    unseen by autograd, :func:`norm_floor`), the products summed. The same values, and autograd's derivatives also
+    where a norm is below ``eps`` (a zero vector: ``∂y/∂x1 = x2 / (‖x2‖ eps)``).
+    """
+    shape = _emit(broadcast_shape, x1, x2)
+    x1, x2 = torch.broadcast_to(x1, shape), torch.broadcast_to(x2, shape)
+    n1 = _emit(norm_floor, torch.linalg.vector_norm(x1, 2, dim, keepdim=True), eps)
+    n2 = _emit(norm_floor, torch.linalg.vector_norm(x2, 2, dim, keepdim=True), eps)
+    return ((x1 / n1) * (x2 / n2)).sum(dim)
+
+
+@decomposes(torch.pairwise_distance)  # F.pairwise_distance
+def pairwise_distance(x1, x2, p=2.0, eps=1e-6, keepdim=False):
+    """ATen's computation, ``‖x1 - x2 + eps‖_p`` over the last axis of the broadcast operands."""
+    return torch.linalg.vector_norm(x1 - x2 + eps, p, -1, keepdim)
 
 
 def _rt_getitem(seq, i):

@@ -1,4 +1,5 @@
-"""Shape ops: views, permutations, broadcasts, repeats, concatenation, splitting, indexing, padding and masks.
+"""Shape ops: views, permutations (rolls, channel shuffles), broadcasts, repeats, concatenation, splitting, indexing,
+padding and masks.
 
 All are linear with 0/1 entries, so each gives its action on a stack and its adjoint; the diagonal rule is the
 adjoint itself. Axes are shifted by one for the column axis (Note [stacked columns]); sizes come from the primal
@@ -183,6 +184,34 @@ def repeat_interleave_transpose(ct, like, repeats, dim):
         idx = torch.repeat_interleave(torch.arange(shape[d], device=ct.device), repeats.to(ct.device))
         ct = ct.new_zeros((ct.shape[0],) + shape).index_add(d + 1, idx, ct)
     return ct.reshape((ct.shape[0],) + tuple(like.shape))
+
+
+def roll_tangent(t, shifts, dims):
+    """``x.roll(shifts, dims)`` on a stack (``dims=None``: of the flattened value, the shape kept)."""
+    if dims is None:
+        return t.reshape(t.shape[0], -1).roll(shifts, 1).reshape(t.shape)
+    return t.roll(shifts, _rt.shift_dim(dims, t.dim() - 1))
+
+
+def roll_transpose(ct, shifts, dims):
+    """Adjoint of ``roll``: the inverse permutation, a roll by the negated shifts."""
+    back = -shifts if not isinstance(shifts, (tuple, list)) else tuple(-s for s in shifts)
+    return roll_tangent(ct, back, dims)
+
+
+def channel_shuffle_tangent(t, groups):
+    """``channel_shuffle(x, groups)`` on a stack: the column axis merged into the leading one (axis 1 of the
+    primal stays the shuffled one).
+    """
+    return torch.channel_shuffle(t.flatten(0, 1), groups).reshape(t.shape)
+
+
+def channel_shuffle_transpose(ct, groups):
+    """Adjoint of ``channel_shuffle``: the inverse permutation, a shuffle with ``C / groups`` groups (the
+    ``[groups, C/groups]`` layout of the channels transposed back).
+    """
+    return channel_shuffle_tangent(ct, ct.shape[2] // groups)
+
 
 
 # --- rules -----------------------------------------------------------------------------------------------
@@ -494,6 +523,36 @@ class Flip(LinearOp):
         return e(torch.flip, t, [d % n + 1 for d in dims])
 
     transpose = apply
+
+
+@register(torch.roll, "roll")
+class Roll(LinearOp):
+    """y = roll(x, shifts, dims), a cyclic shift (a permutation); the adjoint rolls back by the negated shifts."""
+
+    def signature(input, shifts, dims=None):  # noqa: D103
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        return e(roll_tangent, t, site.args["shifts"], site.args["dims"])
+
+    def transpose(self, e, site, ct):  # noqa: D102
+        return e(roll_transpose, ct, site.args["shifts"], site.args["dims"])
+
+
+@register(F.channel_shuffle)  # torch.channel_shuffle; nn.ChannelShuffle calls it
+class ChannelShuffle(LinearOp):
+    """y = channel_shuffle(x, g): axis 1 viewed as ``[g, C/g]`` and transposed (a permutation); the adjoint is
+    the shuffle with ``C/g`` groups.
+    """
+
+    def signature(input, groups):  # noqa: D103
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        return e(channel_shuffle_tangent, t, site.args["groups"])
+
+    def transpose(self, e, site, ct):  # noqa: D102
+        return e(channel_shuffle_transpose, ct, site.args["groups"])
 
 
 @register(F.pad)

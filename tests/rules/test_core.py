@@ -138,6 +138,9 @@ SAMPLES = [
     ("torch.pow", lambda m, x: torch.pow(x, m.w), True),
     ("pow_method", lambda m, x: x.pow(2), False),
     ("torch.where", lambda m, x: torch.where(x > 0, x * m.w, -x), False),
+    ("torch.lerp", lambda m, x: torch.lerp(x, m.w, 0.3), False),
+    ("lerp_method_tensor_weight", lambda m, x: x.lerp(x.sin(), m.w), False),
+    ("lerp_weight_from_input", lambda m, x: torch.lerp(m.w, m.w * 2, x), False),
     # linear algebra
     ("torch.matmul", lambda m, x: torch.matmul(x, m.W), False),
     ("operator.matmul", lambda m, x: (x @ m.W) @ m.W.t(), False),
@@ -152,6 +155,15 @@ SAMPLES = [
     ("torch.einsum", lambda m, x: torch.einsum("bij,jk->bik", x, m.W), False),
     ("einsum_list", lambda m, x: torch.einsum("bij,bkj->bik", [x, x]), False),
     ("einsum_implicit", lambda m, x: torch.einsum("...j,jk", x, m.W), False),
+    ("einsum_three_operands", lambda m, x: torch.einsum("bij,jk,kl->bil", x, m.W, m.V[0]), False),
+    ("einsum_summed_partner_index", lambda m, x: torch.einsum("bij,jk->bi", x, m.W), False),
+    ("einsum_three_same_input", lambda m, x: torch.einsum("bij,jk,bil->bkl", x, m.W, x), False),
+    ("einsum_param_summed_alone", lambda m, x: torch.einsum("bij,kl,jm->bik", x, m.W, m.W[:, :2]), False),
+    ("torch.outer", lambda m, x: x * torch.outer(m.w, m.W[:, 0])[:3], False),
+    ("outer_method", lambda m, x: x * m.W[:3, 1].outer(m.w), False),
+    ("torch.ger", lambda m, x: x[:, 0] @ torch.ger(m.w, m.W[:, 1]), False),
+    ("ger_method", lambda m, x: x * m.w.ger(m.W[:3, 0]).t(), False),
+    ("outer_batch_of_numbers", lambda m, x: torch.outer(x.sum((1, 2)), m.w), False),
     ("F.linear", lambda m, x: F.linear(x, m.W.t(), m.W[0]), False),
     ("F.linear_positions", lambda m, x: F.linear(x, m.V[0], m.w[:4]), False),
     ("F.bilinear", lambda m, x: F.bilinear(x[:, :, :4], x, m.V, m.W[:3, 0]), False),
@@ -241,6 +253,11 @@ SAMPLES = [
     ("torch.tril", lambda m, x: torch.tril(x, -1), False),
     ("triu_method", lambda m, x: x.triu(1), False),
     ("torch.triu", lambda m, x: torch.triu(x, diagonal=-1), False),
+    ("torch.roll", lambda m, x: torch.roll(x, 2, 2), False),
+    ("roll_method_several_dims", lambda m, x: x.roll((1, -2), (1, -1)), False),
+    ("roll_shift_past_size", lambda m, x: torch.roll(x, shifts=-7, dims=-1), False),
+    ("roll_flattened_param", lambda m, x: x * torch.roll(m.W, -3)[:3, :1], False),  # dims=None: flattened
+    ("F.channel_shuffle", lambda m, x: F.channel_shuffle(x.reshape(x.shape[0], 15, 1), 3), False),
     ("to_dtype", lambda m, x: x.to(torch.float64) * 2, False),
     ("double_method", lambda m, x: x.double() * m.w, False),
     ("type_as", lambda m, x: x.type_as(m.w), False),
@@ -289,6 +306,32 @@ SAMPLES = [
     ("prod_method", lambda m, x: x.prod(-1, keepdim=True), False),
     ("prod_all_param", lambda m, x: x * m.w.prod(), False),
     ("prod_with_zeros", lambda m, x: (x * _ZEROS).prod(-1), False),
+    ("torch.cumprod", lambda m, x: torch.cumprod(x, 1), False),
+    ("cumprod_method_zeros", lambda m, x: (x * _ZEROS).cumprod(-1), False),  # rows with one, two and no zeros
+    ("cumprod_param", lambda m, x: x * m.w.cumprod(0), False),
+    # vector norms: the middle row of x * _ZEROS[:, :1] is a zero vector (autograd's subgradient there is 0)
+    ("torch.linalg.vector_norm", lambda m, x: torch.linalg.vector_norm(x * _ZEROS[:, :1], dim=-1), False),
+    ("vector_norm_p1_zeros", lambda m, x: torch.linalg.vector_norm(x * _ZEROS, 1, (1, 2), keepdim=True), False),
+    ("vector_norm_inf_ties", lambda m, x: torch.linalg.vector_norm(torch.cat([x, -x], -1) * _ZEROS[:, :1],
+                                                                   float("inf"), -1), False),
+    ("vector_norm_ninf", lambda m, x: torch.linalg.vector_norm(x, -float("inf"), 1, keepdim=True), False),
+    ("vector_norm_p1.5_zeros", lambda m, x: torch.linalg.vector_norm(x * _ZEROS, 1.5, -1), False),
+    ("vector_norm_p3_zeros", lambda m, x: torch.linalg.vector_norm(x * _ZEROS, 3, -1), False),
+    ("vector_norm_p0.5_zeros", lambda m, x: torch.linalg.vector_norm(x * _ZEROS, 0.5, -1), False),
+    ("vector_norm_p0", lambda m, x: torch.linalg.vector_norm(x, 0, -1), False),
+    ("vector_norm_all_param", lambda m, x: x * torch.linalg.vector_norm(m.V), False),
+    ("torch.norm", lambda m, x: torch.norm(x * _ZEROS[:, :1], dim=-1), False),
+    ("torch.norm_p3", lambda m, x: torch.norm(x, 3, 1), False),
+    ("norm_method", lambda m, x: x.norm(dim=(1, 2), keepdim=True) * m.w.norm(p=1), False),
+    ("norm_method_fro", lambda m, x: x.norm("fro", (1, 2), True), False),
+    ("torch.linalg.norm", lambda m, x: torch.linalg.norm(x, dim=(1, 2), keepdim=True), False),
+    ("linalg_norm_vector_inf", lambda m, x: torch.linalg.norm(x, float("inf"), -1), False),
+    ("linalg_norm_matrix_2", lambda m, x: torch.linalg.norm(x, 2, (1, 2)), False),  # spectral: the fallback
+    ("F.cosine_similarity", lambda m, x: F.cosine_similarity(x * _ZEROS[:, :1], x * m.w, dim=-1), False),
+    ("cosine_similarity_broadcast", lambda m, x: F.cosine_similarity(x[:, :, None, :4], m.W, dim=-1), False),
+    ("cosine_similarity_dim1", lambda m, x: F.cosine_similarity(x, m.V[0, :3] + x[:, :1], 1), False),
+    ("F.pairwise_distance", lambda m, x: F.pairwise_distance(x, x * m.w), False),
+    ("pairwise_distance_p1_param", lambda m, x: F.pairwise_distance(x, m.w, p=1, keepdim=True), False),
     # constants for differentiation
     ("argmax_gather", lambda m, x: x.gather(-1, x.argmax(-1, keepdim=True)), False),
     ("masks_and_casts", lambda m, x: x * (x > 0).to(x.dtype) + x.floor() + torch.sign(x), False),
@@ -352,6 +395,10 @@ _NOT_ONE_OP = {
     "topk_values_and_gather", "torch.addmm", "torch.baddbmm", "matmul_heads", "F.glu", "F.glu_dim1",
     "clamp_bounds_from_input", "clamp_crossed_bounds", "clip_tensor_min", "clamp_tensor_max", "F.pad_replicate_3d",
     "repeat_interleave_flat_param", "torch.movedim", "prod_all_param", "prod_with_zeros",
+    "roll_flattened_param", "cumprod_param", "vector_norm_inf_ties", "vector_norm_all_param", "norm_method",
+    "einsum_param_summed_alone", "F.cosine_similarity", "cosine_similarity_broadcast", "cosine_similarity_dim1",
+    "F.pairwise_distance", "pairwise_distance_p1_param", "lerp_method_tensor_weight", "lerp_weight_from_input",
+    "einsum_three_same_input", "torch.outer", "outer_method", "torch.ger", "ger_method",
 }
 
 
@@ -493,6 +540,13 @@ _KINKS = [  # (id, f(x), values placed in the input exactly)
     ("F.selu", lambda x: F.selu(x), (0.0,)),  # scale·alpha at 0
     ("F.celu", lambda x: F.celu(x, 0.7), (0.0,)),  # 1 at 0
     ("torch.prod", lambda x: x.prod(-1), (0.0,)),  # rows with one zero and with two
+    ("torch.cumprod", lambda x: x.cumprod(-1), (0.0,)),  # from the first zero on, only its derivative counts
+    ("vector_norm_p1", lambda x: torch.linalg.vector_norm(x, 1, -1), (0.0,)),  # sgn(0) = 0
+    ("vector_norm_p1.5", lambda x: torch.linalg.vector_norm(x, 1.5, -1), (0.0,)),
+    ("vector_norm_p0.5", lambda x: torch.linalg.vector_norm(x, 0.5, -1), (0.0,)),  # 0 at a zero entry
+    ("vector_norm_inf", lambda x: torch.linalg.vector_norm(x, float("inf"), -1), (3.0, -3.0)),  # ties split evenly
+    ("vector_norm_zero_vector", lambda x: torch.linalg.vector_norm(x[:, :, :1], 2, -1), (0.0,)),  # 0 there
+    ("F.cosine_similarity", lambda x: F.cosine_similarity(x[..., ::3], x[..., 1:3] + 1, -1), (0.0,)),  # x1 = 0
 ]
 
 
@@ -563,6 +617,16 @@ _NEW_RULES = [
     "torch.repeat_interleave", "repeat_interleave_tensor", "repeat_interleave_flat_param", "movedim_method",
     "torch.movedim", "moveaxis_method", "torch.moveaxis", "select_method", "torch.select", "tril_method",
     "torch.tril", "triu_method", "torch.triu", "torch.prod", "prod_method", "prod_all_param", "prod_with_zeros",
+    "torch.roll", "roll_method_several_dims", "roll_shift_past_size", "roll_flattened_param", "F.channel_shuffle",
+    "torch.cumprod", "cumprod_method_zeros", "cumprod_param", "torch.linalg.vector_norm", "vector_norm_p1_zeros",
+    "vector_norm_inf_ties", "vector_norm_ninf", "einsum_param_summed_alone", "vector_norm_p1.5_zeros",
+    "vector_norm_p3_zeros",
+    "vector_norm_p0.5_zeros", "vector_norm_p0", "vector_norm_all_param", "torch.norm", "torch.norm_p3", "norm_method",
+    "norm_method_fro", "torch.linalg.norm", "linalg_norm_vector_inf", "F.cosine_similarity",
+    "cosine_similarity_broadcast", "cosine_similarity_dim1", "F.pairwise_distance", "pairwise_distance_p1_param",
+    "torch.lerp", "lerp_method_tensor_weight", "lerp_weight_from_input", "einsum_list", "einsum_three_operands",
+    "einsum_summed_partner_index", "einsum_three_same_input", "torch.outer", "outer_method", "torch.ger",
+    "ger_method", "outer_batch_of_numbers", "outer_same_operand",
 ]
 
 
@@ -583,3 +647,24 @@ def test_no_autograd_fallback(name):
         if name not in _NOT_ONE_OP:
             fxjac.jtmjp(model, matrix="diag", out="diag", method="diag_backprop", strict=True)(x, model(x).flatten(1))
     assert not [w for w in caught if "fallback" in str(w.message)]
+
+
+@pytest.mark.parametrize("name", ["torch.einsum", "einsum_three_operands", "einsum_param_summed_alone",
+                                  "outer_batch_of_numbers", "cosine_similarity_broadcast", "pairwise_distance_p1_param",
+                                  "torch.lerp"])
+def test_per_sample_parameter_products_without_fallback(name):
+    # An unbatched operand against a batched one: per-sample stacks through the rule (values: test_rule).
+    f = next(s[1] for s in SAMPLES if s[0] == name)
+    model, x = Op(f), _input(2, False)
+    P = sum(p.numel() for p in model.parameters())
+    fxjac.vjp(model, wrt="params", reduce="none", strict=True)(x, model(x))
+    fxjac.jvp(model, wrt="params", strict=True)(x, torch.ones(2, P, dtype=torch.float64))
+
+
+def test_channel_shuffle_module():
+    # nn.ChannelShuffle calls F.channel_shuffle: a permutation of the channels, its adjoint the inverse one.
+    model = nn.Sequential(nn.Conv1d(2, 6, 1), nn.ChannelShuffle(3), nn.Conv1d(6, 2, 1)).double()
+    x = torch.randn(3, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    check_direction_products(model, (x,), products=("jvp", "vjp", "mjp"))
+    fxjac.vjp(model, wrt="params", strict=True)(x, model(x))
+    check_diag_backprop(nn.Sequential(nn.ChannelShuffle(2)).double(), (x.repeat(1, 2, 1),))
