@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Mapping
 from typing import Any, Iterable, Optional
@@ -72,13 +73,23 @@ def _split(batch, n_inputs: int, wants_target: bool):
     return inputs, target
 
 
+def _summed_over_the_batch(product, part) -> bool:
+    """Whether a product's result is a parameter-space quantity summed over the batch: ``[P]``, ``[P, P]`` or
+    square blocks, where a result with a batch axis is ``[B, ...]`` (reduce='none', input or output space).
+    """
+    shapes = getattr(product, "_fxjac_param_shapes", None)
+    if not shapes:
+        return False
+    n = sum(math.prod(s) for _, s in shapes)
+    if isinstance(part, (list, tuple)):
+        return all(b.dim() == 2 and b.shape[0] == b.shape[1] for b in part)
+    return tuple(part.shape) in ((n,), (n, n))
+
+
 def _add(total, part):
     if total is None:
         return part
     pairs = list(zip(total, part)) if isinstance(part, (list, tuple)) else [(total, part)]
-    if any(a.shape != b.shape for a, b in pairs):
-        raise OptionError("accumulate sums results of the same shape over batches: this product's result has a "
-                          "batch axis (reduce='none', or a result in input space); build it with reduce='sum'")
     return [a + b for a, b in pairs] if isinstance(part, (list, tuple)) else total + part
 
 
@@ -109,7 +120,12 @@ def accumulate(product, loader: Iterable, *operands, progress: Optional[bool] = 
             continue
         inputs, target = _split(batch, n_in, wants_target)
         kwargs = {"target": target} if target is not None and wants_target else {}
-        total = _add(total, product(*inputs, *operands, **kwargs)[1])
+        part = product(*inputs, *operands, **kwargs)[1]
+        if not _summed_over_the_batch(product, part):
+            raise OptionError("accumulate sums a parameter-space result over batches: this product's result has a "
+                              "batch axis (reduce='none', or a result in input or output space); build it w.r.t. "
+                              "parameters with reduce='sum'")
+        total = _add(total, part)
     if total is None:
         raise ValueError("the loader gave this process no batch")
     if distributed:

@@ -44,6 +44,9 @@ def loss_options(loss: str, class_dim, sigma, output=None):
         raise OptionError(f"loss='gaussian_nll' reads the mean and log-variance on axis 1 of a [B, 2, ...] output; "
                           f"the model's output is {list(output.shape)}")
     if loss != "gaussian":
+        if not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and sigma == 1.0):
+            raise OptionError(f"sigma= is the Gaussian loss's standard deviation; loss={loss!r} takes none (it would "
+                              "be ignored): use loss='gaussian' for a fixed sigma")
         return 1.0
     return sigma_option(sigma, None if output is None else output.shape[1:])
 

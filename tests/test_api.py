@@ -934,9 +934,21 @@ def test_common_options_are_checked_when_built():
 
 def test_accumulate_refuses_results_with_a_batch_axis():
     model = mlp()
-    p = fxjac.ggn(model, reduce="none")
-    with pytest.raises(fxjac.OptionError, match="reduce='sum'"):
-        fxjac.accumulate(p, [randn(4, 3), randn(3, 3)])
+    v = randn(sum(q.numel() for q in model.parameters()))
+    for p, operands in ((fxjac.ggn(model, reduce="none"), ()), (fxjac.jtmjp(model), ()),
+                        (fxjac.jvp(model, wrt="params"), (v,))):
+        for sizes in ((4, 3), (4, 4)):  # batches of equal sizes too: their samples must not be added up
+            batches = [randn(n, 3, g=rng(i)) for i, n in enumerate(sizes)]
+            with pytest.raises(fxjac.OptionError, match="reduce='sum'"):
+                fxjac.accumulate(p, batches, *operands)
+
+
+def test_sigma_of_a_loss_without_one_is_refused():
+    with pytest.raises(fxjac.OptionError, match="loss='mse' takes none"):
+        fxjac.ggn(mlp(), loss="mse", sigma=2.0)
+    with pytest.raises(fxjac.OptionError, match="takes none"):
+        fxjac.ggn_vp(mlp(), loss="cross_entropy", sigma=torch.ones(2))
+    fxjac.ggn(mlp(), loss="mse", sigma=1.0)  # the value it has anyway
 
 
 def test_accumulate_names_a_dict_batch():

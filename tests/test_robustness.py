@@ -1388,3 +1388,17 @@ def test_real_parameter_viewed_as_complex_with_per_sample_tangents():
     assert_close(t, torch.einsum("bop,bp->bo", J, V), "jvp with [B, P] tangents")
     _, Jf = fxjac.jacobian(model, wrt="params", mode="forward")(x)
     assert_close(Jf, J, "forward-mode Jacobian")
+
+
+def test_forward_mode_through_parameter_space_products_and_a_clear_vmap_refusal():
+    """Their blocks are written into one stack with out= kernels, which forward-mode AD and vmap refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 5), nn.Softplus(), nn.Linear(5, 3)).double()
+    z = randn(3, 2)
+    p = fxjac.ggn(model, loss="mse", differentiable=True)
+    fw = torch.func.jacfwd(lambda a: p(a)[1])(z)
+    rev = torch.func.jacrev(lambda a: p(a)[1])(z)
+    assert_close(fw, rev, "d(GGN diagonal)/dx, forward against reverse mode")
+    v = fxjac.vjp(model, wrt="params")
+    with pytest.raises(fxjac.UnsupportedOpError, match="vmap cannot batch"):
+        torch.func.vmap(lambda w: v(z, w)[1])(randn(4, 3, 3, seed=1))

@@ -290,7 +290,25 @@ def write(out: torch.Tensor, op: str, *args) -> torch.Tensor:
     return out
 
 
+def _transformed() -> bool:
+    """Whether a torch.func transform or a forward-mode AD level is active (a ``jacfwd`` or ``dual_level`` around
+    the product): an ``out=`` kernel refuses their wrapped tensors, a copy carries the tangents into the stack.
+    """
+    return torch._C._functorch.maybe_current_level() is not None or torch.autograd.forward_ad._current_level >= 0
+
+
 def _write_now(out, op, args):
+    if _transformed():
+        try:
+            _write_copy(out, op, args)
+        except RuntimeError as err:  # vmap: a batched value cannot be written into the unbatched stack
+            from ..errors import UnsupportedOpError
+
+            raise UnsupportedOpError(
+                "a parameter-space result is written block by block into one stack allocated for the batch, which "
+                "torch.func.vmap cannot batch: call the product per sample (or build it with reduce='none'), or "
+                f"differentiate it in reverse or forward mode ({err})") from err
+        return
     if op == "copy":
         out.copy_(args[0])
     elif op == "add":
@@ -304,6 +322,16 @@ def _write_now(out, op, args):
             out.copy_(fn(*args))
         else:
             fn(*args, out=out)
+
+
+def _write_copy(out, op, args):
+    """:func:`_write_now` without ``out=`` kernels."""
+    if op == "zero":
+        out.zero_()
+    elif op in ("copy", "add"):
+        (out.copy_ if op == "copy" else out.add_)(args[0])
+    else:
+        out.copy_(_WRITE_OPS[op](*args))
 
 
 @torch.library.custom_op("fxjac::write_into", mutates_args={"out"})
