@@ -1402,3 +1402,63 @@ def test_forward_mode_through_parameter_space_products_and_a_clear_vmap_refusal(
     v = fxjac.vjp(model, wrt="params")
     with pytest.raises(fxjac.UnsupportedOpError, match="vmap cannot batch"):
         torch.func.vmap(lambda w: v(z, w)[1])(randn(4, 3, 3, seed=1))
+
+
+class _ClassToken(nn.Module):
+    """A ViT's class token copied to every sample by repeat or tile, then joined to the patches."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.cls = nn.Parameter(torch.randn(1, 1, 4, generator=rng(9), dtype=torch.float64))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        b = x.shape[0]
+        if self.how == "repeat":
+            c = self.cls.repeat(b, 2, 1)
+        elif self.how == "tile":
+            c = self.cls.tile(b, 1, 2)[..., :4]
+        else:  # torch.tile with more dims than its input's: the input's shape padded by leading ones
+            c = torch.tile(self.cls[0], (b, 1, 1))
+        return self.fc(torch.tanh(torch.cat([c, x], 1)).mean(1))
+
+
+@pytest.mark.parametrize("how", ["repeat", "tile", "torch.tile"])
+def test_parameter_repeated_to_every_sample(how):
+    """Per-sample products of a parameter copied along the batch axis crashed (a reshape of the wrong size)."""
+    torch.manual_seed(0)
+    model = _ClassToken(how).double()
+    x = randn(3, 5, 4)
+    check_metric_products(model, (x,), wrts=("params",))
+    J = per_sample_jacobian(model, (x,), "params")
+    _, g = fxjac.vjp(model, wrt="params", reduce="none")(x, randn(3, 3, seed=1))
+    assert_close(g, torch.einsum("bop,bo->bp", J, randn(3, 3, seed=1)), f"per-sample gradients through {how}")
+
+
+class _IndexedTable(nn.Module):
+    """A parameter table indexed by integer ids (an embedding written as indexing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(5, 4, generator=rng(10), dtype=torch.float64))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, ids):
+        return self.fc(torch.tanh(x + self.table[ids]).sum(1))
+
+
+def test_parameter_table_indexed_by_ids_per_sample():
+    """Each sample's rows of the table (repeats and a negative id included): the batch had been folded into the
+    table's rows (a shape error).
+    """
+    torch.manual_seed(0)
+    model = _IndexedTable().double()
+    x, ids = randn(3, 2, 4), torch.tensor([[0, 3], [3, 3], [-1, 2]])
+    J = per_sample_jacobian(model, (x, ids), "params")
+    _, g = fxjac.vjp(model, wrt="params", reduce="none")(x, ids, randn(3, 3, seed=1))
+    assert_close(g, torch.einsum("bop,bo->bp", J, randn(3, 3, seed=1)), "per-sample gradients of the table")
+    _, d = fxjac.jtmjp(model, wrt="params", out="diag", reduce="none")(x, ids)
+    assert_close(d, (J * J).sum(1), "per-sample J^T J diagonal")
+    _, Jr = fxjac.jacobian(model, wrt="params", mode="reverse")(x, ids)
+    assert_close(Jr, J, "reverse-mode Jacobian")

@@ -54,6 +54,20 @@ def repeat_transpose(ct, like, sizes):
     return ct.reshape((ct.shape[0],) + tuple(like.shape))
 
 
+def repeat_transpose_ps(ct, like, sizes):
+    """Per-sample adjoint of ``x.repeat(*sizes)`` for an unbatched ``x`` copied once per sample along the batch
+    axis (a class token, ``cls.repeat(B, 1, 1)``): ``[K, B, *out[1:]]``, each sample's row summed over the other
+    axes' copies, onto ``[K, B, *like.shape]``.
+    """
+    k, b = ct.shape[:2]
+    shape = (1,) * (len(sizes) - like.dim()) + tuple(like.shape)
+    split = [k * b]
+    for r, s in zip(sizes[1:], shape[1:]):
+        split += [r, s]
+    ct = ct.reshape(split).sum(tuple(range(1, 2 * len(sizes) - 2, 2)))
+    return ct.reshape((k, b) + tuple(like.shape))
+
+
 def cat_tangent(tangents, xs, dim):
     """``cat`` of tangent stacks, zeros standing in where an input has none."""
     k = next(t.shape[0] for t in tangents if t is not None)
@@ -104,6 +118,21 @@ def getitem_transpose(ct, like, idx):
     if any(isinstance(i, torch.Tensor) and i.dtype != torch.bool for i in _index_of(idx)):
         return out.index_put(_as_indices(out, full), ct, accumulate=True)
     out[full] = ct
+    return out
+
+
+def rows_transpose_ps(ct, like, idx):
+    """Per-sample adjoint of ``table[idx]`` for an unbatched ``table`` and a batched integer ``idx`` ``[B, *s]`` (an
+    embedding written as indexing): ``[K, B, *s, *row]`` scatter-added into each sample's ``[K, B, *table.shape]``.
+    """
+    k, b = ct.shape[:2]
+    rows = idx.reshape(b, -1)
+    n = rows.shape[1]
+    out = ct.new_zeros((k, b) + tuple(like.shape))
+    kk = torch.arange(k, device=ct.device).view(k, 1, 1).expand(k, b, n)
+    bb = torch.arange(b, device=ct.device).view(1, b, 1).expand(k, b, n)
+    out.index_put_((kk, bb, rows.unsqueeze(0).expand(k, b, n)), ct.reshape((k, b, n) + tuple(like.shape[1:])),
+                   accumulate=True)
     return out
 
 
@@ -366,10 +395,26 @@ class Repeat(LinearOp):
         return e.method("repeat", e(_rt.align, t, len(sizes)), 1, *sizes)
 
     def vjp(self, e, site, ct):  # noqa: D102
-        return {"0": e(repeat_transpose, ct, site.args["0"], self._sizes(site))}
+        sizes = self._sizes(site)
+        if "0" in site.ps:  # an unbatched value copied to every sample: one copy per sample along axis 0 only
+            shape = (1,) * (len(sizes) - site.ndim("0")) + tuple(site.val("0").shape)
+            if site.extra.get("out_batch_dim") != 0 or site.node.meta.get("batch_factor", 1) != 1 or shape[0] != 1:
+                raise Decline
+            return {"0": e(repeat_transpose_ps, ct, site.args["0"], sizes)}
+        return {"0": e(repeat_transpose, ct, site.args["0"], sizes)}
 
     def diag_vjp(self, e, site, d):  # noqa: D102
         return self.vjp(e, site, d)
+
+
+@register("tile", torch.tile)
+class Tile(Repeat):
+    """y = x.tile(dims): ``repeat`` with ``dims`` padded by leading ones to x's rank."""
+
+    @staticmethod
+    def _sizes(site):
+        sizes = Repeat._sizes(site)
+        return (1,) * (site.ndim("0") - len(sizes)) + sizes
 
 
 @register(torch.cat, torch.concat, torch.concatenate)
@@ -507,6 +552,20 @@ class GetItem(LinearOp):
         if sum(1 for p in parts if isinstance(p, (torch.fx.Node, list))) > 1:
             raise Decline
         return e(getitem_transpose, ct, site.args["input"], idx)
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        if "input" not in site.ps:
+            return super().vjp(e, site, ct)
+        # an unbatched table indexed by a batched integer tensor (rows per sample): each sample's rows
+        idx, val = site.args["idx"], site.val("idx")
+        if not (isinstance(idx, torch.fx.Node) and isinstance(val, torch.Tensor) and not val.is_floating_point()
+                and val.dtype != torch.bool and idx in site.extra.get("batched", {})
+                and site.extra.get("out_batch_dim") == 0 and site.node.meta.get("batch_factor", 1) == 1):
+            raise Decline
+        return {"input": e(rows_transpose_ps, ct, site.args["input"], idx)}
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return self.vjp(e, site, d)  # 0/1 entries: the adjoint itself
 
 
 @register(torch.flip, "flip")
