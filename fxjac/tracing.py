@@ -165,6 +165,14 @@ class Tracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):  # noqa: D102
         self._see_globals(forward)
+        try:
+            self.path_of_module(m)
+        except NameError:  # a module made inside forward (``nn.AdaptiveAvgPool2d(1)(x)``): not in the model
+            if next(m.parameters(), None) is not None or next(m.buffers(), None) is not None:
+                raise TraceError(f"forward creates a {type(m).__name__} with parameters or buffers at every call: "
+                                 "they are not the model's (new values each call, never trained); make it a "
+                                 "submodule in __init__") from None
+            return forward(*args, **kwargs)  # parameter-free: its forward is traced as the model's own code
         decomp = decomposition_for(type(m))
         if decomp is not None and not self.is_leaf_module(m, ""):
             return decomp(m, *args, **kwargs)

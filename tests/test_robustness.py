@@ -1462,3 +1462,32 @@ def test_parameter_table_indexed_by_ids_per_sample():
     assert_close(d, (J * J).sum(1), "per-sample J^T J diagonal")
     _, Jr = fxjac.jacobian(model, wrt="params", mode="reverse")(x, ids)
     assert_close(Jr, J, "reverse-mode Jacobian")
+
+
+class _InlineModules(nn.Module):
+    """Parameter-free modules made inside forward (a squeeze-excitation's ``nn.AdaptiveAvgPool2d(1)(x)``)."""
+
+    def __init__(self, with_parameters=False):
+        super().__init__()
+        self.with_parameters = with_parameters
+        self.conv, self.fc = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = nn.ReLU()(self.conv(x))
+        s = torch.sigmoid(nn.AdaptiveAvgPool2d(1)(h))
+        if self.with_parameters:
+            s = nn.Conv2d(4, 4, 1)(s)
+        return self.fc(nn.Flatten()(nn.AdaptiveAvgPool2d(1)(h * s)))
+
+
+def test_parameter_free_modules_made_inside_forward_are_traced_through():
+    """torch.fx looks every called module up in the model: a raw NameError before."""
+    torch.manual_seed(0)
+    model = _InlineModules().double()
+    x = randn(2, 2, 5, 5)
+    check_direction_products(model, (x,), products=("jvp", "vjp", "mjp"))
+    J = per_sample_jacobian(model, (x,), "params")
+    _, d = fxjac.ggn(model, loss="mse")(x)
+    assert_close(d, (J * J).sum((0, 1)), "GGN diagonal")
+    with pytest.raises(fxjac.TraceError, match="forward creates a Conv2d with parameters"):
+        fxjac.vjp(_InlineModules(with_parameters=True).double())(x, randn(2, 3, seed=1))
