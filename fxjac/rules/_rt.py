@@ -306,8 +306,8 @@ def _write_now(out, op, args):
 
             raise UnsupportedOpError(
                 "a parameter-space result is written block by block into one stack allocated for the batch, which "
-                "torch.func.vmap cannot batch: call the product per sample (or build it with reduce='none'), or "
-                f"differentiate it in reverse or forward mode ({err})") from err
+                "torch.func.vmap cannot batch: call the product once on the stacked batch (reduce='none' gives "
+                f"per-sample results) or in a loop; reverse and forward mode go through it ({err})") from err
         return
     if op == "copy":
         out.copy_(args[0])
