@@ -417,15 +417,6 @@ def _corr_weight_shifts(a, c, dilation, ksize, groups, per_sample):
     return y.sum(0).permute(1, 0, 2, 3, 4, 5).reshape(k, o, ch // g, ksize[0], ksize[1])
 
 
-# Per-sample weight cotangents of a stack by im2col take one GEMM per column where a patch (C/g · kernel size)
-# has at most PER_COLUMN_PATCH entries (measured on CPU: 27 entries 2x faster than the einsum, 72 1.2x faster,
-# 144 about even, 432 1.5x slower); under torch.compile, for at most PER_COLUMN_UNROLL columns (each GEMM is a
-# node of the graph: more would slow compilation). On a GPU never: a launch per column costs more than the copy
-# the einsum makes (U-Net exact GGN diagonal on an H100, 1,023 columns: 3,000 GEMM launches per call).
-PER_COLUMN_PATCH = 128
-PER_COLUMN_UNROLL = 32
-
-
 def _as_2d(a, ksize, stride, dilation):
     """A 1-d convolution's padded input ``[Ka, B, C, L]`` and parameters as 2-d ones with a unit axis."""
     if len(ksize) == 1:
@@ -519,23 +510,19 @@ def _corr_weight_unfold(a, c, stride, dilation, ksize, groups, per_sample, cols=
         # Written in place eagerly; under autograd or torch.compile, stacked (inductor writes the GEMMs into it)
         pt = cols[0].reshape(b * g, patch, length)
         ck = cc.reshape(kc, b * g, o // g, length)
-        shape = (kc, b, o, ch // g) + tuple(ksize)
         short = patch < SHORT_PATCH
+
+        def block(k, out=None):  # column k's [B·g, O/g, patch], or its transpose where the patch is short
+            return torch.bmm(pt, ck[k].transpose(1, 2), out=out) if short else \
+                torch.bmm(ck[k], pt.transpose(1, 2), out=out)
+
         if torch.compiler.is_compiling() or _rt.records_grad(cc, cols):
-            if short:
-                y = torch.stack([torch.bmm(pt, ck[k].transpose(1, 2)) for k in range(kc)]).transpose(-1, -2)
-            else:
-                y = torch.stack([torch.bmm(ck[k], pt.transpose(1, 2)) for k in range(kc)])
-            return y.reshape(shape)
-        if short:
-            y = cc.new_empty((kc, b * g, patch, o // g))
+            y = torch.stack([block(k) for k in range(kc)])
+        else:
+            y = cc.new_empty((kc, b * g) + ((patch, o // g) if short else (o // g, patch)))
             for k in range(kc):
-                torch.bmm(pt, ck[k].transpose(1, 2), out=y[k])
-            return y.transpose(-1, -2).reshape(shape)
-        y = cc.new_empty((kc, b * g, o // g, patch))
-        for k in range(kc):
-            torch.bmm(ck[k], pt.transpose(1, 2), out=y[k])
-        return y.reshape(shape)
+                block(k, out=y[k])
+        return (y.transpose(-1, -2) if short else y).reshape((kc, b, o, ch // g) + tuple(ksize))
     if per_sample:
         y = torch.einsum("abgjl,cbgol->acbgoj", cols, cc)
         return y.reshape((ka * kc, b, o, ch // g) + tuple(ksize))
