@@ -1491,3 +1491,24 @@ def test_parameter_free_modules_made_inside_forward_are_traced_through():
     assert_close(d, (J * J).sum((0, 1)), "GGN diagonal")
     with pytest.raises(fxjac.TraceError, match="forward creates a Conv2d with parameters"):
         fxjac.vjp(_InlineModules(with_parameters=True).double())(x, randn(2, 3, seed=1))
+
+
+def test_one_dimensional_parameter_repeated_to_every_sample():
+    """A 1-d parameter repeated along the batch only: no other axis has copies to sum (a sum over no axes would
+    have summed everything).
+    """
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.tensor([0.7], dtype=torch.float64))
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x * self.s.repeat(x.shape[0])[:, None])
+
+    torch.manual_seed(0)
+    model = Scale().double()
+    x, w = randn(4, 3), randn(4, 2, seed=1)
+    J = per_sample_jacobian(model, (x,), "params")
+    _, g = fxjac.vjp(model, wrt="params", reduce="none")(x, w)
+    assert_close(g, torch.einsum("bop,bo->bp", J, w), "per-sample gradients through a 1-d repeat")

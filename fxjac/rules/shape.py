@@ -44,14 +44,20 @@ def stack_sum(t, dim, keepdim):
     return t.sum(_rt.shift_dim(dim, t.dim() - 1), keepdim=keepdim)
 
 
-def repeat_transpose(ct, like, sizes):
-    """Adjoint of ``x.repeat(*sizes)``: sum the copies back onto ``[K, *like.shape]``."""
-    shape = (1,) * (len(sizes) - like.dim()) + tuple(like.shape)
+def _sum_copies(ct, shape, sizes):
+    """A stack ``[N, *out]`` of ``x.repeat(*sizes)`` for ``x`` of (rank-padded) ``shape``, its copies summed."""
+    if not sizes:  # (``sum`` over no axes would sum over all of them)
+        return ct
     split = [ct.shape[0]]
     for r, s in zip(sizes, shape):
         split += [r, s]
-    ct = ct.reshape(split).sum(tuple(range(1, 2 * len(sizes), 2)))
-    return ct.reshape((ct.shape[0],) + tuple(like.shape))
+    return ct.reshape(split).sum(tuple(range(1, 2 * len(sizes), 2)))
+
+
+def repeat_transpose(ct, like, sizes):
+    """Adjoint of ``x.repeat(*sizes)``: sum the copies back onto ``[K, *like.shape]``."""
+    shape = (1,) * (len(sizes) - like.dim()) + tuple(like.shape)
+    return _sum_copies(ct, shape, sizes).reshape((ct.shape[0],) + tuple(like.shape))
 
 
 def repeat_transpose_ps(ct, like, sizes):
@@ -61,11 +67,8 @@ def repeat_transpose_ps(ct, like, sizes):
     """
     k, b = ct.shape[:2]
     shape = (1,) * (len(sizes) - like.dim()) + tuple(like.shape)
-    split = [k * b]
-    for r, s in zip(sizes[1:], shape[1:]):
-        split += [r, s]
-    ct = ct.reshape(split).sum(tuple(range(1, 2 * len(sizes) - 2, 2)))
-    return ct.reshape((k, b) + tuple(like.shape))
+    rows = ct.reshape((k * b,) + tuple(ct.shape[2:]))
+    return _sum_copies(rows, shape[1:], sizes[1:]).reshape((k, b) + tuple(like.shape))
 
 
 def cat_tangent(tangents, xs, dim):
