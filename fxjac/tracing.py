@@ -124,7 +124,6 @@ class Tracer(fx.Tracer):
         # ``operator.iadd``…; normalisation then rewrites them with aliases followed (Note [in-place ops]).
         # Grad mode on while tracing, whatever the caller's (a first call under ``torch.no_grad()``): a ``with
         # torch.no_grad():`` block in forward is then seen, and left out of every derivative (create_node).
-        self.grad_at_start = True
         saved = {name: fx.Proxy.__dict__.get(name) for name in _PROXY_INPLACE}
         for name, op in _PROXY_INPLACE.items():
             setattr(fx.Proxy, name, _inplace_method(op))
@@ -157,7 +156,7 @@ class Tracer(fx.Tracer):
 
     def create_node(self, *args, **kwargs):  # noqa: D102
         node = super().create_node(*args, **kwargs)
-        if self.grad_at_start and not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():  # trace() turns it on: off here only inside forward's own no_grad
             # Inside ``with torch.no_grad():`` in forward: autograd gives the result no derivative, nor do the
             # passes (they leave nodes marked ``no_grad`` out of every derivative path).
             node.meta["no_grad"] = True
