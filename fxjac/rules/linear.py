@@ -56,6 +56,8 @@ def linear_weight_ct_into(out, ct, x, per_sample):
     k, o, i = ct.shape[0], ct.shape[-1], x.shape[-1]
     if not per_sample:  # sizes spelled out, not -1: a batch of zero leaves -1 ambiguous
         n = math.prod(x.shape[:-1])
+        if k == 1:
+            return _rt.write(out.view(o, i), "mm", ct.reshape(n, o).t(), x.reshape(n, i)).reshape(out.shape)
         x = x.reshape(1, n, i).expand(k, n, i)
         w = _rt.write(out.view(k, o, i), "bmm", ct.reshape(k, n, o).transpose(1, 2), x)
     elif x.dim() == 2:
@@ -191,7 +193,7 @@ def matmul_tangent(ta, tb, a, b, ps_a=False, ps_b=False):
     if ta is not None:
         ta2 = ta.unsqueeze(-2) if a.dim() == 1 else ta
         ta2 = _rt.align_ps(ta2, rank) if ps_a else _rt.align(ta2, rank)
-        out = ta2 @ b2
+        out = _rt.mm(ta2, b2)
     if tb is not None:
         tb2 = tb.unsqueeze(-1) if b.dim() == 1 else tb
         if ps_b and a2.dim() == 2:  # rows of a 2-D ``a`` are the samples, each with its own ``b``
@@ -211,7 +213,7 @@ def matmul_ct_left(ct, a, b, batch=None):
         ct = ct.unsqueeze(-1)
     if -2 in squeeze:
         ct = ct.unsqueeze(-2)
-    c = ct @ b2.transpose(-1, -2)
+    c = _rt.mm(ct, b2.transpose(-1, -2))
     if batch is not None:
         return _rt.sum_to_ps(c, a2).reshape(c.shape[:2] + a.shape)
     return _rt.sum_to(c, a2).reshape((c.shape[0],) + a.shape)
@@ -250,7 +252,7 @@ class Linear(Rule):
         x, w = site.args["input"], site.args["weight"]
         terms = []
         if tangents["input"] is not ZERO:
-            terms.append(e(F.linear, tangents["input"], w))
+            terms.append(e(_rt.mm_t, tangents["input"], w))
         if tangents["weight"] is not ZERO:
             if "weight" in site.ps:
                 terms.append(batch_back(e, site, e(linear_weight_tangent_ps, batch_first(e, site, x, 0),
@@ -273,7 +275,7 @@ class Linear(Rule):
         x, w, b = site.args["input"], site.args["weight"], site.args["bias"]
         out = {}
         if site.needs("input"):
-            out["input"] = e(torch.matmul, ct, w)
+            out["input"] = e(_rt.mm, ct, w)
         factor = site.extra.get("batch_factor", 1)
         merged = factor != 1 and bool(site.ps & {"weight", "bias"})
         ct_ps, x_ps = ct, x
@@ -325,7 +327,7 @@ class Linear(Rule):
         x, w = site.args["input"], site.args["weight"]
         terms = []
         if tangents["input"] is not ZERO:
-            terms.append(e(F.linear, tangents["input"], e(torch.square, w)))
+            terms.append(e(_rt.mm_t, tangents["input"], e(torch.square, w)))
         if tangents["weight"] is not ZERO:
             terms.append(e(linear_weight_tangent, e(torch.square, x), tangents["weight"]))
         if tangents.get("bias", ZERO) is not ZERO:
@@ -338,7 +340,7 @@ class Linear(Rule):
         x, w, b = site.args["input"], site.args["weight"], site.args["bias"]
         out = {}
         if site.needs("input"):
-            out["input"] = e(torch.matmul, d, e(torch.square, w))
+            out["input"] = e(_rt.mm, d, e(torch.square, w))
         if site.needs("weight"):
             if "weight" in site.ps:
                 x2 = batch_first(e, site, e(torch.square, x), 0)
