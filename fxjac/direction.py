@@ -20,17 +20,16 @@ from .product import Product, make_product
 _COMMON = ("example_inputs", "leaf_modules", "strict", "chunk_size", "differentiable", "output", "concrete_args")
 
 
-def _options(kwargs: dict, extra=(), chunked: bool = False) -> dict:
-    """Validate the common options; ``chunk_size`` only where a product has a build-time column count."""
+def _options(kwargs: dict, extra=()) -> dict:
+    """Validate the common options and drop ``chunk_size`` (the products with K columns read it first; for the
+    one-column products, jvp, vjp and ggn_vp, there is nothing to chunk).
+    """
     unknown = set(kwargs) - set(_COMMON) - set(extra)
     if unknown:
         raise OptionError(f"unknown option(s) {sorted(unknown)}; known: {sorted(set(_COMMON) | set(extra))}")
     chunk = kwargs.get("chunk_size")
     if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
         raise OptionError(f"chunk_size must be a positive int, got {chunk!r}")
-    if chunk is not None and not chunked:
-        raise OptionError("chunk_size applies to products whose columns are fixed when the product is built "
-                          "(jacobian, jtmjp, ggn); the others take their K columns from the operand you pass")
     kwargs.pop("chunk_size", None)
     return kwargs
 
@@ -113,9 +112,14 @@ def through_chunks(e, b, src, k: int, chunk_size, seed, weights, emit, cat_dim=N
     (Note [column loops] in passes/loop.py), and under torch.compile, which unrolls the loop, through a second
     copy for wider chunks; where the chunk cannot be outlined, the chunks are unrolled.
     """
-    width, wide = chunk_widths(k, chunk_size, src, never)
-    if width >= k:
-        return emit(seed, weights, k)
+    if not isinstance(k, int):  # K is the operand's, known at run time: chunks of chunk_size, the last padded
+        if chunk_size is None:
+            return emit(seed, weights, k)
+        width = wide = chunk_size
+    else:
+        width, wide = chunk_widths(k, chunk_size, src, never)
+        if width >= k:
+            return emit(seed, weights, k)
 
     def chunk(n):  # one chunk's pass: (the graph's last node before it, its column slices, result)
         start = next(iter(reversed(e.graph.nodes)))
@@ -127,12 +131,15 @@ def through_chunks(e, b, src, k: int, chunk_size, seed, weights, emit, cat_dim=N
     eager = chunk_body(e.graph, start, roots, first)
     if eager is not None:
         variants = [eager + (width,)]
-        if wide != width:
+        if wide != width:  # (k is an int here: with an operand's K both widths are chunk_size)
             compiled = chunk_body(e.graph, *chunk(min(wide, k)))
             if compiled is None:  # the same emission with another width: outlined alike
                 raise RuntimeError("fxjac: internal error: a chunk of columns outlined at one width and not another")
             variants.append(compiled + (min(wide, k),))
-        return column_loop(e, b.modules, seed, weights, k, variants, first, cat_dim)
+        return column_loop(e, b.modules, seed, weights, k if isinstance(k, int) else None, variants, first, cat_dim)
+    if not isinstance(k, int):
+        raise OptionError("chunk_size: this product's pass cannot be put in a loop over chunks of the operand's "
+                          "columns (their number is known only at run time); build it without chunk_size")
     parts = [first]
     for lo in range(width, k, width):
         hi = min(lo + width, k)
@@ -241,12 +248,14 @@ def vjp(model, wrt: Any = "input", reduce: str = "sum", **options) -> Product:
 
 
 def jmp(model, wrt: Any = "input", **options) -> Product:
-    """Jacobian-matrix product ``J M`` by forward propagation of K tangent columns at once.
+    """Jacobian-matrix product ``J M`` by forward propagation of K tangent columns at once (at most
+    ``chunk_size`` at a time where given).
 
     Returns:
         ``p(*inputs, M) -> (y, J M)``: ``M`` is ``[B, I, K]`` (input) or ``[P, K]`` (parameters, shared by the
         batch); the result is ``[B, O, K]``.
     """
+    chunk_size = options.get("chunk_size")
     options = _options(options)
 
     def assemble(src, b, key):
@@ -257,29 +266,33 @@ def jmp(model, wrt: Any = "input", **options) -> Product:
             x = xs[src.wrt_index]
             n = A.numel_per_sample(src.inputs[src.wrt_index])
             m = e(checks.check_shape, m, (A.size(e, x, 0), n, -1), x, "M")
-            seeds = {src.inputs[src.wrt_index]: e(A.stack_to_shape, m, x)}
+            cols = e(A.stack_to_shape, m, x)
         else:
             m = e(checks.check_shape, m, (src.P, -1), A.param_like(b, src), "M")
-            seeds = A.param_seeds(e, src, e.method("t", m))
-        tan = forward_tangents(b, seeds)
+            cols = e.method("t", m)
+        b.copy_all()
         y = b.env[src.output]
-        batch = A.size(e, y, 0)
-        ty = tan.get(src.output, ZERO)
-        k = e.method("size", m, -1)
-        if ty is ZERO:
-            ty = e(A.zeros_stack, y, k)
-        return (y, e(A.stack_to_rows, ty, batch))
+
+        def push(c, _, n):
+            seeds = {src.inputs[src.wrt_index]: c} if src.wrt_kind == "input" else A.param_seeds(e, src, c)
+            ty = forward_tangents(b, seeds).get(src.output, ZERO)
+            return e(A.zeros_stack, y, n) if ty is ZERO else ty
+
+        ty = through_chunks(e, b, src, e.method("size", m, -1), chunk_size, cols, None, push, cat_dim=0)
+        return (y, e(A.stack_to_rows, ty, A.size(e, y, 0)))
 
     return make_product(assemble, model, wrt, **options)
 
 
 def mjp(model, wrt: Any = "input", reduce: str = "sum", **options) -> Product:
-    """Matrix-Jacobian product ``M J`` by backward propagation of K cotangent rows at once.
+    """Matrix-Jacobian product ``M J`` by backward propagation of K cotangent rows at once (at most
+    ``chunk_size`` at a time where given).
 
     Returns:
         ``p(*inputs, M) -> (y, M J)``: ``M`` is ``[B, K, O]``; the result is ``[B, K, I]`` (input), ``[K, P]``
         (parameters, summed over the batch) or ``[B, K, P]`` with ``reduce="none"``.
     """
+    chunk_size = options.get("chunk_size")
     options = _options(options)
     reduce = _reduce(reduce)
 
@@ -291,21 +304,22 @@ def mjp(model, wrt: Any = "input", reduce: str = "sum", **options) -> Product:
         y = b.env[src.output]
         batch = A.size(e, y, 0)
         m = e(checks.check_shape, m, (batch, -1, A.numel_per_sample(src.output)), y, "M")
-        seeds = {src.output: e(_rows_to_stack, m, y)}
-        k = e.method("size", m, 1)
-        if src.wrt_kind == "input":
-            x = xs[src.wrt_index]
-            cts = backward_cotangents(b, seeds, [src.inputs[src.wrt_index]])
-            ct = cts.get(src.inputs[src.wrt_index], ZERO)
-            if ct is ZERO:
-                ct = e(A.zeros_stack, x, k)
-            return (y, e(A.stack_to_batch_rows, ct, batch))
         per_sample = reduce == "none"
-        rows = e(operator.mul, k, batch) if per_sample else k
-        flat = A.param_stack(b, e, src, seeds, rows, y, per_sample)
-        if per_sample:
-            flat = e(_ps_rows_to_batch_first, flat, k, batch)
-        return (y, flat)
+
+        def pull(rows, _, k):  # -> [B, k, I], [B, k, P] (per sample) or [k, P]
+            seeds = {src.output: rows}
+            if src.wrt_kind == "input":
+                x_old = src.inputs[src.wrt_index]
+                ct = backward_cotangents(b, seeds, [x_old]).get(x_old, ZERO)
+                return e(A.stack_to_batch_rows, e(A.zeros_stack, xs[src.wrt_index], k) if ct is ZERO else ct, batch)
+            if not per_sample:
+                return A.param_stack(b, e, src, seeds, k, y, False)
+            return e(_ps_rows_to_batch_first, A.param_stack(b, e, src, seeds, e(operator.mul, k, batch), y, True),
+                     k, batch)
+
+        cat_dim = 0 if src.wrt_kind != "input" and not per_sample else 1
+        return (y, through_chunks(e, b, src, e.method("size", m, 1), chunk_size, e(_rows_to_stack, m, y), None,
+                                  pull, cat_dim=cat_dim))
 
     return make_product(assemble, model, wrt, **options)
 
@@ -328,7 +342,7 @@ def jacobian(model, wrt: Any = "input", mode: str = "auto", **options) -> Produc
         ``p(*inputs) -> (y, J)``.
     """
     chunk_size = options.get("chunk_size")
-    options = _options(options, chunked=True)
+    options = _options(options)
     if mode not in ("auto", "forward", "reverse"):
         raise OptionError(f"mode must be 'auto', 'forward' or 'reverse', got {mode!r}")
 

@@ -505,10 +505,9 @@ def _sink(src, direct: dict, form: str, args_of, stack=None):
 
 def _chunked_metric(src, b, e, y, seed, w, k, out, reduce_sum, chunk_size):
     """The exact backward metric over the K seed columns, chunk by chunk (Note [metric factors]): every
-    reduction is a sum over columns, so the chunks' results add (:func:`through_chunks`).
+    reduction is a sum over columns, so the chunks' results add (:func:`through_chunks`; K may be a node, a
+    factor's columns known at run time).
     """
-    if not isinstance(k, int):
-        return _backward_metric(src, b, e, y, seed, w, k, out, reduce_sum, "exact")
     never = _never_stacked(src, b.rules) if out == "diag" else frozenset()
     return through_chunks(e, b, src, k, chunk_size, seed, w, never=never,
                           emit=lambda s, wc, n: _backward_metric(src, b, e, y, s, wc, n, out, reduce_sum, "exact"))
@@ -550,12 +549,10 @@ def jtmjp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
         a list of ``[P_m, P_m]`` (with a leading B under ``reduce="none"``).
     """
     chunk_size = options.get("chunk_size")
-    options = _options(options, chunked=True)
+    options = _options(options)
     reduce = _reduce(reduce)
     kind = _wrt_kind(wrt)
     _check_options("jtmjp", kind, matrix, out, method)
-    if chunk_size is not None and matrix == "sqrt":
-        raise OptionError("chunk_size: with matrix='sqrt' the columns are the factor's, chosen by the caller")
 
     def assemble(src, b, key):
         A.input_placeholders(b, src)
@@ -573,6 +570,11 @@ def jtmjp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
 
 
 # --- J M J^T ---------------------------------------------------------------------------------------------
+
+
+_ROWS_UNCHUNKED = ("chunk_size: J M Jᵀ from rows of J (w.r.t. parameters, or mode='reverse') pairs every row with "
+                   "every other, so the rows cannot go through in chunks; chunk_size applies to jmjtp w.r.t. the "
+                   "input in forward mode (M's columns)")
 
 
 def jmjtp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full", method: str = "exact",
@@ -595,9 +597,12 @@ def jmjtp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
     Returns:
         ``p(*inputs[, M]) -> (y, J M Jᵀ)``.
     """
+    chunk_size = options.get("chunk_size")
     options = _options(options)
     kind = _wrt_kind(wrt)
     _check_options("jmjtp", kind, matrix, out, method)
+    if chunk_size is not None and (kind != "input" or mode == "reverse" or method == "diag_backprop"):
+        raise OptionError(_ROWS_UNCHUNKED)
     if mode not in ("auto", "forward", "reverse"):
         raise OptionError(f"mode must be 'auto', 'forward' or 'reverse', got {mode!r}")
 
@@ -633,12 +638,17 @@ def jmjtp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
                     seeds, w, k = e(A.eye_stack, x, n_in), e(diag_weights, m), n_in
                 else:
                     seeds, w, k = e(A.eye_stack, x, n_in), None, n_in
-                tan = forward_tangents(b, {x_old: seeds})
+                b.copy_all()
                 y = b.env[src.output]
-                t = tan.get(src.output, ZERO)
-                if t is ZERO:
-                    t = e(A.zeros_stack, y, k)
-                return (y, e(outer_cols, e(batched_rows, t, k), w, out_diag))
+
+                def push(s, wc, n):  # each column's outer product: the chunks' results add
+                    t = forward_tangents(b, {x_old: s}).get(src.output, ZERO)
+                    return e(outer_cols, e(batched_rows, e(A.zeros_stack, y, n) if t is ZERO else t, n), wc,
+                             out_diag)
+
+                return (y, through_chunks(e, b, src, k, chunk_size, seeds, w, push))
+            if chunk_size is not None:
+                raise OptionError(_ROWS_UNCHUNKED)
             b.copy_all()
             y = b.env[src.output]
             cts = backward_cotangents(b, {src.output: e(A.eye_stack, y, n_out)}, [x_old])
@@ -756,7 +766,7 @@ def ggn(model, loss: str = "cross_entropy", wrt: Any = "params", out: str = "dia
         depend on it).
     """
     chunk_size = options.get("chunk_size")
-    options = _options(options, chunked=True)
+    options = _options(options)
     reduce = _reduce(reduce)
     if loss not in LOSSES:
         raise OptionError(f"unknown loss {loss!r}; one of {sorted(LOSSES)}")

@@ -141,7 +141,8 @@ def _placeholders_first(graph: fx.Graph) -> None:
 class ColumnLoop(nn.Module):
     """Calls a body ``body(columns, weights, *extra)`` on the ``k`` seed columns ``width`` at a time (the last
     chunk padded with zero columns) and returns the sum of the results (Note [column loops]). ``weights`` may be
-    ``None``; a result may be a tensor or a list of tensors.
+    ``None``; a result may be a tensor or a list of tensors. ``k=None``: as many columns as ``columns`` has at
+    run time (an operand's K).
 
     ``variants`` holds ``(body, width, n_extra)``: the first runs eagerly; a second, where given, under
     torch.compile, whose dynamo unrolls the loop (fewer, wider chunks there: each is a copy of the body in the
@@ -149,7 +150,7 @@ class ColumnLoop(nn.Module):
     chunks' results are concatenated along it instead (a Jacobian's rows or columns), the padding cut off.
     """
 
-    def __init__(self, k: int, has_weights: bool, variants: list, cat_dim: Optional[int] = None):
+    def __init__(self, k: Optional[int], has_weights: bool, variants: list, cat_dim: Optional[int] = None):
         super().__init__()
         self.k, self.has_weights, self.cat_dim = k, has_weights, cat_dim
         self.bodies = nn.ModuleList([v[0] for v in variants])
@@ -175,8 +176,9 @@ class ColumnLoop(nn.Module):
         i = 1 if len(self.bodies) > 1 and torch.compiler.is_compiling() else 0
         body, width, at = self.bodies[i], self.widths[i], sum(self.n_extra[:i])
         extra = extra[at:at + self.n_extra[i]]
+        k = columns.shape[0] if self.k is None else self.k
         total, parts = None, []
-        for lo in range(0, self.k, width):
+        for lo in range(0, max(k, 1), width):  # K = 0: one chunk of zero columns, for the results' shapes
             args = (self._chunk(columns, lo, width),) + \
                 ((self._chunk(weights, lo, width),) if self.has_weights else ())
             out = body(*args, *extra)
@@ -189,7 +191,7 @@ class ColumnLoop(nn.Module):
             else:
                 total = total + out
         if self.cat_dim is not None:
-            return torch.cat(parts, self.cat_dim).narrow(self.cat_dim, 0, self.k)
+            return torch.cat(parts, self.cat_dim).narrow(self.cat_dim, 0, k)
         return total
 
 
@@ -202,7 +204,7 @@ def chunk_body(graph: fx.Graph, start: fx.Node, roots: list, result: Any) -> Opt
     return clean(fx.GraphModule(nn.Module(), body, class_name="ChunkOfColumns")), externals
 
 
-def column_loop(e, modules: dict, seed: fx.Node, weights: Optional[fx.Node], k: int, variants: list,
+def column_loop(e, modules: dict, seed: fx.Node, weights: Optional[fx.Node], k: Optional[int], variants: list,
                 result: Any, cat_dim: Optional[int] = None) -> Any:
     """Emit a :class:`ColumnLoop` over the ``k`` columns of ``seed`` (and ``weights``, ``None`` when there are
     none), held in ``modules`` under a new name. ``variants``: ``(body, externals, width)`` from

@@ -232,8 +232,58 @@ def test_chunked_columns_give_the_same_result():
     for mode in ("forward", "reverse"):
         _, J = fxjac.jacobian(model, mode=mode, chunk_size=5)(*xs)
         assert_close(J, per_sample_jacobian(model, xs, "input"), f"chunked jacobian ({mode})")
-    with pytest.raises(fxjac.OptionError, match="chunk_size"):
-        fxjac.jvp(model, chunk_size=4)
+    _, t = fxjac.jvp(model, chunk_size=4)(*xs, xs[0])  # one column: nothing to chunk
+    assert_close(t, fxjac.jvp(model)(*xs, xs[0])[1], "jvp with chunk_size")
+    with pytest.raises(fxjac.OptionError, match="rows cannot go through in chunks"):
+        fxjac.jmjtp(model, wrt="params", matrix="diag", chunk_size=4)
+
+
+@pytest.mark.parametrize("name", ["resnet", "transformer_mha"])
+def test_operand_columns_in_chunks(name):
+    """``chunk_size`` where K is the operand's, known at run time (jmp, mjp, jtmjp/jmjtp with a factor ``S``):
+    one outlined copy of the pass in a loop of ceil(K / chunk_size) chunks, the last padded, for any K the
+    operand brings (fewer than a chunk, none), against the dense float64 Jacobian."""
+    model, _ = zoo.build(name, preset="small")
+    model = model.double().eval()
+    xs = zoo.example_inputs(name, 2, preset="small", dtype=torch.float64)
+    J_in, J_p = per_sample_jacobian(model, xs, "input"), per_sample_jacobian(model, xs, "params")
+    B, O, I = J_in.shape
+    P = J_p.shape[2]
+    g = torch.Generator().manual_seed(11)
+    products = {
+        "jmp[input]": (fxjac.jmp(model, chunk_size=3, example_inputs=xs), lambda k: torch.randn(B, I, k, generator=g,
+                       dtype=torch.float64), lambda M: torch.einsum("boi,bik->bok", J_in, M)),
+        "jmp[params]": (fxjac.jmp(model, wrt="params", chunk_size=3, example_inputs=xs),
+                        lambda k: torch.randn(P, k, generator=g, dtype=torch.float64),
+                        lambda M: torch.einsum("bop,pk->bok", J_p, M)),
+        "mjp[input]": (fxjac.mjp(model, chunk_size=3, example_inputs=xs),
+                       lambda k: torch.randn(B, k, O, generator=g, dtype=torch.float64),
+                       lambda M: torch.einsum("bko,boi->bki", M, J_in)),
+        "mjp[params]": (fxjac.mjp(model, wrt="params", chunk_size=3, example_inputs=xs),
+                        lambda k: torch.randn(B, k, O, generator=g, dtype=torch.float64),
+                        lambda M: torch.einsum("bko,bop->kp", M, J_p)),
+        "mjp[params, none]": (fxjac.mjp(model, wrt="params", reduce="none", chunk_size=3, example_inputs=xs),
+                              lambda k: torch.randn(B, k, O, generator=g, dtype=torch.float64),
+                              lambda M: torch.einsum("bko,bop->bkp", M, J_p)),
+        "jtmjp[params, sqrt]": (fxjac.jtmjp(model, wrt="params", matrix="sqrt", out="diag", chunk_size=3,
+                                            example_inputs=xs),
+                                lambda k: torch.randn(B, O, k, generator=g, dtype=torch.float64),
+                                lambda S: torch.einsum("bop,bok,bqk,bqp->p", J_p, S, S, J_p)),
+        "jtmjp[input, sqrt]": (fxjac.jtmjp(model, matrix="sqrt", chunk_size=3, example_inputs=xs),
+                               lambda k: torch.randn(B, O, k, generator=g, dtype=torch.float64),
+                               lambda S: torch.einsum("boi,bok,bqk,bqj->bij", J_in, S, S, J_in)),
+        "jmjtp[input, sqrt]": (fxjac.jmjtp(model, matrix="sqrt", chunk_size=3, example_inputs=xs),
+                               lambda k: torch.randn(B, I, k, generator=g, dtype=torch.float64),
+                               lambda S: torch.einsum("boi,bik,bjk,bqj->boq", J_in, S, S, J_in)),
+        "jmjtp[input, diag]": (fxjac.jmjtp(model, matrix="diag", mode="forward", chunk_size=3, example_inputs=xs),
+                               lambda k: torch.rand(B, I, generator=g, dtype=torch.float64),
+                               lambda d: torch.einsum("boi,bi,bqi->boq", J_in, d, J_in)),
+    }
+    for what, (p, operand, ref) in products.items():
+        assert "column_loop_0(" in p.code, what
+        for k in (7, 2, 0):
+            M = operand(k)
+            assert_close(p(*xs, M)[1], ref(M), f"{name} {what} with K = {k} in chunks of 3")
 
 
 @pytest.mark.parametrize("name, loss", [("resnet", "mse"), ("unet", "mse"), ("transformer_mha", "mse")])
