@@ -195,13 +195,35 @@ class Product(fx.GraphModule):
         model = self.model
         fixed = {k: v for k, v in (self._fxjac_spec.get("concrete_args") or {}).items()
                  if v is not fx._symbolic_trace.PH}
-        with torch.no_grad():  # the forward's other arguments as traced (concrete_args=)
-            ref = model(*args[:n_in], **fixed)
         sel = self._fxjac_spec.get("output")
-        if sel is not None:
-            ref = getattr(ref, sel) if isinstance(sel, str) and hasattr(ref, "_fields") else ref[sel]
+
+        def reference(grad: bool):
+            with torch.set_grad_enabled(grad):  # the forward's other arguments as traced (concrete_args=)
+                ref = model(*args[:n_in], **fixed)
+            if sel is not None:
+                ref = getattr(ref, sel) if isinstance(sel, str) and hasattr(ref, "_fields") else ref[sel]
+            return ref.detach() if isinstance(ref, torch.Tensor) else ref
+
+        def same(ref):
+            return isinstance(ref, torch.Tensor) and ref.shape == y.shape and _same_output(ref.to(y.dtype), y)
+
         y = out[0]
-        if not isinstance(ref, torch.Tensor) or ref.shape != y.shape or not _same_output(ref.to(y.dtype), y):
+        ref = reference(False)
+        # Without grad, some modules take another kernel (nn.MultiheadAttention's fast path gives NaN for a
+        # fully masked row, its differentiable path 0): the product follows the differentiable one.
+        if not same(ref) and torch.is_tensor(ref) and not bool(torch.isfinite(ref).all()):
+            try:
+                ref = reference(True)
+            except RuntimeError:  # (under torch.inference_mode inference tensors cannot be recorded)
+                pass
+        if not same(ref):
+            if isinstance(ref, torch.Tensor) and ref.shape == y.shape and y.is_floating_point() and \
+                    bool((torch.isfinite(ref) & ~torch.isfinite(y)).any()):
+                raise TraceError("the traced graph gives NaN or inf where the model's output is finite: an op "
+                                 "fxjac traces through (a decomposed module, or ops inside one) may differ from "
+                                 "PyTorch's fused kernel at degenerate inputs (a fully masked row, a zero norm); "
+                                 "keep the module whole with leaf_modules=[...] (its derivatives then come from "
+                                 "the autograd fallback)")
             raise TraceError("the traced graph does not reproduce the model's output (an in-place mutation or "
                              "Python side effect torch.fx did not record?); name the module that does it in "
                              "leaf_modules=[...]")

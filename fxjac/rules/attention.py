@@ -13,6 +13,12 @@ Note [attention decompositions]
     applied at run time by :func:`add_mask` (a small op with its own rule): boolean masks are constants, float
     masks are added (and differentiated, a learned bias included). Dropout on attention weights is refused
     (``ModeError``): it makes the output a function of chance.
+
+    A query row whose every key is masked (left padding under a causal mask) has scores of -inf only: a plain
+    softmax gives NaN there. PyTorch's fused kernels, and so ``F.scaled_dot_product_attention`` and
+    ``nn.MultiheadAttention(need_weights=False)``, return 0 for such a row, its gradient 0 too; with a mask the
+    decompositions do the same (:func:`_masked_softmax`). ``need_weights=True`` takes PyTorch's slow path,
+    whose softmax gives NaN, and so does its decomposition.
 """
 
 from __future__ import annotations
@@ -236,8 +242,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if is_causal:
         scores = scores + _emit(causal_bias, scores)
     if attn_mask is not None:
-        scores = _emit(add_mask, scores, attn_mask, False)
+        return _masked_softmax(_emit(add_mask, scores, attn_mask, False)) @ value
     return torch.softmax(scores, dim=-1) @ value
+
+
+def _masked_softmax(scores):
+    """Softmax over the last axis with 0 on rows whose every score is -inf, as PyTorch's fused attention
+    kernels compute it (Note [attention decompositions]); the masked scores get no derivative.
+    """
+    dead = (scores == float("-inf")).all(-1, keepdim=True)
+    return torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
 
 
 def _to_batch_first(query, key, value):
@@ -319,7 +333,8 @@ def multihead_attention(m, query, key, value, key_padding_mask=None, need_weight
         scores = _emit(add_mask, scores, attn_mask, True)
     if key_padding_mask is not None:
         scores = _emit(add_mask, scores, key_padding_mask, True)
-    weights = torch.softmax(scores, dim=-1)
+    masked = key_padding_mask is not None or (attn_mask is not None and not causal)
+    weights = _masked_softmax(scores) if masked and not need_weights else torch.softmax(scores, dim=-1)
     out = F.linear((weights @ v).transpose(1, 2).flatten(2), m.out_proj.weight, m.out_proj.bias)
     if not m.batch_first:
         out = out.transpose(0, 1)

@@ -29,6 +29,8 @@ from .registry import register
 
 def linear_weight_tangent(x, tw):
     """``x @ tWᵀ`` for a shared weight-tangent stack ``tw`` ``[K, out, in]`` -> ``[K, *x[:-1], out]``."""
+    if tw.shape[0] == 1:  # a jvp: one GEMM (through oneDNN where that is faster, Note [GEMMs through oneDNN])
+        return _rt.mm_t(x, tw[0]).unsqueeze(0)
     return torch.einsum("koi,...i->k...o", tw, x)
 
 
@@ -39,6 +41,10 @@ def linear_weight_tangent_ps(x, tw):
 
 def linear_weight_ct(ct, x):
     """``Σ_positions ct ⊗ x`` summed over the batch: ``[K, *, out]``, ``[*, in]`` -> ``[K, out, in]``."""
+    if ct.shape[0] == 1:  # one column: one GEMM over the positions
+        o, i = ct.shape[-1], x.shape[-1]
+        n = math.prod(x.shape[:-1])
+        return _rt.mm(ct.reshape(n, o).t(), x.reshape(n, i)).unsqueeze(0)
     return torch.einsum("k...o,...i->koi", ct, x)
 
 

@@ -64,11 +64,12 @@ class MHA(nn.Module):
     """nn.MultiheadAttention(6, 2) on ``[B, 5, 6]``, returning output ``out`` of its tuple."""
 
     def __init__(self, out=0, need_weights=True, average=True, batch_first=True, cross=False, mask=None,
-                 padding=False, causal=False, data_mask=False, **kw):
+                 padding=False, causal=False, data_mask=False, left_pad=False, **kw):
         super().__init__()
         self.m = nn.MultiheadAttention(6, 2, batch_first=batch_first, **kw)
         self.out, self.need_weights, self.average, self.batch_first = out, need_weights, average, batch_first
         self.cross, self.padding, self.causal, self.data_mask = cross, padding, causal, data_mask
+        self.left_pad = left_pad
         self.register_buffer("mask", mask)
         if cross:
             self.pk, self.pv = nn.Linear(6, kw.get("kdim", 6)), nn.Linear(6, kw.get("vdim", 6))
@@ -82,6 +83,9 @@ class MHA(nn.Module):
         kpm = None
         if self.padding:  # a data-dependent boolean padding mask (a constant for differentiation)
             kpm = (x if self.batch_first else x.transpose(0, 1))[..., 0] > 1.0
+        if self.left_pad:  # odd samples padded on the left by two keys: under a causal mask, rows of no key
+            b, t = x.shape[0], x.shape[1]
+            kpm = ((torch.arange(b) % 2 == 1).unsqueeze(1) & (torch.arange(t) < 2).unsqueeze(0))
         mask = self.mask
         if self.data_mask:  # a data-dependent [B·H, L, S] boolean mask, never blocking the diagonal
             a = x[..., 0]
@@ -151,6 +155,12 @@ CASES = {
     "sdpa float mask": (lambda: SDPA(mask=torch.randn(2, 3, 5, generator=_g(), dtype=D)), 4),
     "sdpa learned mask": (lambda: SDPA(mask=nn.Parameter(torch.randn(3, 5, generator=_g(), dtype=D))), 4),
     "sdpa gqa": (lambda: SDPA(gqa=True), 4),
+    # rows whose every key is masked: 0 there, as PyTorch's kernels give (Note [attention decompositions])
+    "sdpa empty bool row": (lambda: SDPA(mask=torch.tensor([[True] * 5, [False] * 5, [True, False] * 2 + [True]])),
+                            4),
+    "sdpa -inf float row": (lambda: SDPA(mask=torch.randn(3, 5, generator=_g(), dtype=D).index_fill(
+        0, torch.tensor([2]), float("-inf"))), 4),
+    "mha left padding causal": (lambda: MHA(mask=~_CAUSAL, need_weights=False, left_pad=True), 6),
     "sdpa scale": (lambda: SDPA(scale=0.3), 4),
     "mha": (lambda: MHA(), 6),
     "mha no weights": (lambda: MHA(need_weights=False), 6),
@@ -184,7 +194,8 @@ CASES = {
 BATCH_ONE = ["sdpa gqa", "mha seq first", "masked_fill torch"]
 INPUT_ONLY = {"encoder layer seq first"}
 # Every product for these; vjp and jacobian (both modes) for the others.
-FULL = {"sdpa causal", "mha", "encoder layer pre-norm gelu", "masked_fill method", "transformer"}
+FULL = {"sdpa causal", "mha", "encoder layer pre-norm gelu", "masked_fill method", "transformer",
+        "sdpa empty bool row", "mha left padding causal"}
 
 
 def _model(name):
@@ -324,3 +335,16 @@ def test_decompositions_reproduce_the_modules():
 def test_every_attention_key_has_a_case():
     """Every key registered by attention.py is reached by some case above."""
     assert_every_key_reached(attention, (_model(name) for name in CASES))
+
+
+def test_empty_rows_match_the_kernels_and_a_mismatch_says_where(monkeypatch):
+    """A fully masked row is 0 in the model's own output (PyTorch's kernels); the decomposition agrees, and where
+    a traced graph gives NaN where the model is finite, the first call's TraceError says so (not "mutation")."""
+    model = _model("mha left padding causal")
+    x = _input("mha left padding causal", 3)
+    y = model(x)
+    assert torch.isfinite(y).all() and (y[1, :2] == 0).all()
+    assert_close(fxjac.jvp(model)(x, x)[0], y, "primal with empty rows")
+    monkeypatch.setattr(attention, "_masked_softmax", lambda s: torch.softmax(s, dim=-1))
+    with pytest.raises(fxjac.TraceError, match="NaN or inf where the model's output is finite"):
+        fxjac.vjp(_model("sdpa empty bool row"))(_input("sdpa empty bool row", 2), torch.ones(2, 2, 3, 4, dtype=D))
