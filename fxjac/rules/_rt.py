@@ -265,13 +265,16 @@ def advise_huge_pages(t: torch.Tensor) -> torch.Tensor:
 # PyTorch's CPU wheels multiply float32 matrices with MKL, which runs its AVX-512 kernels on Intel processors
 # only: on an AMD EPYC (Zen 5) with AVX-512, one core's sgemm ran at 105 GFLOP/s, and oneDNN's matmul (bundled
 # with the same wheel, reached through ``mkldnn._linear_pointwise``) at 235 on the same [1152, 512] @ [512, 512].
-# The rules' large float32 GEMMs (a Linear's cotangent stacks times its weight, the GGN diagonal's squared
-# Gram) go through oneDNN there; small ones stay on MKL (oneDNN's call costs about 10 us; the two meet near
-# 2^20 multiply-adds). Not where autograd records (a differentiable product), a torch.func transform or forward
-# AD runs (the op has no derivative or batching rule), nor for a large transposed left operand (oneDNN copies it:
-# a column-major [163840, 144] @ [144, 16] took 61 ms, MKL 24).
-# The primal forward keeps the model's own ops, so the product's output is the model's. ``FXJAC_CPU_GEMM``
-# (read at import) overrides the choice: ``onednn`` or ``mkl``; by default oneDNN on non-Intel AVX-512 CPUs.
+# The rules' large float32 GEMMs (a Linear's or a matmul's cotangent stacks times its weight, tangents through
+# it, one-column weight cotangents) go through oneDNN there; small ones stay on MKL (oneDNN's call costs about
+# 10 us; the two meet near 2^20 multiply-adds). Products written into a block of a flat stack (``write``) stay on
+# MKL's ``out=``: oneDNN has no such variant, and its fresh result copied in faulted in new pages at every call
+# (large_mlp's GGN diagonal: 3.4 ms steady, 7.7 ms while the allocator returned the pages). Not where autograd
+# records (a differentiable product), a torch.func transform or forward AD runs (the op has no derivative or
+# batching rule), nor for a large transposed left operand (oneDNN copies it: a column-major [163840, 144] @
+# [144, 16] took 61 ms, MKL 24). The primal forward keeps the model's own ops, so the product's output is the
+# model's. ``FXJAC_CPU_GEMM`` (read at import) overrides the choice: ``onednn`` or ``mkl``; by default oneDNN on
+# non-Intel AVX-512 CPUs.
 
 ONEDNN_MIN_MACS = 1 << 21
 ONEDNN_MAX_COPY = 1 << 20  # a column-major left operand up to this size still gains (a [B, O] Gram factor)
