@@ -270,15 +270,16 @@ def jmp(model, wrt: Any = "input", **options) -> Product:
         else:
             m = e(checks.check_shape, m, (src.P, -1), A.param_like(b, src), "M")
             cols = e.method("t", m)
-        b.copy_all()
-        y = b.env[src.output]
+        if chunk_size is not None:  # the primal before the loop; else interleaved with the tangents, as in jvp
+            b.copy_all()
 
         def push(c, _, n):
             seeds = {src.inputs[src.wrt_index]: c} if src.wrt_kind == "input" else A.param_seeds(e, src, c)
             ty = forward_tangents(b, seeds).get(src.output, ZERO)
-            return e(A.zeros_stack, y, n) if ty is ZERO else ty
+            return e(A.zeros_stack, b.env[src.output], n) if ty is ZERO else ty
 
         ty = through_chunks(e, b, src, e.method("size", m, -1), chunk_size, cols, None, push, cat_dim=0)
+        y = b.env[src.output]
         return (y, e(A.stack_to_rows, ty, A.size(e, y, 0)))
 
     return make_product(assemble, model, wrt, **options)

@@ -638,15 +638,16 @@ def jmjtp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
                     seeds, w, k = e(A.eye_stack, x, n_in), e(diag_weights, m), n_in
                 else:
                     seeds, w, k = e(A.eye_stack, x, n_in), None, n_in
-                b.copy_all()
-                y = b.env[src.output]
+                if chunk_size is not None:  # the primal before the loop; else interleaved with the tangents
+                    b.copy_all()
 
                 def push(s, wc, n):  # each column's outer product: the chunks' results add
                     t = forward_tangents(b, {x_old: s}).get(src.output, ZERO)
-                    return e(outer_cols, e(batched_rows, e(A.zeros_stack, y, n) if t is ZERO else t, n), wc,
-                             out_diag)
+                    t = e(A.zeros_stack, b.env[src.output], n) if t is ZERO else t
+                    return e(outer_cols, e(batched_rows, t, n), wc, out_diag)
 
-                return (y, through_chunks(e, b, src, k, chunk_size, seeds, w, push))
+                r = through_chunks(e, b, src, k, chunk_size, seeds, w, push)
+                return (b.env[src.output], r)
             if chunk_size is not None:
                 raise OptionError(_ROWS_UNCHUNKED)
             b.copy_all()
