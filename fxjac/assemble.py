@@ -58,8 +58,8 @@ def input_placeholders(b: Builder, src: Source) -> list:
     for i, (n, new) in enumerate(zip(src.inputs, out)):
         val = n.meta.get("val")
         if isinstance(val, torch.Tensor) and val.dim() > 0:
-            batch_of = () if first is None else (first,)  # the later inputs' batch must be the first's
-            checked = e(checks.check_input, new, tuple(val.shape[1:]), f"input {i}", *batch_of)
+            dtype = val.dtype if val.is_floating_point() else None  # (integer ids: any integer dtype)
+            checked = e(checks.check_input, new, tuple(val.shape[1:]), f"input {i}", first, dtype)
             checked.meta = dict(n.meta)
             b.env[n] = checked
             first = checked if first is None else first

@@ -58,7 +58,7 @@ def ggn_vp(model, loss: str = "cross_entropy", wrt: Any = "params", class_dim: i
         flat = A.param_stack(b, e, src, {src.output: e(loss_hvp, y, ty, loss, class_dim, sig)}, 1, y, ps=False)
         return (y, e.method("squeeze", flat, 0))
 
-    return make_product(assemble, model, wrt, takes_target=True, **options)
+    return make_product(assemble, model, wrt, takes_target=True, summed=True, **options)
 
 
 def _split(batch, n_inputs: int, wants_target: bool):
@@ -109,8 +109,9 @@ def accumulate(product, loader: Iterable, *operands, progress: Optional[bool] = 
     """
     from tqdm import tqdm
 
-    n_in = product._fxjac_spec.get("n_inputs") or 1
-    wants_target = bool(product._fxjac_spec.get("takes_target"))
+    base = getattr(product, "product", product)  # a product through fxjac.compile: its own product's spec
+    n_in = base._fxjac_spec.get("n_inputs") or 1
+    wants_target = bool(base._fxjac_spec.get("takes_target"))
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     show = sys.stderr.isatty() if progress is None else progress
@@ -121,10 +122,10 @@ def accumulate(product, loader: Iterable, *operands, progress: Optional[bool] = 
         inputs, target = _split(batch, n_in, wants_target)
         kwargs = {"target": target} if target is not None and wants_target else {}
         part = product(*inputs, *operands, **kwargs)[1]
-        if not _summed_over_the_batch(product, part):
-            raise OptionError("accumulate sums a parameter-space result over batches: this product's result has a "
-                              "batch axis (reduce='none', or a result in input or output space); build it w.r.t. "
-                              "parameters with reduce='sum'")
+        if not (base._fxjac_spec.get("summed") and _summed_over_the_batch(base, part)):
+            raise OptionError("accumulate sums a parameter-space result that each call already sums over its batch "
+                              "(vjp, jtmjp or ggn w.r.t. parameters with reduce='sum', or ggn_vp); this product's "
+                              "result is per sample, in input or output space, or per column of an operand")
         total = _add(total, part)
     if total is None:
         raise ValueError("the loader gave this process no batch")

@@ -128,15 +128,27 @@ def through_chunks(e, b, src, k: int, chunk_size, seed, weights, emit, cat_dim=N
         return start, [s, wc], emit(s, wc, n)
 
     start, roots, first = chunk(width)
-    eager = chunk_body(e.graph, start, roots, first)
+    # Results that do not depend on the columns (the zero block of a parameter the output never reads) are
+    # computed once, outside the loop, which sums only the others.
+    looped = _column_dependent(roots, first) if cat_dim is None and isinstance(first, list) else None
+    eager = chunk_body(e.graph, start, roots, first if looped is None else [first[i] for i in looped])
     if eager is not None:
         variants = [eager + (width,)]
         if wide != width:  # (k is an int here: with an operand's K both widths are chunk_size)
-            compiled = chunk_body(e.graph, *chunk(min(wide, k)))
+            w_start, w_roots, w_result = chunk(min(wide, k))
+            compiled = chunk_body(e.graph, w_start, w_roots,
+                                  w_result if looped is None else [w_result[i] for i in looped])
             if compiled is None:  # the same emission with another width: outlined alike
                 raise RuntimeError("fxjac: internal error: a chunk of columns outlined at one width and not another")
             variants.append(compiled + (min(wide, k),))
-        return column_loop(e, b.modules, seed, weights, k if isinstance(k, int) else None, variants, first, cat_dim)
+        k_loop = k if isinstance(k, int) else None
+        if looped is None:
+            return column_loop(e, b.modules, seed, weights, k_loop, variants, first, cat_dim)
+        sums = column_loop(e, b.modules, seed, weights, k_loop, variants, [first[i] for i in looped], cat_dim)
+        out = list(first)
+        for j, i in enumerate(looped):
+            out[i] = sums[j]
+        return out
     if not isinstance(k, int):
         raise OptionError("chunk_size: this product's pass cannot be put in a loop over chunks of the operand's "
                           "columns (their number is known only at run time); build it without chunk_size")
@@ -150,6 +162,17 @@ def through_chunks(e, b, src, k: int, chunk_size, seed, weights, emit, cat_dim=N
     if isinstance(parts[0], list):
         return [e(add_all, list(p)) for p in zip(*parts)]
     return e(add_all, parts)
+
+
+def _column_dependent(roots, results) -> list:
+    """Indices of the ``results`` (nodes) that the column slices ``roots`` reach in the graph."""
+    reached, todo = set(), [r for r in roots if r is not None]
+    while todo:
+        n = todo.pop()
+        if n not in reached:
+            reached.add(n)
+            todo.extend(n.users)
+    return [i for i, r in enumerate(results) if r in reached]
 
 
 def _reduce(reduce: str) -> str:
@@ -244,7 +267,7 @@ def vjp(model, wrt: Any = "input", reduce: str = "sum", **options) -> Product:
         flat = A.param_stack(b, e, src, seeds, rows, y, per_sample)
         return (y, flat if per_sample else e.method("squeeze", flat, 0))
 
-    return make_product(assemble, model, wrt, **options)
+    return make_product(assemble, model, wrt, summed=_params(wrt) and reduce == "sum", **options)
 
 
 def jmp(model, wrt: Any = "input", **options) -> Product:

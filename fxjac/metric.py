@@ -566,7 +566,7 @@ def jtmjp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
         seed, w, k = _output_columns(e, src, b, y, matrix, m)
         return (y, _chunked_metric(src, b, e, y, seed, w, k, out, reduce == "sum", chunk_size))
 
-    return make_product(assemble, model, wrt, **options)
+    return make_product(assemble, model, wrt, summed=kind != "input" and reduce == "sum", **options)
 
 
 # --- J M J^T ---------------------------------------------------------------------------------------------
@@ -793,7 +793,8 @@ def ggn(model, loss: str = "cross_entropy", wrt: Any = "params", out: str = "dia
         k = factor_width(loss, src.output.meta["val"], class_dim)
         return (y, _chunked_metric(src, b, e, y, seed, w, k, out, reduce == "sum", chunk_size))
 
-    return make_product(assemble, model, wrt, takes_target=True, **options)
+    return make_product(assemble, model, wrt, takes_target=True, summed=kind != "input" and reduce == "sum",
+                        **options)
 
 
 __all__ = ["ggn", "jmjtp", "jtmjp"]

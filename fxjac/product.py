@@ -369,8 +369,9 @@ def _check_common(leaf_modules, concrete_args, output, strict, differentiable) -
 
 def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inputs=None, leaf_modules=(),
                  concrete_args=None, output=None, strict=False, differentiable=False, variant=None,
-                 n_inputs: Optional[int] = None, takes_target: bool = False) -> Product:
+                 n_inputs: Optional[int] = None, takes_target: bool = False, summed: bool = False) -> Product:
     """Build a Product: ``assemble(src, builder, key)`` writes the product graph and returns its outputs.
+    ``summed``: the result is a parameter-space quantity summed over the batch (what ``accumulate`` adds up).
 
     ``variant(operands) -> key or None`` lets a product dispatch an operand of another form (``[B, P]`` instead
     of ``[P]``) to a sibling product built on demand with ``key``.
@@ -407,7 +408,7 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
         return prod
 
     spec = {"n_inputs": n_inputs, "output": output, "differentiable": differentiable, "variant": variant,
-            "takes_target": takes_target, "concrete_args": concrete_args}
+            "takes_target": takes_target, "concrete_args": concrete_args, "summed": summed}
     if example_inputs is not None:
         inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         built = build(inputs, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import itertools
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -76,7 +77,13 @@ def select_params(model: nn.Module, wrt: Any) -> list:
         for want in names:
             hits = [p for n, p in aliases if n == want or n.startswith(want + ".")]
             if not hits:
-                near = difflib.get_close_matches(want, [n for n, _ in aliases], n=5, cutoff=0.4)
+                buffers = [n for n, _ in model.named_buffers() if n == want or n.startswith(want + ".")]
+                if buffers:
+                    raise OptionError(f"wrt names {want!r}, which holds buffers, not parameters ({buffers[:5]}): a "
+                                      "buffer is a constant of the product; register it as an nn.Parameter to "
+                                      "differentiate w.r.t. it")
+                modules = sorted({n.rsplit(".", 1)[0] for n, _ in aliases if "." in n})  # prefixes are accepted too
+                near = difflib.get_close_matches(want, [n for n, _ in aliases] + modules, n=5, cutoff=0.4)
                 near = near or [n for n, _ in aliases][:5]
                 raise OptionError(f"wrt names no parameter {want!r}; nearest names: {near}")
             if all(not p.requires_grad for p in hits):
@@ -165,25 +172,48 @@ def _check_samples_independent(y, grown) -> None:
 
 def _field_index(gm: fx.GraphModule, output: str, example_inputs: Sequence) -> Any:
     """A NamedTuple output's field ``output`` as its index (the graph can index a tuple, not name its fields), or
-    ``output`` itself where the output is no NamedTuple; from one shape run of the model.
+    ``output`` itself where the output is no NamedTuple; an index checked against a tuple the graph returns as
+    one value (a NamedTuple); from one shape run of the model.
     """
     try:
         whole = propagate_shapes(gm, *example_inputs)
     except Exception:  # noqa: BLE001 - the main shape run reports the model's own errors
         return output
+    if isinstance(output, int) and isinstance(whole, (tuple, list)):
+        if not -len(whole) <= output < len(whole):
+            raise OptionError(f"output={output!r} selects nothing from the model's output ({len(whole)} entries)")
+        return output
     fields = getattr(type(whole), "_fields", None)
-    if fields is None:
+    if fields is None or not isinstance(output, str):
         return output
     if output not in fields:
         raise OptionError(f"output={output!r} selects nothing from the model's output (fields {list(fields)})")
     return fields.index(output)
 
 
+def _named_tuple_field(val, index) -> Any:
+    """The node a NamedTuple constructor call ``val`` takes as its field ``index`` (an int), else None."""
+    fields = getattr(getattr(val, "target", None), "_fields", None)
+    if not (isinstance(val, fx.Node) and val.op == "call_function" and fields and isinstance(index, int)
+            and not isinstance(index, bool) and -len(fields) <= index < len(fields)):
+        return None
+    name = fields[index]
+    got = val.kwargs.get(name) if name in val.kwargs else \
+        (val.args[index % len(fields)] if index % len(fields) < len(val.args) else None)
+    return got if isinstance(got, fx.Node) else None
+
+
 def _select_output(gm: fx.GraphModule, output: Any, example_inputs: Sequence = ()) -> fx.Node:
     out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     val = out_node.args[0]
-    if isinstance(output, str) and isinstance(val, fx.Node):
+    if isinstance(output, (str, int)) and not isinstance(output, bool) and isinstance(val, fx.Node):
         output = _field_index(gm, output, example_inputs)
+    built = _named_tuple_field(val, output)
+    if built is not None:  # NT(a, b)[i] is the i-th argument: the constructor then has no user, nor a fallback
+        out_node.args = (built,)
+        if not val.users:
+            gm.graph.erase_node(val)
+        return built
     if output is not None:
         try:
             if isinstance(val, fx.Node):
@@ -224,6 +254,13 @@ def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_m
     try:
         y = propagate_shapes(gm, *example_inputs)
     except Exception as err:  # the model itself failed on these inputs: report it as the model's error
+        pdtype = next((t.dtype for t in itertools.chain(model.parameters(), model.buffers())
+                       if t.is_floating_point()), None)
+        odd = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.Tensor) and x.is_floating_point()
+               and pdtype is not None and x.dtype != pdtype]
+        if odd and "dtype" in str(err).lower():
+            raise ShapeError(f"input {odd[0]} is {example_inputs[odd[0]].dtype} and the model's parameters "
+                             f"{pdtype}; the model fails on it ({str(err).splitlines()[0]}): cast the input") from err
         raise TraceError(f"running the traced model on the example inputs failed: {err}") from err
     unpack_sequence_arguments(gm)
     grown = propagate_batch_dims(gm, *example_inputs)

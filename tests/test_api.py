@@ -936,11 +936,21 @@ def test_accumulate_refuses_results_with_a_batch_axis():
     model = mlp()
     v = randn(sum(q.numel() for q in model.parameters()))
     for p, operands in ((fxjac.ggn(model, reduce="none"), ()), (fxjac.jtmjp(model), ()),
-                        (fxjac.jvp(model, wrt="params"), (v,))):
+                        (fxjac.jvp(model, wrt="params"), (v,)), (fxjac.mjp(model, wrt="params"), (randn(4, 2, 2),))):
         for sizes in ((4, 3), (4, 4)):  # batches of equal sizes too: their samples must not be added up
             batches = [randn(n, 3, g=rng(i)) for i, n in enumerate(sizes)]
-            with pytest.raises(fxjac.OptionError, match="reduce='sum'"):
+            with pytest.raises(fxjac.OptionError, match="per sample, in input or output space, or per column"):
                 fxjac.accumulate(p, batches, *operands)
+    # a batch of P samples: a per-sample [B, P] result has the shape of a summed [P, P] one (found by a probe)
+    small = nn.Linear(2, 1).double()
+    batches = [randn(3, 2, g=rng(i)).double() for i in range(2)]
+    for p, operands in ((fxjac.ggn(small, loss="mse", reduce="none"), ()),
+                        (fxjac.vjp(small, wrt="params", reduce="none"), (randn(3, 1).double(),))):
+        with pytest.raises(fxjac.OptionError, match="per sample"):
+            fxjac.accumulate(p, batches, *operands)
+    summed = fxjac.accumulate(fxjac.compile(small, "ggn", loss="mse", backend="aot_eager"), batches)
+    ref = sum(fxjac.ggn(small, loss="mse")(x)[1] for x in batches)
+    assert torch.allclose(summed, ref, rtol=1e-12, atol=0)
 
 
 def test_sigma_of_a_loss_without_one_is_refused():
@@ -971,3 +981,19 @@ def test_an_optional_input_passed_positionally_to_a_lazy_product_is_explained():
         fxjac.vjp(model)(x, mask, randn(4, 2, g=rng(2)))
     _, g = fxjac.vjp(model, example_inputs=(x, mask))(x, mask, randn(4, 2, g=rng(2)))
     assert_close(g, torch.func.vjp(lambda a: model(a, mask), x)[1](randn(4, 2, g=rng(2)))[0], "with the mask")
+
+
+def test_wrt_naming_a_buffer_or_a_module_prefix_is_explained():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
+            self.register_buffer("scale", torch.ones(2))
+
+        def forward(self, x):
+            return self.fc2(self.fc1(x)) * self.scale
+
+    with pytest.raises(fxjac.OptionError, match="'scale', which holds buffers, not parameters"):
+        fxjac.vjp(Net(), wrt=["scale"])
+    with pytest.raises(fxjac.OptionError, match="nearest names: \\['fc2', 'fc1'"):  # module prefixes are names too
+        fxjac.vjp(Net(), wrt=["fc3"])

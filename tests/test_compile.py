@@ -415,6 +415,36 @@ def test_fallback_ops_compile_fullgraph():
         _close(compiled(x, m)[1], p(x, m)[1])
 
 
+class _Leaf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, 5))
+
+    def forward(self, h):
+        return torch.sin(h * self.w) + h.cumsum(-1) * 0.1
+
+
+@pytest.mark.parametrize("name, options, operand", [
+    ("jmp", dict(wrt="params"), lambda b, p: torch.randn(p, 3)),
+    ("jmp", dict(wrt="input"), lambda b, p: torch.randn(b, 3, 2)),
+    ("jvp", dict(wrt="params"), lambda b, p: torch.randn(b, p)),  # per-sample tangents: a vmap over the batch
+])
+def test_fallback_tangents_of_several_columns_compile(name, options, operand):
+    """The fallback's forward mode inside a vmap over columns or samples fails in dynamo's fake tensors (torch
+    2.13); under torch.compile those tangents come from reverse mode (found by a probe: a leaf module)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), _Leaf(), nn.Linear(5, 4)).eval()
+    n_params = sum(q.numel() for q in model.parameters())
+    p = getattr(fxjac, name)(model, leaf_modules=[_Leaf], example_inputs=(torch.randn(BATCHES[0], 3),), **options)
+    assert p.fallback_ops
+    p(torch.randn(BATCHES[0], 3), operand(BATCHES[0], n_params))  # [B, P] tangents: a sibling built eagerly first
+    torch._dynamo.reset()
+    compiled = torch.compile(p, backend="aot_eager", fullgraph=True, dynamic=True)
+    for batch in BATCHES:
+        x, m = torch.randn(batch, 3), operand(batch, n_params)
+        _close(compiled(x, m)[1], p(x, m)[1])
+
+
 def test_many_products_compiled_in_one_process():
     # torch.compile(product) compiles the product's __call__; dynamo keeps at most 8 versions per code object, so
     # a shared __call__ made the 9th compiled product of a process fail under fullgraph=True.

@@ -656,3 +656,32 @@ def test_every_zoo_model_builds_both_loop_bodies(name, monkeypatch):
     assert p.column_loop_0.widths == [1, k]
     J = per_sample_jacobian(model, xs, "params")
     assert_close(p(*xs)[1], torch.einsum("bop,boq,bqp->p", J, loss_hessian(y, "mse"), J), f"{name} looped ggn")
+
+
+def test_chunked_blocks_with_an_unused_parameter():
+    """The zero block of a parameter the output never reads does not depend on the columns: it is computed once,
+    outside the column loop, which sums the other blocks (a refusal with an operand's K before; found by a probe)."""
+
+    class Spare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.spare = nn.Linear(3, 8), nn.Linear(8, 3), nn.Linear(8, 8, bias=False)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Spare().double().eval()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    S = torch.randn(5, 3, 4, dtype=torch.float64)
+    J = per_sample_jacobian(model, (x,), "params")
+    sizes = [p.numel() for p in model.parameters()]
+    for name, p, args, G in (
+            ("jtmjp sqrt", fxjac.jtmjp(model, wrt="params", matrix="sqrt", out="block", chunk_size=3,
+                                       example_inputs=(x,)), (x, S), torch.einsum("bop,bok,bqk,bqr->pr", J, S, S, J)),
+            ("ggn mse", fxjac.ggn(model, loss="mse", out="block", chunk_size=2, example_inputs=(x,)), (x,),
+             torch.einsum("bop,bor->pr", J, J))):
+        assert "column_loop_0(" in p.code, name
+        blocks = p(*args)[1]
+        assert_close(torch.block_diag(*blocks), _block_diagonal(G, [b.shape[0] for b in blocks]), name)
+        assert [b.shape[0] for b in blocks] == [sum(sizes[:2]), sum(sizes[2:4]), sizes[4]] and not blocks[2].any()

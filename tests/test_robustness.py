@@ -1351,6 +1351,28 @@ def test_named_tuple_output_selected_by_field():
     assert_close(g1, torch.func.vjp(lambda a: model(a).hidden, x)[1](randn(2, 5, seed=2))[0], "by index")
     with pytest.raises(fxjac.OptionError, match="fields \\['logits', 'hidden'\\]"):
         fxjac.vjp(model, output="nope")(x, w)
+    with pytest.raises(fxjac.OptionError, match="output=5 selects nothing .*2 entries"):  # was a TraceError
+        fxjac.vjp(model, output=5)(x, w)
+    # the field is the constructor's argument: no NamedTuple call left for the autograd fallback (nor its warning)
+    assert not fxjac.vjp(model, output="hidden", example_inputs=(x,)).fallback_ops
+
+
+def test_an_input_of_another_dtype_is_a_shape_error():
+    """API.md: an input of the wrong dtype is a ShapeError, at the lazy build (the model fails on it) and on a
+    built product (it ran the generated graph into a raw RuntimeError); found by a probe."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    x, w = randn(5, 3), randn(5, 2, seed=1)
+    with pytest.raises(fxjac.ShapeError, match="input 0 is torch.float32 and the model's parameters torch.float64"):
+        fxjac.vjp(model, wrt="params")(x.float(), w)
+    p = fxjac.vjp(model, wrt="params")
+    p(x, w)
+    with pytest.raises(fxjac.ShapeError, match="input 0 is torch.float32; this product was built for torch.float64"):
+        p(x.float(), w)
+    ids = nn.Sequential(nn.Embedding(7, 3), nn.Flatten(), nn.Linear(6, 2)).double()
+    q = fxjac.vjp(ids, wrt="params")
+    q(torch.tensor([[1, 2], [3, 4]]), randn(2, 2))
+    q(torch.tensor([[1, 2], [3, 4]], dtype=torch.int32), randn(2, 2))  # integer ids: any integer dtype
 
 
 def test_no_columns_through_convolutions():

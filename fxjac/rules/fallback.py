@@ -131,14 +131,23 @@ def _expanded(t) -> bool:
     return isinstance(t, torch.Tensor) and any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
 
 
-def _jvp_columns(g, primals, tangents, fn):
-    """``J t`` for a stack of tangent columns (dimension 0 of every tangent)."""
+def _columns(tangents) -> int:
+    return next((t.shape[0] for t in tangents if isinstance(t, torch.Tensor)), 1)
+
+
+def _jvp_columns(g, primals, tangents, fn, nested=False):
+    """``J t`` for a stack of tangent columns (dimension 0 of every tangent); ``nested``: inside a vmap over
+    the batch.
+    """
     key = _key(fn)
     # Forward mode attaches a tangent to each primal in place, which an expanded view (stride 0) refuses.
     primals = tuple(p.contiguous() if _expanded(p) else p for p in primals)
     if fn in _DENSE_ONLY:
         tangents = tuple(t.contiguous() if isinstance(t, torch.Tensor) else t for t in tangents)
-    if key not in _NO_FORWARD_AD:
+    # Under torch.compile, forward mode inside a vmap over several columns or over the batch fails in dynamo's
+    # fake tensors (torch 2.13: an internal assert on ``_fw_primal``); one column traces. Reverse mode traces.
+    reverse = torch.compiler.is_compiling() and (nested or _columns(tangents) != 1)
+    if key not in _NO_FORWARD_AD and not reverse:
         try:
             return torch.vmap(lambda *ts: torch.func.jvp(g, primals, ts)[1])(*tangents)
         except (RuntimeError, NotImplementedError) as err:
@@ -232,7 +241,7 @@ def fallback_jvp(fn, args, kwargs, primals, tangents, bdims, ctx=(), cdims=(), p
 
     def body(xs, cs, *ts):
         ts = tuple(t.unsqueeze(1 + d) if d is not None else t for t, d in zip(ts, bdims))
-        out = _jvp_columns(_op(fn, args, kwargs, cs, spec), xs, ts, fn)
+        out = _jvp_columns(_op(fn, args, kwargs, cs, spec), xs, ts, fn, nested=True)
         outs = (out,) if spec is True else tuple(out)
         return _squeeze_batch(outs, odims)
 
