@@ -84,7 +84,8 @@ def select_params(model: nn.Module, wrt: Any) -> list:
                                       "differentiate w.r.t. it")
                 modules = sorted({n.rsplit(".", 1)[0] for n, _ in aliases if "." in n})  # prefixes are accepted too
                 near = difflib.get_close_matches(want, [n for n, _ in aliases] + modules, n=5, cutoff=0.4)
-                near = near or [n for n, _ in aliases][:5]
+                near += [n for m in near if m in modules for n, _ in aliases if n.startswith(m + ".")][:6]
+                near = list(dict.fromkeys(near)) or [n for n, _ in aliases][:5]
                 raise OptionError(f"wrt names no parameter {want!r}; nearest names: {near}")
             if all(not p.requires_grad for p in hits):
                 named_frozen = sorted(n for n in frozen if n == want or n.startswith(want + "."))
@@ -168,6 +169,45 @@ def _check_samples_independent(y, grown) -> None:
                         "one more sample joined the batch: its samples depend on each other (batch statistics, a "
                         "mean or a softmax over the batch axis?). fxjac's products are per sample; make the forward "
                         "treat samples independently (model.eval() for BatchNorm)")
+
+
+def _check_samples_independent_in_place(gm: fx.GraphModule, example_inputs: Sequence, y) -> None:
+    """Change the last sample (to a copy of the first) and refuse the model if another sample's output moves: a
+    whole graph given as the batch couples its rows, through an ``[N, N]`` adjacency (the model cannot run on one
+    more sample then, so the check above saw nothing) or through fixed edge indices (one more sample, unreached
+    by the edges, changes nothing there).
+
+    Raises:
+        ModeError: with the size of the change.
+    """
+    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
+    if not (isinstance(y, torch.Tensor) and y.dim() > 0 and tensors and y.shape[0] == tensors[0].shape[0] >= 2):
+        return
+
+    def changed_last(x):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != y.shape[0]:
+            return x
+        x = x.clone()
+        x[-1] = x[0] if not torch.equal(x[-1], x[0]) else x[0] + 1
+        return x
+
+    try:
+        with torch.no_grad():
+            other = gm(*[changed_last(x) for x in example_inputs])
+    except Exception:  # noqa: BLE001 - inputs the model cannot take at all: nothing to compare
+        return
+    if not (isinstance(other, torch.Tensor) and other.shape == y.shape and y.is_floating_point()):
+        return
+    before, after = y[:-1].detach(), other[:-1].detach()
+    finite = torch.isfinite(before) & torch.isfinite(after)
+    diff = (before - after).abs()[finite]
+    scale = before.abs()[finite].max() if finite.any() else torch.tensor(0.0)
+    rel = (diff.max() / scale.clamp_min(torch.finfo(before.dtype).tiny)).item() if diff.numel() else 0.0
+    if rel > _SAME.get((before.device.type, before.dtype), 1e-1):
+        raise ModeError(f"the model's output for the other samples changed (relative {rel:.1e}) when its last "
+                        "sample changed: its samples depend on each other (a "
+                        "whole graph or set given as the batch, an [N, N] operator over the batch axis?). fxjac's "
+                        "products are per sample: put the batch first, as [B, N, F] with an operator over axis 1")
 
 
 def _field_index(gm: fx.GraphModule, output: str, example_inputs: Sequence) -> Any:
@@ -266,6 +306,7 @@ def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_m
     grown = propagate_batch_dims(gm, *example_inputs)
     _check_output_batch(out, grown)
     _check_samples_independent(y, grown)
+    _check_samples_independent_in_place(gm, example_inputs, y)
     if not isinstance(out.meta.get("val"), torch.Tensor):
         raise OptionError("the selected output is not a tensor; choose one with output=")
     if output is not None and out.op == "call_function" and out.target is operator.getitem and \

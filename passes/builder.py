@@ -225,14 +225,14 @@ class Builder:
         rule = self.rule(node) if rule is None else rule
         if rule is not self.rules.fallback and _touches_complex(node):
             rule = self.decline(node)  # structured rules are written for real values; autograd's conventions
-        ps_names = self._ps_inputs(node, self.site(node, rule).extra["old_args"], ps)
+        ps_names = self._ps_inputs(node, self.site(node, rule).extra["old_args"], ps, rule)
         moved = 0
         if ps_names and rule is not self.rules.fallback and not (
                 leading_batch(node) and all(leading_batch(a) for a in node.all_input_nodes)):
             moved = _one_batch_axis(node) if getattr(rule, "batch_anywhere", False) else None
             if moved is None:
                 rule = self.decline(node)
-                ps_names = self._ps_inputs(node, self.site(node, rule).extra["old_args"], ps)
+                ps_names = self._ps_inputs(node, self.site(node, rule).extra["old_args"], ps, rule)
         if ps_names:
             self.batch_size()
         site = self.site(node, rule, ps_names)
@@ -256,15 +256,20 @@ class Builder:
             site.batch = self.rows(factor)
         return site
 
-    def _ps_inputs(self, node: fx.Node, old_args: dict, ps: bool) -> frozenset:
-        """Names of ``node``'s unbatched inputs whose stack is per-sample (Note [per-sample stacks])."""
+    def _ps_inputs(self, node: fx.Node, old_args: dict, ps: bool, rule: Optional[Rule] = None) -> frozenset:
+        """Names of ``node``'s unbatched inputs whose stack is per-sample (Note [per-sample stacks]); not those
+        outside the rule's ``diff`` (a constant sparse operator): no derivative reaches them there, or the node
+        would have gone to the fallback.
+        """
         if not ps or node not in self.batched:
             return frozenset()
+        diff = None if rule is None or rule is self.rules.fallback else rule.diff
         names = set()
         for k, v in old_args.items():
             nodes = [v] if isinstance(v, fx.Node) else [a for a in v if isinstance(a, fx.Node)] \
                 if isinstance(v, (list, tuple)) else []
-            if any(a not in self.batched and isinstance(a.meta.get("val"), torch.Tensor) for a in nodes):
+            if any(a not in self.batched and isinstance(a.meta.get("val"), torch.Tensor) for a in nodes) and \
+                    (diff is None or k in diff):
                 names.add(k)
         return frozenset(names)
 

@@ -1534,3 +1534,111 @@ def test_one_dimensional_parameter_repeated_to_every_sample():
     J = per_sample_jacobian(model, (x,), "params")
     _, g = fxjac.vjp(model, wrt="params", reduce="none")(x, w)
     assert_close(g, torch.einsum("bop,bo->bp", J, w), "per-sample gradients through a 1-d repeat")
+
+
+class _WholeGraph(nn.Module):
+    """A graph's nodes given as the batch (torch_geometric's layout): an [N, N] adjacency mixes the samples."""
+
+    def __init__(self, n=6):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("adj", (torch.rand(n, n, generator=g) > 0.6).double() + torch.eye(n, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.tanh(self.adj @ self.lin(x))
+
+
+class _FixedBatch(nn.Module):
+    """Independent samples, a batch size written into forward: it cannot run on one more sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(x.view(4, 6)))
+
+
+def test_samples_coupled_where_the_batch_cannot_grow_are_refused():
+    """Where the model cannot run on one more sample, its last sample is changed instead: a whole graph given as
+    the batch is a ModeError (it returned mixed Jacobians before; found by a probe), and a model with a fixed batch
+    size and independent samples still works."""
+    torch.manual_seed(0)
+    with pytest.raises(fxjac.ModeError, match="when its last sample changed"):
+        fxjac.jacobian(_WholeGraph().double())(randn(6, 3))
+    model = _FixedBatch().double()
+    x = randn(4, 2, 3)
+    _, J = fxjac.jacobian(model)(x)
+    assert_close(J, per_sample_jacobian(model, (x,), "input"), "fixed batch size")
+
+
+class _ScatterProd(nn.Module):
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+        self.register_buffer("idx", torch.tensor([[0, 1, 1, 2, 0]]))
+
+    def forward(self, x):
+        idx, base = self.idx.expand(x.shape[0], -1), torch.zeros(x.shape[0], 3, dtype=x.dtype)
+        if self.spelling == "method":
+            return base.scatter_reduce(1, idx, x, reduce="prod", include_self=False)
+        return torch.scatter_reduce(base, 1, idx, torch.sin(x), reduce="prod", include_self=False)
+
+
+@pytest.mark.parametrize("spelling", ["method", "torch"])
+def test_forward_products_through_scatter_reduce_prod(spelling):
+    """torch 2.13's forward AD of scatter_reduce(reduce="prod") is zero: the fallback's tangents of it come from
+    reverse mode (every forward product through it was 0; found by a probe)."""
+    model = _ScatterProd(spelling)
+    x = randn(2, 5)
+    J = per_sample_jacobian(model, (x,), "input", use_jacrev=True)
+    assert J.abs().max() > 0.1
+    for mode in ("forward", "reverse"):
+        assert_close(fxjac.jacobian(model, mode=mode)(x)[1], J, f"jacobian ({mode})")
+    v = randn(2, 5, seed=3)
+    assert_close(fxjac.jvp(model)(x, v)[1], torch.einsum("boi,bi->bo", J, v), "jvp")
+
+
+class _ReadByBatchIndex(nn.Module):
+    """``h[arange(B)[:, None], idx]``: an index whose values address the batch axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.register_buffer("src", torch.tensor([0, 1, 1, 2, 3, 4, 4, 0, 2]))
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        return h[torch.arange(x.shape[0]).unsqueeze(1), self.src.unsqueeze(0)]
+
+
+class _GraphsAsOneNodeSet(nn.Module):
+    """torch_geometric's batching: B graphs as one [B·N, F] node set, block-diagonal edges, index_add over it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.register_buffer("edges", torch.tensor([[0, 1, 1, 2, 3, 4, 4, 0, 2], [1, 0, 2, 1, 4, 3, 0, 4, 2]]))
+
+    def forward(self, x):  # [B, 5, 3]
+        b = x.shape[0]
+        e = (self.edges.unsqueeze(0) + (torch.arange(b) * 5).view(b, 1, 1)).permute(1, 0, 2).reshape(2, -1)
+        h = self.lin(x.reshape(-1, 3))
+        return self.out(torch.relu(torch.zeros_like(h).index_add_(0, e[1], h[e[0]]) + h)).view(b, 5, 2)
+
+
+def test_per_sample_fallback_failures_are_explained():
+    """Where the fallback's sample-by-sample derivative cannot split an op into samples (an index into the batch
+    axis; indices across a merged node set under diagonal back-propagation) the product raises an
+    UnsupportedOpError saying why (raw IndexError / vmap ValueError before; found by a probe). The exact
+    products of the node-set model stay right."""
+    torch.manual_seed(0)
+    x = randn(3, 5, 3)
+    with pytest.raises(fxjac.UnsupportedOpError, match="cannot be split into samples"):
+        fxjac.vjp(_ReadByBatchIndex().double(), wrt="params", reduce="none")(x, randn(3, 9, 4))
+    model = _GraphsAsOneNodeSet().double()
+    with pytest.raises(fxjac.UnsupportedOpError, match="one sample at a time"):
+        fxjac.ggn(model, loss="mse", method="diag_backprop")(x)
+    J = per_sample_jacobian(model, (x,), "params")
+    assert_close(fxjac.ggn(model, loss="mse")(x)[1], torch.einsum("bop,bop->p", J, J), "exact ggn diagonal")

@@ -23,7 +23,11 @@ from passes.protocol import ZERO, Rule, module_call
 
 _SLOT = "__fxjac_slot_{}__"
 _CTX = "__fxjac_ctx_{}__"
-_NO_FORWARD_AD: set = set()
+# Ops whose forward-mode derivative torch gets wrong: their tangents come from reverse mode (the vjp of the vjp).
+# torch 2.13's forward AD of scatter_reduce(reduce="prod") is zero (the other reductions are right, but one key
+# per op: they all take the reverse path).
+_WRONG_FORWARD_AD = frozenset({"torch.scatter_reduce", "method:scatter_reduce", "method:scatter_reduce_"})
+_NO_FORWARD_AD: set = set(_WRONG_FORWARD_AD)
 _NO_VMAP: set = set()
 
 
@@ -207,13 +211,23 @@ def _per_sample(fn, primals, bdims, ctx, cdims, extra, extra_dims, body, out_dim
                 return res
             # A batching rule that is wrong under nested vmap (torch 2.13's prelu backward returns the batch
             # where the columns belong): never trust its values; the loop below is right.
-        except (RuntimeError, NotImplementedError):
+        except (RuntimeError, NotImplementedError, ValueError, IndexError):
             # No batching rule, or a kernel that mixes vmapped and plain tensors in place (RNNs): the loop below
             # computes the same samples one by one (and raises its own error if the op itself fails).
             pass
         _NO_VMAP.add(fn)
-    results = [one(*[t.select(d, i) if d is not None else t for t, d in zip(flat_in, in_dims)])
-               for i in range(batch)]
+    try:
+        results = [one(*[t.select(d, i) if d is not None else t for t, d in zip(flat_in, in_dims)])
+                   for i in range(batch)]
+    except (IndexError, RuntimeError, ValueError) as err:
+        from ..errors import UnsupportedOpError
+
+        raise UnsupportedOpError(
+            f"the autograd fallback differentiates {fn} one sample at a time here (per-sample results, or a "
+            f"diagonal), and the op fails on one sample: {err}. An index that addresses the batch axis "
+            "(h[torch.arange(B)[:, None], idx]) or samples merged into one axis with indices across it (a "
+            "batch of graphs as one node set) cannot be split into samples; index each sample along its own "
+            "axes (h[:, idx], torch.gather, index_add over axis 1 of [B, N, F])") from err
     return tuple(torch.stack(rs, dim=d) for rs, d in zip(zip(*results), out_dims))
 
 

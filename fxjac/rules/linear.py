@@ -503,6 +503,47 @@ class Mm(_Matmul):
         ...
 
 
+def sparse_left_tangent(a, t):
+    """``a @ t_k`` for a sparse matrix ``a`` ``[N, M]`` and each column of a stack ``t`` ``[K, M, *p]`` -> ``[K, N,
+    *p]``: the columns side by side, one sparse product (``torch.sparse.mm`` takes a dense matrix on the right).
+    """
+    k, m, rest = t.shape[0], t.shape[1], tuple(t.shape[2:])
+    wide = t.reshape(k, m, -1).permute(1, 0, 2).reshape(m, -1)
+    return torch.sparse.mm(a, wide).reshape(a.shape[0], k, *rest).movedim(1, 0)
+
+
+def sparse_left_ct(a, ct):
+    """``aᵀ @ ct_k`` for a sparse ``a``: the cotangent of the dense right operand."""
+    return sparse_left_tangent(a.t(), ct)
+
+
+@register(torch.sparse.mm)
+class SparseMm(Rule):
+    """y = a @ b with a sparse ``a`` (a constant adjacency, a sparse operator) and a dense ``b``: dy = a db, and
+    ``b``'s cotangent ``aᵀ ct``; a derivative through the sparse operand goes to the fallback.
+    """
+
+    diff = ("mat2",)
+    # The batch lives in the dense operand's columns (the samples side by side), wherever it is: the constant
+    # left operand never gets a derivative, so no per-sample stack is formed here.
+    batch_anywhere = True
+
+    def signature(mat1, mat2):  # noqa: D103
+        ...
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        return e(sparse_left_tangent, site.args["mat1"], tangents["mat2"])
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        return {"mat2": e(sparse_left_ct, site.args["mat1"], ct)} if site.needs("mat2") else {}
+
+    def diag_jvp(self, e, site, tangents):  # noqa: D102
+        return e(sparse_left_tangent, e(torch.square, site.args["mat1"]), tangents["mat2"])
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return {"mat2": e(sparse_left_ct, e(torch.square, site.args["mat1"]), d)} if site.needs("mat2") else {}
+
+
 def _einsum_parts(equation: str, n: int):
     eq = equation.replace(" ", "")
     if "->" in eq:

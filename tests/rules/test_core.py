@@ -149,6 +149,7 @@ SAMPLES = [
     ("matmul_batched_param", lambda m, x: (x.unsqueeze(1) @ m.V.transpose(1, 2)).sum(1), False),
     ("matmul_heads", lambda m, x: _heads(x) @ (_heads(x) * m.w[:5]).transpose(-2, -1), False),
     ("torch.mm", lambda m, x: torch.mm(x.flatten(1)[:, :5], m.W), False),
+
     ("mm_method", lambda m, x: x[:, 0].mm(m.W), False),
     ("torch.bmm", lambda m, x: torch.bmm(x, x.transpose(1, 2)), False),
     ("bmm_method", lambda m, x: x.bmm(m.W.expand(x.shape[0], 5, 4)), False),
@@ -668,3 +669,74 @@ def test_channel_shuffle_module():
     check_direction_products(model, (x,), products=("jvp", "vjp", "mjp"))
     fxjac.vjp(model, wrt="params", strict=True)(x, model(x))
     check_diag_backprop(nn.Sequential(nn.ChannelShuffle(2)).double(), (x.repeat(1, 2, 1),))
+
+
+class _SparseGCN(nn.Module):
+    """A graph convolution with a constant sparse adjacency over axis 1 of every sample, the samples side by side
+    as ``torch.sparse.mm`` needs them (one dense matrix on the right)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        adj = torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.0, 1.0, -1.5, 0.0], [0.5, 3.0, 1.0, 0.0], [0.0, 0.0, 0.7, 1.0]])
+        self.register_buffer("adj", adj.to_sparse())
+
+    def forward(self, x):  # [B, 4, 3] -> [B, 4, 2]
+        b = x.shape[0]
+        h = self.lin(x).permute(1, 0, 2).reshape(4, -1)
+        return torch.tanh(torch.sparse.mm(self.adj, h).reshape(4, b, 2).permute(1, 0, 2))
+
+
+def test_sparse_mm_with_a_constant_operator():
+    """``torch.sparse.mm`` with a constant sparse left operand has its own rule (the fallback's vmap cannot take
+    sparse tensors: every product raised; found by a probe), against plain autograd (torch.func's jacrev cannot
+    take them either)."""
+    torch.manual_seed(0)
+    model = _SparseGCN().double()
+    x = torch.randn(3, 4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    full = torch.autograd.functional.jacobian(model, x).reshape(3, 8, 3, 12)
+    J_in = torch.stack([full[b, :, b] for b in range(3)])
+    params = dict(model.named_parameters())
+
+    def of_params(flat):
+        parts, at = {}, 0
+        for n, p in params.items():
+            parts[n] = flat[at:at + p.numel()].view_as(p)
+            at += p.numel()
+        return torch.func.functional_call(model, parts, (x,))
+
+    flat = torch.cat([p.detach().flatten() for p in params.values()])
+    J_p = torch.autograd.functional.jacobian(of_params, flat).reshape(3, 8, -1)
+    g = torch.Generator().manual_seed(2)
+    for wrt, J in (("input", J_in), ("params", J_p)):
+        assert not fxjac.vjp(model, wrt=wrt, strict=True, example_inputs=(x,)).fallback_ops
+        v = torch.randn(J.shape[2], generator=g, dtype=torch.float64)
+        vx = v.expand(3, -1) if wrt == "params" else torch.randn(3, 12, generator=g, dtype=torch.float64)
+        _, t = fxjac.jvp(model, wrt=wrt)(x, v if wrt == "params" else vx.reshape(3, 4, 3))
+        assert_close(t.reshape(3, 8), torch.einsum("boi,bi->bo", J, vx), f"sparse jvp[{wrt}]")
+        w = torch.randn(3, 4, 2, generator=g, dtype=torch.float64)
+        _, c = fxjac.vjp(model, wrt=wrt)(x, w)
+        ref = torch.einsum("boi,bo->bi", J, w.reshape(3, 8))
+        assert_close(c.reshape(ref.shape) if wrt == "input" else c, ref if wrt == "input" else ref.sum(0),
+                     f"sparse vjp[{wrt}]")
+        for mode in ("forward", "reverse"):
+            assert_close(fxjac.jacobian(model, wrt=wrt, mode=mode)(x)[1], J, f"sparse jacobian[{wrt}, {mode}]")
+        _, d = fxjac.jtmjp(model, wrt=wrt, out="diag")(x)
+        ref = torch.einsum("boi,boi->bi", J, J)
+        assert_close(d, ref if wrt == "input" else ref.sum(0), f"sparse jtmjp diag[{wrt}]")
+    # the sparse product alone (one linear op): diagonal back-propagation is exact
+    one = _SparseOnly(model.adj)
+    full = torch.autograd.functional.jacobian(one, x).reshape(3, 12, 3, 12)
+    J = torch.stack([full[b, :, b] for b in range(3)])
+    d = torch.rand(3, 12, generator=g, dtype=torch.float64)
+    _, r = fxjac.jtmjp(one, matrix="diag", out="diag", method="diag_backprop", strict=True)(x, d)
+    assert_close(r, torch.einsum("boi,bo->bi", J * J, d), "sparse diag_backprop")
+
+
+class _SparseOnly(nn.Module):
+    def __init__(self, adj):
+        super().__init__()
+        self.register_buffer("adj", adj)
+
+    def forward(self, x):
+        return torch.sparse.mm(self.adj, x.permute(1, 0, 2).reshape(4, -1)).reshape(4, x.shape[0], 3).permute(1, 0, 2)
