@@ -205,9 +205,9 @@ def _check_samples_independent_in_place(gm: fx.GraphModule, example_inputs: Sequ
     rel = (diff.max() / scale.clamp_min(torch.finfo(before.dtype).tiny)).item() if diff.numel() else 0.0
     if rel > _SAME.get((before.device.type, before.dtype), 1e-1):
         raise ModeError(f"the model's output for the other samples changed (relative {rel:.1e}) when its last "
-                        "sample changed: its samples depend on each other (a "
-                        "whole graph or set given as the batch, an [N, N] operator over the batch axis?). fxjac's "
-                        "products are per sample: put the batch first, as [B, N, F] with an operator over axis 1")
+                        "sample changed: its samples depend on each other (a whole graph or set given as the "
+                        "batch, an [N, N] operator over the batch axis?). fxjac's products are per sample: put the "
+                        "batch first, as [B, N, F] with an operator over axis 1")
 
 
 def _field_index(gm: fx.GraphModule, output: str, example_inputs: Sequence) -> Any:
