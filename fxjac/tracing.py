@@ -57,6 +57,14 @@ def decomposes(target) -> Callable:
     return deco
 
 
+def emit_op(fn, *args):
+    """Inside a decomposition: record ``fn(*args)`` as one graph op (a run-time kernel with a rule of its own)
+    instead of tracing into it; on constants only (a mask held as a buffer) it is computed now.
+    """
+    tracer = next((a.tracer for a in args if isinstance(a, fx.Proxy)), None)
+    return fn(*args) if tracer is None else tracer.create_proxy("call_function", fn, args, {})
+
+
 _PROXY_INPLACE = {"__iadd__": operator.iadd, "__isub__": operator.isub, "__imul__": operator.imul,
                   "__itruediv__": operator.itruediv, "__setitem__": operator.setitem}
 

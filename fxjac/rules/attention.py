@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from passes.protocol import ZERO, Decline, Rule
 
 from ..errors import ModeError
-from ..tracing import decomposes
+from ..tracing import decomposes, emit_op
 from . import _rt
 from .base import Broadcasting, LinearOp, NonDifferentiable
 from .registry import register
@@ -85,17 +85,6 @@ def repeat_heads(x, groups):
 def repeat_heads_transpose(ct, groups):
     """Adjoint of :func:`repeat_heads`: sum each group of heads."""
     return ct.unflatten(-3, (-1, groups)).sum(-3)
-
-
-def _emit(fn, *args):
-    """Record ``fn(*args)`` as one graph op (a run-time kernel with a rule) instead of tracing into it.
-
-    On constants only (a mask held as a buffer) it is computed now.
-    """
-    tracer = next((a.tracer for a in args if isinstance(a, fx.Proxy)), None)
-    if tracer is None:
-        return fn(*args)
-    return tracer.create_proxy("call_function", fn, args, {})
 
 
 # --- rules for the kernels and masked_fill ---------------------------------------------------------------
@@ -235,14 +224,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                            "is_causal=True")
     if enable_gqa:
         groups = query.size(-3) // key.size(-3)
-        key, value = _emit(repeat_heads, key, groups), _emit(repeat_heads, value, groups)
+        key, value = emit_op(repeat_heads, key, groups), emit_op(repeat_heads, value, groups)
     scores = query @ key.transpose(-2, -1)
     # The default scale depends on the query's size: a run-time op rather than a Python number.
-    scores = _emit(head_dim_scale, scores, query) if scale is None else scores * scale
+    scores = emit_op(head_dim_scale, scores, query) if scale is None else scores * scale
     if is_causal:
-        scores = scores + _emit(causal_bias, scores)
+        scores = scores + emit_op(causal_bias, scores)
     if attn_mask is not None:
-        return _masked_softmax(_emit(add_mask, scores, attn_mask, False)) @ value
+        return _masked_softmax(emit_op(add_mask, scores, attn_mask, False)) @ value
     return torch.softmax(scores, dim=-1) @ value
 
 
@@ -319,7 +308,7 @@ def multihead_attention(m, query, key, value, key_padding_mask=None, need_weight
     # PyTorch uses the causal hint in place of the mask only here; elsewhere the mask itself.
     causal = is_causal and key_padding_mask is None and not need_weights
     if attn_mask is not None and not causal:
-        attn_mask = _emit(heads_view, attn_mask, H)
+        attn_mask = emit_op(heads_view, attn_mask, H)
         if pad:
             attn_mask = F.pad(attn_mask, (0, pad))
     if key_padding_mask is not None:
@@ -328,11 +317,11 @@ def multihead_attention(m, query, key, value, key_padding_mask=None, need_weight
             key_padding_mask = F.pad(key_padding_mask, (0, pad))
     scores = (q * math.sqrt(1.0 / float(hd))) @ k.transpose(-2, -1)
     if causal:
-        scores = scores + _emit(causal_bias, scores)
+        scores = scores + emit_op(causal_bias, scores)
     elif attn_mask is not None:
-        scores = _emit(add_mask, scores, attn_mask, True)
+        scores = emit_op(add_mask, scores, attn_mask, True)
     if key_padding_mask is not None:
-        scores = _emit(add_mask, scores, key_padding_mask, True)
+        scores = emit_op(add_mask, scores, key_padding_mask, True)
     masked = key_padding_mask is not None or (attn_mask is not None and not causal)
     weights = _masked_softmax(scores) if masked and not need_weights else torch.softmax(scores, dim=-1)
     out = F.linear((weights @ v).transpose(1, 2).flatten(2), m.out_proj.weight, m.out_proj.bias)

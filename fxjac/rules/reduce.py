@@ -14,7 +14,7 @@ import torch
 
 from passes.protocol import ZERO, Decline, Rule
 
-from ..tracing import decomposes
+from ..tracing import decomposes, emit_op
 from .base import LinearOp, NonDifferentiable
 from .registry import register
 from .shape import stack_sum, unreduce
@@ -457,22 +457,16 @@ class BroadcastShape(NonDifferentiable):
         ...
 
 
-def _emit(fn, *args):
-    """``fn(*args)`` recorded as one graph op (a run-time kernel with a rule) inside a decomposition."""
-    tracer = next((a.tracer for a in args if isinstance(a, torch.fx.Proxy)), None)
-    return fn(*args) if tracer is None else tracer.create_proxy("call_function", fn, args, {})
-
-
 @decomposes(torch.cosine_similarity)  # F.cosine_similarity
 def cosine_similarity(x1, x2, dim=1, eps=1e-8):
     """ATen's computation: both operands broadcast, each divided by its 2-norm along ``dim`` (raised to ``eps``
     unseen by autograd, :func:`norm_floor`), the products summed. The same values, and autograd's derivatives also
     where a norm is below ``eps`` (a zero vector: ``∂y/∂x1 = x2 / (‖x2‖ eps)``).
     """
-    shape = _emit(broadcast_shape, x1, x2)
+    shape = emit_op(broadcast_shape, x1, x2)
     x1, x2 = torch.broadcast_to(x1, shape), torch.broadcast_to(x2, shape)
-    n1 = _emit(norm_floor, torch.linalg.vector_norm(x1, 2, dim, keepdim=True), eps)
-    n2 = _emit(norm_floor, torch.linalg.vector_norm(x2, 2, dim, keepdim=True), eps)
+    n1 = emit_op(norm_floor, torch.linalg.vector_norm(x1, 2, dim, keepdim=True), eps)
+    n2 = emit_op(norm_floor, torch.linalg.vector_norm(x2, 2, dim, keepdim=True), eps)
     return ((x1 / n1) * (x2 / n2)).sum(dim)
 
 

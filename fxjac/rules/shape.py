@@ -245,7 +245,6 @@ def channel_shuffle_transpose(ct, groups):
     return channel_shuffle_tangent(ct, ct.shape[2] // groups)
 
 
-
 # --- rules -----------------------------------------------------------------------------------------------
 
 
