@@ -131,20 +131,23 @@ def through_chunks(e, b, src, k: int, chunk_size, seed, weights, emit, cat_dim=N
     # Results that do not depend on the columns (the zero block of a parameter the output never reads) are
     # computed once, outside the loop, which sums only the others.
     looped = _column_dependent(roots, first) if cat_dim is None and isinstance(first, list) else None
-    eager = chunk_body(e.graph, start, roots, first if looped is None else [first[i] for i in looped])
+
+    def in_loop(result):
+        return result if looped is None else [result[i] for i in looped]
+
+    eager = chunk_body(e.graph, start, roots, in_loop(first))
     if eager is not None:
         variants = [eager + (width,)]
         if wide != width:  # (k is an int here: with an operand's K both widths are chunk_size)
             w_start, w_roots, w_result = chunk(min(wide, k))
-            compiled = chunk_body(e.graph, w_start, w_roots,
-                                  w_result if looped is None else [w_result[i] for i in looped])
+            compiled = chunk_body(e.graph, w_start, w_roots, in_loop(w_result))
             if compiled is None:  # the same emission with another width: outlined alike
                 raise RuntimeError("fxjac: internal error: a chunk of columns outlined at one width and not another")
             variants.append(compiled + (min(wide, k),))
-        k_loop = k if isinstance(k, int) else None
+        sums = column_loop(e, b.modules, seed, weights, k if isinstance(k, int) else None, variants, in_loop(first),
+                           cat_dim)
         if looped is None:
-            return column_loop(e, b.modules, seed, weights, k_loop, variants, first, cat_dim)
-        sums = column_loop(e, b.modules, seed, weights, k_loop, variants, [first[i] for i in looped], cat_dim)
+            return sums
         out = list(first)
         for j, i in enumerate(looped):
             out[i] = sums[j]

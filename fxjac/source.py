@@ -141,6 +141,16 @@ _SAME = {("cpu", torch.float64): 1e-8, ("cpu", torch.float32): 2e-4, ("cuda", to
          ("cuda", torch.float32): 1e-2}
 
 
+def _relative_change(before, after) -> float:
+    """The largest change between two floating tensors over the entries finite in both, relative to the largest
+    such entry of ``before``.
+    """
+    finite = torch.isfinite(before) & torch.isfinite(after)
+    diff = (before - after).abs()[finite]
+    scale = before.abs()[finite].max() if finite.any() else torch.tensor(0.0)
+    return (diff.max() / scale.clamp_min(torch.finfo(before.dtype).tiny)).item() if diff.numel() else 0.0
+
+
 def _check_samples_independent(y, grown) -> None:
     """Refuse a model whose output for a sample changes when another sample joins the batch.
 
@@ -158,10 +168,7 @@ def _check_samples_independent(y, grown) -> None:
         changed = not torch.equal(before, after)
         rel = float("nan")
     else:
-        finite = torch.isfinite(before) & torch.isfinite(after)
-        diff = (before - after).abs()[finite]
-        scale = before.abs()[finite].max() if finite.any() else torch.tensor(0.0)
-        rel = (diff.max() / scale.clamp_min(torch.finfo(before.dtype).tiny)).item() if diff.numel() else 0.0
+        rel = _relative_change(before, after)
         same_nan = torch.equal(torch.isnan(before), torch.isnan(after))
         changed = rel > _SAME.get((before.device.type, before.dtype), 1e-1) or not same_nan
     if changed:
@@ -199,10 +206,7 @@ def _check_samples_independent_in_place(gm: fx.GraphModule, example_inputs: Sequ
     if not (isinstance(other, torch.Tensor) and other.shape == y.shape and y.is_floating_point()):
         return
     before, after = y[:-1].detach(), other[:-1].detach()
-    finite = torch.isfinite(before) & torch.isfinite(after)
-    diff = (before - after).abs()[finite]
-    scale = before.abs()[finite].max() if finite.any() else torch.tensor(0.0)
-    rel = (diff.max() / scale.clamp_min(torch.finfo(before.dtype).tiny)).item() if diff.numel() else 0.0
+    rel = _relative_change(before, after)
     if rel > _SAME.get((before.device.type, before.dtype), 1e-1):
         raise ModeError(f"the model's output for the other samples changed (relative {rel:.1e}) when its last "
                         "sample changed: its samples depend on each other (a whole graph or set given as the "

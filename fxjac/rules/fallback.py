@@ -23,11 +23,10 @@ from passes.protocol import ZERO, Rule, module_call
 
 _SLOT = "__fxjac_slot_{}__"
 _CTX = "__fxjac_ctx_{}__"
-# Ops whose forward-mode derivative torch gets wrong: their tangents come from reverse mode (the vjp of the vjp).
-# torch 2.13's forward AD of scatter_reduce(reduce="prod") is zero (the other reductions are right, but one key
-# per op: they all take the reverse path).
-_WRONG_FORWARD_AD = frozenset({"torch.scatter_reduce", "method:scatter_reduce", "method:scatter_reduce_"})
-_NO_FORWARD_AD: set = set(_WRONG_FORWARD_AD)
+# Ops whose tangents come from reverse mode (the vjp of the vjp): those found without a forward-mode formula, and
+# from the start those whose forward-mode derivative torch gets wrong. torch 2.13's forward AD of
+# scatter_reduce(reduce="prod") is zero (the other reductions are right, but one key per op: all take this path).
+_NO_FORWARD_AD: set = {"torch.scatter_reduce", "method:scatter_reduce", "method:scatter_reduce_"}
 _NO_VMAP: set = set()
 
 
