@@ -32,6 +32,8 @@ from typing import Optional
 
 import torch
 
+from fxjac.rules import _rt
+
 from . import contenders as C
 from .cases import (
     COMPILE_TARGET_S,
@@ -412,7 +414,8 @@ def markdown(result: dict) -> str:
     used = [c for c in C.CONTENDERS if any(r["contender"] == c and r["status"] != "n/a" for r in rows)]
     gpu = meta.get("device", "cpu") != "cpu"  # results saved before --device existed are CPU runs
     where = f"{meta['gpu']} (CPU: {meta['cpu']})" if gpu else f"{meta['threads']} thread(s), {meta['cpu']}"
-    lines = [f"fxjac benchmark ({meta['mode']}): {meta['date']}, torch {meta['torch']}, {where}", ""]
+    malloc = f", glibc malloc: {meta['malloc']}" if meta.get("malloc") else ""
+    lines = [f"fxjac benchmark ({meta['mode']}): {meta['date']}, torch {meta['torch']}, {where}{malloc}", ""]
     if meta.get("amended"):
         lines += [f"Amended after the run: {meta['amended']}", ""]
     lines += [
@@ -629,6 +632,9 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
+    # The first fxjac product sets glibc's thresholds for the whole process (Note [glibc's heap and column
+    # stacks] in fxjac/rules/_rt.py): set them before anything is timed, so every contender runs under them.
+    malloc_tuned = _rt.tune_malloc()
     t_start = time.perf_counter()
     _warm_up()
     timing = Timing(args.quick, sync=torch.cuda.synchronize if args.device == "cuda" else None)
@@ -651,7 +657,7 @@ def main(argv=None) -> int:
     meta = {"mode": "quick" if args.quick else "full", "date": dt.datetime.now().isoformat(timespec="seconds"),
             "torch": torch.__version__, "threads": args.threads, "cpu": _cpu(), "device": args.device,
             "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-            "python": platform.python_version(),
+            "python": platform.python_version(), "malloc": "fxjac's thresholds" if malloc_tuned else "unchanged",
             "versions": _versions(), "git": _git(), "compile_backend": args.compile_backend,
             "compile_cases": args.compile_cases, "tolerance": TOLERANCE, "argv": sys.argv[1:],
             "cases": [c.__dict__ for c in cases(args.quick) if not args.cases or c.name in args.cases],

@@ -10,13 +10,14 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.utils._pytree import tree_leaves
 
 from passes import Builder, MissingRulesError, clean
 from passes.builder import BatchLayoutError
 
 from .assemble import input_name
 from .errors import ModeError, OptionError, StaleProductError, TraceError, UnsupportedOpError, describe
-from .rules import default_rules
+from .rules import _rt, default_rules
 from .source import Source, build_source
 
 
@@ -381,6 +382,8 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
     leaf_modules = _check_common(leaf_modules, concrete_args, output, strict, differentiable)
 
     def build(inputs, key):
+        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tree_leaves(inputs)):
+            _rt.tune_malloc()  # Note [glibc's heap and column stacks]
         src = build_source(model, wrt, list(inputs), leaf_modules=leaf_modules, concrete_args=concrete_args,
                            output=output)
         b = Builder(src.gm, default_rules(), strict=strict)

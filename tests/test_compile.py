@@ -261,16 +261,19 @@ def test_inductor_vjp(reduce):
 
 
 class _ConvPool(nn.Module):
-    """conv → ReLU → max pool → conv → ReLU → linear: im2col patches, max-pool scatters and ReLU masks."""
+    """conv → ReLU → max pool → conv → ReLU → max pool → linear: im2col patches, max-pool scatters and ReLU
+    masks. The first convolution's weight cotangents skip its pooling's scatter (Note [weight cotangents through
+    a max pooling]); the second pooling's scatter stays (its convolution's input needs the cotangent).
+    """
 
     def __init__(self):
         super().__init__()
         # 8 channels into the pooling: it runs through the channels-last kernel (Note [channels-last max pooling])
-        self.c1, self.c2, self.fc = nn.Conv2d(2, 8, 3, padding=1), nn.Conv2d(8, 3, 3), nn.Linear(12, 3)
+        self.c1, self.c2, self.fc = nn.Conv2d(2, 8, 3, padding=1), nn.Conv2d(8, 3, 3), nn.Linear(3, 3)
 
     def forward(self, x):
         h = F.max_pool2d(torch.relu(self.c1(x)), 2)
-        return self.fc(torch.relu(self.c2(h)).flatten(1))
+        return self.fc(F.max_pool2d(torch.relu(self.c2(h)), 2).flatten(1))
 
 
 class _ConvKinds(nn.Module):

@@ -6,6 +6,7 @@ its optional ``output_size`` argument becomes a placeholder); none of them may f
 
 from __future__ import annotations
 
+import math
 import operator
 import sys
 import warnings
@@ -488,3 +489,60 @@ def test_nearest_upsampling_adjoint_by_block_sums(name, factory, shape, monkeypa
     monkeypatch.setattr(conv, "_block_sums", lambda *a: used.append(1) or block_sums(*a))
     _check(_model(factory), _input(shape, 3), products=("vjp", "mjp", "jacobian"))
     assert bool(used) == ("not_whole" not in name and "past_whole" not in name)
+
+
+class _ConvPool(nn.Module):
+    """A convolution whose output a max pooling reads (Note [weight cotangents through a max pooling]); with
+    ``lifted``, the convolution's input comes from a Linear, so its input cotangent is needed too."""
+
+    def __init__(self, conv, pool, sample, lifted=False):
+        super().__init__()
+        self.sample, self.lifted = sample, lifted
+        self.lift = nn.Linear(3, math.prod(sample)) if lifted else None
+        self.conv, self.pool = conv, pool
+        self.head = nn.LazyLinear(3)
+
+    def forward(self, x):
+        if self.lifted:
+            x = torch.tanh(self.lift(x)).reshape((-1,) + self.sample)
+        return self.head(torch.relu(self.pool(self.conv(x))).flatten(1))
+
+
+_CONV_POOL = [  # (id, conv, pool (factories), one sample's input shape, lifted, the scatter skipped)
+    ("k2", lambda: nn.Conv2d(3, 4, 3, padding=1), lambda: nn.MaxPool2d(2), (3, 6, 6), False, True),
+    ("overlap_pad_ceil", lambda: nn.Conv2d(2, 3, 3), lambda: nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
+     (2, 7, 8), False, True),
+    ("indices_nobias", lambda: nn.Conv2d(3, 2, 2, bias=False),
+     lambda: MaxPoolIndices(nn.MaxPool2d(2, return_indices=True)), (3, 5, 7), False, True),
+    ("adaptive", lambda: nn.Conv2d(1, 3, 3, padding=1, stride=2), lambda: nn.AdaptiveMaxPool2d((2, 3)), (1, 7, 6),
+     False, True),
+    ("same_even_wide", lambda: nn.Conv2d(5, 3, (2, 3), padding="same"), lambda: nn.MaxPool2d(2), (5, 4, 6), False,
+     True),
+    ("1d", lambda: nn.Conv1d(3, 2, 3, padding=1), lambda: nn.MaxPool1d(2, ceil_mode=True), (3, 7), False, True),
+    ("lifted", lambda: nn.Conv2d(2, 3, 3, padding=1), lambda: nn.MaxPool2d(2), (2, 4, 4), True, False),
+    ("grouped", lambda: nn.Conv2d(2, 4, 3, groups=2), lambda: nn.MaxPool2d(2), (2, 6, 6), False, False),
+    ("wide", lambda: nn.Conv2d(4, 3, 3, padding=1), lambda: nn.MaxPool2d(2), (4, 4, 4), False, False),
+    ("3d", lambda: nn.Conv3d(2, 3, 2), lambda: nn.MaxPool3d(2), (2, 3, 5, 5), False, False),
+]
+
+
+@pytest.mark.parametrize("gather", [True, False], ids=["gathered", "scattered_at_run_time"])
+@pytest.mark.parametrize("name, conv, pool, shape, lifted, skipped", _CONV_POOL, ids=[c[0] for c in _CONV_POOL])
+def test_weight_cotangents_through_a_max_pooling(name, conv, pool, shape, lifted, skipped, gather, monkeypatch):
+    # Per-sample weight cotangents from the pooled cotangent and the patches at each argmax, the bias's from the
+    # pooled cotangent: every parameter-space product that keeps samples apart, against torch.func.
+    from fxjac.rules import conv as rules
+
+    if gather:  # every stack, one column too
+        monkeypatch.setattr(rules, "POOLED_MIN_COLUMNS", 1)
+    else:  # the gathered patches over their budget: the scatter is made at run time instead
+        monkeypatch.setattr(rules, "POOLED_BYTES", 0)
+    torch.manual_seed(0)
+    model = _ConvPool(conv(), pool(), shape, lifted)
+    x = _input((3,) if lifted else shape, 3)
+    model(x.float())
+    model = model.double()
+    reference.check_metric_products(model, (x,), wrts=("params",), matrices=("diag", "sqrt"))
+    _check(model, x, products=("vjp", "mjp"))
+    code = fxjac.ggn(model, loss="cross_entropy", out="diag", example_inputs=(x,)).code
+    assert ("pooled_weight_ct" in code) is skipped and ("pool_scatter" not in code) is (skipped and not lifted)
