@@ -115,6 +115,83 @@ def test_cross_entropy_factor_has_one_column_less_per_position(shape, class_dim)
         assert_close(F @ F.transpose(1, 2), H, f"factor of the softmax Hessian {shape}, scale {scale}")
 
 
+def _confident_hessian(y, loss):
+    """The loss Hessian per sample ``[B, C, C]`` in forms that never subtract from a probability near 1."""
+    if loss == "bce":
+        return torch.diag_embed(torch.sigmoid(y) * torch.sigmoid(-y))
+    p = torch.softmax(y, 1)
+    eye = torch.eye(p.shape[1], dtype=p.dtype)
+    rest = (p.unsqueeze(1) * (1 - eye)).sum(2)  # 1 - p_i as the sum of the other classes
+    return torch.diag_embed(p * rest) - p.unsqueeze(2) * p.unsqueeze(1) * (1 - eye)
+
+
+class _Shifted(nn.Module):
+    """A Linear whose logits are shifted by a fixed buffer (a confident classifier)."""
+
+    def __init__(self, shift, dtype):
+        super().__init__()
+        self.net = nn.Linear(3, shift.shape[1]).to(dtype)
+        self.register_buffer("shift", shift.to(dtype))
+
+    def forward(self, x):
+        return self.net(x) + self.shift
+
+
+@pytest.mark.parametrize("dtype, gap", [(torch.float32, 20.0), (torch.float32, 40.0), (torch.float64, 60.0)])
+@pytest.mark.parametrize("loss", ["cross_entropy", "bce"])
+def test_confident_predictions_keep_their_curvature(loss, dtype, gap):
+    # Note [confident predictions]: winning classes by a logit gap of 20-60, first, middle and last. Their Hessian
+    # entries are about e^-gap, which 1 - p loses (float32: 18 % off at a gap of 30 with the Householder pivot on
+    # the last class; bce's s (1 - s) was 0 beyond 17). On the bias the GGN is the loss Hessian itself.
+    torch.manual_seed(0)
+    if loss == "cross_entropy":
+        shift = gap * torch.eye(5)[[0, 2, 4]]  # sample b's winner: class 2b
+    else:
+        shift = gap * torch.tensor([[1.0, -1.0, 1.0, -1.0, 0.5]]).expand(3, 5)
+    model = _Shifted(shift, dtype)
+    x = torch.randn(3, 3, dtype=dtype)
+    H = _confident_hessian(model(x).double(), loss)  # [B, 5, 5]
+    wrt = ["net.bias"]
+    _, got = fxjac.ggn(model, loss=loss, out="full", wrt=wrt)(x)
+    assert_close(got, H.sum(0), f"{loss} GGN (bias), gap {gap}", dtype)
+    diag = torch.diagonal(H, dim1=1, dim2=2)
+    _, got = fxjac.ggn(model, loss=loss, out="diag", wrt=wrt, reduce="none")(x)
+    assert_close(got, diag, f"{loss} GGN diagonal per sample, gap {gap}", dtype)
+    _, got = fxjac.ggn(model, loss=loss, out="diag", wrt=wrt, method="diag_backprop", reduce="none")(x)
+    assert_close(got, diag, f"{loss} diagonal backprop (one op: exact), gap {gap}", dtype)
+    for k in range(5):  # every column of the summed Hessian, the winners' small entries included
+        v = torch.eye(5, dtype=dtype)[k]
+        _, got = fxjac.ggn_vp(model, loss=loss, wrt=wrt)(x, v)
+        assert_close(got, H.sum(0)[:, k], f"{loss} GGN-vector product, column {k}, gap {gap}", dtype)
+    # per sample, the relative error of each entry (assert_close scales by the largest one)
+    _, got = fxjac.ggn(model, loss=loss, out="diag", wrt=wrt, reduce="none")(x)
+    assert ((got.double() - diag).abs() <= 1e-4 * diag).all(), (got, diag)
+
+
+def test_cross_entropy_ggn_is_differentiable_where_a_probability_underflows():
+    # √p of an underflowed probability had an infinite derivative: NaN gradients with differentiable=True.
+    torch.manual_seed(0)
+    net = nn.Linear(3, 4)
+    x = 200 * torch.randn(2, 3)  # logit gaps in the hundreds: float32 probabilities of exactly 0
+    assert (torch.softmax(net(x), 1) == 0).any()
+    _, G = fxjac.ggn(net, loss="cross_entropy", out="full", wrt=["bias"], differentiable=True)(x)
+    got = torch.autograd.grad(G.sum(), [net.weight, net.bias])
+    w, b = (t.detach().double().requires_grad_() for t in (net.weight, net.bias))
+    ref = torch.autograd.grad(_confident_hessian(x.double() @ w.t() + b, "cross_entropy").sum(), [w, b])
+    for g, r in zip(got, ref):
+        assert torch.isfinite(g).all()
+        assert_close(g, r, "gradient of the bias's GGN", torch.float32)
+
+
+def test_class_dim_and_sigma_belong_to_their_losses():
+    net = nn.Linear(3, 3)
+    for loss in ("mse", "bce", "gaussian", "gaussian_nll"):
+        with pytest.raises(fxjac.OptionError, match="class_dim= is the cross-entropy's"):
+            fxjac.ggn(net, loss=loss, class_dim=-1)
+    with pytest.raises(fxjac.OptionError, match=r"sigma of shape \(1, 3\) has more axes than one output sample"):
+        fxjac.ggn(net, loss="gaussian", sigma=torch.ones(1, 3), example_inputs=(torch.randn(2, 3),))
+
+
 @pytest.mark.parametrize("class_dim", [0, 3, -4, 1.0])
 def test_class_dim_on_the_batch_or_outside_the_output_is_refused(class_dim):
     net = nn.Linear(4, 5)

@@ -616,7 +616,7 @@ def pooled_weight_ct(ct, idx, y, x, w, stride, padding, dilation, groups, cols):
     """
     gathered = pooled_patches(cols, idx) if ct.shape[0] >= POOLED_MIN_COLUMNS else None
     if gathered is None:
-        full = pool_scatter(ct, idx, y, y.dim() - 2)
+        full = pool_scatter(ct, idx, y, w.dim() - 2)  # the pooling's spatial axes are the convolution's
         return conv_weight_ct(full, x, w, stride, padding, dilation, groups, True, cols)
     k, (bo, q, _) = ct.shape[0], gathered.shape
     # [B·O, K, patch]; the orientation matters: patchesᵀ @ cotangents (a transposed view of the gathered
@@ -988,8 +988,10 @@ class _Conv(Rule):
         """
         if self.transposed or not (isinstance(ct, fx.Node) and ct.op == "call_function" and ct.target is pool_scatter):
             return None
-        pooled, idx, y = ct.args[:3]
-        return (pooled, idx) if y is site.out else None
+        pooled, idx, y, n = ct.args[:4]
+        # the pooling's spatial axes are the convolution's: a MaxPool3d on a Conv2d's [B, C, H, W] (an unbatched
+        # [C, D, H, W] to it) or a 2-d pooling on a Conv1d's output also pools over channels
+        return (pooled, idx) if y is site.out and n == self.n else None
 
     def _pooled_weight(self, site, pooled) -> bool:
         """Whether the per-sample weight cotangent skips the scatter: the input's cotangent does not read it (or

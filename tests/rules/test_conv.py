@@ -523,6 +523,9 @@ _CONV_POOL = [  # (id, conv, pool (factories), one sample's input shape, lifted,
     ("grouped", lambda: nn.Conv2d(2, 4, 3, groups=2), lambda: nn.MaxPool2d(2), (2, 6, 6), False, False),
     ("wide", lambda: nn.Conv2d(4, 3, 3, padding=1), lambda: nn.MaxPool2d(2), (4, 4, 4), False, False),
     ("3d", lambda: nn.Conv3d(2, 3, 2), lambda: nn.MaxPool3d(2), (2, 3, 5, 5), False, False),
+    # a pooling of higher rank pools over the channels too (an unbatched input to it): the scatter stays
+    ("maxout_3d_on_2d", lambda: nn.Conv2d(3, 4, 3, padding=1), lambda: nn.MaxPool3d(2), (3, 6, 6), False, False),
+    ("2d_on_1d", lambda: nn.Conv1d(3, 4, 3, padding=1), lambda: nn.MaxPool2d(2), (3, 8), False, False),
 ]
 
 
