@@ -574,20 +574,20 @@ def conv_t_weight_ct(ct, x, w, stride, padding, dilation, groups, per_sample):
     return corr_weight(ct, x.unsqueeze(0), stride, dilation, pads, tuple(w.shape[2:]), groups, per_sample)
 
 
-
 # Note [weight cotangents through a max pooling]
 # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 # Where a max pooling reads a convolution's output, the cotangent there is the pooled one scattered to the
 # argmax positions, zero elsewhere. The convolution's per-sample weight cotangent sums cotangent ⊗ patch over
 # positions, so only the argmax positions count: Σ_q ct[k, b, o, q] · patch[b, idx[b, o, q]], with the patches
-# at each output's argmax gathered once per call (they do not depend on the columns), and the bias cotangent is
-# the pooled cotangent summed. No scatter (the largest stack of the cnn: 42 MB, zero-filled and written at each
-# call) and a quarter of the multiply-adds for a 2x2 pooling: the cnn's first layer, 10 columns, 17.4 -> 7 ms
-# (AMD EPYC, one thread). Taken where the weight cotangent goes through im2col patches (few input channels,
-# ungrouped), on the CPU (not measured elsewhere), while the gathered patches (the patches times the output
-# channels over the pooling's window) stay under POOLED_BYTES, and for at least POOLED_MIN_COLUMNS columns: the
-# gather costs about two columns' scatter and GEMM (the cnn's per-sample gradients, one column: 8.8 -> 13.7 ms).
-# The gather is made where the columns are (inside a column loop, once per chunk): it needs their number.
+# at each output's argmax gathered once for all columns, and the bias cotangent is the pooled cotangent summed.
+# No scatter (the largest stack of the cnn: 42 MB, zero-filled and written at each call) and a quarter of the
+# multiply-adds for a 2x2 pooling: the cnn's first layer, 10 columns, 17.4 -> 7 ms (AMD EPYC, one thread).
+# Taken where the weight cotangent goes through im2col patches (few input channels, ungrouped), on the CPU (not
+# measured elsewhere), while the gathered patches (the patches times the output channels over the pooling's
+# window) stay under POOLED_BYTES, and for at least POOLED_MIN_COLUMNS columns: the gather costs about two
+# columns' scatter and GEMM (the cnn's per-sample gradients, one column: 8.8 -> 13.7 ms), and one column through
+# the gathered patches (a batched GEMV) took 1.5 ms against 1.2 for its scatter and GEMM. The gather is made
+# where the columns are (inside a column loop, once per chunk): it needs their number.
 POOLED_BYTES = 64 << 20
 POOLED_MIN_COLUMNS = 3
 
@@ -623,6 +623,7 @@ def pooled_weight_ct(ct, idx, y, x, w, stride, padding, dilation, groups, cols):
     # patches) took 17 ms for the cnn's first layer, against 4.4
     g = torch.bmm(ct.reshape(k, bo, q).transpose(0, 1), gathered)
     return g.transpose(0, 1).reshape((k, x.shape[0]) + tuple(w.shape))
+
 
 @_rt.allocates
 def conv_cts(ct, x, w, has_bias, stride, padding, dilation, groups, transposed, output_padding, mask):
