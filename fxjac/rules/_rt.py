@@ -81,6 +81,13 @@ def expand_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.expand((t.shape[0],) + tuple(like.shape))
 
 
+def select(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` where the 0/1 ``mask`` is nonzero, else 0: a mask's product as autograd's ``where`` computes it (a NaN
+    or inf of ``t`` outside the mask stays out).
+    """
+    return torch.where(mask != 0, t, 0.0)
+
+
 def one_column(parts, mask) -> tuple:
     """The results of an ATen backward kernel run on one column, as stacks ``[1, *]`` (``None`` where ``mask``
     did not ask for them): the fused single-column paths of the convolution and normalisation rules.

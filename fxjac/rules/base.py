@@ -115,10 +115,21 @@ class Broadcasting(Rule):
     """
 
     inputs: tuple = ("input", "other")
+    # Partials that are 0/1 masks select the (co)tangent, as autograd's ``where`` does: a NaN or inf where the mask
+    # is 0 stays out (a product with the mask would give NaN there).
+    selects = False
 
     def partial(self, e: Emitter, site: Site, name: str):
         """``∂y/∂name``, broadcastable to the output."""
         raise NotImplementedError
+
+    def scale(self, e: Emitter, site: Site, name: str, t, p, square: bool = False):
+        """``t · ∂y/∂name`` (``(∂y/∂name)²`` with ``square``) for the partial ``p``; a subclass may compute it
+        otherwise, as autograd does (a division instead of a product with a reciprocal).
+        """
+        if square and p is not ZERO:
+            p = e(operator.mul, p, p) if isinstance(p, torch.fx.Node) else p * p
+        return self._times(e, t, p)
 
     def _times(self, e, t, p):
         if p is ZERO:
@@ -128,6 +139,8 @@ class Broadcasting(Rule):
                 return t
             if p == -1:
                 return e(operator.neg, t)
+        if self.selects and isinstance(p, torch.fx.Node):
+            return e(_rt.select, p, t)
         return e(operator.mul, t, p)
 
     def jvp(self, e, site, tangents):
@@ -151,7 +164,7 @@ class Broadcasting(Rule):
             full = full or tuple(site.val(name).shape) == out_shape and name not in site.ps
             if isinstance(p, torch.fx.Node) and isinstance(p.meta.get("val"), torch.Tensor):
                 full = full or tuple(p.meta["val"].shape) == out_shape
-            terms.append(self._times(e, t, p))
+            terms.append(self.scale(e, site, name, t, p))
         out = e.sum(terms)
         if out is not ZERO and not full:  # only broadcast inputs moved: give the tangent the output's shape
             out = e(_rt.expand_like, out, site.out)
@@ -172,8 +185,7 @@ class Broadcasting(Rule):
                 continue
             if site.val(name).dim() < out_ndim:
                 d = e(_rt.align, d, out_ndim)
-            p2 = e(operator.mul, p, p) if isinstance(p, torch.fx.Node) else p * p
-            terms.append(self._times(e, d, p2))
+            terms.append(self.scale(e, site, name, d, p, square=True))
         out = e.sum(terms)
         return ZERO if out is ZERO else e(_rt.expand_like, out, site.out)
 
@@ -196,9 +208,7 @@ class Broadcasting(Rule):
             p = self.partial(e, site, name)
             if p is ZERO:
                 continue
-            if square:
-                p = e(operator.mul, p, p) if isinstance(p, torch.fx.Node) else p * p
-            c = self._times(e, ct, p)
+            c = self.scale(e, site, name, ct, p, square)
             if name in site.ps:
                 c = e(_rt.sum_to_ps, c, x)
             elif tuple(site.val(name).shape) != tuple(site.out_val.shape) or _meets_batch(site, x):

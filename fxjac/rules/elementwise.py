@@ -171,17 +171,23 @@ def hardtanh_grad(x, lo, hi):
 
 
 def pow_grad(x, exponent):
-    """d(x^c)/dx = c x^(c-1), and exactly 0 for c = 0."""
-    if isinstance(exponent, (int, float)) and exponent == 0:
-        return torch.zeros_like(x)
-    return exponent * torch.pow(x, exponent - 1)
+    """d(x^c)/dx = c x^(c-1), and exactly 0 where c = 0 (a tensor exponent too: 0 · 0^-1 would be NaN at x = 0),
+    as autograd.
+    """
+    if isinstance(exponent, (int, float)):
+        return torch.zeros_like(x) if exponent == 0 else exponent * torch.pow(x, exponent - 1)
+    return torch.where(exponent == 0, 0.0, exponent * torch.pow(x, exponent - 1))
 
 
-def pow_exponent_grad(x, y):
-    """d(x^c)/dc = x^c log x (0 where x = 0, as autograd); ``x`` may be a number (``2 ** t``)."""
+def pow_exponent_grad(x, y, exponent):
+    """d(x^c)/dc = x^c log x, 0 where x = 0 and c >= 0 (autograd's choice: x^c log x -> 0 there; for c < 0 the
+    derivative is -inf); ``x`` may be a number (``2 ** t``).
+    """
     if not isinstance(x, torch.Tensor):
-        return torch.zeros_like(y) if x == 0 else y * math.log(x) if x > 0 else y * math.nan
-    return torch.where(x == 0, torch.zeros_like(y), y * torch.log(x))
+        if x == 0:
+            return torch.where(exponent >= 0, 0.0, y * -math.inf)
+        return y * math.log(x) if x > 0 else y * math.nan
+    return torch.where((x == 0) & (exponent >= 0), 0.0, y * torch.log(x))
 
 
 def _numbers(*args) -> bool:
@@ -538,10 +544,19 @@ class Exp(Elementwise):
 
 @register(torch.log, "log")
 class Log(Elementwise):
-    """y = log(x); y' = 1 / x."""
+    """y = log(x); y' = 1 / x, applied as a division (autograd's ``t / x``: with ``1 / x`` inf for a subnormal
+    ``x``, a zero tangent became NaN).
+    """
 
     def derivative(self, e, site):  # noqa: D102
         return e(torch.reciprocal, site.args["input"])
+
+    def fused(self, e, site, t):  # noqa: D102
+        return e(torch.div, t, site.args["input"])
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        x = site.args["input"]
+        return {"input": e(torch.div, d, e(operator.mul, x, x))}
 
 
 @register(torch.log1p, "log1p")
@@ -610,6 +625,7 @@ class Clamp(Broadcasting):
     """
 
     inputs = ("input", "min", "max")
+    selects = True
 
     def signature(input, min=None, max=None):  # noqa: D103
         ...
@@ -724,10 +740,23 @@ class Div(Broadcasting):
         if site.args["rounding_mode"] is not None:
             return ZERO
         other = site.args["other"]
-        if name == "input":
-            # ``other`` may be a number computed in the graph (``k.size(-1) ** 0.5``): no tensor-only kernel
-            return 1.0 / other if isinstance(other, (int, float)) else e(operator.truediv, 1.0, other)
+        if name == "input":  # (applied as a division: :meth:`scale`)
+            return e(operator.truediv, 1.0, other) if isinstance(other, torch.fx.Node) else 1
         return e(operator.neg, e(operator.truediv, site.out, other))
+
+    def scale(self, e, site, name, t, p, square=False):
+        """``t / other`` (``/ other²``), as autograd divides: a product with ``1/other`` was inf, and 0 · inf NaN,
+        for a subnormal ``other``, and a Python ``0.0`` raised ZeroDivisionError. ``other`` may be a number
+        computed in the graph (``k.size(-1) ** 0.5``).
+        """
+        if name != "input" or p is ZERO:
+            return super().scale(e, site, name, t, p, square)
+        other = site.args["other"]
+        if square:
+            other = e(operator.mul, other, other) if isinstance(other, torch.fx.Node) else other * other
+        if isinstance(other, (int, float)) and other == 1:
+            return t
+        return e(operator.truediv, t, other)
 
 
 @register(torch.pow, operator.pow, "pow")
@@ -743,12 +772,14 @@ class Pow(Broadcasting):
         x, c = site.args["input"], site.args["exponent"]
         if name == "input":
             return e(pow_grad, x, c)
-        return e(pow_exponent_grad, x, site.out)
+        return e(pow_exponent_grad, x, site.out, c)
 
 
 @register(torch.where)
 class Where(Broadcasting):
     """y = where(cond, input, other); partials [cond] and [not cond]; the condition is constant."""
+
+    selects = True
 
     def signature(condition, input, other):  # noqa: D103
         ...

@@ -36,14 +36,18 @@ def mean_scale(like, dim):
     return 1.0 / n
 
 
-def tie_weights(x, y, dim, keepdim):
-    """Even split among the extrema: ``[x == y] / count`` with ``y`` the reduction's result."""
+def tie_weights(x, y, dim, keepdim, nan_ties=False):
+    """Even split among the extrema: ``[x == y] / count`` with ``y`` the reduction's result; with ``nan_ties``, a
+    NaN result's derivative goes to the NaN entries (autograd's reverse mode of the full ``max``/``min``:
+    evenly_distribute_backward; its forward mode and ``amax`` give NaN).
+    """
     dims = _dims(dim, x.dim())
     yk = y
     if not keepdim:
         for d in sorted(dims):
             yk = yk.unsqueeze(d)
-    mask = (x == yk).to(x.dtype)
+    mask = (x == yk) | (x.isnan() & yk.isnan()) if nan_ties else x == yk
+    mask = mask.to(x.dtype)
     return mask / mask.sum(dims, keepdim=True)
 
 
@@ -273,13 +277,13 @@ class Max(Rule):
     def signature(input, dim=None, keepdim=False):  # noqa: D103
         ...
 
-    def _weights(self, e, site):
+    def _weights(self, e, site, reverse=False):
         dim, keepdim = site.args["dim"], site.args["keepdim"]
         x = site.args["input"]
         if isinstance(dim, torch.fx.Node):
             raise Decline  # max(a, b): element-wise
         if dim is None:
-            return e(tie_weights, x, site.out, None, False), None, False
+            return e(tie_weights, x, site.out, None, False, reverse), None, False
         idx = e(_rt_getitem, site.out, 1)
         return e(index_weights, x, idx, dim, keepdim), dim, keepdim
 
@@ -292,7 +296,7 @@ class Max(Rule):
         return val if dim is None else (val, ZERO)
 
     def vjp(self, e, site, ct):  # noqa: D102
-        w, dim, keepdim = self._weights(e, site)
+        w, dim, keepdim = self._weights(e, site, reverse=True)
         if dim is not None:
             ct = ct[0]
             if ct is ZERO:
@@ -481,6 +485,13 @@ def _rt_getitem(seq, i):
     return seq[i]
 
 
+def over_std(t, std):
+    """``t / (2 std)``, 0 where ``std`` is 0 (autograd's choice for a constant row, where the variance's own
+    derivative is 0 too: ``0 / 0`` would be NaN).
+    """
+    return torch.where(std == 0, 0.0, t / (2 * std))
+
+
 @register(torch.var, "var", torch.std, "std")
 class Var(Rule):
     """y = var(x) (or std = sqrt(var)); dy = 2 Σ (x - mean) dx / (n - correction) (÷ 2 std for std)."""
@@ -501,14 +512,14 @@ class Var(Rule):
             raise Decline
         out = e(var_tangent, t, site.args["input"], site.args["dim"], _correction(site), site.args["keepdim"])
         if self._std(site):
-            out = e(torch.div, out, e(torch.mul, site.out, 2.0))
+            out = e(over_std, out, site.out)
         return out
 
     def vjp(self, e, site, ct):  # noqa: D102
         if isinstance(site.args["dim"], bool):
             raise Decline
         if self._std(site):
-            ct = e(torch.div, ct, e(torch.mul, site.out, 2.0))
+            ct = e(over_std, ct, site.out)
         return {"input": e(var_ct, ct, site.args["input"], site.args["dim"], _correction(site),
                            site.args["keepdim"])}
 

@@ -740,3 +740,46 @@ class _SparseOnly(nn.Module):
 
     def forward(self, x):
         return torch.sparse.mm(self.adj, x.permute(1, 0, 2).reshape(4, -1)).reshape(4, x.shape[0], 3).permute(1, 0, 2)
+
+
+def _degenerate_cases():
+    """(id, f, x [B, n], dtype): inputs where a derivative is 0/0, inf or NaN somewhere and autograd's formula keeps
+    the rest finite (probe K of the eleventh session).
+    """
+    f64, f32 = torch.float64, torch.float32
+    rows = torch.tensor([[3.0, 3.0, 3.0, 3.0], [0.5, -1.0, 2.0, 0.0]], dtype=f64)
+    masked = torch.tensor([[True, True, True], [False, True, False]])
+    return [
+        ("std_of_a_constant_row", lambda x: x.std(-1, keepdim=True) + x, rows, f64),
+        ("std_correction0_two_dims", lambda x: x.reshape(2, 2, 2).std((1, 2), correction=0), rows, f64),
+        ("where_safe_log", lambda x: torch.where(x > 0, torch.log(x), 0.0), rows.abs(), f64),
+        ("where_safe_sqrt_number_branch", lambda x: torch.where(x > 0, x.clamp_min(0).sqrt(), 1.0), rows, f64),
+        ("softmax_of_a_fully_masked_row",
+         lambda x: torch.softmax(torch.where(masked, -torch.inf, x[:, :3]), -1).nan_to_num(), rows, f64),
+        ("clamp_of_log_at_zero", lambda x: torch.clamp(torch.log(x), -1.0, 1.0) + x, rows.abs(), f64),
+        ("max_with_a_nan", lambda x: torch.max(torch.log(x)).expand(1, 1) + x[:1, :1],
+         torch.tensor([[1.0, -1.0, 2.0, 0.5]], dtype=f64), f64),
+        ("div_by_a_subnormal", lambda x: x[:, :2] / x[:, 2:], torch.tensor([[1.0, 2.0, 1e-310, 3.0]], dtype=f64), f64),
+        ("div_by_a_subnormal_float32", lambda x: x / 1e-40, torch.tensor([[1.0, 2.0]], dtype=f32), f32),
+        ("log_of_a_subnormal_float32", torch.log, torch.tensor([[1e-40, 1.0]], dtype=f32), f32),
+        ("div_by_python_zero", lambda x: x / 0.0, rows[1:], f64),
+        ("x_pow_x_at_zero", lambda x: x ** x, torch.tensor([[0.0, 2.0]], dtype=f64), f64),
+        ("zero_pow_x", lambda x: 0.0 ** x, torch.tensor([[-1.0, 2.0, 0.0]], dtype=f64), f64),
+        ("tensor_zero_pow_x", lambda x: torch.zeros_like(x) ** x, torch.tensor([[-1.0, 2.0, 0.0]], dtype=f64), f64),
+    ]
+
+
+@pytest.mark.parametrize("name,f,x,dtype", _degenerate_cases(), ids=[c[0] for c in _degenerate_cases()])
+def test_degenerate_points_follow_autograds_modes(name, f, x, dtype):
+    # Each mode against its own torch.func transform (they differ at some of these points: the full max of a NaN
+    # sends the reverse derivative to the NaN, the forward one is NaN), NaN and inf positions included.
+    model = Fn(f).to(dtype)
+    x = x.to(dtype)
+    B = x.shape[0]
+    for mode, transform in (("reverse", torch.func.jacrev), ("forward", torch.func.jacfwd)):
+        J = transform(model)(x)  # [B, *out, B, *in]
+        J = J.reshape(B, -1, B, x[0].numel())
+        want = torch.stack([J[b, :, b] for b in range(B)])
+        _, got = fxjac.jacobian(model, wrt="input", mode=mode)(x)
+        got = got.reshape(want.shape)
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-6, atol=0, msg=lambda m: f"{mode}: {m}")
