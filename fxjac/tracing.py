@@ -298,6 +298,12 @@ def trace(model: nn.Module, leaf_modules: Sequence = (), concrete_args: Optional
     try:
         graph = tracer.trace(root, concrete_args=concrete_args)
     except (fx.proxy.TraceError, TypeError, RuntimeError, NotImplementedError, AttributeError) as err:
+        builtin = type(model).__module__.startswith("torch.nn.")
+        if root is model and not isinstance(model, fx.GraphModule) and (builtin or tracer.is_leaf_module(model, "")):
+            # a built-in kept whole inside a net (nn.LSTM, nn.RNNCell, nn.Softmax2d) is traced into as the root
+            raise TraceError(f"the model is a {type(model).__name__}, which fxjac keeps whole inside a net but "
+                             f"cannot trace into as the model itself ({err}). Wrap it: nn.Sequential(model) (its "
+                             "parameters are then named '0.<name>')") from err
         raise TraceError(_trace_message(err)) from err
     _drop_concrete_placeholders(graph, concrete_args or ())
     if root is not model:

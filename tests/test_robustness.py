@@ -1642,3 +1642,69 @@ def test_per_sample_fallback_failures_are_explained():
         fxjac.ggn(model, loss="mse", method="diag_backprop")(x)
     J = per_sample_jacobian(model, (x,), "params")
     assert_close(fxjac.ggn(model, loss="mse")(x)[1], torch.einsum("bop,bop->p", J, J), "exact ggn diagonal")
+
+
+class _RowPerSampleBuffer(nn.Module):
+    """A buffer with one row per sample (a decoder's fixed memory) read through a Linear, then met by the input."""
+
+    def __init__(self, batch):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("memory", torch.randn(batch, 4, 3))
+
+    def forward(self, x):
+        return x * self.lin(self.memory)
+
+
+def test_a_constant_with_a_row_per_sample_is_explained():
+    # Probe L: per-sample products raised torch's raw reshape error. A constant [B, ...] is read row by row, which
+    # fxjac's shared stacks cannot split into samples: the error names it and the way out. Products that keep no
+    # per-sample stacks for it (shared jvp, summed vjp) stay exact.
+    from reference import assert_close, param_fn
+
+    torch.manual_seed(0)
+    model = _RowPerSampleBuffer(2).double()
+    x = torch.randn(2, 4, 2, dtype=torch.float64)
+    for build in (lambda: fxjac.vjp(model, wrt="params", reduce="none")(x, torch.ones(2, 4, 2, dtype=torch.float64)),
+                  lambda: fxjac.ggn(model, loss="mse", out="diag")(x),
+                  lambda: fxjac.jacobian(model, wrt="params", mode="reverse")(x)):
+        with pytest.raises(fxjac.UnsupportedOpError, match=r"memory|one row\s+per sample") as err:
+            build()
+        assert "Pass it to the model as an input" in str(err.value)
+    f, flat = param_fn(model, (x,))
+    w = torch.randn(2, 4, 2, dtype=torch.float64)
+    _, got = fxjac.vjp(model, wrt="params")(x, w)
+    ref = torch.autograd.grad(f(flat.requires_grad_()), flat, w.reshape(f(flat).shape))[0]
+    assert_close(got, ref, "summed vjp")
+
+
+@pytest.mark.parametrize("model, shape", [(lambda: nn.Linear(4, 2), (4,)),
+                                          (lambda: nn.Sequential(nn.Conv2d(2, 2, 3), nn.Flatten(), nn.Linear(8, 2)),
+                                           (2, 4, 4))], ids=["linear", "conv"])
+def test_a_weight_as_long_as_the_batch_is_not_a_row_per_sample(model, shape):
+    # The check above once took a Linear's [2, d] weight at batch 2 for a constant with a row per sample: every
+    # per-sample product of a 10-class MLP at batch 10 was refused.
+    from reference import check_direction_products, check_metric_products
+
+    torch.manual_seed(0)
+    net = model().double()
+    x = torch.randn((2,) + shape, dtype=torch.float64)
+    check_direction_products(net, (x,), products=("vjp", "mjp", "jacobian"))
+    check_metric_products(net, (x,), wrts=("params",), matrices=("diag",))
+
+
+@pytest.mark.parametrize("module", [lambda: nn.GRUCell(3, 2), lambda: nn.Softmax2d()], ids=["GRUCell", "Softmax2d"])
+def test_a_builtin_kept_whole_given_as_the_model_says_to_wrap_it(module):
+    # Probe L: as the root these raised torch.fx's control-flow error with a leaf_modules hint that cannot apply to
+    # the model itself; wrapped, the product is exact.
+    from reference import check_direction_products
+
+    torch.manual_seed(0)
+    m = module().double()
+    x = torch.randn(2, 3, 2, 2, dtype=torch.float64) if isinstance(m, nn.Softmax2d) else \
+        torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(fxjac.TraceError, match=r"Wrap it: nn.Sequential\(model\)"):
+        fxjac.vjp(m, wrt="input")(x, torch.ones_like(m(x)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's warning for a leaf without a rule
+        check_direction_products(nn.Sequential(m), (x,), products=("vjp", "jvp"))

@@ -12,6 +12,7 @@ import operator
 
 import torch
 
+from passes.builder import BatchLayoutError
 from passes.protocol import ZERO, Decline, Emitter, Rule, Site
 
 from . import _rt
@@ -158,6 +159,7 @@ class Broadcasting(Rule):
             if p is ZERO:
                 continue
             if name in site.ps:
+                _check_rows(site, name)
                 t = e(_rt.align_ps, t, out_ndim)
             elif site.val(name).dim() < out_ndim:
                 t = e(_rt.align, t, out_ndim)
@@ -210,11 +212,33 @@ class Broadcasting(Rule):
                 continue
             c = self.scale(e, site, name, ct, p, square)
             if name in site.ps:
+                _check_rows(site, name)
                 c = e(_rt.sum_to_ps, c, x)
             elif tuple(site.val(name).shape) != tuple(site.out_val.shape) or _meets_batch(site, x):
                 c = e(_rt.sum_to, c, x)
             out[name] = c
         return out
+
+
+def _check_rows(site, name) -> None:
+    """An unbatched operand with a per-sample (co)tangent must broadcast over the samples (size 1 or no axis at the
+    batch's): one with a row per sample (a ``[B, ...]`` buffer read through a Linear: a decoder's fixed memory) is
+    read row by row, which a stack that every sample reads whole cannot express.
+
+    Raises:
+        BatchLayoutError: naming the value and the way out (pass it as an input).
+    """
+    v, out, bd = site.val(name), site.out_val, site.node.meta.get("batch_dim", 0)  # unmeasured: the leading axis
+    if not (isinstance(v, torch.Tensor) and isinstance(out, torch.Tensor) and isinstance(bd, int)):
+        return
+    if out.shape[bd] > 1 and v.dim() == out.dim() and v.shape[bd] == out.shape[bd]:
+        a = site.extra["old_args"][name]
+        raise BatchLayoutError(
+            site.node, f"{getattr(a, 'name', name)} (shape {list(v.shape)}) is not computed from the model's inputs "
+            f"but meets the batch element-wise with one row per sample (axis {bd}, size {out.shape[bd]}): fxjac "
+            "treats it as one value that every sample reads whole, and cannot split it into samples. Pass it to the "
+            "model as an input (forward(x, c)) to have it split, or give it a size-1 batch axis if every sample "
+            "shares it")
 
 
 def _meets_batch(site, x) -> bool:
