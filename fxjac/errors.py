@@ -44,7 +44,8 @@ _INTERNAL = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, fx)) + (
 
 def source_line(node: fx.Node) -> Optional[str]:
     """The user's source line that created ``node``: the innermost frame of its recorded stack trace outside
-    torch and fxjac (torch.fx records its own frames after the user's), else the innermost outside torch.fx.
+    torch and fxjac (torch.fx records its own frames after the user's), else the innermost outside torch.fx and
+    fxjac (a model made of torch.nn modules only: the innermost module ``forward``'s line, not fxjac's tracer).
     """
     trace = node.meta.get("stack_trace")
     if not trace:
@@ -58,8 +59,9 @@ def source_line(node: fx.Node) -> Optional[str]:
         return lines[i].split('"')[1] if lines[i].count('"') >= 2 else ""
 
     user = [i for i in files if not path(i).startswith(_INTERNAL)]
-    outside_fx = [i for i in files if not path(i).startswith(_INTERNAL[1])]
-    i = (user or outside_fx or files)[-1]
+    outside_fx = [i for i in files if not path(i).startswith(_INTERNAL[1:])]
+    forwards = [i for i in outside_fx if lines[i].endswith("in forward")]
+    i = (user or forwards or outside_fx or files)[-1]
     where = lines[i]
     code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
     return f"{where}: {code}" if code else where

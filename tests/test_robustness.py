@@ -1708,3 +1708,16 @@ def test_a_builtin_kept_whole_given_as_the_model_says_to_wrap_it(module):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback's warning for a leaf without a rule
         check_direction_products(nn.Sequential(m), (x,), products=("vjp", "jvp"))
+
+
+def test_fallback_warning_of_a_torch_module_names_its_forward():
+    # Probe L: for a net of torch.nn modules only (no user frame in the trace) the warning named fxjac's own tracer
+    # ("fxjac/tracing.py, in create_node"); now the innermost module forward's line.
+    m = nn.Sequential(nn.Linear(4, 4), nn.Unflatten(1, (1, 4)), nn.LPPool1d(2, 2)).double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fxjac.vjp(m)(x, torch.ones(2, 1, 2, dtype=torch.float64))
+    text = "\n".join(str(w.message) for w in caught if "fallback" in str(w.message))
+    assert "pooling.py" in text and "in forward" in text, text
+    assert "tracing.py" not in text, text
