@@ -1721,3 +1721,32 @@ def test_fallback_warning_of_a_torch_module_names_its_forward():
     text = "\n".join(str(w.message) for w in caught if "fallback" in str(w.message))
     assert "pooling.py" in text and "in forward" in text, text
     assert "tracing.py" not in text, text
+
+
+class _BagNorm(nn.Module):
+    """EmbeddingBag with max_norm: no structured rule, no forward-mode derivative, no double backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(5, 3, mode="mean", max_norm=10.0)
+
+    def forward(self, x, idx):
+        return self.bag(idx) * x
+
+
+def test_fallback_without_any_forward_derivative_is_explained():
+    # Probe L: forward parameter products raised PyTorch's raw NotImplementedError; reverse ones stay exact.
+    torch.manual_seed(0)
+    m = _BagNorm().double()
+    x, idx = torch.randn(2, 3, dtype=torch.float64), torch.tensor([[0, 2, 1], [3, 0, 0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's warning
+        with pytest.raises(fxjac.UnsupportedOpError, match="no forward-mode derivative") as err:
+            fxjac.jvp(m, wrt="params")(x, idx, torch.randn(15, dtype=torch.float64))
+        assert "reverse products" in str(err.value)
+        w = torch.randn(2, 3, dtype=torch.float64)
+        _, got = fxjac.vjp(m, wrt="params")(x, idx, w)
+    W = m.bag.weight.detach().requires_grad_()
+    y = nn.functional.embedding_bag(idx, W, mode="mean") * x
+    ref = torch.autograd.grad(y, W, w)[0].reshape(-1)
+    torch.testing.assert_close(got, ref)

@@ -160,8 +160,17 @@ def _jvp_columns(g, primals, tangents, fn, nested=False):
     # Reverse mode only: the vjp is linear in the cotangent, so its own vjp is the jvp.
     out, vjp_fn = torch.func.vjp(g, *primals)
     zeros = tree_map(torch.zeros_like, out)
-    _, vjp2 = torch.func.vjp(lambda u: vjp_fn(u), zeros)
-    return torch.vmap(lambda *ts: vjp2(ts)[0])(*tangents)
+    try:
+        _, vjp2 = torch.func.vjp(lambda u: vjp_fn(u), zeros)
+        return torch.vmap(lambda *ts: vjp2(ts)[0])(*tangents)
+    except NotImplementedError as err:  # no double backward either (EmbeddingBag with max_norm)
+        from ..errors import UnsupportedOpError
+
+        raise UnsupportedOpError(
+            f"the autograd fallback cannot give tangents through {fn}: PyTorch has no forward-mode derivative for "
+            f"it and no derivative of its backward ({err}). Products that push tangents forward (jvp, jmp, "
+            "forward-mode jacobian and J M Jᵀ) are unavailable through it; the reverse products (vjp, mjp, "
+            "reverse-mode jacobian, jtmjp, ggn) work") from err
 
 
 def _restructure(spec, floats):
