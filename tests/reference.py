@@ -89,17 +89,20 @@ class Fn(torch.nn.Module):
 
 
 def per_sample_jacobian(model, inputs, wrt="input", names=None, use_jacrev=True):
-    """Dense per-sample Jacobian ``[B, O, I]`` or ``[B, O, P]`` from torch.func (reverse mode)."""
+    """Dense per-sample Jacobian ``[B, O, I]`` or ``[B, O, P]`` from torch.func: reverse mode, or forward mode
+    (``jacfwd``) with ``use_jacrev=False`` (the two differ at some degenerate points, as autograd's modes do).
+    """
     B = inputs[0].shape[0]
+    jac = jacrev if use_jacrev else torch.func.jacfwd
     if wrt == "input":
         f = input_fn(model, inputs)
-        J = jacrev(f)(inputs[0])  # [B, *out, B, *in]
+        J = jac(f)(inputs[0])  # [B, *out, B, *in]
         y = f(inputs[0])
         O = y[0].numel()
         J = J.reshape(B, O, B, -1)
         return torch.stack([J[b, :, b] for b in range(B)])
     f, flat = param_fn(model, inputs, names)
-    J = jacrev(f)(flat)  # [B, *out, P]
+    J = jac(f)(flat)  # [B, *out, P]
     return J.reshape(B, -1, flat.numel())
 
 

@@ -544,12 +544,9 @@ class Exp(Elementwise):
 
 @register(torch.log, "log")
 class Log(Elementwise):
-    """y = log(x); y' = 1 / x, applied as a division (autograd's ``t / x``: with ``1 / x`` inf for a subnormal
-    ``x``, a zero tangent became NaN).
+    """y = log(x); y' = 1 / x, applied as a division in both directions and squared (autograd's ``t / x``: with
+    ``1 / x`` inf for a subnormal ``x``, a zero tangent became NaN), so no :meth:`derivative` is formed.
     """
-
-    def derivative(self, e, site):  # noqa: D102
-        return e(torch.reciprocal, site.args["input"])
 
     def fused(self, e, site, t):  # noqa: D102
         return e(torch.div, t, site.args["input"])
