@@ -89,18 +89,13 @@ def flat_empty(rows, numel, like):
     fxjac/rules/_rt.py).
     """
     if torch.compiler.is_compiling():
-        return torch.ops.fxjac.flat_empty(rows, numel, like.dtype, like.device)
+        return _flat_empty(rows, numel, like.dtype, like.device)
     return _rt.advise_huge_pages(torch.empty((rows, numel), dtype=like.dtype, device=like.device))
 
 
-@torch.library.custom_op("fxjac::flat_empty", mutates_args=())
+@_rt.opaque_op(lambda rows, numel, dtype, device: torch.empty((rows, numel), dtype=dtype, device=device))
 def _flat_empty(rows: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return _rt.advise_huge_pages(torch.empty((rows, numel), dtype=dtype, device=device))
-
-
-@_flat_empty.register_fake
-def _(rows, numel, dtype, device):
-    return torch.empty((rows, numel), dtype=dtype, device=device)
 
 
 def flat_block(stack, offset, numel):

@@ -37,6 +37,7 @@ from .direction import _options, _reduce, add_all, through_chunks
 from .errors import OptionError
 from .losses import LOSSES, factor_width, loss_factor, loss_options
 from .product import Product, make_product
+from .rules import _rt
 from .rules._rt import records_grad
 
 _MATRICES = ("identity", "diag", "full", "sqrt", "block")
@@ -138,20 +139,19 @@ def kron_gram(spec, gs, xs, rows, w):
     """
     if torch.compiler.is_compiling() and not records_grad(*gs, *xs, *rows, w):
         spec_str = ";".join(f"{kind},{i},{'' if j is None else j}" for kind, i, j in spec)
-        return torch.ops.fxjac.kron_gram(spec_str, list(gs), list(xs), list(rows), w)
+        return _kron_gram_op(spec_str, list(gs), list(xs), list(rows), w)
     return _kron_gram(spec, gs, xs, rows, w)
 
 
-@torch.library.custom_op("fxjac::kron_gram", mutates_args=())
+def _kron_gram_like(spec, gs, xs, rows, w):
+    n = sum(_kron_sizes(_spec_of(spec), gs, xs, rows))
+    return gs[0].new_empty((n, n))
+
+
+@_rt.opaque_op(_kron_gram_like)
 def _kron_gram_op(spec: str, gs: list[torch.Tensor], xs: list[torch.Tensor], rows: list[torch.Tensor],
                   w: Optional[torch.Tensor]) -> torch.Tensor:
     return _kron_gram(_spec_of(spec), gs, xs, rows, w)
-
-
-@_kron_gram_op.register_fake
-def _(spec, gs, xs, rows, w):
-    n = sum(_kron_sizes(_spec_of(spec), gs, xs, rows))
-    return gs[0].new_empty((n, n))
 
 
 def _kron_gram(spec, gs, xs, rows, w):

@@ -172,9 +172,39 @@ def into_cotangent(name, t, *args, **kwargs):
     if torch.compiler.is_compiling():
         if name != "threshold_backward" or args[1:] != (0,):
             return kernel(t, *args, **kwargs)
-        torch.ops.fxjac.relu_mask_(t, args[0])
+        _relu_mask_(t, args[0])
         return t
     return kernel(t, *args, grad_input=t, **kwargs)
+
+
+# Note [opaque ops]
+# ~~~~~~~~~~~~~~~~~
+# The kernels that torch.compile calls as they are (Note [eager kernels under torch.compile], Note [flat writes
+# under torch.compile], Note [convolutions under torch.compile] in fxjac/rules/conv.py) are operators of the
+# library ``fxjac`` with one CompositeExplicitAutograd kernel and a fake kernel for tracing. They were
+# ``torch.library.custom_op``s, whose calls go through Python layers of their own (an autograd kernel, a
+# dynamo-disabled wrapper): 10-40 us a call alone, 0.1 ms a convolution inside a compiled product, so that
+# the cnn's compiled summed vjp (14 such calls) was 1.12x its eager time with every kernel the same. Through
+# the dispatcher straight to the kernel a call costs about 1 us. They have no derivative and are called only
+# where autograd records nothing (``records_grad``).
+
+_LIB = torch.library.Library("fxjac", "DEF")
+
+
+def opaque_op(fake, mutates_args=()):
+    """Decorate a kernel (its arguments annotated, as for ``torch.library.custom_op``) into the operator
+    ``torch.ops.fxjac.<name>.default`` (the kernel's name without leading underscores); ``fake`` gives its
+    results' shapes and dtypes from the arguments (Note [opaque ops]).
+    """
+
+    def wrap(fn):
+        name = fn.__name__.lstrip("_")
+        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=mutates_args))
+        _LIB.impl(name, fn, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"fxjac::{name}", fake, lib=_LIB)
+        return getattr(torch.ops.fxjac, name).default
+
+    return wrap
 
 
 # Note [eager kernels under torch.compile]
@@ -182,9 +212,9 @@ def into_cotangent(name, t, *args, **kwargs):
 # Inductor traces through the rules' kernels and generates its own loops for them. For a few that are one ATen
 # kernel with reshapes around it (a max-pool scatter), a strided view copied once (im2col patches) or a mask
 # written into a fresh stack, its loops were 2-5x slower than the eager code on CPU (the cnn's exact GGN
-# diagonal: 127 ms compiled against 107 ms eagerly). Under torch.compile these run as custom ops, which
-# inductor calls as they are; not where autograd records them (differentiable products), as they have no
-# derivative of their own.
+# diagonal: 127 ms compiled against 107 ms eagerly). Under torch.compile these run as opaque ops (Note [opaque
+# ops]), which inductor calls as they are; not where autograd records them (differentiable products), as they
+# have no derivative of their own.
 
 
 def eager_under_compile(fake):
@@ -204,8 +234,7 @@ def eager_under_compile(fake):
         fresh_result.__signature__ = sig.replace(
             parameters=[q.replace(annotation=hints.get(q.name, q.annotation)) for q in sig.parameters.values()],
             return_annotation=hints.get("return", sig.return_annotation))
-        op = torch.library.custom_op(f"fxjac::{fn.__name__}", mutates_args=())(fresh_result)
-        op.register_fake(fake)
+        op = opaque_op(fake)(fresh_result)
 
         @functools.wraps(fn)
         def call(*args):
@@ -224,15 +253,10 @@ def _unaliased(t, storages):
     return t
 
 
-@torch.library.custom_op("fxjac::relu_mask_", mutates_args={"t"})
+@opaque_op(lambda t, y: None, mutates_args={"t"})
 def _relu_mask_(t: torch.Tensor, y: torch.Tensor) -> None:
     """``t[y <= 0] = 0`` in place: ReLU's backward kernel writing into its cotangent stack ``t``."""
     torch.ops.aten.threshold_backward(t, y, 0, grad_input=t)
-
-
-@_relu_mask_.register_fake
-def _(t, y):
-    return None
 
 
 _HUGE_PAGE = 1 << 21  # a transparent huge page of x86-64 and arm64 Linux
@@ -428,7 +452,7 @@ def write(out: torch.Tensor, op: str, *args) -> torch.Tensor:
         if not records_grad(out, *tensors):
             dims = [a for a in args[1:] if isinstance(a, int)] if op == "cat" else \
                 [a for a in args if not isinstance(a, torch.Tensor)]
-            torch.ops.fxjac.write_into(out, op, tensors, dims)
+            _write_into(out, op, tensors, dims)
             return out
     _write_now(out, op, args)
     return out
@@ -478,12 +502,7 @@ def _write_copy(out, op, args):
         out.copy_(_WRITE_OPS[op](*args))
 
 
-@torch.library.custom_op("fxjac::write_into", mutates_args={"out"})
+@opaque_op(lambda out, op, tensors, dims: None, mutates_args={"out"})
 def _write_into(out: torch.Tensor, op: str, tensors: list[torch.Tensor], dims: list[int]) -> None:
     """:func:`write` as one op: ``tensors`` then ``dims`` are ``op``'s arguments (for ``"cat"``, its list)."""
     _write_now(out, op, (tensors, *dims) if op == "cat" else (*tensors, *dims))
-
-
-@_write_into.register_fake
-def _(out, op, tensors, dims):
-    return None

@@ -86,7 +86,7 @@ def conv(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
     n = w.dim() - 2
     if torch.compiler.is_compiling() and x.device.type == "cpu" and not _rt.records_grad(x, w, b):
         mode = padding if isinstance(padding, str) else ""
-        return torch.ops.fxjac.convolution(x, w, b, False, _ints(stride, n), mode, [] if mode else _ints(padding, n),
+        return _convolution(x, w, b, False, _ints(stride, n), mode, [] if mode else _ints(padding, n),
                                            _ints(dilation, n), [0] * n, groups)
     return _F_CONV[n](x, w, b, stride, padding, dilation, groups)
 
@@ -95,7 +95,7 @@ def conv_transpose(x, w, b=None, stride=1, padding=0, output_padding=0, groups=1
     """``F.conv_transpose{1,2,3}d`` (by ``w``'s rank); under torch.compile on a CPU the opaque op."""
     n = w.dim() - 2
     if torch.compiler.is_compiling() and x.device.type == "cpu" and not _rt.records_grad(x, w, b):
-        return torch.ops.fxjac.convolution(x, w, b, True, _ints(stride, n), "", _ints(padding, n),
+        return _convolution(x, w, b, True, _ints(stride, n), "", _ints(padding, n),
                                            _ints(dilation, n), _ints(output_padding, n), groups)
     return _F_CONV_T[n](x, w, b, stride, padding, output_padding, groups, dilation)
 
@@ -111,14 +111,12 @@ def _convolve(x, w, b, transposed, stride, padding_mode, padding, dilation, outp
     return _F_CONV[n](x, w, b, stride, padding_mode or padding, dilation, groups)
 
 
-@torch.library.custom_op("fxjac::convolution", mutates_args=())
+@_rt.opaque_op(lambda *args: _convolve(*args))
 def _convolution(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], transposed: bool, stride: List[int],
                  padding_mode: str, padding: List[int], dilation: List[int], output_padding: List[int],
                  groups: int) -> torch.Tensor:
     return _convolve(x, w, b, transposed, stride, padding_mode, padding, dilation, output_padding, groups)
 
-
-_convolution.register_fake(_convolve)
 
 
 def on_stack(op: str, t, rank: int, *args):
