@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from passes import Builder, MissingRulesError, clean
 from passes.builder import BatchLayoutError
@@ -91,6 +91,8 @@ class Product(fx.GraphModule):
                 return self(*args, **kwargs)
         spec = self._fxjac_spec
         n_in = spec.get("n_inputs")
+        if any(isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == 0 for a in args[:n_in]):
+            return self._on_empty_batch(args, kwargs)
         sibling = self._variant_of(args, build=True)
         if sibling is not None:
             return sibling(*args, **kwargs)
@@ -99,6 +101,7 @@ class Product(fx.GraphModule):
             built = self._fxjac_build(inputs, None)
             self._install(built, built._fxjac_src)
             self.wrt_names = built.wrt_names
+            self._fxjac_dtypes = built._fxjac_dtypes
             spec["lazy"] = False
         self._check_structure()
         if len(args) > self._n_positional():
@@ -123,7 +126,8 @@ class Product(fx.GraphModule):
 
     def _check_param_shapes(self, err: Exception) -> None:
         """After a failed call: a selected parameter replaced by one of another shape (the generated code holds the
-        old layout) is a StaleProductError, not the kernel's error. Checked only then, so calls pay nothing.
+        old layout), or the model cast to another dtype since the build (``model.double()``), is a
+        StaleProductError, not the kernel's error. Checked only then, so calls pay nothing.
         """
         params = dict(self.model.named_parameters(remove_duplicate=False))
         for name, shape in getattr(self, "_fxjac_param_shapes", None) or []:
@@ -131,6 +135,24 @@ class Product(fx.GraphModule):
                 raise StaleProductError(f"the model's parameter {name!r} has shape {tuple(params[name].shape)} "
                                         f"but this product was built for {tuple(shape)}; build the product "
                                         "again") from err
+        built = getattr(self, "_fxjac_dtypes", None) or {}
+        for name, t in _floating_state(self.model):
+            if name in built and t.dtype != built[name]:
+                raise StaleProductError(f"the model's {name!r} is {t.dtype} but this product was built when it was "
+                                        f"{built[name]}: the model was cast after the build (model.double(), "
+                                        ".half(), .to(dtype)); build the product again for the model as it "
+                                        "is now") from err
+
+    def _on_empty_batch(self, args, kwargs):
+        """The results for inputs without samples (Note [an empty batch])."""
+        n_in = self._fxjac_spec.get("n_inputs") or len(args)
+        checked, self._fxjac_checked = self._fxjac_checked, True  # made-up samples: nothing to check
+        try:
+            outs = [self(*[_with_samples(a, b, i < n_in) for i, a in enumerate(args)],
+                         **{k: _with_samples(v, b, True) for k, v in kwargs.items()}) for b in (1, 2)]
+        finally:
+            self._fxjac_checked = checked
+        return tree_map(_at_no_samples, outs[0], outs[1])
 
     def _n_positional(self) -> int:
         """How many positional arguments the built product takes (its inputs and operands, not ``target``)."""
@@ -168,6 +190,7 @@ class Product(fx.GraphModule):
             built = self._fxjac_build(args[:n_in] if n_in is not None else args, None)
             self._install(built, built._fxjac_src)
             self.wrt_names = built.wrt_names
+            self._fxjac_dtypes = built._fxjac_dtypes
             spec["lazy"] = False
         return self
 
@@ -229,6 +252,49 @@ class Product(fx.GraphModule):
                              "Python side effect torch.fx did not record?); name the module that does it in "
                              "leaf_modules=[...]")
         self._fxjac_checked = True
+
+
+# Note [an empty batch]
+# ~~~~~~~~~~~~~~~~~~~~~
+# A batch without samples (the last batch of a filtered loader) has a definite answer: a result with a batch axis
+# is empty, a result summed over the batch is zero. The rules cannot compute it: they reshape stacks with an
+# inferred axis, which torch cannot infer from no elements, and kernels divide by the batch (BatchNorm's
+# backward at B = 0: SIGFPE, the process killed). So a call with an empty batch runs the product on one and on
+# two samples of zeros (operands grown likewise: every empty axis of an operand is the batch's) and reads each
+# result's sizes at no samples off how they grow: size(0) = 2 size(1) - size(2); a result that does not grow is
+# a sum over the batch, zero. Not under torch.compile, whose graph is built for the batch it sees.
+
+def _with_samples(a, b: int, leading: bool):
+    """``a`` with its empty batch axis (the leading one of an input; every empty axis of an operand) grown to
+    ``b`` samples of zeros (Note [an empty batch]).
+    """
+    if not isinstance(a, torch.Tensor) or a.dim() == 0:
+        return a
+    shape = [b if n == 0 and (i == 0 or not leading) else n for i, n in enumerate(a.shape)]
+    return a.new_zeros(shape)
+
+
+def _at_no_samples(one, two):
+    """A result at no samples from the same result at one and at two samples (Note [an empty batch])."""
+    if not isinstance(one, torch.Tensor):
+        return one
+    if one.dim() != two.dim():
+        from .errors import ShapeError
+
+        raise ShapeError(f"an empty batch: the product's result has rank {one.dim()} for one sample and "
+                         f"{two.dim()} for two, so its shape for none is unknown; skip empty batches")
+    sizes = [max(0, 2 * a - c) for a, c in zip(one.shape, two.shape)]
+    if sizes == list(one.shape):
+        return torch.zeros_like(one)
+    return one.new_empty(sizes)
+
+
+def _floating_state(model: nn.Module):
+    """The model's floating-point parameters and buffers, by name (tied ones under each name)."""
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + \
+            list(model.named_buffers(remove_duplicate=False)):
+        if t is not None and t.is_floating_point():
+            yield name, t
 
 
 def _autocast_device(args) -> Optional[str]:
@@ -407,6 +473,7 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
         prod._fxjac_structure = _structure(src)
         prod.wrt_names = [p.name for p in src.params]
         prod._fxjac_param_shapes = [(p.name, p.shape) for p in src.params]
+        prod._fxjac_dtypes = {name: t.dtype for name, t in _floating_state(model)}
         prod.fallback_ops = list(b.fallback_nodes)
         return prod
 
@@ -421,6 +488,7 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
         prod._install(built, built._fxjac_src)
         prod.wrt_names = built.wrt_names
         prod._fxjac_param_shapes = built._fxjac_param_shapes
+        prod._fxjac_dtypes = built._fxjac_dtypes
         return prod
     # Validate the options now (wrt names, modes, tracing) even though shapes wait for the first call.
     from .source import parse_wrt, select_params

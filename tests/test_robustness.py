@@ -1750,3 +1750,81 @@ def test_fallback_without_any_forward_derivative_is_explained():
     y = nn.functional.embedding_bag(idx, W, mode="mean") * x
     ref = torch.autograd.grad(y, W, w)[0].reshape(-1)
     torch.testing.assert_close(got, ref)
+
+
+class _ConvBN(nn.Module):
+    """Convolution, eval BatchNorm (its backward kernel divides by the batch), max pooling, a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3 * 3 * 3, 4)
+
+    def forward(self, x):
+        return self.fc(F.max_pool2d(torch.relu(self.bn(self.conv(x))), 2).flatten(1))
+
+
+@pytest.mark.parametrize("at_build", [2, 0])
+def test_an_empty_batch_gives_empty_or_zero_results(at_build):
+    """Note [an empty batch]: every product at B = 0 (built there or elsewhere) returns what torch.func does: a
+    result with a batch axis empty, one summed over the batch zero; the next non-empty call is exact.
+    """
+    torch.manual_seed(0)
+    model = zoo.randomize_norm_layers_(_ConvBN()).double().eval()
+    g = rng(3)
+    names = [n for n, _ in model.named_parameters()]
+    n_params = sum(q.numel() for q in model.parameters())
+    x0, x = torch.randn(0, 2, 6, 6, dtype=torch.float64), torch.randn(3, 2, 6, 6, generator=g, dtype=torch.float64)
+
+    def summed_vjp(x, w):  # torch.func's reference, empty batch included
+        _, pull = torch.func.vjp(lambda *ps: functional_call(model, dict(zip(names, ps)), (x,)),
+                                 *model.parameters())
+        return torch.cat([t.flatten() for t in pull(w)])
+
+    cases = [  # (product, operands at B, the result's shape at B = 0)
+        (fxjac.vjp(model, wrt="params"), lambda b: (torch.ones(b, 4, dtype=torch.float64),), (n_params,)),
+        (fxjac.vjp(model, wrt="input"), lambda b: (torch.ones(b, 4, dtype=torch.float64),), (0, 2, 6, 6)),
+        (fxjac.vjp(model, wrt="params", reduce="none"), lambda b: (torch.ones(b, 4, dtype=torch.float64),),
+         (0, n_params)),
+        (fxjac.jvp(model, wrt="params"), lambda b: (torch.ones(n_params, dtype=torch.float64),), (0, 4)),
+        (fxjac.jmjtp(model, wrt="params", matrix="diag"), lambda b: (torch.ones(n_params, dtype=torch.float64),),
+         (0, 4, 4)),
+        (fxjac.jtmjp(model, wrt="params", matrix="full"), lambda b: (torch.eye(4, dtype=torch.float64).expand(
+            b, 4, 4),), (n_params, n_params)),
+        (fxjac.jtmjp(model, wrt="input", matrix="diag", out="diag"), lambda b: (torch.ones(b, 4, dtype=torch.float64),),
+         (0, 2 * 6 * 6)),
+        (fxjac.ggn(model, loss="cross_entropy"), lambda b: (), (n_params,)),
+    ]
+    for p, ops, shape in cases:
+        if at_build:
+            p(x[:at_build], *ops(at_build))
+        y, r = p(x0, *ops(0))
+        assert y.shape == (0, 4) and r.shape == shape, (y.shape, r.shape)
+        if r.numel():
+            assert torch.equal(r, torch.zeros_like(r))
+    ref0 = summed_vjp(x0, torch.ones(0, 4, dtype=torch.float64))
+    assert torch.equal(fxjac.vjp(model, wrt="params")(x0, torch.ones(0, 4, dtype=torch.float64))[1], ref0)
+    p = cases[0][0]
+    w = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    assert_close(p(x, w)[1], summed_vjp(x, w), "vjp after an empty batch")
+    ggn = fxjac.ggn(model, loss="cross_entropy")
+    _, d = ggn(x0, target=torch.zeros(0, dtype=torch.long))
+    assert d.shape == (n_params,) and not d.any()
+
+
+def test_a_model_cast_after_the_build_is_stale():
+    """A product holds the dtypes of the model it was built for: a model cast afterwards (double, half) is a
+    StaleProductError naming the cast, whatever the inputs' dtype (the generated code's kernels raised).
+    """
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    x = torch.randn(2, 5)
+    products = [fxjac.vjp(model, wrt="params"), fxjac.jvp(model, wrt="input", example_inputs=(x,))]
+    operands = [(torch.randn(2, 3),), (torch.randn(2, 5),)]
+    for p, ops in zip(products, operands):
+        p(x, *ops)
+    model.double()
+    for p, ops in zip(products, operands):
+        for dtype in (torch.float32, torch.float64):
+            with pytest.raises(fxjac.StaleProductError, match=r"'0.weight' is torch.float64 .* cast after the build"):
+                p(x.to(dtype), *[o.to(dtype) for o in ops])
