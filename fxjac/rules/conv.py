@@ -40,7 +40,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from passes.protocol import ZERO, Decline, Rule
+from passes.protocol import ZERO, Decline, Rule, bind, module_call
 
 from . import _rt
 from .base import PARTS, LinearOp, parts_of
@@ -991,6 +991,25 @@ class _Conv(Rule):
         # the pooling's spatial axes are the convolution's: a MaxPool3d on a Conv2d's [B, C, H, W] (an unbatched
         # [C, D, H, W] to it) or a 2-d pooling on a Conv1d's output also pools over channels
         return (pooled, idx) if y is site.out and n == self.n else None
+
+    def gathers_per_chunk(self, node, rules, differentiated) -> bool:
+        """Whether the weight cotangent at ``node`` (a call of this convolution in the traced graph) will take
+        the pooled path (Note [weight cotangents through a max pooling]), known before the pass: the output is
+        read by a max pooling alone, over the same axes, and the input by no derivative (``differentiated``:
+        the nodes a derivative reaches), the kernel through im2col patches. Its patches are gathered once per
+        chunk of columns, and its output's cotangent stack is never formed (on a CPU: the caller checks).
+        """
+        users = list(node.users)
+        pool = rules.lookup(users[0]) if len(users) == 1 else None
+        if self.transposed or not isinstance(pool, _MaxPool) or pool.n != self.n or self.signature is None:
+            return False
+        a = bind(self.signature, node.args[3:] if node.target is module_call else node.args, node.kwargs)
+        w, y = (v.meta.get("val") if isinstance(v, fx.Node) else None for v in (a["weight"], users[0]))
+        y = first(y)
+        if not isinstance(w, torch.Tensor) or not isinstance(y, torch.Tensor) or a["groups"] != 1 or \
+                a["input"] in differentiated or not _by_patches(w, a["padding"], a["dilation"]):
+            return False
+        return y.numel() * math.prod(w.shape[1:]) * w.element_size() <= POOLED_BYTES  # the gathered patches
 
     def _pooled_weight(self, site, pooled) -> bool:
         """Whether the per-sample weight cotangent skips the scatter: the input's cotangent does not read it (or

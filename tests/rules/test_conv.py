@@ -549,3 +549,31 @@ def test_weight_cotangents_through_a_max_pooling(name, conv, pool, shape, lifted
     _check(model, x, products=("vjp", "mjp"))
     code = fxjac.ggn(model, loss="cross_entropy", out="diag", example_inputs=(x,)).code
     assert ("pooled_weight_ct" in code) is skipped and ("pool_scatter" not in code) is (skipped and not lifted)
+
+
+@pytest.mark.parametrize("name, conv, pool, shape, lifted, skipped", _CONV_POOL, ids=[c[0] for c in _CONV_POOL])
+def test_a_pooled_convolution_takes_all_columns_in_one_chunk(name, conv, pool, shape, lifted, skipped, monkeypatch):
+    # Where the weight cotangent takes the pooled path (its patches gathered once per chunk), the columns go in
+    # one chunk although each column's stacks are over the budget (here 1 byte); elsewhere one at a time. The
+    # exact GGN diagonal against torch.func either way.
+    from fxjac import direction
+    from fxjac.rules import conv as rules
+    from fxjac.source import build_source
+
+    monkeypatch.setattr(direction, "CONV_CHUNK_BYTES", 1)
+    monkeypatch.setattr(direction, "CPU_CHUNK_BYTES", 1)
+    monkeypatch.setattr(rules, "POOLED_MIN_COLUMNS", 2)  # the head's 3 classes give 2 columns
+    torch.manual_seed(0)
+    model = _ConvPool(conv(), pool(), shape, lifted)
+    x = _input((3,) if lifted else shape, 3)
+    model(x.float())
+    model = model.double()
+    src = build_source(model, "params", (x,))
+    pooled = direction._pooled_convolutions(src, fxjac.rules.default_rules())
+    assert len(pooled) == skipped and all(n.name.startswith("conv") for n in pooled), pooled
+    assert direction.chunk_widths(2, None, src, rules=fxjac.rules.default_rules()) == ((2, 2) if skipped else (1, 2))
+    p = fxjac.ggn(model, loss="cross_entropy", out="diag", example_inputs=(x,))
+    J = reference.per_sample_jacobian(model, (x,), wrt="params")
+    H = reference.loss_hessian(model(x), "cross_entropy")
+    reference.assert_close(p(x)[1], torch.einsum("bop,boq,bqp->p", J, H, J), f"exact GGN diagonal, {name}")
+    assert ("pooled_weight_ct" in p.code) is skipped
