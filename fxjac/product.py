@@ -16,7 +16,7 @@ from passes import Builder, MissingRulesError, clean
 from passes.builder import BatchLayoutError
 
 from .assemble import input_name
-from .errors import ModeError, OptionError, StaleProductError, TraceError, UnsupportedOpError, describe
+from .errors import ModeError, OptionError, ShapeError, StaleProductError, TraceError, UnsupportedOpError, describe
 from .rules import _rt, default_rules
 from .source import Source, build_source
 
@@ -279,8 +279,6 @@ def _at_no_samples(one, two):
     if not isinstance(one, torch.Tensor):
         return one
     if one.dim() != two.dim():
-        from .errors import ShapeError
-
         raise ShapeError(f"an empty batch: the product's result has rank {one.dim()} for one sample and "
                          f"{two.dim()} for two, so its shape for none is unknown; skip empty batches")
     sizes = [max(0, 2 * a - c) for a, c in zip(one.shape, two.shape)]
