@@ -458,3 +458,42 @@ def test_many_products_compiled_in_one_process():
         p = fxjac.vjp(model, wrt="params" if i % 2 else "input", example_inputs=(x,))
         w = torch.randn(BATCHES[0], 3)
         _close(torch.compile(p, backend="eager", fullgraph=True, dynamic=True)(x, w)[1], p(x, w)[1])
+
+
+class _WideConv(nn.Module):
+    """A second convolution with 6 input channels: per-sample weight gradients by ATen's kernel with the batch
+    among the groups."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3), nn.Linear(24, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(F.max_pool2d(torch.relu(self.c1(x)), 2))).flatten(1))
+
+
+@pytest.mark.parametrize("name, options, backend", [
+    ("vjp", dict(wrt="params", reduce="none"), "inductor"),
+    ("ggn", dict(loss="cross_entropy", out="diag", method="diag_backprop"), "aot_eager"),
+])
+def test_a_new_batch_size_does_not_recompile(name, options, backend):
+    """With dynamic=True a product compiles once for every batch size (below 16 here, where a convolution's
+    shape function guards): ATen's convolution backward with the batch among its groups is an opaque op
+    (inductor's lowering made the groups, so the batch, a constant), and the squared interpolation matrices
+    go one axis at a time (an einsum chose its order by the sizes, the batch's among them).
+    """
+    torch.manual_seed(0)
+    if name == "vjp":
+        model, shape, ops = _WideConv().eval(), (3, 8, 8), lambda b: (torch.randn(b, 4),)
+    else:
+        model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.Upsample(scale_factor=2, mode="bilinear")).eval()
+        shape, ops = (2, 4, 4), lambda b: ()
+    p = getattr(fxjac, name)(model, example_inputs=(torch.randn(5, *shape),), **options)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(p, backend=backend, fullgraph=True, dynamic=True)
+    for batch in (11, 12, 13, 14):
+        x = torch.randn(batch, *shape)
+        args = (x, *ops(batch))
+        _close(compiled(*args)[1], p(*args)[1])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

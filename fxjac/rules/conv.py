@@ -119,6 +119,33 @@ def _convolution(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], tr
 
 
 
+def conv_backward(ct, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask):
+    """ATen's ``convolution_backward``; under torch.compile the opaque op ``fxjac::conv_backward`` (Note
+    [convolutions under torch.compile]), on every device: inductor's lowering makes ``groups`` a constant, and
+    per-sample weight gradients have the batch among their groups (every new batch size recompiled).
+    """
+    if torch.compiler.is_compiling() and not _rt.records_grad(ct, x, w):
+        parts = iter(_conv_backward(ct, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding,
+                                    groups, mask))
+        return tuple(next(parts) if m else None for m in mask)
+    return torch.ops.aten.convolution_backward(ct, x, w, bias_sizes, stride, padding, dilation, transposed,
+                                               output_padding, groups, mask)
+
+
+def _conv_backward_parts(ct, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask):
+    parts = torch.ops.aten.convolution_backward(ct, x, w, bias_sizes, stride, padding, dilation, transposed,
+                                                output_padding, groups, mask)
+    return [p for p, m in zip(parts, mask) if m]
+
+
+@_rt.opaque_op(_conv_backward_parts)
+def _conv_backward(ct: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias_sizes: Optional[List[int]],
+                   stride: List[int], padding: List[int], dilation: List[int], transposed: bool,
+                   output_padding: List[int], groups: int, mask: List[bool]) -> List[torch.Tensor]:
+    return _conv_backward_parts(ct, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding,
+                                groups, mask)
+
+
 def on_stack(op: str, t, rank: int, *args):
     """``op(t, *args)`` on a stack, for an op on ``[N, *sample]`` (``rank`` sample axes): lead axes join N."""
     lead = tuple(t.shape[:t.dim() - rank])
@@ -553,7 +580,7 @@ def conv_weight_ct(ct, x, w, stride, padding, dilation, groups, per_sample, cols
         xs = x.reshape((1, -1) + tuple(x.shape[2:]))
 
         def column(c):
-            return torch.ops.aten.convolution_backward(
+            return conv_backward(
                 c.reshape((1, -1) + tuple(c.shape[-n:])), xs, like, None, list(_tuple(stride, n)),
                 [lo for lo, _ in pads], list(_tuple(dilation, n)), False, [0] * n, b * groups, [False, True, False])[1]
 
@@ -639,7 +666,7 @@ def conv_cts(ct, x, w, has_bias, stride, padding, dilation, groups, transposed, 
             gx, mask = pointwise_input_ct(ct, w, tuple(x.shape[-n:]), stride), [False] + list(mask[1:])
         parts = (None, None, None)
         if any(mask):
-            parts = _rt.one_column(torch.ops.aten.convolution_backward(
+            parts = _rt.one_column(conv_backward(
                 ct[0], x, w, [w.shape[1] * groups if transposed else w.shape[0]] if has_bias else None,
                 list(_tuple(stride, n)), list(_tuple(padding, n)), list(_tuple(dilation, n)), transposed,
                 list(_tuple(output_padding, n)), groups, list(mask)), mask)
@@ -896,13 +923,16 @@ def interp_matrix(x, axis: int, n: int, size, scale_factor, mode, align_corners,
 
 def interp_squared_transpose(d, x, n: int, size, scale_factor, mode, align_corners, recompute_scale_factor,
                              antialias):
-    """``(A∘A)ᵀ d`` for a separable interpolation ``A = A_1 ⊗ … ⊗ A_n``: squared 1-D matrices per axis."""
-    letters_in, letters_out = "hwz"[:n], "pqr"[:n]
-    mats = [square(interp_matrix(x, i, n, size, scale_factor, mode, align_corners, recompute_scale_factor,
-                                 antialias)) for i in range(n)]
-    mats_eq = ",".join(f"{a}{b}" for a, b in zip(letters_in, letters_out))
-    eq = f"...{letters_out},{mats_eq}->...{letters_in}"
-    return torch.einsum(eq, d, *mats)
+    """``(A∘A)ᵀ d`` for a separable interpolation ``A = A_1 ⊗ … ⊗ A_n``: squared 1-D matrices per axis, one
+    axis at a time (an einsum of all of them chose its contraction order by the sizes, the batch's among them:
+    under torch.compile every new batch size recompiled).
+    """
+    for i in range(n):
+        m = square(interp_matrix(x, i, n, size, scale_factor, mode, align_corners, recompute_scale_factor,
+                                 antialias))  # [in, out]
+        axis = d.dim() - n + i
+        d = torch.movedim(torch.movedim(d, axis, -1) @ m.t(), -1, axis)
+    return d
 
 
 def first(v):
