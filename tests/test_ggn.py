@@ -722,6 +722,7 @@ def test_every_zoo_model_builds_both_loop_bodies(name, monkeypatch):
 
     monkeypatch.setattr(direction, "CPU_CHUNK_BYTES", 1)
     monkeypatch.setattr(direction, "CONV_CHUNK_BYTES", 1)
+    monkeypatch.setattr(direction, "POOLED_CHUNK_BYTES", 0)  # the cnn's pooled convolution: chunks too
     model, _ = zoo.build(name, preset="small")
     model = model.double().eval()
     xs = zoo.example_inputs(name, 2, preset="small", dtype=torch.float64)
