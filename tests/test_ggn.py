@@ -763,3 +763,31 @@ def test_chunked_blocks_with_an_unused_parameter():
         blocks = p(*args)[1]
         assert_close(torch.block_diag(*blocks), _block_diagonal(G, [b.shape[0] for b in blocks]), name)
         assert [b.shape[0] for b in blocks] == [sum(sizes[:2]), sum(sizes[2:4]), sizes[4]] and not blocks[2].any()
+
+
+@pytest.mark.parametrize("parametrize", ["weight_norm", "spectral_norm", "orthogonal"])
+def test_diag_backprop_through_a_weight_parametrization(parametrize):
+    """A weight computed from parameters alone (torch.nn.utils.parametrizations) has one local Jacobian A that
+    every sample shares: its parameters' diagonals are (A∘A)ᵀ of the weight's, per sample or summed (the
+    fallback differentiated it one sample at a time and failed)."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    lin = getattr(parametrizations, parametrize)(nn.Linear(4, 3)).double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    d = torch.rand(5, 3, dtype=torch.float64)
+    names = [n for n, _ in lin.named_parameters()]
+    originals = {n.split(".")[-1]: q.detach() for n, q in lin.named_parameters() if n != "bias"}
+    jacs = torch.func.jacrev(
+        lambda *ps: torch.func.functional_call(lin.parametrizations.weight, dict(zip(originals, ps)), ()),
+        argnums=tuple(range(len(originals))))(*originals.values())
+    d_w = d[:, :, None] * (x * x)[:, None, :]  # one Linear: the exact per-sample diagonal of its weight
+    ref = {"bias": d}
+    for (name, p), j in zip(originals.items(), jacs):
+        ref[f"parametrizations.weight.{name}"] = (d_w.reshape(5, -1) @ (j * j).reshape(12, -1)).reshape(
+            (5,) + tuple(p.shape))
+    want = torch.cat([ref[n].reshape(5, -1) for n in names], 1)
+    for reduce in ("none", "sum"):
+        _, r = fxjac.jtmjp(lin, wrt="params", matrix="diag", out="diag", method="diag_backprop",
+                           reduce=reduce)(x, d)
+        assert_close(r, want if reduce == "none" else want.sum(0), f"{parametrize} diag_backprop reduce={reduce}")

@@ -308,6 +308,8 @@ def fallback_diag_vjp(fn, args, kwargs, primals, d, bdims, ctx=(), cdims=(), per
     n = len(primals)
     ds = _float_cts(spec, d, out_value)
     ds = ds if isinstance(ds, tuple) else (ds,)
+    if not ctx and all(b is None for b in bdims):
+        return _shared_diag_vjp(fn, args, kwargs, primals, ds, per_sample, spec)
 
     def body(xs, cs, *dd):
         jacs = torch.func.jacrev(_op(fn, args, kwargs, cs, spec), argnums=tuple(range(n)))(*xs)
@@ -325,6 +327,24 @@ def fallback_diag_vjp(fn, args, kwargs, primals, d, bdims, ctx=(), cdims=(), per
     res = _per_sample(fn, primals, bdims, ctx, cdims, ds, _stack_dims(odims), body, _stack_dims(bdims),
                       _cotangent_shapes(primals, bdims, ds, odims))
     return tuple(r if d is not None or per_sample else r.sum(1) for r, d in zip(res, bdims))
+
+
+def _shared_diag_vjp(fn, args, kwargs, primals, ds, per_sample, spec):
+    """:func:`fallback_diag_vjp` of an op on unbatched values alone (a weight's parametrization: weight_norm,
+    spectral_norm, orthogonal): one local Jacobian, shared by the samples, applied to the diagonals ``[K, *y]``
+    or per-sample ``[K, B, *y]`` (summed over the batch unless ``per_sample``).
+    """
+    n = len(primals)
+    jacs = torch.func.jacrev(_op(fn, args, kwargs, (), spec), argnums=tuple(range(n)))(*primals)
+    res = [0] * n
+    for jo, do in zip((jacs,) if spec is True else jacs, ds):  # one entry per floating output
+        for i, (j, x) in enumerate(zip(jo, primals)):
+            out_rank = j.dim() - x.dim()
+            lead = tuple(do.shape[:do.dim() - out_rank])
+            sq = (j * j).reshape(math.prod(j.shape[:out_rank]), x.numel())
+            r = (do.reshape(math.prod(lead), -1) @ sq).reshape(lead + tuple(x.shape))
+            res[i] = res[i] + (r.sum(1) if len(lead) == 2 and not per_sample else r)
+    return tuple(res)
 
 
 def fallback_diag_jvp(fn, args, kwargs, primals, ds, bdims, ctx=(), cdims=(), per_sample=False, spec=True,
