@@ -1389,6 +1389,24 @@ def test_no_columns_through_convolutions():
     assert_close(r, J @ randn(P, 2, seed=1), "jmp after an empty call")
 
 
+def test_no_columns_through_an_embedding():
+    """K = 0 output-space columns back through an Embedding's row scatter: empty or zero results (its reshape of
+    the cotangent stack inferred an axis from no elements); columns again after none are exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(12, 2)).double()
+    ids = torch.tensor([[1, 2, 3], [0, 6, 2], [5, 5, 1]])
+    n_params = sum(p.numel() for p in model.parameters())
+    for reduce, shape in (("sum", (0, n_params)), ("none", (3, 0, n_params))):
+        _, r = fxjac.mjp(model, wrt="params", reduce=reduce)(ids, torch.zeros(3, 0, 2, dtype=torch.float64))
+        assert r.shape == shape
+        _, r = fxjac.jtmjp(model, wrt="params", matrix="sqrt", out="diag", reduce=reduce)(
+            ids, torch.zeros(3, 2, 0, dtype=torch.float64))
+        assert r.shape == ((n_params,) if reduce == "sum" else (3, n_params)) and not r.any()
+    m = randn(3, 1, 2, seed=2)
+    J = per_sample_jacobian(model, (ids,), "params")
+    assert_close(fxjac.mjp(model, wrt="params")(ids, m)[1], torch.einsum("bko,bop->kp", m, J), "mjp after none")
+
+
 class _Spectral(nn.Module):
     """An FNO-style spectral weight: a real parameter viewed as complex numbers."""
 

@@ -65,7 +65,7 @@ def embedding_weight_ct(ct, idx, weight, padding_idx, ps):
         ct = ct * keep.unsqueeze(-1).to(ct.dtype)
     rows = _sample_offsets(idx, num) if ps else idx
     n_rows = idx.shape[0] * num if ps else num
-    out = ct.new_zeros((k, n_rows, dim)).index_add_(1, rows.reshape(-1), ct.reshape(k, -1, dim))
+    out = ct.new_zeros((k, n_rows, dim)).index_add_(1, rows.reshape(-1), ct.reshape(k, rows.numel(), dim))
     return out.reshape(k, idx.shape[0], num, dim) if ps else out
 
 
