@@ -16,7 +16,16 @@ from passes import Builder, MissingRulesError, clean
 from passes.builder import BatchLayoutError
 
 from .assemble import input_name
-from .errors import ModeError, OptionError, ShapeError, StaleProductError, TraceError, UnsupportedOpError, describe
+from .errors import (
+    FxJacError,
+    ModeError,
+    OptionError,
+    ShapeError,
+    StaleProductError,
+    TraceError,
+    UnsupportedOpError,
+    describe,
+)
 from .rules import _rt, default_rules
 from .source import Source, build_source
 
@@ -146,10 +155,18 @@ class Product(fx.GraphModule):
     def _on_empty_batch(self, args, kwargs):
         """The results for inputs without samples (Note [an empty batch])."""
         n_in = self._fxjac_spec.get("n_inputs") or len(args)
+        sizes = [(i, a.shape[0]) for i, a in enumerate(args[:n_in]) if isinstance(a, torch.Tensor) and a.dim() > 0]
+        full = [(i, n) for i, n in sizes if n]
+        if full:
+            raise ShapeError(f"input {full[0][0]} has a batch of {full[0][1]} and input "
+                             f"{next(i for i, n in sizes if not n)} of 0: every input has the same batch")
         checked, self._fxjac_checked = self._fxjac_checked, True  # made-up samples: nothing to check
         try:
             outs = [self(*[_with_samples(a, b, i < n_in) for i, a in enumerate(args)],
                          **{k: _with_samples(v, b, True) for k, v in kwargs.items()}) for b in (1, 2)]
+        except FxJacError as err:
+            raise type(err)(f"{err} (an empty batch: the product checked one made-up sample, so the batch sizes "
+                            "above read 1)") from err
         finally:
             self._fxjac_checked = checked
         return tree_map(_at_no_samples, outs[0], outs[1])
@@ -271,7 +288,7 @@ def _with_samples(a, b: int, leading: bool):
     if not isinstance(a, torch.Tensor) or a.dim() == 0:
         return a
     shape = [b if n == 0 and (i == 0 or not leading) else n for i, n in enumerate(a.shape)]
-    return a.new_zeros(shape)
+    return a if shape == list(a.shape) else a.new_zeros(shape)  # an operand shared by the batch as it is
 
 
 def _at_no_samples(one, two):
@@ -282,9 +299,12 @@ def _at_no_samples(one, two):
         raise ShapeError(f"an empty batch: the product's result has rank {one.dim()} for one sample and "
                          f"{two.dim()} for two, so its shape for none is unknown; skip empty batches")
     sizes = [max(0, 2 * a - c) for a, c in zip(one.shape, two.shape)]
-    if sizes == list(one.shape):
-        return torch.zeros_like(one)
-    return one.new_empty(sizes)
+    if sizes == list(one.shape):  # a sum over the batch; a differentiable product's stays on the tape (grad 0)
+        return one * 0 if one.requires_grad else torch.zeros_like(one)
+    for axis, n in enumerate(sizes):
+        if n != one.shape[axis]:
+            one = one.narrow(axis, 0, min(n, one.shape[axis]))
+    return one if list(one.shape) == sizes else one.new_empty(sizes)
 
 
 def _floating_state(model: nn.Module):

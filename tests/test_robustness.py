@@ -1846,3 +1846,33 @@ def test_a_model_cast_after_the_build_is_stale():
         for dtype in (torch.float32, torch.float64):
             with pytest.raises(fxjac.StaleProductError, match=r"'0.weight' is torch.float64 .* cast after the build"):
                 p(x.to(dtype), *[o.to(dtype) for o in ops])
+
+
+def test_an_empty_batch_checks_operands_and_keeps_the_tape():
+    """At B = 0 an operand shared by the batch is checked as it is (a non-symmetric M was replaced by zeros and
+    passed), inputs of other batches are named with their own sizes, and a differentiable product's results
+    stay on autograd's tape with zero gradients (a training loop's empty last batch)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    n_params = sum(p.numel() for p in model.parameters())
+    x0 = torch.zeros(0, 4, dtype=torch.float64)
+    m = randn(n_params, n_params)
+    with pytest.raises(fxjac.ShapeError, match="symmetric.*an empty batch"):
+        fxjac.jmjtp(model, wrt="params", matrix="full")(x0, m)
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x, z):
+            return self.lin(x) * z
+
+    with pytest.raises(fxjac.ShapeError, match="input 1 has a batch of 3 and input 0 of 0"):
+        fxjac.vjp(Two().double(), wrt="params")(x0, randn(3, 3), torch.zeros(0, 3, dtype=torch.float64))
+    for p, ops in ((fxjac.vjp(model, wrt="params", differentiable=True), (torch.zeros(0, 3, dtype=torch.float64),)),
+                   (fxjac.ggn(model, loss="cross_entropy", differentiable=True), ())):
+        y, r = p(x0, *ops)
+        assert y.shape == (0, 3) and r.shape == (n_params,) and r.requires_grad and not r.any()
+        grads = torch.autograd.grad(r.sum() + y.sum(), list(model.parameters()))
+        assert all(not g.any() for g in grads)
