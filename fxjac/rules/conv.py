@@ -1034,12 +1034,15 @@ class _Conv(Rule):
         if self.transposed or not isinstance(pool, _MaxPool) or pool.n != self.n or self.signature is None:
             return False
         a = bind(self.signature, node.args[3:] if node.target is module_call else node.args, node.kwargs)
-        w, y = (v.meta.get("val") if isinstance(v, fx.Node) else None for v in (a["weight"], users[0]))
+        x, w, y = (v.meta.get("val") if isinstance(v, fx.Node) else None for v in (a["input"], a["weight"], users[0]))
         y = first(y)
-        if not isinstance(w, torch.Tensor) or not isinstance(y, torch.Tensor) or a["groups"] != 1 or \
-                a["input"] in differentiated or not _by_patches(w, a["padding"], a["dilation"]):
+        if not all(isinstance(t, torch.Tensor) for t in (x, w, y)) or a["groups"] != 1 or \
+                a["input"] in differentiated:
             return False
-        return y.numel() * math.prod(w.shape[1:]) * w.element_size() <= POOLED_BYTES  # the gathered patches
+        if y.numel() * math.prod(w.shape[1:]) * w.element_size() > POOLED_BYTES:  # the gathered patches
+            return False
+        cols = weight_patches(x, w, a["stride"], a["padding"], a["dilation"], 1)  # shapes only: meta values
+        return cols is not None and cols.shape[0] == 1 and cols.shape[2] == 1
 
     def _pooled_weight(self, site, pooled) -> bool:
         """Whether the per-sample weight cotangent skips the scatter: the input's cotangent does not read it (or

@@ -577,3 +577,5 @@ def test_a_pooled_convolution_takes_all_columns_in_one_chunk(name, conv, pool, s
     H = reference.loss_hessian(model(x), "cross_entropy")
     reference.assert_close(p(x)[1], torch.einsum("bop,boq,bqp->p", J, H, J), f"exact GGN diagonal, {name}")
     assert ("pooled_weight_ct" in p.code) is skipped
+    monkeypatch.setattr(rules, "UNFOLD_BYTES", 0)  # no patches: the scatter, every column's stack formed
+    assert not direction._pooled_convolutions(src, fxjac.rules.default_rules())
