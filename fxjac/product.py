@@ -85,6 +85,9 @@ class Product(fx.GraphModule):
             # Under torch.compile the product must already be built (fxjac.compile sees to it), and so must the
             # sibling for another operand form (a jvp's [B, P] tangents); the eager-only checks (first-call output
             # check, module identity) stay out of the compiled graph.
+            n_in = self._fxjac_spec.get("n_inputs")
+            if any(isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == 0 for a in args[:n_in]):
+                return self._on_empty_batch(args, kwargs)
             sibling = self._variant_of(args)
             if sibling is not None:
                 return sibling(*args, **kwargs)
@@ -160,10 +163,13 @@ class Product(fx.GraphModule):
         if full:
             raise ShapeError(f"input {full[0][0]} has a batch of {full[0][1]} and input "
                              f"{next(i for i, n in sizes if not n)} of 0: every input has the same batch")
+        grown = [([_with_samples(a, b, i < n_in) for i, a in enumerate(args)],
+                  {k: _with_samples(v, b, True) for k, v in kwargs.items()}) for b in (1, 2)]
+        if torch.compiler.is_compiling():  # both made-up batches in the compiled graph
+            return tree_map(_at_no_samples, *[self(*a, **k) for a, k in grown])
         checked, self._fxjac_checked = self._fxjac_checked, True  # made-up samples: nothing to check
         try:
-            outs = [self(*[_with_samples(a, b, i < n_in) for i, a in enumerate(args)],
-                         **{k: _with_samples(v, b, True) for k, v in kwargs.items()}) for b in (1, 2)]
+            outs = [self(*a, **k) for a, k in grown]
         except FxJacError as err:
             raise type(err)(f"{err} (an empty batch: the product checked one made-up sample, so the batch sizes "
                             "above read 1)") from err
@@ -279,7 +285,8 @@ class Product(fx.GraphModule):
 # backward at B = 0: SIGFPE, the process killed). So a call with an empty batch runs the product on one and on
 # two samples of zeros (operands grown likewise: every empty axis of an operand is the batch's) and reads each
 # result's sizes at no samples off how they grow: size(0) = 2 size(1) - size(2); a result that does not grow is
-# a sum over the batch, zero. Not under torch.compile, whose graph is built for the batch it sees.
+# a sum over the batch, zero. Under torch.compile both made-up batches are in the graph compiled for B = 0 (dynamo
+# specialises sizes 0 and 1).
 
 def _with_samples(a, b: int, leading: bool):
     """``a`` with its empty batch axis (the leading one of an input; every empty axis of an operand) grown to

@@ -497,3 +497,21 @@ def test_a_new_batch_size_does_not_recompile(name, options, backend):
         args = (x, *ops(batch))
         _close(compiled(*args)[1], p(*args)[1])
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_an_empty_batch_under_compile():
+    """Note [an empty batch] under torch.compile (both made-up batches in the graph for B = 0) and through
+    fxjac.compile (eagerly): empty per-sample results, zero sums; the batches around it unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5)).eval()
+    n_params = sum(q.numel() for q in model.parameters())
+    x, w = torch.randn(3, 3, 4, 4), torch.randn(3, 5)
+    for reduce, shape in (("none", (0, n_params)), ("sum", (n_params,))):
+        p = fxjac.vjp(model, wrt="params", reduce=reduce, example_inputs=(x,))
+        torch._dynamo.reset()
+        for run in (torch.compile(p, backend="aot_eager", fullgraph=True, dynamic=True),
+                    fxjac.compile(model, "vjp", wrt="params", reduce=reduce, backend="aot_eager")):
+            _close(run(x, w)[1], p(x, w)[1])
+            y, r = run(x[:0], w[:0])
+            assert y.shape == (0, 5) and r.shape == shape and not r.any()
+            _close(run(x[:2], w[:2])[1], p(x[:2], w[:2])[1])
