@@ -1876,3 +1876,30 @@ def test_an_empty_batch_checks_operands_and_keeps_the_tape():
         assert y.shape == (0, 3) and r.shape == (n_params,) and r.requires_grad and not r.any()
         grads = torch.autograd.grad(r.sum() + y.sum(), list(model.parameters()))
         assert all(not g.any() for g in grads)
+
+
+def test_a_parameter_expanded_by_a_size_of_the_whole_batch_is_refused_per_sample():
+    """A cls token expanded along the batch at axis 1 (a sequence-first model: cls.expand(-1, x.shape[1], -1))
+    goes through the fallback with a size fixed to the whole batch: per-sample tangents ([B, P] jvp) are an
+    UnsupportedOpError saying so, as the cotangents were (torch's rank error from the next op before); a tangent
+    shared by the batch stays exact."""
+
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls, self.head = nn.Parameter(torch.randn(1, 1, 4)), nn.Linear(4, 3)
+
+        def forward(self, x):  # x [B, N, 4]
+            h = x.transpose(0, 1)
+            return self.head(torch.cat([self.cls.expand(-1, h.shape[1], -1), h], 0).tanh().sum(0))
+
+    torch.manual_seed(0)
+    model = SeqFirst().double()
+    x = randn(3, 2, 4)
+    n_params = sum(p.numel() for p in model.parameters())
+    p = fxjac.jvp(model, wrt="params")
+    v = randn(n_params, seed=1)
+    J = per_sample_jacobian(model, (x,), "params")
+    assert_close(p(x, v)[1], J @ v, "jvp with a shared tangent")
+    with pytest.raises(fxjac.UnsupportedOpError, match="entries along the batch axis 1, not 1"):
+        p(x, randn(3, n_params, seed=2))

@@ -265,6 +265,11 @@ def fallback_jvp(fn, args, kwargs, primals, tangents, bdims, ctx=(), cdims=(), p
         ts = tuple(t.unsqueeze(1 + d) if d is not None else t for t, d in zip(ts, bdims))
         out = _jvp_columns(_op(fn, args, kwargs, cs, spec), xs, ts, fn, nested=True)
         outs = (out,) if spec is True else tuple(out)
+        for o, d in zip(outs, odims):
+            if o.shape[1 + d] != 1:  # the cotangent path's autograd reports this as a shape mismatch
+                raise ValueError(f"its output for one sample has {o.shape[1 + d]} entries along the batch axis "
+                                 f"{d}, not 1 (a size read from the whole batch, such as x.shape[1], is fixed in "
+                                 "the call)")
         return _squeeze_batch(outs, odims)
 
     res = _per_sample(fn, primals, bdims, ctx, cdims, tangents, _stack_dims(bdims), body, _stack_dims(odims))
