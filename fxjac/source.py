@@ -263,6 +263,7 @@ def _select_output(gm: fx.GraphModule, output: Any, example_inputs: Sequence = (
             if isinstance(val, fx.Node):
                 with gm.graph.inserting_before(out_node):
                     sel = gm.graph.call_function(operator.getitem, (val, output))
+                sel.meta["fxjac_selection"] = True  # output= indexing one node's value (a tuple, or a tensor)
                 out_node.args = (sel,)
                 val = sel
             else:
@@ -313,7 +314,7 @@ def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_m
     _check_samples_independent_in_place(gm, example_inputs, y)
     if not isinstance(out.meta.get("val"), torch.Tensor):
         raise OptionError("the selected output is not a tensor; choose one with output=")
-    if output is not None and out.op == "call_function" and out.target is operator.getitem and \
+    if output is not None and out.meta.get("fxjac_selection") and \
             isinstance(out.args[0], fx.Node) and isinstance(out.args[0].meta.get("val"), torch.Tensor):
         raise OptionError(f"output={output!r} selects from a tuple or dict output, but the model returns one "
                           "tensor (indexing it would pick a sample): leave output= out")

@@ -889,6 +889,25 @@ def test_output_on_a_tensor_output_is_refused():
         fxjac.jvp(mlp(), output=0, example_inputs=(randn(4, 3),))
 
 
+def test_output_selects_a_tuple_element_that_is_an_index_expression():
+    """A tuple element that is itself an indexing (an LSTM's c_n[-1], x[:, -1]) is selected by output=, not taken
+    for output= indexing a single tensor (found by a probe: refused with 'returns one tensor')."""
+
+    class Last(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x[:, -1]), x[:, -1]
+
+    model = Last().double()
+    x, v = randn(3, 5, 4), randn(3, 5, 4, g=rng(1))
+    for k in (0, 1):
+        _, t = fxjac.jvp(model, output=k)(x, v)
+        assert_close(t, torch.func.jvp(lambda u: model(u)[k], (x,), (v,))[1], f"jvp of output {k}")
+
+
 def test_ggn_target_is_keyword_only():
     model = mlp()
     x, t = randn(4, 3), torch.zeros(4, dtype=torch.long)
