@@ -85,8 +85,7 @@ class Product(fx.GraphModule):
             # Under torch.compile the product must already be built (fxjac.compile sees to it), and so must the
             # sibling for another operand form (a jvp's [B, P] tangents); the eager-only checks (first-call output
             # check, module identity) stay out of the compiled graph.
-            n_in = self._fxjac_spec.get("n_inputs")
-            if any(isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == 0 for a in args[:n_in]):
+            if empty_batch(args[:self._fxjac_spec.get("n_inputs")]):
                 return self._on_empty_batch(args, kwargs)
             sibling = self._variant_of(args)
             if sibling is not None:
@@ -103,7 +102,7 @@ class Product(fx.GraphModule):
                 return self(*args, **kwargs)
         spec = self._fxjac_spec
         n_in = spec.get("n_inputs")
-        if any(isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == 0 for a in args[:n_in]):
+        if empty_batch(args[:n_in]):
             return self._on_empty_batch(args, kwargs)
         sibling = self._variant_of(args, build=True)
         if sibling is not None:
@@ -287,6 +286,11 @@ class Product(fx.GraphModule):
 # result's sizes at no samples off how they grow: size(0) = 2 size(1) - size(2); a result that does not grow is
 # a sum over the batch, zero. Under torch.compile both made-up batches are in the graph compiled for B = 0 (dynamo
 # specialises sizes 0 and 1).
+
+def empty_batch(inputs) -> bool:
+    """Whether some input tensor has no samples (Note [an empty batch])."""
+    return any(isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == 0 for a in inputs)
+
 
 def _with_samples(a, b: int, leading: bool):
     """``a`` with its empty batch axis (the leading one of an input; every empty axis of an operand) grown to

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from .errors import OptionError
+from .product import empty_batch
 
 
 def _products() -> dict:
@@ -89,9 +90,7 @@ class CompiledProduct:
         """Compute the product (compiled after the first call with operands of this form)."""
         p = self.product._variant_of(args, build=True) or self.product  # a jvp's [B, P] tangents: a sibling
         compiled = self._compiled.get(id(p))
-        n_in = p._fxjac_spec.get("n_inputs")
-        if compiled is not None and any(isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == 0
-                                        for a in args[:n_in]):
+        if compiled is not None and empty_batch(args[:p._fxjac_spec.get("n_inputs")]):
             return p(*args, **kwargs)  # an empty batch, eagerly (Note [an empty batch] in fxjac/product.py)
         if compiled is None:
             out = p(*args, **kwargs)

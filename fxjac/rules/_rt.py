@@ -191,17 +191,18 @@ def into_cotangent(name, t, *args, **kwargs):
 _LIB = torch.library.Library("fxjac", "DEF")
 
 
-def opaque_op(fake, mutates_args=()):
+def opaque_op(fake=None, mutates_args=()):
     """Decorate a kernel (its arguments annotated, as for ``torch.library.custom_op``) into the operator
     ``torch.ops.fxjac.<name>.default`` (the kernel's name without leading underscores); ``fake`` gives its
-    results' shapes and dtypes from the arguments (Note [opaque ops]).
+    results' shapes and dtypes from the arguments (``None``: the kernel itself, made of ATen ops that fake
+    tensors run) (Note [opaque ops]).
     """
 
     def wrap(fn):
         name = fn.__name__.lstrip("_")
         _LIB.define(name + torch.library.infer_schema(fn, mutates_args=mutates_args))
         _LIB.impl(name, fn, "CompositeExplicitAutograd")
-        torch.library.register_fake(f"fxjac::{name}", fake, lib=_LIB)
+        torch.library.register_fake(f"fxjac::{name}", fake or fn, lib=_LIB)
         return getattr(torch.ops.fxjac, name).default
 
     return wrap

@@ -104,18 +104,14 @@ def _ints(v, n: int) -> list:
     return [int(a) for a in _tuple(v, n)]
 
 
-def _convolve(x, w, b, transposed, stride, padding_mode, padding, dilation, output_padding, groups):
+@_rt.opaque_op()
+def _convolution(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], transposed: bool, stride: List[int],
+                 padding_mode: str, padding: List[int], dilation: List[int], output_padding: List[int],
+                 groups: int) -> torch.Tensor:
     n = w.dim() - 2
     if transposed:
         return _F_CONV_T[n](x, w, b, stride, padding, output_padding, groups, dilation)
     return _F_CONV[n](x, w, b, stride, padding_mode or padding, dilation, groups)
-
-
-@_rt.opaque_op(lambda *args: _convolve(*args))
-def _convolution(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], transposed: bool, stride: List[int],
-                 padding_mode: str, padding: List[int], dilation: List[int], output_padding: List[int],
-                 groups: int) -> torch.Tensor:
-    return _convolve(x, w, b, transposed, stride, padding_mode, padding, dilation, output_padding, groups)
 
 
 
@@ -132,18 +128,13 @@ def conv_backward(ct, x, w, bias_sizes, stride, padding, dilation, transposed, o
                                                output_padding, groups, mask)
 
 
-def _conv_backward_parts(ct, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask):
-    parts = torch.ops.aten.convolution_backward(ct, x, w, bias_sizes, stride, padding, dilation, transposed,
-                                                output_padding, groups, mask)
-    return [p for p, m in zip(parts, mask) if m]
-
-
-@_rt.opaque_op(_conv_backward_parts)
+@_rt.opaque_op()
 def _conv_backward(ct: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias_sizes: Optional[List[int]],
                    stride: List[int], padding: List[int], dilation: List[int], transposed: bool,
                    output_padding: List[int], groups: int, mask: List[bool]) -> List[torch.Tensor]:
-    return _conv_backward_parts(ct, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding,
-                                groups, mask)
+    parts = torch.ops.aten.convolution_backward(ct, x, w, bias_sizes, stride, padding, dilation, transposed,
+                                                output_padding, groups, mask)
+    return [p for p, m in zip(parts, mask) if m]
 
 
 def on_stack(op: str, t, rank: int, *args):
