@@ -26,6 +26,7 @@ from torch.fx.node import map_aggregate, map_arg
 from passes.dag import any_tensor
 from passes.protocol import module_call
 
+from . import traced_einops
 from .errors import ModeError, TraceError, describe, source_line
 
 AUTO_LEAVES: tuple = (nn.RNNBase, nn.RNNCellBase)
@@ -78,6 +79,18 @@ def _inplace_method(op):
 
 _FACTORIES = ("zeros", "ones", "full", "empty", "arange", "eye", "linspace", "tril_indices", "triu_indices")
 """torch tensor factories a model may call with sizes read off its input (``torch.zeros(x.shape[0], d)``)."""
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:  # an empty cell
+        return False
+    return True
+
+
+_LIBRARIES = frozenset(("torch", "fxjac", "passes", "einops", "numpy", "builtins", "functools", "typing", "math"))
+"""Top-level packages whose modules' globals the tracer leaves alone (their code is not the user's)."""
 
 
 class _TracedTorch(types.ModuleType):
@@ -148,19 +161,47 @@ class Tracer(fx.Tracer):
                     delattr(fx.Proxy, name)
                 else:
                     setattr(fx.Proxy, name, old)
-            for g in self._globals_seen:
-                if g.get("torch") is self._torch_view:
-                    g["torch"] = torch
+            for g, name, view, value in self._globals_seen:
+                if g.get(name) is view:
+                    g[name] = value
 
     def _see_globals(self, forward):
         """Tensor factories given a traced size (``torch.zeros(x.shape[0], d)``) must be recorded as calls, where
         torch would reject the Proxy: the name ``torch`` in the forward's module reads a view of torch whose
-        factories record them. The torch module itself is never modified.
+        factories record them. Likewise the names that reach einops read its traced functions (Note [einops] in
+        fxjac/traced_einops.py). So do the globals of the user's modules that forward's module imports or imports
+        functions from (a helper ``causal_mask(x)`` in another file), one step deep. The modules torch and
+        einops themselves are never modified.
         """
-        g = getattr(getattr(forward, "__func__", forward), "__globals__", None)
-        if isinstance(g, dict) and g.get("torch") is torch:
-            g["torch"] = self._torch_view
-            self._globals_seen.append(g)
+        fn = getattr(forward, "__func__", forward)
+        g = getattr(fn, "__globals__", None)
+        if not isinstance(g, dict):
+            return
+        self._see_names(g)
+        cells = [c.cell_contents for c in getattr(fn, "__closure__", None) or () if _filled(c)]
+        for value in list(g.values()) + cells:  # and one step further: the user's helpers from their modules
+            other = value.__globals__ if isinstance(value, types.FunctionType) else \
+                value.__dict__ if isinstance(value, types.ModuleType) else None
+            name = (other or {}).get("__name__") or ""
+            if other is not None and other is not g and name.split(".")[0] not in _LIBRARIES:
+                self._see_names(other)
+
+    def _see_names(self, g: dict) -> None:
+        """:meth:`_see_globals` for one module's globals ``g``."""
+        if g.get("torch") is torch:
+            self._swap(g, "torch", self._torch_view)
+        einops = traced_einops.einops_module()
+        if einops is not None:
+            for name, value in list(g.items()):
+                if value is einops:
+                    self._swap(g, name, traced_einops.TracedEinops(einops))
+                elif not name.startswith("__") and (view := traced_einops.traced(value)) is not None:
+                    self._swap(g, name, view)
+
+    def _swap(self, g: dict, name: str, view: Any) -> None:
+        """``g[name] = view`` while tracing (put back by :meth:`trace`)."""
+        self._globals_seen.append((g, name, view, g[name]))
+        g[name] = view
 
     def create_node(self, *args, **kwargs):  # noqa: D102
         node = super().create_node(*args, **kwargs)
@@ -180,6 +221,9 @@ class Tracer(fx.Tracer):
                                  "they are not the model's (new values each call, never trained); make it a "
                                  "submodule in __init__") from None
             return forward(*args, **kwargs)  # parameter-free: its forward is traced as the model's own code
+        layer = traced_einops.layer_call(m)
+        if layer is not None and not self.is_leaf_module(m, ""):
+            return layer(*args, **kwargs)
         decomp = decomposition_for(type(m))
         if decomp is not None and not self.is_leaf_module(m, ""):
             return decomp(m, *args, **kwargs)
@@ -359,6 +403,14 @@ def _trace_message(err: Exception) -> str:
     frames = traceback.extract_tb(err.__traceback__)
     user = [f for f in frames if "/torch/" not in f.filename and "/fxjac/" not in f.filename]
     where = f"\n  at {user[-1].filename}:{user[-1].lineno}: {user[-1].line}" if user else ""
+    line = user[-1].line or "" if user else ""
+    if "pack_padded_sequence" in line or "pack_sequence" in line or "__cuda_array_interface__" in str(err):
+        return (f"torch.fx cannot trace this model: it packs sequences ({err}){where}\n"
+                "A PackedSequence is made from the lengths' values, which tracing does not see, and torch.func "
+                "(the autograd fallback) cannot differentiate an RNN over one either. Run the RNN on the padded "
+                "batch instead and read each sequence's last valid step, out[torch.arange(B), lengths - 1]: a "
+                "forward-direction RNN's outputs there do not depend on the padding after them (a reverse "
+                "direction's do).")
     return (f"torch.fx cannot trace this model: {err}{where}\n"
             "Hint: torch.fx traces sizes symbolically, so a size used as a Python number (range(x.shape[1]), "
             "int(x.shape[0] / n), len(x), list(x.shape), a branch or assert on a shape), data-dependent control "
@@ -643,6 +695,36 @@ def _relu_after_max_pool(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(relu)
 
 
+def _einsum_equations(gm: fx.GraphModule) -> None:
+    """``torch.einsum`` in its other spellings, operands in one list (``einsum("ij,jk", [a, b])``) or the
+    sublist form (``einsum(a, [0, 1], b, [1, 2], [0, 2])``), becomes ``einsum(equation, *operands)``: the form
+    its rule reads.
+    """
+    import string
+
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.einsum or node.kwargs or not node.args:
+            continue
+        args = node.args
+        if isinstance(args[0], str):
+            if len(args) == 2 and isinstance(args[1], (list, tuple)):
+                node.args = (args[0],) + tuple(args[1])
+            continue
+        if len(args) % 2 == 1:  # the output's sublist ends the arguments
+            operands, subs, out = args[0:-1:2], args[1:-1:2], args[-1]
+        else:  # torch's implicit output: the ellipsis, then the indices that appear once, ascending
+            operands, subs = args[0::2], args[1::2]
+            seen = [i for sub in subs for i in sub if i is not Ellipsis]
+            out = ([Ellipsis] if any(i is Ellipsis for sub in subs for i in sub) else []) + \
+                sorted(i for i in set(seen) if seen.count(i) == 1)
+
+        def spell(sub):
+            return "".join("..." if i is Ellipsis else string.ascii_letters[i] for i in sub)
+
+        equation = ",".join(spell(sub) for sub in subs) + "->" + spell(out)
+        node.args = (equation,) + tuple(operands)
+
+
 def normalise(gm: fx.GraphModule) -> fx.GraphModule:
     """All normalisations, in place; returns ``gm`` recompiled."""
     _leaf_calls(gm)
@@ -650,6 +732,7 @@ def normalise(gm: fx.GraphModule) -> fx.GraphModule:
     _attributes(gm)
     _decompose(gm)
     _relu_after_max_pool(gm)
+    _einsum_equations(gm)
     gm.graph.lint()
     gm.recompile()
     return gm

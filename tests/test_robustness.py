@@ -100,6 +100,44 @@ def test_iterating_over_a_tensor_is_a_trace_error():
     assert "iterated" in msg and "for row in self.fc(x)" in msg and "leaf_modules" in msg
 
 
+def test_a_factory_sized_by_the_input_in_a_helper_of_another_module_traces():
+    """``torch.ones(T, T)`` with a traced ``T`` traces in the user's helper imported from another file too (the
+    tracer's view of torch reached forward's own module only: "ones() takes 1 positional argument")."""
+    from traced_helpers import causal_mask
+
+    class Causal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+
+        def forward(self, x):
+            att = (x @ self.w @ x.transpose(1, 2)).masked_fill(causal_mask(x), float("-inf")).softmax(-1)
+            return (att @ x).flatten(1)
+
+    torch.manual_seed(0)
+    check_direction_products(Causal(), (torch.randn(3, 5, 4, dtype=torch.float64),), products=("jvp", "vjp"))
+    assert causal_mask.__globals__["torch"] is torch  # put back after tracing
+
+
+def test_packing_sequences_is_a_trace_error_that_says_what_to_do_instead():
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(4, 5, batch_first=True)
+
+        def forward(self, x, lengths):
+            _, h = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+            return h[-1]
+
+    x, lengths = torch.randn(3, 6, 4, dtype=torch.float64), torch.tensor([6, 3, 4])
+    with pytest.raises(fxjac.TraceError) as err:  # torch.fx's own words: "`__cuda_array_interface__` must be a dict"
+        fxjac.vjp(Packed().double(), wrt="params", example_inputs=(x, lengths))
+    msg = str(err.value)
+    assert "packs sequences" in msg and "pack_padded_sequence(x, lengths" in msg and "lengths - 1" in msg
+
+
 def test_value_dependent_loop_in_the_root_module_is_a_trace_error():
     class Halve(nn.Module):
         def __init__(self):

@@ -155,6 +155,8 @@ SAMPLES = [
     ("bmm_method", lambda m, x: x.bmm(m.W.expand(x.shape[0], 5, 4)), False),
     ("torch.einsum", lambda m, x: torch.einsum("bij,jk->bik", x, m.W), False),
     ("einsum_list", lambda m, x: torch.einsum("bij,bkj->bik", [x, x]), False),
+    ("einsum_sublists", lambda m, x: torch.einsum(x, [0, 1, 2], m.W, [2, 30], [0, 1, 30]), False),
+    ("einsum_sublists_implicit", lambda m, x: torch.einsum(x, [..., 27], m.W, [27, 3]), False),
     ("einsum_implicit", lambda m, x: torch.einsum("...j,jk", x, m.W), False),
     ("einsum_three_operands", lambda m, x: torch.einsum("bij,jk,kl->bil", x, m.W, m.V[0]), False),
     ("einsum_summed_partner_index", lambda m, x: torch.einsum("bij,jk->bi", x, m.W), False),
