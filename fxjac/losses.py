@@ -57,7 +57,7 @@ def loss_options(loss: str, class_dim, sigma, output=None):
 def sigma_option(sigma, sample_shape=None):
     """The Gaussian loss's ``sigma`` as product code can hold it: a float, or a tensor's values as nested lists
     (generated code cannot spell a tensor). Checked when the product is built: positive, finite and, with
-    ``sample_shape``, broadcastable to one sample of the output.
+    ``sample_shape``, broadcastable to one sample of the output with as many axes (or one value).
     """
     if isinstance(sigma, (int, float)) and not isinstance(sigma, bool):
         t = torch.tensor(float(sigma), dtype=torch.float64)
@@ -78,6 +78,10 @@ def sigma_option(sigma, sample_shape=None):
         if not ok:
             why = "has more axes than" if t.dim() > len(shape) else "does not broadcast to"
             raise OptionError(f"sigma of shape {tuple(t.shape)} {why} one output sample, {shape}")
+        if 0 < t.dim() < len(shape) and t.numel() > 1:  # broadcasting would align it with the last axes
+            raise OptionError(f"sigma of shape {tuple(t.shape)} has fewer axes than one output sample, {shape}: "
+                              "give it every axis, with 1 where it is shared (C values per channel of [C, H, W] "
+                              "are [C, 1, 1]), so that it cannot meet the wrong one")
     return t.item() if t.dim() == 0 else t.tolist()
 
 

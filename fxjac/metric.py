@@ -589,9 +589,11 @@ def jmjtp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
             ``"diag"`` ``[P]``, ``"block"`` (a list of ``[P_m, P_m]``), ``"sqrt"`` ``[P, K]``, ``"full"``
             ``[P, P]``.
         out: ``"full"`` ``[B, O, O]`` or ``"diag"`` ``[B, O]``.
-        method: ``"exact"`` (``"diag_backprop"`` is available for ``jtmjp`` and ``ggn``).
+        method: ``"exact"``, or ``"diag_backprop"`` (nnj's forward diagonal: ``(A∘A) d`` through each op;
+            ``out="diag"`` with a diagonal or identity M).
         mode: ``"forward"`` (push M's columns), ``"reverse"`` (pull O rows of J), or ``"auto"``: the one with
-            fewer columns, from the shapes known at build time.
+            fewer columns, from the shapes known at build time; forward where ``chunk_size`` is given (only M's
+            columns go through in chunks).
         **options: the common options.
 
     Returns:
@@ -626,8 +628,8 @@ def jmjtp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
             elif matrix == "full":
                 m = e(checks.check_symmetric, e(checks.check_shape, m, (batch, n_in, n_in), x, "M"), "M")
             forward = mode == "forward" or (mode == "auto" and n_in <= n_out and matrix != "sqrt")
-            if mode == "auto" and matrix == "sqrt":
-                forward = True  # K is known only at run time; its columns are what M gives
+            if mode == "auto" and (matrix == "sqrt" or chunk_size is not None):
+                forward = True  # K is known only at run time; its columns are what M gives (only they chunk)
             if forward:
                 if matrix == "sqrt":
                     seeds, w, k = e(A.stack_to_shape, m, x), None, e.method("size", m, 2)

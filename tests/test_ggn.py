@@ -1,5 +1,7 @@
 """The GGN of each loss, diagonal back-propagation, and the memory bound of the exact diagonal."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -71,7 +73,7 @@ def test_gaussian_sigma_tensor_shaped_like_a_sample(sigma_shape):
 
 @pytest.mark.parametrize("sigma, words", [(-1.0, "positive"), (torch.tensor([1.0, 0.0]), "positive"),
                                           (float("nan"), "positive"), (torch.ones(3), "broadcast"),
-                                          ("wide", "sigma")])
+                                          ("wide", "sigma"), (torch.tensor([1.0, 2.0]), "fewer axes")])
 def test_gaussian_sigma_is_checked_when_built(sigma, words):
     net = nn.Sequential(nn.Linear(3, 4), nn.Unflatten(1, (2, 2)))
     for build in (lambda: fxjac.ggn(net, loss="gaussian", sigma=sigma, example_inputs=(torch.randn(2, 3),)),
@@ -313,6 +315,13 @@ def test_chunked_columns_give_the_same_result():
     assert_close(t, fxjac.jvp(model)(*xs, xs[0])[1], "jvp with chunk_size")
     with pytest.raises(fxjac.OptionError, match="rows cannot go through in chunks"):
         fxjac.jmjtp(model, wrt="params", matrix="diag", chunk_size=4)
+    # mode="auto" w.r.t. the input would pull J's rows (fewer than the inputs); chunk_size asks for M's columns in
+    # chunks, the forward mode (it raised at the first call, blaming mode='reverse')
+    J = per_sample_jacobian(model, xs, "input")
+    assert J.shape[1] < J.shape[2]
+    d = torch.rand(3, J.shape[2], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    _, got = fxjac.jmjtp(model, matrix="diag", chunk_size=J.shape[2] // 2)(*xs, d)
+    assert_close(got, torch.einsum("boi,bi,bqi->boq", J, d, J), "jmjtp[input, diag] with chunk_size, mode='auto'")
 
 
 @pytest.mark.parametrize("name", ["resnet", "transformer_mha"])
@@ -791,3 +800,80 @@ def test_diag_backprop_through_a_weight_parametrization(parametrize):
         _, r = fxjac.jtmjp(lin, wrt="params", matrix="diag", out="diag", method="diag_backprop",
                            reduce=reduce)(x, d)
         assert_close(r, want if reduce == "none" else want.sum(0), f"{parametrize} diag_backprop reduce={reduce}")
+
+
+def test_forward_diag_backprop_through_a_weight_made_of_parameters():
+    """jmjtp's diagonal pushed forward (nnj's ``(A∘A) d`` op by op) through a weight computed from parameters
+    alone (W = a @ b: one local Jacobian every sample shares; the fallback looked for a batch and raised
+    StopIteration), then a Linear, against the two ops' squared Jacobians composed by hand."""
+    torch.manual_seed(0)
+
+    class LowRank(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.randn(4, 2, dtype=torch.float64))
+            self.b = nn.Parameter(torch.randn(2, 5, dtype=torch.float64))
+
+        def forward(self, x):
+            return nn.functional.linear(x, self.a @ self.b)
+
+    model = LowRank()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    sigma = torch.rand(18, dtype=torch.float64)
+    ja, jb = torch.func.jacrev(torch.matmul, argnums=(0, 1))(model.a.detach(), model.b.detach())
+    d_w = (ja * ja).reshape(20, 8) @ sigma[:8] + (jb * jb).reshape(20, 10) @ sigma[8:]
+    want = (x * x) @ d_w.reshape(4, 5).t()  # y_o = Σ_i x_i W_oi
+    _, got = fxjac.jmjtp(model, wrt="params", matrix="diag", out="diag", method="diag_backprop")(x, sigma)
+    assert_close(got, want, "forward diag_backprop through W = a @ b")
+
+
+def test_forward_diag_backprop_through_constants():
+    """A comparison used as a mask and a division by a traced size are constants of the forward diagonal as of
+    every product (a mask's entries are 0 or 1; they went to the fallback, which refused the comparison, and
+    the size raised an AttributeError)."""
+    torch.manual_seed(0)
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+
+        def forward(self, x):
+            h = x @ self.w
+            return h.masked_fill(h > 0.5, 0.0) / (h.size(-1) ** 0.5)
+
+    model = Masked()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    sigma = torch.rand(12, dtype=torch.float64)
+    h = x @ model.w.detach()
+    want = ((x * x) @ sigma.reshape(4, 3)) * (h <= 0.5) / 3  # h_j = Σ_i x_i w_ij, then the mask, then / √3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every op has a structured diag_jvp: no fallback warning
+        _, got = fxjac.jmjtp(model, wrt="params", matrix="diag", out="diag", method="diag_backprop")(x, sigma)
+    assert_close(got, want, "forward diag_backprop through a mask and a size")
+
+
+def test_forward_diag_backprop_through_a_product_of_two_activations():
+    """``h @ hᵀ`` with a diagonal on both operands (attention's scores): ``d_a @ (b∘b) + (a∘a) @ d_b``, each
+    operand one input of the op (a structured rule; it went to the fallback's per-sample Jacobians)."""
+    torch.manual_seed(0)
+
+    class Scores(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+
+        def forward(self, x):
+            h = x @ self.w
+            return (h @ h.transpose(1, 2)).flatten(1)
+
+    model = Scores()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    sigma = torch.rand(12, dtype=torch.float64)
+    h = x @ model.w.detach()
+    d_h = (x * x) @ sigma.reshape(4, 3)
+    want = (d_h @ (h * h).transpose(1, 2) + (h * h) @ d_h.transpose(1, 2)).flatten(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, got = fxjac.jmjtp(model, wrt="params", matrix="diag", out="diag", method="diag_backprop")(x, sigma)
+    assert_close(got, want, "forward diag_backprop through h @ hᵀ")

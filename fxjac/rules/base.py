@@ -59,6 +59,10 @@ class NonDifferentiable(Rule):
         """No diagonal flows back."""
         return {}
 
+    def diag_jvp(self, e, site, tangents):
+        """No diagonal flows out (the subclass's ``jvp``: its checks, and a cast's floating stack)."""
+        return self.jvp(e, site, tangents)
+
 
 class Elementwise(Rule):
     """``y = f(x)`` applied element by element; subclasses give ``f'(x)`` (broadcastable to ``x``)."""

@@ -360,6 +360,17 @@ def fallback_diag_jvp(fn, args, kwargs, primals, ds, bdims, ctx=(), cdims=(), pe
     n = len(primals)
     if per_sample:
         raise NotImplementedError("per-sample diagonals are not propagated forward")
+    if not ctx and all(b is None for b in bdims):  # a weight computed from parameters alone
+        jacs = torch.func.jacrev(_op(fn, args, kwargs, (), spec), argnums=tuple(range(n)))(*primals)
+        res = []
+        for jo in (jacs,) if spec is True else jacs:  # one entry per floating output
+            total = 0
+            for j, x, d in zip(jo, primals, ds):
+                out_shape = tuple(j.shape[:j.dim() - x.dim()])
+                sq = (j * j).reshape(math.prod(out_shape), x.numel())
+                total = total + (d.reshape(d.shape[0], x.numel()) @ sq.t()).reshape((d.shape[0],) + out_shape)
+            res.append(total)
+        return _restructure(spec, res[0] if spec is True else tuple(res))
 
     def body(xs, cs, *dd):
         jacs = torch.func.jacrev(_op(fn, args, kwargs, cs, spec), argnums=tuple(range(n)))(*xs)

@@ -429,6 +429,17 @@ class _Matmul(Rule):
                 out[self.right] = e(matmul_ct_right, ct, a, b, site.batch if self.right in site.ps else None)
         return out
 
+    def diag_jvp(self, e, site, tangents):  # noqa: D102
+        """(A∘A) d: the jvp with the other operand squared (see :meth:`diag_vjp`); both operands may carry one
+        (attention's ``q @ kᵀ``).
+        """
+        if site.ps:
+            raise Decline  # per-sample diagonals are not propagated forward
+        a, b = self._operands(site)
+        ta, tb = tangents[self.left], tangents[self.right]
+        return e(matmul_tangent, ta, tb, a if tb is ZERO else e(torch.square, a),
+                 b if ta is ZERO else e(torch.square, b))
+
     def diag_vjp(self, e, site, d):  # noqa: D102
         """(A∘A)ᵀ d: each entry of a @ b depends on a row of a through one product with b, so the squared
         Jacobian is the vjp's with the other operand squared.
