@@ -58,6 +58,25 @@ def compile(model: torch.nn.Module, product: str, *, backend: Optional[str] = No
     return CompiledProduct(p, backend, mode, dynamic)
 
 
+# Note [guards of a compiled product]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# Dynamo guards every global that the code it traced read, and checks them all at each call: the generated code
+# calls fxjac's rules, which read fxjac's modules, torch and Python's builtins (some 300 guards for the cnn's
+# vjp). Those are fixed for the life of the process, so fxjac.compile leaves them unguarded (torch.compile's
+# guard_filter_fn; not with mode=, which torch.compile cannot take beside options) and keeps every other guard:
+# on tensors, on the model's modules, on the user's globals (a fallback leaf's own forward), on grad mode.
+# Interleaved calls, one thread: the cnn's vjp at batch 16, 2.10 -> 2.03 ms; the small MLP's at 64, 0.117 -> 0.107.
+_LIBRARY_GLOBALS = ("G['__import_fxjac", "G['__import_passes", "G['__import_torch", "G['__builtins_dict",
+                    "G['fxjac_", "G['torch']", "G['math']", "G['operator']", "G['builtins']")
+
+
+def library_globals_unguarded(entries) -> list:
+    """torch.compile's ``guard_filter_fn``: keep every guard but those on fxjac's, torch's and the builtins'
+    globals (Note [guards of a compiled product]).
+    """
+    return [not (e.is_global and e.name.startswith(_LIBRARY_GLOBALS)) for e in entries]
+
+
 class CompiledProduct:
     """A product run through ``torch.compile(p, backend=..., fullgraph=True, dynamic=True)``.
 
@@ -83,8 +102,9 @@ class CompiledProduct:
         # cache (compiling ``Product.__call__``, shared by all products, would exhaust dynamo's per-code limit).
         # torch.compile refuses to trace nn.RNN/LSTM/GRU ("Attempted to wrap RNN"): around them it breaks the graph.
         whole = not any(isinstance(m, torch.nn.RNNBase) for m in p.model.modules())
+        options = None if self.mode is not None else {"guard_filter_fn": library_globals_unguarded}
         self._compiled[id(p)] = torch.compile(p.forward, backend=self.backend, fullgraph=whole, dynamic=self.dynamic,
-                                              mode=self.mode)
+                                              mode=self.mode, options=options)
 
     def __call__(self, *args, **kwargs):
         """Compute the product (compiled after the first call with operands of this form)."""

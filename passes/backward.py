@@ -12,7 +12,15 @@ from typing import Callable, Optional
 
 import torch.fx as fx
 
-from passes.builder import Builder, is_structural, new_emitter, nodes_in, rows_by_sample, structural_index
+from passes.builder import (
+    Builder,
+    is_structural,
+    new_emitter,
+    nodes_in,
+    rows_by_sample,
+    shares_a_slot,
+    structural_index,
+)
 from passes.dag import between, differentiable
 from passes.protocol import ZERO, Decline
 
@@ -99,6 +107,10 @@ def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, metho
                         sinks(e, rule, site, name, ct, old):
                     sunk.add(name)
             site.extra["need"] = site.extra["need"] - sunk
+        if method != "vjp" and not rule.combines_slots and shares_a_slot(old_args, site.extra["need"]):
+            site = b.prepare(node, ps, b.decline(node))  # to the fallback (Note [one node in two slots])
+            rule, old_args, ps_names = site.extra["rule"], site.extra["old_args"], site.ps
+            site.extra["need"] = _needed(old_args, active) - sunk
         try:
             in_cts = getattr(rule, method)(e, site, ct)
         except Decline:

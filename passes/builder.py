@@ -46,6 +46,16 @@ def nodes_in(v) -> list:
     return []
 
 
+def shares_a_slot(old_args: dict, names) -> bool:
+    """Whether one node is the argument of two of ``names`` (``x * x``, ``h @ h``) or twice in one list argument.
+
+    A diagonal method (Note [one node in two slots] in passes/protocol.py) must square the op's Jacobian w.r.t.
+    that node, the sum of the slots' Jacobians, not add the slots' squares.
+    """
+    seen = [a for k in names for a in nodes_in(old_args.get(k))]
+    return len(seen) != len(set(seen))
+
+
 def is_structural(node: fx.Node) -> bool:
     """``getitem`` (or a named field, ``.values``) on a tuple or list value: plumbing the passes handle."""
     if node.op == "call_function" and node.target in (operator.getitem, builtins.getattr):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 
-from passes.builder import Builder, is_structural, new_emitter, nodes_in, structural_index, structure_of
+from passes.builder import Builder, is_structural, new_emitter, nodes_in, shares_a_slot, structural_index, structure_of
 from passes.dag import between, differentiable
 from passes.protocol import ZERO, Decline
 
@@ -84,6 +84,9 @@ def forward_tangents(b: Builder, seeds: dict, ps: bool = False, method: str = "j
         carried = [k for k, v in site.extra["old_args"].items() if any(look(a) is not ZERO for a in nodes_in(v))]
         if site.extra["rule"].ignores(carried):
             site = b.prepare(node, ps, b.decline(node))
+        elif method != "jvp" and not site.extra["rule"].combines_slots and \
+                shares_a_slot(site.extra["old_args"], carried):
+            site = b.prepare(node, ps, b.decline(node))  # to the fallback (Note [one node in two slots])
         try:
             tan[node] = getattr(site.extra["rule"], method)(e, site, _tangents(e, site, look))
         except Decline:

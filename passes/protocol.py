@@ -238,6 +238,19 @@ class Rule:
     square_is_self: bool = False
     """True for ops whose Jacobian holds only zeros and ones (views, copies, slicing): ``A∘A = A``."""
 
+    # Note [one node in two slots]
+    # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    # Where one node fills two slots of an op (``x * x``, ``h @ h``), the op's Jacobian w.r.t. it is the sum of
+    # the slots' Jacobians, A = A1 + A2, and a diagonal method must square that sum: (A∘A) = A1∘A1 + A2∘A2 +
+    # 2 A1∘A2. Adding the slots' squares (as the passes add the contributions of two users of a node) misses the
+    # cross term: ``x * x`` gave half of ``x ** 2``'s diagonal, ``x - x`` three times ``0``'s. So the passes hand
+    # such a node to the fallback (one slot per node) unless its rule says the slots combine: a 0/1 op, where each
+    # output entry reads one slot (A1∘A2 = 0), or one that adds the slots' partials first (element-wise ops).
+    @property
+    def combines_slots(self) -> bool:
+        """Whether the diagonal methods hold where one node fills two slots (Note [one node in two slots])."""
+        return self.square_is_self
+
     def diag_jvp(self, e: Emitter, site: Site, tangents: dict):
         """Push a stack of diagonals forward: ``Σ_i (A_i∘A_i) d_i``; 0/1 ops push them as tangents."""
         if self.square_is_self:

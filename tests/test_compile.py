@@ -515,3 +515,30 @@ def test_an_empty_batch_under_compile():
             y, r = run(x[:0], w[:0])
             assert y.shape == (0, 5) and r.shape == shape and not r.any()
             _close(run(x[:2], w[:2])[1], p(x[:2], w[:2])[1])
+
+
+
+def test_fxjac_compile_leaves_library_globals_unguarded(monkeypatch):
+    """fxjac.compile drops dynamo's guards on fxjac's, torch's and the builtins' globals (Note [guards of a
+    compiled product] in fxjac/util.py) and keeps the others: on the inputs, the parameters, the modules."""
+    import fxjac.util
+
+    kept, original = {}, fxjac.util.library_globals_unguarded
+
+    def record(entries):
+        keep = original(entries)
+        kept.update({e.name: k for e, k in zip(entries, keep)})
+        return keep
+
+    monkeypatch.setattr(fxjac.util, "library_globals_unguarded", record)
+    model = _model()
+    x, w = torch.randn(BATCHES[0], 4), torch.randn(BATCHES[0], 3)
+    torch._dynamo.reset()
+    compiled = fxjac.compile(model, "vjp", wrt="params", example_inputs=(x,), backend="eager")
+    eager = fxjac.vjp(model, wrt="params", example_inputs=(x,))
+    for batch in BATCHES:
+        x, w = torch.randn(batch, 4), torch.randn(batch, 3)
+        _close(compiled(x, w)[1], eager(x, w)[1])
+    dropped = [n for n, k in kept.items() if not k]
+    assert any(n.startswith("G['__import_fxjac") for n in dropped) and any(n.startswith("G['torch']") for n in dropped)
+    assert all(k for n, k in kept.items() if not n.startswith("G[")), [n for n in dropped if not n.startswith("G[")]

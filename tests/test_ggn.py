@@ -877,3 +877,71 @@ def test_forward_diag_backprop_through_a_product_of_two_activations():
         warnings.simplefilter("error")
         _, got = fxjac.jmjtp(model, wrt="params", matrix="diag", out="diag", method="diag_backprop")(x, sigma)
     assert_close(got, want, "forward diag_backprop through h @ hᵀ")
+
+
+class _Square(nn.Module):
+    def forward(self, x):
+        return torch.tanh(x * x)
+
+
+class _Cancel(nn.Module):
+    def forward(self, x):
+        return (x - x) + x / x * x
+
+
+class _SelfProduct(nn.Module):
+    def forward(self, h):
+        return h @ h
+
+
+@pytest.mark.parametrize("model, structured", [(_Square(), True), (_Cancel(), True), (_SelfProduct(), False)])
+def test_diag_backprop_where_one_node_fills_two_slots(model, structured):
+    """Note [one node in two slots] (passes/protocol.py): the op's Jacobian w.r.t. the node is the sum of its
+    slots', and the diagonal squares that sum (``x * x`` gave half of ``x ** 2``'s, ``x - x`` three times
+    0's). Element-wise chains are exact; one op is exact in both directions (a matmul of ``h`` with itself
+    through the fallback, element-wise ops by their own rule)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 3, dtype=torch.float64)
+    A = torch.func.vmap(torch.func.jacrev(model))(x).reshape(2, 9, 9)  # each sample's Jacobian
+    d = torch.rand(2, 9, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, back = fxjac.jtmjp(model, matrix="diag", out="diag", method="diag_backprop")(x, d)
+        _, fwd = fxjac.jmjtp(model, matrix="diag", out="diag", method="diag_backprop")(x, d)
+    assert_close(back.reshape(2, 9), torch.einsum("boi,bo->bi", A * A, d), "backward diagonal")
+    assert_close(fwd.reshape(2, 9), torch.einsum("boi,bi->bo", A * A, d), "forward diagonal")
+    assert structured == (not [w for w in caught if "fallback" in str(w.message)])
+
+
+def _eval_batch_norm():
+    bn = nn.BatchNorm2d(2).double().eval()
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(-2, 2)
+    return bn
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Conv2d(2, 3, 3, padding=1, stride=2), (3, 2, 6, 6)),
+    (lambda: nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), (3, 2, 6, 6)),
+    (lambda: nn.Conv1d(4, 4, 3, groups=2, dilation=2), (3, 4, 6)),
+    (_eval_batch_norm, (3, 2, 6, 6)),
+    (lambda: nn.MaxPool2d(2), (3, 2, 6, 6)),
+], ids=["conv2d", "conv_transpose2d", "conv1d_groups", "batch_norm", "max_pool"])
+def test_forward_diag_backprop_of_one_op_is_exact_and_structured(make, shape):
+    """jmjtp's forward diagonal through one convolution, eval batch norm or max pooling (structured rules: the
+    jvp with squared weights, inputs and scales; they went to the fallback's per-sample Jacobians) is the
+    exact ``(A∘A) d`` w.r.t. the input and the parameters."""
+    torch.manual_seed(0)
+    model = make().double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    cases = [("input", per_sample_jacobian(model, (x,), "input"))]
+    if any(True for _ in model.parameters()):
+        cases.append(("params", per_sample_jacobian(model, (x,), "params")))
+    for wrt, J in cases:
+        d = torch.rand(J.shape[2] if wrt == "params" else (shape[0], J.shape[2]), dtype=torch.float64)
+        want = torch.einsum("boi,i->bo" if wrt == "params" else "boi,bi->bo", J * J, d)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning
+            _, got = fxjac.jmjtp(model, wrt=wrt, matrix="diag", out="diag", method="diag_backprop")(x, d)
+        assert_close(got.reshape(want.shape), want, f"forward diagonal w.r.t. {wrt}")

@@ -176,24 +176,53 @@ class Broadcasting(Rule):
             out = e(_rt.expand_like, out, site.out)
         return out
 
+    combines_slots = True  # the partials of the slots that read one node are added first (:meth:`_squared`)
+
     def diag_jvp(self, e, site, tangents):
         """``Σ_i (∂y/∂x_i)² d_i`` with each diagonal aligned to the output's rank."""
         out_ndim = site.ndim()
         terms = []
-        for name in self.inputs:
-            d = tangents.get(name, ZERO)
-            if d is ZERO or name in site.ps:
+        for names in self._by_node(site, self.inputs):
+            d = tangents.get(names[0], ZERO)
+            if d is ZERO or names[0] in site.ps:
                 if d is not ZERO:
                     raise Decline
                 continue
-            p = self.partial(e, site, name)
-            if p is ZERO:
-                continue
-            if site.val(name).dim() < out_ndim:
+            if site.val(names[0]).dim() < out_ndim:
                 d = e(_rt.align, d, out_ndim)
-            terms.append(self.scale(e, site, name, d, p, square=True))
+            terms.append(self._squared(e, site, names, d))
         out = e.sum(terms)
         return ZERO if out is ZERO else e(_rt.expand_like, out, site.out)
+
+    @staticmethod
+    def _by_node(site, names) -> list:
+        """``names`` grouped by the node they read (one group per slot, but for ``x * x``)."""
+        groups: dict = {}
+        for name in names:
+            old = site.extra["old_args"].get(name)
+            groups.setdefault(old if isinstance(old, torch.fx.Node) else name, []).append(name)
+        return list(groups.values())
+
+    def _squared(self, e, site, names, t):
+        """``t · (∂y/∂x)²`` for the node ``x`` in slots ``names``: its partial is the sum of theirs (Note [one
+        node in two slots] in passes/protocol.py).
+        """
+        if len(names) == 1:
+            return self.scale(e, site, names[0], t, self.partial(e, site, names[0]), square=True)
+        p = ZERO
+        for name in names:
+            q = self.partial(e, site, name)
+            if q is ZERO:
+                continue
+            if p is ZERO:
+                p = q
+            elif isinstance(p, (int, float)) and isinstance(q, (int, float)):
+                p = p + q
+            else:
+                p = e(operator.add, p, q)
+        if p is ZERO or (isinstance(p, (int, float)) and p == 0):
+            return ZERO
+        return e(operator.mul, t, e(operator.mul, p, p) if isinstance(p, torch.fx.Node) else p * p)
 
     def vjp(self, e, site, ct):
         """``sum_to(ct · ∂y/∂x_i, shape of x_i)`` for each input."""
@@ -205,16 +234,17 @@ class Broadcasting(Rule):
 
     def _pull(self, e, site, ct, square):
         out = {}
-        for name in self.inputs:
-            x = site.args.get(name)
-            if not isinstance(x, torch.fx.Node) or not site.needs(name):
+        needed = [name for name in self.inputs if isinstance(site.args.get(name), torch.fx.Node) and
+                  site.needs(name) and isinstance(site.val(name), torch.Tensor)]  # (not a size computed in the graph)
+        for names in self._by_node(site, needed) if square else [[name] for name in needed]:
+            name, x = names[0], site.args[names[0]]
+            if square:
+                c = self._squared(e, site, names, ct)
+            else:
+                p = self.partial(e, site, name)
+                c = ZERO if p is ZERO else self.scale(e, site, name, ct, p)
+            if c is ZERO:
                 continue
-            if not isinstance(site.val(name), torch.Tensor):  # a Python number computed in the graph (a size)
-                continue
-            p = self.partial(e, site, name)
-            if p is ZERO:
-                continue
-            c = self.scale(e, site, name, ct, p, square)
             if name in site.ps:
                 _check_rows(site, name)
                 c = e(_rt.sum_to_ps, c, x)

@@ -961,15 +961,26 @@ class _Conv(Rule):
                  *self._params(site)), {}
 
     def jvp(self, e, site, tangents):  # noqa: D102
+        return self._push(e, site, tangents, lambda v: v)
+
+    def diag_jvp(self, e, site, tangents):
+        """(A∘A) d: the jvp with ``W∘W`` for the input's diagonal and ``x∘x`` for the weight's (zero padding
+        squares to zero; the bias's Jacobian is 0/1).
+        """
+        if site.ps:
+            raise Decline  # per-sample diagonals are not propagated forward
+        return self._push(e, site, tangents, lambda v: e(square, v))
+
+    def _push(self, e, site, tangents, square_of):
         self._check(site)
         x, w = site.args["input"], site.args["weight"]
         terms = []
         if tangents["input"] is not ZERO:
-            terms.append(e(conv_t_stack if self.transposed else conv_stack, tangents["input"], w,
+            terms.append(e(conv_t_stack if self.transposed else conv_stack, tangents["input"], square_of(w),
                            *self._params(site)))
         if tangents["weight"] is not ZERO:
             kernel = conv_t_weight_tangent if self.transposed else conv_weight_tangent
-            terms.append(e(kernel, x, tangents["weight"], *self._params(site)))
+            terms.append(e(kernel, square_of(x), tangents["weight"], *self._params(site)))
         tb = tangents.get("bias", ZERO)
         if tb is not ZERO:
             terms.append(e(bias_tangent, tb, self.n))
@@ -1168,6 +1179,8 @@ class _MaxPool(Rule):
 
     def _wrap(self, site, v):
         return (v, ZERO) if isinstance(site.out_val, (tuple, list)) else v
+
+    square_is_self = True  # the jvp gathers at the argmax: (A∘A) d = A d
 
     def jvp(self, e, site, tangents):  # noqa: D102
         t = tangents["input"]

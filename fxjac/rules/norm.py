@@ -636,15 +636,27 @@ class _EvalBatchNorm(Rule):
                 raise Decline
 
     def jvp(self, e, site, tangents):  # noqa: D102
+        return self._push(e, site, tangents, square=False)
+
+    def diag_jvp(self, e, site, tangents):
+        """(A∘A) d: each output entry reads one entry of x, w and b: the jvp with the scale and x̂ squared."""
+        if site.ps:
+            raise Decline  # per-sample diagonals are not propagated forward
+        return self._push(e, site, tangents, square=True)
+
+    def _push(self, e, site, tangents, square):
         self._check(site, tangents)
         x, rm, rv, w, eps = (site.args[k] for k in ("input", "running_mean", "running_var", "weight", "eps"))
         terms = []
         t = tangents["input"]
         if t is not ZERO:
-            terms.append(e(torch.mul, t, e(channel_view, e(batch_norm_scale, rv, w, eps), x)))
+            s = e(batch_norm_scale, rv, w, eps)
+            terms.append(e(torch.mul, t, e(channel_view, e(torch.mul, s, s) if square else s, x)))
         tw = tangents.get("weight", ZERO)
         if tw is not ZERO:
             xhat = e(batch_norm_xhat, x, rm, rv, eps)
+            if square:
+                xhat = e(torch.mul, xhat, xhat)
             terms.append(e(torch.mul, e(channel_tangent, tw, x, "weight" in site.ps), xhat))
         tb = tangents.get("bias", ZERO)
         out = e.sum(terms)
