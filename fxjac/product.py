@@ -131,7 +131,7 @@ class Product(fx.GraphModule):
         except Exception as err:
             self._check_param_shapes(err)
             raise
-        if not self._fxjac_checked:
+        if not self._fxjac_checked and not _rt.transformed():  # under vmap or jacfwd: at the next plain call
             self._check_primal(args, out)
         return out
 

@@ -124,11 +124,24 @@ class Tracer(fx.Tracer):
     proxy_buffer_attributes = True  # ``self.mask[:, :T]`` with a traced ``T``: the buffer must be a graph value
 
     def __init__(self, leaf_modules: Sequence = ()):
-        super().__init__()
+        # A parameter's shape, size(), dim() and numel() are its own numbers, not traced values (a product is
+        # built for the model's parameter shapes): ``self.W.view(*self.W.shape, 1, 1)`` traces.
+        super().__init__(param_shapes_constant=True)
         self.record_stack_traces = True
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_instances = [m for m in leaf_modules if isinstance(m, nn.Module)]
         self.untraceable: list = []  # torch.nn built-ins whose forward torch.fx could not trace: leaves
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):  # noqa: D102
+        # Constant shapes for the parameters that the user's code reads (first): not for buffers (torch.fx would
+        # make theirs a ParameterProxy too, then assert it is a Parameter; a buffer may be replaced by one of
+        # another shape), nor inside torch.nn's own modules, whose forward branching on a shape keeps them whole
+        # as before (spectral norm's and orthogonal's parametrizations: one leaf, one local Jacobian, their own
+        # power iteration in training mode).
+        scope = next(reversed(self.module_stack.values()), None) if self.module_stack else None
+        builtin = scope is not None and getattr(scope[1], "__module__", "").startswith("torch.nn.")
+        self.param_shapes_constant = isinstance(attr_val, nn.Parameter) and not builtin
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # noqa: D102
         if any(m is inst for inst in self.leaf_instances) or any(m is u for u in self.untraceable):

@@ -119,6 +119,23 @@ def test_a_factory_sized_by_the_input_in_a_helper_of_another_module_traces():
     assert causal_mask.__globals__["torch"] is torch  # put back after tracing
 
 
+def test_a_parameters_shape_is_its_own_numbers_while_tracing():
+    """``self.W.view(*self.W.shape, 1, 1)`` (Glow's invertible 1x1 convolution) and a loop over a weight's rows
+    trace: a parameter's shape is fixed for a product (plain torch.fx refuses to iterate the traced shape)."""
+
+    class Inv1x1(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(torch.linalg.qr(torch.randn(3, 3, generator=rng(3), dtype=torch.float64))[0])
+            self.heads = nn.Parameter(torch.randn(2, 3, generator=rng(4), dtype=torch.float64))
+
+        def forward(self, x):
+            h = F.conv2d(x, self.W.view(*self.W.shape, 1, 1))
+            return sum(torch.tanh(h.mean((2, 3)) * self.heads[i]) for i in range(self.heads.shape[0]))
+
+    check_direction_products(Inv1x1(), (randn(2, 3, 4, 4),), products=("jvp", "vjp", "jacobian"))
+
+
 def test_packing_sequences_is_a_trace_error_that_says_what_to_do_instead():
     from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -1482,6 +1499,39 @@ def test_forward_mode_through_parameter_space_products_and_a_clear_vmap_refusal(
         torch.func.vmap(lambda w: v(z, w)[1])(randn(4, 3, 3, seed=1))
 
 
+class _View3(nn.Module):
+    def forward(self, x):
+        return x.view(x.shape[0], 3, 3, 3)
+
+
+@pytest.mark.parametrize("decoder", ["layer_norm", "conv"])
+def test_torch_func_transforms_over_a_decoders_pull_back_metric(decoder):
+    """jacfwd, jvp and vmap around an input-space product (derivatives of a decoder's metric G = Jᵀ J w.r.t. the
+    latent): under a transform the rules take their autograd-safe kernels, as under autograd. Through a
+    LayerNorm forward mode was wrong (its saved statistics carry no tangent); before a convolution a tanh's
+    fused out= kernel raised in jacfwd and vmap."""
+    torch.manual_seed(0)
+    if decoder == "layer_norm":
+        model = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 5)).double().eval()
+    else:
+        model = nn.Sequential(nn.Linear(3, 27), _View3(), nn.Conv2d(3, 2, 3, padding=1), nn.Tanh(),
+                              nn.Conv2d(2, 1, 3, padding=1)).double().eval()
+    z = randn(3, 3)
+    p = fxjac.jtmjp(model, wrt="input", differentiable=True)
+    fw = torch.func.jacfwd(lambda a: p(a)[1])(z)
+    rev = torch.func.jacrev(lambda a: p(a)[1])(z)
+    assert_close(fw, rev, "dG/dz, forward against reverse mode")
+    J = lambda a: torch.func.vmap(torch.func.jacrev(lambda zi: model(zi[None])[0].flatten()))(a)  # noqa: E731
+    ref = torch.func.jacrev(lambda a: torch.einsum("boi,boj->bij", J(a), J(a)))(z)
+    assert_close(rev, ref, "dG/dz against torch.func")
+    v = randn(3, 3, seed=1)
+    _, tangent = torch.func.jvp(lambda a: p(a)[1], (z,), (v,))
+    assert_close(tangent, torch.einsum("bijck,ck->bij", ref, v), "jvp of G")
+    q = fxjac.jtmjp(model, wrt="input", example_inputs=(z,))
+    G = torch.func.vmap(lambda zi: q(zi[None])[1][0])(z)
+    assert_close(G, q(z)[1], "vmap over the samples")
+
+
 class _ClassToken(nn.Module):
     """A ViT's class token copied to every sample by repeat or tile, then joined to the patches."""
 
@@ -1540,6 +1590,13 @@ def test_parameter_table_indexed_by_ids_per_sample():
     assert_close(d, (J * J).sum(1), "per-sample J^T J diagonal")
     _, Jr = fxjac.jacobian(model, wrt="params", mode="reverse")(x, ids)
     assert_close(Jr, J, "reverse-mode Jacobian")
+    # per-sample tangents [B, P]: each sample's rows of its own tangent (the rows were picked across the batch:
+    # a [B, 5, 4] result where the table has 5 rows, an IndexError where it had more rows than the batch)
+    V = randn(3, J.shape[2], seed=2)
+    _, t = fxjac.jvp(model, wrt="params")(x, ids, V)
+    assert_close(t, torch.einsum("bop,bp->bo", J, V), "jvp with per-sample tangents")
+    _, Jf = fxjac.jacobian(model, wrt="params", mode="forward")(x, ids)
+    assert_close(Jf, J, "forward-mode Jacobian")
 
 
 class _InlineModules(nn.Module):

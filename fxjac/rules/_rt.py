@@ -96,10 +96,13 @@ def one_column(parts, mask) -> tuple:
 
 
 def records_grad(*tensors) -> bool:
-    """Whether autograd records an op on these (a ``differentiable=True`` product): kernels without a double
-    backward must not be used then.
+    """Whether autograd records an op on these (a ``differentiable=True`` product), or a torch.func transform
+    does (``jacfwd``, ``jvp``, ``vmap`` over a product: its tensors are wrapped): kernels without a double
+    backward, that write ``out=`` or that reuse statistics without a tangent must not be used then.
     """
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return True
+    return not torch.compiler.is_compiling() and transformed()
 
 
 # Note [reused cotangents]
@@ -410,7 +413,7 @@ def _by_onednn(a: torch.Tensor, w: torch.Tensor) -> bool:
         return False
     if a.numel() * w.shape[0] < ONEDNN_MIN_MACS or records_grad(a, w):
         return False
-    return torch.compiler.is_compiling() or not _transformed()
+    return torch.compiler.is_compiling() or not transformed()
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -459,15 +462,16 @@ def write(out: torch.Tensor, op: str, *args) -> torch.Tensor:
     return out
 
 
-def _transformed() -> bool:
+def transformed() -> bool:
     """Whether a torch.func transform or a forward-mode AD level is active (a ``jacfwd`` or ``dual_level`` around
-    the product): an ``out=`` kernel refuses their wrapped tensors, a copy carries the tangents into the stack.
+    the product): an ``out=`` kernel refuses their wrapped tensors, a copy carries the tangents into the stack
+    (and :func:`records_grad` holds).
     """
     return torch._C._functorch.maybe_current_level() is not None or torch.autograd.forward_ad._current_level >= 0
 
 
 def _write_now(out, op, args):
-    if _transformed():
+    if transformed():
         try:
             _write_copy(out, op, args)
         except RuntimeError as err:  # vmap: a batched value cannot be written into the unbatched stack

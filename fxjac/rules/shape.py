@@ -124,6 +124,17 @@ def getitem_transpose(ct, like, idx):
     return out
 
 
+def rows_tangent_ps(t, idx):
+    """Per-sample ``table[idx]`` for an unbatched ``table`` with a per-sample tangent stack ``t`` ``[K, B,
+    *table.shape]`` and a batched integer ``idx`` ``[B, *s]``: each sample's rows of its own tangent, ``[K, B, *s,
+    *row]``.
+    """
+    b = t.shape[1]
+    rows = idx.reshape(b, -1)
+    picked = t[:, torch.arange(b, device=t.device).unsqueeze(1), rows]  # [K, B, n, *row]
+    return picked.reshape(tuple(t.shape[:2]) + tuple(idx.shape[1:]) + tuple(t.shape[3:]))
+
+
 def rows_transpose_ps(ct, like, idx):
     """Per-sample adjoint of ``table[idx]`` for an unbatched ``table`` and a batched integer ``idx`` ``[B, *s]`` (an
     embedding written as indexing): ``[K, B, *s, *row]`` scatter-added into each sample's ``[K, B, *table.shape]``.
@@ -555,16 +566,28 @@ class GetItem(LinearOp):
             raise Decline
         return e(getitem_transpose, ct, site.args["input"], idx)
 
-    def vjp(self, e, site, ct):  # noqa: D102
-        if "input" not in site.ps:
-            return super().vjp(e, site, ct)
-        # an unbatched table indexed by a batched integer tensor (rows per sample): each sample's rows
+    @staticmethod
+    def _rows_per_sample(site):
+        """An unbatched table with per-sample (co)tangents, indexed by a batched integer tensor: each sample
+        reads its own rows (an embedding written as indexing); anything else goes to the fallback.
+        """
         idx, val = site.args["idx"], site.val("idx")
         if not (isinstance(idx, torch.fx.Node) and isinstance(val, torch.Tensor) and not val.is_floating_point()
                 and val.dtype != torch.bool and idx in site.extra.get("batched", {})
                 and site.extra.get("out_batch_dim") == 0 and site.node.meta.get("batch_factor", 1) == 1):
             raise Decline
-        return {"input": e(rows_transpose_ps, ct, site.args["input"], idx)}
+        return idx
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        t = tangents["input"]
+        if "input" not in site.ps or t is ZERO:
+            return super().jvp(e, site, tangents)
+        return e(rows_tangent_ps, t, self._rows_per_sample(site))
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        if "input" not in site.ps:
+            return super().vjp(e, site, ct)
+        return {"input": e(rows_transpose_ps, ct, site.args["input"], self._rows_per_sample(site))}
 
     def diag_vjp(self, e, site, d):  # noqa: D102
         return self.vjp(e, site, d)  # 0/1 entries: the adjoint itself
