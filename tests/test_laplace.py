@@ -100,3 +100,60 @@ def test_enable_backprop_gives_input_gradients(subset):
 def test_kron_is_refused_with_a_message():
     with pytest.raises(NotImplementedError, match="hessian_structure='diag'"):
         FxJacGGN(_mlp(), "classification").kron(torch.randn(2, 4), torch.zeros(2, dtype=torch.long))
+
+
+class _PooledCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(nn.functional.adaptive_avg_pool2d(torch.tanh(self.conv(x)), 1).flatten(1))
+
+
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_other_image_sizes_after_the_fit(structure):
+    """A CNN with adaptive pooling fitted at 8x8 and asked at 12x12, then refitted at 12x12: one product per
+    sample shape (the cached product was built for the first shape: a ShapeError)."""
+    g = torch.Generator().manual_seed(3)
+    X8, X12 = torch.randn(12, 1, 8, 8, generator=g), torch.randn(12, 1, 12, 12, generator=g)
+    Y = torch.randint(0, 3, (12,), generator=g)
+    kw = dict(subset_of_weights="all", hessian_structure=structure)
+    ours, p_ours = _fit(lambda: _PooledCNN().double(), FxJacGGN, _loader(X8.double(), Y), X8[:3].double(), **kw)
+    ref, p_ref = _fit(lambda: _PooledCNN().double(), GGNInterface, _loader(X8.double(), Y), X8[:3].double(), **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.allclose(ours(X12[:3].double(), pred_type="glm"), ref(X12[:3].double(), pred_type="glm"),
+                              rtol=1e-10, atol=1e-12)
+        ours.fit(_loader(X12.double(), Y))
+        ref.fit(_loader(X12.double(), Y))
+    assert torch.allclose(ours.H, ref.H, rtol=1e-10, atol=1e-12)
+
+
+class _BranchesOnTheBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+
+    def forward(self, x):
+        h = self.a(x)
+        return torch.tanh(h) if x.shape[0] > 0 else h
+
+
+def _branching_net():
+    torch.manual_seed(0)
+    return nn.Sequential(_BranchesOnTheBatch(), nn.Linear(6, 3)).double()
+
+
+def test_tracing_options_through_backend_kwargs():
+    """fxjac's leaf_modules reach every product through Laplace's backend_kwargs (the TraceError's hint names it;
+    laplace-torch passed it on to its own interface, a TypeError)."""
+    g = torch.Generator().manual_seed(4)
+    X, Y = torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+    kw = dict(subset_of_weights="all", hessian_structure="diag")
+    ours, p_ours = _fit(_branching_net, FxJacGGN, _loader(X, Y), X[:3],
+                        backend_kwargs={"leaf_modules": [_BranchesOnTheBatch]}, **kw)
+    ref, p_ref = _fit(_branching_net, GGNInterface, _loader(X, Y), X[:3], **kw)
+    assert torch.allclose(ours.H, ref.H, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(p_ours, p_ref, rtol=1e-10, atol=1e-12)

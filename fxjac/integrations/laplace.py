@@ -21,9 +21,14 @@ class FxJacGGN(GGNInterface):
     Stochastic (Monte-Carlo Fisher) and sub-network variants fall back to laplace-torch's own torch.func code.
     """
 
-    def __init__(self, model, likelihood, last_layer: bool = False, subnetwork_indices=None, **kwargs: Any):
+    def __init__(self, model, likelihood, last_layer: bool = False, subnetwork_indices=None,
+                 leaf_modules=(), concrete_args=None, **kwargs: Any):
+        """``leaf_modules`` and ``concrete_args`` are fxjac's tracing options for every product (through
+        ``Laplace(..., backend_kwargs={"leaf_modules": [...]})``); the rest is laplace-torch's.
+        """
         super().__init__(model, likelihood, last_layer, subnetwork_indices, **kwargs)
         self._products: dict = {}
+        self._options = {"leaf_modules": list(leaf_modules), "concrete_args": concrete_args}
 
     # --- products, built once per structure ---------------------------------------------------------------
     def _loss(self) -> str:
@@ -32,11 +37,15 @@ class FxJacGGN(GGNInterface):
     def _net(self):
         return self.model.last_layer if self.last_layer else self.model
 
-    def _product(self, key: str, make):
+    def _product(self, key: str, make, x):
+        """The product ``make(net, **options)`` for inputs like ``x``: one per network and sample shape (a
+        product is built for one; a CNN with adaptive pooling may be fitted and asked at other image sizes).
+        """
         net = self._net()
+        key = (key, tuple(x.shape[1:]), x.dtype, x.device)
         cached = self._products.get(key)
         if cached is None or cached[0] is not net:
-            self._products[key] = (net, make(net))
+            self._products[key] = (net, make(net, **self._options))
         return self._products[key][1]
 
     def _inputs(self, x):
@@ -55,8 +64,8 @@ class FxJacGGN(GGNInterface):
         if self.subnetwork_indices is not None or not isinstance(x, torch.Tensor):
             return super().jacobians(x, enable_backprop)
         p = self._product(f"jacobian_{enable_backprop}",  # a differentiable product is another product
-                          lambda net: direction.jacobian(net, wrt="params", mode="reverse",
-                                                         differentiable=enable_backprop))
+                          lambda net, **o: direction.jacobian(net, wrt="params", mode="reverse",
+                                                              differentiable=enable_backprop, **o), x)
         f, js = p(x)
         return (js, f) if enable_backprop else (js.detach(), f.detach())
 
@@ -64,14 +73,14 @@ class FxJacGGN(GGNInterface):
         """``(Js, f)`` w.r.t. the last layer from its input features."""
         f, phi = self.model.forward_with_features(x)
         p = self._product(f"ll_jacobian_{enable_backprop}",
-                          lambda net: direction.jacobian(self.model.last_layer, wrt="params", mode="reverse",
-                                                         differentiable=enable_backprop))
+                          lambda net, **o: direction.jacobian(self.model.last_layer, wrt="params", mode="reverse",
+                                                              differentiable=enable_backprop, **o), phi)
         _, js = p(phi)
         return (js, f) if enable_backprop else (js.detach(), f.detach())
 
     def _ggn(self, x, y, out: str):
         f, inp = self._inputs(x)
-        p = self._product(f"ggn_{out}", lambda net: metric.ggn(net, loss=self._loss(), out=out))
+        p = self._product(f"ggn_{out}", lambda net, **o: metric.ggn(net, loss=self._loss(), out=out, **o), inp)
         out_y, h = p(inp)
         f = out_y if f is None else f
         loss = self.factor * self.lossfunc(f, y)
