@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import builtins
 import operator
+import string
 import types
 from typing import Any, Callable, Optional, Sequence
 
@@ -124,20 +125,20 @@ class Tracer(fx.Tracer):
     proxy_buffer_attributes = True  # ``self.mask[:, :T]`` with a traced ``T``: the buffer must be a graph value
 
     def __init__(self, leaf_modules: Sequence = ()):
-        # A parameter's shape, size(), dim() and numel() are its own numbers, not traced values (a product is
-        # built for the model's parameter shapes): ``self.W.view(*self.W.shape, 1, 1)`` traces.
-        super().__init__(param_shapes_constant=True)
+        super().__init__()
         self.record_stack_traces = True
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_instances = [m for m in leaf_modules if isinstance(m, nn.Module)]
         self.untraceable: list = []  # torch.nn built-ins whose forward torch.fx could not trace: leaves
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):  # noqa: D102
-        # Constant shapes for the parameters that the user's code reads (first): not for buffers (torch.fx would
-        # make theirs a ParameterProxy too, then assert it is a Parameter; a buffer may be replaced by one of
-        # another shape), nor inside torch.nn's own modules, whose forward branching on a shape keeps them whole
-        # as before (spectral norm's and orthogonal's parametrizations: one leaf, one local Jacobian, their own
-        # power iteration in training mode).
+        # A parameter's shape, size(), dim() and numel() are its own numbers, not traced values (a product is
+        # built for the model's parameter shapes): ``self.W.view(*self.W.shape, 1, 1)`` traces. So for the
+        # parameters that the user's code reads (first): not for buffers (torch.fx would make theirs a
+        # ParameterProxy too, then assert it is a Parameter; a buffer may be replaced by one of another shape),
+        # nor inside torch.nn's own modules, whose forward branching on a shape keeps them whole as before
+        # (spectral norm's and orthogonal's parametrizations: one leaf, one local Jacobian, their own power
+        # iteration in training mode).
         scope = next(reversed(self.module_stack.values()), None) if self.module_stack else None
         builtin = scope is not None and getattr(scope[1], "__module__", "").startswith("torch.nn.")
         self.param_shapes_constant = isinstance(attr_val, nn.Parameter) and not builtin
@@ -713,8 +714,6 @@ def _einsum_equations(gm: fx.GraphModule) -> None:
     sublist form (``einsum(a, [0, 1], b, [1, 2], [0, 2])``), becomes ``einsum(equation, *operands)``: the form
     its rule reads.
     """
-    import string
-
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not torch.einsum or node.kwargs or not node.args:
             continue

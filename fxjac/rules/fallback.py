@@ -334,19 +334,27 @@ def fallback_diag_vjp(fn, args, kwargs, primals, d, bdims, ctx=(), cdims=(), per
     return tuple(r if d is not None or per_sample else r.sum(1) for r, d in zip(res, bdims))
 
 
-def _shared_diag_vjp(fn, args, kwargs, primals, ds, per_sample, spec):
-    """:func:`fallback_diag_vjp` of an op on unbatched values alone (a weight's parametrization: weight_norm,
-    spectral_norm, orthogonal): one local Jacobian, shared by the samples, applied to the diagonals ``[K, *y]``
-    or per-sample ``[K, B, *y]`` (summed over the batch unless ``per_sample``).
+def _shared_squares(fn, args, kwargs, primals, spec) -> list:
+    """For an op on unbatched values alone (a weight's parametrization: weight_norm, spectral_norm, orthogonal;
+    ``a @ b``): its one local Jacobian, shared by the samples, squared: for each floating output, one
+    ``(A∘A as [numel(y), numel(x)], y's shape)`` per primal ``x``.
     """
-    n = len(primals)
-    jacs = torch.func.jacrev(_op(fn, args, kwargs, (), spec), argnums=tuple(range(n)))(*primals)
-    res = [0] * n
-    for jo, do in zip((jacs,) if spec is True else jacs, ds):  # one entry per floating output
-        for i, (j, x) in enumerate(zip(jo, primals)):
-            out_rank = j.dim() - x.dim()
-            lead = tuple(do.shape[:do.dim() - out_rank])
-            sq = (j * j).reshape(math.prod(j.shape[:out_rank]), x.numel())
+    jacs = torch.func.jacrev(_op(fn, args, kwargs, (), spec), argnums=tuple(range(len(primals))))(*primals)
+    out = []
+    for jo in (jacs,) if spec is True else jacs:
+        shapes = [tuple(j.shape[:j.dim() - x.dim()]) for j, x in zip(jo, primals)]
+        out.append([((j * j).reshape(math.prod(y), x.numel()), y) for j, x, y in zip(jo, primals, shapes)])
+    return out
+
+
+def _shared_diag_vjp(fn, args, kwargs, primals, ds, per_sample, spec):
+    """:func:`fallback_diag_vjp` of an op on unbatched values alone (:func:`_shared_squares`), applied to the
+    diagonals ``[K, *y]`` or per-sample ``[K, B, *y]`` (summed over the batch unless ``per_sample``).
+    """
+    res = [0] * len(primals)
+    for squares, do in zip(_shared_squares(fn, args, kwargs, primals, spec), ds):  # one per floating output
+        for i, ((sq, y), x) in enumerate(zip(squares, primals)):
+            lead = tuple(do.shape[:do.dim() - len(y)])
             r = (do.reshape(math.prod(lead), -1) @ sq).reshape(lead + tuple(x.shape))
             res[i] = res[i] + (r.sum(1) if len(lead) == 2 and not per_sample else r)
     return tuple(res)
@@ -361,15 +369,9 @@ def fallback_diag_jvp(fn, args, kwargs, primals, ds, bdims, ctx=(), cdims=(), pe
     if per_sample:
         raise NotImplementedError("per-sample diagonals are not propagated forward")
     if not ctx and all(b is None for b in bdims):  # a weight computed from parameters alone
-        jacs = torch.func.jacrev(_op(fn, args, kwargs, (), spec), argnums=tuple(range(n)))(*primals)
-        res = []
-        for jo in (jacs,) if spec is True else jacs:  # one entry per floating output
-            total = 0
-            for j, x, d in zip(jo, primals, ds):
-                out_shape = tuple(j.shape[:j.dim() - x.dim()])
-                sq = (j * j).reshape(math.prod(out_shape), x.numel())
-                total = total + (d.reshape(d.shape[0], x.numel()) @ sq.t()).reshape((d.shape[0],) + out_shape)
-            res.append(total)
+        res = [sum((d.reshape(d.shape[0], x.numel()) @ sq.t()).reshape((d.shape[0],) + y)
+                   for (sq, y), x, d in zip(squares, primals, ds))
+               for squares in _shared_squares(fn, args, kwargs, primals, spec)]  # one per floating output
         return _restructure(spec, res[0] if spec is True else tuple(res))
 
     def body(xs, cs, *dd):
