@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from reference import assert_close, check_diag_backprop, check_metric_products, loss_hessian, per_sample_jacobian
 
 import fxjac
@@ -921,17 +922,78 @@ def _eval_batch_norm():
     return bn
 
 
+def _affine(module):
+    """``module`` with its (default 1 and 0) affine parameters drawn, so that squaring them matters."""
+    for p in module.parameters():
+        p.data.uniform_(-2, 2)
+    return module
+
+
+class _Normalize(nn.Module):
+    def forward(self, x):
+        return F.normalize(x, dim=-1)
+
+
+class _Reduce(nn.Module):
+    """One reduction along the last axis (``max`` with a dim: its values)."""
+
+    def __init__(self, name):
+        super().__init__()
+        self.name = name
+
+    def forward(self, x):
+        if self.name == "max":
+            return x.max(dim=-1).values
+        if self.name == "vector_norm":
+            return torch.linalg.vector_norm(x, dim=-1)
+        return getattr(torch, self.name)(x, -1)
+
+
+class _Einsum(nn.Module):
+    """``einsum(eq, x, *weights)``: a contraction over an index of the weights alone sums before it squares."""
+
+    def __init__(self, eq, *shapes):
+        super().__init__()
+        self.eq = eq
+        self.ws = nn.ParameterList(nn.Parameter(torch.randn(*s)) for s in shapes)
+
+    def forward(self, x):
+        return torch.einsum(self.eq, x, *self.ws)
+
+
 @pytest.mark.parametrize("make, shape", [
     (lambda: nn.Conv2d(2, 3, 3, padding=1, stride=2), (3, 2, 6, 6)),
     (lambda: nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), (3, 2, 6, 6)),
     (lambda: nn.Conv1d(4, 4, 3, groups=2, dilation=2), (3, 4, 6)),
     (_eval_batch_norm, (3, 2, 6, 6)),
     (lambda: nn.MaxPool2d(2), (3, 2, 6, 6)),
-], ids=["conv2d", "conv_transpose2d", "conv1d_groups", "batch_norm", "max_pool"])
+    (lambda: _affine(nn.LayerNorm(5)), (3, 4, 5)),
+    (lambda: nn.LayerNorm((4, 5), elementwise_affine=False), (3, 4, 5)),
+    (lambda: _affine(nn.RMSNorm(5)), (3, 4, 5)),
+    (lambda: _affine(nn.GroupNorm(2, 4)), (3, 4, 3, 3)),
+    (lambda: _affine(nn.InstanceNorm2d(2, affine=True)), (3, 2, 3, 3)),
+    (lambda: nn.Softmax(dim=1), (3, 4, 5)),
+    (lambda: nn.Softmin(dim=-1), (3, 4, 5)),
+    (lambda: nn.LogSoftmax(dim=1), (3, 4, 5)),
+    (_Normalize, (3, 4, 5)),
+    (lambda: _Einsum("bij,jk->bik", (5, 2)), (3, 4, 5)),
+    (lambda: _Einsum("bij,jk,kl->bil", (5, 2), (2, 3)), (3, 4, 5)),
+    (lambda: _Einsum("bij,ij->bj", (4, 5)), (3, 4, 5)),
+    *[((lambda name=name: _Reduce(name)), (3, 4, 5)) for name in ("logsumexp", "amax", "max", "prod", "vector_norm",
+                                                                   "mean")],
+    (lambda: nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False), (3, 2, 5, 6)),
+    (lambda: nn.AdaptiveAvgPool2d((2, 3)), (3, 2, 5, 7)),
+    (lambda: nn.Upsample(scale_factor=2, mode="bilinear"), (3, 2, 3, 4)),
+    (lambda: nn.Upsample(size=(5, 7), mode="bicubic", align_corners=True), (3, 2, 3, 4)),
+    (lambda: nn.Upsample(scale_factor=3, mode="nearest"), (3, 2, 3, 4)),
+], ids=["conv2d", "conv_transpose2d", "conv1d_groups", "batch_norm", "max_pool", "layer_norm", "layer_norm_plain",
+        "rms_norm", "group_norm", "instance_norm", "softmax", "softmin", "log_softmax", "normalize",
+        "einsum", "einsum_chain", "einsum_elementwise", "logsumexp", "amax", "max", "prod", "vector_norm",
+        "mean", "avg_pool", "adaptive_avg_pool", "bilinear", "bicubic", "nearest"])
 def test_forward_diag_backprop_of_one_op_is_exact_and_structured(make, shape):
-    """jmjtp's forward diagonal through one convolution, eval batch norm or max pooling (structured rules: the
-    jvp with squared weights, inputs and scales; they went to the fallback's per-sample Jacobians) is the
-    exact ``(A∘A) d`` w.r.t. the input and the parameters."""
+    """jmjtp's forward diagonal through one convolution, normalisation, softmax or max pooling (structured rules:
+    the jvp with squared weights, inputs and scales, or a normalisation's closed form; they went to the
+    fallback's per-sample Jacobians) is the exact ``(A∘A) d`` w.r.t. the input and the parameters."""
     torch.manual_seed(0)
     model = make().double()
     x = torch.randn(*shape, dtype=torch.float64)
@@ -945,3 +1007,17 @@ def test_forward_diag_backprop_of_one_op_is_exact_and_structured(make, shape):
             warnings.simplefilter("error")  # no fallback warning
             _, got = fxjac.jmjtp(model, wrt=wrt, matrix="diag", out="diag", method="diag_backprop")(x, d)
         assert_close(got.reshape(want.shape), want, f"forward diagonal w.r.t. {wrt}")
+
+
+def test_forward_diag_backprop_of_an_embedding_is_exact_and_structured():
+    """An embedding's output entries each read one weight entry (0 at the padding row): the forward diagonal is
+    the jvp's gather of the diagonal (it went to the fallback)."""
+    torch.manual_seed(0)
+    model = nn.Embedding(7, 3, padding_idx=2).double()
+    idx = torch.tensor([[0, 2, 5, 5], [6, 1, 2, 0]])
+    J = per_sample_jacobian(model, (idx,), "params")
+    d = torch.rand(J.shape[2], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        _, got = fxjac.jmjtp(model, wrt="params", matrix="diag", out="diag", method="diag_backprop")(idx, d)
+    assert_close(got.reshape(2, -1), torch.einsum("boi,i->bo", J * J, d), "forward diagonal of an embedding")

@@ -287,19 +287,31 @@ class LinearOp(Rule):
     """An op that is linear in its one tensor input ``input`` (views, reductions, pooling, interpolation…).
 
     Subclasses give ``apply(e, site, t)``: the op on a stack ``[K, *in]`` -> ``[K, *out]``, and
-    ``transpose(e, site, ct)``: its adjoint ``[K, *out]`` -> ``[K, *in]``. The diagonal rule squares the op's
-    entries, which for a 0/1 or permutation op (most views) is the op itself; others override ``diag_vjp``.
+    ``transpose(e, site, ct)``: its adjoint ``[K, *out]`` -> ``[K, *in]``. The diagonal rules square the op's
+    entries, which for a 0/1 or permutation op (most views) is the op itself; an average, whose row holds one value
+    ``w``, gives it (:meth:`row_value`): ``(A∘A) d = w A d``, ``(A∘A)ᵀ d = Aᵀ (w d)``; others override both.
     """
 
     diff = ("input",)
 
     square_is_self = True
 
+    def row_value(self, e: Emitter, site: Site):
+        """The one value of the nonzero entries of each row of A (a node or number broadcasting against the
+        output, such as an average's ``1/count``), or None (the default) where they differ. Only asked where
+        ``square_is_self`` is false.
+        """
+        return None
+
     def diag_jvp(self, e, site, tangents):
-        """``(A∘A) d``; equal to ``A d`` where A holds only zeros and ones."""
-        if not self.square_is_self:
+        """``(A∘A) d``; ``A d`` where A holds only zeros and ones, ``w A d`` where each row holds one value ``w``."""
+        if self.square_is_self:
+            return self.jvp(e, site, tangents)
+        w = self.row_value(e, site)
+        if w is None:
             raise Decline
-        return self.jvp(e, site, tangents)
+        t = tangents["input"]
+        return ZERO if t is ZERO else e(operator.mul, self.apply(e, site, t), w)
 
     def apply(self, e: Emitter, site: Site, t):
         """The op applied to a stack."""
@@ -319,7 +331,10 @@ class LinearOp(Rule):
         return {"input": self.transpose(e, site, ct)}
 
     def diag_vjp(self, e, site, d):
-        """``(A∘A)ᵀ d``; equal to ``Aᵀ d`` where A holds only zeros and ones."""
-        if not self.square_is_self:
+        """``(A∘A)ᵀ d``; ``Aᵀ d`` where A holds only zeros and ones, ``Aᵀ (w d)`` where each row holds one ``w``."""
+        if self.square_is_self:
+            return {"input": self.transpose(e, site, d)}
+        w = self.row_value(e, site)
+        if w is None:
             raise Decline  # no closed form: the fallback forms the exact squared local Jacobian
-        return {"input": self.transpose(e, site, d)}
+        return {"input": self.transpose(e, site, e(operator.mul, d, w))}

@@ -912,17 +912,17 @@ def interp_matrix(x, axis: int, n: int, size, scale_factor, mode, align_corners,
     return y[(slice(None), 0) + tuple(slice(None) if j == axis else 0 for j in range(n))]
 
 
-def interp_squared_transpose(d, x, n: int, size, scale_factor, mode, align_corners, recompute_scale_factor,
-                             antialias):
-    """``(A∘A)ᵀ d`` for a separable interpolation ``A = A_1 ⊗ … ⊗ A_n``: squared 1-D matrices per axis, one
-    axis at a time (an einsum of all of them chose its contraction order by the sizes, the batch's among them:
-    under torch.compile every new batch size recompiled).
+def interp_squared(d, x, n: int, transpose: bool, size, scale_factor, mode, align_corners, recompute_scale_factor,
+                   antialias):
+    """``(A∘A)ᵀ d`` (``transpose``) or ``(A∘A) d`` for a separable interpolation ``A = A_1 ⊗ … ⊗ A_n``: squared
+    1-D matrices per axis, one axis at a time (an einsum of all of them chose its contraction order by the sizes,
+    the batch's among them: under torch.compile every new batch size recompiled).
     """
     for i in range(n):
         m = square(interp_matrix(x, i, n, size, scale_factor, mode, align_corners, recompute_scale_factor,
                                  antialias))  # [in, out]
         axis = d.dim() - n + i
-        d = torch.movedim(torch.movedim(d, axis, -1) @ m.t(), -1, axis)
+        d = torch.movedim(torch.movedim(d, axis, -1) @ (m.t() if transpose else m), -1, axis)
     return d
 
 
@@ -1286,12 +1286,11 @@ class _StackedLinear(LinearOp):
 class _AvgPool(_StackedLinear):
     names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 
-    def diag_vjp(self, e, site, d):
-        """Every entry of a window's row is ``1/divisor``: ``(A∘A)ᵀ d = Aᵀ (d / divisor)``."""
+    def row_value(self, e, site):
+        """Every entry of a window's row is ``1/divisor``."""
         a = site.args
-        w = e(avg_pool_weights, a["input"], self.n, a["kernel_size"], a["stride"], a["padding"],
-              a["ceil_mode"], a["count_include_pad"], a.get("divisor_override"))
-        return {"input": self.transpose(e, site, e(operator.mul, d, w))}
+        return e(avg_pool_weights, a["input"], self.n, a["kernel_size"], a["stride"], a["padding"],
+                 a["ceil_mode"], a["count_include_pad"], a.get("divisor_override"))
 
 
 @register(F.avg_pool1d)
@@ -1330,10 +1329,9 @@ class _AdaptiveAvgPool(_StackedLinear):
     def signature(input, output_size):  # noqa: D102
         ...
 
-    def diag_vjp(self, e, site, d):
-        """Every entry of a window's row is ``1/|window|``: ``(A∘A)ᵀ d = Aᵀ (d / |window|)``."""
-        w = e(adaptive_avg_weights, site.args["input"], site.out, self.n)
-        return {"input": self.transpose(e, site, e(operator.mul, d, w))}
+    def row_value(self, e, site):
+        """Every entry of a window's row is ``1/|window|``."""
+        return e(adaptive_avg_weights, site.args["input"], site.out, self.n)
 
 
 @register(F.adaptive_avg_pool1d)
@@ -1383,8 +1381,14 @@ class Interpolate(_StackedLinear):
         """Nearest modes are 0/1 (the adjoint itself); the others square the 1-D weights of each axis."""
         if site.args["mode"] in ("nearest", "nearest-exact"):
             return {"input": self.transpose(e, site, d)}
-        return {"input": e(interp_squared_transpose, d, site.args["input"], site.ndim("input") - 2,
-                           *self._args(site))}
+        return {"input": e(interp_squared, d, site.args["input"], site.ndim("input") - 2, True, *self._args(site))}
+
+    def diag_jvp(self, e, site, tangents):
+        """Nearest modes are 0/1 (the op itself); the others square the 1-D weights of each axis."""
+        d = tangents["input"]
+        if d is ZERO or site.args["mode"] in ("nearest", "nearest-exact"):
+            return self.jvp(e, site, tangents)
+        return e(interp_squared, d, site.args["input"], site.ndim("input") - 2, False, *self._args(site))
 
 
 # --- rearrangements (0/1 linear maps: the diagonal rule is the adjoint) ----------------------------------

@@ -166,6 +166,7 @@ class Embedding(Rule):
     """
 
     diff = ("weight",)
+    square_is_self = True  # each output entry reads one weight entry: (A∘A) d = A d
 
     def signature(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,  # noqa: D102
                   scale_grad_by_freq=False, sparse=False):

@@ -630,11 +630,48 @@ class Einsum(Rule):
             out.append(e(torch.einsum, f"{','.join(ts)}->{z}{rhs}", *args))
         return e.sum(out)
 
+    def diag_jvp(self, e, site, tangents):
+        """(A∘A) d: the jvp's einsum of each operand's diagonal with its partners' entries squared."""
+        if site.ps:
+            raise Decline  # per-sample diagonals are not propagated forward
+        eq, ops, list_key, _ = self._operands(site)
+        tans = tangents[list_key] if list_key else [tangents[str(i + 1)] for i in range(len(ops))]
+        if tans is ZERO:
+            return ZERO
+        terms, rhs, free = _einsum_parts(eq, len(ops))
+        z = free[0]
+        out = []
+        for i, t in enumerate(tans):
+            if t is not ZERO:
+                pterms, partners = self._partners(e, terms, rhs, ops, i, square=True)
+                out.append(e(torch.einsum, f"{','.join([z + terms[i]] + pterms)}->{z}{rhs}", t, *partners))
+        return e.sum(out)
+
     def vjp(self, e, site, ct):  # noqa: D102
         return self._pull(e, site, ct, square=False)
 
     def diag_vjp(self, e, site, d):  # noqa: D102
         return self._pull(e, site, d, square=True)
+
+    @staticmethod
+    def _partners(e, terms, rhs, ops, i, square):
+        """The operands but ``i`` and their terms; with ``square``, the entries of ``∂y/∂ops[i]`` squared.
+
+        An output entry depends on an entry of operand i through a sum over the partner indices in neither (``k``
+        of x in ``ij,jk,kl->il``), and the square of a sum is not the sum of squares: the partners are contracted
+        over those first, into one factor P, and the entries of P squared.
+        """
+        partners = [o for j, o in enumerate(ops) if j != i]
+        pterms = [t for j, t in enumerate(terms) if j != i]
+        if not square:
+            return pterms, partners
+        summed = {c for t in pterms for c in t if c.isalpha() and c not in terms[i] + rhs}
+        if summed:
+            if any("..." in t for t in pterms):
+                raise Decline
+            kept = "".join(dict.fromkeys(c for t in pterms for c in t if c not in summed))
+            partners, pterms = [e(torch.einsum, f"{','.join(pterms)}->{kept}", *partners)], [kept]
+        return pterms, [e(torch.square, o) if isinstance(o, torch.fx.Node) else o ** 2 for o in partners]
 
     def _pull(self, e, site, ct, square):
         eq, ops, list_key, _ = self._operands(site)
@@ -653,19 +690,7 @@ class Einsum(Rule):
             alone = [k for k, c in enumerate(ti) if c.isalpha() and c not in others]
             if alone and "..." in ti:
                 raise Decline
-            partners = [o for j, o in enumerate(ops) if j != i]
-            pterms = [t for j, t in enumerate(terms) if j != i]
-            if square:
-                # An output entry depends on an entry of operand i through a sum over the partner indices in
-                # neither (``k`` of x in ``ij,jk,kl->il``), and the square of a sum is not the sum of squares:
-                # the partners are contracted over those first, into one factor P, and the entries of P squared.
-                summed = {c for t in pterms for c in t if c.isalpha() and c not in ti + rhs}
-                if summed:
-                    if any("..." in t for t in pterms):
-                        raise Decline
-                    kept = "".join(dict.fromkeys(c for t in pterms for c in t if c not in summed))
-                    partners, pterms = [e(torch.einsum, f"{','.join(pterms)}->{kept}", *partners)], [kept]
-                partners = [e(torch.square, o) if isinstance(o, torch.fx.Node) else o ** 2 for o in partners]
+            pterms, partners = self._partners(e, terms, rhs, ops, i, square)
             ts = [z + rhs] + pterms
             batch = self._batch(site, list_key, terms, rhs, i)
             target = "".join(c for k, c in enumerate(ti) if k not in alone)
@@ -715,11 +740,48 @@ class Outer(Rule):
         self._check(site)
         return e(outer_tangent, ta, tb, site.args["input"], site.args["vec2"], "vec2" in site.ps)
 
+    def diag_jvp(self, e, site, tangents):
+        """(A∘A) d: the jvp's einsum of each operand's diagonal with its partners' entries squared."""
+        if site.ps:
+            raise Decline  # per-sample diagonals are not propagated forward
+        eq, ops, list_key, _ = self._operands(site)
+        tans = tangents[list_key] if list_key else [tangents[str(i + 1)] for i in range(len(ops))]
+        if tans is ZERO:
+            return ZERO
+        terms, rhs, free = _einsum_parts(eq, len(ops))
+        z = free[0]
+        out = []
+        for i, t in enumerate(tans):
+            if t is not ZERO:
+                pterms, partners = self._partners(e, terms, rhs, ops, i, square=True)
+                out.append(e(torch.einsum, f"{','.join([z + terms[i]] + pterms)}->{z}{rhs}", t, *partners))
+        return e.sum(out)
+
     def vjp(self, e, site, ct):  # noqa: D102
         return self._pull(e, site, ct, square=False)
 
     def diag_vjp(self, e, site, d):  # noqa: D102
         return self._pull(e, site, d, square=True)
+
+    @staticmethod
+    def _partners(e, terms, rhs, ops, i, square):
+        """The operands but ``i`` and their terms; with ``square``, the entries of ``∂y/∂ops[i]`` squared.
+
+        An output entry depends on an entry of operand i through a sum over the partner indices in neither (``k``
+        of x in ``ij,jk,kl->il``), and the square of a sum is not the sum of squares: the partners are contracted
+        over those first, into one factor P, and the entries of P squared.
+        """
+        partners = [o for j, o in enumerate(ops) if j != i]
+        pterms = [t for j, t in enumerate(terms) if j != i]
+        if not square:
+            return pterms, partners
+        summed = {c for t in pterms for c in t if c.isalpha() and c not in terms[i] + rhs}
+        if summed:
+            if any("..." in t for t in pterms):
+                raise Decline
+            kept = "".join(dict.fromkeys(c for t in pterms for c in t if c not in summed))
+            partners, pterms = [e(torch.einsum, f"{','.join(pterms)}->{kept}", *partners)], [kept]
+        return pterms, [e(torch.square, o) if isinstance(o, torch.fx.Node) else o ** 2 for o in partners]
 
     def _pull(self, e, site, ct, square):
         self._check(site)

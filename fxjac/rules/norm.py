@@ -10,7 +10,8 @@ Note [normalisation Jacobians]
     ``normalize`` has ``α = 0``, ``u = y`` (zero where the norm is clamped at eps), ``r = 1/max(‖x‖, eps)``.
     So a tangent or cotangent costs two reductions over the group (:func:`normalise_apply`), and the
     diagonal rule ``(J∘J)ᵀ e = r² [e (1 - 2α - 2u²) + α² Σe + 2α u Σ(e u) + u² Σ(e u²)]`` three
-    (:func:`normalise_diag`), with no ``[n, n]`` matrix formed. An element-wise affine weight ``w`` after the
+    (:func:`normalise_diag`), with no ``[n, n]`` matrix formed; ``J`` is symmetric, so the same closed form
+    pushes a diagonal forward (``(J∘J) e``, ``jmjtp``'s). An element-wise affine weight ``w`` after the
     normalisation multiplies the cotangent before ``J`` (``Aᵀ c = J (w c)``) and the diagonal by ``w²``.
 
 Reductions address the normalised axes with negative indices, so one kernel serves a primal ``[*S]`` and a
@@ -61,6 +62,12 @@ def log_softmax_diag(d, y, dim):
     """``(A∘A)ᵀ d`` for ``A = I - 1 sᵀ``: ``s² Σ_dim d + d (1 - 2s)``."""
     s = torch.exp(y)
     return s * s * d.sum(dim, keepdim=True) + d * (1 - 2 * s)
+
+
+def log_softmax_diag_forward(d, y, dim):
+    """``(A∘A) d`` for ``A = I - 1 sᵀ``: ``d (1 - 2s) + Σ_dim s² d``."""
+    s = torch.exp(y)
+    return d * (1 - 2 * s) + (s * s * d).sum(dim, keepdim=True)
 
 
 def normalise_apply(t, r, u, dims, alpha):
@@ -303,7 +310,8 @@ class _SoftmaxLike(Rule):
         return e(torch.neg, c) if self.sign < 0 else c
 
     kernels: tuple = ()
-    """(tangent, cotangent, squared-Jacobian) kernels, each ``kernel(stack, y, dim)`` with ``y`` the output."""
+    """(tangent, cotangent, squared-Jacobian transposed, squared-Jacobian) kernels, each ``kernel(stack, y, dim)``
+    with ``y`` the output."""
 
     def jvp(self, e, site, tangents):  # noqa: D102
         t = tangents["input"]
@@ -320,11 +328,20 @@ class _SoftmaxLike(Rule):
             out = e.method("to", out, site.val("input").dtype)
         return {"input": out}
 
+    def diag_jvp(self, e, site, tangents):
+        """(A∘A) d, the diagonal cast to the op's dtype (the sign squares away)."""
+        d = tangents["input"]
+        if d is ZERO:
+            return ZERO
+        if site.args.get("dtype") is not None:
+            d = e.method("to", d, site.args["dtype"])
+        return e(self.kernels[3], d, site.out, self._dim(site))
+
 
 class _Softmax(_SoftmaxLike):
     """y = softmax(x); J = diag(y) - y yᵀ (symmetric), reusing the primal output."""
 
-    kernels = (softmax_jvp, softmax_jvp, softmax_diag)
+    kernels = (softmax_jvp, softmax_jvp, softmax_diag, softmax_diag)
 
 
 @register(F.softmax)
@@ -356,7 +373,7 @@ class Softmin(_Softmax):
 class _LogSoftmax(_SoftmaxLike):
     """y = log_softmax(x); J = I - 1 sᵀ with s = exp(y), reusing the primal output."""
 
-    kernels = (log_softmax_jvp, log_softmax_vjp, log_softmax_diag)
+    kernels = (log_softmax_jvp, log_softmax_vjp, log_softmax_diag, log_softmax_diag_forward)
 
 
 @register(F.log_softmax)
@@ -381,6 +398,11 @@ class TorchLogSoftmax(_LogSoftmax):
 def _with_stats(e, both):
     """A fused normalisation's ``(output, mean, 1/σ)`` node as :meth:`Rule.primal`'s (output, saved statistics)."""
     return e(operator.getitem, both, 0), {"mean": e(operator.getitem, both, 1), "rstd": e(operator.getitem, both, 2)}
+
+
+def _squared(e, v, square):
+    """``v * v`` where a diagonal is pushed (the squared Jacobian's entries), else ``v``."""
+    return e(torch.mul, v, v) if square else v
 
 
 def _affine_param_tangent(e, site, name, t, ndim):
@@ -425,16 +447,27 @@ class _TrailingNorm(Rule):
         return tuple(range(-len(ns), 0)), xhat, u, r, alpha
 
     def jvp(self, e, site, tangents):  # noqa: D102
+        return self._push(e, site, tangents, square=False)
+
+    def diag_jvp(self, e, site, tangents):
+        """(A∘A) d: the normalisation's Jacobian is symmetric, so its squares push forward by
+        :func:`normalise_diag`; the weight and ``x̂`` squared.
+        """
+        if site.ps:
+            raise Decline  # per-sample diagonals are not propagated forward
+        return self._push(e, site, tangents, square=True)
+
+    def _push(self, e, site, tangents, square):
         dims, xhat, u, r, alpha = self._setup(e, site)
         w, ndim = site.args["weight"], site.ndim()
         terms = []
         t = tangents["input"]
         if t is not ZERO:
-            tx = e(normalise_apply, t, r, u, dims, alpha)
-            terms.append(tx if w is None else e(torch.mul, tx, w))
+            tx = e(normalise_diag if square else normalise_apply, t, r, u, dims, alpha)
+            terms.append(tx if w is None else e(torch.mul, tx, _squared(e, w, square)))
         tw = tangents.get("weight", ZERO)
         if tw is not ZERO:
-            terms.append(e(torch.mul, _affine_param_tangent(e, site, "weight", tw, ndim), xhat))
+            terms.append(e(torch.mul, _affine_param_tangent(e, site, "weight", tw, ndim), _squared(e, xhat, square)))
         tb = tangents.get("bias", ZERO)
         out = e.sum(terms)
         if tb is not ZERO:
@@ -544,16 +577,25 @@ class _ChannelNorm(Rule):
         return x, groups, xhat, u, r, 1.0 / m
 
     def jvp(self, e, site, tangents):  # noqa: D102
+        return self._push(e, site, tangents, square=False)
+
+    def diag_jvp(self, e, site, tangents):
+        """(A∘A) d: each group's Jacobian is symmetric (:func:`group_diag`); the weight and ``x̂`` squared."""
+        if site.ps:
+            raise Decline  # per-sample diagonals are not propagated forward
+        return self._push(e, site, tangents, square=True)
+
+    def _push(self, e, site, tangents, square):
         x, groups, xhat, u, r, alpha = self._setup(e, site)
         w = site.args["weight"]
         terms = []
         t = tangents["input"]
         if t is not ZERO:
-            tx = e(group_apply, t, x, r, u, groups, alpha)
-            terms.append(tx if w is None else e(torch.mul, tx, e(channel_view, w, x)))
+            tx = e(group_diag if square else group_apply, t, x, r, u, groups, alpha)
+            terms.append(tx if w is None else e(torch.mul, tx, e(channel_view, _squared(e, w, square), x)))
         tw = tangents.get("weight", ZERO)
         if tw is not ZERO:
-            terms.append(e(torch.mul, e(channel_tangent, tw, x, "weight" in site.ps), xhat))
+            terms.append(e(torch.mul, e(channel_tangent, tw, x, "weight" in site.ps), _squared(e, xhat, square)))
         tb = tangents.get("bias", ZERO)
         out = e.sum(terms)
         if tb is not ZERO:
@@ -762,6 +804,9 @@ class InstanceNorm(Rule):
     def diag_vjp(self, e, site, d):  # noqa: D102
         return self._impl(site).diag_vjp(e, site, d)
 
+    def diag_jvp(self, e, site, tangents):  # noqa: D102
+        return self._impl(site).diag_jvp(e, site, tangents)
+
 
 @register(F.normalize)
 class Normalize(Rule):
@@ -800,3 +845,8 @@ class Normalize(Rule):
     def diag_vjp(self, e, site, d):  # noqa: D102
         dims, u, r = self._setup(e, site)
         return {"input": e(normalise_diag, d, r, u, dims, 0.0)}
+
+    def diag_jvp(self, e, site, tangents):
+        """(J∘J) d: ``J`` is symmetric, so forward and backward diagonals agree."""
+        d = tangents["input"]
+        return ZERO if d is ZERO else self.diag_vjp(e, site, d)["input"]

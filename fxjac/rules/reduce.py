@@ -8,7 +8,6 @@ while ``max(x, dim)`` sends it to the index it returns, as autograd does.
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 
@@ -210,10 +209,9 @@ class Mean(LinearOp):
         u = e(unreduce, ct, site.args["input"], site.args["dim"], site.args["keepdim"])
         return e(torch.mul, u, e(mean_scale, site.args["input"], site.args["dim"]))
 
-    def diag_vjp(self, e, site, d):  # noqa: D102
-        u = e(unreduce, d, site.args["input"], site.args["dim"], site.args["keepdim"])
-        s = e(mean_scale, site.args["input"], site.args["dim"])
-        return {"input": e(torch.mul, u, e(operator.mul, s, s))}
+    def row_value(self, e, site):
+        """``1/n``: an output entry averages n entries."""
+        return e(mean_scale, site.args["input"], site.args["dim"])
 
 
 class _Weighted(Rule):
@@ -242,6 +240,14 @@ class _Weighted(Rule):
         w = self.weights(e, site)
         u = e(unreduce, d, site.args["input"], site.args["dim"], site.args["keepdim"])
         return {"input": e(torch.mul, u, e(torch.mul, w, w))}
+
+    def diag_jvp(self, e, site, tangents):
+        """(A∘A) d: the diagonal reduced with the weights squared."""
+        d = tangents["input"]
+        if d is ZERO:
+            return ZERO
+        w = self.weights(e, site)
+        return e(weighted_reduce, d, e(torch.mul, w, w), site.args["dim"], site.args["keepdim"])
 
 
 @register(torch.amax, "amax", torch.amin, "amin")
@@ -293,6 +299,15 @@ class Max(Rule):
             return ZERO
         w, dim, keepdim = self._weights(e, site)
         val = e(weighted_reduce, t, w, dim, keepdim)
+        return val if dim is None else (val, ZERO)
+
+    def diag_jvp(self, e, site, tangents):
+        """(A∘A) d: the diagonal reduced with the weights squared (ties of a full reduction share 1/n each)."""
+        d = tangents["input"]
+        if d is ZERO:
+            return ZERO
+        w, dim, keepdim = self._weights(e, site)
+        val = e(weighted_reduce, d, e(torch.mul, w, w), dim, keepdim)
         return val if dim is None else (val, ZERO)
 
     def vjp(self, e, site, ct):  # noqa: D102
