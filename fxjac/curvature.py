@@ -115,6 +115,11 @@ def accumulate(product, loader: Iterable, *operands, progress: Optional[bool] = 
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     show = sys.stderr.isatty() if progress is None else progress
+    wrong = OptionError("accumulate sums a parameter-space result that each call already sums over its batch (vjp, "
+                        "jtmjp or ggn w.r.t. parameters with reduce='sum', or ggn_vp); this product's result is per "
+                        "sample, in input or output space, or per column of an operand")
+    if not base._fxjac_spec.get("summed"):
+        raise wrong  # before a call, whose own TypeError (a missing operand) would hide this one
     total = None
     for i, batch in enumerate(tqdm(loader, disable=not show or rank != 0, desc="fxjac accumulate")):
         if i % world != rank:
@@ -122,10 +127,8 @@ def accumulate(product, loader: Iterable, *operands, progress: Optional[bool] = 
         inputs, target = _split(batch, n_in, wants_target)
         kwargs = {"target": target} if target is not None and wants_target else {}
         part = product(*inputs, *operands, **kwargs)[1]
-        if not (base._fxjac_spec.get("summed") and _summed_over_the_batch(base, part)):
-            raise OptionError("accumulate sums a parameter-space result that each call already sums over its batch "
-                              "(vjp, jtmjp or ggn w.r.t. parameters with reduce='sum', or ggn_vp); this product's "
-                              "result is per sample, in input or output space, or per column of an operand")
+        if not _summed_over_the_batch(base, part):
+            raise wrong
         total = _add(total, part)
     if total is None:
         raise ValueError("the loader gave this process no batch")

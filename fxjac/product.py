@@ -27,7 +27,7 @@ from .errors import (
     describe,
 )
 from .rules import _rt, default_rules
-from .source import Source, build_source
+from .source import Source, build_source, field_names
 
 
 def _unbuilt(*args, **kwargs):
@@ -220,7 +220,7 @@ class Product(fx.GraphModule):
         """Every module the product reads is still where it was: one dict lookup per module (see :func:`_structure`),
         not a walk from the root per path (0.1 ms a call on the transformer).
         """
-        for path, parent, name, mod, moded in self._fxjac_structure:
+        for path, parent, name, mod, moded, hooks in self._fxjac_structure:
             if isinstance(moded, _Tie):  # a tied parameter's second name: still the first name's tensor?
                 if parent._parameters.get(name) is not mod._parameters.get(moded.attr):
                     raise StaleProductError(f"the model's parameter {path!r} was tied to another when this product "
@@ -230,6 +230,11 @@ class Product(fx.GraphModule):
             if holder._modules.get(name) is not mod:
                 raise StaleProductError(f"the model's submodule {path!r} was replaced since this product was "
                                         "built; build the product again")
+            if _hooks(mod) != hooks:
+                where = f"submodule {path!r}" if path else "root module"
+                raise StaleProductError(f"the forward hooks of the model's {where} changed since this product was "
+                                        "built (a hook added or removed changes what the model computes, which the "
+                                        "product was traced with); build the product again")
             if moded and mod.training:
                 raise ModeError(f"the model's submodule {path!r} ({type(mod).__name__}) is in training mode since "
                                 "this product was built in eval mode: call model.eval() (a product computes what "
@@ -247,7 +252,7 @@ class Product(fx.GraphModule):
             with torch.set_grad_enabled(grad):  # the forward's other arguments as traced (concrete_args=)
                 ref = model(*args[:n_in], **fixed)
             if sel is not None:
-                ref = getattr(ref, sel) if isinstance(sel, str) and hasattr(ref, "_fields") else ref[sel]
+                ref = getattr(ref, sel) if isinstance(sel, str) and field_names(type(ref)) else ref[sel]
             return ref.detach() if isinstance(ref, torch.Tensor) else ref
 
         def same(ref):
@@ -366,7 +371,7 @@ def _structure(src: Source) -> list:
     out = []
     for p in sorted(paths, key=lambda q: (q.count(".") + bool(q), q)):
         if not p:
-            out.append(("", None, "model", model, _moded(model)))
+            out.append(("", None, "model", model, _moded(model), _hooks(model)))
             continue
         parent_path, _, name = p.rpartition(".")
         try:
@@ -375,8 +380,13 @@ def _structure(src: Source) -> list:
         except (AttributeError, KeyError):
             continue
         if isinstance(mod, nn.Module):
-            out.append((p, parent, name, mod, _moded(mod)))
+            out.append((p, parent, name, mod, _moded(mod), _hooks(mod)))
     return out + _ties(model)
+
+
+def _hooks(mod: nn.Module) -> tuple:
+    """How many forward pre-hooks and forward hooks ``mod`` has (the tracer ran them: part of the product)."""
+    return len(mod._forward_pre_hooks), len(mod._forward_hooks)
 
 
 class _Tie:
@@ -388,7 +398,7 @@ class _Tie:
 
 def _ties(model: nn.Module) -> list:
     """One entry per second name of a tied parameter: ``(alias, its holder, its attribute, the first name's holder,
-    _Tie(the first name's attribute))``. The graph reads a tied parameter by its first name only: untied after the
+    _Tie(the first name's attribute), None)``. The graph reads a tied parameter by its first name only: untied after the
     build, the product would go on reading that tensor for both.
     """
     first, out = {}, []
@@ -396,7 +406,7 @@ def _ties(model: nn.Module) -> list:
         path, _, attr = full.rpartition(".")
         holder = model.get_submodule(path) if path else model
         if id(prm) in first:
-            out.append((full, holder, attr, first[id(prm)][0], _Tie(first[id(prm)][1])))
+            out.append((full, holder, attr, first[id(prm)][0], _Tie(first[id(prm)][1]), None))
         else:
             first[id(prm)] = (holder, attr)
     return out

@@ -66,6 +66,10 @@ def select_params(model: nn.Module, wrt: Any) -> list:
         OptionError: a name matches nothing, or names a frozen parameter (with the nearest names).
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    lazy = [n for n, p in named if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise OptionError(f"the parameters {lazy[:5]} are not initialised yet (a lazy module: nn.LazyLinear, "
+                          "nn.LazyConv2d…): run the model once on a batch (model(x)) before building the product")
     if wrt == "params":
         chosen = named
     else:
@@ -174,8 +178,10 @@ def _check_samples_independent(y, grown) -> None:
     if changed:
         raise ModeError(f"the model's output for the first {y.shape[0]} samples changed (relative {rel:.1e}) when "
                         "one more sample joined the batch: its samples depend on each other (batch statistics, a "
-                        "mean or a softmax over the batch axis?). fxjac's products are per sample; make the forward "
-                        "treat samples independently (model.eval() for BatchNorm)")
+                        "mean or a softmax over the batch axis?), or forward updates state at every call (the old "
+                        "nn.utils.spectral_norm's power iteration in training mode). fxjac's products are per "
+                        "sample, of a fixed function; make the forward treat samples independently and keep its "
+                        "state (model.eval() for BatchNorm and spectral norm)")
 
 
 def _check_samples_independent_in_place(gm: fx.GraphModule, example_inputs: Sequence, y) -> None:
@@ -214,6 +220,16 @@ def _check_samples_independent_in_place(gm: fx.GraphModule, example_inputs: Sequ
                         "batch first, as [B, N, F] with an operator over axis 1")
 
 
+def field_names(tp: type):
+    """The field names of a NamedTuple type or of a structseq (``torch.return_types.topk``: values, indices), else
+    None.
+    """
+    fields = getattr(tp, "_fields", None)
+    if fields is None and hasattr(tp, "n_sequence_fields"):
+        fields = getattr(tp, "__match_args__", None)
+    return tuple(fields) if fields is not None else None
+
+
 def _field_index(gm: fx.GraphModule, output: str, example_inputs: Sequence) -> Any:
     """A NamedTuple output's field ``output`` as its index (the graph can index a tuple, not name its fields), or
     ``output`` itself where the output is no NamedTuple; an index checked against a tuple the graph returns as
@@ -227,7 +243,7 @@ def _field_index(gm: fx.GraphModule, output: str, example_inputs: Sequence) -> A
         if not -len(whole) <= output < len(whole):
             raise OptionError(f"output={output!r} selects nothing from the model's output ({len(whole)} entries)")
         return output
-    fields = getattr(type(whole), "_fields", None)
+    fields = field_names(type(whole))
     if fields is None or not isinstance(output, str):
         return output
     if output not in fields:
@@ -282,7 +298,8 @@ def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_m
     """Trace ``model``, select its output and ``wrt``, and propagate shapes from ``example_inputs``."""
     kind, index = parse_wrt(wrt)
     params = select_params(model, wrt) if kind == "params" else []
-    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, n_inputs=len(example_inputs))
+    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, n_inputs=len(example_inputs),
+               example_inputs=example_inputs)
     check_modes(gm)
     out = _select_output(gm, output, example_inputs)
     gm.graph.eliminate_dead_code()

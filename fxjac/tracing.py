@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import builtins
 import operator
+import re
 import string
 import types
 from typing import Any, Callable, Optional, Sequence
@@ -23,6 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.node import map_aggregate, map_arg
+from torch.utils._pytree import tree_map
 
 from passes.dag import any_tensor
 from passes.protocol import module_call
@@ -71,6 +73,31 @@ _PROXY_INPLACE = {"__iadd__": operator.iadd, "__isub__": operator.isub, "__imul_
                   "__itruediv__": operator.itruediv, "__setitem__": operator.setitem}
 
 
+def _attribute(root: nn.Module, target: str) -> Any:
+    """The value at a dotted ``target`` under ``root``, read past torch.fx's tracing hooks (which hand out
+    Proxies for parameters while tracing).
+    """
+    *path, name = target.split(".")
+    mod = root
+    for atom in path:
+        mod = mod._modules[atom]
+    for store in (mod._parameters, mod._buffers, mod.__dict__):
+        if name in store:
+            return store[name]
+    return object.__getattribute__(mod, name)
+
+
+def _to_meta(v):
+    return torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v
+
+
+def _proxy_dtype(proxy: fx.Proxy):
+    """``proxy.dtype`` while tracing: the value's dtype (Note [dtypes while tracing]), else a traced attribute."""
+    tracer = proxy.tracer
+    dtype = tracer.dtype_of(proxy.node) if isinstance(tracer, Tracer) else None
+    return fx.proxy.Attribute(proxy, "dtype") if dtype is None else dtype
+
+
 def _inplace_method(op):
     def method(self, *args):
         return self.tracer.create_proxy("call_function", op, (self, *args), {})
@@ -78,7 +105,8 @@ def _inplace_method(op):
     return method
 
 
-_FACTORIES = ("zeros", "ones", "full", "empty", "arange", "eye", "linspace", "tril_indices", "triu_indices")
+_FACTORIES = ("zeros", "ones", "full", "empty", "arange", "eye", "linspace", "tril_indices", "triu_indices",
+              "tensor")
 """torch tensor factories a model may call with sizes read off its input (``torch.zeros(x.shape[0], d)``)."""
 
 
@@ -124,12 +152,59 @@ class Tracer(fx.Tracer):
 
     proxy_buffer_attributes = True  # ``self.mask[:, :T]`` with a traced ``T``: the buffer must be a graph value
 
-    def __init__(self, leaf_modules: Sequence = ()):
+    def __init__(self, leaf_modules: Sequence = (), example_inputs: Optional[Sequence] = None):
         super().__init__()
         self.record_stack_traces = True
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_instances = [m for m in leaf_modules if isinstance(m, nn.Module)]
         self.untraceable: list = []  # torch.nn built-ins whose forward torch.fx could not trace: leaves
+        self.example_inputs = None if example_inputs is None else list(example_inputs)
+        self._values: dict = {}  # Note [dtypes while tracing]: node -> value on the example inputs
+
+    def dtype_of(self, node: fx.Node) -> Optional[torch.dtype]:
+        """Note [dtypes while tracing]: the dtype of ``node``'s value, or None (a traced attribute, as before).
+
+        Note [dtypes while tracing]
+        ~~~~~~~~~~~~~~~~~~~~~~~~~~~
+        torch.fx records ``x.dtype`` as a traced attribute, so ``torch.finfo(x.dtype).min`` (the mask value of
+        HuggingFace's attention) and ``if x.dtype == torch.float16:`` cannot be traced. A product is built for
+        one dtype (another is a ShapeError), so while tracing ``x.dtype`` is read as a value: the graph so far
+        runs up to ``x`` on meta tensors shaped like the example inputs and the parameters (no arithmetic, and no
+        in-place op reaches a real buffer; once per node, kept until the trace ends). Without examples (the
+        options' check when a product builds at its first call) it reads the model's floating dtype. A value
+        that cannot be computed on meta tensors keeps torch.fx's traced attribute.
+        """
+        if self.example_inputs is None:
+            return next((t.dtype for t in self.root.parameters() if t.is_floating_point()), torch.get_default_dtype())
+        try:
+            value = self._value(node)
+        except Exception:  # noqa: BLE001 - a value this cannot compute: torch.fx's traced attribute
+            return None
+        return value.dtype if isinstance(value, torch.Tensor) else None
+
+    def _value(self, node: fx.Node) -> Any:
+        if node not in self._values:
+            run = fx.Interpreter(self.root, garbage_collect_values=False, graph=self.graph)
+            run.env = self._values
+            examples = iter(self.example_inputs)
+            concrete = self._concrete_args
+            with torch.no_grad():
+                for n in self.graph.nodes:
+                    if n in self._values:
+                        pass
+                    elif n.op == "placeholder":  # an input, or a concrete argument
+                        name = re.sub(r"_\d+$", "", str(n.target))
+                        self._values[n] = concrete[name] if name in concrete else \
+                            tree_map(_to_meta, next(examples, n.args[0] if n.args else None))
+                    elif n.op == "get_attr":
+                        self._values[n] = tree_map(_to_meta, _attribute(self.root, n.target))
+                    elif n.op == "call_module":
+                        raise TypeError("a leaf module is not run while tracing")  # it would be traced again
+                    else:
+                        self._values[n] = run.run_node(n)
+                    if n is node:
+                        break
+        return self._values[node]
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):  # noqa: D102
         # A parameter's shape, size(), dim() and numel() are its own numbers, not traced values (a product is
@@ -159,9 +234,12 @@ class Tracer(fx.Tracer):
         # ``operator.iadd``…; normalisation then rewrites them with aliases followed (Note [in-place ops]).
         # Grad mode on while tracing, whatever the caller's (a first call under ``torch.no_grad()``): a ``with
         # torch.no_grad():`` block in forward is then seen, and left out of every derivative (create_node).
-        saved = {name: fx.Proxy.__dict__.get(name) for name in _PROXY_INPLACE}
+        saved = {name: fx.Proxy.__dict__.get(name) for name in (*_PROXY_INPLACE, "dtype")}
         for name, op in _PROXY_INPLACE.items():
             setattr(fx.Proxy, name, _inplace_method(op))
+        fx.Proxy.dtype = property(_proxy_dtype)
+        self._values, self._concrete_args = {}, dict(concrete_args or {})
+        state = _module_state(root)
         self._torch_view, self._globals_seen = _TracedTorch(self), []
         self._see_globals(type(root).forward)
         torch.autograd.Function.apply = classmethod(_traced_apply)
@@ -178,6 +256,8 @@ class Tracer(fx.Tracer):
             for g, name, view, value in self._globals_seen:
                 if g.get(name) is view:
                     g[name] = value
+            self._values = {}
+            _restore_module_state(state)
 
     def _see_globals(self, forward):
         """Tensor factories given a traced size (``torch.zeros(x.shape[0], d)``) must be recorded as calls, where
@@ -219,21 +299,28 @@ class Tracer(fx.Tracer):
 
     def create_node(self, *args, **kwargs):  # noqa: D102
         node = super().create_node(*args, **kwargs)
-        if not torch.is_grad_enabled():  # trace() turns it on: off here only inside forward's own no_grad
-            # Inside ``with torch.no_grad():`` in forward: autograd gives the result no derivative, nor do the
-            # passes (they leave nodes marked ``no_grad`` out of every derivative path).
+        if not torch.is_grad_enabled() and node.op not in ("get_attr", "placeholder"):
+            # Inside ``with torch.no_grad():`` in forward (trace() turns grad mode on, so off here only there):
+            # autograd gives the result no derivative, nor do the passes (they leave nodes marked ``no_grad`` out
+            # of every derivative path). Not a parameter's or buffer's node: torch.fx makes one per attribute and
+            # every later read shares it, also outside the block.
             node.meta["no_grad"] = True
         return node
 
     def call_module(self, m, forward, args, kwargs):  # noqa: D102
+        inner = _compiled_inner(m)
+        if inner is not None:  # torch.compile's wrapper: the module it compiles (a submodule of it), traced
+            return inner(*args, **kwargs)
         self._see_globals(forward)
         try:
             self.path_of_module(m)
         except NameError:  # a module made inside forward (``nn.AdaptiveAvgPool2d(1)(x)``): not in the model
             if next(m.parameters(), None) is not None or next(m.buffers(), None) is not None:
-                raise TraceError(f"forward creates a {type(m).__name__} with parameters or buffers at every call: "
-                                 "they are not the model's (new values each call, never trained); make it a "
-                                 "submodule in __init__") from None
+                raise TraceError(f"forward calls a {type(m).__name__} with parameters or buffers that is not a "
+                                 "submodule of the model: made in forward (new values each call, never trained), "
+                                 "or kept in a plain Python list, dict or tuple, which nn.Module does not "
+                                 "register. Make it a submodule in __init__ (nn.ModuleList or nn.ModuleDict for "
+                                 "several)") from None
             return forward(*args, **kwargs)  # parameter-free: its forward is traced as the model's own code
         layer = traced_einops.layer_call(m)
         if layer is not None and not self.is_leaf_module(m, ""):
@@ -337,7 +424,7 @@ def _default_args(model: nn.Module, n_inputs: Optional[int]) -> dict:
 
 
 def trace(model: nn.Module, leaf_modules: Sequence = (), concrete_args: Optional[dict] = None,
-          n_inputs: Optional[int] = None) -> fx.GraphModule:
+          n_inputs: Optional[int] = None, example_inputs: Optional[Sequence] = None) -> fx.GraphModule:
     """Trace ``model`` (or re-trace a GraphModule) into a normalised GraphModule rooted at ``model``.
 
     ``forward`` parameters with defaults beyond the first ``n_inputs`` are traced as their defaults unless
@@ -347,12 +434,18 @@ def trace(model: nn.Module, leaf_modules: Sequence = (), concrete_args: Optional
         TraceError: torch.fx cannot trace the model; the message names the user's line and suggests
             ``leaf_modules``.
     """
-    tracer = Tracer(leaf_modules)
+    for m in model.modules():
+        _check_traceable(m)
+    tracer = Tracer(leaf_modules, example_inputs)
+    inner = _compiled_inner(model) or model
     if concrete_args is None and not isinstance(model, fx.GraphModule):
-        concrete_args = _default_args(model, n_inputs) or None
+        concrete_args = _default_args(inner, n_inputs) or None
     root = model
-    if decomposition_for(type(model)) is not None and not tracer.is_leaf_module(model, ""):
-        root = _holder(model, concrete_args)  # a root module is never "called": trace a call of it instead
+    # A root module is never "called", so neither its hooks nor torch.compile's wrapper nor a decomposition would
+    # be seen: trace a call of it instead.
+    if (decomposition_for(type(model)) is not None and not tracer.is_leaf_module(model, "")) or \
+            inner is not model or model._forward_hooks or model._forward_pre_hooks:
+        root = _holder(model, inner)
     try:
         graph = tracer.trace(root, concrete_args=concrete_args)
     except (fx.proxy.TraceError, TypeError, RuntimeError, NotImplementedError, AttributeError) as err:
@@ -374,13 +467,53 @@ def trace(model: nn.Module, leaf_modules: Sequence = (), concrete_args: Optional
     return gm
 
 
-def _holder(model: nn.Module, concrete_args: Optional[dict]) -> nn.Module:
-    """A module whose forward calls ``model`` with the same parameters (so the tracer's module hook sees the
-    call and applies ``model``'s decomposition).
+def _module_state(root: nn.Module) -> list:
+    """Each module's attributes, parameters and buffers (shallow copies), for :func:`_restore_module_state`."""
+    return [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in root.modules()]
+
+
+def _restore_module_state(state: list) -> None:
+    """Undo the traced values that tracing ``forward`` assigned to the modules (``self.n += 1`` on a buffer,
+    ``self.cache = h``): left in the model they would break it (its state_dict, its next call). Other changes stay
+    (torch.fx keeps the constant tensors made in forward on the root, ``_tensor_constant0``; a Python counter's
+    increments are the model's own side effects, which the first call's output check sees).
+    """
+    for m, attrs, params, buffers in state:
+        for store, saved in ((m._parameters, params), (m._buffers, buffers), (m.__dict__, attrs)):
+            for k in [k for k, v in store.items() if isinstance(v, fx.Proxy)]:
+                if k in saved:
+                    store[k] = saved[k]
+                else:
+                    del store[k]
+
+
+def _compiled_inner(m: nn.Module) -> Optional[nn.Module]:
+    """The module that ``torch.compile(module)`` wrapped (an OptimizedModule's ``_orig_mod``), else None."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return m._orig_mod if isinstance(m, OptimizedModule) else None
+
+
+def _check_traceable(m: nn.Module) -> None:
+    """Raises TraceError for a TorchScript module: its parameters live inside the compiled code, where neither
+    torch.fx nor torch.func reach them (traced into, its parameters would silently have no derivative).
+    """
+    if isinstance(m, torch.jit.ScriptModule):
+        raise TraceError(
+            f"{type(m).__name__} {getattr(m, 'original_name', '')} is a TorchScript module (torch.jit.script or "
+            "torch.jit.trace): its parameters and ops live inside TorchScript's compiled code, which neither torch.fx "
+            "nor torch.func can differentiate. Give fxjac the original nn.Module (a product is itself compiled "
+            "once; fxjac.compile hands it to torch.compile)")
+
+
+def _holder(model: nn.Module, inner: nn.Module) -> nn.Module:
+    """A module whose forward calls ``model`` with the parameters of ``inner.forward`` (``model`` itself, or the
+    module torch.compile wrapped), so the tracer's module hook sees the call: ``model``'s hooks run, and its
+    decomposition applies.
     """
     import inspect
 
-    names = [p.name for p in inspect.signature(model.forward).parameters.values()
+    names = [p.name for p in inspect.signature(inner.forward).parameters.values()
              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     scope: dict = {}
     arglist = ", ".join(names)
@@ -395,8 +528,6 @@ def _drop_concrete_placeholders(graph: fx.Graph, names=()) -> None:
     """Concrete arguments are constants: remove torch.fx's placeholders and run-time checks for them, so the
     product's inputs are the model's tensor inputs only.
     """
-    import re
-
     names = set(names or ())
     concrete = [n for n in graph.nodes if n.op == "placeholder"
                 and (n.args or re.sub(r"_\d+$", "", str(n.target)) in names)]
@@ -418,13 +549,22 @@ def _trace_message(err: Exception) -> str:
     user = [f for f in frames if "/torch/" not in f.filename and "/fxjac/" not in f.filename]
     where = f"\n  at {user[-1].filename}:{user[-1].lineno}: {user[-1].line}" if user else ""
     line = user[-1].line or "" if user else ""
-    if "pack_padded_sequence" in line or "pack_sequence" in line or "__cuda_array_interface__" in str(err):
+    if "pack_padded_sequence" in line or "pack_sequence" in line or \
+            ("__cuda_array_interface__" in str(err) and "pack" in line):
         return (f"torch.fx cannot trace this model: it packs sequences ({err}){where}\n"
                 "A PackedSequence is made from the lengths' values, which tracing does not see, and torch.func "
                 "(the autograd fallback) cannot differentiate an RNN over one either. Run the RNN on the padded "
                 "batch instead and read each sequence's last valid step, out[torch.arange(B), lengths - 1]: a "
                 "forward-direction RNN's outputs there do not depend on the padding after them (a reverse "
                 "direction's do).")
+    if isinstance(err, TypeError) and user and frames[-1] is user[-1]:
+        # A tensor's own method (a C function) refused a traced size: the tensor itself is a real one, made from
+        # constants while tracing, so torch.fx never saw the call.
+        return (f"torch.fx cannot trace this model: {err}{where}\n"
+                "Hint: a tensor made in forward from constant values (torch.tensor([...]), torch.arange(3)) is a "
+                "real tensor while tracing, and its methods cannot take traced sizes (x.shape[0]) as numbers. "
+                "Register it as a buffer in __init__ (self.register_buffer('idx', torch.tensor([...]))) and call "
+                "the method on the buffer (self.idx.expand(x.shape[0], -1)); idx.repeat(x.shape[0], 1) also traces.")
     return (f"torch.fx cannot trace this model: {err}{where}\n"
             "Hint: torch.fx traces sizes symbolically, so a size used as a Python number (range(x.shape[1]), "
             "int(x.shape[0] / n), len(x), list(x.shape), a branch or assert on a shape), data-dependent control "

@@ -168,6 +168,27 @@ def test_second_input_and_output_selection():
         fxjac.jvp(model, example_inputs=(x, z))
 
 
+def test_output_selects_a_field_of_torch_return_types():
+    # Probe Z: torch.topk's result (a structseq with fields values, indices) by field name raised a TraceError.
+    class TopK(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 6)
+
+        def forward(self, x):
+            return torch.topk(self.lin(x), 3, dim=-1)
+
+    torch.manual_seed(0)
+    model = TopK().double()
+    x = randn(3, 4)
+    y, J = fxjac.jacobian(model, output="values")(x)
+    ref = torch.func.vmap(torch.func.jacrev(lambda s: model(s[None]).values[0]))(x)
+    assert_close(y, model(x).values, "primal of output='values'")
+    assert_close(J, ref, "jacobian of output='values'")
+    with pytest.raises(fxjac.OptionError, match="fields"):
+        fxjac.jacobian(model, output="vals", example_inputs=(x,))
+
+
 # --- fallback, strict, errors ------------------------------------------------------------------------------
 
 
@@ -967,6 +988,9 @@ def test_accumulate_refuses_results_with_a_batch_axis():
                         (fxjac.vjp(small, wrt="params", reduce="none"), (randn(3, 1).double(),))):
         with pytest.raises(fxjac.OptionError, match="per sample"):
             fxjac.accumulate(p, batches, *operands)
+    # a per-sample product that needs an operand, given none: accumulate's own error, not the call's TypeError
+    with pytest.raises(fxjac.OptionError, match="per sample"):
+        fxjac.accumulate(fxjac.vjp(small, wrt="params", reduce="none"), batches)
     summed = fxjac.accumulate(fxjac.compile(small, "ggn", loss="mse", backend="aot_eager"), batches)
     ref = sum(fxjac.ggn(small, loss="mse")(x)[1] for x in batches)
     assert torch.allclose(summed, ref, rtol=1e-12, atol=0)

@@ -980,7 +980,7 @@ class _Einsum(nn.Module):
     (lambda: _Einsum("bij,jk,kl->bil", (5, 2), (2, 3)), (3, 4, 5)),
     (lambda: _Einsum("bij,ij->bj", (4, 5)), (3, 4, 5)),
     *[((lambda name=name: _Reduce(name)), (3, 4, 5)) for name in ("logsumexp", "amax", "max", "prod", "vector_norm",
-                                                                   "mean")],
+                                                                   "mean", "var", "std")],
     (lambda: nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False), (3, 2, 5, 6)),
     (lambda: nn.AdaptiveAvgPool2d((2, 3)), (3, 2, 5, 7)),
     (lambda: nn.Upsample(scale_factor=2, mode="bilinear"), (3, 2, 3, 4)),
@@ -989,7 +989,7 @@ class _Einsum(nn.Module):
 ], ids=["conv2d", "conv_transpose2d", "conv1d_groups", "batch_norm", "max_pool", "layer_norm", "layer_norm_plain",
         "rms_norm", "group_norm", "instance_norm", "softmax", "softmin", "log_softmax", "normalize",
         "einsum", "einsum_chain", "einsum_elementwise", "logsumexp", "amax", "max", "prod", "vector_norm",
-        "mean", "avg_pool", "adaptive_avg_pool", "bilinear", "bicubic", "nearest"])
+        "mean", "var", "std", "avg_pool", "adaptive_avg_pool", "bilinear", "bicubic", "nearest"])
 def test_forward_diag_backprop_of_one_op_is_exact_and_structured(make, shape):
     """jmjtp's forward diagonal through one convolution, normalisation, softmax or max pooling (structured rules:
     the jvp with squared weights, inputs and scales, or a normalisation's closed form; they went to the

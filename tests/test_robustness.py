@@ -829,6 +829,30 @@ def test_no_grad_block_in_forward_is_a_constant():
     assert_close(d, (J * J).sum((0, 1)), "GGN diagonal built under no_grad")
 
 
+class _TargetFirst(nn.Module):
+    """A target branch under no_grad reads the encoder first (self-distillation), the trained branch after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            target = self.enc(x * 0.5)
+        return torch.tanh(self.enc(x)) + target
+
+
+def test_a_parameter_first_read_under_no_grad_keeps_its_derivative_after_the_block():
+    # Probe BB: torch.fx makes one node per parameter, which the no_grad block marked, so every later read had no
+    # derivative either (the parameter products were zero).
+    model = _TargetFirst().double()
+    x = randn(3, 4)
+    check_direction_products(model, (x,), products=("jvp", "vjp", "jacobian"))
+    J = per_sample_jacobian(model, (x,), "params")
+    assert J.abs().max() > 0.1
+    assert_close(fxjac.ggn(model, loss="mse")(x)[1], (J * J).sum((0, 1)), "GGN diagonal")
+
+
 class _SoftplusFn(torch.autograd.Function):
     """A custom Function in torch.func's style, with its own backward and jvp."""
 
@@ -1624,7 +1648,7 @@ def test_parameter_free_modules_made_inside_forward_are_traced_through():
     J = per_sample_jacobian(model, (x,), "params")
     _, d = fxjac.ggn(model, loss="mse")(x)
     assert_close(d, (J * J).sum((0, 1)), "GGN diagonal")
-    with pytest.raises(fxjac.TraceError, match="forward creates a Conv2d with parameters"):
+    with pytest.raises(fxjac.TraceError, match="forward calls a Conv2d with parameters or buffers"):
         fxjac.vjp(_InlineModules(with_parameters=True).double())(x, randn(2, 3, seed=1))
 
 
@@ -1727,7 +1751,8 @@ class _ReadByBatchIndex(nn.Module):
 
 
 class _GraphsAsOneNodeSet(nn.Module):
-    """torch_geometric's batching: B graphs as one [B·N, F] node set, block-diagonal edges, index_add over it."""
+    """torch_geometric's batching: B graphs as one [B·N, F] node set, block-diagonal edges, the messages reduced
+    over it (index_reduce: no structured rule, so the fallback's per-sample rule)."""
 
     def __init__(self):
         super().__init__()
@@ -1738,7 +1763,8 @@ class _GraphsAsOneNodeSet(nn.Module):
         b = x.shape[0]
         e = (self.edges.unsqueeze(0) + (torch.arange(b) * 5).view(b, 1, 1)).permute(1, 0, 2).reshape(2, -1)
         h = self.lin(x.reshape(-1, 3))
-        return self.out(torch.relu(torch.zeros_like(h).index_add_(0, e[1], h[e[0]]) + h)).view(b, 5, 2)
+        m = torch.zeros_like(h).index_reduce_(0, e[1], h[e[0]], "mean", include_self=False)
+        return self.out(torch.relu(m + h)).view(b, 5, 2)
 
 
 def test_per_sample_fallback_failures_are_explained():
@@ -1823,6 +1849,31 @@ def test_a_builtin_kept_whole_given_as_the_model_says_to_wrap_it(module):
         check_direction_products(nn.Sequential(m), (x,), products=("vjp", "jvp"))
 
 
+class _ConstantIndex(nn.Module):
+    """Gathers two columns chosen by an index made in forward (``buffer``: registered in __init__ instead)."""
+
+    def __init__(self, buffer):
+        super().__init__()
+        self.buffer = buffer
+        self.register_buffer("idx", torch.tensor([[2, 0]]))
+
+    def forward(self, x):
+        idx = self.idx if self.buffer else torch.tensor([[2, 0]])
+        return x.gather(1, idx.expand(x.shape[0], -1))
+
+
+def test_a_constant_tensor_given_a_traced_size_says_to_make_it_a_buffer():
+    # Probe Z: torch.tensor([[2, 0]]).expand(x.shape[0], -1) raised "expand() takes 1 positional argument" with the
+    # hint about sizes used as Python numbers; the hint now names the cause, and its advice (a buffer) works.
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(fxjac.TraceError, match="Register it as a buffer"):
+        fxjac.vjp(_ConstantIndex(False))(x, torch.ones(3, 2, dtype=torch.float64))
+    _, got = fxjac.vjp(_ConstantIndex(True))(x, torch.ones(3, 2, dtype=torch.float64))
+    want = torch.zeros(3, 4, dtype=torch.float64)
+    want[:, [0, 2]] = 1
+    torch.testing.assert_close(got, want)
+
+
 def test_fallback_warning_of_a_torch_module_names_its_forward():
     # Probe L: for a net of torch.nn modules only (no user frame in the trace) the warning named fxjac's own tracer
     # ("fxjac/tracing.py, in create_node"); now the innermost module forward's line.
@@ -1863,6 +1914,33 @@ def test_fallback_without_any_forward_derivative_is_explained():
     y = nn.functional.embedding_bag(idx, W, mode="mean") * x
     ref = torch.autograd.grad(y, W, w)[0].reshape(-1)
     torch.testing.assert_close(got, ref)
+
+
+class _BagWeights(nn.Module):
+    """EmbeddingBag over flattened ids with offsets, the bags weighted by the input (per_sample_weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(10, 4, mode="sum")
+
+    def forward(self, w, ids):
+        b, n = ids.shape
+        return self.bag(ids.reshape(-1), torch.arange(0, b * n, n), per_sample_weights=w.reshape(-1))
+
+
+def test_fallback_whose_double_backward_raises_a_runtime_error_is_explained():
+    # Probe Z: PyTorch says "derivative for aten::_embedding_bag_per_sample_weights_backward is not implemented"
+    # with a RuntimeError, which went to the user raw from a jvp w.r.t. the bag weights; the vjp stays exact.
+    torch.manual_seed(0)
+    m = _BagWeights().double()
+    w, ids = torch.rand(3, 5, dtype=torch.float64), torch.randint(0, 10, (3, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's warning
+        with pytest.raises(fxjac.UnsupportedOpError, match="no forward-mode derivative"):
+            fxjac.jvp(m)(w, ids, torch.ones_like(w))
+        c = torch.randn(3, 4, dtype=torch.float64)
+        _, got = fxjac.vjp(m)(w, ids, c)
+    torch.testing.assert_close(got, torch.func.vjp(lambda v: m(v, ids), w)[1](c)[0])
 
 
 class _ConvBN(nn.Module):
@@ -1998,3 +2076,124 @@ def test_a_parameter_expanded_by_a_size_of_the_whole_batch_is_refused_per_sample
     assert_close(p(x, v)[1], J @ v, "jvp with a shared tangent")
     with pytest.raises(fxjac.UnsupportedOpError, match="entries along the batch axis 1, not 1"):
         p(x, randn(3, n_params, seed=2))
+
+
+# --- how users wrap, hook and decorate modules (probe BB) ---------------------------------------------------
+
+
+class _Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Sequential(nn.Linear(4, 5), nn.Tanh()), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.c(self.a(x))
+
+
+def test_torchscript_modules_are_refused_where_their_parameters_had_no_derivative():
+    # Traced into, a scripted submodule's parameters were hidden in TorchScript's code: zero gradients, silently.
+    model = _Inner().double()
+    model.a = torch.jit.script(model.a)
+    with pytest.raises(fxjac.TraceError, match="TorchScript module"):
+        fxjac.vjp(model, wrt="params")
+    with pytest.raises(fxjac.TraceError, match="original nn.Module"):
+        fxjac.vjp(torch.jit.trace(_Inner().double(), randn(2, 4)), wrt="params")
+
+
+@pytest.mark.parametrize("where", ["root", "submodule"])
+def test_a_module_wrapped_by_torch_compile_is_traced_as_the_module_it_wraps(where):
+    torch.manual_seed(0)
+    model = _Inner().double()
+    if where == "root":
+        model = torch.compile(model)
+    else:
+        model.a = torch.compile(model.a)
+    x = randn(3, 4)
+    check_direction_products(model, (x,), products=("jvp", "vjp"))
+    p = fxjac.vjp(model, wrt="params")
+    assert p.wrt_names == [n for n, _ in model.named_parameters()]  # the wrapper's names (_orig_mod.…)
+
+
+def _halve_input(module, args):
+    return (args[0] * 0.5,)
+
+
+def _shift_output(module, args, out):
+    return out + 1.0
+
+
+def test_hooks_of_the_root_module_are_traced_and_a_hook_added_later_is_stale():
+    # The root's hooks were never run by the trace (its forward is traced, not called): a TraceError suggesting
+    # leaf_modules, which cannot apply to the root. Hooks added after the build were silently ignored.
+    torch.manual_seed(0)
+    model = _Inner().double()
+    model.register_forward_pre_hook(_halve_input)
+    model.c.register_forward_hook(_shift_output)
+    x = randn(3, 4)
+    check_direction_products(model, (x,), products=("jvp", "vjp", "jacobian"))
+    p = fxjac.vjp(model, wrt="params")
+    w = randn(3, 3, seed=1)
+    p(x, w)
+    handle = model.a.register_forward_hook(lambda m, a, out: out * 2)
+    with pytest.raises(fxjac.StaleProductError, match="forward hooks of the model's submodule 'a'"):
+        p(x, w)
+    handle.remove()
+    p(x, w)  # as built again
+
+
+class _Counter(nn.Module):
+    """A step counter in forward (as BatchNorm's num_batches_tracked), not part of the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, x):
+        self.steps += 1
+        return torch.tanh(self.lin(x))
+
+
+def test_tracing_leaves_the_model_as_it_was():
+    # Tracing assigned torch.fx values to the model's buffer (a raw torch.fx error, then a state_dict holding a
+    # Proxy that torch.save could not pickle).
+    model = _Counter().double()
+    x, w = randn(3, 4), randn(3, 3, seed=1)
+    _, got = fxjac.vjp(model, wrt="params")(x, w)
+    plain = nn.Sequential(model.lin, nn.Tanh())  # the same function without the counter (torch.func refuses it)
+    ref = torch.autograd.grad(plain(x), list(plain.parameters()), w)
+    assert_close(got, torch.cat([g.reshape(-1) for g in ref]), "vjp of a model with a step counter")
+    assert type(model.steps) is torch.Tensor and model.state_dict()["steps"].dim() == 0
+    model(x)
+
+
+def test_an_unmaterialised_lazy_module_is_an_option_error():
+    model = nn.Sequential(nn.LazyLinear(3)).double()
+    with pytest.raises(fxjac.OptionError, match="run the model once"):
+        fxjac.vjp(model, wrt="params")
+    model(randn(2, 4))
+    check_direction_products(model, (randn(3, 4),), products=("vjp",))
+
+
+class _ListOfLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = [nn.Linear(4, 4)]  # a plain list: not registered
+
+    def forward(self, x):
+        return self.layers[0](x)
+
+
+def test_unregistered_submodules_are_named_as_such():
+    with pytest.raises(fxjac.TraceError, match="plain Python list"):
+        fxjac.vjp(_ListOfLayers().double())(randn(2, 4), randn(2, 4, seed=1))
+
+
+def test_state_updated_at_every_call_is_named_in_the_mode_error():
+    # The old nn.utils.spectral_norm runs its power iteration in training mode at every call: the output changes
+    # between the two calls the build compares, which the message blamed on samples depending on each other only.
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 3))).double().train()
+    with pytest.raises(fxjac.ModeError, match="power iteration"):
+        fxjac.vjp(model, wrt="params")(randn(3, 4), randn(3, 3, seed=1))
+    model.eval()
+    check_direction_products(model, (randn(3, 4),), products=("vjp",))

@@ -163,7 +163,10 @@ def _jvp_columns(g, primals, tangents, fn, nested=False):
     try:
         _, vjp2 = torch.func.vjp(lambda u: vjp_fn(u), zeros)
         return torch.vmap(lambda *ts: vjp2(ts)[0])(*tangents)
-    except NotImplementedError as err:  # no double backward either (EmbeddingBag with max_norm)
+    except (RuntimeError, NotImplementedError) as err:  # no double backward either (EmbeddingBag with max_norm;
+        # with per_sample_weights, a RuntimeError "derivative for … is not implemented")
+        if not isinstance(err, NotImplementedError) and "not implemented" not in str(err):
+            raise
         from ..errors import UnsupportedOpError
 
         raise UnsupportedOpError(

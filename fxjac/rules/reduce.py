@@ -148,24 +148,25 @@ def cumprod_ct(ct, x, y, dim, square=False):
     return torch.where(live, before, first * (ct * past).sum(d, keepdim=True))
 
 
-def var_tangent(t, x, dim, correction, keepdim):
-    """Tangent of ``var``: ``2 Σ (x - mean) t / (n - correction)``."""
-    dims = _dims(dim, x.dim())
+def var_slope(x, dims, correction, power=1):
+    """``(2 (x - mean) / (n - correction))^power``: the entries of var's Jacobian row (``power=2``: squared)."""
     n = 1
     for d in dims:
         n *= x.shape[d]
     xc = x - x.mean(dims, keepdim=True)
-    return stack_sum(t * xc, dims, keepdim) * (2.0 / max(n - correction, 0))
+    return (xc * (2.0 / max(n - correction, 0))) ** power
 
 
-def var_ct(ct, x, dim, correction, keepdim):
-    """Cotangent of ``var``."""
+def var_tangent(t, x, dim, correction, keepdim, power=1):
+    """Tangent of ``var``: ``2 Σ (x - mean) t / (n - correction)`` (``power=2``: the squared Jacobian's)."""
     dims = _dims(dim, x.dim())
-    n = 1
-    for d in dims:
-        n *= x.shape[d]
-    xc = x - x.mean(dims, keepdim=True)
-    return unreduce(ct, x, dims, keepdim) * xc * (2.0 / max(n - correction, 0))
+    return stack_sum(t * var_slope(x, dims, correction, power), dims, keepdim)
+
+
+def var_ct(ct, x, dim, correction, keepdim, power=1):
+    """Cotangent of ``var`` (``power=2``: the squared Jacobian's)."""
+    dims = _dims(dim, x.dim())
+    return unreduce(ct, x, dims, keepdim) * var_slope(x, dims, correction, power)
 
 
 def _correction(site):
@@ -520,23 +521,37 @@ class Var(Rule):
         return site.node.target in (torch.std, "std")
 
     def jvp(self, e, site, tangents):  # noqa: D102
-        t = tangents["input"]
+        return self._push(e, site, tangents["input"], 1)
+
+    def diag_jvp(self, e, site, tangents):
+        """(A∘A) d: the slopes squared (and std's ``1/(2 std)``)."""
+        return self._push(e, site, tangents["input"], 2)
+
+    def _push(self, e, site, t, power):
         if t is ZERO:
             return ZERO
         if isinstance(site.args["dim"], bool):
             raise Decline
-        out = e(var_tangent, t, site.args["input"], site.args["dim"], _correction(site), site.args["keepdim"])
-        if self._std(site):
-            out = e(over_std, out, site.out)
-        return out
+        out = e(var_tangent, t, site.args["input"], site.args["dim"], _correction(site), site.args["keepdim"], power)
+        return self._over_std(e, site, out, power)
+
+    def _over_std(self, e, site, t, power):
+        for _ in range(power if self._std(site) else 0):
+            t = e(over_std, t, site.out)
+        return t
 
     def vjp(self, e, site, ct):  # noqa: D102
+        return self._pull(e, site, ct, 1)
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return self._pull(e, site, d, 2)
+
+    def _pull(self, e, site, ct, power):
         if isinstance(site.args["dim"], bool):
             raise Decline
-        if self._std(site):
-            ct = e(over_std, ct, site.out)
+        ct = self._over_std(e, site, ct, power)
         return {"input": e(var_ct, ct, site.args["input"], site.args["dim"], _correction(site),
-                           site.args["keepdim"])}
+                           site.args["keepdim"], power)}
 
 
 @register(torch.cumsum, "cumsum")

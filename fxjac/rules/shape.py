@@ -114,11 +114,22 @@ def getitem_tangent(t, idx):
     return t[(slice(None),) + _index_of(idx)]
 
 
+def _integers(i) -> bool:
+    """Whether ``i`` is a (nested) list or tuple of Python integers: an advanced index, as a tensor would be."""
+    if isinstance(i, (list, tuple)):
+        return all(_integers(j) for j in i)
+    return isinstance(i, int) and not isinstance(i, bool)
+
+
 def getitem_transpose(ct, like, idx):
-    """Adjoint of ``x[idx]``: scatter-add the cotangent stack into zeros shaped like ``[K, *x]``."""
+    """Adjoint of ``x[idx]``: scatter-add the cotangent stack into zeros shaped like ``[K, *x]`` (an index that
+    repeats an entry, ``x[:, [0, 2, 2]]``, adds the cotangents of its copies).
+    """
     out = ct.new_zeros((ct.shape[0],) + tuple(like.shape))
-    full = (slice(None),) + _index_of(idx)
-    if any(isinstance(i, torch.Tensor) and i.dtype != torch.bool for i in _index_of(idx)):
+    index = tuple(torch.tensor(i, device=ct.device) if isinstance(i, (list, tuple)) and i and _integers(i) else i
+                  for i in _index_of(idx))
+    full = (slice(None),) + index
+    if any(isinstance(i, torch.Tensor) and i.dtype != torch.bool for i in index):
         return out.index_put(_as_indices(out, full), ct, accumulate=True)
     out[full] = ct
     return out
@@ -555,14 +566,14 @@ class GetItem(LinearOp):
     def apply(self, e, site, t):  # noqa: D102
         idx = site.args["idx"]
         parts = idx if isinstance(idx, tuple) else (idx,)
-        if sum(1 for p in parts if isinstance(p, (torch.fx.Node, list))) > 1:
+        if sum(1 for p in parts if isinstance(p, (torch.fx.Node, list, tuple))) > 1:
             raise Decline  # several advanced indices move axes to the front: leave it to the fallback
         return e(getitem_tangent, t, idx)
 
     def transpose(self, e, site, ct):  # noqa: D102
         idx = site.args["idx"]
         parts = idx if isinstance(idx, tuple) else (idx,)
-        if sum(1 for p in parts if isinstance(p, (torch.fx.Node, list))) > 1:
+        if sum(1 for p in parts if isinstance(p, (torch.fx.Node, list, tuple))) > 1:
             raise Decline
         return e(getitem_transpose, ct, site.args["input"], idx)
 
@@ -591,6 +602,170 @@ class GetItem(LinearOp):
 
     def diag_vjp(self, e, site, d):  # noqa: D102
         return self.vjp(e, site, d)  # 0/1 entries: the adjoint itself
+
+
+def _indexed_dim(site):
+    """The op's ``dim`` made non-negative, or Decline: a traced dim, ``out=``, or per-sample stacks of an
+    unbatched operand (each sample would index its own copy: the fallback's per-sample rule).
+    """
+    dim, nd = site.args["dim"], site.ndim("input")
+    if not isinstance(dim, int) or nd == 0 or site.args.get("out") is not None or site.ps:
+        raise Decline
+    return dim % nd
+
+
+def gather_tangent(t, dim, idx):
+    """``gather`` on a stack ``[K, *x]``: the index repeated for every column."""
+    return t.gather(dim + 1, idx.expand((t.shape[0],) + tuple(idx.shape)))
+
+
+def gather_transpose(ct, like, dim, idx):
+    """Adjoint of ``gather``: the cotangent stack scatter-added into zeros ``[K, *x]`` (repeated indices add)."""
+    out = ct.new_zeros((ct.shape[0],) + tuple(like.shape))
+    return out.scatter_add(dim + 1, idx.expand((ct.shape[0],) + tuple(idx.shape)), ct)
+
+
+@register(torch.gather, "gather")
+class Gather(LinearOp):
+    """y = x.gather(dim, index): each output entry is one entry of x (0/1 entries: the diagonal rules are the op
+    and its adjoint); the adjoint scatter-adds. ``sparse_grad`` only says how autograd stores a gradient.
+    """
+
+    def signature(input, dim, index, *, sparse_grad=False, out=None):  # noqa: D103
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        return e(gather_tangent, t, _indexed_dim(site), site.args["index"])
+
+    def transpose(self, e, site, ct):  # noqa: D102
+        return e(gather_transpose, ct, site.args["input"], _indexed_dim(site), site.args["index"])
+
+
+def index_select_tangent(t, dim, idx):
+    """``index_select`` on a stack ``[K, *x]``."""
+    return t.index_select(dim + 1, idx)
+
+
+def index_select_transpose(ct, like, dim, idx, scale=1):
+    """Adjoint of ``index_select`` (times ``scale``): the stack index-added into zeros ``[K, *x]`` (repeats add)."""
+    out = ct.new_zeros((ct.shape[0],) + tuple(like.shape))
+    return out.index_add(dim + 1, idx, ct, alpha=scale)
+
+
+@register(torch.index_select, "index_select")
+class IndexSelect(LinearOp):
+    """y = x.index_select(dim, index): rows of x (0/1 entries: the diagonal rules are the op and its adjoint); the
+    adjoint index-adds.
+    """
+
+    def signature(input, dim, index, *, out=None):  # noqa: D103
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        return e(index_select_tangent, t, _indexed_dim(site), site.args["index"])
+
+    def transpose(self, e, site, ct):  # noqa: D102
+        return e(index_select_transpose, ct, site.args["input"], _indexed_dim(site), site.args["index"])
+
+
+def index_add_tangent(tx, ts, like, dim, idx, alpha):
+    """``x.index_add(dim, idx, s, alpha)``'s tangent from stacks ``tx`` (None: none) and ``ts``."""
+    base = tx if tx is not None else ts.new_zeros((ts.shape[0],) + tuple(like.shape))
+    return base.index_add(dim + 1, idx, ts, alpha=alpha)
+
+
+def scatter_add_tangent(tx, ts, like, dim, idx):
+    """``x.scatter_add(dim, idx, s)``'s tangent from stacks ``tx`` (None: none) and ``ts``."""
+    base = tx if tx is not None else ts.new_zeros((ts.shape[0],) + tuple(like.shape))
+    return base.scatter_add(dim + 1, idx.expand((ts.shape[0],) + tuple(idx.shape)), ts)
+
+
+class _AddAt(Rule):
+    """y = x with the entries of ``source`` added at indexed places: the identity in x, a 0/``a`` map in the
+    source (``a`` = alpha), so the diagonal rules are the same maps with ``a²``.
+    """
+
+    src = "source"  # the added operand's argument name
+    diff = ("input", "source")
+
+    def _alpha(self, site):
+        return 1
+
+    def _check(self, site):
+        raise NotImplementedError
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        return self._push(e, site, tangents, 1)
+
+    def diag_jvp(self, e, site, tangents):  # noqa: D102
+        return self._push(e, site, tangents, 2)
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        return self._pull(e, site, ct, 1)
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return self._pull(e, site, d, 2)
+
+    def _push(self, e, site, tangents, power):
+        dim = self._check(site)
+        tx, ts = tangents["input"], tangents.get(self.src, ZERO)
+        if ts is ZERO:
+            return tx
+        return self._add(e, site, None if tx is ZERO else tx, ts, dim, self._alpha(site) ** power)
+
+    def _pull(self, e, site, ct, power):
+        dim = self._check(site)
+        out = {"input": ct} if site.needs("input") else {}
+        if site.needs(self.src):
+            out[self.src] = self._take(e, site, ct, dim, self._alpha(site) ** power)
+        return out
+
+
+@register(torch.index_add, "index_add")
+class IndexAdd(_AddAt):
+    """y = x.index_add(dim, index, source, alpha=a): ``a · source`` added at the indexed rows of x."""
+
+    def signature(input, dim, index, source, *, alpha=1, out=None):  # noqa: D103
+        ...
+
+    def _alpha(self, site):
+        a = site.args["alpha"]
+        if not isinstance(a, (int, float)):
+            raise Decline
+        return a
+
+    def _check(self, site):
+        return _indexed_dim(site)
+
+    def _add(self, e, site, tx, ts, dim, alpha):
+        return e(index_add_tangent, tx, ts, site.args["input"], dim, site.args["index"], alpha)
+
+    def _take(self, e, site, ct, dim, alpha):
+        out = e(index_select_tangent, ct, dim, site.args["index"])
+        return out if alpha == 1 else e(operator.mul, out, alpha)
+
+
+@register(torch.scatter_add, "scatter_add")
+class ScatterAdd(_AddAt):
+    """y = x.scatter_add(dim, index, src): each entry of src added at the place index names along dim."""
+
+    src = "src"
+    diff = ("input", "src")
+
+    def signature(input, dim, index, src, *, out=None):  # noqa: D103
+        ...
+
+    def _check(self, site):
+        dim = _indexed_dim(site)
+        if tuple(site.val("index").shape) != tuple(site.val("src").shape):
+            raise Decline  # entries of src beyond the index's shape are not read: the fallback
+        return dim
+
+    def _add(self, e, site, tx, ts, dim, alpha):
+        return e(scatter_add_tangent, tx, ts, site.args["input"], dim, site.args["index"])
+
+    def _take(self, e, site, ct, dim, alpha):
+        return e(gather_tangent, ct, dim, site.args["index"])
 
 
 @register(torch.flip, "flip")

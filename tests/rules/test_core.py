@@ -17,7 +17,13 @@ import torch.nn.functional as F
 import fxjac
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from reference import Fn, assert_close, check_diag_backprop, check_direction_products  # noqa: E402
+from reference import (  # noqa: E402
+    Fn,
+    assert_close,
+    check_diag_backprop,
+    check_direction_products,
+    per_sample_jacobian,
+)
 
 
 class Op(nn.Module):
@@ -228,6 +234,22 @@ SAMPLES = [
     ("getitem_slices", lambda m, x: x[:, 1:, ::2], False),
     ("getitem_int_none_ellipsis", lambda m, x: x[:, 0, None, ...], False),
     ("getitem_index_tensor", lambda m, x: x[:, torch.tensor([0, 2, 2])], False),
+    ("getitem_list_repeats", lambda m, x: x[:, [0, 2, 2, 1]], False),  # the copies' cotangents add
+    ("getitem_ellipsis_list", lambda m, x: x[..., [4, 0, 0]], False),
+    ("getitem_tuple_entry", lambda m, x: x[:, (1, 1)], False),
+    ("getitem_param_list", lambda m, x: x * m.w[..., [0, 0, 1, 4, 4]], False),
+    ("torch.gather", lambda m, x: torch.gather(x, 2, x.abs().argsort(2)[:, :, [0, 4, 4, 1]]), False),
+    ("gather_method", lambda m, x: x.gather(1, x.argmax(1, keepdim=True).expand(-1, 2, -1)), False),
+    ("torch.index_select", lambda m, x: torch.index_select(x, 2, torch.tensor([4, 0, 0, 2])), False),
+    ("index_select_param", lambda m, x: x[:, :, :4] * m.W.index_select(0, torch.tensor([1, 1, 3])), False),
+    ("index_add_method", lambda m, x: x.index_add(2, torch.tensor([0, 0, 3]), x[:, :, 1:4] ** 2, alpha=0.5), False),
+    ("torch.index_add", lambda m, x: torch.index_add(x, 1, torch.tensor([2, 2]),
+                                                     m.W.t()[None, :2].expand(x.shape[0], -1, -1)), False),
+    ("index_add_inplace", lambda m, x: torch.zeros_like(x).index_add_(1, torch.tensor([2, 0, 2]), x), False),
+    ("scatter_add_method", lambda m, x: x.scatter_add(2, x.abs().argsort(2)[:, :, :3], x[:, :, :3] ** 2), False),
+    ("torch.scatter_add", lambda m, x: torch.scatter_add(torch.zeros_like(x), 1, x.argsort(1), x * m.w), False),
+    ("scatter_add_inplace", lambda m, x: torch.zeros_like(x).scatter_add_(2, x.argsort(2) // 2, x), False),
+    ("gather_param", lambda m, x: x[:, :, :2] * m.W.gather(0, torch.tensor([[1, 1], [0, 2], [2, 2]])), False),
     ("getitem_bool_mask", lambda m, x: x[:, :, torch.tensor([True, False, True, True, False])], False),
     ("getitem_param_row", lambda m, x: x * m.W[1:3, 0].sum(), False),
     ("torch.flip", lambda m, x: torch.flip(x, [1, 2]), False),
@@ -387,7 +409,9 @@ _NOT_ONE_OP = {
     "operator.mul", "operator.truediv", "operator.pow", "torch.where", "operator.matmul", "matmul_vector_left",
     "matmul_batched_param", "torch.mm", "mm_method", "bmm_method", "F.linear", "F.linear_positions", "F.bilinear",
     "torch.bmm", "einsum_list", "clone", "repeat", "torch.cat", "torch.stack", "chunk_method", "torch.split",
-    "unbind_method", "getitem_param_row", "t_method", "torch.t", "T_attribute", "expand_param", "expand_as",
+    "unbind_method", "getitem_param_row", "getitem_param_list", "gather_param", "index_select_param",
+    "index_add_method", "torch.index_add", "scatter_add_method", "torch.scatter_add", "t_method", "torch.t",
+    "T_attribute", "expand_param", "expand_as",
     "sum_all", "mean_method", "max_all", "argmax_gather", "masks_and_casts", "torch.sum", "F.relu6",
     "float_method", "to_dtype", "amax_ties", "squeeze_method", "view_as", "reshape_as", "contiguous",
     "torch.concatenate", "F.dropout2d", "F.dropout3d", "torch.squeeze", "broadcast_to_method",
@@ -775,7 +799,6 @@ def _degenerate_cases():
 def test_degenerate_points_follow_autograds_modes(name, f, x, dtype):
     # Each mode against its own torch.func transform (they differ at some of these points: the full max of a NaN
     # sends the reverse derivative to the NaN, the forward one is NaN), NaN and inf positions included.
-    from reference import per_sample_jacobian
 
     model = Fn(f).to(dtype)
     x = x.to(dtype)
@@ -784,3 +807,19 @@ def test_degenerate_points_follow_autograds_modes(name, f, x, dtype):
         _, got = fxjac.jacobian(model, wrt="input", mode=mode)(x)
         got = got.reshape(want.shape)
         torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-6, atol=0, msg=lambda m: f"{mode}: {m}")
+
+
+def test_gather_with_sparse_grad_has_the_dense_derivative():
+    # Probe Z: sparse_grad=True (how autograd stores a gradient) made the fallback's vjp sparse, and the products
+    # raised torch's "aten::view on SparseCPU"; torch.func cannot differentiate it either, so the reference is the
+    # same gather without it.
+    def pick(sparse):
+        return Op(lambda m, x: x.gather(1, x.argmax(1, keepdim=True).expand(-1, 2, -1), sparse_grad=sparse))
+
+    x = _input(3, False)
+    J = per_sample_jacobian(pick(False), (x,))
+    w = torch.randn(3, 2 * 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    _, got = fxjac.vjp(pick(True))(x, w.reshape(3, 2, 5))
+    assert_close(got.reshape(3, -1), torch.einsum("boi,bo->bi", J, w), "vjp through gather(sparse_grad=True)")
+    _, diag = fxjac.jtmjp(pick(True), out="diag")(x)
+    assert_close(diag.reshape(3, -1), (J * J).sum(1), "diag(JᵀJ) through gather(sparse_grad=True)")
