@@ -991,9 +991,10 @@ class _Einsum(nn.Module):
         "einsum", "einsum_chain", "einsum_elementwise", "logsumexp", "amax", "max", "prod", "vector_norm",
         "mean", "var", "std", "avg_pool", "adaptive_avg_pool", "bilinear", "bicubic", "nearest"])
 def test_forward_diag_backprop_of_one_op_is_exact_and_structured(make, shape):
-    """jmjtp's forward diagonal through one convolution, normalisation, softmax or max pooling (structured rules:
-    the jvp with squared weights, inputs and scales, or a normalisation's closed form; they went to the
-    fallback's per-sample Jacobians) is the exact ``(A∘A) d`` w.r.t. the input and the parameters."""
+    """jmjtp's forward diagonal (and jtmjp's backward one) through one convolution, normalisation, softmax,
+    reduction, pooling, interpolation or einsum (structured rules: the jvp with squared weights, inputs and
+    scales, or a closed form; forward, they went to the fallback's per-sample Jacobians) is the exact
+    ``(A∘A) d`` w.r.t. the input and the parameters."""
     torch.manual_seed(0)
     model = make().double()
     x = torch.randn(*shape, dtype=torch.float64)
@@ -1007,6 +1008,39 @@ def test_forward_diag_backprop_of_one_op_is_exact_and_structured(make, shape):
             warnings.simplefilter("error")  # no fallback warning
             _, got = fxjac.jmjtp(model, wrt=wrt, matrix="diag", out="diag", method="diag_backprop")(x, d)
         assert_close(got.reshape(want.shape), want, f"forward diagonal w.r.t. {wrt}")
+        # and backward, (A∘A)ᵀ e, by the op's structured rule too
+        e = torch.rand(shape[0], J.shape[1], dtype=torch.float64)
+        want = torch.einsum("boi,bo->bi", J * J, e)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _, got = fxjac.jtmjp(model, wrt=wrt, matrix="diag", out="diag", method="diag_backprop")(x, e)
+        assert_close(got.reshape(-1) if wrt == "params" else got.reshape(want.shape),
+                     want.sum(0) if wrt == "params" else want, f"backward diagonal w.r.t. {wrt}")
+
+
+class _Attention(nn.Module):
+    """One head of attention: SDPA with its default scale, or the same ops written out."""
+
+    def __init__(self, fused):
+        super().__init__()
+        self.fused = fused
+
+    def forward(self, x):
+        q, k, v = x, x * 0.5, x.flip(-1)
+        if self.fused:
+            return F.scaled_dot_product_attention(q, k, v)
+        return torch.softmax(q @ k.transpose(-1, -2) * (1 / q.shape[-1] ** 0.5), dim=-1) @ v
+
+
+def test_diag_backprop_through_sdpa_squares_its_default_scale():
+    # Probe CC: SDPA's default 1/√E (its own op once SDPA is decomposed) pushed d/√E forward instead of d/E.
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    d = torch.rand(2, 60, dtype=torch.float64)
+    for make in (fxjac.jmjtp, fxjac.jtmjp):
+        fused, plain = (make(_Attention(f), matrix="diag", out="diag", method="diag_backprop")(x, d)[1]
+                        for f in (True, False))
+        assert_close(fused, plain, f"{make.__name__}: SDPA against its ops written out")
 
 
 def test_forward_diag_backprop_of_an_embedding_is_exact_and_structured():

@@ -148,8 +148,14 @@ class HeadDimScale(LinearOp):
 
     transpose = apply
 
+    square_is_self = False  # its entries are 1/√E: squared, 1/E
+
     def diag_vjp(self, e, site, d):  # noqa: D102
         return {"input": e(head_dim_scale, d, site.args["query"], 2)}
+
+    def diag_jvp(self, e, site, tangents):  # noqa: D102
+        d = tangents["input"]
+        return ZERO if d is ZERO else e(head_dim_scale, d, site.args["query"], 2)
 
 
 @register(repeat_heads)

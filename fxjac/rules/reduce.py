@@ -312,13 +312,19 @@ class Max(Rule):
         return val if dim is None else (val, ZERO)
 
     def vjp(self, e, site, ct):  # noqa: D102
+        return self._pull(e, site, ct, square=False)
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return self._pull(e, site, d, square=True)
+
+    def _pull(self, e, site, ct, square):
         w, dim, keepdim = self._weights(e, site, reverse=True)
         if dim is not None:
             ct = ct[0]
             if ct is ZERO:
                 return {}
         u = e(unreduce, ct, site.args["input"], dim, keepdim)
-        return {"input": e(torch.mul, u, w)}
+        return {"input": e(torch.mul, u, e(torch.mul, w, w) if square else w)}
 
 
 @register(torch.prod, "prod")

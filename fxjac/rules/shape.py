@@ -646,10 +646,10 @@ def index_select_tangent(t, dim, idx):
     return t.index_select(dim + 1, idx)
 
 
-def index_select_transpose(ct, like, dim, idx, scale=1):
-    """Adjoint of ``index_select`` (times ``scale``): the stack index-added into zeros ``[K, *x]`` (repeats add)."""
+def index_select_transpose(ct, like, dim, idx):
+    """Adjoint of ``index_select``: the stack index-added into zeros ``[K, *x]`` (repeated indices add)."""
     out = ct.new_zeros((ct.shape[0],) + tuple(like.shape))
-    return out.index_add(dim + 1, idx, ct, alpha=scale)
+    return out.index_add(dim + 1, idx, ct)
 
 
 @register(torch.index_select, "index_select")
