@@ -323,7 +323,11 @@ def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_m
         if odd and "dtype" in str(err).lower():
             raise ShapeError(f"input {odd[0]} is {example_inputs[odd[0]].dtype} and the model's parameters "
                              f"{pdtype}; the model fails on it ({str(err).splitlines()[0]}): cast the input") from err
-        raise TraceError(f"running the traced model on the example inputs failed: {err}") from err
+        hint = ("\nHint: forward takes a derivative with torch.autograd.grad (a score, a force -dH/dq), which a "
+                "traced graph cannot replay. Compute it with torch.func.grad in a submodule named in "
+                "leaf_modules=[...] (a model that is itself one: nn.Sequential(model), leaf_modules=[type(model)])"
+                if "does not require grad" in str(err) or "not used in the graph" in str(err) else "")
+        raise TraceError(f"running the traced model on the example inputs failed: {err}{hint}") from err
     unpack_sequence_arguments(gm)
     grown = propagate_batch_dims(gm, *example_inputs)
     _check_output_batch(out, grown)

@@ -448,7 +448,7 @@ def trace(model: nn.Module, leaf_modules: Sequence = (), concrete_args: Optional
         root = _holder(model, inner)
     try:
         graph = tracer.trace(root, concrete_args=concrete_args)
-    except (fx.proxy.TraceError, TypeError, RuntimeError, NotImplementedError, AttributeError) as err:
+    except (fx.proxy.TraceError, TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError) as err:
         builtin = type(model).__module__.startswith("torch.nn.")
         if root is model and not isinstance(model, fx.GraphModule) and (builtin or tracer.is_leaf_module(model, "")):
             # a built-in kept whole inside a net (nn.LSTM, nn.RNNCell, nn.Softmax2d) is traced into as the root
@@ -557,6 +557,17 @@ def _trace_message(err: Exception) -> str:
                 "batch instead and read each sequence's last valid step, out[torch.arange(B), lengths - 1]: a "
                 "forward-direction RNN's outputs there do not depend on the padding after them (a reverse "
                 "direction's do).")
+    if any("/torch/_functorch/" in f.filename for f in frames) or "functorch" in str(err):
+        return (f"torch.fx cannot trace this model: {err}{where}\n"
+                "Hint: forward takes a derivative itself (torch.func.grad, vmap, jacrev…), which torch.fx cannot "
+                "trace. Put that part in a submodule and name its class in leaf_modules=[...]: fxjac then "
+                "differentiates it with the autograd fallback (torch.func over torch.func: use torch.func.grad "
+                "there, not torch.autograd.grad). A model that is itself such a module: nn.Sequential(model) with "
+                "leaf_modules=[type(model)].")
+    if "cannot be iterated" in str(err) and re.search(r"[(,]\s*\*(?!\*)\s*[\w.]", line):  # f(*value)
+        return (f"torch.fx cannot trace this model: {err}{where}\n"
+                "Hint: a traced value cannot be unpacked into a call (f(*torch.linalg.slogdet(a))): name its parts "
+                "(sign, logabs = torch.linalg.slogdet(a)) or index them (r[0], r[1]).")
     if isinstance(err, TypeError) and user and frames[-1] is user[-1]:
         # A tensor's own method (a C function) refused a traced size: the tensor itself is a real one, made from
         # constants while tracing, so torch.fx never saw the call.

@@ -1043,6 +1043,38 @@ def test_diag_backprop_through_sdpa_squares_its_default_scale():
         assert_close(fused, plain, f"{make.__name__}: SDPA against its ops written out")
 
 
+class _Bags(nn.Module):
+    """EmbeddingBag over 2-D ids, weighted by the input (``sum``), or a ``mean`` / ``max`` of rows."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.bag = nn.EmbeddingBag(7, 3, mode=mode, padding_idx=2)
+
+    def forward(self, w, ids):
+        return self.bag(ids, per_sample_weights=w if self.mode == "sum" else None)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_diag_backprop_of_an_embedding_bag_is_exact_and_structured(mode):
+    # Probe CC: EmbeddingBag's forward diagonal went to the fallback. A row repeated in a bag (5 twice) enters
+    # with its summed coefficient, squared after summing.
+    torch.manual_seed(0)
+    model = _Bags(mode).double()
+    ids = torch.tensor([[0, 2, 5, 5], [6, 1, 2, 0]])
+    w = torch.rand(2, 4, dtype=torch.float64)
+    cases = [("params", per_sample_jacobian(model, (w, ids), "params"))]
+    if mode == "sum":
+        cases.append(("input", per_sample_jacobian(model, (w, ids), "input")))
+    for wrt, J in cases:
+        d = torch.rand(J.shape[2] if wrt == "params" else (2, J.shape[2]), dtype=torch.float64)
+        want = torch.einsum("boi,i->bo" if wrt == "params" else "boi,bi->bo", J * J, d)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning
+            _, got = fxjac.jmjtp(model, wrt=wrt, matrix="diag", out="diag", method="diag_backprop")(w, ids, d)
+        assert_close(got, want, f"forward diagonal of an EmbeddingBag({mode}) w.r.t. {wrt}")
+
+
 def test_forward_diag_backprop_of_an_embedding_is_exact_and_structured():
     """An embedding's output entries each read one weight entry (0 at the padding row): the forward diagonal is
     the jvp's gather of the diagonal (it went to the fallback)."""

@@ -1737,6 +1737,35 @@ def test_forward_products_through_scatter_reduce_prod(spelling):
     assert_close(fxjac.jvp(model)(x, v)[1], torch.einsum("boi,bi->bo", J, v), "jvp")
 
 
+class _CholeskyInverse(nn.Module):
+    """``cholesky_inverse`` of a per-sample SPD matrix built from the input (a precision from a covariance)."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+        self.lin = nn.Linear(3, 9)
+
+    def forward(self, x):
+        a = self.lin(x).view(-1, 3, 3)
+        chol = torch.linalg.cholesky(a @ a.mT + torch.eye(3, dtype=x.dtype))
+        out = chol.cholesky_inverse() if self.spelling == "method" else torch.cholesky_inverse(chol)
+        return out.flatten(1)
+
+
+@pytest.mark.parametrize("spelling", ["method", "torch"])
+def test_forward_products_through_cholesky_inverse(spelling):
+    """torch 2.13's forward AD of cholesky_inverse is wrong (probe DD: jvp off by 20 % of its scale): the
+    fallback's tangents of it come from reverse mode."""
+    model = _CholeskyInverse(spelling).double()
+    x = randn(2, 3)
+    J = per_sample_jacobian(model, (x,), "input", use_jacrev=True)
+    v = randn(2, 3, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's warning
+        assert_close(fxjac.jvp(model)(x, v)[1], torch.einsum("boi,bi->bo", J, v), "jvp")
+        assert_close(fxjac.jacobian(model, mode="forward")(x)[1], J, "forward-mode jacobian")
+
+
 class _ReadByBatchIndex(nn.Module):
     """``h[arange(B)[:, None], idx]``: an index whose values address the batch axis."""
 
@@ -2197,3 +2226,59 @@ def test_state_updated_at_every_call_is_named_in_the_mode_error():
         fxjac.vjp(model, wrt="params")(randn(3, 4), randn(3, 3, seed=1))
     model.eval()
     check_direction_products(model, (randn(3, 4),), products=("vjp",))
+
+
+class _Score(nn.Module):
+    """A score model: the gradient of an energy w.r.t. the input, by torch.func or by torch.autograd.grad."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.energy = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def forward(self, x):
+        if self.how == "func":
+            return torch.func.vmap(torch.func.grad(lambda xi: self.energy(xi).squeeze()))(x)
+        with torch.enable_grad():
+            x = x.clone().requires_grad_(True)
+            return torch.autograd.grad(self.energy(x).sum(), x, create_graph=True)[0]
+
+
+@pytest.mark.parametrize("how", ["func", "autograd"])
+def test_a_derivative_taken_in_forward_says_to_make_it_a_leaf(how):
+    # Probe DD: torch.func inside forward raised vmap's raw ValueError; torch.autograd.grad a TraceError without a
+    # hint. Both now say what works: the module as a leaf (with torch.func.grad), which is exact.
+    torch.manual_seed(0)
+    model = _Score(how).double()
+    x, v = randn(3, 3), randn(3, 3, seed=1)
+    with pytest.raises(fxjac.TraceError, match="leaf_modules"):
+        fxjac.jvp(model)(x, v)
+    if how == "func":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fallback's warning
+            _, got = fxjac.jvp(nn.Sequential(model), leaf_modules=[_Score])(x, v)
+        assert_close(got, torch.func.jvp(model, (x,), (v,))[1], "jvp of a torch.func score model as a leaf")
+
+
+class _SlogdetProduct(nn.Module):
+    def __init__(self, unpack):
+        super().__init__()
+        self.unpack = unpack
+
+    def forward(self, x):
+        a = x.view(-1, 2, 2) @ x.view(-1, 2, 2).mT + torch.eye(2, dtype=x.dtype)
+        if self.unpack:
+            return torch.mul(*torch.linalg.slogdet(a))
+        sign, logabs = torch.linalg.slogdet(a)
+        return sign * logabs
+
+
+def test_a_tuple_result_unpacked_into_a_call_says_to_name_its_parts():
+    # Probe DD: f(*torch.linalg.slogdet(a)) got the hint about sizes; naming the parts traces and is exact.
+    x, v = randn(3, 4), randn(3, 4, seed=1)
+    with pytest.raises(fxjac.TraceError, match="name its parts"):
+        fxjac.jvp(_SlogdetProduct(True))(x, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # slogdet: the fallback's warning
+        _, got = fxjac.jvp(_SlogdetProduct(False))(x, v)
+    assert_close(got, torch.func.jvp(_SlogdetProduct(False), (x,), (v,))[1], "jvp of sign · log|det|")

@@ -97,15 +97,22 @@ def bag_weight_ct(ct, idx, weight, a, ps):
     return embedding_weight_ct(spread, idx, weight, None, ps)
 
 
-def bag_weight_diag(d, idx, weight, a, ps):
-    """``(A∘A)ᵀ d`` for the weight: ``Σ_b c[b, r]² d[b]``, ``[K, num, dim]`` (or ``[K, B, num, dim]``).
-
-    A row repeated in a bag enters that bag's output with its summed coefficient
+def _squared_row_coefficients(idx, weight, a, dtype):
+    """``c[b, r]²`` ``[B, num]``: a row repeated in a bag enters that bag's output with its summed coefficient
     ``c[b, r] = Σ_{l: idx[b, l] = r} a[b, l]``, so the squares are taken after summing.
     """
     c = a.new_zeros((idx.shape[0], weight.shape[0])).scatter_add_(1, idx, a)
-    c2 = (c * c).to(d.dtype)
-    return torch.einsum("kbd,br->kbrd" if ps else "kbd,br->krd", d, c2)
+    return (c * c).to(dtype)
+
+
+def bag_weight_diag(d, idx, weight, a, ps):
+    """``(A∘A)ᵀ d`` for the weight: ``Σ_b c[b, r]² d[b]``, ``[K, num, dim]`` (or ``[K, B, num, dim]``)."""
+    return torch.einsum("kbd,br->kbrd" if ps else "kbd,br->krd", d, _squared_row_coefficients(idx, weight, a, d.dtype))
+
+
+def bag_weight_diag_tangent(d, idx, weight, a):
+    """``(A∘A) d`` for a weight diagonal ``[K, num, dim]``: ``Σ_r c[b, r]² d[r]``, ``[K, B, dim]``."""
+    return torch.einsum("krd,br->kbd", d, _squared_row_coefficients(idx, weight, a, d.dtype))
 
 
 def bag_psw_tangent(idx, weight, t, keep):
@@ -257,6 +264,24 @@ class EmbeddingBag(Rule):
         t = tangents.get("per_sample_weights", ZERO)
         if t is not ZERO:
             terms.append(e(bag_psw_tangent, idx, w, t, keep))
+        return e.sum(terms)
+
+    def diag_jvp(self, e, site, tangents):
+        """(A∘A) d: ``max`` selects (the jvp itself); sums square each row's summed coefficient and the rows read
+        by the bag weights.
+        """
+        if site.ps:
+            raise Decline  # per-sample diagonals are not propagated forward
+        if site.args["mode"] == "max":
+            return self.jvp(e, site, tangents)
+        coef, keep = self._setup(e, site)
+        idx, w = site.args["input"], site.args["weight"]
+        terms = []
+        if tangents["weight"] is not ZERO:
+            terms.append(e(bag_weight_diag_tangent, tangents["weight"], idx, w, coef))
+        t = tangents.get("per_sample_weights", ZERO)
+        if t is not ZERO:
+            terms.append(e(bag_psw_tangent, idx, e(torch.square, w), t, keep))
         return e.sum(terms)
 
     def _backward(self, e, site, c, power):
