@@ -457,10 +457,15 @@ def trace(model: nn.Module, leaf_modules: Sequence = (), concrete_args: Optional
                              "parameters are then named '0.<name>')") from err
         raise TraceError(_trace_message(err)) from err
     _drop_concrete_placeholders(graph, concrete_args or ())
-    if root is not model:
+    if root is not model:  # paths under the holder, ``inner.…``, become the model's own
+        def own(path: str) -> str:
+            return "" if path == "inner" else path[len("inner."):] if path.startswith("inner.") else path
+
         for n in graph.nodes:
             if n.op in ("get_attr", "call_module"):
-                n.target = n.target[len("inner."):] if n.target.startswith("inner.") else n.target
+                n.target = own(n.target)
+            if n.meta.get("nn_module_stack"):  # read by the product's structure check
+                n.meta["nn_module_stack"] = {k: (own(p), t) for k, (p, t) in n.meta["nn_module_stack"].items()}
     gm = fx.GraphModule(model if root is not model else tracer.root, graph,
                         class_name=type(model).__name__ + "Traced")
     normalise(gm)

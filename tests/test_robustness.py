@@ -2170,6 +2170,30 @@ def test_hooks_of_the_root_module_are_traced_and_a_hook_added_later_is_stale():
     p(x, w)  # as built again
 
 
+class _HookedRoot(nn.Module):
+    """A parameter-free submodule under a root with a pre-hook (traced through a call of the root)."""
+
+    def __init__(self):
+        super().__init__()
+        self.act, self.lin = nn.Sequential(nn.Tanh()), nn.Linear(4, 3)
+        self.register_forward_pre_hook(_halve_input)
+
+    def forward(self, x):
+        return self.lin(self.act(x))
+
+
+def test_a_submodule_replaced_under_a_hooked_root_is_stale():
+    # Traced through a call of the root, the module paths started with the holder's "inner.", so the structure
+    # check skipped the submodules without parameters: replacing one went unnoticed.
+    model = _HookedRoot().double()
+    x, w = randn(2, 4), randn(2, 3, seed=1)
+    p = fxjac.vjp(model)
+    p(x, w)
+    model.act = nn.Sequential(nn.Sigmoid())
+    with pytest.raises(fxjac.StaleProductError, match="submodule 'act' was replaced"):
+        p(x, w)
+
+
 class _Counter(nn.Module):
     """A step counter in forward (as BatchNorm's num_batches_tracked), not part of the output."""
 
