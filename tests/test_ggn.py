@@ -934,6 +934,17 @@ class _Normalize(nn.Module):
         return F.normalize(x, dim=-1)
 
 
+class _OuterOp(nn.Module):
+    """``torch.outer`` of a batch of numbers with a parameter vector."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return torch.outer(x, self.w)
+
+
 class _Reduce(nn.Module):
     """One reduction along the last axis (``max`` with a dim: its values)."""
 
@@ -979,6 +990,7 @@ class _Einsum(nn.Module):
     (lambda: _Einsum("bij,jk->bik", (5, 2)), (3, 4, 5)),
     (lambda: _Einsum("bij,jk,kl->bil", (5, 2), (2, 3)), (3, 4, 5)),
     (lambda: _Einsum("bij,ij->bj", (4, 5)), (3, 4, 5)),
+    (_OuterOp, (3,)),
     *[((lambda name=name: _Reduce(name)), (3, 4, 5)) for name in ("logsumexp", "amax", "max", "prod", "vector_norm",
                                                                    "mean", "var", "std")],
     (lambda: nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False), (3, 2, 5, 6)),
@@ -988,7 +1000,7 @@ class _Einsum(nn.Module):
     (lambda: nn.Upsample(scale_factor=3, mode="nearest"), (3, 2, 3, 4)),
 ], ids=["conv2d", "conv_transpose2d", "conv1d_groups", "batch_norm", "max_pool", "layer_norm", "layer_norm_plain",
         "rms_norm", "group_norm", "instance_norm", "softmax", "softmin", "log_softmax", "normalize",
-        "einsum", "einsum_chain", "einsum_elementwise", "logsumexp", "amax", "max", "prod", "vector_norm",
+        "einsum", "einsum_chain", "einsum_elementwise", "outer", "logsumexp", "amax", "max", "prod", "vector_norm",
         "mean", "var", "std", "avg_pool", "adaptive_avg_pool", "bilinear", "bicubic", "nearest"])
 def test_forward_diag_backprop_of_one_op_is_exact_and_structured(make, shape):
     """jmjtp's forward diagonal (and jtmjp's backward one) through one convolution, normalisation, softmax,

@@ -734,54 +734,29 @@ class Outer(Rule):
             raise Decline  # the batch on the output's second axis
 
     def jvp(self, e, site, tangents):  # noqa: D102
+        return self._push(e, site, tangents, square=False)
+
+    def diag_jvp(self, e, site, tangents):
+        """(A∘A) d: each entry of y holds one product, so the jvp with both operands squared."""
+        if site.ps:
+            raise Decline  # per-sample diagonals are not propagated forward
+        return self._push(e, site, tangents, square=True)
+
+    def _push(self, e, site, tangents, square):
         ta, tb = tangents.get("input", ZERO), tangents.get("vec2", ZERO)
         if ta is ZERO and tb is ZERO:
             return ZERO
         self._check(site)
-        return e(outer_tangent, ta, tb, site.args["input"], site.args["vec2"], "vec2" in site.ps)
-
-    def diag_jvp(self, e, site, tangents):
-        """(A∘A) d: the jvp's einsum of each operand's diagonal with its partners' entries squared."""
-        if site.ps:
-            raise Decline  # per-sample diagonals are not propagated forward
-        eq, ops, list_key, _ = self._operands(site)
-        tans = tangents[list_key] if list_key else [tangents[str(i + 1)] for i in range(len(ops))]
-        if tans is ZERO:
-            return ZERO
-        terms, rhs, free = _einsum_parts(eq, len(ops))
-        z = free[0]
-        out = []
-        for i, t in enumerate(tans):
-            if t is not ZERO:
-                pterms, partners = self._partners(e, terms, rhs, ops, i, square=True)
-                out.append(e(torch.einsum, f"{','.join([z + terms[i]] + pterms)}->{z}{rhs}", t, *partners))
-        return e.sum(out)
+        a, b = site.args["input"], site.args["vec2"]
+        if square:
+            a, b = e(torch.square, a), e(torch.square, b)
+        return e(outer_tangent, ta, tb, a, b, "vec2" in site.ps)
 
     def vjp(self, e, site, ct):  # noqa: D102
         return self._pull(e, site, ct, square=False)
 
     def diag_vjp(self, e, site, d):  # noqa: D102
         return self._pull(e, site, d, square=True)
-
-    @staticmethod
-    def _partners(e, terms, rhs, ops, i, square):
-        """The operands but ``i`` and their terms; with ``square``, the entries of ``∂y/∂ops[i]`` squared.
-
-        An output entry depends on an entry of operand i through a sum over the partner indices in neither (``k``
-        of x in ``ij,jk,kl->il``), and the square of a sum is not the sum of squares: the partners are contracted
-        over those first, into one factor P, and the entries of P squared.
-        """
-        partners = [o for j, o in enumerate(ops) if j != i]
-        pterms = [t for j, t in enumerate(terms) if j != i]
-        if not square:
-            return pterms, partners
-        summed = {c for t in pterms for c in t if c.isalpha() and c not in terms[i] + rhs}
-        if summed:
-            if any("..." in t for t in pterms):
-                raise Decline
-            kept = "".join(dict.fromkeys(c for t in pterms for c in t if c not in summed))
-            partners, pterms = [e(torch.einsum, f"{','.join(pterms)}->{kept}", *partners)], [kept]
-        return pterms, [e(torch.square, o) if isinstance(o, torch.fx.Node) else o ** 2 for o in partners]
 
     def _pull(self, e, site, ct, square):
         self._check(site)
