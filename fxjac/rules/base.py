@@ -64,6 +64,24 @@ class NonDifferentiable(Rule):
         return self.jvp(e, site, tangents)
 
 
+class SquaredPush(Rule):
+    """A rule whose tangent and forward diagonal are one computation, ``_push(e, site, tangents, square)``: the
+    diagonal ``(A∘A) d`` is the jvp with the Jacobian's entries squared (weights, scales, the other operand).
+    Per-sample diagonals are not propagated forward.
+    """
+
+    def _push(self, e: Emitter, site: Site, tangents: dict, square: bool):
+        raise NotImplementedError
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        return self._push(e, site, tangents, square=False)
+
+    def diag_jvp(self, e, site, tangents):  # noqa: D102
+        if site.ps:
+            raise Decline
+        return self._push(e, site, tangents, square=True)
+
+
 class Elementwise(Rule):
     """``y = f(x)`` applied element by element; subclasses give ``f'(x)`` (broadcastable to ``x``)."""
 

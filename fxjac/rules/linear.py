@@ -19,7 +19,7 @@ from passes.protocol import ZERO, Decline, Rule
 
 from ..tracing import decomposes
 from . import _rt
-from .base import batch_back, batch_first
+from .base import SquaredPush, batch_back, batch_first
 from .registry import register
 
 # --- kernels ---------------------------------------------------------------------------------------------
@@ -717,7 +717,7 @@ def outer_tangent(ta, tb, a, b, ps_b=False):
 
 
 @register(torch.outer, "outer", torch.ger, "ger")
-class Outer(Rule):
+class Outer(SquaredPush):
     """y = outer(a, b) = a bᵀ (ger: the same); the cotangents are ``C b`` and ``Cᵀ a``, the diagonal ones ``D b²``
     and ``Dᵀ a²`` (each entry of y holds one product). Against a batch ``a`` of B numbers, ``b``'s per-sample
     cotangents are the rows ``a_b C_b``.
@@ -733,16 +733,10 @@ class Outer(Rule):
         if "input" in site.ps:
             raise Decline  # the batch on the output's second axis
 
-    def jvp(self, e, site, tangents):  # noqa: D102
-        return self._push(e, site, tangents, square=False)
-
-    def diag_jvp(self, e, site, tangents):
-        """(A∘A) d: each entry of y holds one product, so the jvp with both operands squared."""
-        if site.ps:
-            raise Decline  # per-sample diagonals are not propagated forward
-        return self._push(e, site, tangents, square=True)
-
     def _push(self, e, site, tangents, square):
+        """The tangent, or (``square``) the forward diagonal: each entry of y holds one product, so the jvp with
+        both operands squared.
+        """
         ta, tb = tangents.get("input", ZERO), tangents.get("vec2", ZERO)
         if ta is ZERO and tb is ZERO:
             return ZERO

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from passes.protocol import ZERO, Decline, Rule
 
 from . import _rt
-from .base import PARTS, batch_back, batch_first, parts_of
+from .base import PARTS, SquaredPush, batch_back, batch_first, parts_of
 from .registry import register
 
 # --- kernels ---------------------------------------------------------------------------------------------
@@ -418,7 +418,7 @@ def _affine_param_ct(e, site, name, c):
     return e(_rt.sum_to_ps, batch_first(e, site, c), like) if name in site.ps else e(_rt.sum_to, c, like)
 
 
-class _TrailingNorm(Rule):
+class _TrailingNorm(SquaredPush):
     """A normalisation over the trailing ``normalized_shape`` axes with an element-wise weight (and bias).
 
     Subclasses give the statistics kernel (returning ``(x̂, u, r)``) and ``α``; see Note [normalisation
@@ -446,18 +446,10 @@ class _TrailingNorm(Rule):
         alpha = 1.0 / math.prod(ns) if self.alpha_of_n else 0.0
         return tuple(range(-len(ns), 0)), xhat, u, r, alpha
 
-    def jvp(self, e, site, tangents):  # noqa: D102
-        return self._push(e, site, tangents, square=False)
-
-    def diag_jvp(self, e, site, tangents):
-        """(A∘A) d: the normalisation's Jacobian is symmetric, so its squares push forward by
-        :func:`normalise_diag`; the weight and ``x̂`` squared.
-        """
-        if site.ps:
-            raise Decline  # per-sample diagonals are not propagated forward
-        return self._push(e, site, tangents, square=True)
-
     def _push(self, e, site, tangents, square):
+        """The tangent, or (``square``) the forward diagonal: the normalisation's Jacobian is symmetric, so its
+        squares push forward by :func:`normalise_diag`; the weight and ``x̂`` squared.
+        """
         dims, xhat, u, r, alpha = self._setup(e, site)
         w, ndim = site.args["weight"], site.ndim()
         terms = []
@@ -550,7 +542,7 @@ class RmsNorm(_TrailingNorm):
         ...
 
 
-class _ChannelNorm(Rule):
+class _ChannelNorm(SquaredPush):
     """A normalisation of ``[N, C, *sp]`` over groups of channels and positions, with per-channel weight/bias.
 
     Subclasses say how many groups (``_groups``); see Note [normalisation Jacobians] (``α = 1/m``).
@@ -576,16 +568,10 @@ class _ChannelNorm(Rule):
         xhat, u, r = (e(operator.getitem, s, i) for i in range(3))
         return x, groups, xhat, u, r, 1.0 / m
 
-    def jvp(self, e, site, tangents):  # noqa: D102
-        return self._push(e, site, tangents, square=False)
-
-    def diag_jvp(self, e, site, tangents):
-        """(A∘A) d: each group's Jacobian is symmetric (:func:`group_diag`); the weight and ``x̂`` squared."""
-        if site.ps:
-            raise Decline  # per-sample diagonals are not propagated forward
-        return self._push(e, site, tangents, square=True)
-
     def _push(self, e, site, tangents, square):
+        """The tangent, or (``square``) the forward diagonal: each group's Jacobian is symmetric
+        (:func:`group_diag`); the weight and ``x̂`` squared.
+        """
         x, groups, xhat, u, r, alpha = self._setup(e, site)
         w = site.args["weight"]
         terms = []
@@ -661,7 +647,7 @@ class GroupNorm(_ChannelNorm):
                              self._groups(site), need), need)
 
 
-class _EvalBatchNorm(Rule):
+class _EvalBatchNorm(SquaredPush):
     """y = (x - μ_run) w / √(σ²_run + eps) + b per channel, the running statistics constant (eval mode)."""
 
     diff = ("input", "weight", "bias")
@@ -677,16 +663,10 @@ class _EvalBatchNorm(Rule):
             if tangents is None and site.extra.get("need") is not None and site.needs(name):
                 raise Decline
 
-    def jvp(self, e, site, tangents):  # noqa: D102
-        return self._push(e, site, tangents, square=False)
-
-    def diag_jvp(self, e, site, tangents):
-        """(A∘A) d: each output entry reads one entry of x, w and b: the jvp with the scale and x̂ squared."""
-        if site.ps:
-            raise Decline  # per-sample diagonals are not propagated forward
-        return self._push(e, site, tangents, square=True)
-
     def _push(self, e, site, tangents, square):
+        """The tangent, or (``square``) the forward diagonal: each output entry reads one entry of x, w and b, so
+        the jvp with the scale and x̂ squared.
+        """
         self._check(site, tangents)
         x, rm, rv, w, eps = (site.args[k] for k in ("input", "running_mean", "running_var", "weight", "eps"))
         terms = []
