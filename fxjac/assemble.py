@@ -59,7 +59,8 @@ def input_placeholders(b: Builder, src: Source) -> list:
         val = n.meta.get("val")
         if isinstance(val, torch.Tensor) and val.dim() > 0:
             dtype = val.dtype if val.is_floating_point() else None  # (integer ids: any integer dtype)
-            checked = e(checks.check_input, new, tuple(val.shape[1:]), f"input {i}", first, dtype)
+            ids = not (val.is_floating_point() or val.is_complex() or val.dtype == torch.bool)
+            checked = e(checks.check_input, new, tuple(val.shape[1:]), f"input {i}", first, dtype, ids)
             checked.meta = dict(n.meta)
             b.env[n] = checked
             first = checked if first is None else first

@@ -61,10 +61,10 @@ def check_blocks(m, sizes, like, name):
             for i, (b, n) in enumerate(zip(m, sizes))]
 
 
-def check_input(x, sample_shape, name, first=None, dtype=None):
+def check_input(x, sample_shape, name, first=None, dtype=None, integer=False):
     """A model input must keep the per-sample shape and the floating dtype (``dtype``, None for other inputs) the
-    product was built for; the batch is free, but the same for every input (``first``: the first tensor input,
-    for the others).
+    product was built for, or be of an integer dtype where it was built for one (``integer``: token ids); the batch
+    is free, but the same for every input (``first``: the first tensor input, for the others).
     """
     if isinstance(x, torch.Tensor) and (tuple(x.shape[1:]) != tuple(sample_shape) or x.dim() == 0):
         raise ShapeError(f"{name} has shape {tuple(x.shape)}; this product was built for [B, "
@@ -72,6 +72,9 @@ def check_input(x, sample_shape, name, first=None, dtype=None):
     if dtype is not None and isinstance(x, torch.Tensor) and x.dtype != dtype:
         raise ShapeError(f"{name} is {x.dtype}; this product was built for {dtype} inputs (cast the input, or build "
                          "another product for this dtype)")
+    if integer and isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()):
+        raise ShapeError(f"{name} is {x.dtype}; this product was built for integer inputs (ids, indices): cast "
+                         "it (x.long())")
     if isinstance(first, torch.Tensor) and isinstance(x, torch.Tensor) and x.shape[0] != first.shape[0]:
         raise ShapeError(f"{name} has a batch of {x.shape[0]} and input 0 of {first.shape[0]}: dim 0 of every "
                          "input is the batch")

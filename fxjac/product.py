@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import types
 import warnings
 from typing import Any, Callable, Optional, Sequence
@@ -25,6 +26,7 @@ from .errors import (
     TraceError,
     UnsupportedOpError,
     describe,
+    source_line,
 )
 from .rules import _rt, default_rules
 from .source import Source, build_source, field_names
@@ -130,10 +132,30 @@ class Product(fx.GraphModule):
                     out = super().__call__(*args, **kwargs)
         except Exception as err:
             self._check_param_shapes(err)
+            if isinstance(err, UnsupportedOpError) and len(err.args) == 1 and isinstance(err.args[0], str):
+                where = self._failed_line(err)
+                if where and where not in err.args[0]:
+                    err.args = (f"{err.args[0]}\n  at {where}",)
             raise
         if not self._fxjac_checked and not _rt.transformed():  # under vmap or jacfwd: at the next plain call
             self._check_primal(args, out)
         return out
+
+    def _failed_line(self, err: Exception) -> Optional[str]:
+        """The user's source line of the model op whose generated line raised ``err`` (a rule's or the fallback's
+        error at call time, which knows the op but not where the model wrote it).
+        """
+        import linecache
+        import traceback
+
+        code = getattr(type(self).forward, "__code__", None)
+        lines = [lineno for frame, lineno in traceback.walk_tb(err.__traceback__) if frame.f_code is code]
+        if not lines:
+            return None
+        text = linecache.getline(code.co_filename, lines[-1])
+        name = text.split("=", 1)[0].strip() if "=" in text else ""
+        node = next((n for n in self.graph.nodes if n.name == name), None)
+        return source_line(node) if node is not None else None
 
     def _check_param_shapes(self, err: Exception) -> None:
         """After a failed call: a selected parameter replaced by one of another shape (the generated code holds the
@@ -220,7 +242,7 @@ class Product(fx.GraphModule):
         """Every module the product reads is still where it was: one dict lookup per module (see :func:`_structure`),
         not a walk from the root per path (0.1 ms a call on the transformer).
         """
-        for path, parent, name, mod, moded, hooks in self._fxjac_structure:
+        for path, parent, name, mod, moded, state in self._fxjac_structure:
             if isinstance(moded, _Tie):  # a tied parameter's second name: still the first name's tensor?
                 if parent._parameters.get(name) is not mod._parameters.get(moded.attr):
                     raise StaleProductError(f"the model's parameter {path!r} was tied to another when this product "
@@ -230,11 +252,10 @@ class Product(fx.GraphModule):
             if holder._modules.get(name) is not mod:
                 raise StaleProductError(f"the model's submodule {path!r} was replaced since this product was "
                                         "built; build the product again")
-            if _hooks(mod) != hooks:
+            if _state(mod) != state:
                 where = f"submodule {path!r}" if path else "root module"
-                raise StaleProductError(f"the forward hooks of the model's {where} changed since this product was "
-                                        "built (a hook added or removed changes what the model computes, which the "
-                                        "product was traced with); build the product again")
+                raise StaleProductError(f"the model's {where} changed since this product was built: "
+                                        f"{_state_change(mod, state)}; build the product again")
             if moded and mod.training:
                 raise ModeError(f"the model's submodule {path!r} ({type(mod).__name__}) is in training mode since "
                                 "this product was built in eval mode: call model.eval() (a product computes what "
@@ -248,11 +269,15 @@ class Product(fx.GraphModule):
                  if v is not fx._symbolic_trace.PH}
         sel = self._fxjac_spec.get("output")
 
+        inputs = _name_inputs(model, args[:n_in], fixed)
+
         def reference(grad: bool):
             with torch.set_grad_enabled(grad):  # the forward's other arguments as traced (concrete_args=)
-                ref = model(*args[:n_in], **fixed)
+                ref = model(*inputs, **fixed) if isinstance(inputs, tuple) else model(**inputs, **fixed)
             if sel is not None:
-                ref = getattr(ref, sel) if isinstance(sel, str) and field_names(type(ref)) else ref[sel]
+                fields = field_names(type(ref))
+                ref = getattr(ref, sel) if isinstance(sel, str) and fields else \
+                    getattr(ref, fields[sel]) if fields and dataclasses.is_dataclass(ref) else ref[sel]
             return ref.detach() if isinstance(ref, torch.Tensor) else ref
 
         def same(ref):
@@ -261,8 +286,9 @@ class Product(fx.GraphModule):
         y = out[0]
         ref = reference(False)
         # Without grad, some modules take another kernel (nn.MultiheadAttention's fast path gives NaN for a
-        # fully masked row, its differentiable path 0): the product follows the differentiable one.
-        if not same(ref) and torch.is_tensor(ref) and not bool(torch.isfinite(ref).all()):
+        # fully masked row, its differentiable path 0; nn.TransformerEncoder's nested tensors give 0 at padded
+        # positions): the product follows the differentiable one.
+        if not same(ref) and torch.is_tensor(ref):
             try:
                 ref = reference(True)
             except RuntimeError:  # (under torch.inference_mode inference tensors cannot be recorded)
@@ -352,6 +378,25 @@ def _same_output(ref: torch.Tensor, y: torch.Tensor) -> bool:
     return torch.allclose(ref, y, rtol=tol, atol=max(1e-5, tol * scale), equal_nan=True)
 
 
+def _name_inputs(model: nn.Module, inputs: tuple, fixed: dict):
+    """The product's ``inputs`` as ``model``'s forward takes them: by position, or by name where ``concrete_args``
+    fixes a parameter before one of them (``forward(x, scale=2.0, mask=None)`` with ``scale`` fixed: ``mask`` is
+    the second input) or forward has keyword-only parameters (``forward(x, *, z)``).
+    """
+    import inspect
+
+    from .tracing import _compiled_inner
+
+    try:
+        params = list(inspect.signature((_compiled_inner(model) or model).forward).parameters.values())
+    except (TypeError, ValueError):
+        return tuple(inputs)
+    if not fixed and not any(p.kind is p.KEYWORD_ONLY for p in params):
+        return tuple(inputs)
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in fixed]
+    return dict(zip(names, inputs)) if len(names) >= len(inputs) else tuple(inputs)
+
+
 def _structure(src: Source) -> list:
     """The modules the product relies on (every module owning a parameter or buffer it reads, and every module
     traced into) with their ancestors, as ``(path, parent, name, module)`` from the root down: ``parent`` (``None``
@@ -371,7 +416,7 @@ def _structure(src: Source) -> list:
     out = []
     for p in sorted(paths, key=lambda q: (q.count(".") + bool(q), q)):
         if not p:
-            out.append(("", None, "model", model, _moded(model), _hooks(model)))
+            out.append(("", None, "model", model, _moded(model), _state(model)))
             continue
         parent_path, _, name = p.rpartition(".")
         try:
@@ -380,13 +425,35 @@ def _structure(src: Source) -> list:
         except (AttributeError, KeyError):
             continue
         if isinstance(mod, nn.Module):
-            out.append((p, parent, name, mod, _moded(mod), _hooks(mod)))
+            out.append((p, parent, name, mod, _moded(mod), _state(mod)))
     return out + _ties(model)
 
 
-def _hooks(mod: nn.Module) -> tuple:
-    """How many forward pre-hooks and forward hooks ``mod`` has (the tracer ran them: part of the product)."""
-    return len(mod._forward_pre_hooks), len(mod._forward_hooks)
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _state(mod: nn.Module) -> tuple:
+    """What the product was traced with besides the modules' places: ``mod``'s forward pre-hooks and forward hooks
+    (the tracer ran them), its class (``register_parametrization`` swaps it on the same object), how many of its
+    parameter slots are None (``bias = None`` after the build, or a bias given to a layer built without) and, for
+    a container, how many modules it holds (a forward iterating it runs one appended after the build).
+    """
+    return (len(mod._forward_pre_hooks), len(mod._forward_hooks), type(mod),
+            sum(1 for t in mod._parameters.values() if t is None),
+            len(mod._modules) if isinstance(mod, _CONTAINERS) else -1)
+
+
+def _state_change(mod: nn.Module, before: tuple) -> str:
+    """What changed in ``mod`` since :func:`_state` gave ``before``, in words."""
+    now = _state(mod)
+    if now[:2] != before[:2]:
+        return "its forward hooks (a hook added or removed changes what the model computes)"
+    if now[2] is not before[2]:
+        return (f"its class, {before[2].__name__} then {now[2].__name__} (a parametrization registered or removed "
+                "renames its parameters)")
+    if now[3] != before[3]:
+        return "its parameters (one set to None, or a None one given a tensor)"
+    return f"its length, {before[4]} then {now[4]} modules (a forward iterating it runs them all)"
 
 
 class _Tie:
@@ -421,6 +488,8 @@ def _moded(mod: nn.Module) -> bool:
     """Whether ``mod`` computed its eval forward when built and would compute another in training mode."""
     if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p == 0:
         return False
+    if isinstance(mod, nn.RNNBase):  # dropout between its layers
+        return mod.dropout > 0 and mod.num_layers > 1 and not mod.training
     return isinstance(mod, _MODED) and not mod.training
 
 
@@ -531,18 +600,28 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
         return prod
     # Validate the options now (wrt names, modes, tracing) even though shapes wait for the first call.
     from .source import parse_wrt, select_params
-    from .tracing import check_modes, trace
+    from .tracing import check_modes, input_names, trace
 
     kind, index = parse_wrt(wrt)
     params = select_params(model, wrt) if kind == "params" else []
-    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    check_modes(gm)
-    n_ph = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    try:
+        gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        check_modes(gm)
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    except TraceError as err:
+        # Without inputs a dtype read while tracing is the model's floating dtype (Note [dtypes while tracing]),
+        # and a tuple's length is unknown (Tracer.iter); a forward that failed after such a guess (it checks an
+        # integer input's dtype, iterates over chunks) is traced again at the first call, with the inputs, and
+        # reports a failure then.
+        names = input_names(model, concrete_args) if getattr(err, "guessed_dtype", False) else None
+        if names is None:
+            raise
+    n_ph = len(names)
     if kind == "input" and not 0 <= index < n_ph:
         raise OptionError(f"wrt='input:{index}' but the model has {n_ph} input(s)")
     spec.update(lazy=True, n_inputs=n_ph)
     graph = fx.Graph()
-    phs = [graph.placeholder(input_name(n.name)) for n in gm.graph.nodes if n.op == "placeholder"]
+    phs = [graph.placeholder(input_name(name)) for name in names]
     rest = graph.placeholder("operands", default_value=None)
     graph.output(graph.call_function(_unbuilt, tuple(phs) + (rest,)))
     holder = nn.Module()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 import operator
@@ -116,6 +117,10 @@ def parse_wrt(wrt: Any) -> tuple:
             return "input", int(wrt.split(":", 1)[1])
         except ValueError as err:
             raise OptionError(f"bad wrt {wrt!r}: use 'input', 'input:N', 'params' or parameter names") from err
+    if isinstance(wrt, (list, tuple)) and not all(isinstance(w, str) for w in wrt):
+        bad = next(w for w in wrt if not isinstance(w, str))
+        raise OptionError(f"bad wrt entry {bad!r}: a list names parameters or module prefixes as strings "
+                          "('fc.weight', 'encoder'); for an input use wrt='input:N'")
     if wrt == "params" or isinstance(wrt, (list, tuple)) or isinstance(wrt, str):
         return "params", None
     raise OptionError(f"bad wrt {wrt!r}: use 'input', 'input:N', 'params' or a list of parameter names")
@@ -221,12 +226,14 @@ def _check_samples_independent_in_place(gm: fx.GraphModule, example_inputs: Sequ
 
 
 def field_names(tp: type):
-    """The field names of a NamedTuple type or of a structseq (``torch.return_types.topk``: values, indices), else
-    None.
+    """The field names of a NamedTuple type, a structseq (``torch.return_types.topk``: values, indices) or a
+    dataclass, else None.
     """
     fields = getattr(tp, "_fields", None)
     if fields is None and hasattr(tp, "n_sequence_fields"):
         fields = getattr(tp, "__match_args__", None)
+    if fields is None and isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        fields = [f.name for f in dataclasses.fields(tp)]
     return tuple(fields) if fields is not None else None
 
 
@@ -252,8 +259,11 @@ def _field_index(gm: fx.GraphModule, output: str, example_inputs: Sequence) -> A
 
 
 def _named_tuple_field(val, index) -> Any:
-    """The node a NamedTuple constructor call ``val`` takes as its field ``index`` (an int), else None."""
-    fields = getattr(getattr(val, "target", None), "_fields", None)
+    """The node a NamedTuple's or dataclass's constructor call ``val`` takes as its field ``index`` (an int), else
+    None.
+    """
+    target = getattr(val, "target", None)
+    fields = field_names(target) if isinstance(target, type) else None
     if not (isinstance(val, fx.Node) and val.op == "call_function" and fields and isinstance(index, int)
             and not isinstance(index, bool) and -len(fields) <= index < len(fields)):
         return None
@@ -287,6 +297,10 @@ def _select_output(gm: fx.GraphModule, output: Any, example_inputs: Sequence = (
                 out_node.args = (val,)
         except (KeyError, IndexError, TypeError) as err:
             raise OptionError(f"output={output!r} selects nothing from the model's output") from err
+        if not isinstance(val, fx.Node):
+            kind = type(val).__name__.replace("immutable_", "")
+            raise OptionError(f"output={output!r} selects a value of type {kind} from the model's output, not a "
+                              f"tensor: {val!r}")
     elif not isinstance(val, fx.Node):
         raise OptionError("the model returns a tuple or dict: choose the differentiated tensor with output= "
                           "(an index or a key)")

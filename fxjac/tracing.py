@@ -98,6 +98,26 @@ def _proxy_dtype(proxy: fx.Proxy):
     return fx.proxy.Attribute(proxy, "dtype") if dtype is None else dtype
 
 
+_PROXY_LEN = fx.Proxy.__len__
+
+
+def _proxy_len(proxy: fx.Proxy) -> int:
+    """``len(proxy)`` while tracing: a tuple's length where :meth:`Tracer.iter` would iterate it (star-unpacking
+    ``f(*torch.linalg.slogdet(a))`` asks for it first), else torch.fx's error.
+    """
+    tracer = proxy.tracer
+    if isinstance(tracer, Tracer) and tracer.example_inputs is None and _returns_tuple(proxy.node):
+        tracer.guessed_dtype = True  # the lazy build's options check: left to the first call
+    elif isinstance(tracer, Tracer) and tracer.example_inputs is not None:
+        try:
+            value = tracer._value(proxy.node)
+        except Exception:  # noqa: BLE001 - not computable on meta tensors: torch.fx's error
+            value = None
+        if isinstance(value, (tuple, list)):
+            return len(value)
+    return _PROXY_LEN(proxy)
+
+
 def _inplace_method(op):
     def method(self, *args):
         return self.tracer.create_proxy("call_function", op, (self, *args), {})
@@ -147,6 +167,19 @@ class _TracedTorch(types.ModuleType):
         return factory
 
 
+_TUPLE_RESULTS = frozenset({
+    "chunk", "split", "unbind", "tensor_split", "split_with_sizes", "hsplit", "vsplit", "dsplit", "slogdet",
+    "topk", "sort", "var_mean", "std_mean", "aminmax", "max", "min", "median", "nanmedian", "mode", "kthvalue",
+    "cummax", "cummin", "qr", "svd", "eigh", "eig", "lu", "lu_factor", "frexp", "broadcast_tensors",
+    "meshgrid", "getitem"})
+
+
+def _returns_tuple(node: fx.Node) -> bool:
+    """Whether ``node`` is an op that returns a tuple of tensors (iterating its value traces with examples)."""
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return node.op in ("call_function", "call_method") and target.removeprefix("linalg_") in _TUPLE_RESULTS
+
+
 class Tracer(fx.Tracer):
     """torch.fx tracer that traces into torch.nn built-ins and honours ``leaf_modules``."""
 
@@ -160,6 +193,7 @@ class Tracer(fx.Tracer):
         self.untraceable: list = []  # torch.nn built-ins whose forward torch.fx could not trace: leaves
         self.example_inputs = None if example_inputs is None else list(example_inputs)
         self._values: dict = {}  # Note [dtypes while tracing]: node -> value on the example inputs
+        self.guessed_dtype = False  # a dtype (or a tuple's length) was needed without examples: guessed
 
     def dtype_of(self, node: fx.Node) -> Optional[torch.dtype]:
         """Note [dtypes while tracing]: the dtype of ``node``'s value, or None (a traced attribute, as before).
@@ -171,10 +205,12 @@ class Tracer(fx.Tracer):
         one dtype (another is a ShapeError), so while tracing ``x.dtype`` is read as a value: the graph so far
         runs up to ``x`` on meta tensors shaped like the example inputs and the parameters (no arithmetic, and no
         in-place op reaches a real buffer; once per node, kept until the trace ends). Without examples (the
-        options' check when a product builds at its first call) it reads the model's floating dtype. A value
+        options' check when a product builds at its first call) it reads the model's floating dtype; a trace
+        that fails after that guess (forward checks an integer input's dtype) is left to the first call. A value
         that cannot be computed on meta tensors keeps torch.fx's traced attribute.
         """
         if self.example_inputs is None:
+            self.guessed_dtype = True
             return next((t.dtype for t in self.root.parameters() if t.is_floating_point()), torch.get_default_dtype())
         try:
             value = self._value(node)
@@ -206,6 +242,23 @@ class Tracer(fx.Tracer):
                         break
         return self._values[node]
 
+    def iter(self, obj: fx.Proxy):
+        """``for t in torch.chunk(h, 2, 1)``: a tuple's entries, as many as its value on meta tensors has (fixed
+        for a product, which is built for one sample shape); a tensor is not iterated (its first axis is the
+        batch's). Without examples (the lazy build's options check) the trace is left to the first call.
+        """
+        if self.example_inputs is None:
+            if _returns_tuple(obj.node):
+                self.guessed_dtype = True
+            return super().iter(obj)
+        try:
+            value = self._value(obj.node)
+        except Exception:  # noqa: BLE001 - not computable on meta tensors: torch.fx's error
+            value = None
+        if isinstance(value, (tuple, list)):
+            return iter([obj[i] for i in range(len(value))])
+        return super().iter(obj)
+
     def getattr(self, attr, attr_val, parameter_proxy_cache):  # noqa: D102
         # A parameter's shape, size(), dim() and numel() are its own numbers, not traced values (a product is
         # built for the model's parameter shapes): ``self.W.view(*self.W.shape, 1, 1)`` traces. So for the
@@ -234,10 +287,11 @@ class Tracer(fx.Tracer):
         # ``operator.iadd``…; normalisation then rewrites them with aliases followed (Note [in-place ops]).
         # Grad mode on while tracing, whatever the caller's (a first call under ``torch.no_grad()``): a ``with
         # torch.no_grad():`` block in forward is then seen, and left out of every derivative (create_node).
-        saved = {name: fx.Proxy.__dict__.get(name) for name in (*_PROXY_INPLACE, "dtype")}
+        saved = {name: fx.Proxy.__dict__.get(name) for name in (*_PROXY_INPLACE, "dtype", "__len__")}
         for name, op in _PROXY_INPLACE.items():
             setattr(fx.Proxy, name, _inplace_method(op))
         fx.Proxy.dtype = property(_proxy_dtype)
+        fx.Proxy.__len__ = _proxy_len
         self._values, self._concrete_args = {}, dict(concrete_args or {})
         state = _module_state(root)
         self._torch_view, self._globals_seen = _TracedTorch(self), []
@@ -394,6 +448,7 @@ def _applier(cls) -> Callable:
             return _FUNCTION_APPLY.__get__(None, cls)(*args, **kwargs)
 
         apply.__name__ = apply.__qualname__ = f"apply_{cls.__name__}"
+        apply.function_class = cls  # read by the fallback (a backward it cannot differentiate again)
         _APPLIERS[cls] = apply
     return _APPLIERS[cls]
 
@@ -404,23 +459,27 @@ def _builtin(m: nn.Module) -> bool:
         m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
 
 
-def _default_args(model: nn.Module, n_inputs: Optional[int]) -> dict:
-    """``forward``'s parameters that have defaults and come after the inputs given: traced as constants (an
-    optional ``output_size=None`` must not become a graph input the product would then require).
+def _default_args(model: nn.Module, n_inputs: Optional[int], given: dict) -> dict:
+    """``given`` (the user's ``concrete_args``) and ``forward``'s parameters that have defaults and come after the
+    inputs, counted without those ``given`` fixes: traced as constants (an optional ``output_size=None`` must not
+    become a graph input the product would then require).
     """
     import inspect
 
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
-        return {}
-    out = {}
-    for i, p in enumerate(params):
+        return dict(given)
+    out, i = {}, 0
+    for p in params:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             break
+        if p.name in given:
+            continue
         if p.default is not p.empty and (n_inputs is None or i >= n_inputs):
             out[p.name] = p.default
-    return out
+        i += 1
+    return {**out, **given}
 
 
 def trace(model: nn.Module, leaf_modules: Sequence = (), concrete_args: Optional[dict] = None,
@@ -438,24 +497,35 @@ def trace(model: nn.Module, leaf_modules: Sequence = (), concrete_args: Optional
         _check_traceable(m)
     tracer = Tracer(leaf_modules, example_inputs)
     inner = _compiled_inner(model) or model
-    if concrete_args is None and not isinstance(model, fx.GraphModule):
-        concrete_args = _default_args(inner, n_inputs) or None
+    if not isinstance(model, fx.GraphModule):
+        concrete_args = _default_args(inner, n_inputs, concrete_args or {}) or None
     root = model
     # A root module is never "called", so neither its hooks nor torch.compile's wrapper nor a decomposition would
     # be seen: trace a call of it instead.
+    # A forward with *args or **kwargs is called the same way, with its named parameters only: a product passes
+    # its inputs one by one and no keyword arguments, so args is () and kwargs {} while tracing, as in the call.
+    variadic = _variadic(inner) if not isinstance(model, fx.GraphModule) else None
     if (decomposition_for(type(model)) is not None and not tracer.is_leaf_module(model, "")) or \
-            inner is not model or model._forward_hooks or model._forward_pre_hooks:
+            inner is not model or model._forward_hooks or model._forward_pre_hooks or variadic or \
+            type(inner).__call__ is not nn.Module.__call__:  # (a __call__ of its own runs too)
         root = _holder(model, inner)
     try:
         graph = tracer.trace(root, concrete_args=concrete_args)
-    except (fx.proxy.TraceError, TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError) as err:
+    except (fx.proxy.TraceError, TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError,
+            IndexError, KeyError) as err:
         builtin = type(model).__module__.startswith("torch.nn.")
         if root is model and not isinstance(model, fx.GraphModule) and (builtin or tracer.is_leaf_module(model, "")):
             # a built-in kept whole inside a net (nn.LSTM, nn.RNNCell, nn.Softmax2d) is traced into as the root
             raise TraceError(f"the model is a {type(model).__name__}, which fxjac keeps whole inside a net but "
                              f"cannot trace into as the model itself ({err}). Wrap it: nn.Sequential(model) (its "
                              "parameters are then named '0.<name>')") from err
-        raise TraceError(_trace_message(err)) from err
+        error = TraceError(_trace_message(err) if not variadic else (
+            f"torch.fx cannot trace this model: {err}\n{type(inner).__name__}.forward takes {variadic}, which is "
+            "empty while tracing, as in every call of a product: it passes the model's inputs one by one to "
+            "forward's named parameters, and no keyword arguments. Name the inputs forward reads (def forward("
+            "self, x, z))"))
+        error.guessed_dtype = tracer.guessed_dtype  # the lazy build's options check defers such a failure
+        raise error from err
     _drop_concrete_placeholders(graph, concrete_args or ())
     if root is not model:  # paths under the holder, ``inner.…``, become the model's own
         def own(path: str) -> str:
@@ -511,6 +581,34 @@ def _check_traceable(m: nn.Module) -> None:
             "once; fxjac.compile hands it to torch.compile)")
 
 
+def input_names(model: nn.Module, concrete_args: Optional[dict] = None) -> Optional[list]:
+    """The inputs a trace of ``model`` takes: ``forward``'s named parameters without a default that
+    ``concrete_args`` does not fix (as :func:`trace` makes placeholders), or None where inspect cannot read the
+    signature.
+    """
+    import inspect
+
+    inner = _compiled_inner(model) or model
+    try:
+        params = list(inspect.signature(inner.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.default is p.empty and p.name not in (concrete_args or {})]
+
+
+def _variadic(model: nn.Module) -> Optional[str]:
+    """``"*args"`` or ``"**kwargs"`` where ``model.forward`` takes one (the first), else None."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return next((("*" if p.kind is p.VAR_POSITIONAL else "**") + p.name for p in params
+                 if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)), None)
+
+
 def _holder(model: nn.Module, inner: nn.Module) -> nn.Module:
     """A module whose forward calls ``model`` with the parameters of ``inner.forward`` (``model`` itself, or the
     module torch.compile wrapped), so the tracer's module hook sees the call: ``model``'s hooks run, and its
@@ -518,11 +616,13 @@ def _holder(model: nn.Module, inner: nn.Module) -> nn.Module:
     """
     import inspect
 
-    names = [p.name for p in inspect.signature(inner.forward).parameters.values()
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    params = inspect.signature(inner.forward).parameters.values()
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    keywords = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
     scope: dict = {}
-    arglist = ", ".join(names)
-    exec(f"def forward(self, {arglist}):\n    return self.inner({arglist})\n", scope)  # noqa: S102
+    signature = ", ".join(names + (["*"] + keywords if keywords else []))
+    call = ", ".join(names + [f"{k}={k}" for k in keywords])
+    exec(f"def forward(self, {signature}):\n    return self.inner({call})\n", scope)  # noqa: S102
     holder_cls = type("Holder", (nn.Module,), {"forward": scope["forward"]})
     holder = holder_cls()
     holder.inner = model
@@ -559,9 +659,10 @@ def _trace_message(err: Exception) -> str:
         return (f"torch.fx cannot trace this model: it packs sequences ({err}){where}\n"
                 "A PackedSequence is made from the lengths' values, which tracing does not see, and torch.func "
                 "(the autograd fallback) cannot differentiate an RNN over one either. Run the RNN on the padded "
-                "batch instead and read each sequence's last valid step, out[torch.arange(B), lengths - 1]: a "
-                "forward-direction RNN's outputs there do not depend on the padding after them (a reverse "
-                "direction's do).")
+                "batch instead and read each sequence's last valid step, out.gather(1, (lengths - 1).view(-1, 1, "
+                "1).expand(-1, 1, out.shape[-1])).squeeze(1) (out[torch.arange(B), lengths - 1] too, but an index "
+                "across the batch axis has no diagonal back-propagation): a forward-direction RNN's outputs there "
+                "do not depend on the padding after them (a reverse direction's do).")
     if any("/torch/_functorch/" in f.filename for f in frames) or "functorch" in str(err):
         return (f"torch.fx cannot trace this model: {err}{where}\n"
                 "Hint: forward takes a derivative itself (torch.func.grad, vmap, jacrev…), which torch.fx cannot "
@@ -571,8 +672,15 @@ def _trace_message(err: Exception) -> str:
                 "leaf_modules=[type(model)].")
     if "cannot be iterated" in str(err) and re.search(r"[(,]\s*\*(?!\*)\s*[\w.]", line):  # f(*value)
         return (f"torch.fx cannot trace this model: {err}{where}\n"
-                "Hint: a traced value cannot be unpacked into a call (f(*torch.linalg.slogdet(a))): name its parts "
-                "(sign, logabs = torch.linalg.slogdet(a)) or index them (r[0], r[1]).")
+                "Hint: a tensor cannot be unpacked into a call (f(*h) iterates over its first axis, the batch's; a "
+                "tuple of tensors can: f(*torch.linalg.slogdet(a))): split it along another axis (f(*h.unbind(1))) "
+                "or index its parts (h[:, 0], h[:, 1]).")
+    if user and frames[-1] is user[-1] and re.match(r"\s*(raise|assert)\b", line):
+        return (f"torch.fx cannot trace this model: forward's own check raised {type(err).__name__}: {err}{where}\n"
+                "Hint: while torch.fx traces forward, its inputs are torch.fx Proxies, not tensors "
+                "(isinstance(x, torch.Tensor) is False for them) and their sizes are traced values (a dtype is read "
+                "from example_inputs=, without them from the model's parameters). Skip such a check while "
+                "tracing: if not torch.fx._symbolic_trace.is_fx_symbolic_tracing(): ...")
     if isinstance(err, TypeError) and user and frames[-1] is user[-1]:
         # A tensor's own method (a C function) refused a traced size: the tensor itself is a real one, made from
         # constants while tracing, so torch.fx never saw the call.
@@ -584,7 +692,7 @@ def _trace_message(err: Exception) -> str:
     return (f"torch.fx cannot trace this model: {err}{where}\n"
             "Hint: torch.fx traces sizes symbolically, so a size used as a Python number (range(x.shape[1]), "
             "int(x.shape[0] / n), len(x), list(x.shape), a branch or assert on a shape), data-dependent control "
-            "flow, .item() and iterating over a tensor (for t in x.unbind(1)) cannot be traced. Keep sizes in "
+            "flow, .item() and iterating over a tensor (for row in x) cannot be traced. Keep sizes in "
             "tensor ops (x.flatten(1), x.unflatten(-1, (h, d)), x.reshape(x.shape[0], -1)), or name the submodule "
             "that does it in leaf_modules=[...] (fxjac then differentiates it with the autograd fallback; the "
             "model itself cannot be its own leaf), or pass concrete_args=.")
@@ -954,6 +1062,14 @@ def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
     return node.args[i] if len(node.args) > i else default
 
 
+def _drops_out(leaf: nn.Module) -> bool:
+    """A leaf module (kept whole) in training mode with active dropout inside: an RNN's between its layers, or a
+    Dropout submodule.
+    """
+    return any(m.training and (isinstance(m, nn.RNNBase) and m.dropout > 0 and m.num_layers > 1
+                               or isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0) for m in leaf.modules())
+
+
 def check_modes(gm: fx.GraphModule) -> None:
     """Refuse training-mode BatchNorm and active Dropout (their outputs are not functions of one sample), and
     random draws in the forward.
@@ -972,6 +1088,9 @@ def check_modes(gm: fx.GraphModule) -> None:
         elif n.target is F.batch_norm and _arg(n, 5, "training", False):
             bad.append(n)
         elif n.target in (F.rrelu, torch.rrelu) and _arg(n, 3, "training", False):
+            bad.append(n)
+        elif n.target is module_call and isinstance(n.args[0], fx.Node) and _drops_out(
+                gm.get_submodule(n.args[0].target)):
             bad.append(n)
     if bad:
         raise ModeError("the model is in training mode: active Dropout, RReLU's random slopes or BatchNorm "

@@ -189,11 +189,18 @@ class Builder:
         return next(n for n in reversed(self.src.graph.nodes) if n.op == "output")
 
     def batch_size(self) -> Optional[fx.Node]:
-        """A new-graph node holding the batch size (dim 0 of the first input), emitted once."""
+        """A new-graph node holding the batch size (dim 0 of the first tensor input), emitted once."""
         if self.batch is None:
-            first = next((n for n in self.src.graph.nodes if n.op == "placeholder"), None)
+            inputs = [n for n in self.src.graph.nodes if n.op == "placeholder"]
+            first = next((n for n in inputs if isinstance(n.meta.get("val"), torch.Tensor)
+                          and n.meta["val"].dim() > 0), inputs[0] if inputs else None)
             if first is None:
                 return None
+            if isinstance(first.meta.get("val"), (dict, list, tuple)):
+                raise BatchLayoutError(first, "per-sample results take the batch size from a tensor input, and the "
+                                              "model's inputs are containers (a dict or tuple of tensors): give "
+                                              "the model its tensors as separate arguments (a wrapper whose "
+                                              "forward(x, z) calls model({'x': x, 'z': z}))")
             self.batch = self.graph.create_node("call_method", "size", (self.env[first], 0), name="batch_size")
         return self.batch
 

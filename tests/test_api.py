@@ -1,5 +1,6 @@
 """The public contract: options, wrt selection, compile-once behaviour, errors."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -130,6 +131,8 @@ def test_wrt_errors_name_the_nearest_parameters():
         fxjac.vjp(model, wrt=["frozen"])
     with pytest.raises(ValueError):  # OptionError is a ValueError
         fxjac.jvp(model, wrt=42)
+    with pytest.raises(fxjac.OptionError, match="bad wrt entry 3"):  # a raw TypeError (probe GG)
+        fxjac.vjp(model, wrt=[3])
 
 
 def test_unflatten_follows_the_layout():
@@ -187,6 +190,52 @@ def test_output_selects_a_field_of_torch_return_types():
     assert_close(J, ref, "jacobian of output='values'")
     with pytest.raises(fxjac.OptionError, match="fields"):
         fxjac.jacobian(model, output="vals", example_inputs=(x,))
+
+
+@dataclasses.dataclass
+class _Out:
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+class _ReturnsDataclass(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(x)
+        return _Out(features=h, logits=self.lin(h))
+
+
+@pytest.mark.parametrize("output", ["logits", 0])
+def test_output_selects_a_field_of_a_dataclass(output):
+    # Probe GG: a dataclass output (HuggingFace's ModelOutput is one) was a TraceError ("not subscriptable").
+    torch.manual_seed(0)
+    model = _ReturnsDataclass().double()
+    x, w = randn(3, 4), randn(3, 3)
+    y, got = fxjac.vjp(model, output=output)(x, w)
+    ref, pull = torch.func.vjp(lambda u: model(u).logits, x)
+    assert_close(y, ref, "primal of the logits field")
+    assert_close(got, pull(w)[0], "vjp of the logits field")
+    _, J = fxjac.jacobian(model, output="features")(x)
+    assert_close(J, torch.func.vmap(torch.func.jacrev(lambda s: model(s[None]).features[0]))(x), "features' jacobian")
+
+
+class _ReturnsExtras(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x), 3, None, {"features": x}
+
+
+@pytest.mark.parametrize("output, what", [(1, "int"), (2, "NoneType"), (3, "dict")])
+def test_output_selecting_a_value_that_is_no_tensor_is_an_option_error(output, what):
+    # Probe GG: a raw AttributeError ("'int' object has no attribute 'meta'").
+    with pytest.raises(fxjac.OptionError, match=f"output={output} selects a value of type {what} from the model"):
+        fxjac.vjp(_ReturnsExtras().double(), output=output)(randn(3, 4), randn(3, 3))
 
 
 # --- fallback, strict, errors ------------------------------------------------------------------------------
@@ -888,6 +937,113 @@ def test_training_mode_after_the_build_is_a_mode_error():
     q(x, w)
 
 
+def test_a_recurrent_layers_dropout_in_training_mode_is_a_mode_error():
+    # A GRU kept whole (a leaf) with dropout between its layers: the error blamed samples depending on each other.
+    model = nn.Sequential(nn.GRU(3, 4, num_layers=2, dropout=0.5, batch_first=True)).double()
+    x = randn(2, 5, 3)
+    with pytest.raises(fxjac.ModeError, match="(?s)active Dropout.*leaf module GRU"):
+        fxjac.jvp(model, output=0)
+    p = fxjac.jvp(model.eval(), output=0)
+    ref = torch.func.jvp(lambda u: model(u)[0], (x,), (x,))[1]
+    assert_close(p(x, x)[1], ref, "jvp through the GRU in eval mode")
+    model.train()
+    with pytest.raises(fxjac.ModeError, match=r"'0' \(GRU\) is in training mode"):
+        p(x, x)
+
+
+class _DictInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, batch):
+        return self.fc(batch["x"]) * batch["z"]
+
+
+class _CountFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, n, x):
+        return self.fc(x) * n
+
+
+def test_per_sample_products_take_the_batch_size_from_a_tensor_input():
+    # The batch size was read from the first input: a raw AttributeError for a number or a dict there (probe GG).
+    torch.manual_seed(0)
+    x, z, w = randn(4, 3), torch.rand(4, 2, dtype=torch.float64), randn(4, 2)
+    model = _CountFirst().double()
+    _, got = fxjac.vjp(model, wrt="params", reduce="none", example_inputs=(3, x))(3, x, w)
+    ref = torch.cat([3 * torch.einsum("bo,bi->boi", w, x).flatten(1), 3 * w], 1)  # d(3 (W x + b)) / d(W, b)
+    assert_close(got, ref, "per-sample vjp")
+    model = _DictInput().double()
+    batch = {"x": x, "z": z}
+    _, got = fxjac.vjp(model, wrt="params")(batch, w)
+    ref = torch.func.vjp(lambda *p: torch.func.functional_call(model, dict(zip(("fc.weight", "fc.bias"), p)),
+                                                               (batch,)), model.fc.weight, model.fc.bias)[1](w)
+    assert_close(got, torch.cat([r.reshape(-1) for r in ref]), "summed vjp with a dict input")
+    with pytest.raises(fxjac.UnsupportedOpError, match="containers"):
+        fxjac.vjp(model, wrt="params", reduce="none")(batch, w)
+
+
+class _KeywordOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x, *, z):
+        return self.fc(x) * z
+
+
+class _Variadic(nn.Module):
+    """HuggingFace's style: optional inputs in ``**kwargs``, read with ``.get``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x, *args, **kwargs):
+        h = self.fc(x)
+        return h if kwargs.get("mask") is None else h * kwargs["mask"]
+
+
+class _ReadsArgs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, *inputs):
+        return self.fc(inputs[0]) * inputs[1]
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["built at the first call", "example_inputs"])
+def test_keyword_only_and_variadic_forward_parameters(lazy):
+    # A keyword-only input failed in the first call's check (the model called positionally); *args and **kwargs
+    # were product inputs (a missing operand, a wrong input count), and kwargs.get('mask') was a traced value,
+    # never None (probe GG). A product passes no keyword arguments: kwargs is {} and args () while tracing.
+    torch.manual_seed(0)
+    x, z, w = randn(4, 3), torch.rand(4, 2, dtype=torch.float64), randn(4, 2)
+    for model, inputs in ((_KeywordOnly().double(), (x, z)), (_Variadic().double(), (x,))):
+        y, got = fxjac.vjp(model, wrt="params", example_inputs=None if lazy else inputs)(*inputs, w)
+        scale = z if isinstance(model, _KeywordOnly) else 1.0
+        assert_close(y, model.fc(x) * scale, "primal")
+        assert_close(got, torch.cat([(w * scale).T.mm(x).flatten(), (w * scale).sum(0)]), "vjp w.r.t. parameters")
+    with pytest.raises(fxjac.TraceError, match=r"takes \*inputs, which is empty while tracing"):
+        fxjac.vjp(_ReadsArgs().double(), example_inputs=None if lazy else (x, z))
+
+
+def test_float_ids_for_a_product_built_on_integer_ids_are_a_shape_error():
+    # A raw RuntimeError from inside the embedding before (probe GG); any integer dtype is accepted.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2)).double()
+    ids, w = torch.randint(0, 10, (3, 3)), randn(3, 2)
+    p = fxjac.vjp(model, wrt="params")
+    assert_close(p(ids.int(), w)[1], p(ids, w)[1], "int32 ids")
+    with pytest.raises(fxjac.ShapeError, match="built for integer inputs"):
+        p(ids.double(), w)
+
+
 def test_concrete_args_other_than_the_defaults():
     class Twice(nn.Module):
         def __init__(self):
@@ -903,6 +1059,45 @@ def test_concrete_args_other_than_the_defaults():
     y_ref, t_ref = torch.func.jvp(lambda u: model(u, True), (x,), (v,))
     assert_close(y, y_ref, "primal with double=True")
     assert_close(t, t_ref, "jvp with double=True")
+
+
+class _Options(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x, scale=2.0, mask=None, mode="plain"):
+        h = self.fc(x) * scale
+        if mode == "tanh":
+            h = torch.tanh(h)
+        return h if mask is None else h * mask
+
+
+@pytest.mark.parametrize("given, inputs", [({"scale": 3.0}, 1), ({"mode": "tanh"}, 1), ({"scale": 3.0}, 2)],
+                         ids=["a number", "a string", "a number before a tensor input"])
+@pytest.mark.parametrize("lazy", [True, False], ids=["built at the first call", "example_inputs"])
+def test_concrete_args_leave_the_other_defaults_traced_as_defaults(given, inputs, lazy):
+    # concrete_args= for one argument made every other defaulted argument a graph input: the operand w went into
+    # mask, and a string flag was a TraceError.
+    torch.manual_seed(0)
+    model = _Options().double()
+    xs = (randn(4, 3), torch.rand(4, 2, dtype=torch.float64))[:inputs]
+    w = randn(4, 2)
+    p = fxjac.vjp(model, wrt="params", concrete_args=given, example_inputs=None if lazy else xs)
+    if lazy and inputs == 2:  # a defaulted argument is an input only when example_inputs= gives it
+        with pytest.raises(TypeError, match="among example_inputs"):
+            p(*xs, w)
+        return
+    y, got = p(*xs, w)
+    names = ("x", "mask")[:inputs]
+
+    def f(*params):
+        return torch.func.functional_call(model, dict(zip(("fc.weight", "fc.bias"), params)), (),
+                                          dict(zip(names, xs), **given))
+
+    ref, pull = torch.func.vjp(f, model.fc.weight.detach(), model.fc.bias.detach())
+    assert_close(y, ref, "primal")
+    assert_close(got, torch.cat([g.reshape(-1) for g in pull(w)]), "vjp w.r.t. the parameters")
 
 
 def test_output_on_a_tensor_output_is_refused():

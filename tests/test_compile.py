@@ -448,6 +448,37 @@ def test_fallback_tangents_of_several_columns_compile(name, options, operand):
         _close(compiled(x, m)[1], p(x, m)[1])
 
 
+class _SpectralConv(nn.Module):
+    """A Fourier layer (FNO): the lowest modes of rfft2 times a weight, written into zeros, back through irfft2."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2, 2))
+
+    def forward(self, x):
+        xf = torch.fft.rfft2(x)
+        out = torch.zeros_like(xf)
+        out[:, :2, :2] = xf[:, :2, :2] * self.w
+        return torch.fft.irfft2(out, s=(4, 4))
+
+
+@pytest.mark.parametrize("wrt", ["params", "input"])
+def test_fallback_cotangent_of_one_column_compiles_with_a_symbolic_batch(wrt):
+    # vmap over one cotangent column through index_put and irfft2's derivatives failed in dynamo's fake tensors
+    # with a symbolic batch size (probe FF); one column is now one call, no vmap.
+    torch.manual_seed(0)
+    model = _SpectralConv().double()
+    p = fxjac.vjp(model, wrt=wrt)
+    p(torch.randn(2, 4, 4, dtype=torch.float64), torch.randn(2, 4, 4, dtype=torch.float64))
+    torch._dynamo.reset()
+    compiled = torch.compile(p, backend="eager", fullgraph=True, dynamic=True)
+    for batch in BATCHES:
+        x, w = torch.randn(batch, 4, 4, dtype=torch.float64), torch.randn(batch, 4, 4, dtype=torch.float64)
+        ref, pull = torch.func.vjp(lambda *a: torch.func.functional_call(model, {"w": a[0]}, (a[1],)), model.w, x)
+        got = compiled(x, w)[1]
+        _close(got, pull(w)[0 if wrt == "params" else 1].reshape(got.shape))
+
+
 def test_many_products_compiled_in_one_process():
     # torch.compile(product) compiles the product's __call__; dynamo keeps at most 8 versions per code object, so
     # a shared __call__ made the 9th compiled product of a process fail under fullgraph=True.

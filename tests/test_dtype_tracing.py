@@ -87,3 +87,95 @@ def test_torch_tensor_of_a_traced_size():
     assert_close(got, torch.einsum("boi,bo->bi", J, w), "vjp through torch.tensor(h.shape[-1])")
     _, got = fxjac.jvp(model)(x, x)
     assert_close(got, torch.einsum("boi,bi->bo", J, x), "jvp through torch.tensor(h.shape[-1])")
+
+
+class _ChecksIds(nn.Module):
+    """Checks its token input's dtype; mean-pooled embeddings and a second, float input."""
+
+    def __init__(self, untraceable=False):
+        super().__init__()
+        self.emb, self.lin = nn.Embedding(10, 4), nn.Linear(4, 3)
+        self.untraceable = untraceable
+
+    def forward(self, ids, x):
+        if ids.dtype != torch.long:
+            raise TypeError("ids must be torch.long")
+        h = self.emb(ids).mean(1) + x
+        if self.untraceable:
+            h = h * len(x)  # a traced size as a Python number
+        return self.lin(h)
+
+
+def test_a_dtype_check_on_an_integer_input_waits_for_the_first_call():
+    # Built without example_inputs, the options check traces with the model's floating dtype standing in for
+    # every input's: that trace raised here, at construction; the first call now traces with the real dtypes.
+    torch.manual_seed(0)
+    model = _ChecksIds().double()
+    ids, x = torch.randint(0, 10, (3, 5)), torch.randn(3, 4, dtype=torch.float64)
+    w = torch.randn(3, 3, dtype=torch.float64)
+    p = fxjac.vjp(model, wrt="params", reduce="none")
+    y, got = p(ids, x, w)
+    assert_close(y, model(ids, x), "primal")
+    f, flat = param_fn(model, (ids, x))
+    J = torch.func.jacrev(f)(flat).reshape(3, 3, -1)
+    assert_close(got, torch.einsum("bop,bo->bp", J, w), "per-sample vjp after a dtype check")
+    _, got = fxjac.jvp(model, wrt="input:1")(ids, x, w[:, :1].expand(3, 4))
+    assert_close(got, model.lin(w[:, :1].expand(3, 4)) - model.lin.bias, "jvp w.r.t. the float input")
+    with pytest.raises(fxjac.OptionError, match="input:2"):  # the inputs were still counted at construction
+        fxjac.jvp(model, wrt="input:2")
+    with pytest.raises(fxjac.TraceError, match="len"):  # a model that cannot be traced fails at its first call
+        fxjac.vjp(_ChecksIds(untraceable=True).double(), wrt="params")(ids, x, w)
+
+
+class _ChecksTensor(nn.Module):
+    def __init__(self, skip_while_tracing):
+        super().__init__()
+        self.lin, self.skip = nn.Linear(4, 3), skip_while_tracing
+
+    def forward(self, x):
+        tracing = self.skip and torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+        if not tracing and not isinstance(x, torch.Tensor):
+            raise TypeError("x must be a tensor")
+        return self.lin(x)
+
+
+def test_forward_checking_for_a_tensor_gets_a_hint_that_works():
+    with pytest.raises(fxjac.TraceError, match="forward's own check raised TypeError(.|\n)*is_fx_symbolic_tracing"):
+        fxjac.vjp(_ChecksTensor(False))
+    model = _ChecksTensor(True).double()
+    x, w = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    _, got = fxjac.vjp(model)(x, w)
+    assert_close(got, w @ model.lin.weight, "vjp once the check is skipped while tracing")
+
+
+class _IteratesChunks(nn.Module):
+    """Iterates over tuples of tensors: chunks, splits, and a GRU cell stepped over ``x.unbind(1)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.cell, self.out = nn.Linear(3, 6), nn.GRUCell(6, 4), nn.Linear(4, 2)
+
+    def forward(self, x):  # [B, T, 3]
+        h = self.a(x)
+        h = torch.cat([t.sin() * (i + 1) for i, t in enumerate(torch.chunk(h, 3, -1))], -1)
+        h = torch.cat([p.tanh() for p in h.split(4, dim=-1)][::-1], -1)
+        state = torch.zeros(x.shape[0], 4, dtype=x.dtype, device=x.device)
+        for step in h.unbind(1):
+            state = self.cell(step, state)
+        return self.out(state)
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["built at the first call", "example_inputs"])
+def test_iterating_over_a_tuple_of_tensors(lazy):
+    # "Proxy object cannot be iterated" (probe MM): the tuple's length is read from its value on meta tensors.
+    torch.manual_seed(0)
+    model = _IteratesChunks().double()
+    x, w = torch.randn(3, 5, 3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    with pytest.warns(UserWarning):  # the GRU cell's fallback
+        p = fxjac.vjp(model, example_inputs=None if lazy else (x,))
+        y, got = p(x, w)
+    ref, pull = torch.func.vjp(model, x)
+    assert_close(y, ref, "primal")
+    assert_close(got, pull(w)[0], "vjp through the iterations")
+    assert_close(p(x[:2], w[:2])[1], pull(w * torch.tensor([[1.0], [1.0], [0.0]], dtype=torch.float64))[0][:2],
+                 "another batch size")

@@ -36,6 +36,18 @@ def test_ggn_against_dense(name, loss):
     assert_close(dn, torch.diagonal(G, dim1=-2, dim2=-1), f"ggn[{name}, {loss}] diag per sample")
 
 
+@pytest.mark.parametrize("name,loss", [("mlp", "cross_entropy"), ("cnn", "cross_entropy"), ("unet", "mse")])
+def test_ggn_with_respect_to_the_input_is_each_samples(name, loss):
+    # The pull-back of the loss Hessian to the input space (a data-space metric), one per sample.
+    model, _ = zoo.build(name)
+    xs = zoo.example_inputs(name, 2)
+    J = per_sample_jacobian(model, xs)  # [B, O, I]
+    G = torch.einsum("boi,boq,bqj->bij", J, loss_hessian(model(*xs).detach(), loss), J)
+    assert_close(fxjac.ggn(model, loss=loss, wrt="input", out="full")(*xs)[1], G, f"input ggn[{name}] full")
+    assert_close(fxjac.ggn(model, loss=loss, wrt="input")(*xs)[1], torch.diagonal(G, dim1=-2, dim2=-1),
+                 f"input ggn[{name}] diag")
+
+
 def test_ggn_gaussian_nll_and_sigma_and_spatial_cross_entropy():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 4), nn.Unflatten(1, (2, 2))).double()

@@ -19,6 +19,7 @@ from reference import (
     assert_close,
     check_direction_products,
     check_metric_products,
+    param_fn,
     per_sample_jacobian,
     rel_err,
 )
@@ -153,6 +154,22 @@ def test_packing_sequences_is_a_trace_error_that_says_what_to_do_instead():
         fxjac.vjp(Packed().double(), wrt="params", example_inputs=(x, lengths))
     msg = str(err.value)
     assert "packs sequences" in msg and "pack_padded_sequence(x, lengths" in msg and "lengths - 1" in msg
+
+    class Padded(nn.Module):  # the hint's form (its index form raised under diagonal back-propagation: probe EE)
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.out = nn.GRU(4, 5, batch_first=True), nn.Linear(5, 2)
+
+        def forward(self, x, lengths):
+            out, _ = self.rnn(x)
+            return self.out(out.gather(1, (lengths - 1).view(-1, 1, 1).expand(-1, 1, out.shape[-1])).squeeze(1))
+
+    model = Padded().double()
+    J = per_sample_jacobian(model, (x, lengths), "params")
+    assert_close(fxjac.ggn(model, loss="mse")(x, lengths)[1], torch.einsum("bop,bop->p", J, J), "exact diagonal")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the GRU's fallback
+        assert torch.isfinite(fxjac.ggn(model, loss="mse", method="diag_backprop")(x, lengths)[1]).all()
 
 
 def test_value_dependent_loop_in_the_root_module_is_a_trace_error():
@@ -576,6 +593,37 @@ def test_sequence_first_values_take_the_structured_rules():
         build()(x, *(() if operand is None else (operand,)))
 
 
+class _PaddedEncoder(nn.Module):
+    """nn.TransformerEncoder with its default enable_nested_tensor=True and a key padding mask."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True)
+        self.enc, self.out = nn.TransformerEncoder(layer, 1), nn.Linear(8, 3)
+
+    def forward(self, x, pad):
+        return self.out(self.enc(x, src_key_padding_mask=pad))
+
+
+def test_a_padded_encoder_checks_its_primal_against_the_differentiable_path():
+    # Without autograd the encoder runs on nested tensors and returns 0 at padded positions; its differentiable
+    # path (what fxjac traces and torch.func differentiates) returns values there. The first call's check
+    # compared with the former only and raised a TraceError blaming an in-place mutation (probe EE).
+    torch.manual_seed(0)
+    model = _PaddedEncoder().double().eval()
+    x, w = randn(3, 5, 8), randn(3, 5, 3, seed=1)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[0, -2:] = True
+    names = [n for n, _ in model.named_parameters()]
+    ref, pull = torch.func.vjp(lambda *p: functional_call(model, dict(zip(names, p)), (x, pad)),
+                               *[p.detach() for p in model.parameters()])
+    with torch.no_grad():
+        assert (model(x, pad) - ref)[0, -2:].abs().max() > 0.1  # the nested path differs at the padding
+    y, got = fxjac.vjp(model, wrt="params")(x, pad, w)
+    assert_close(y, ref, "primal of the differentiable path")
+    assert_close(got, torch.cat([g.reshape(-1) for g in pull(w)]), "vjp w.r.t. the parameters")
+
+
 # --- training mode -----------------------------------------------------------------------------------------
 
 
@@ -898,6 +946,46 @@ class _StraightThrough(torch.autograd.Function):
         return t
 
 
+class _GradientReversal(torch.autograd.Function):
+    """Domain-adversarial training's layer: the identity whose derivatives are declared -0.5 times it; no vmap
+    rule (neither a vmap staticmethod nor generate_vmap_rule), so torch.func cannot vmap over it."""
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return -0.5 * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        return -0.5 * t
+
+
+class _OnceDifferentiable(torch.autograd.Function):
+    """exp with a ``@once_differentiable`` backward and no jvp: no tangents from the vjp of its vjp."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.exp()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        return g * ctx.saved_tensors[0].exp()
+
+
 class _OldStyle(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -917,9 +1005,11 @@ class _WithFunction(nn.Module):
         return self.b(self.fn.apply(3.0 * self.a(x)))
 
 
-@pytest.mark.parametrize("fn", [_SoftplusFn, _StraightThrough], ids=["softplus", "straight_through"])
+@pytest.mark.parametrize("fn", [_SoftplusFn, _StraightThrough, _GradientReversal],
+                         ids=["softplus", "straight_through", "without a vmap rule"])
 def test_custom_autograd_function_uses_its_own_derivatives(fn):
-    """Traced op by op, a Function's forward ran without recording: every derivative through it was silently 0."""
+    """Traced op by op, a Function's forward ran without recording: every derivative through it was silently 0.
+    Without a vmap rule, the forward products raised torch's RuntimeError (probe FF): one column at a time."""
     torch.manual_seed(0)
     model = _WithFunction(fn).double()
     x, w, v = randn(3, 4), randn(3, 3, seed=1), randn(3, 4, seed=2)
@@ -934,6 +1024,139 @@ def test_custom_autograd_function_uses_its_own_derivatives(fn):
     J = torch.stack([torch.autograd.functional.jacobian(lambda a: model(a[None])[0], x[b]) for b in range(3)])
     _, d = fxjac.jtmjp(model, out="diag")(x)
     assert_close(d, (J * J).sum(1), "J^T J's diagonal through it")
+    f, flat = param_fn(model, (x,))
+    Jp = torch.func.jacrev(f)(flat).reshape(3, 3, -1)  # [B, O, P]: the Function's backward
+    sigma = torch.rand(flat.numel(), dtype=torch.float64)
+    _, got = fxjac.jmjtp(model, wrt="params", matrix="diag")(x, sigma)
+    assert_close(got, torch.einsum("bop,p,bqp->boq", Jp, sigma, Jp), "J Σ Jᵀ (forward mode) through it")
+    _, got = fxjac.jvp(model, wrt="params")(x, sigma)
+    assert_close(got, torch.einsum("bop,p->bo", Jp, sigma), "parameter jvp through it")
+
+
+@torch.library.custom_op("fxjac_tests::soft_tanh", mutates_args=())
+def _soft_tanh(x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(x)
+
+
+_soft_tanh.register_fake(lambda x: torch.empty_like(x))
+_soft_tanh.register_autograd(lambda ctx, g: g * (1 - torch.tanh(ctx.x) ** 2),
+                             setup_context=lambda ctx, inputs, output: setattr(ctx, "x", inputs[0]))
+
+
+class _CustomOpLeaf(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.lin, self.act = nn.Linear(4, 4), act
+
+    def forward(self, h):
+        return self.act(self.lin(h)) + h
+
+
+class _WithCustomOp(nn.Module):
+    def __init__(self, act, leaf):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.mid = _CustomOpLeaf(act) if leaf else nn.Sequential(nn.Linear(4, 4), _Act(act))
+
+    def forward(self, x):
+        return self.b(self.mid(self.a(x)))
+
+
+class _Act(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.act = act
+
+    def forward(self, h):
+        return self.act(h)
+
+
+@pytest.mark.parametrize("leaf", [False, True], ids=["the op", "inside a leaf module"])
+def test_a_torch_library_custom_op_is_differentiated_by_autograd(leaf):
+    # torch.func runs no derivative a custom op registers: forward-mode products through one were zeros, silently,
+    # and the reverse ones raised its RuntimeError (probe HH). Now torch.autograd differentiates it.
+    torch.manual_seed(0)
+    model = _WithCustomOp(_soft_tanh, leaf).double()
+    ref = _WithCustomOp(torch.tanh, leaf).double()
+    ref.load_state_dict(model.state_dict())
+    x, v, w = randn(3, 3), randn(3, 3, seed=1), randn(3, 2, seed=2)
+    opts = {"leaf_modules": [_CustomOpLeaf]} if leaf else {}
+    J = per_sample_jacobian(ref, (x,))
+    Jp = per_sample_jacobian(ref, (x,), "params")
+    sigma = torch.rand(Jp.shape[-1], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's
+        assert_close(fxjac.jvp(model, **opts)(x, v)[1], torch.einsum("boi,bi->bo", J, v), "jvp")
+        assert_close(fxjac.vjp(model, **opts)(x, w)[1], torch.einsum("boi,bo->bi", J, w), "vjp")
+        assert_close(fxjac.vjp(model, wrt="params", reduce="none", **opts)(x, w)[1],
+                     torch.einsum("bop,bo->bp", Jp, w), "per-sample vjp")
+        assert_close(fxjac.jmjtp(model, wrt="params", matrix="diag", **opts)(x, sigma)[1],
+                     torch.einsum("bop,p,bqp->boq", Jp, sigma, Jp), "J Σ Jᵀ")
+        assert_close(fxjac.jtmjp(model, wrt="params", out="diag", **opts)(x)[1],
+                     torch.einsum("bop,bop->p", Jp, Jp), "diagonal of Jᵀ J")
+        assert_close(fxjac.jtmjp(model, wrt="params", out="diag", method="diag_backprop", **opts)(x)[1],
+                     fxjac.jtmjp(ref, wrt="params", out="diag", method="diag_backprop", **opts)(x)[1],
+                     "diagonal back-propagation")
+
+
+class _CountsCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, h):
+        self.calls += 1
+        return torch.tanh(self.lin(h))
+
+
+@pytest.mark.parametrize("build", [lambda m, o: fxjac.vjp(m, **o), lambda m, o: fxjac.jvp(m, **o),
+                                   lambda m, o: fxjac.vjp(m, wrt="params", reduce="none", **o)],
+                         ids=["vjp", "jvp", "per-sample vjp"])
+def test_a_leaf_module_updating_a_buffer_is_refused_with_the_cause(build):
+    # torch.func's raw RuntimeError ("attempted to call in-place operation ... mutate a captured Tensor"), or
+    # wrapped with a hint about indices across the batch (probe HH); traced, the same module works.
+    model = nn.Sequential(nn.Linear(3, 3), _CountsCalls()).double()
+    x = randn(2, 3)
+    with pytest.raises(fxjac.UnsupportedOpError, match="leaf module _CountsCalls writes to a tensor it does not"):
+        build(model, {"leaf_modules": [_CountsCalls]})(x, x)
+    J = per_sample_jacobian(nn.Sequential(model[0], model[1].lin, nn.Tanh()), (x,))  # torch.func: no counter
+    assert_close(fxjac.vjp(model)(x, x)[1], torch.einsum("boi,bo->bi", J, x), "traced, the vjp")
+
+
+def test_a_once_differentiable_function_without_jvp_refuses_tangents():
+    # The vjp of its vjp, fxjac's tangents for an op without forward mode, was zero, silently (probe HH).
+    torch.manual_seed(0)
+    model = _WithFunction(_OnceDifferentiable).double()
+    x, w = randn(3, 4), randn(3, 3, seed=1)
+    with pytest.raises(fxjac.UnsupportedOpError, match="_OnceDifferentiable: .*once_differentiable"):
+        fxjac.jvp(model)(x, x)
+    x_ = x.clone().requires_grad_()
+    (model(x_) * w).sum().backward()
+    assert_close(fxjac.vjp(model)(x, w)[1], x_.grad, "the reverse products work")
+
+
+class _OldStyleLeaf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+
+    def forward(self, h):
+        return _OldStyle.apply(self.lin(h))
+
+
+def test_old_style_autograd_function_inside_a_leaf_module_is_differentiated_by_autograd():
+    # torch.func's raw RuntimeError ("must override the setup_context staticmethod") before (probe HH).
+    torch.manual_seed(0)
+    model = nn.Sequential(_OldStyleLeaf(), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, w = randn(3, 4), randn(3, 3, seed=1)
+    J = per_sample_jacobian(nn.Sequential(model[0].lin, _Act(lambda h: 2 * h), *model[1:]), (x,), "params")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's
+        _, got = fxjac.vjp(model, wrt="params", reduce="none", leaf_modules=[_OldStyleLeaf])(x, w)
+        assert_close(got, torch.einsum("bop,bo->bp", J, w), "per-sample vjp")
+        _, got = fxjac.jvp(model, wrt="params", leaf_modules=[_OldStyleLeaf])(x, w[:, :1].expand(3, J.shape[-1]))
+        assert_close(got, torch.einsum("bop,bp->bo", J, w[:, :1].expand(3, J.shape[-1])), "per-sample jvp")
 
 
 def test_old_style_autograd_function_is_a_trace_error_and_checkpointing_is_traced_through():
@@ -1812,6 +2035,31 @@ def test_per_sample_fallback_failures_are_explained():
     assert_close(fxjac.ggn(model, loss="mse")(x)[1], torch.einsum("bop,bop->p", J, J), "exact ggn diagonal")
 
 
+class _SpectralConv(nn.Module):
+    """A Fourier layer (FNO): the lowest modes of rfft2 times a weight, back through irfft2."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2, 2))
+
+    def forward(self, x):  # [B, 4, 4]
+        xf = torch.fft.rfft2(x)
+        out = torch.zeros_like(xf)
+        out[:, :2, :2] = xf[:, :2, :2] * self.w
+        return torch.fft.irfft2(out, s=(4, 4))
+
+
+def test_diagonal_backprop_through_complex_values_names_the_cause_and_the_line():
+    # The message blamed indices across the batch axis and named no source line (probes EE, FF); at call time
+    # an UnsupportedOpError now ends with the model's line of the op that raised it.
+    torch.manual_seed(0)
+    model, x = _SpectralConv().double(), randn(3, 4, 4)
+    with pytest.raises(fxjac.UnsupportedOpError, match="(?s)real tensors only.*method='exact'.*at File.*irfft2"):
+        fxjac.ggn(model, loss="mse", method="diag_backprop")(x)
+    J = per_sample_jacobian(model, (x,), "params")
+    assert_close(fxjac.ggn(model, loss="mse")(x)[1], torch.einsum("bop,bop->p", J, J), "exact ggn diagonal")
+
+
 class _RowPerSampleBuffer(nn.Module):
     """A buffer with one row per sample (a decoder's fixed memory) read through a Linear, then met by the input."""
 
@@ -2164,10 +2412,72 @@ def test_hooks_of_the_root_module_are_traced_and_a_hook_added_later_is_stale():
     w = randn(3, 3, seed=1)
     p(x, w)
     handle = model.a.register_forward_hook(lambda m, a, out: out * 2)
-    with pytest.raises(fxjac.StaleProductError, match="forward hooks of the model's submodule 'a'"):
+    with pytest.raises(fxjac.StaleProductError, match="submodule 'a' changed since this product was built: its"):
         p(x, w)
     handle.remove()
     p(x, w)  # as built again
+
+
+class _Double(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def _appended(m):
+    m.append(nn.Linear(2, 2).double())
+
+
+def _parametrized(m):
+    torch.nn.utils.parametrize.register_parametrization(m[0], "weight", _Double())
+
+
+def _bias_removed(m):
+    m[2].bias = None
+
+
+def _bias_given(m):
+    m[0].bias = nn.Parameter(torch.ones(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("change, what", [(_appended, "its length, 3 then 4"), (_parametrized, "its class"),
+                                          (_bias_removed, "its parameters"), (_bias_given, "its parameters")],
+                         ids=["appended", "parametrized", "bias removed", "bias given"])
+def test_a_module_changed_in_place_after_the_build_is_stale(change, what):
+    # Each of these kept every module in its place, so the product went on computing the model as built: the
+    # output of three layers where the model now has four, a gradient named '0.weight' that is now the
+    # parametrization's 'original' (half of it), a gradient for a bias that is gone, or none for a new one.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5, bias=change is not _bias_given), nn.Tanh(), nn.Linear(5, 2)).double()
+    x, w = randn(4, 3), randn(4, 2, seed=1)
+    p = fxjac.vjp(model, wrt="params")
+    p(x, w)
+    change(model)
+    with pytest.raises(fxjac.StaleProductError, match=f"changed since this product was built: {what}"):
+        p(x, w)
+    y, got = fxjac.vjp(model, wrt="params")(x, w)  # built again: the model as it is now
+    assert_close(y, model(x), "primal after the change")
+    f, flat = param_fn(model, (x,))
+    assert_close(got, torch.func.vjp(f, flat)[1](w)[0], "vjp after the change")
+
+
+class _CallsDoubled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(x)
+
+    def __call__(self, x):
+        return super().__call__(2 * x)
+
+
+def test_a_root_with_its_own_call_method_is_traced_through_it():
+    # forward alone was traced, then the first call's check refused the product blaming a mutation (probe HH).
+    model, x, w = _CallsDoubled().double(), randn(3, 3), randn(3, 2, seed=1)
+    y, got = fxjac.vjp(model)(x, w)
+    assert_close(y, model(x), "primal")
+    assert_close(got, 2 * w @ model.lin.weight, "vjp through __call__'s doubling")
 
 
 class _HookedRoot(nn.Module):
@@ -2297,12 +2607,31 @@ class _SlogdetProduct(nn.Module):
         return sign * logabs
 
 
-def test_a_tuple_result_unpacked_into_a_call_says_to_name_its_parts():
-    # Probe DD: f(*torch.linalg.slogdet(a)) got the hint about sizes; naming the parts traces and is exact.
+class _UnpacksATensor(nn.Module):
+    def forward(self, x):
+        return torch.mul(*x)
+
+
+class _UnpacksSlogdet(nn.Module):
+    """Reads no dtype: the lazy build's options check guesses nothing but the tuple's length."""
+
+    def forward(self, x):
+        a = x.view(-1, 2, 2) @ x.view(-1, 2, 2).mT
+        return torch.mul(*torch.linalg.slogdet(a + 2 * a.diagonal(0, -2, -1).diag_embed()))
+
+
+def test_a_tuple_result_unpacked_into_a_call_traces_and_a_tensor_gets_a_hint():
+    # Probe DD: f(*torch.linalg.slogdet(a)) was a TraceError; probe MM: a tuple is iterated as many times as its
+    # value on meta tensors has entries. A tensor unpacked iterates over the batch: refused with a hint.
     x, v = randn(3, 4), randn(3, 4, seed=1)
-    with pytest.raises(fxjac.TraceError, match="name its parts"):
-        fxjac.jvp(_SlogdetProduct(True))(x, v)
+    for unpack in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # slogdet: the fallback's warning
+            _, got = fxjac.jvp(_SlogdetProduct(unpack))(x, v)
+        assert_close(got, torch.func.jvp(_SlogdetProduct(False), (x,), (v,))[1], "jvp of sign · log|det|")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # slogdet: the fallback's warning
-        _, got = fxjac.jvp(_SlogdetProduct(False))(x, v)
-    assert_close(got, torch.func.jvp(_SlogdetProduct(False), (x,), (v,))[1], "jvp of sign · log|det|")
+        warnings.simplefilter("ignore")
+        _, got = fxjac.jvp(_UnpacksSlogdet())(x, v)
+    assert_close(got, torch.func.jvp(_UnpacksSlogdet(), (x,), (v,))[1], "jvp of f(*slogdet)")
+    with pytest.raises(fxjac.TraceError, match=r"f\(\*h\) iterates over its first axis"):
+        fxjac.jvp(_UnpacksATensor())(x, v)

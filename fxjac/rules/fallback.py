@@ -17,7 +17,7 @@ import math
 import torch
 import torch.fx as fx
 from torch.fx.node import _get_qualified_name
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from passes.protocol import ZERO, Rule, module_call
 
@@ -114,13 +114,25 @@ def _op(fn, args, kwargs, ctx=(), spec=True):
 
     def g(*primals):
         a, k = _fill((args, kwargs), primals, ctx)
-        if a and isinstance(a[0], torch.nn.RNNBase):  # a leaf RNN (module_call(module, ...))
-            # oneDNN's float32 LSTM keeps its backward's workspace for autograd only, not under torch.func's
-            # transforms ("Expected a proper Tensor ... 'workspace'"): ATen's own RNN kernels run here
-            with torch.backends.mkldnn.flags(enabled=False):
+        try:
+            if a and isinstance(a[0], torch.nn.RNNBase):  # a leaf RNN (module_call(module, ...))
+                # oneDNN's float32 LSTM keeps its backward's workspace for autograd only, not under torch.func's
+                # transforms ("Expected a proper Tensor ... 'workspace'"): ATen's own RNN kernels run here
+                with torch.backends.mkldnn.flags(enabled=False):
+                    out = _call(fn, a, k)
+            else:
                 out = _call(fn, a, k)
-        else:
-            out = _call(fn, a, k)
+        except RuntimeError as err:
+            if "mutate a captured Tensor" not in str(err):
+                raise
+            from ..errors import UnsupportedOpError
+
+            what = f"the leaf module {type(a[0]).__name__}" if a and isinstance(a[0], torch.nn.Module) else fn
+            raise UnsupportedOpError(
+                f"{what} writes to a tensor it does not return (a buffer: self.steps += 1, a running average), "
+                "which torch.func refuses while it differentiates the call. Leave it out of leaf_modules (fxjac "
+                "then traces it, and a product does not repeat the buffer update), or move the update out of "
+                f"the module's call ({str(err).splitlines()[0]})") from err
         if spec is True:
             return out
         return tuple(leaf for leaf, f in zip(_flat(spec, out), _spec_leaves(spec)) if f)
@@ -132,12 +144,193 @@ def _key(fn):
     return fn
 
 
+def _target(fn: str):
+    """The callable a fallback node's name refers to (None for a method)."""
+    return None if fn.startswith("method:") else (_NAMED.get(fn) or _resolve(fn))
+
+
+_AUTOGRAD_NAMES: set = set()
+"""Names of fallback nodes (leaf modules, the user's functions) that run a custom op inside: differentiated by
+torch.autograd (Note [ops torch.func cannot differentiate])."""
+
+
+def _custom(op) -> bool:
+    return isinstance(op, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) and \
+        op.namespace not in ("aten", "prims", "prim")
+
+
+def _runs_custom_ops(node: fx.Node) -> bool:
+    """Whether a leaf module's or a user function's call (not torch's own ops) runs a custom op, found by running
+    it once on the node's example values under a dispatch mode that records the ops' namespaces.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    target = node.target
+    if node.op != "call_function" or _custom(target) or (
+            target is not module_call and getattr(target, "__module__", "torch").startswith(("torch", "_operator",
+                                                                                            "builtins", "math"))):
+        return False
+
+    class Namespaces(TorchDispatchMode):
+        found = False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Namespaces.found |= _custom(func)
+            return func(*args, **(kwargs or {}))
+
+    def value(a):
+        return a.meta["module"] if "module" in a.meta else a.meta.get("val")
+
+    try:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+        with torch.no_grad(), Namespaces():
+            target(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - not runnable here: as before, torch.func
+        return False
+    return Namespaces.found
+
+
+def _autograd_only(fn: str) -> bool:
+    """Note [ops torch.func cannot differentiate]: a ``torch.library`` custom op (an OpOverload outside aten and
+    prims). torch 2.13's torch.func runs no derivative it registers (``register_autograd``): reverse mode raises
+    ("must override the setup_context staticmethod"), and forward mode gives zeros, silently. Its derivatives
+    come from torch.autograd instead, one column and one sample at a time (no vmap over autograd.grad).
+    """
+    return fn in _AUTOGRAD_NAMES or _custom(_target(fn))
+
+
+def _once_differentiable(fn: str) -> bool:
+    """A custom autograd Function whose backward is ``@once_differentiable``: the vjp of its vjp is zero, silently
+    (torch.func), or raises (autograd).
+    """
+    cls = getattr(_target(fn), "function_class", None)
+    code = getattr(getattr(cls, "backward", None), "__code__", None)
+    return code is not None and code.co_filename.replace("\\", "/").endswith("torch/autograd/function.py")
+
+
+def _not_under_transform(fn: str) -> None:
+    from . import _rt
+
+    if _rt.transformed():  # _per_sample's vmap: it then loops over the samples
+        raise RuntimeError(f"{fn} is differentiated by torch.autograd, which does not run under torch.func")
+
+
+def _autograd_vjp(fn: str, g, primals):
+    """``torch.func.vjp(g, *primals)`` by torch.autograd (Note [ops torch.func cannot differentiate])."""
+    _not_under_transform(fn)
+    with torch.enable_grad():
+        xs = tuple(p.detach().requires_grad_() for p in primals)
+        out = g(*xs)
+    outs = out if isinstance(out, tuple) else (out,)
+
+    def vjp_fn(ct):
+        cts = ct if isinstance(ct, tuple) else (ct,)
+        pairs = [(o, c) for o, c in zip(outs, cts) if o.requires_grad]
+        grads = torch.autograd.grad([o for o, _ in pairs], xs, [c for _, c in pairs], retain_graph=True,
+                                    allow_unused=True) if pairs else (None,) * len(xs)
+        return tuple(torch.zeros_like(x) if gr is None else gr for gr, x in zip(grads, xs))
+
+    vjp_fn.columns_one_by_one = True  # no vmap over autograd.grad (:func:`_vmap_columns`)
+    return tree_map(torch.Tensor.detach, out), vjp_fn
+
+
+def _func_or_autograd(fn: str, func, autograd):
+    """``func()`` by torch.func, or ``autograd()`` where the op is, or turns out to be, one torch.func cannot
+    differentiate: a custom Function of the old style (``forward(ctx, ...)``) inside a leaf module raises.
+    """
+    if _autograd_only(fn):
+        return autograd()
+    try:
+        return func()
+    except RuntimeError as err:
+        if "setup_context staticmethod" not in str(err):
+            raise
+    _AUTOGRAD_NAMES.add(fn)
+    return autograd()
+
+
+def _vjp(fn: str, g, primals):
+    return _func_or_autograd(fn, lambda: torch.func.vjp(g, *primals), lambda: _autograd_vjp(fn, g, primals))
+
+
+def _jacobians(fn: str, g, primals):
+    """``g``'s Jacobians w.r.t. each primal (for each floating output, when there are several)."""
+    def autograd():
+        _not_under_transform(fn)
+        return torch.autograd.functional.jacobian(g, tuple(primals))
+
+    return _func_or_autograd(fn, lambda: torch.func.jacrev(g, argnums=tuple(range(len(primals))))(*primals),
+                             autograd)
+
+
+def _autograd_jvp(fn: str, g, primals, tangents):
+    """The tangent columns of an op torch.func cannot differentiate: the vjp of its vjp, by torch.autograd."""
+    _not_under_transform(fn)
+    with torch.enable_grad():
+        xs = tuple(p.detach().requires_grad_() for p in primals)
+        out = g(*xs)
+        outs = out if isinstance(out, tuple) else (out,)
+        us = tuple(torch.zeros_like(o, requires_grad=True) for o in outs)
+        live = [i for i, o in enumerate(outs) if o.requires_grad]
+        try:
+            gx = torch.autograd.grad([outs[i] for i in live], xs, [us[i] for i in live], create_graph=True,
+                                     allow_unused=True) if live else (None,) * len(xs)
+        except RuntimeError as err:
+            _no_tangents(fn, err)
+        pairs = [(gr, t) for gr, t in zip(gx, tangents) if gr is not None and isinstance(t, torch.Tensor)]
+        if any(not gr.requires_grad for gr, _ in pairs):
+            _no_tangents(fn, "its registered backward is not differentiable")
+        cols = []
+        for k in range(_columns(tangents)):
+            got = torch.autograd.grad([gr for gr, _ in pairs], us, [t[k] for _, t in pairs], retain_graph=True,
+                                      allow_unused=True) if pairs else (None,) * len(us)
+            cols.append(tuple(torch.zeros_like(u) if c is None else c.detach() for c, u in zip(got, us)))
+    stacked = tuple(torch.stack(c) for c in zip(*cols))
+    return stacked if isinstance(out, tuple) else stacked[0]
+
+
+def _no_tangents(fn, why):
+    from ..errors import UnsupportedOpError
+
+    cls = getattr(_target(fn), "function_class", None)
+    name = f"the custom autograd Function {cls.__qualname__}" if cls is not None else fn
+    raise UnsupportedOpError(
+        f"the autograd fallback cannot give tangents through {name}: it has no forward-mode derivative, and the one "
+        f"fxjac takes from reverse mode (the vjp of its vjp) needs a differentiable backward ({why}). Products that "
+        "push tangents forward (jvp, jmp, forward-mode jacobian and J M Jᵀ) are unavailable through it; the reverse "
+        "products (vjp, mjp, reverse-mode jacobian, jtmjp, ggn) work. A custom Function gets them from a jvp "
+        "staticmethod")
+
+
 def _expanded(t) -> bool:
     return isinstance(t, torch.Tensor) and any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
 
 
 def _columns(tangents) -> int:
     return next((t.shape[0] for t in tangents if isinstance(t, torch.Tensor)), 1)
+
+
+def _no_vmap_support(err: Exception) -> bool:
+    """A custom ``torch.autograd.Function`` without a vmap rule (no ``vmap`` staticmethod, no
+    ``generate_vmap_rule``) was vmapped: torch.func differentiates it one column at a time.
+    """
+    return isinstance(err, RuntimeError) and "does not have vmap support" in str(err)
+
+
+def _vmap_columns(f, *stacks):
+    """``torch.vmap(f)(*stacks)``; one column is one call (no vmap: under torch.compile with a symbolic batch
+    size, vmap over some ops' derivatives fails in dynamo, irfft2's after an index_put), and so is each column
+    where ``f`` runs a custom Function that vmap cannot.
+    """
+    k = tree_leaves(stacks)[0].shape[0]
+    if k != 1 and not getattr(f, "columns_one_by_one", False):
+        try:
+            return torch.vmap(f)(*stacks)
+        except RuntimeError as err:
+            if not _no_vmap_support(err):
+                raise
+    cols = [f(*tree_map(lambda t: t[i], stacks)) for i in range(k)]
+    return tree_map(lambda *c: torch.stack(c), *cols)
 
 
 def _jvp_columns(g, primals, tangents, fn, nested=False):
@@ -152,19 +345,26 @@ def _jvp_columns(g, primals, tangents, fn, nested=False):
     # Under torch.compile, forward mode inside a vmap over several columns or over the batch fails in dynamo's
     # fake tensors (torch 2.13: an internal assert on ``_fw_primal``); one column traces. Reverse mode traces.
     reverse = torch.compiler.is_compiling() and (nested or _columns(tangents) != 1)
+    return _func_or_autograd(fn, lambda: _func_jvp(g, primals, tangents, fn, key, reverse),
+                             lambda: _autograd_jvp(fn, g, primals, tangents))
+
+
+def _func_jvp(g, primals, tangents, fn, key, reverse):
     if key not in _NO_FORWARD_AD and not reverse:
         try:
-            return torch.vmap(lambda *ts: torch.func.jvp(g, primals, ts)[1])(*tangents)
+            return _vmap_columns(lambda *ts: torch.func.jvp(g, primals, ts)[1], *tangents)
         except (RuntimeError, NotImplementedError) as err:
-            if "forward" not in str(err).lower() and "jvp" not in str(err).lower():
+            if "forward" not in str(err).lower() and "jvp" not in str(err).lower() or "setup_context" in str(err):
                 raise
             _NO_FORWARD_AD.add(key)
     # Reverse mode only: the vjp is linear in the cotangent, so its own vjp is the jvp.
+    if _once_differentiable(fn):
+        _no_tangents(fn, "its backward is @once_differentiable")
     out, vjp_fn = torch.func.vjp(g, *primals)
     zeros = tree_map(torch.zeros_like, out)
     try:
         _, vjp2 = torch.func.vjp(lambda u: vjp_fn(u), zeros)
-        return torch.vmap(lambda *ts: vjp2(ts)[0])(*tangents)
+        return _vmap_columns(lambda *ts: vjp2(ts)[0], *tangents)
     except (RuntimeError, NotImplementedError) as err:  # no double backward either (EmbeddingBag with max_norm;
         # with per_sample_weights, a RuntimeError "derivative for … is not implemented")
         if not isinstance(err, NotImplementedError) and "not implemented" not in str(err):
@@ -229,18 +429,27 @@ def _per_sample(fn, primals, bdims, ctx, cdims, extra, extra_dims, body, out_dim
             # computes the same samples one by one (and raises its own error if the op itself fails).
             pass
         _NO_VMAP.add(fn)
+    from ..errors import FxJacError, UnsupportedOpError
+
     try:
         results = [one(*[t.select(d, i) if d is not None else t for t, d in zip(flat_in, in_dims)])
                    for i in range(batch)]
+    except FxJacError:
+        raise
     except (IndexError, RuntimeError, ValueError) as err:
-        from ..errors import UnsupportedOpError
 
-        raise UnsupportedOpError(
-            f"the autograd fallback differentiates {fn} one sample at a time here (per-sample results, or a "
-            f"diagonal), and the op fails on one sample: {err}. An index that addresses the batch axis "
-            "(h[torch.arange(B)[:, None], idx]) or samples merged into one axis with indices across it (a "
-            "batch of graphs as one node set) cannot be split into samples; index each sample along its own "
-            "axes (h[:, idx], torch.gather, index_add over axis 1 of [B, N, F])") from err
+        msg = f"the autograd fallback differentiates {fn} one sample at a time here (per-sample results, or a " \
+              f"diagonal), and the op fails on one sample: {err}."
+        if "complex" in str(err):
+            msg += (" Diagonal back-propagation squares the entries of each op's Jacobian, which torch.func "
+                    "builds for real tensors only: through complex values (torch.fft, view_as_complex) use "
+                    "method='exact'.")
+        elif isinstance(err, IndexError) or "index" in str(err):
+            msg += (" An index that addresses the batch axis (h[torch.arange(B)[:, None], idx]) or samples merged "
+                    "into one axis with indices across it (a batch of graphs as one node set) cannot be split "
+                    "into samples; index each sample along its own axes (h[:, idx], torch.gather, index_add over "
+                    "axis 1 of [B, N, F])")
+        raise UnsupportedOpError(msg) from err
     return tuple(torch.stack(rs, dim=d) for rs, d in zip(zip(*results), out_dims))
 
 
@@ -289,14 +498,14 @@ def fallback_vjp(fn, args, kwargs, primals, ct, bdims, ctx=(), cdims=(), per_sam
     """
     cts = _float_cts(spec, ct, out_value)
     if not per_sample:
-        _, vjp_fn = torch.func.vjp(_op(fn, args, kwargs, ctx, spec), *primals)
-        return torch.vmap(vjp_fn)(cts)
+        _, vjp_fn = _vjp(fn, _op(fn, args, kwargs, ctx, spec), primals)
+        return _vmap_columns(vjp_fn, cts)
     cts = cts if isinstance(cts, tuple) else (cts,)
 
     def body(xs, cs, *c):
-        _, vjp_fn = torch.func.vjp(_op(fn, args, kwargs, cs, spec), *xs)
+        _, vjp_fn = _vjp(fn, _op(fn, args, kwargs, cs, spec), xs)
         c = tuple(ci.unsqueeze(1 + d) for ci, d in zip(c, odims))
-        res = torch.vmap(vjp_fn)(c if spec is not True else c[0])
+        res = _vmap_columns(vjp_fn, c if spec is not True else c[0])
         return _squeeze_batch(res, bdims)
 
     return _per_sample(fn, primals, bdims, ctx, cdims, cts, _stack_dims(odims), body, _stack_dims(bdims),
@@ -322,7 +531,7 @@ def fallback_diag_vjp(fn, args, kwargs, primals, d, bdims, ctx=(), cdims=(), per
         return _shared_diag_vjp(fn, args, kwargs, primals, ds, per_sample, spec)
 
     def body(xs, cs, *dd):
-        jacs = torch.func.jacrev(_op(fn, args, kwargs, cs, spec), argnums=tuple(range(n)))(*xs)
+        jacs = _jacobians(fn, _op(fn, args, kwargs, cs, spec), xs)
         if spec is True:
             jacs = (jacs,)
         res = [0] * n
@@ -344,7 +553,7 @@ def _shared_squares(fn, args, kwargs, primals, spec) -> list:
     ``a @ b``): its one local Jacobian, shared by the samples, squared: for each floating output, one
     ``(A∘A as [numel(y), numel(x)], y's shape)`` per primal ``x``.
     """
-    jacs = torch.func.jacrev(_op(fn, args, kwargs, (), spec), argnums=tuple(range(len(primals))))(*primals)
+    jacs = _jacobians(fn, _op(fn, args, kwargs, (), spec), primals)
     out = []
     for jo in (jacs,) if spec is True else jacs:
         shapes = [tuple(j.shape[:j.dim() - x.dim()]) for j, x in zip(jo, primals)]
@@ -370,7 +579,6 @@ def fallback_diag_jvp(fn, args, kwargs, primals, ds, bdims, ctx=(), cdims=(), pe
     """``Σ_i (A_i∘A_i) d_i`` from the op's dense per-sample local Jacobian (exact, costly); diagonals of
     unbatched primals (parameters) are shared by the batch.
     """
-    n = len(primals)
     if per_sample:
         raise NotImplementedError("per-sample diagonals are not propagated forward")
     if not ctx and all(b is None for b in bdims):  # a weight computed from parameters alone
@@ -380,7 +588,7 @@ def fallback_diag_jvp(fn, args, kwargs, primals, ds, bdims, ctx=(), cdims=(), pe
         return _restructure(spec, res[0] if spec is True else tuple(res))
 
     def body(xs, cs, *dd):
-        jacs = torch.func.jacrev(_op(fn, args, kwargs, cs, spec), argnums=tuple(range(n)))(*xs)
+        jacs = _jacobians(fn, _op(fn, args, kwargs, cs, spec), xs)
         outs = jacs if spec is not True else (jacs,)
         res = []
         for jo in outs:  # one entry per floating output
@@ -473,6 +681,13 @@ class Fallback(Rule):
             if found is None or found != node.target:  # not importable under its name (a class defined in a
                 name = f"{name}@{id(node.target):x}"     # function, a custom Function's apply): by identity
                 found = node.target
+            custom = _runs_custom_ops(node)
+            if node.target is module_call or custom:
+                # This node only: each leaf module is differentiated by torch.func or by torch.autograd on its own
+                # (Note [ops torch.func cannot differentiate]).
+                name = f"{name}@{id(node):x}"
+                if custom:
+                    _AUTOGRAD_NAMES.add(name)
             _NAMED[name] = found
         return name, t_args, t_kwargs, chosen, tuple(ctx)
 
