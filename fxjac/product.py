@@ -383,15 +383,10 @@ def _name_inputs(model: nn.Module, inputs: tuple, fixed: dict):
     fixes a parameter before one of them (``forward(x, scale=2.0, mask=None)`` with ``scale`` fixed: ``mask`` is
     the second input) or forward has keyword-only parameters (``forward(x, *, z)``).
     """
-    import inspect
+    from .tracing import forward_parameters
 
-    from .tracing import _compiled_inner
-
-    try:
-        params = list(inspect.signature((_compiled_inner(model) or model).forward).parameters.values())
-    except (TypeError, ValueError):
-        return tuple(inputs)
-    if not fixed and not any(p.kind is p.KEYWORD_ONLY for p in params):
+    params = forward_parameters(model)
+    if params is None or not fixed and not any(p.kind is p.KEYWORD_ONLY for p in params):
         return tuple(inputs)
     names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in fixed]
     return dict(zip(names, inputs)) if len(names) >= len(inputs) else tuple(inputs)
@@ -613,7 +608,7 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
         # and a tuple's length is unknown (Tracer.iter); a forward that failed after such a guess (it checks an
         # integer input's dtype, iterates over chunks) is traced again at the first call, with the inputs, and
         # reports a failure then.
-        names = input_names(model, concrete_args) if getattr(err, "guessed_dtype", False) else None
+        names = input_names(model, concrete_args) if getattr(err, "guessed", False) else None
         if names is None:
             raise
     n_ph = len(names)

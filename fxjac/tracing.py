@@ -105,17 +105,8 @@ def _proxy_len(proxy: fx.Proxy) -> int:
     """``len(proxy)`` while tracing: a tuple's length where :meth:`Tracer.iter` would iterate it (star-unpacking
     ``f(*torch.linalg.slogdet(a))`` asks for it first), else torch.fx's error.
     """
-    tracer = proxy.tracer
-    if isinstance(tracer, Tracer) and tracer.example_inputs is None and _returns_tuple(proxy.node):
-        tracer.guessed_dtype = True  # the lazy build's options check: left to the first call
-    elif isinstance(tracer, Tracer) and tracer.example_inputs is not None:
-        try:
-            value = tracer._value(proxy.node)
-        except Exception:  # noqa: BLE001 - not computable on meta tensors: torch.fx's error
-            value = None
-        if isinstance(value, (tuple, list)):
-            return len(value)
-    return _PROXY_LEN(proxy)
+    n = proxy.tracer.tuple_length(proxy.node) if isinstance(proxy.tracer, Tracer) else None
+    return _PROXY_LEN(proxy) if n is None else n
 
 
 def _inplace_method(op):
@@ -193,7 +184,7 @@ class Tracer(fx.Tracer):
         self.untraceable: list = []  # torch.nn built-ins whose forward torch.fx could not trace: leaves
         self.example_inputs = None if example_inputs is None else list(example_inputs)
         self._values: dict = {}  # Note [dtypes while tracing]: node -> value on the example inputs
-        self.guessed_dtype = False  # a dtype (or a tuple's length) was needed without examples: guessed
+        self.guessed = False  # a dtype or a tuple's length was needed without examples: guessed
 
     def dtype_of(self, node: fx.Node) -> Optional[torch.dtype]:
         """Note [dtypes while tracing]: the dtype of ``node``'s value, or None (a traced attribute, as before).
@@ -210,7 +201,7 @@ class Tracer(fx.Tracer):
         that cannot be computed on meta tensors keeps torch.fx's traced attribute.
         """
         if self.example_inputs is None:
-            self.guessed_dtype = True
+            self.guessed = True
             return next((t.dtype for t in self.root.parameters() if t.is_floating_point()), torch.get_default_dtype())
         try:
             value = self._value(node)
@@ -247,17 +238,22 @@ class Tracer(fx.Tracer):
         for a product, which is built for one sample shape); a tensor is not iterated (its first axis is the
         batch's). Without examples (the lazy build's options check) the trace is left to the first call.
         """
+        n = self.tuple_length(obj.node)
+        return super().iter(obj) if n is None else iter([obj[i] for i in range(n)])
+
+    def tuple_length(self, node: fx.Node) -> Optional[int]:
+        """How many tensors ``node``'s value holds, from its value on meta tensors, or None: not a tuple, not
+        computable, or no examples (then, for an op that returns a tuple, a guess the lazy build leaves to the
+        first call).
+        """
         if self.example_inputs is None:
-            if _returns_tuple(obj.node):
-                self.guessed_dtype = True
-            return super().iter(obj)
+            self.guessed |= _returns_tuple(node)
+            return None
         try:
-            value = self._value(obj.node)
+            value = self._value(node)
         except Exception:  # noqa: BLE001 - not computable on meta tensors: torch.fx's error
-            value = None
-        if isinstance(value, (tuple, list)):
-            return iter([obj[i] for i in range(len(value))])
-        return super().iter(obj)
+            return None
+        return len(value) if isinstance(value, (tuple, list)) else None
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):  # noqa: D102
         # A parameter's shape, size(), dim() and numel() are its own numbers, not traced values (a product is
@@ -459,16 +455,25 @@ def _builtin(m: nn.Module) -> bool:
         m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
 
 
+def forward_parameters(model: nn.Module) -> Optional[list]:
+    """``model.forward``'s parameters (those of the module torch.compile wrapped), or None where inspect cannot
+    read the signature.
+    """
+    import inspect
+
+    try:
+        return list(inspect.signature((_compiled_inner(model) or model).forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+
+
 def _default_args(model: nn.Module, n_inputs: Optional[int], given: dict) -> dict:
     """``given`` (the user's ``concrete_args``) and ``forward``'s parameters that have defaults and come after the
     inputs, counted without those ``given`` fixes: traced as constants (an optional ``output_size=None`` must not
     become a graph input the product would then require).
     """
-    import inspect
-
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
+    params = forward_parameters(model)
+    if params is None:
         return dict(given)
     out, i = {}, 0
     for p in params:
@@ -524,7 +529,7 @@ def trace(model: nn.Module, leaf_modules: Sequence = (), concrete_args: Optional
             "empty while tracing, as in every call of a product: it passes the model's inputs one by one to "
             "forward's named parameters, and no keyword arguments. Name the inputs forward reads (def forward("
             "self, x, z))"))
-        error.guessed_dtype = tracer.guessed_dtype  # the lazy build's options check defers such a failure
+        error.guessed = tracer.guessed  # the lazy build's options check defers such a failure
         raise error from err
     _drop_concrete_placeholders(graph, concrete_args or ())
     if root is not model:  # paths under the holder, ``inner.…``, become the model's own
@@ -586,26 +591,15 @@ def input_names(model: nn.Module, concrete_args: Optional[dict] = None) -> Optio
     ``concrete_args`` does not fix (as :func:`trace` makes placeholders), or None where inspect cannot read the
     signature.
     """
-    import inspect
-
-    inner = _compiled_inner(model) or model
-    try:
-        params = list(inspect.signature(inner.forward).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-            and p.default is p.empty and p.name not in (concrete_args or {})]
+    params = forward_parameters(model)
+    return None if params is None else [
+        p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.default is p.empty and p.name not in (concrete_args or {})]
 
 
 def _variadic(model: nn.Module) -> Optional[str]:
     """``"*args"`` or ``"**kwargs"`` where ``model.forward`` takes one (the first), else None."""
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    return next((("*" if p.kind is p.VAR_POSITIONAL else "**") + p.name for p in params
+    return next((("*" if p.kind is p.VAR_POSITIONAL else "**") + p.name for p in forward_parameters(model) or ()
                  if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)), None)
 
 
@@ -614,9 +608,7 @@ def _holder(model: nn.Module, inner: nn.Module) -> nn.Module:
     module torch.compile wrapped), so the tracer's module hook sees the call: ``model``'s hooks run, and its
     decomposition applies.
     """
-    import inspect
-
-    params = inspect.signature(inner.forward).parameters.values()
+    params = forward_parameters(inner)
     names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     keywords = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
     scope: dict = {}

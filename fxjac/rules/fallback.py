@@ -71,7 +71,7 @@ and a dict lookup (unlike ``importlib``) is something torch.compile can trace.""
 def _call(fn, args, kwargs):
     if fn.startswith("method:"):
         return getattr(args[0], fn[len("method:"):])(*args[1:], **kwargs)
-    return (_NAMED.get(fn) or _resolve(fn))(*args, **kwargs)
+    return _target(fn)(*args, **kwargs)
 
 
 _DENSE_ONLY = frozenset({"torch.view_as_complex"})
@@ -170,6 +170,8 @@ def _runs_custom_ops(node: fx.Node) -> bool:
             target is not module_call and getattr(target, "__module__", "torch").startswith(("torch", "_operator",
                                                                                             "builtins", "math"))):
         return False
+    if "fxjac_custom_ops" in node.meta:  # once per node: each product direction builds its template
+        return node.meta["fxjac_custom_ops"]
 
     class Namespaces(TorchDispatchMode):
         found = False
@@ -186,7 +188,8 @@ def _runs_custom_ops(node: fx.Node) -> bool:
         with torch.no_grad(), Namespaces():
             target(*args, **kwargs)
     except Exception:  # noqa: BLE001 - not runnable here: as before, torch.func
-        return False
+        Namespaces.found = False
+    node.meta["fxjac_custom_ops"] = Namespaces.found
     return Namespaces.found
 
 
@@ -215,13 +218,20 @@ def _not_under_transform(fn: str) -> None:
         raise RuntimeError(f"{fn} is differentiated by torch.autograd, which does not run under torch.func")
 
 
-def _autograd_vjp(fn: str, g, primals):
-    """``torch.func.vjp(g, *primals)`` by torch.autograd (Note [ops torch.func cannot differentiate])."""
+def _record(fn: str, g, primals):
+    """``g`` run with autograd recording from fresh leaves for ``primals``: (the leaves, its output, the output as
+    a tuple).
+    """
     _not_under_transform(fn)
     with torch.enable_grad():
         xs = tuple(p.detach().requires_grad_() for p in primals)
         out = g(*xs)
-    outs = out if isinstance(out, tuple) else (out,)
+    return xs, out, out if isinstance(out, tuple) else (out,)
+
+
+def _autograd_vjp(fn: str, g, primals):
+    """``torch.func.vjp(g, *primals)`` by torch.autograd (Note [ops torch.func cannot differentiate])."""
+    xs, out, outs = _record(fn, g, primals)
 
     def vjp_fn(ct):
         cts = ct if isinstance(ct, tuple) else (ct,)
@@ -265,18 +275,15 @@ def _jacobians(fn: str, g, primals):
 
 def _autograd_jvp(fn: str, g, primals, tangents):
     """The tangent columns of an op torch.func cannot differentiate: the vjp of its vjp, by torch.autograd."""
-    _not_under_transform(fn)
+    xs, out, outs = _record(fn, g, primals)
     with torch.enable_grad():
-        xs = tuple(p.detach().requires_grad_() for p in primals)
-        out = g(*xs)
-        outs = out if isinstance(out, tuple) else (out,)
         us = tuple(torch.zeros_like(o, requires_grad=True) for o in outs)
         live = [i for i, o in enumerate(outs) if o.requires_grad]
         try:
             gx = torch.autograd.grad([outs[i] for i in live], xs, [us[i] for i in live], create_graph=True,
                                      allow_unused=True) if live else (None,) * len(xs)
         except RuntimeError as err:
-            _no_tangents(fn, err)
+            _no_tangents(fn, err, err)
         pairs = [(gr, t) for gr, t in zip(gx, tangents) if gr is not None and isinstance(t, torch.Tensor)]
         if any(not gr.requires_grad for gr, _ in pairs):
             _no_tangents(fn, "its registered backward is not differentiable")
@@ -289,7 +296,7 @@ def _autograd_jvp(fn: str, g, primals, tangents):
     return stacked if isinstance(out, tuple) else stacked[0]
 
 
-def _no_tangents(fn, why):
+def _no_tangents(fn, why, cause=None):
     from ..errors import UnsupportedOpError
 
     cls = getattr(_target(fn), "function_class", None)
@@ -299,7 +306,7 @@ def _no_tangents(fn, why):
         f"fxjac takes from reverse mode (the vjp of its vjp) needs a differentiable backward ({why}). Products that "
         "push tangents forward (jvp, jmp, forward-mode jacobian and J M Jᵀ) are unavailable through it; the reverse "
         "products (vjp, mjp, reverse-mode jacobian, jtmjp, ggn) work. A custom Function gets them from a jvp "
-        "staticmethod")
+        "staticmethod") from cause
 
 
 def _expanded(t) -> bool:
@@ -369,13 +376,7 @@ def _func_jvp(g, primals, tangents, fn, key, reverse):
         # with per_sample_weights, a RuntimeError "derivative for … is not implemented")
         if not isinstance(err, NotImplementedError) and "not implemented" not in str(err):
             raise
-        from ..errors import UnsupportedOpError
-
-        raise UnsupportedOpError(
-            f"the autograd fallback cannot give tangents through {fn}: PyTorch has no forward-mode derivative for "
-            f"it and no derivative of its backward ({err}). Products that push tangents forward (jvp, jmp, "
-            "forward-mode jacobian and J M Jᵀ) are unavailable through it; the reverse products (vjp, mjp, "
-            "reverse-mode jacobian, jtmjp, ggn) work") from err
+        _no_tangents(fn, err, err)
 
 
 def _restructure(spec, floats):
