@@ -20,11 +20,13 @@ Note [flat writes]
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.fx as fx
 
 from passes import ZERO, Builder, Emitter, backward_cotangents
+from passes.builder import real_dtype
 from passes.protocol import Decline
 
 from . import checks
@@ -72,14 +74,18 @@ def input_placeholders(b: Builder, src: Source) -> list:
 # --- run-time helpers ------------------------------------------------------------------------------------
 
 
-def param_slice(stack, offset, numel, shape):
-    """Columns ``offset:offset+numel`` of a flat stack ``[S, P]`` as ``[S, *shape]``."""
-    return stack[:, offset:offset + numel].reshape((stack.shape[0],) + tuple(shape))
+def param_slice(stack, offset, numel, shape, dtype=None):
+    """Columns ``offset:offset+numel`` of a flat stack ``[S, P]`` as ``[S, *shape]`` (in ``dtype``: a parameter
+    of another dtype than the first, Note [mixed dtypes] in passes/builder.py).
+    """
+    block = stack[:, offset:offset + numel].reshape((stack.shape[0],) + tuple(shape))
+    return block if dtype is None else block.to(dtype)
 
 
 def flat_cat(parts, numels, rows, like):
     """``[rows, P]`` from per-parameter stacks ``[rows, *shape]`` (``None``: zeros) in the flat layout."""
-    cols = [p.reshape(rows, n) if p is not None else like.new_zeros((rows, n)) for p, n in zip(parts, numels)]
+    cols = [p.reshape(rows, n).to(like.dtype) if p is not None else like.new_zeros((rows, n))
+            for p, n in zip(parts, numels)]
     return torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
 
 
@@ -152,14 +158,18 @@ def reshape_like_batch(m, like):
     return m.reshape(like.shape)
 
 
-def param_rows(m, offset, numel):
-    """Rows ``offset:offset+numel`` of a parameter-space operand ``[P]`` or ``[P, K]``."""
-    return m[offset:offset + numel]
+def param_rows(m, offset, numel, dtype=None):
+    """Rows ``offset:offset+numel`` of a parameter-space operand ``[P]`` or ``[P, K]`` (in ``dtype``: see
+    :func:`param_dtype`).
+    """
+    rows = m[offset:offset + numel]
+    return rows if dtype is None else rows.to(dtype)
 
 
-def param_sigma(m, offset, numel, shape):
-    """A parameter's slice of a diagonal ``[P]`` shaped like the parameter."""
-    return m[offset:offset + numel].reshape(shape)
+def param_sigma(m, offset, numel, shape, dtype=None):
+    """A parameter's slice of a diagonal ``[P]`` shaped like the parameter (in ``dtype``: see :func:`param_dtype`)."""
+    sigma = m[offset:offset + numel].reshape(shape)
+    return sigma if dtype is None else sigma.to(dtype)
 
 
 def eye_like(like, n):
@@ -194,9 +204,16 @@ def param_seeds(e: Emitter, src: Source, stack: fx.Node) -> dict:
     seeds, per_param = {}, {}
     for node, info in src.param_nodes.items():
         if info.name not in per_param:
-            per_param[info.name] = e(param_slice, stack, info.offset, info.numel, info.shape)
+            per_param[info.name] = e(param_slice, stack, info.offset, info.numel, info.shape, param_dtype(src, info))
         seeds[node] = per_param[info.name]
     return seeds
+
+
+def param_dtype(src: Source, info) -> Optional[torch.dtype]:
+    """Where the selected parameters are of several dtypes, ``info``'s: a parameter-space operand, in the first
+    parameter's dtype, is sliced into each parameter's (Note [mixed dtypes] in passes/builder.py); else None.
+    """
+    return info.param.dtype if len({p.param.dtype for p in src.params}) > 1 else None
 
 
 def param_results(e: Emitter, src: Source, cts: dict, rows: fx.Node, like: fx.Node) -> fx.Node:
@@ -269,6 +286,31 @@ def param_stack(b: Builder, e: Emitter, src: Source, seeds: dict, rows, like: fx
     w = FlatWriter(e, src, rows, like)
     backward_cotangents(b, seeds, list(src.param_nodes), ps=ps, sinks=w.sink, reduce=w.reduce)
     return w.result(e)
+
+
+def mixed_dtypes(src: Source) -> bool:
+    """Whether the model output, the input ``wrt`` names and the selected parameters are of several floating
+    dtypes (Note [mixed dtypes] in passes/builder.py): then a result is cast to the dtype of its space.
+    """
+    space = [real_dtype(src.inputs[src.wrt_index])] if src.wrt_kind == "input" else [p.param.dtype for p in src.params]
+    return len({real_dtype(src.output), *space} - {None}) > 1
+
+
+def space_like(b: Builder, src: Source) -> fx.Node:
+    """The node whose dtype the ``wrt`` space has: the input's, or (parameters) the first parameter's."""
+    return b.env[src.inputs[src.wrt_index]] if src.wrt_kind == "input" else param_like(b, src)
+
+
+def cast_like(t, like):
+    """``t`` in ``like``'s dtype (a list: each block; None stays None)."""
+    if isinstance(t, (list, tuple)):
+        return [cast_like(ti, like) for ti in t]
+    return None if t is None else t.to(like.dtype)
+
+
+def in_dtype(e: Emitter, src: Source, result, like: fx.Node):
+    """``result`` in ``like``'s dtype where the model mixes dtypes (:func:`mixed_dtypes`), else as it is."""
+    return e(cast_like, result, like) if mixed_dtypes(src) else result
 
 
 def size(e: Emitter, t: fx.Node, dim: int) -> fx.Node:

@@ -55,7 +55,8 @@ def ggn_vp(model, loss: str = "cross_entropy", wrt: Any = "params", class_dim: i
         ty = tan.get(src.output, ZERO)
         if ty is ZERO:
             return (y, e(torch.zeros_like, v))
-        flat = A.param_stack(b, e, src, {src.output: e(loss_hvp, y, ty, loss, class_dim, sig)}, 1, y, ps=False)
+        flat = A.param_stack(b, e, src, {src.output: e(loss_hvp, y, ty, loss, class_dim, sig)}, 1,
+                             A.param_like(b, src), ps=False)
         return (y, e.method("squeeze", flat, 0))
 
     return make_product(assemble, model, wrt, takes_target=True, summed=True, **options)

@@ -297,7 +297,7 @@ def vjp(model, wrt: Any = "input", reduce: str = "sum", **options) -> Product:
             return (y, e(torch.zeros_like, x) if ct is ZERO else e.method("squeeze", ct, 0))
         per_sample = reduce == "none"
         rows = b.batch_size() if per_sample else 1
-        flat = A.param_stack(b, e, src, seeds, rows, y, per_sample)
+        flat = A.param_stack(b, e, src, seeds, rows, A.param_like(b, src), per_sample)
         return (y, flat if per_sample else e.method("squeeze", flat, 0))
 
     return make_product(assemble, model, wrt, summed=_params(wrt) and reduce == "sum", **options)
@@ -370,9 +370,9 @@ def mjp(model, wrt: Any = "input", reduce: str = "sum", **options) -> Product:
                 ct = backward_cotangents(b, seeds, [x_old]).get(x_old, ZERO)
                 return e(A.stack_to_batch_rows, e(A.zeros_stack, xs[src.wrt_index], k) if ct is ZERO else ct, batch)
             if not per_sample:
-                return A.param_stack(b, e, src, seeds, k, y, False)
-            return e(_ps_rows_to_batch_first, A.param_stack(b, e, src, seeds, e(operator.mul, k, batch), y, True),
-                     k, batch)
+                return A.param_stack(b, e, src, seeds, k, A.param_like(b, src), False)
+            stack = A.param_stack(b, e, src, seeds, e(operator.mul, k, batch), A.param_like(b, src), True)
+            return e(_ps_rows_to_batch_first, stack, k, batch)
 
         cat_dim = 0 if src.wrt_kind != "input" and not per_sample else 1
         return (y, through_chunks(e, b, src, e.method("size", m, 1), chunk_size, e(_rows_to_stack, m, y), None,
@@ -432,7 +432,7 @@ def jacobian(model, wrt: Any = "input", mode: str = "auto", **options) -> Produc
                 x_old = src.inputs[src.wrt_index]
                 ct = backward_cotangents(b, seeds, [x_old]).get(x_old, ZERO)
                 return e(A.stack_to_batch_rows, e(A.zeros_stack, xs[src.wrt_index], n) if ct is ZERO else ct, batch)
-            flat = A.param_stack(b, e, src, seeds, e(operator.mul, batch, n), y, True)
+            flat = A.param_stack(b, e, src, seeds, e(operator.mul, batch, n), A.param_like(b, src), True)
             return e(_ps_rows_to_batch_first, flat, n, batch)
 
         return (y, through_chunks(e, b, src, n_out, chunk_size, e(A.eye_stack, y, n_out), None, pull, cat_dim=1))

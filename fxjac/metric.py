@@ -233,13 +233,15 @@ def cat_rows(parts):
 
 
 def sandwich(g, sigma, g2=None):
-    """``Σ_pq G[o,b,p] Σ[p,q] G[o',b,q]`` -> ``[B, O, O]``."""
-    return torch.einsum("obq,rbq->bor", g @ sigma, g if g2 is None else g2)
+    """``Σ_pq G[o,b,p] Σ[p,q] G[o',b,q]`` -> ``[B, O, O]`` (Σ in G's dtype: rows of parameters of several dtypes
+    are promoted, Note [mixed dtypes] in passes/builder.py).
+    """
+    return torch.einsum("obq,rbq->bor", g @ sigma.to(g.dtype), g if g2 is None else g2)
 
 
 def sandwich_diag(g, sigma):
     """The diagonal of :func:`sandwich`: ``[B, O]``."""
-    return torch.einsum("obq,obq->bo", g @ sigma, g)
+    return torch.einsum("obq,obq->bo", g @ sigma.to(g.dtype), g)
 
 
 def weighted_outer(g, sigma_diag):
@@ -409,6 +411,8 @@ def _diag_backprop_seed(e, src, y, matrix, m):
 def _backward_metric(src, b, e, y, seeds, w, k, out, reduce_sum, method):
     """Run the backward pass from output columns and reduce to the requested structure."""
     batch = A.size(e, y, 0)
+    if w is not None:  # the output's weights meet the cotangents in the wrt space (Note [mixed dtypes])
+        w = A.in_dtype(e, src, w, A.space_like(b, src))
     if src.wrt_kind == "input":
         x_old = src.inputs[src.wrt_index]
         x = b.env[x_old]
@@ -428,9 +432,9 @@ def _backward_metric(src, b, e, y, seeds, w, k, out, reduce_sum, method):
     direct: dict = {}
     sinks, stack = None, None
     if method == "exact" and out == "diag":  # the diagonal written once into its flat stack (Note [flat writes])
-        stack = e(A.flat_empty, 1 if reduce_sum else batch, src.P, y)
+        stack = e(A.flat_empty, 1 if reduce_sum else batch, src.P, A.param_like(b, src))
         sinks = _sink(src, direct, "gram_diag_into", lambda info: (w, reduce_sum), stack)
-    elif method == "exact" and reduce_sum:
+    elif method == "exact" and reduce_sum and not A.mixed_dtypes(src):  # (Kronecker factors of one dtype)
         sinks = _sink(src, direct, "kron", lambda info: ())
     early = None
     if method == "exact" and out == "diag":
@@ -439,7 +443,7 @@ def _backward_metric(src, b, e, y, seeds, w, k, out, reduce_sum, method):
                               sinks=sinks, reduce=early)
     if method == "diag_backprop":
         rows = e(operator.mul, k, batch) if ps else k
-        flat = A.param_results(e, src, cts, rows, y)
+        flat = A.param_results(e, src, cts, rows, A.param_like(b, src))
         return flat if ps else e.method("squeeze", flat, 0)
     if stack is not None:
         return _diag_stack(e, src, cts, k, batch, y, w, reduce_sum, direct, stack)
@@ -562,11 +566,14 @@ def jtmjp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
         y = b.env[src.output]
         if method == "diag_backprop":
             seed, w, k = _diag_backprop_seed(e, src, y, matrix, m), None, 1
-            return (y, _backward_metric(src, b, e, y, seed, w, k, out, reduce == "sum", method))
-        seed, w, k = _output_columns(e, src, b, y, matrix, m)
-        return (y, _chunked_metric(src, b, e, y, seed, w, k, out, reduce == "sum", chunk_size))
+            r = _backward_metric(src, b, e, y, seed, w, k, out, reduce == "sum", method)
+        else:
+            seed, w, k = _output_columns(e, src, b, y, matrix, m)
+            r = _chunked_metric(src, b, e, y, seed, w, k, out, reduce == "sum", chunk_size)
+        return (y, A.in_dtype(e, src, r, A.space_like(b, src)))
 
-    return make_product(assemble, model, wrt, summed=kind != "input" and reduce == "sum", **options)
+    return make_product(assemble, model, wrt, summed=kind != "input" and reduce == "sum",
+                        no_operand=_identity(matrix, "output"), **options)
 
 
 # --- J M J^T ---------------------------------------------------------------------------------------------
@@ -609,6 +616,10 @@ def jmjtp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
         raise OptionError(f"mode must be 'auto', 'forward' or 'reverse', got {mode!r}")
 
     def assemble(src, b, key):
+        y, r = _assemble(src, b, key)
+        return (y, A.in_dtype(A.api_emitter(b), src, r, y))  # Note [mixed dtypes]
+
+    def _assemble(src, b, key):
         xs = A.input_placeholders(b, src)
         m = b.graph.placeholder("M") if matrix != "identity" else None
         e = A.api_emitter(b)
@@ -663,21 +674,22 @@ def jmjtp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
         b.copy_all()
         y = b.env[src.output]
         batch = A.size(e, y, 0)
-        P = src.P
+        P, like = src.P, A.param_like(b, src)
         if matrix == "diag":
-            m = e(checks.check_shape, m, (P,), y, "M")
+            m = e(checks.check_shape, m, (P,), like, "M")
         elif matrix == "sqrt":
-            m = e(checks.check_shape, m, (P, -1), y, "M")
+            m = e(checks.check_shape, m, (P, -1), like, "M")
         elif matrix == "full":
-            m = e(checks.check_symmetric, e(checks.check_shape, m, (P, P), y, "M"), "M")
+            m = e(checks.check_symmetric, e(checks.check_shape, m, (P, P), like, "M"), "M")
         elif matrix == "block":
             sizes = [sum(p.numel for p in src.params if p.module == module) for module in _modules(src)]
-            m = e(checks.check_blocks, m, sizes, y, "M")
+            m = e(checks.check_blocks, m, sizes, like, "M")
         direct: dict = {}
         sinks = None
         if matrix == "diag":
             sinks = _sink(src, direct, "sandwich",
-                          lambda info: (e(A.param_sigma, m, info.offset, info.numel, info.shape), out_diag))
+                          lambda info: (e(A.param_sigma, m, info.offset, info.numel, info.shape,
+                                          A.param_dtype(src, info)), out_diag))
         cts = backward_cotangents(b, {src.output: e(A.eye_stack, y, n_out)}, list(src.param_nodes), ps=True,
                                   sinks=sinks)
         g_of = _rows_by_param(e, src, cts, y, n_out, batch)
@@ -693,7 +705,8 @@ def jmjtp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
                 parts.append(e(sandwich_diag if out_diag else sandwich, g, blk))
             return (y, e(add_all, parts))
         if matrix == "sqrt":
-            parts = [e(project, g_of(p), e(A.param_rows, m, p.offset, p.numel)) for p in src.params]
+            parts = [e(project, g_of(p), e(A.param_rows, m, p.offset, p.numel, A.param_dtype(src, p)))
+                     for p in src.params]
             return (y, e(rows_outer, e(add_all, parts), out_diag))
         parts = []
         for p in src.params:
@@ -702,13 +715,23 @@ def jmjtp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
                 continue
             g = g_of(p)
             if matrix == "diag":
-                sig = e(A.param_rows, m, p.offset, p.numel)
+                sig = e(A.param_rows, m, p.offset, p.numel, A.param_dtype(src, p))
                 parts.append(e(weighted_outer_diag if out_diag else weighted_outer, g, sig))
             else:
                 parts.append(e(rows_outer, g, out_diag))
         return (y, e(add_all, parts))
 
-    return make_product(assemble, model, wrt, **options)
+    space = "input" if kind == "input" else "parameter"
+    return make_product(assemble, model, wrt, no_operand=_identity(matrix, space), **options)
+
+
+def _identity(matrix: str, space: str) -> Optional[str]:
+    """What a call passing M to a product built with ``matrix="identity"`` is told."""
+    if matrix != "identity":
+        return None
+    kinds = "'diag', 'full', 'sqrt' or 'block'" if space == "parameter" else "'diag', 'full' or 'sqrt'"
+    return (f"it was built with matrix='identity' (the default), which takes no M; to pass an M in {space} space, "
+            f"build it with matrix={kinds}")
 
 
 def _diag_forward(src, b, e, xs, m, matrix):
@@ -789,11 +812,13 @@ def ggn(model, loss: str = "cross_entropy", wrt: Any = "params", out: str = "dia
         if method == "diag_backprop":
             d = e(loss_factor, y, loss, "diag", class_dim, sigma_value)
             seed = e.method("unsqueeze", d, 0)
-            return (y, _backward_metric(src, b, e, y, seed, None, 1, out, reduce == "sum", method))
-        fac = e(loss_factor, y, loss, "factor", class_dim, sigma_value)
-        seed, w = e(operator.getitem, fac, 0), e(operator.getitem, fac, 1)
-        k = factor_width(loss, src.output.meta["val"], class_dim)
-        return (y, _chunked_metric(src, b, e, y, seed, w, k, out, reduce == "sum", chunk_size))
+            r = _backward_metric(src, b, e, y, seed, None, 1, out, reduce == "sum", method)
+        else:
+            fac = e(loss_factor, y, loss, "factor", class_dim, sigma_value)
+            seed, w = e(operator.getitem, fac, 0), e(operator.getitem, fac, 1)
+            k = factor_width(loss, src.output.meta["val"], class_dim)
+            r = _chunked_metric(src, b, e, y, seed, w, k, out, reduce == "sum", chunk_size)
+        return (y, A.in_dtype(e, src, r, A.space_like(b, src)))
 
     return make_product(assemble, model, wrt, takes_target=True, summed=kind != "input" and reduce == "sum",
                         **options)

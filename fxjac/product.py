@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import linecache
 import types
 import warnings
+import weakref
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx.graph_module import _loader
 from torch.utils._pytree import tree_leaves, tree_map
 
 from passes import Builder, MissingRulesError, clean
@@ -30,6 +33,49 @@ from .errors import (
 )
 from .rules import _rt, default_rules
 from .source import Source, build_source, field_names
+from .tracing import BUILD_LOCK
+
+
+class _GeneratedSources:
+    """Forget the Python source of the GraphModules a build made and dropped (Note [generated sources]).
+
+    Note [generated sources]
+    ~~~~~~~~~~~~~~~~~~~~~~~~
+    torch.fx compiles every GraphModule's code from source and keeps the source, and a copy of the code's
+    globals, in its own cache and in ``linecache`` for tracebacks, for the life of the process: a build makes
+    about ten (tracing, normalisation, the product) and drops all but one or two, so a program building products
+    in a loop grew by about 0.1 MB a build. Sources made during a build are forgotten at its end unless a module
+    it keeps runs them, and those when that module is collected.
+    """
+
+    def __init__(self):
+        self.roots: tuple = ()
+
+    def __enter__(self) -> "_GeneratedSources":
+        self.before = set(_loader.eval_cache)
+        return self
+
+    def keep(self, *roots) -> None:
+        """The modules the build returns (their GraphModule submodules' sources stay while they live)."""
+        self.roots = roots
+
+    def __exit__(self, *exc) -> None:
+        live = {}
+        for root in self.roots:
+            for m in root.modules() if isinstance(root, nn.Module) else ():
+                code = getattr(type(m).__dict__.get("forward"), "__code__", None)
+                if isinstance(m, fx.GraphModule) and code is not None:
+                    live[code.co_filename] = m
+        for key in set(_loader.eval_cache) - self.before:
+            if key in live:
+                weakref.finalize(live[key], _forget_source, key)
+            else:
+                _forget_source(key)
+
+
+def _forget_source(key: str) -> None:
+    _loader.eval_cache.pop(key, None)
+    linecache.cache.pop(key, None)
 
 
 def _unbuilt(*args, **kwargs):
@@ -109,21 +155,18 @@ class Product(fx.GraphModule):
         sibling = self._variant_of(args, build=True)
         if sibling is not None:
             return sibling(*args, **kwargs)
-        if self._fxjac_build is not None and spec.get("lazy"):
-            inputs = args[:n_in] if n_in is not None else args
-            built = self._fxjac_build(inputs, None)
-            self._install(built, built._fxjac_src)
-            self.wrt_names = built.wrt_names
-            self._fxjac_dtypes = built._fxjac_dtypes
-            spec["lazy"] = False
+        self._build_lazily(args)
         self._check_structure()
         if len(args) > self._n_positional():
             names = [n.target for n in self.graph.nodes if n.op == "placeholder" and n.target != "target"]
             hint = "target is keyword-only: call the product as p(x, ..., target=t); " \
                 if spec.get("takes_target") else ""
+            hint += "a forward argument with a default is traced as that default unless the product is built with " \
+                "it among example_inputs=(...)"
+            if spec.get("no_operand") and len(args) == self._n_positional() + 1:
+                hint = spec["no_operand"]
             raise TypeError(f"this product takes {len(names)} positional argument(s) ({', '.join(names)}), got "
-                            f"{len(args)}: {hint}a forward argument with a default is traced as that default unless "
-                            "the product is built with it among example_inputs=(...)")
+                            f"{len(args)}: {hint}")
         try:
             if spec.get("differentiable"):
                 out = super().__call__(*args, **kwargs)
@@ -221,22 +264,35 @@ class Product(fx.GraphModule):
             if not build:
                 raise RuntimeError("this operand form needs a sibling product that is built at its first call: "
                                    "call the product once eagerly with operands of this form before torch.compile")
-            self._fxjac_variants[key] = self._fxjac_build(args[:n_in], key)
+            with BUILD_LOCK:
+                if key not in self._fxjac_variants:
+                    self._fxjac_variants[key] = self._fxjac_build(args[:n_in], key)
         return self._fxjac_variants[key]
 
     def ensure_built(self, *args) -> "Product":
         """Build a lazily built product for these inputs (and operands) without computing anything."""
         if self._variant_of(args, build=True) is not None:
             return self
+        self._build_lazily(args)
+        return self
+
+    def _build_lazily(self, args) -> None:
+        """A product built without example_inputs is built at its first call, once (two threads calling it
+        first at the same time: one builds, the other waits for it).
+        """
         spec = self._fxjac_spec
-        if self._fxjac_build is not None and spec.get("lazy"):
+        if self._fxjac_build is None or not spec.get("lazy"):
+            return
+        with BUILD_LOCK, _GeneratedSources() as sources:
+            if not spec.get("lazy"):
+                return
             n_in = spec.get("n_inputs")
             built = self._fxjac_build(args[:n_in] if n_in is not None else args, None)
             self._install(built, built._fxjac_src)
+            sources.keep(self, *_kept_source(built))
             self.wrt_names = built.wrt_names
             self._fxjac_dtypes = built._fxjac_dtypes
             spec["lazy"] = False
-        return self
 
     def _check_structure(self) -> None:
         """Every module the product reads is still where it was: one dict lookup per module (see :func:`_structure`),
@@ -539,9 +595,12 @@ def _check_common(leaf_modules, concrete_args, output, strict, differentiable) -
 
 def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inputs=None, leaf_modules=(),
                  concrete_args=None, output=None, strict=False, differentiable=False, variant=None,
-                 n_inputs: Optional[int] = None, takes_target: bool = False, summed: bool = False) -> Product:
+                 n_inputs: Optional[int] = None, takes_target: bool = False, summed: bool = False,
+                 no_operand: Optional[str] = None) -> Product:
     """Build a Product: ``assemble(src, builder, key)`` writes the product graph and returns its outputs.
     ``summed``: the result is a parameter-space quantity summed over the batch (what ``accumulate`` adds up).
+
+    ``no_operand``: why the product takes no operand (``matrix="identity"``), told to a call that passes one.
 
     ``variant(operands) -> key or None`` lets a product dispatch an operand of another form (``[B, P]`` instead
     of ``[P]``) to a sibling product built on demand with ``key``.
@@ -551,6 +610,12 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
     leaf_modules = _check_common(leaf_modules, concrete_args, output, strict, differentiable)
 
     def build(inputs, key):
+        with BUILD_LOCK, _GeneratedSources() as sources:  # Note [tracing and threads]
+            prod = _build(inputs, key)
+            sources.keep(prod, *_kept_source(prod))
+            return prod
+
+    def _build(inputs, key):
         if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tree_leaves(inputs)):
             _rt.tune_malloc()  # Note [glibc's heap and column stacks]
         src = build_source(model, wrt, list(inputs), leaf_modules=leaf_modules, concrete_args=concrete_args,
@@ -581,52 +646,65 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
         return prod
 
     spec = {"n_inputs": n_inputs, "output": output, "differentiable": differentiable, "variant": variant,
-            "takes_target": takes_target, "concrete_args": concrete_args, "summed": summed}
-    if example_inputs is not None:
-        inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        built = build(inputs, None)
-        spec["n_inputs"] = len(inputs)
-        prod = Product(built, built.graph, build, spec)
-        prod.model = model
-        prod._install(built, built._fxjac_src)
-        prod.wrt_names = built.wrt_names
-        prod._fxjac_param_shapes = built._fxjac_param_shapes
-        prod._fxjac_dtypes = built._fxjac_dtypes
-        return prod
-    # Validate the options now (wrt names, modes, tracing) even though shapes wait for the first call.
-    from .source import parse_wrt, select_params
-    from .tracing import check_modes, input_names, trace
+            "takes_target": takes_target, "concrete_args": concrete_args, "summed": summed, "no_operand": no_operand}
 
-    kind, index = parse_wrt(wrt)
-    params = select_params(model, wrt) if kind == "params" else []
-    try:
-        gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
-        check_modes(gm)
-        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    except TraceError as err:
-        # Without inputs a dtype read while tracing is the model's floating dtype (Note [dtypes while tracing]),
-        # and a tuple's length is unknown (Tracer.iter); a forward that failed after such a guess (it checks an
-        # integer input's dtype, iterates over chunks) is traced again at the first call, with the inputs, and
-        # reports a failure then.
-        names = input_names(model, concrete_args) if getattr(err, "guessed", False) else None
-        if names is None:
-            raise
-    n_ph = len(names)
-    if kind == "input" and not 0 <= index < n_ph:
-        raise OptionError(f"wrt='input:{index}' but the model has {n_ph} input(s)")
-    spec.update(lazy=True, n_inputs=n_ph)
-    graph = fx.Graph()
-    phs = [graph.placeholder(input_name(name)) for name in names]
-    rest = graph.placeholder("operands", default_value=None)
-    graph.output(graph.call_function(_unbuilt, tuple(phs) + (rest,)))
-    holder = nn.Module()
-    holder.model = model
-    prod = Product(holder, graph, build, spec)
-    prod.model = model
-    prod.wrt_names = [p.name for p in params]
-    prod._fxjac_param_shapes = [(p.name, p.shape) for p in params]
-    prod._fxjac_structure = []
-    return prod
+    def _make() -> Product:
+        if example_inputs is not None:
+            inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+            built = build(inputs, None)
+            spec["n_inputs"] = len(inputs)
+            prod = Product(built, built.graph, build, spec)
+            prod.model = model
+            prod._install(built, built._fxjac_src)
+            prod.wrt_names = built.wrt_names
+            prod._fxjac_param_shapes = built._fxjac_param_shapes
+            prod._fxjac_dtypes = built._fxjac_dtypes
+            return prod
+        # Validate the options now (wrt names, modes, tracing) even though shapes wait for the first call.
+        from .source import parse_wrt, select_params
+        from .tracing import check_modes, input_names, trace
+
+        kind, index = parse_wrt(wrt)
+        params = select_params(model, wrt) if kind == "params" else []
+        try:
+            gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+            check_modes(gm)
+            names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        except TraceError as err:
+            # Without inputs a dtype read while tracing is the model's floating dtype (Note [dtypes while tracing]),
+            # and a tuple's length is unknown (Tracer.iter); a forward that failed after such a guess (it checks an
+            # integer input's dtype, iterates over chunks) is traced again at the first call, with the inputs, and
+            # reports a failure then.
+            names = input_names(model, concrete_args) if getattr(err, "guessed", False) else None
+            if names is None:
+                raise
+        n_ph = len(names)
+        if kind == "input" and not 0 <= index < n_ph:
+            raise OptionError(f"wrt='input:{index}' but the model has {n_ph} input(s)")
+        spec.update(lazy=True, n_inputs=n_ph)
+        graph = fx.Graph()
+        phs = [graph.placeholder(input_name(name)) for name in names]
+        rest = graph.placeholder("*operands")  # the operands' names are the built product's (p.code shows them then)
+        graph.output(graph.call_function(_unbuilt, tuple(phs) + (rest,)))
+        holder = nn.Module()
+        holder.model = model
+        prod = Product(holder, graph, build, spec)
+        prod.model = model
+        prod.wrt_names = [p.name for p in params]
+        prod._fxjac_param_shapes = [(p.name, p.shape) for p in params]
+        prod._fxjac_structure = []
+        return prod
+
+    with _GeneratedSources() as sources:  # Note [generated sources]
+        prod = _make()
+        sources.keep(prod, *_kept_source(prod))
+        return prod
+
+
+def _kept_source(prod) -> tuple:
+    """The traced model a built product keeps (read by its structure check and drawings)."""
+    src = getattr(prod, "_fxjac_src", None)
+    return (src.gm,) if src is not None else ()
 
 
 def _all_missing(src: Source, b: Builder) -> list:

@@ -334,7 +334,7 @@ def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_m
                        if t.is_floating_point()), None)
         odd = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.Tensor) and x.is_floating_point()
                and pdtype is not None and x.dtype != pdtype]
-        if odd and "dtype" in str(err).lower():
+        if odd and "type" in str(err).lower():  # "dtype", "scalar type", "Input type (double) and bias type"
             raise ShapeError(f"input {odd[0]} is {example_inputs[odd[0]].dtype} and the model's parameters "
                              f"{pdtype}; the model fails on it ({str(err).splitlines()[0]}): cast the input") from err
         hint = ("\nHint: forward takes a derivative with torch.autograd.grad (a score, a force -dH/dq), which a "

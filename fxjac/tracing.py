@@ -16,6 +16,7 @@ import builtins
 import operator
 import re
 import string
+import threading
 import types
 from typing import Any, Callable, Optional, Sequence
 
@@ -185,6 +186,7 @@ class Tracer(fx.Tracer):
         self.example_inputs = None if example_inputs is None else list(example_inputs)
         self._values: dict = {}  # Note [dtypes while tracing]: node -> value on the example inputs
         self.guessed = False  # a dtype or a tuple's length was needed without examples: guessed
+        self._thread = threading.get_ident()  # the tracing thread (Note [tracing and threads])
 
     def dtype_of(self, node: fx.Node) -> Optional[torch.dtype]:
         """Note [dtypes while tracing]: the dtype of ``node``'s value, or None (a traced attribute, as before).
@@ -256,6 +258,8 @@ class Tracer(fx.Tracer):
         return len(value) if isinstance(value, (tuple, list)) else None
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):  # noqa: D102
+        if threading.get_ident() != self._thread:  # Note [tracing and threads]
+            return attr_val
         # A parameter's shape, size(), dim() and numel() are its own numbers, not traced values (a product is
         # built for the model's parameter shapes): ``self.W.view(*self.W.shape, 1, 1)`` traces. So for the
         # parameters that the user's code reads (first): not for buffers (torch.fx would make theirs a
@@ -289,6 +293,8 @@ class Tracer(fx.Tracer):
         fx.Proxy.dtype = property(_proxy_dtype)
         fx.Proxy.__len__ = _proxy_len
         self._values, self._concrete_args = {}, dict(concrete_args or {})
+        self._thread = threading.get_ident()
+        self._autocast = _autocast_state()
         state = _module_state(root)
         self._torch_view, self._globals_seen = _TracedTorch(self), []
         self._see_globals(type(root).forward)
@@ -355,9 +361,18 @@ class Tracer(fx.Tracer):
             # of every derivative path). Not a parameter's or buffer's node: torch.fx makes one per attribute and
             # every later read shares it, also outside the block.
             node.meta["no_grad"] = True
+        if node.op != "placeholder" and _autocast_state() != self._autocast:
+            where = source_line(node)
+            raise TraceError(
+                "forward turns torch.autocast on or off" + (f" (at {where})" if where else "") + ": torch.fx does not "
+                "record it, so a product would run these ops in the model's dtype where the model runs them in "
+                "another. Remove the autocast block: a product computes in the model's dtype (to compute in "
+                "bfloat16, cast the model and inputs: model.to(torch.bfloat16))")
         return node
 
     def call_module(self, m, forward, args, kwargs):  # noqa: D102
+        if threading.get_ident() != self._thread:  # Note [tracing and threads]
+            return forward(*args, **kwargs)
         inner = _compiled_inner(m)
         if inner is not None:  # torch.compile's wrapper: the module it compiles (a submodule of it), traced
             return inner(*args, **kwargs)
@@ -400,6 +415,11 @@ class Tracer(fx.Tracer):
 _UNTRACEABLE = (fx.proxy.TraceError, TypeError, RuntimeError, NotImplementedError, AttributeError)
 
 _FUNCTION_APPLY = torch.autograd.Function.__dict__["apply"]
+
+
+def _autocast_state() -> tuple:
+    """Whether torch.autocast is on, and in which dtype, for the CPU and CUDA."""
+    return tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
 
 
 def _traced_apply(cls, *args, **kwargs):
@@ -497,7 +517,24 @@ def trace(model: nn.Module, leaf_modules: Sequence = (), concrete_args: Optional
     Raises:
         TraceError: torch.fx cannot trace the model; the message names the user's line and suggests
             ``leaf_modules``.
+
+    Note [tracing and threads]
+    ~~~~~~~~~~~~~~~~~~~~~~~~~~
+    Tracing patches process-wide state for its duration: torch.fx replaces ``nn.Module.__call__`` and
+    ``__getattr__``, fxjac replaces ``Function.apply`` and a few Proxy attributes and the name ``torch`` in the
+    forward's globals. Two traces at once would interleave these patches (one thread's restore undoing the
+    other's, or restoring the other's patch for good), so traces take :data:`BUILD_LOCK` in turn. Meanwhile other
+    threads run the model or built products as usual: the patched module calls and attribute reads pass
+    straight through outside the tracing thread, and fxjac's patches act on traced values only.
     """
+    with BUILD_LOCK:
+        return _trace(model, leaf_modules, concrete_args, n_inputs, example_inputs)
+
+
+BUILD_LOCK = threading.RLock()
+
+
+def _trace(model, leaf_modules, concrete_args, n_inputs, example_inputs) -> fx.GraphModule:
     for m in model.modules():
         _check_traceable(m)
     tracer = Tracer(leaf_modules, example_inputs)
@@ -507,17 +544,18 @@ def trace(model: nn.Module, leaf_modules: Sequence = (), concrete_args: Optional
     root = model
     # A root module is never "called", so neither its hooks nor torch.compile's wrapper nor a decomposition would
     # be seen: trace a call of it instead.
-    # A forward with *args or **kwargs is called the same way, with its named parameters only: a product passes
-    # its inputs one by one and no keyword arguments, so args is () and kwargs {} while tracing, as in the call.
+    # A forward with *args or **kwargs is called the same way, with its named parameters, and *args gets the
+    # example inputs beyond them (one name each): a product passes its inputs one by one and no keyword
+    # arguments, so kwargs is {} while tracing, as in the call, and args () where no example inputs are given.
     variadic = _variadic(inner) if not isinstance(model, fx.GraphModule) else None
     if (decomposition_for(type(model)) is not None and not tracer.is_leaf_module(model, "")) or \
             inner is not model or model._forward_hooks or model._forward_pre_hooks or variadic or \
             type(inner).__call__ is not nn.Module.__call__:  # (a __call__ of its own runs too)
-        root = _holder(model, inner)
+        root = _holder(model, inner, n_inputs)
     try:
         graph = tracer.trace(root, concrete_args=concrete_args)
     except (fx.proxy.TraceError, TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError,
-            IndexError, KeyError) as err:
+            IndexError, KeyError, AssertionError) as err:
         builtin = type(model).__module__.startswith("torch.nn.")
         if root is model and not isinstance(model, fx.GraphModule) and (builtin or tracer.is_leaf_module(model, "")):
             # a built-in kept whole inside a net (nn.LSTM, nn.RNNCell, nn.Softmax2d) is traced into as the root
@@ -528,7 +566,9 @@ def trace(model: nn.Module, leaf_modules: Sequence = (), concrete_args: Optional
             f"torch.fx cannot trace this model: {err}\n{type(inner).__name__}.forward takes {variadic}, which is "
             "empty while tracing, as in every call of a product: it passes the model's inputs one by one to "
             "forward's named parameters, and no keyword arguments. Name the inputs forward reads (def forward("
-            "self, x, z))"))
+            "self, x, z))" + (", or build the product with example_inputs=(...): *args then takes the inputs "
+                              "beyond the named ones" if variadic.startswith("*") and not variadic.startswith("**")
+                              and n_inputs is None else "")))
         error.guessed = tracer.guessed  # the lazy build's options check defers such a failure
         raise error from err
     _drop_concrete_placeholders(graph, concrete_args or ())
@@ -603,13 +643,17 @@ def _variadic(model: nn.Module) -> Optional[str]:
                  if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)), None)
 
 
-def _holder(model: nn.Module, inner: nn.Module) -> nn.Module:
+def _holder(model: nn.Module, inner: nn.Module, n_inputs: Optional[int] = None) -> nn.Module:
     """A module whose forward calls ``model`` with the parameters of ``inner.forward`` (``model`` itself, or the
     module torch.compile wrapped), so the tracer's module hook sees the call: ``model``'s hooks run, and its
-    decomposition applies.
+    decomposition applies. A forward taking ``*args`` gets the inputs beyond its named ones there
+    (``args_0, args_1``: ``n_inputs`` in all).
     """
     params = forward_parameters(inner)
     names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    star = next((p.name for p in params if p.kind is p.VAR_POSITIONAL), None)
+    if star is not None and n_inputs is not None:
+        names += [f"{star}_{i}" for i in range(n_inputs - len(names))]
     keywords = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
     scope: dict = {}
     signature = ", ".join(names + (["*"] + keywords if keywords else []))

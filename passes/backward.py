@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from passes.builder import (
     Builder,
+    in_dtype_of,
     is_structural,
     new_emitter,
     nodes_in,
@@ -135,5 +136,5 @@ def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, metho
                     if site.extra.get("batch_factor", 1) != 1 and name not in site.extra.get("rows_summed", ()):
                         ci = e(rows_to_samples, ci, site.extra["batch_factor"])  # Note [merged batch]
                     ci = e.method("flatten", ci, 0, 1)
-                pending.setdefault(t, []).append(ci)
+                pending.setdefault(t, []).append(in_dtype_of(e, ci, t, node))  # Note [mixed dtypes]
     return result

@@ -327,6 +327,29 @@ def structure_of(v: Any, lookup) -> Any:
     return ZERO
 
 
+def real_dtype(node: Any) -> Optional[torch.dtype]:
+    """The floating dtype of a node's tensor value, else None (not a tensor, integer, complex)."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val.dtype if isinstance(val, torch.Tensor) and val.dtype.is_floating_point else None
+
+
+def in_dtype_of(e: Emitter, stack: Any, value: fx.Node, promoted: fx.Node) -> Any:
+    """``stack``, a tangent or cotangent stack computed at ``promoted``, in ``value``'s dtype where the two differ.
+
+    Note [mixed dtypes]
+    ~~~~~~~~~~~~~~~~~~~
+    Where an op promotes (float32 activations times a float64 buffer), its rule computes in the promoted dtype.
+    As autograd does, a cotangent flowing back to a float32 operand is cast to float32 and a tangent flowing out
+    of the op has the result's dtype (``a + c`` with a float64 constant ``c``: the rule passes ``a``'s float32
+    tangent through). Otherwise the next op's rule would meet a float64 stack and a float32 weight and fail
+    (``mm``), or a parameter-space result would change dtype. Only emitted where the dtypes differ.
+    """
+    want, have = real_dtype(value), real_dtype(promoted)
+    if want is None or have is None or want == have or not isinstance(stack, fx.Node):
+        return stack
+    return e.method("to", stack, want)
+
+
 def new_emitter(b: Builder, node: fx.Node, role: str, prefix: str) -> Emitter:
     """An emitter that names its nodes after ``node``."""
     return Emitter(b.graph, role, node, prefix)

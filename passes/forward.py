@@ -9,7 +9,18 @@ from __future__ import annotations
 
 import operator
 
-from passes.builder import Builder, is_structural, new_emitter, nodes_in, shares_a_slot, structural_index, structure_of
+import torch.fx as fx
+
+from passes.builder import (
+    Builder,
+    is_structural,
+    new_emitter,
+    nodes_in,
+    real_dtype,
+    shares_a_slot,
+    structural_index,
+    structure_of,
+)
 from passes.dag import between, differentiable
 from passes.protocol import ZERO, Decline
 
@@ -92,4 +103,8 @@ def forward_tangents(b: Builder, seeds: dict, ps: bool = False, method: str = "j
         except Decline:
             site = b.prepare(node, ps, b.decline(node))
             tan[node] = getattr(site.extra["rule"], method)(e, site, _tangents(e, site, look))
+        want = real_dtype(node)  # Note [mixed dtypes]
+        if want is not None and isinstance(tan[node], fx.Node) and \
+                any(real_dtype(a) not in (None, want) for a in node.all_input_nodes if look(a) is not ZERO):
+            tan[node] = e.method("to", tan[node], want)
     return tan

@@ -1029,8 +1029,17 @@ def test_keyword_only_and_variadic_forward_parameters(lazy):
         scale = z if isinstance(model, _KeywordOnly) else 1.0
         assert_close(y, model.fc(x) * scale, "primal")
         assert_close(got, torch.cat([(w * scale).T.mm(x).flatten(), (w * scale).sum(0)]), "vjp w.r.t. parameters")
-    with pytest.raises(fxjac.TraceError, match=r"takes \*inputs, which is empty while tracing"):
-        fxjac.vjp(_ReadsArgs().double(), example_inputs=None if lazy else (x, z))
+    reads = _ReadsArgs().double()
+    if lazy:  # how many inputs *inputs takes is not known before the first call: example_inputs= tells
+        with pytest.raises(fxjac.TraceError, match=r"takes \*inputs, which is empty while tracing(.|\n)*"
+                                                   "example_inputs=.*beyond the named ones"):
+            fxjac.vjp(reads)
+        return
+    p = fxjac.vjp(reads, wrt="input:1", example_inputs=(x, z))  # probe HH: *args read, now traced
+    assert "def forward(self, inputs_0, inputs_1, w)" in p.code
+    y, got = p(x, z, w)
+    assert_close(y, reads(x, z), "primal with *inputs")
+    assert_close(got, w * reads.fc(x), "vjp w.r.t. the second of *inputs")
 
 
 def test_float_ids_for_a_product_built_on_integer_ids_are_a_shape_error():
@@ -1219,6 +1228,25 @@ def test_an_optional_input_passed_positionally_to_a_lazy_product_is_explained():
         fxjac.vjp(model)(x, mask, randn(4, 2, g=rng(2)))
     _, g = fxjac.vjp(model, example_inputs=(x, mask))(x, mask, randn(4, 2, g=rng(2)))
     assert_close(g, torch.func.vjp(lambda a: model(a, mask), x)[1](randn(4, 2, g=rng(2)))[0], "with the mask")
+
+
+def test_an_operand_passed_to_an_identity_metric_product_is_explained():
+    x = randn(4, 3)
+    with pytest.raises(TypeError, match="matrix='identity' .*takes no M; to pass an M in output space, .*'sqrt'$"):
+        fxjac.jtmjp(mlp())(x, randn(4, 2))
+    with pytest.raises(TypeError, match="in parameter space, build it with matrix='diag', 'full', 'sqrt' or 'block'"):
+        fxjac.jmjtp(mlp(), wrt="params")(x, randn(32))
+    with pytest.raises(TypeError, match="to pass an M in input space"):
+        fxjac.jmjtp(mlp(), example_inputs=(x,))(x, randn(4, 3))
+
+
+def test_a_lazy_products_code_does_not_name_operands_it_will_not_take():
+    p = fxjac.vjp(mlp())
+    assert "def forward(self, input_1, *operands)" in p.code  # the operand's name is the built product's
+    w = randn(4, 2, g=rng(1))
+    _, got = p(randn(4, 3), w=w)
+    assert "def forward(self, input_1, w)" in p.code
+    assert_close(got, torch.func.vjp(mlp(), randn(4, 3))[1](w)[0], "w passed by name at the first call")
 
 
 def test_wrt_naming_a_buffer_or_a_module_prefix_is_explained():

@@ -139,9 +139,21 @@ class _ChecksTensor(nn.Module):
         return self.lin(x)
 
 
+class _AssertsTensor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        assert isinstance(x, torch.Tensor), "x must be a tensor"
+        return self.lin(x)
+
+
 def test_forward_checking_for_a_tensor_gets_a_hint_that_works():
     with pytest.raises(fxjac.TraceError, match="forward's own check raised TypeError(.|\n)*is_fx_symbolic_tracing"):
         fxjac.vjp(_ChecksTensor(False))
+    with pytest.raises(fxjac.TraceError, match="own check raised AssertionError: x must(.|\n)*is_fx_symbolic_tracing"):
+        fxjac.vjp(_AssertsTensor(), example_inputs=(torch.randn(2, 4),))
     model = _ChecksTensor(True).double()
     x, w = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
     _, got = fxjac.vjp(model)(x, w)
@@ -179,3 +191,26 @@ def test_iterating_over_a_tuple_of_tensors(lazy):
     assert_close(got, pull(w)[0], "vjp through the iterations")
     assert_close(p(x[:2], w[:2])[1], pull(w * torch.tensor([[1.0], [1.0], [0.0]], dtype=torch.float64))[0][:2],
                  "another batch size")
+
+
+class _AutocastInside(nn.Module):
+    def __init__(self, enabled=True):
+        super().__init__()
+        self.lin, self.out, self.enabled = nn.Linear(4, 3), nn.Linear(3, 2), enabled
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.enabled):
+            h = self.lin(x)
+        return self.out(h.to(x.dtype))
+
+
+def test_autocast_inside_forward_is_a_trace_error_that_names_it():
+    """torch.fx does not record autocast: the product would compute in float32 where the model did not (it was the
+    first call's output check's "mutation" message)."""
+    x = torch.randn(3, 4)
+    with pytest.raises(fxjac.TraceError, match="forward turns torch.autocast on or off .*h = self.lin"):
+        fxjac.vjp(_AutocastInside())(x, torch.randn(3, 2))
+    model = _AutocastInside(enabled=False).double()  # autocast off, as outside: nothing to record
+    x, w = x.double(), torch.randn(3, 2, dtype=torch.float64)
+    _, got = fxjac.vjp(model)(x, w)
+    assert_close(got, torch.func.vjp(model, x)[1](w)[0], "vjp with autocast turned off in forward")

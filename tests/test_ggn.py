@@ -1111,3 +1111,34 @@ def test_forward_diag_backprop_of_an_embedding_is_exact_and_structured():
         warnings.simplefilter("error")  # no fallback warning
         _, got = fxjac.jmjtp(model, wrt="params", matrix="diag", out="diag", method="diag_backprop")(idx, d)
     assert_close(got.reshape(2, -1), torch.einsum("boi,i->bo", J * J, d), "forward diagonal of an embedding")
+
+
+@pytest.mark.parametrize("torch_loss, loss, divisor", [
+    (nn.MSELoss(reduction="sum"), "mse", lambda y: 0.5),
+    (nn.MSELoss(), "mse", lambda y: 0.5 * y.numel()),
+    (nn.CrossEntropyLoss(), "cross_entropy", lambda y: y.shape[0]),
+    (nn.BCEWithLogitsLoss(), "bce", lambda y: y.numel()),
+])
+def test_the_readme_matches_torch_losses(torch_loss, loss, divisor):
+    """README, "Matching a torch loss": the Gauss-Newton of a torch loss is fxjac's divided by these numbers."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    y = net(x).detach()
+    t = torch.randint(0, 3, (5,)) if loss == "cross_entropy" else torch.rand(5, 3, dtype=torch.float64)
+    J = per_sample_jacobian(net, (x,), "params")  # [B, O, P]
+    H = torch.func.hessian(lambda out: torch_loss(out, t))(y).reshape(15, 15)  # over all outputs, block diagonal
+    Hb = torch.stack([H[3 * b:3 * b + 3, 3 * b:3 * b + 3] for b in range(5)])
+    ref = torch.einsum("bop,boq,bqr->pr", J, Hb, J)
+    _, got = fxjac.ggn(net, loss=loss, out="full")(x, target=t)
+    assert_close(got / divisor(y), ref, f"ggn({loss!r}) against {torch_loss}")
+
+
+def test_cross_entropy_over_one_logit_has_no_curvature():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    _, got = fxjac.ggn(net, loss="cross_entropy")(x)
+    assert torch.count_nonzero(got.abs() > 1e-12) == 0
+    _, bce = fxjac.ggn(net, loss="bce")(x)
+    assert bce.abs().max() > 1e-3

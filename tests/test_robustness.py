@@ -7,6 +7,7 @@ not repeated here. A case that shows a current fxjac bug is an ``xfail(strict=Tr
 """
 
 import copy
+import threading
 import typing
 import warnings
 
@@ -1656,6 +1657,9 @@ def test_an_input_of_another_dtype_is_a_shape_error():
     x, w = randn(5, 3), randn(5, 2, seed=1)
     with pytest.raises(fxjac.ShapeError, match="input 0 is torch.float32 and the model's parameters torch.float64"):
         fxjac.vjp(model, wrt="params")(x.float(), w)
+    cnn = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 2))  # torch: "Input type (double) and bias
+    with pytest.raises(fxjac.ShapeError, match="input 0 is torch.float64 and the model's parameters torch.float32"):
+        fxjac.vjp(cnn)(randn(5, 2, 4, 4), w)  # type (float) should be the same", once a TraceError
     p = fxjac.vjp(model, wrt="params")
     p(x, w)
     with pytest.raises(fxjac.ShapeError, match="input 0 is torch.float32; this product was built for torch.float64"):
@@ -2624,3 +2628,201 @@ def test_a_tuple_result_unpacked_into_a_call_traces_and_a_tensor_gets_a_hint():
     assert_close(got, torch.func.jvp(_UnpacksSlogdet(), (x,), (v,))[1], "jvp of f(*slogdet)")
     with pytest.raises(fxjac.TraceError, match=r"f\(\*h\) iterates over its first axis"):
         fxjac.jvp(_UnpacksATensor())(x, v)
+
+
+# --- threads (Note [tracing and threads]) ------------------------------------------------------------------
+
+class _WaitsWhileTraced(nn.Module):
+    """An MLP whose forward, while it is traced, lets another thread run and waits for it to finish."""
+
+    def __init__(self, tracing: "threading.Event", done: "threading.Event"):
+        super().__init__()
+        self.mlp, self.tracing, self.done = mlp(1), tracing, done
+
+    def forward(self, x):
+        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+            self.tracing.set()
+            self.done.wait(timeout=30)
+        return self.mlp(x)
+
+
+def _vjp_reference(model, x, w):
+    params = dict(model.named_parameters())
+    _, pull = torch.func.vjp(lambda p: functional_call(model, p, (x,)), params)
+    return torch.cat([g.flatten() for g in pull(w)[0].values()])
+
+
+def test_other_threads_run_models_and_products_while_a_product_is_traced():
+    tracing, done = threading.Event(), threading.Event()
+    traced = _WaitsWhileTraced(tracing, done)
+    other, built = mlp(2), fxjac.vjp(mlp(3), wrt="params", example_inputs=(randn(4, 3),))
+    x, w = randn(4, 3, seed=1), randn(4, 2, seed=2)
+    seen = {}
+
+    def meanwhile():
+        tracing.wait(timeout=30)
+        try:  # torch.fx's patched nn.Module.__call__ is in place now, for every thread
+            seen["model"], seen["product"] = other(x), built(x, w)
+        except Exception as err:  # noqa: BLE001 - reported below
+            seen["error"] = err
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=meanwhile)
+    thread.start()
+    p = fxjac.vjp(traced, wrt="params", example_inputs=(x,))
+    thread.join()
+    assert "error" not in seen, seen.get("error")
+    assert_close(seen["model"], other.fc2(torch.tanh(other.fc1(x))), "model called meanwhile")
+    assert_close(seen["product"][1], _vjp_reference(built.model, x, w), "product called meanwhile")
+    assert_close(p(x, w)[1], _vjp_reference(traced, x, w), "product traced while another thread ran")
+
+
+def test_products_built_in_several_threads_at_once_are_right_and_leave_torch_as_it_was():
+    from concurrent.futures import ThreadPoolExecutor
+
+    call, getattr_ = nn.Module.__call__, nn.Module.__getattr__
+    x, w = randn(4, 3, seed=1), randn(4, 2, seed=2)
+    models = [mlp(seed) for seed in range(12)]
+    lazy = fxjac.vjp(models[0], wrt="params")  # built by whichever thread calls it first
+
+    def work(model):
+        p = fxjac.vjp(model, wrt="params")
+        return p(x, w), lazy(x, w)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(work, models))
+    assert nn.Module.__call__ is call and nn.Module.__getattr__ is getattr_
+    first = _vjp_reference(models[0], x, w)
+    for model, (got, got_lazy) in zip(models, results):
+        assert_close(got[1], _vjp_reference(model, x, w), "built in a thread")
+        assert_close(got_lazy[1], first, "a lazy product's first calls in several threads")
+
+
+# --- mixed dtypes (Note [mixed dtypes] in passes/builder.py) ------------------------------------------------
+
+class _MixedDtypes(nn.Module):
+    """float32 layers, a float64 buffer that promotes the activations, a float64 head; a float32 input."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(3, 4)
+        self.register_buffer("scale", torch.rand(4, dtype=torch.float64) + 0.5)
+        self.register_buffer("shift", torch.rand(4, dtype=torch.float64))
+        self.head = nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x)) * self.scale  # float32 * float64: float64
+        return self.head(torch.sigmoid(h + self.shift))
+
+
+def test_products_of_a_model_that_mixes_dtypes_follow_autograd():
+    model, x = _MixedDtypes(), randn(5, 3, dtype=torch.float32)
+    model64, (x64,) = as_float64(model, (x,))
+    J = {wrt: per_sample_jacobian(model64, (x64,), wrt) for wrt in ("input", "params")}
+    P = J["params"].shape[2]
+    dtypes = {"input": torch.float32, "params": torch.float32}  # a parameter vector takes the first parameter's
+    g = torch.Generator().manual_seed(1)
+    for wrt, Jw in J.items():
+        I, dt = Jw.shape[2], dtypes[wrt]
+        v = torch.randn(5, 3, generator=g) if wrt == "input" else torch.randn(P, generator=g)
+        y, t = fxjac.jvp(model, wrt=wrt)(x, v)
+        assert y.dtype == t.dtype == torch.float64
+        vb = v.double().reshape(5, -1) if wrt == "input" else v.double().expand(5, P)
+        assert_close(t, torch.einsum("boi,bi->bo", Jw, vb), f"jvp[{wrt}]", torch.float32)
+        w = torch.randn(5, 3, generator=g, dtype=torch.float64)
+        _, c = fxjac.vjp(model, wrt=wrt)(x, w)
+        ref = torch.einsum("boi,bo->bi", Jw, w)
+        assert c.dtype == dt
+        assert_close(c.reshape(ref.shape) if wrt == "input" else c, ref if wrt == "input" else ref.sum(0),
+                     f"vjp[{wrt}]", torch.float32)
+        _, full = fxjac.jacobian(model, wrt=wrt)(x)
+        assert_close(full, Jw, f"jacobian[{wrt}]", torch.float32)
+        d = torch.rand(5, I, generator=g).to(dt) if wrt == "input" else torch.rand(P, generator=g)
+        _, cov = fxjac.jmjtp(model, wrt=wrt, matrix="diag")(x, d)
+        assert cov.dtype == torch.float64
+        dd = d.double() if wrt == "input" else d.double().expand(5, P)
+        assert_close(cov, torch.einsum("boi,bi,bpi->bop", Jw, dd, Jw), f"jmjtp[{wrt}]", torch.float32)
+        m = torch.rand(5, 3, generator=g, dtype=torch.float64)
+        _, diag = fxjac.jtmjp(model, wrt=wrt, matrix="diag", out="diag")(x, m)
+        assert diag.dtype == dt
+        ref = torch.einsum("boi,bo,boi->bi", Jw, m, Jw)
+        assert_close(diag, ref if wrt == "input" else ref.sum(0), f"jtmjp[{wrt}] diagonal", torch.float32)
+    _, ggn = fxjac.ggn(model, loss="cross_entropy", out="full")(x)
+    probs = torch.softmax(model64(x64), -1)
+    H = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+    ref = torch.einsum("bop,boq,bqr->pr", J["params"], H, J["params"])
+    assert ggn.dtype == torch.float32
+    assert_close(ggn, ref, "ggn full", torch.float32)
+
+
+def test_matrix_products_of_a_model_that_mixes_dtypes_follow_autograd():
+    model, x = _MixedDtypes(), randn(5, 3, dtype=torch.float32)
+    model64, (x64,) = as_float64(model, (x,))
+    Jp = per_sample_jacobian(model64, (x64,), "params")
+    Jx = per_sample_jacobian(model64, (x64,), "input")
+    P = Jp.shape[2]
+    g = torch.Generator().manual_seed(2)
+    M = torch.randn(P, 4, generator=g)
+    _, t = fxjac.jmp(model, wrt="params")(x, M)
+    assert_close(t, torch.einsum("bop,pk->bok", Jp, M.double()), "jmp[params]", torch.float32)
+    Mo = torch.randn(5, 4, 3, generator=g, dtype=torch.float64)
+    _, c = fxjac.mjp(model, wrt="params", reduce="none")(x, Mo)
+    assert c.dtype == torch.float32
+    assert_close(c, torch.einsum("bko,bop->bkp", Mo, Jp), "mjp[params] per sample", torch.float32)
+    _, c = fxjac.mjp(model)(x, Mo)
+    assert c.dtype == torch.float32
+    assert_close(c, torch.einsum("bko,boi->bki", Mo, Jx), "mjp[input]", torch.float32)
+    S = torch.randn(P, 3, generator=g)
+    _, cov = fxjac.jmjtp(model, wrt="params", matrix="sqrt")(x, S)
+    JS = torch.einsum("bop,pk->bok", Jp, S.double())
+    assert cov.dtype == torch.float64
+    assert_close(cov, JS @ JS.transpose(1, 2), "jmjtp[params] sqrt", torch.float32)
+    blocks = [torch.eye(16) * 0.5, torch.eye(15) * 2.0]  # fc (float32), head (float64)
+    _, cov = fxjac.jmjtp(model, wrt="params", matrix="block")(x, blocks)
+    assert_close(cov, torch.einsum("bop,p,bqp->boq", Jp, torch.cat([torch.full((16,), 0.5), torch.full((15,), 2.0)])
+                                   .double(), Jp), "jmjtp[params] block", torch.float32)
+    _, blk = fxjac.jtmjp(model, wrt="params", out="block")(x)
+    full = torch.einsum("bop,boq->pq", Jp, Jp)
+    assert [b.dtype for b in blk] == [torch.float32, torch.float32]
+    assert_close(blk[1], full[16:, 16:], "jtmjp[params] block of the float64 head", torch.float32)
+    _, per = fxjac.jtmjp(model, wrt="params", out="diag", reduce="none")(x)
+    assert_close(per, torch.einsum("bop,bop->bp", Jp, Jp), "jtmjp[params] per-sample diagonal", torch.float32)
+    for wrt in ("input", "params"):  # nnj's approximations: run, in the space's dtype, finite
+        _, d = fxjac.jtmjp(model, wrt=wrt, out="diag", method="diag_backprop")(x)
+        _, f = fxjac.jmjtp(model, wrt=wrt, out="diag", method="diag_backprop")(x)
+        assert d.dtype == torch.float32 and f.dtype == torch.float64
+        assert torch.isfinite(d).all() and torch.isfinite(f).all() and (d >= 0).all() and (f >= 0).all()
+
+
+def test_building_products_in_a_loop_leaves_no_generated_sources_behind():
+    """Note [generated sources]: torch.fx caches each GraphModule's source for the process's life; a build made
+    about ten and kept one or two, so building products in a loop grew without bound."""
+    import gc
+    import linecache
+
+    from torch.fx.graph_module import _loader
+
+    x, w = randn(4, 3), randn(4, 2, seed=1)
+
+    def sources():
+        return len(_loader.eval_cache), sum(1 for k in linecache.cache if str(k).startswith("<eval_with_key>"))
+
+    def once():
+        model = mlp()
+        fxjac.ggn(model, loss="mse")(x)  # built at its first call
+        return fxjac.vjp(model, wrt="params", example_inputs=(x,))  # built now
+
+    once()
+    gc.collect()
+    before = sources()
+    for _ in range(10):
+        once()
+    gc.collect()
+    assert sources() == before
+    p = once()
+    _, got = p(x, w)
+    assert_close(got, _vjp_reference(p.model, x, w), "a product built after the others were collected")
+    key = type(p).forward.__code__.co_filename  # a live product keeps its source, for tracebacks
+    assert "def forward" in "".join(linecache.getlines(key))
