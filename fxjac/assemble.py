@@ -189,7 +189,8 @@ def param_like(b: Builder, src: Source) -> fx.Node:
     """A selected parameter's node in the product: parameter-space operands take its dtype and device (not the
     first input's, which may be integer token ids).
     """
-    node = next(iter(src.param_nodes), None)
+    first = src.params[0].name if src.params else None  # the flat layout's first (Note [mixed dtypes])
+    node = next((n for n, info in src.param_nodes.items() if info.name == first), next(iter(src.param_nodes), None))
     if node is None:  # no selected parameter is read (the model ignores them): a floating input, else the output
         node = next((x for x in src.inputs if isinstance(x.meta.get("val"), torch.Tensor)
                      and x.meta["val"].is_floating_point()), None)

@@ -117,6 +117,10 @@ def _as_tuple(x) -> Optional[tuple]:
 
 
 def _product_of(obj, name: str, wrt, inputs, options) -> fx.GraphModule:
+    from .util import CompiledProduct
+
+    if isinstance(obj, CompiledProduct):  # fxjac.compile(..., backend=...): the product it runs
+        obj = obj.product
     if isinstance(obj, fx.GraphModule) and _is_product(obj):
         if options:
             raise OptionError(f"options {sorted(options)} build a product from a model; this is a product already")
@@ -125,7 +129,7 @@ def _product_of(obj, name: str, wrt, inputs, options) -> fx.GraphModule:
             if inputs is None:
                 raise OptionError("this product is built at its first call: call it once, or pass "
                                   "example_inputs= to draw")
-            return obj._fxjac_build(inputs, None)
+            return obj._fxjac_build(inputs, None, obj.model)
         return obj
     if not isinstance(obj, nn.Module):
         raise TypeError(f"draw takes a product or an nn.Module, got {type(obj).__name__}")

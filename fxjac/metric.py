@@ -51,7 +51,11 @@ def eigen_stack(m, like):
     a NaN or infinity (where LAPACK's eigh fails) gets NaN weights: its result is NaN, as autograd's would be.
     """
     finite = torch.isfinite(m).all(-1).all(-1)
+    dtype = m.dtype
+    if dtype in (torch.float16, torch.bfloat16):  # LAPACK (and cuSOLVER) have no half precision: factor in float32
+        m = m.float()
     lam, vec = torch.linalg.eigh(torch.where(finite[:, None, None], m, torch.zeros((), dtype=m.dtype, device=m.device)))
+    lam, vec = lam.to(dtype), vec.to(dtype)
     lam = torch.where(finite[:, None], lam, torch.full((), math.nan, dtype=lam.dtype, device=lam.device))
     return vec.permute(2, 0, 1).reshape((m.shape[-1],) + tuple(like.shape)), lam.t()
 
@@ -63,7 +67,7 @@ def diag_weights(d):
 
 def gram(c, w, reduce_sum):
     """``Σ_k w_kb c_kb c_kbᵀ``: ``[K, B, N]`` -> ``[N, N]`` (summed over b) or ``[B, N, N]``."""
-    cw = c if w is None else c * w.unsqueeze(-1)
+    cw = c if w is None else c * w.unsqueeze(-1).to(c.dtype)  # (Note [mixed dtypes]: w in the space's dtype)
     return torch.einsum("kbi,kbj->ij" if reduce_sum else "kbi,kbj->bij", cw, c)
 
 
@@ -116,7 +120,7 @@ def kron_pays(k, batch, o, q, i, j):
 
 def wgram(ra, rc, w):
     """``Σ_kb w_kb ra_kb rc_kbᵀ``: ``[K, B, N]``, ``[K, B, M]`` -> ``[N, M]``."""
-    return torch.einsum("kbi,kbj->ij", ra if w is None else ra * w.unsqueeze(-1), rc)
+    return torch.einsum("kbi,kbj->ij", ra if w is None else ra * w.unsqueeze(-1).to(ra.dtype), rc)
 
 
 def _spec_of(text: str) -> tuple:
@@ -431,10 +435,11 @@ def _backward_metric(src, b, e, y, seeds, w, k, out, reduce_sum, method):
     ps = not reduce_sum or method != "diag_backprop"
     direct: dict = {}
     sinks, stack = None, None
+    closed = not A.mixed_dtypes(src)  # the rules' closed forms take operands of one dtype (Note [mixed dtypes])
     if method == "exact" and out == "diag":  # the diagonal written once into its flat stack (Note [flat writes])
         stack = e(A.flat_empty, 1 if reduce_sum else batch, src.P, A.param_like(b, src))
-        sinks = _sink(src, direct, "gram_diag_into", lambda info: (w, reduce_sum), stack)
-    elif method == "exact" and reduce_sum and not A.mixed_dtypes(src):  # (Kronecker factors of one dtype)
+        sinks = _sink(src, direct, "gram_diag_into", lambda info: (w, reduce_sum), stack) if closed else None
+    elif method == "exact" and reduce_sum and closed:
         sinks = _sink(src, direct, "kron", lambda info: ())
     early = None
     if method == "exact" and out == "diag":
@@ -512,7 +517,7 @@ def _chunked_metric(src, b, e, y, seed, w, k, out, reduce_sum, chunk_size):
     reduction is a sum over columns, so the chunks' results add (:func:`through_chunks`; K may be a node, a
     factor's columns known at run time).
     """
-    never = _never_stacked(src, b.rules) if out == "diag" else frozenset()
+    never = _never_stacked(src, b.rules) if out == "diag" and not A.mixed_dtypes(src) else frozenset()
     return through_chunks(e, b, src, k, chunk_size, seed, w, never=never,
                           emit=lambda s, wc, n: _backward_metric(src, b, e, y, s, wc, n, out, reduce_sum, "exact"))
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import inspect
 import linecache
+import re
 import types
 import warnings
 import weakref
@@ -32,7 +35,7 @@ from .errors import (
     source_line,
 )
 from .rules import _rt, default_rules
-from .source import Source, build_source, field_names
+from .source import Source, build_source, check_initialised, field_names
 from .tracing import BUILD_LOCK
 
 
@@ -118,6 +121,11 @@ class Product(fx.GraphModule):
         return res
 
     # The model is held as a submodule so that parameter lookups in the code are live (``self.model.fc.weight``).
+    def __reduce__(self):
+        raise TypeError("an fxjac product cannot be pickled (nor torch.save'd): it holds the model and the code that "
+                        "builds it for new input shapes. Save the model (torch.save(model.state_dict())) and build the "
+                        "product again after loading it; copy.deepcopy(product) works within a process")
+
     def _install(self, gm: "Product", src: Source) -> None:
         self.graph = gm.graph
         for name, mod in gm.named_children():
@@ -188,7 +196,6 @@ class Product(fx.GraphModule):
         """The user's source line of the model op whose generated line raised ``err`` (a rule's or the fallback's
         error at call time, which knows the op but not where the model wrote it).
         """
-        import linecache
         import traceback
 
         code = getattr(type(self).forward, "__code__", None)
@@ -266,7 +273,7 @@ class Product(fx.GraphModule):
                                    "call the product once eagerly with operands of this form before torch.compile")
             with BUILD_LOCK:
                 if key not in self._fxjac_variants:
-                    self._fxjac_variants[key] = self._fxjac_build(args[:n_in], key)
+                    self._fxjac_variants[key] = self._fxjac_build(args[:n_in], key, self.model)
         return self._fxjac_variants[key]
 
     def ensure_built(self, *args) -> "Product":
@@ -287,7 +294,7 @@ class Product(fx.GraphModule):
             if not spec.get("lazy"):
                 return
             n_in = spec.get("n_inputs")
-            built = self._fxjac_build(args[:n_in] if n_in is not None else args, None)
+            built = self._fxjac_build(args[:n_in] if n_in is not None else args, None, self.model)
             self._install(built, built._fxjac_src)
             sources.keep(self, *_kept_source(built))
             self.wrt_names = built.wrt_names
@@ -313,9 +320,10 @@ class Product(fx.GraphModule):
                 raise StaleProductError(f"the model's {where} changed since this product was built: "
                                         f"{_state_change(mod, state)}; build the product again")
             if moded and mod.training:
-                raise ModeError(f"the model's submodule {path!r} ({type(mod).__name__}) is in training mode since "
-                                "this product was built in eval mode: call model.eval() (a product computes what "
-                                "the model computed when it was built)")
+                where = f"submodule {path!r}" if path else "root module"
+                raise ModeError(f"the model's {where} ({type(mod).__name__}) is in training mode since this "
+                                "product was built in eval mode: call model.eval() (a product computes what the "
+                                "model computed when it was built)")
 
     def _check_primal(self, args, out) -> None:
         """First call: the product's ``y`` must equal the model's own output (catches mis-traced mutation)."""
@@ -536,12 +544,32 @@ _MODED = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.RRe
 
 
 def _moded(mod: nn.Module) -> bool:
-    """Whether ``mod`` computed its eval forward when built and would compute another in training mode."""
+    """Whether ``mod`` computed its eval forward when built and would compute another in training mode: torch.nn's
+    modes (batch norm, dropout, attention dropout), and a user's module whose forward reads ``self.training``
+    (``F.dropout(h, p, training=self.training)``, ``if self.training:``), which tracing fixed to its value then.
+    """
+    if mod.training:
+        return False
     if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p == 0:
         return False
-    if isinstance(mod, nn.RNNBase):  # dropout between its layers
-        return mod.dropout > 0 and mod.num_layers > 1 and not mod.training
-    return isinstance(mod, _MODED) and not mod.training
+    if isinstance(mod, (nn.RNNBase, nn.MultiheadAttention)):  # dropout between its layers, on attention weights
+        return mod.dropout > 0 and getattr(mod, "num_layers", 2) > 1
+    return isinstance(mod, _MODED) or _reads_training(type(mod))
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_training(cls: type) -> bool:
+    """Whether a user's module class's forward reads ``self.training`` (torch.nn's own are listed above: a
+    TransformerEncoderLayer reads it for its fast path only).
+    """
+    if cls.__module__.startswith("torch.") or cls.forward is nn.Module.forward:
+        return False
+    try:
+        source = inspect.getsource(cls.forward)
+        me = next(iter(inspect.signature(cls.forward).parameters), "self")
+    except (OSError, TypeError, ValueError):
+        return False
+    return re.search(rf"\b{me}\.training\b", source) is not None
 
 
 def finish(b: Builder, outputs: Any, src: Source) -> Product:
@@ -569,6 +597,19 @@ def warn_fallback(nodes: Sequence[fx.Node]) -> None:
         warnings.warn("fxjac: these ops have no structured rule and use the exact but slower autograd fallback "
                       "(node-local torch.func; a per-sample loop where vmap has no batching rule):\n"
                       + describe(nodes), stacklevel=4)
+
+
+def _check_concrete_names(model: nn.Module, concrete_args) -> None:
+    """``concrete_args`` must name parameters of ``forward`` (unless it takes ``**kwargs``)."""
+    from .tracing import forward_parameters
+
+    params = forward_parameters(model) if not isinstance(model, fx.GraphModule) else None
+    if not concrete_args or params is None or any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    names = [p.name for p in params if p.kind is not p.VAR_POSITIONAL]
+    unknown = [k for k in concrete_args if k not in names]
+    if unknown:
+        raise OptionError(f"concrete_args names {unknown}, which forward does not take; its parameters: {names}")
 
 
 def _check_common(leaf_modules, concrete_args, output, strict, differentiable) -> tuple:
@@ -608,14 +649,16 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
     if isinstance(model, Product):
         raise TypeError("pass the model, not a product")
     leaf_modules = _check_common(leaf_modules, concrete_args, output, strict, differentiable)
+    _check_concrete_names(model, concrete_args)
+    check_initialised(model)
 
-    def build(inputs, key):
+    def build(inputs, key, of=None):  # ``of``: the product's model (a deep copy's, not the one built from)
         with BUILD_LOCK, _GeneratedSources() as sources:  # Note [tracing and threads]
-            prod = _build(inputs, key)
+            prod = _build(inputs, key, model if of is None else of)
             sources.keep(prod, *_kept_source(prod))
             return prod
 
-    def _build(inputs, key):
+    def _build(inputs, key, model):
         if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tree_leaves(inputs)):
             _rt.tune_malloc()  # Note [glibc's heap and column stacks]
         src = build_source(model, wrt, list(inputs), leaf_modules=leaf_modules, concrete_args=concrete_args,

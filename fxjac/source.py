@@ -60,17 +60,23 @@ class Source:
 
 
 
+def check_initialised(model: nn.Module) -> None:
+    """Raises OptionError for parameters or buffers a lazy module has not shaped yet (whatever ``wrt`` is)."""
+    lazy = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+            if isinstance(t, nn.parameter.UninitializedTensorMixin)]
+    if lazy:
+        raise OptionError(f"the parameters {lazy[:5]} are not initialised yet (a lazy module: nn.LazyLinear, "
+                          "nn.LazyConv2d…): run the model once on a batch (model(x)) before building the product")
+
+
 def select_params(model: nn.Module, wrt: Any) -> list:
     """The parameters selected by ``wrt`` (``"params"`` or names / module prefixes), in the flat layout.
 
     Raises:
         OptionError: a name matches nothing, or names a frozen parameter (with the nearest names).
     """
+    check_initialised(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    lazy = [n for n, p in named if isinstance(p, nn.parameter.UninitializedParameter)]
-    if lazy:
-        raise OptionError(f"the parameters {lazy[:5]} are not initialised yet (a lazy module: nn.LazyLinear, "
-                          "nn.LazyConv2d…): run the model once on a batch (model(x)) before building the product")
     if wrt == "params":
         chosen = named
     else:
@@ -160,7 +166,20 @@ def _relative_change(before, after) -> float:
     return (diff.max() / scale.clamp_min(torch.finfo(before.dtype).tiny)).item() if diff.numel() else 0.0
 
 
-def _check_samples_independent(y, grown) -> None:
+def _tolerance(device_type: str, dtypes) -> float:
+    """How much an output may move from rounding alone: that of the least precise floating dtype the model
+    computes in (a float32 body under a float64 head rounds as float32).
+    """
+    return max(_SAME.get((device_type, dt), 1e-1) for dt in dtypes)
+
+
+def _computed_dtypes(model: nn.Module, example_inputs: Sequence, y) -> set:
+    """The floating dtypes of the output, the inputs, the parameters and the buffers."""
+    tensors = itertools.chain(model.parameters(), model.buffers(), example_inputs, [y])
+    return {t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()}
+
+
+def _check_samples_independent(y, grown, dtypes=()) -> None:
     """Refuse a model whose output for a sample changes when another sample joins the batch.
 
     ``grown`` is the output on the example batch plus a copy of its first sample. Every product assumes that
@@ -179,7 +198,7 @@ def _check_samples_independent(y, grown) -> None:
     else:
         rel = _relative_change(before, after)
         same_nan = torch.equal(torch.isnan(before), torch.isnan(after))
-        changed = rel > _SAME.get((before.device.type, before.dtype), 1e-1) or not same_nan
+        changed = rel > _tolerance(before.device.type, {before.dtype, *dtypes}) or not same_nan
     if changed:
         raise ModeError(f"the model's output for the first {y.shape[0]} samples changed (relative {rel:.1e}) when "
                         "one more sample joined the batch: its samples depend on each other (batch statistics, a "
@@ -189,7 +208,7 @@ def _check_samples_independent(y, grown) -> None:
                         "state (model.eval() for BatchNorm and spectral norm)")
 
 
-def _check_samples_independent_in_place(gm: fx.GraphModule, example_inputs: Sequence, y) -> None:
+def _check_samples_independent_in_place(gm: fx.GraphModule, example_inputs: Sequence, y, dtypes=()) -> None:
     """Change the last sample (to a copy of the first) and refuse the model if another sample's output moves: a
     whole graph given as the batch couples its rows, through an ``[N, N]`` adjacency (the model cannot run on one
     more sample then, so the check above saw nothing) or through fixed edge indices (one more sample, unreached
@@ -218,7 +237,7 @@ def _check_samples_independent_in_place(gm: fx.GraphModule, example_inputs: Sequ
         return
     before, after = y[:-1].detach(), other[:-1].detach()
     rel = _relative_change(before, after)
-    if rel > _SAME.get((before.device.type, before.dtype), 1e-1):
+    if rel > _tolerance(before.device.type, {before.dtype, *dtypes}):
         raise ModeError(f"the model's output for the other samples changed (relative {rel:.1e}) when its last "
                         "sample changed: its samples depend on each other (a whole graph or set given as the "
                         "batch, an [N, N] operator over the batch axis?). fxjac's products are per sample: put the "
@@ -273,6 +292,18 @@ def _named_tuple_field(val, index) -> Any:
     return got if isinstance(got, fx.Node) else None
 
 
+def _choices(value) -> str:
+    """What ``output=`` can select from a value: its fields, keys or number of entries."""
+    fields = field_names(type(value))
+    if fields:
+        return f"a {type(value).__name__} with fields {list(fields)}"
+    if isinstance(value, dict):
+        return f"a dict with keys {list(value)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} entries"
+    return f"a {type(value).__name__}"
+
+
 def _select_output(gm: fx.GraphModule, output: Any, example_inputs: Sequence = ()) -> fx.Node:
     out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     val = out_node.args[0]
@@ -302,8 +333,8 @@ def _select_output(gm: fx.GraphModule, output: Any, example_inputs: Sequence = (
             raise OptionError(f"output={output!r} selects a value of type {kind} from the model's output, not a "
                               f"tensor: {val!r}")
     elif not isinstance(val, fx.Node):
-        raise OptionError("the model returns a tuple or dict: choose the differentiated tensor with output= "
-                          "(an index or a key)")
+        raise OptionError(f"the model returns a tuple or dict ({_choices(val)}): choose the differentiated tensor "
+                          "with output= (an index or a key)")
     return val
 
 
@@ -345,10 +376,12 @@ def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_m
     unpack_sequence_arguments(gm)
     grown = propagate_batch_dims(gm, *example_inputs)
     _check_output_batch(out, grown)
-    _check_samples_independent(y, grown)
-    _check_samples_independent_in_place(gm, example_inputs, y)
+    dtypes = _computed_dtypes(model, example_inputs, y)
+    _check_samples_independent(y, grown, dtypes)
+    _check_samples_independent_in_place(gm, example_inputs, y, dtypes)
     if not isinstance(out.meta.get("val"), torch.Tensor):
-        raise OptionError("the selected output is not a tensor; choose one with output=")
+        raise OptionError(f"the selected output is not a tensor ({_choices(out.meta.get('val'))}); choose one with "
+                          "output=")
     if output is not None and out.meta.get("fxjac_selection") and \
             isinstance(out.args[0], fx.Node) and isinstance(out.args[0].meta.get("val"), torch.Tensor):
         raise OptionError(f"output={output!r} selects from a tuple or dict output, but the model returns one "

@@ -215,8 +215,10 @@ class Tracer(fx.Tracer):
         if node not in self._values:
             run = fx.Interpreter(self.root, garbage_collect_values=False, graph=self.graph)
             run.env = self._values
-            examples = iter(self.example_inputs)
             concrete = self._concrete_args
+            inputs = [n for n in self.graph.nodes if n.op == "placeholder"
+                      and re.sub(r"_\d+$", "", str(n.target)) not in concrete]
+            examples = dict(zip(inputs, self.example_inputs))  # (by position: a later read resumes midway)
             with torch.no_grad():
                 for n in self.graph.nodes:
                     if n in self._values:
@@ -224,13 +226,13 @@ class Tracer(fx.Tracer):
                     elif n.op == "placeholder":  # an input, or a concrete argument
                         name = re.sub(r"_\d+$", "", str(n.target))
                         self._values[n] = concrete[name] if name in concrete else \
-                            tree_map(_to_meta, next(examples, n.args[0] if n.args else None))
+                            tree_map(_to_meta, examples.get(n, n.args[0] if n.args else None))
                     elif n.op == "get_attr":
                         self._values[n] = tree_map(_to_meta, _attribute(self.root, n.target))
                     elif n.op == "call_module":
                         raise TypeError("a leaf module is not run while tracing")  # it would be traced again
-                    else:
-                        self._values[n] = run.run_node(n)
+                    else:  # (a factory sized by a traced size makes a real tensor: on meta, as the others)
+                        self._values[n] = tree_map(_to_meta, run.run_node(n))
                     if n is node:
                         break
         return self._values[node]
@@ -540,7 +542,9 @@ def _trace(model, leaf_modules, concrete_args, n_inputs, example_inputs) -> fx.G
     tracer = Tracer(leaf_modules, example_inputs)
     inner = _compiled_inner(model) or model
     if not isinstance(model, fx.GraphModule):
-        concrete_args = _default_args(inner, n_inputs, concrete_args or {}) or None
+        given = dict(concrete_args or {})
+        concrete_args = _default_args(inner, n_inputs, given) or None
+        defaulted = [k for k in concrete_args or () if k not in given]
     root = model
     # A root module is never "called", so neither its hooks nor torch.compile's wrapper nor a decomposition would
     # be seen: trace a call of it instead.
@@ -556,7 +560,8 @@ def _trace(model, leaf_modules, concrete_args, n_inputs, example_inputs) -> fx.G
         graph = tracer.trace(root, concrete_args=concrete_args)
     except (fx.proxy.TraceError, TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError,
             IndexError, KeyError, AssertionError) as err:
-        builtin = type(model).__module__.startswith("torch.nn.")
+        builtin = type(model).__module__.startswith("torch.nn.") and \
+            not isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict))  # (its contents failed)
         if root is model and not isinstance(model, fx.GraphModule) and (builtin or tracer.is_leaf_module(model, "")):
             # a built-in kept whole inside a net (nn.LSTM, nn.RNNCell, nn.Softmax2d) is traced into as the root
             raise TraceError(f"the model is a {type(model).__name__}, which fxjac keeps whole inside a net but "
@@ -569,9 +574,13 @@ def _trace(model, leaf_modules, concrete_args, n_inputs, example_inputs) -> fx.G
             "self, x, z))" + (", or build the product with example_inputs=(...): *args then takes the inputs "
                               "beyond the named ones" if variadic.startswith("*") and not variadic.startswith("**")
                               and n_inputs is None else "")))
+        if not isinstance(model, fx.GraphModule) and defaulted and n_inputs is None:
+            error.args = (error.args[0] + f"\nNote: forward's {defaulted} were traced as their defaults: a product "
+                          "built without example_inputs= takes forward's parameters without defaults only. To "
+                          "make them inputs, build it with example_inputs=(...) that include them",)
         error.guessed = tracer.guessed  # the lazy build's options check defers such a failure
         raise error from err
-    _drop_concrete_placeholders(graph, concrete_args or ())
+    _drop_concrete_placeholders(graph, concrete_args or (), n_inputs)
     if root is not model:  # paths under the holder, ``inner.…``, become the model's own
         def own(path: str) -> str:
             return "" if path == "inner" else path[len("inner."):] if path.startswith("inner.") else path
@@ -665,13 +674,17 @@ def _holder(model: nn.Module, inner: nn.Module, n_inputs: Optional[int] = None) 
     return holder
 
 
-def _drop_concrete_placeholders(graph: fx.Graph, names=()) -> None:
+def _drop_concrete_placeholders(graph: fx.Graph, names=(), n_inputs: Optional[int] = None) -> None:
     """Concrete arguments are constants: remove torch.fx's placeholders and run-time checks for them, so the
-    product's inputs are the model's tensor inputs only.
+    product's inputs are the model's tensor inputs only. The first ``n_inputs`` placeholders are inputs, also one
+    with a default that forward ignores (``attention_mask=None``, given and unused).
     """
     names = set(names or ())
-    concrete = [n for n in graph.nodes if n.op == "placeholder"
-                and (n.args or re.sub(r"_\d+$", "", str(n.target)) in names)]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    given = [n for n in placeholders if re.sub(r"_\d+$", "", str(n.target)) not in names]
+    inputs = set(given[:n_inputs]) if n_inputs is not None else set()
+    concrete = [n for n in placeholders if re.sub(r"_\d+$", "", str(n.target)) in names
+                or (n.args and n not in inputs)]
     if not concrete:
         return
     reach = set(concrete)
@@ -687,7 +700,7 @@ def _trace_message(err: Exception) -> str:
     import traceback
 
     frames = traceback.extract_tb(err.__traceback__)
-    user = [f for f in frames if "/torch/" not in f.filename and "/fxjac/" not in f.filename]
+    user = [f for f in frames if not any(lib in f.filename for lib in ("/torch/", "/fxjac/", "/einops/"))]
     where = f"\n  at {user[-1].filename}:{user[-1].lineno}: {user[-1].line}" if user else ""
     line = user[-1].line or "" if user else ""
     if "pack_padded_sequence" in line or "pack_sequence" in line or \
@@ -711,6 +724,11 @@ def _trace_message(err: Exception) -> str:
                 "Hint: a tensor cannot be unpacked into a call (f(*h) iterates over its first axis, the batch's; a "
                 "tuple of tensors can: f(*torch.linalg.slogdet(a))): split it along another axis (f(*h.unbind(1))) "
                 "or index its parts (h[:, 0], h[:, 1]).")
+    if "unknown to einops" in str(err):  # the traced einops was not the one forward called
+        return (f"torch.fx cannot trace this model: {err}{where}\n"
+                "Hint: fxjac traces einops where forward's module reaches it through a global name (import einops, "
+                "from einops import rearrange, at the top of the file): a name bound inside forward (an import "
+                "there) reads the untraced einops. Move the import to the module's top level.")
     if user and frames[-1] is user[-1] and re.match(r"\s*(raise|assert)\b", line):
         return (f"torch.fx cannot trace this model: forward's own check raised {type(err).__name__}: {err}{where}\n"
                 "Hint: while torch.fx traces forward, its inputs are torch.fx Proxies, not tensors "

@@ -38,7 +38,9 @@ def compile(model: torch.nn.Module, product: str, *, backend: Optional[str] = No
         backend: when given, the product is passed to ``torch.compile(product, backend=backend,
             fullgraph=True, dynamic=True)`` (``fullgraph=False`` for a model holding an RNN, which torch.compile
             does not trace).
-        mode: torch.compile's ``mode`` (``"max-autotune"``, …), with ``backend`` only.
+        mode: torch.compile's ``mode`` (``"max-autotune"``, …), with ``backend`` only; for ``"jacobian"`` and
+            ``"jmjtp"``, ``"auto"``, ``"forward"`` or ``"reverse"`` is the product's own ``mode`` (the two sets of
+            values are apart).
         dynamic: torch.compile's ``dynamic`` (default True: a new batch size reuses the compiled code), with
             ``backend`` only.
         **options: the options of that product.
@@ -50,12 +52,32 @@ def compile(model: torch.nn.Module, product: str, *, backend: Optional[str] = No
     table = _products()
     if product not in table:
         raise OptionError(f"unknown product {product!r}; one of {sorted(table)}")
+    if product in ("jacobian", "jmjtp") and mode in ("auto", "forward", "reverse"):
+        options["mode"], mode = mode, None  # the product's accumulation order
     if backend is None and (mode is not None or dynamic is not True):
         raise OptionError("mode= and dynamic= are torch.compile's options: they need backend=")
+    if backend is not None:
+        _check_compile_options(backend, mode)
     p = table[product](model, **options)
     if backend is None:
         return p
     return CompiledProduct(p, backend, mode, dynamic)
+
+
+def _check_compile_options(backend, mode) -> None:
+    """torch.compile checks its backend and mode at the first call: checked when the product is built."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    if isinstance(backend, str):
+        try:
+            lookup_backend(backend)
+        except Exception as err:  # noqa: BLE001 - dynamo's InvalidBackend
+            raise OptionError(f"backend={backend!r} is not a torch.compile backend; one of "
+                              f"{sorted(torch._dynamo.list_backends(exclude_tags=()))}") from err
+    modes = list(torch._inductor.list_mode_options())
+    if mode is not None and mode not in modes:
+        raise OptionError(f"mode={mode!r} is not a torch.compile mode; one of {modes} (and, for 'jacobian' and "
+                          "'jmjtp', the product's own 'auto', 'forward' or 'reverse')")
 
 
 # Note [guards of a compiled product]
@@ -136,6 +158,7 @@ def unflatten(product, vec: torch.Tensor) -> dict:
     Returns:
         A dict from parameter name to a tensor of shape ``[..., *param.shape]``.
     """
+    product = getattr(product, "product", product) if isinstance(product, CompiledProduct) else product
     shapes = getattr(product, "_fxjac_param_shapes", None)
     if not shapes:
         raise OptionError("unflatten needs a product built with wrt='params' or parameter names")

@@ -550,6 +550,26 @@ def test_deepcopy_of_a_product_computes_with_a_copy_of_the_model():
     assert_close(p(x, w)[1], g, "vjp of the original, unchanged")
 
 
+def test_a_deep_copy_builds_its_siblings_and_its_first_call_on_its_own_model():
+    # probe TT: a copy's [B, P] sibling was built from the original model (wrong numbers once they differed), and a
+    # copy made before the first call failed it with "the model's submodule '' was replaced"
+    import copy
+    import pickle
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = randn(5, 3)
+    p = fxjac.jvp(model, wrt="params", example_inputs=(x,))
+    q, lazy = copy.deepcopy(p), copy.deepcopy(fxjac.jacobian(model, wrt="params"))
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)  # the original changes; the copies' models do not
+    J = per_sample_jacobian(q.model, (x,), "params")
+    V = randn(5, 26, g=rng(2))
+    assert_close(q(x, V)[1], torch.einsum("bop,bp->bo", J, V), "per-sample tangents through the copy")
+    assert_close(lazy(x)[1], per_sample_jacobian(lazy.model, (x,), "params"), "a copy built at its first call")
+    with pytest.raises(TypeError, match="cannot be pickled.*state_dict"):
+        pickle.dumps(p)
+
+
 class StackedLSTMs(nn.Module):
     """The first LSTM's state ``(h, c)`` is handed whole, a tuple-valued node, to the second."""
 
@@ -937,6 +957,52 @@ def test_training_mode_after_the_build_is_a_mode_error():
     q(x, w)
 
 
+class _FunctionalDropout(nn.Module):
+    """HuggingFace's pattern: dropout as a function of the module's mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return F.dropout(self.fc(x), p=0.5, training=self.training)
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, dropout):
+        super().__init__()
+        self.att = nn.MultiheadAttention(4, 2, dropout=dropout, batch_first=True)
+
+    def forward(self, x):
+        return self.att(x, x, x, need_weights=False)[0]
+
+
+def test_training_mode_read_by_forward_or_attention_dropout_is_a_mode_error_after_the_build():
+    # probe TT: both kept computing the eval forward after model.train(), silently
+    x, w = randn(5, 3), randn(5, 2)
+    for model, where in ((_FunctionalDropout(), "root module"), (nn.Sequential(nn.Linear(3, 3), _FunctionalDropout()),
+                                                                "submodule '1'")):
+        model = model.double().eval()
+        p = fxjac.vjp(model)
+        p(x, w)
+        model.train()
+        with pytest.raises(fxjac.ModeError, match=f"{where} \\(_FunctionalDropout\\) is in training mode"):
+            p(x, w)
+    att = _SelfAttention(0.3).double().eval()
+    q = fxjac.vjp(att)
+    q(randn(2, 3, 4), randn(2, 3, 4))
+    att.train()
+    with pytest.raises(fxjac.ModeError, match=r"'att' \(MultiheadAttention\) is in training mode"):
+        q(randn(2, 3, 4), randn(2, 3, 4))
+    plain = _SelfAttention(0.0).double().eval()  # no dropout: the same in either mode
+    r = fxjac.vjp(plain)
+    r(randn(2, 3, 4), randn(2, 3, 4))
+    plain.train()
+    _, got = r(randn(2, 3, 4), randn(2, 3, 4))
+    ref = torch.func.vjp(plain, randn(2, 3, 4))[1](randn(2, 3, 4))[0]
+    assert_close(got, ref, "attention without dropout after model.train()")
+
+
 def test_a_recurrent_layers_dropout_in_training_mode_is_a_mode_error():
     # A GRU kept whole (a leaf) with dropout between its layers: the error blamed samples depending on each other.
     model = nn.Sequential(nn.GRU(3, 4, num_layers=2, dropout=0.5, batch_first=True)).double()
@@ -1263,3 +1329,68 @@ def test_wrt_naming_a_buffer_or_a_module_prefix_is_explained():
         fxjac.vjp(Net(), wrt=["scale"])
     with pytest.raises(fxjac.OptionError, match="nearest names: \\['fc2', 'fc1'"):  # module prefixes are names too
         fxjac.vjp(Net(), wrt=["fc3"])
+
+
+def test_a_container_whose_contents_fail_to_trace_is_not_told_to_wrap_itself():
+    # "the model is a Sequential, which fxjac keeps whole…: Wrap it: nn.Sequential(model)" (probe TT's slip)
+    model = nn.Sequential(nn.MultiheadAttention(4, 2, batch_first=True))  # called with one argument
+    with pytest.raises(fxjac.TraceError) as info:
+        fxjac.vjp(model, example_inputs=(randn(2, 3, 4),))
+    assert "missing 2 required positional arguments" in str(info.value) and "Wrap it" not in str(info.value)
+
+
+class _IgnoresItsMask(nn.Module):
+    def __init__(self, use=False):
+        super().__init__()
+        self.fc, self.use = nn.Linear(3, 2), use
+
+    def forward(self, x, attention_mask=None):
+        return self.fc(x if not self.use else x * attention_mask[:, :])
+
+
+def test_an_optional_input_given_but_unused_is_an_input():
+    # probe WW: "the model takes 1 tensor input(s), got 2" (torch.fx's placeholder with a default was dropped)
+    model = _IgnoresItsMask().double()
+    x, mask, w = randn(4, 3), randn(4, 3, g=rng(1)), randn(4, 2, g=rng(2))
+    p = fxjac.vjp(model, example_inputs=(x, mask))
+    assert "def forward(self, x, attention_mask, w)" in p.code
+    assert_close(p(x, mask, w)[1], w @ model.fc.weight, "vjp with the unused mask given")
+    with pytest.raises(fxjac.TraceError, match=r"\['attention_mask'\] were traced as their defaults.*example_inputs"):
+        fxjac.vjp(_IgnoresItsMask(use=True))  # a lazy product: the default None, subscripted
+
+
+def test_compile_passes_the_products_own_mode_and_checks_torch_compiles_options_when_built():
+    # probe UU: mode='reverse' went to torch.compile (dropped, or a raw RuntimeError at the first call); an unknown
+    # backend failed at the first call
+    model, x = mlp(), randn(4, 3)
+    with pytest.raises(fxjac.OptionError, match="mode='reverse'"):  # the product's own refusal of chunk_size
+        fxjac.compile(model, "jmjtp", mode="reverse", chunk_size=2, backend="eager")
+    c = fxjac.compile(model, "jacobian", mode="forward", backend="eager")
+    assert c.product._fxjac_spec is not None and c.mode is None
+    assert_close(c(x)[1], torch.stack([torch.func.jacrev(model)(x[b]) for b in range(4)]), "compiled jacobian")
+    with pytest.raises(fxjac.OptionError, match="backend='nosuch' is not a torch.compile backend.*'eager'"):
+        fxjac.compile(model, "vjp", backend="nosuch")
+    with pytest.raises(fxjac.OptionError, match="mode='fastest' is not a torch.compile mode"):
+        fxjac.compile(model, "vjp", backend="inductor", mode="fastest")
+    p = fxjac.compile(model, "vjp", wrt="params", backend="eager", example_inputs=(x,))
+    assert list(fxjac.unflatten(p, torch.zeros(32))) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+def test_options_that_name_nothing_are_refused_when_built():
+    # probe UU: concrete_args naming no parameter failed at the first call (a raw TypeError); a lazy module's
+    # parameters were a TraceError quoting load_state_dict for wrt='input'; output= did not list the choices
+    with pytest.raises(fxjac.OptionError, match=r"concrete_args names \['zzz'\].*parameters: \['input'\]"):
+        fxjac.vjp(mlp(), concrete_args={"zzz": 1})
+    with pytest.raises(fxjac.OptionError, match="not initialised yet .*run the model once"):
+        fxjac.vjp(nn.Sequential(nn.LazyLinear(3)), example_inputs=(randn(4, 3),))
+
+    class TopK(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 5)
+
+        def forward(self, x):
+            return torch.topk(self.fc(x), 2, dim=1)
+
+    with pytest.raises(fxjac.OptionError, match=r"a topk with fields \['values', 'indices'\]"):
+        fxjac.jacobian(TopK().double())(randn(4, 3))

@@ -214,3 +214,33 @@ def test_autocast_inside_forward_is_a_trace_error_that_names_it():
     x, w = x.double(), torch.randn(3, 2, dtype=torch.float64)
     _, got = fxjac.vjp(model)(x, w)
     assert_close(got, torch.func.vjp(model, x)[1](w)[0], "vjp with autocast turned off in forward")
+
+
+class _MaskedThenUpcast(nn.Module):
+    """LLaMA-style: a causal mask from a traced size, a padding mask cast to x's dtype, then a dtype branch."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.lin, self.mode = nn.Linear(4, 4), mode
+
+    def forward(self, x, am):
+        t = x.shape[1]
+        if self.mode == "triu":
+            h = x.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)[None, :, :1], 0.0)
+        else:
+            h = x * am[:, :, None].to(x.dtype)
+        if h.dtype != torch.float64:  # an RMSNorm's upcast
+            h = h.to(torch.float32)
+        return self.lin(h)
+
+
+@pytest.mark.parametrize("mode", ["triu", "cast"])
+def test_a_dtype_read_after_a_factory_or_after_an_earlier_read_traces(mode):
+    """Probe WW: a factory sized by a traced size made a real tensor among the meta ones, and a second dtype read
+    gave the second input the first one's example: both left ``h.dtype`` a traced value (a TraceError)."""
+    model = _MaskedThenUpcast(mode).double()
+    x, am = torch.randn(2, 3, 4, dtype=torch.float64), torch.tensor([[1, 1, 0], [1, 0, 0]])
+    _, got = fxjac.jacobian(model, example_inputs=(x, am))(x, am)
+    J = torch.func.jacrev(lambda u: model(u, am))(x)  # [2, 3, 4, 2, 3, 4]
+    ref = torch.stack([J[b, :, :, b].reshape(12, 12) for b in range(2)])
+    assert_close(got, ref, f"jacobian through the {mode} mask")

@@ -84,3 +84,21 @@ def test_tracing_puts_the_model_modules_names_back():
     assert globals()["rearrange"] is einops.rearrange
     assert globals()["einops"] is einops
     assert model(x).shape == (3, 3)  # the model still runs eagerly, through einops itself
+
+
+class _ImportsInForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Linear(6, 6)
+
+    def forward(self, x):
+        import einops as E
+
+        return E.rearrange(self.tok(E.rearrange(x, "b t c -> b c t")), "b c t -> b t c")
+
+
+def test_einops_imported_inside_forward_is_a_trace_error_that_says_where_to_import_it():
+    # was "forward's own check raised RuntimeError", a hint about isinstance checks (probe SS)
+    with pytest.raises(fxjac.TraceError, match=r"(?s)unknown to einops.*test_einops.py.*Move the import to the "
+                                                r"module's top level"):
+        fxjac.jacobian(_ImportsInForward())(torch.randn(2, 6, 4))

@@ -1787,18 +1787,23 @@ class _ClassToken(nn.Module):
             c = self.cls.repeat(b, 2, 1)
         elif self.how == "tile":
             c = self.cls.tile(b, 1, 2)[..., :4]
+        elif self.how == "repeat_interleave":  # a Perceiver's latent array (probe SS)
+            c = self.cls.repeat_interleave(b, dim=0)
         else:  # torch.tile with more dims than its input's: the input's shape padded by leading ones
             c = torch.tile(self.cls[0], (b, 1, 1))
         return self.fc(torch.tanh(torch.cat([c, x], 1)).mean(1))
 
 
-@pytest.mark.parametrize("how", ["repeat", "tile", "torch.tile"])
+@pytest.mark.parametrize("how", ["repeat", "tile", "torch.tile", "repeat_interleave"])
 def test_parameter_repeated_to_every_sample(how):
-    """Per-sample products of a parameter copied along the batch axis crashed (a reshape of the wrong size)."""
+    """Per-sample products of a parameter copied along the batch axis crashed (a reshape of the wrong size);
+    through repeat_interleave, jvp with per-sample tangents [B, P] returned [B·B, ...] of wrong numbers (probe SS).
+    """
     torch.manual_seed(0)
     model = _ClassToken(how).double()
     x = randn(3, 5, 4)
     check_metric_products(model, (x,), wrts=("params",))
+    check_direction_products(model, (x,), products=("jvp", "vjp", "jacobian"))
     J = per_sample_jacobian(model, (x,), "params")
     _, g = fxjac.vjp(model, wrt="params", reduce="none")(x, randn(3, 3, seed=1))
     assert_close(g, torch.einsum("bop,bo->bp", J, randn(3, 3, seed=1)), f"per-sample gradients through {how}")
@@ -2826,3 +2831,133 @@ def test_building_products_in_a_loop_leaves_no_generated_sources_behind():
     assert_close(got, _vjp_reference(p.model, x, w), "a product built after the others were collected")
     key = type(p).forward.__code__.co_filename  # a live product keeps its source, for tracebacks
     assert "def forward" in "".join(linecache.getlines(key))
+
+
+class _Float64First(nn.Module):
+    """A float64 first layer (the flat layout's first parameter), then float32."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.l1, self.l2 = nn.Linear(4, 6).double(), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x)).to(self.l2.weight.dtype))
+
+
+class _OwnParameterFirst(nn.Module):
+    """named_parameters() lists the module's own float64 ``w`` before its float32 submodule's."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.l1 = nn.Linear(4, 6)
+        self.w = nn.Parameter(torch.randn(6, 3, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.tanh(self.l1(x)).to(self.w.dtype) @ self.w
+
+
+def test_mixed_dtypes_more_cases_from_a_probe():
+    """Probe RR: a float32 body under a float64 head was refused (the batch check took float64's tolerance for
+    float32 rounding); a float64 first parameter broke the closed-form diagonals; the parameter space took the
+    dtype of the first parameter forward reads, not of the flat layout's first."""
+    head = _MixedDtypes()
+    for b in range(1, 9):
+        fxjac.vjp(head, wrt="params")(randn(b, 3, dtype=torch.float32), randn(b, 3, seed=1))
+    model, x = _Float64First(), randn(4, 4)
+    model64, (x64,) = as_float64(model, (x,))
+    Jp = per_sample_jacobian(model64, (x64,), "params")
+    m = torch.rand(4, 3, generator=rng(3))
+    _, diag = fxjac.jtmjp(model, wrt="params", matrix="diag", out="diag")(x, m)
+    assert diag.dtype == torch.float64
+    assert_close(diag, torch.einsum("bop,bo,bop->p", Jp, m.double(), Jp), "jtmjp diagonal", torch.float32)
+    s = torch.sigmoid(model64(x64))
+    H = torch.diag_embed(s * (1 - s))
+    _, blocks = fxjac.ggn(model, loss="bce", out="block")(x)
+    full = torch.einsum("bop,boq,bqr->pr", Jp, H, Jp)
+    assert_close(blocks[1], full[30:, 30:], "bce GGN block of the float32 layer", torch.float32)
+    _, d = fxjac.ggn(model, loss="bce")(x)
+    assert_close(d, full.diagonal(), "bce GGN diagonal", torch.float32)
+    own = _OwnParameterFirst()
+    p = fxjac.vjp(own, wrt="params")
+    _, g = p(randn(4, 4, dtype=torch.float32), torch.ones(4, 3, dtype=torch.float64))
+    assert p.wrt_names[0] == "w" and g.dtype == torch.float64
+
+
+def test_half_precision_models_with_a_full_matrix_and_casts_by_method():
+    """Probe RR: LAPACK has no bfloat16 eigh (a raw NotImplementedError); ``.half()`` went to the fallback, whose
+    diagonal met a float32 diagonal and a float16 Jacobian."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    x, A = randn(5, 4, dtype=torch.float32), randn(5, 3, 3, seed=1)
+    A = A + A.mT
+    Jp = per_sample_jacobian(copy.deepcopy(net).double(), (x.double(),), "params")
+    _, got = fxjac.jtmjp(copy.deepcopy(net).bfloat16(), wrt="params", matrix="full", out="diag")(x.bfloat16(),
+                                                                                                A.bfloat16())
+    ref = torch.einsum("bop,boq,bqp->p", Jp, A, Jp)
+    assert got.dtype == torch.bfloat16
+    assert_close(got, ref, "bfloat16 jtmjp with a full M", rtol=BF16_RTOL * 4)
+
+    class Half(nn.Module):
+        def __init__(self, cast):
+            super().__init__()
+            self.a, self.b, self.cast = nn.Linear(4, 8), nn.Linear(8, 3), cast
+
+        def forward(self, x):
+            return self.b(getattr(torch.tanh(self.a(x)), self.cast)().float())
+
+    for cast, rtol in (("half", 5e-3), ("bfloat16", 4e-2)):
+        model = Half(cast).eval()
+        p = fxjac.jtmjp(model, wrt="params", out="diag", method="diag_backprop", example_inputs=(x,))
+        assert not p.fallback_ops
+        _, d = p(x)
+        ref = fxjac.jtmjp(_Plain(model), wrt="params", out="diag", method="diag_backprop")(x)[1]
+        assert_close(d, ref, f"diagonal backprop through .{cast}()", rtol=rtol)
+
+
+class _Plain(nn.Module):
+    """``Half`` without the round trip through float16, sharing its layers."""
+
+    def __init__(self, half):
+        super().__init__()
+        self.a, self.b = half.a, half.b
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _layer_norm_by_hand(x, weight, bias, dims):
+    mu = x.mean(dims, keepdim=True)
+    var = ((x - mu) ** 2).mean(dims, keepdim=True)
+    out = (x - mu) / torch.sqrt(var + 1e-5)
+    return out if weight is None else out * weight + bias
+
+
+@pytest.mark.parametrize("norm", ["layer", "instance"])
+def test_differentiable_jvp_through_normalisation_has_the_right_second_derivative(norm):
+    """Probe TT reported fxjac's gradient of ``J v`` through LayerNorm and InstanceNorm off by up to 100 %: the
+    reference was wrong. torch.func's reverse-over-forward through ATen's fused layer norm (torch 2.13) is what
+    differs; by-hand normalisation under torch.func and finite differences agree with fxjac.
+    """
+    torch.manual_seed(0)
+    if norm == "layer":
+        layer, x = nn.LayerNorm(4).double(), randn(3, 4)
+        by_hand = lambda u: _layer_norm_by_hand(u, layer.weight, layer.bias, (-1,))  # noqa: E731
+    else:
+        layer, x = nn.InstanceNorm1d(2).double(), randn(3, 2, 4)
+        by_hand = lambda u: _layer_norm_by_hand(u, None, None, (-1,))  # noqa: E731
+    v = randn(*x.shape, seed=1)
+    x = x.requires_grad_()
+    _, t = fxjac.jvp(nn.Sequential(layer), differentiable=True)(x, v)
+    got, = torch.autograd.grad((t ** 2).sum(), x)
+
+    def loss(u):
+        return (torch.func.jvp(by_hand, (u,), (v,))[1] ** 2).sum()
+
+    assert_close(got, torch.func.grad(loss)(x.detach()), f"d/dx |J v|² through {norm} norm")
+    h, e = 1e-5, torch.zeros_like(x).flatten()
+    e[5] = h
+    e = e.view_as(x)
+    fd = (loss(x.detach() + e) - loss(x.detach() - e)) / (2 * h)
+    assert abs(fd.item() - got.flatten()[5].item()) < 1e-6 * max(1.0, abs(fd.item()))

@@ -301,6 +301,16 @@ def _meets_batch(site, x) -> bool:
     return batched is not None and x not in batched and site.extra.get("out_batch_dim") is not None
 
 
+def _own_batch(site: Site) -> None:
+    """Declines where the input is unbatched and the output batched: the op made the batch axis itself
+    (``p.repeat_interleave(x.shape[0], 0)``), so the input's per-sample stacks (Note [per-sample stacks]) would
+    meet ``apply`` and ``transpose``, which take one stack for the whole batch. The fallback differentiates it per
+    sample; ``expand`` and ``repeat`` have rules of their own for it.
+    """
+    if site.ps:
+        raise Decline
+
+
 class LinearOp(Rule):
     """An op that is linear in its one tensor input ``input`` (views, reductions, pooling, interpolation…).
 
@@ -328,6 +338,7 @@ class LinearOp(Rule):
         w = self.row_value(e, site)
         if w is None:
             raise Decline
+        _own_batch(site)
         t = tangents["input"]
         return ZERO if t is ZERO else e(operator.mul, self.apply(e, site, t), w)
 
@@ -342,14 +353,17 @@ class LinearOp(Rule):
     def jvp(self, e, site, tangents):
         """The op itself on the tangent stack."""
         t = tangents["input"]
+        _own_batch(site)
         return ZERO if t is ZERO else self.apply(e, site, t)
 
     def vjp(self, e, site, ct):
         """The op's adjoint on the cotangent stack."""
+        _own_batch(site)
         return {"input": self.transpose(e, site, ct)}
 
     def diag_vjp(self, e, site, d):
         """``(A∘A)ᵀ d``; ``Aᵀ d`` where A holds only zeros and ones, ``Aᵀ (w d)`` where each row holds one ``w``."""
+        _own_batch(site)
         if self.square_is_self:
             return {"input": self.transpose(e, site, d)}
         w = self.row_value(e, site)

@@ -44,7 +44,7 @@ def _cast_dtype(site):
     return out.dtype if isinstance(out, torch.Tensor) else None
 
 
-@register("to", "type", "type_as", "float", "double")
+@register("to", "type", "type_as", "float", "double", "half", "bfloat16")
 class Cast(NonDifferentiable):
     """A dtype (or device) cast: floating casts pass the stack through cast alike; integer casts are constant."""
 

@@ -71,6 +71,14 @@ def repeat_transpose_ps(ct, like, sizes):
     return _sum_copies(rows, shape[1:], sizes[1:]).reshape((k, b) + tuple(like.shape))
 
 
+def repeat_tangent_ps(t, sizes):
+    """``x.repeat(*sizes)`` on per-sample stacks ``[K, B, *x.shape]`` of an unbatched ``x`` copied once per sample
+    along the batch axis: each sample's tangent is its row, copied along the other axes: ``[K, B, *out[1:]]``.
+    """
+    rows = _rt.align_ps(t, len(sizes))  # [K, B, *x.shape[1:]] lined up with the output's other axes
+    return rows.repeat(1, 1, *sizes[1:])
+
+
 def cat_tangent(tangents, xs, dim):
     """``cat`` of tangent stacks, zeros standing in where an input has none."""
     k = next(t.shape[0] for t in tangents if t is not None)
@@ -416,14 +424,22 @@ class Repeat(LinearOp):
         if t is ZERO:
             return ZERO
         sizes = self._sizes(site)
+        if "0" in site.ps:  # an unbatched value copied to every sample (Repeat.vjp's case)
+            self._copied_per_sample(site, sizes)
+            return e(repeat_tangent_ps, t, sizes)
         return e.method("repeat", e(_rt.align, t, len(sizes)), 1, *sizes)
+
+    @staticmethod
+    def _copied_per_sample(site, sizes) -> None:
+        """Declines unless the batch axis is axis 0 and the value has one row there, copied once per sample."""
+        shape = (1,) * (len(sizes) - site.ndim("0")) + tuple(site.val("0").shape)
+        if site.extra.get("out_batch_dim") != 0 or site.node.meta.get("batch_factor", 1) != 1 or shape[0] != 1:
+            raise Decline
 
     def vjp(self, e, site, ct):  # noqa: D102
         sizes = self._sizes(site)
         if "0" in site.ps:  # an unbatched value copied to every sample: one copy per sample along axis 0 only
-            shape = (1,) * (len(sizes) - site.ndim("0")) + tuple(site.val("0").shape)
-            if site.extra.get("out_batch_dim") != 0 or site.node.meta.get("batch_factor", 1) != 1 or shape[0] != 1:
-                raise Decline
+            self._copied_per_sample(site, sizes)
             return {"0": e(repeat_transpose_ps, ct, site.args["0"], sizes)}
         return {"0": e(repeat_transpose, ct, site.args["0"], sizes)}
 
@@ -908,6 +924,32 @@ class RepeatInterleave(LinearOp):
 
     def transpose(self, e, site, ct):  # noqa: D102
         return e(repeat_interleave_transpose, ct, site.args["input"], self._repeats(site), site.args["dim"])
+
+    # An unbatched value with one row copied to every sample (a learned latent array, ``lat.repeat_interleave(B,
+    # 0)``) is ``expand`` to the batch: per-sample stacks line up with it.
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        t = tangents["input"]
+        if t is ZERO or not site.ps:
+            return super().jvp(e, site, tangents)
+        self._copied_per_sample(site)
+        return e(_rt.expand_like, e(_rt.align_ps, t, site.ndim()), site.out)
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        if not site.ps:
+            return super().vjp(e, site, ct)
+        self._copied_per_sample(site)
+        return {"input": e(_rt.sum_to_ps, ct, site.args["input"])}
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return self.vjp(e, site, d)
+
+    @staticmethod
+    def _copied_per_sample(site) -> None:
+        dim, shape = site.args["dim"], tuple(site.val("input").shape)
+        if dim is None or site.args["repeats"] is None or not shape or dim % len(shape) != 0 or shape[0] != 1 or \
+                site.extra.get("out_batch_dim") != 0 or site.node.meta.get("batch_factor", 1) != 1:
+            raise Decline
 
 
 class _Triangle(LinearOp):
