@@ -148,6 +148,7 @@ class Product(fx.GraphModule):
                 return sibling(*args, **kwargs)
             with torch.set_grad_enabled(bool(self._fxjac_spec.get("differentiable"))):
                 return super().__call__(*args, **kwargs)
+        _refuse_meta(args[:self._fxjac_spec.get("n_inputs")])
         autocast = _autocast_device(args)
         if autocast is not None:
             # torch.autocast would run some ops of the product in half precision and the buffers that the rules
@@ -181,6 +182,8 @@ class Product(fx.GraphModule):
             else:
                 with torch.no_grad():
                     out = super().__call__(*args, **kwargs)
+                if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) and out[0].requires_grad:
+                    out = (out[0].detach(),) + out[1:]  # y is the input itself, or a view of it: no history either
         except Exception as err:
             self._check_param_shapes(err)
             if isinstance(err, UnsupportedOpError) and len(err.args) == 1 and isinstance(err.args[0], str):
@@ -421,11 +424,21 @@ def _floating_state(model: nn.Module):
             yield name, t
 
 
+def _refuse_meta(inputs) -> None:
+    """Raises ShapeError for an input on the meta device (API.md: a wrong device is a ShapeError)."""
+    if any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in tree_leaves(inputs)):
+        raise ShapeError("an input is on the meta device: a product computes with values (and checks its first "
+                         "output against the model's), which meta tensors do not hold")
+
+
 def _autocast_device(args) -> Optional[str]:
     """The device type of the first tensor argument, if torch.autocast is on for it."""
     for a in args:
         if isinstance(a, torch.Tensor):
-            return a.device.type if torch.is_autocast_enabled(a.device.type) else None
+            try:
+                return a.device.type if torch.is_autocast_enabled(a.device.type) else None
+            except RuntimeError:  # a device type autocast does not know
+                return None
     return None
 
 
@@ -659,6 +672,7 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
             return prod
 
     def _build(inputs, key, model):
+        _refuse_meta(inputs)
         if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tree_leaves(inputs)):
             _rt.tune_malloc()  # Note [glibc's heap and column stacks]
         src = build_source(model, wrt, list(inputs), leaf_modules=leaf_modules, concrete_args=concrete_args,

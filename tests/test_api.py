@@ -1394,3 +1394,26 @@ def test_options_that_name_nothing_are_refused_when_built():
 
     with pytest.raises(fxjac.OptionError, match=r"a topk with fields \['values', 'indices'\]"):
         fxjac.jacobian(TopK().double())(randn(4, 3))
+
+
+def test_meta_inputs_are_a_shape_error_and_y_is_detached_when_it_is_a_view_of_the_input():
+    # probe YY: a raw RuntimeError from the autocast check, or NotImplementedError from the batch check; y kept
+    # the input's autograd history when the model returned a view of it
+    model, x = mlp(), randn(4, 3)
+    p = fxjac.jvp(model)
+    p(x, x)
+    meta = x.to("meta")
+    with pytest.raises(fxjac.ShapeError, match="meta device"):
+        p(meta, meta)
+    with pytest.raises(fxjac.ShapeError, match="meta device"):
+        fxjac.jvp(mlp().to("meta"), example_inputs=(meta,))
+
+    class Every2nd(nn.Module):
+        def forward(self, x):
+            return x[:, ::2]
+
+    xg = randn(4, 3).requires_grad_()
+    v = randn(4, 3, g=rng(1))
+    y, t = fxjac.jvp(Every2nd())(xg, v)
+    assert not y.requires_grad and not t.requires_grad
+    assert_close(t, v[:, ::2], "jvp of a slice")
