@@ -36,7 +36,7 @@ from .errors import (
 )
 from .rules import _rt, default_rules
 from .source import Source, build_source, check_initialised, field_names
-from .tracing import BUILD_LOCK
+from .tracing import BUILD_LOCK, parametrizations_uncached
 
 
 class _GeneratedSources:
@@ -339,7 +339,9 @@ class Product(fx.GraphModule):
         inputs = _name_inputs(model, args[:n_in], fixed)
 
         def reference(grad: bool):
-            with torch.set_grad_enabled(grad):  # the forward's other arguments as traced (concrete_args=)
+            # The forward's other arguments as traced (concrete_args=); parametrize's cache off (under no_grad
+            # the check would leave the user's cached() block a parametrized weight without history).
+            with torch.set_grad_enabled(grad), parametrizations_uncached():
                 ref = model(*inputs, **fixed) if isinstance(inputs, tuple) else model(**inputs, **fixed)
             if sel is not None:
                 fields = field_names(type(ref))
@@ -429,6 +431,17 @@ def _refuse_meta(inputs) -> None:
     if any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in tree_leaves(inputs)):
         raise ShapeError("an input is on the meta device: a product computes with values (and checks its first "
                          "output against the model's), which meta tensors do not hold")
+
+
+def _same_batch(inputs) -> None:
+    """Raises the ShapeError a built product's call gives for tensor inputs of different batch sizes (found before
+    the build: the batch check's made-up samples would blame the model).
+    """
+    sizes = [(i, t.shape[0]) for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.dim() > 0]
+    other = next(((i, n) for i, n in sizes if n != sizes[0][1]), None)
+    if other is not None:
+        raise ShapeError(f"input {other[0]} has a batch of {other[1]} and input {sizes[0][0]} of {sizes[0][1]}: dim 0 "
+                         "of every input is the batch")
 
 
 def _autocast_device(args) -> Optional[str]:
@@ -673,6 +686,7 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
 
     def _build(inputs, key, model):
         _refuse_meta(inputs)
+        _same_batch(inputs)
         if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tree_leaves(inputs)):
             _rt.tune_malloc()  # Note [glibc's heap and column stacks]
         src = build_source(model, wrt, list(inputs), leaf_modules=leaf_modules, concrete_args=concrete_args,

@@ -13,6 +13,7 @@ new node), ``x.T`` becomes a transpose, and functions with a decomposition (fuse
 from __future__ import annotations
 
 import builtins
+import contextlib
 import operator
 import re
 import string
@@ -529,11 +530,27 @@ def trace(model: nn.Module, leaf_modules: Sequence = (), concrete_args: Optional
     threads run the model or built products as usual: the patched module calls and attribute reads pass
     straight through outside the tracing thread, and fxjac's patches act on traced values only.
     """
-    with BUILD_LOCK:
+    with BUILD_LOCK, parametrizations_uncached():
         return _trace(model, leaf_modules, concrete_args, n_inputs, example_inputs)
 
 
 BUILD_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def parametrizations_uncached():
+    """Tracing with torch.nn.utils.parametrize's cache off (and left as it was): inside ``parametrize.cached()``
+    a parametrized weight is a tensor computed before, which the trace would take as a constant (no derivative for
+    the originals), and a traced weight would be left in the cache for the model's own calls.
+    """
+    from torch.nn.utils import parametrize
+
+    enabled, cache = parametrize._cache_enabled, parametrize._cache
+    parametrize._cache_enabled, parametrize._cache = 0, {}
+    try:
+        yield
+    finally:
+        parametrize._cache_enabled, parametrize._cache = enabled, cache
 
 
 def _trace(model, leaf_modules, concrete_args, n_inputs, example_inputs) -> fx.GraphModule:
@@ -735,7 +752,7 @@ def _trace_message(err: Exception) -> str:
                 "(isinstance(x, torch.Tensor) is False for them) and their sizes are traced values (a dtype is read "
                 "from example_inputs=, without them from the model's parameters). Skip such a check while "
                 "tracing: if not torch.fx._symbolic_trace.is_fx_symbolic_tracing(): ...")
-    if isinstance(err, TypeError) and user and frames[-1] is user[-1]:
+    if isinstance(err, TypeError) and user and frames[-1] is user[-1] and "interpreted as an integer" not in str(err):
         # A tensor's own method (a C function) refused a traced size: the tensor itself is a real one, made from
         # constants while tracing, so torch.fx never saw the call.
         return (f"torch.fx cannot trace this model: {err}{where}\n"

@@ -22,7 +22,7 @@ from passes.builder import (
     shares_a_slot,
     structural_index,
 )
-from passes.dag import between, differentiable
+from passes.dag import differentiable_between
 from passes.protocol import ZERO, Decline
 
 
@@ -76,7 +76,7 @@ def backward_cotangents(b: Builder, seeds: dict, wanted, ps: bool = False, metho
         old-graph node -> cotangent for each wanted node reached (ZERO-free).
     """
     wanted = set(wanted)
-    active = {n for n in between(b.nx, wanted, seeds) if differentiable(n) and not n.meta.get("no_grad")}
+    active = {n for n in differentiable_between(b.nx, wanted, seeds) if not n.meta.get("no_grad")}
     pending: dict = {n: [c] for n, c in seeds.items()}
     result = {}
     for node in reversed(list(b.src.graph.nodes)):

@@ -30,6 +30,23 @@ def between(g: nx.DiGraph, sources: Iterable[fx.Node], sinks: Iterable[fx.Node])
     return down & up
 
 
+def differentiable_between(g: nx.DiGraph, sources: Iterable[fx.Node], sinks: Iterable[fx.Node]) -> set:
+    """Nodes on some path from a source to a sink along which every node can carry a derivative: a value made from
+    a source only through integers, sizes or dtypes (``torch.ones(n, dtype=x.dtype)``) has none.
+    """
+    down, todo = set(), [s for s in sources if differentiable(s)]
+    while todo:
+        n = todo.pop()
+        if n in down:
+            continue
+        down.add(n)
+        todo.extend(m for m in g.successors(n) if m not in down and differentiable(m))
+    up = set()
+    for t in sinks:
+        up |= nx.ancestors(g, t) | {t}
+    return down & up
+
+
 def any_tensor(v, pred=lambda t: True) -> bool:
     """Whether ``v`` (a propagated value: a tensor, or nested tuples and lists) holds a tensor ``t`` with
     ``pred(t)``.

@@ -14,6 +14,8 @@ from torch.utils._pytree import tree_map
 
 def _to_meta(v):
     if isinstance(v, torch.Tensor):
+        if v.layout != torch.strided:  # a sparse value keeps its layout (rules multiply it otherwise)
+            return torch.empty(v.shape, dtype=v.dtype, device="meta", layout=v.layout)
         return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
     return v
 

@@ -1417,3 +1417,17 @@ def test_meta_inputs_are_a_shape_error_and_y_is_detached_when_it_is_a_view_of_th
     y, t = fxjac.jvp(Every2nd())(xg, v)
     assert not y.requires_grad and not t.requires_grad
     assert_close(t, v[:, ::2], "jvp of a slice")
+
+
+def test_inputs_of_different_batches_are_a_shape_error_at_a_lazy_build():
+    # Probe AC: the first call of a lazy product with a [3, ...] and a [2, ...] input built anyway (gather accepts
+    # the smaller index) and its batch check blamed the model (ModeError); a built product says ShapeError.
+    class Gather(nn.Module):
+        def forward(self, x, idx):
+            return x.gather(1, idx)
+
+    x, idx = randn(3, 4), torch.tensor([[0, 2], [1, 1]])
+    with pytest.raises(fxjac.ShapeError, match="input 1 has a batch of 2 and input 0 of 3"):
+        fxjac.vjp(Gather())(x, idx, randn(3, 2))
+    with pytest.raises(fxjac.ShapeError, match="input 1 has a batch of 2 and input 0 of 3"):
+        fxjac.vjp(Gather(), example_inputs=(x, idx))

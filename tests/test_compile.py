@@ -448,6 +448,27 @@ def test_fallback_tangents_of_several_columns_compile(name, options, operand):
         _close(compiled(x, m)[1], p(x, m)[1])
 
 
+class _Inverse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(3, 3, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.linalg.inv(x.view(-1, 3, 3) @ self.W + 3 * torch.eye(3, dtype=x.dtype)).flatten(1)
+
+
+def test_fallback_tangent_of_one_column_compiles_with_a_symbolic_batch():
+    # Probe ZZ: forward mode through linalg.inv (the fallback) failed in dynamo's fake tensors at the second batch
+    # size ("Cannot call storage_offset() on tensor with symbolic sizes"); under torch.compile every fallback
+    # tangent now comes from reverse mode.
+    torch.manual_seed(0)
+    model = _Inverse()
+    compiled = fxjac.compile(model, "jvp", wrt="input", backend="eager")
+    for batch in BATCHES:
+        x, v = torch.randn(batch, 9, dtype=torch.float64), torch.randn(batch, 9, dtype=torch.float64)
+        _close(compiled(x, v)[1], torch.func.jvp(model, (x,), (v,))[1])
+
+
 class _SpectralConv(nn.Module):
     """A Fourier layer (FNO): the lowest modes of rfft2 times a weight, written into zeros, back through irfft2."""
 

@@ -2031,6 +2031,26 @@ def test_per_sample_fallback_failures_are_explained():
         fxjac.ggn(model, loss="mse", method="diag_backprop")(x)
     J = per_sample_jacobian(model, (x,), "params")
     assert_close(fxjac.ggn(model, loss="mse")(x)[1], torch.einsum("bop,bop->p", J, J), "exact ggn diagonal")
+    # Probe AC: pooled per graph into torch.zeros(B, F, dtype=h.dtype), which the backward pass took as reached
+    # from the input through the dtype: its batch (B rows, not B·N) was taken as the fallback's, and ReLU's kernel
+    # raised torch's size mismatch for wrt="input"
+    for wrt in ("input", "params"):
+        with pytest.raises(fxjac.UnsupportedOpError, match="cannot be split into samples"):
+            fxjac.jtmjp(_PooledNodeSet().double(), wrt=wrt, out="diag", method="diag_backprop")(x)
+
+
+class _PooledNodeSet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):  # [B, N, 3], as one node set of B·N nodes, mean-pooled per graph
+        b, n, f = x.shape
+        h = torch.relu(self.lin(x.reshape(b * n, f)))
+        graph = torch.arange(b).repeat_interleave(n)
+        pooled = torch.zeros(b, 4, dtype=h.dtype).scatter_reduce(0, graph[:, None].expand_as(h), h, "mean",
+                                                                  include_self=False)
+        return self.out(pooled)
 
 
 class _SpectralConv(nn.Module):
@@ -2961,3 +2981,69 @@ def test_differentiable_jvp_through_normalisation_has_the_right_second_derivativ
     e = e.view_as(x)
     fd = (loss(x.detach() + e) - loss(x.detach() - e)) / (2 * h)
     assert abs(fd.item() - got.flatten()[5].item()) < 1e-6 * max(1.0, abs(fd.item()))
+
+
+@pytest.mark.parametrize("parametrization", ["weight_norm", "orthogonal"])
+def test_products_built_inside_parametrize_cached(parametrization):
+    # Probe AF: inside torch.nn.utils.parametrize.cached() the trace read the cached weight, a constant: the
+    # originals' derivatives were zeros, silently; built with the cache empty, a traced weight was left in it and
+    # the model itself returned a torch.fx Proxy until the block ended.
+    import torch.nn.utils.parametrizations as parametrizations
+    import torch.nn.utils.parametrize as parametrize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    getattr(parametrizations, parametrization)(model[0])
+    x, w = randn(4, 5), randn(4, 3, seed=1)
+
+    def reference():
+        return torch.cat([g.flatten() for g in torch.autograd.grad((model(x) * w).sum(), list(model.parameters()))])
+
+    with parametrize.cached():
+        if parametrization == "weight_norm":
+            model(x)  # fills the cache
+        p = fxjac.vjp(model, wrt="params")
+        assert_close(p(x, w)[1], reference(), "vjp inside parametrize.cached()")
+        assert isinstance(model(x), torch.Tensor)
+    assert_close(p(x, w)[1], reference(), "the same product after the block")
+
+
+def test_a_loop_over_a_traced_size_gets_the_sizes_hint():
+    # Probe AF: range(x.shape[1]) raised its TypeError in forward's own frame and got the hint for tensors made
+    # from constants (register a buffer), not the one naming range(x.shape[1])
+    class Unrolled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = nn.GRUCell(3, 4)
+
+        def forward(self, x):
+            h = x.new_zeros(x.shape[0], 4)
+            for t in range(x.shape[1]):
+                h = self.cell(x[:, t], h)
+            return h
+
+    with pytest.raises(fxjac.TraceError, match=r"Hint: torch.fx traces sizes symbolically.*range\(x.shape\[1\]\)"):
+        fxjac.vjp(Unrolled(), wrt="params", example_inputs=(torch.randn(2, 5, 3),))
+
+
+class _LeastSquares(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Parameter(torch.randn(4, 1, dtype=torch.float64))
+
+    def forward(self, x):  # lstsq's residuals are [0] here (gelsy on the CPU), its rank an integer tensor
+        return torch.linalg.lstsq(x.view(x.shape[0], 4, 3), self.b.expand(x.shape[0], 4, 1)).solution.flatten(1)
+
+
+@pytest.mark.parametrize("wrt", ["input", "params"])
+def test_diagonal_backprop_through_an_op_with_an_empty_output(wrt):
+    # Probe ZZ: the fallback's sample-by-sample diagonal split lstsq's empty residuals along a batch axis they do
+    # not have ("select(): index 0 out of range"); one op alone, diagonal back-propagation is exact
+    torch.manual_seed(0)
+    model, x = _LeastSquares(), randn(3, 12)
+    _, exact = fxjac.jtmjp(model, wrt=wrt, out="diag")(x)
+    _, diag = fxjac.jtmjp(model, wrt=wrt, out="diag", method="diag_backprop")(x)
+    J = per_sample_jacobian(model, (x,), wrt)
+    ref = torch.einsum("boi,boi->bi", J, J)
+    assert_close(exact, ref if wrt == "input" else ref.sum(0), "exact diagonal")
+    assert_close(diag, exact, "diagonal back-propagation through one op")

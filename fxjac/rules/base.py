@@ -154,6 +154,10 @@ class Broadcasting(Rule):
             p = e(operator.mul, p, p) if isinstance(p, torch.fx.Node) else p * p
         return self._times(e, t, p)
 
+    def tangent(self, e: Emitter, site: Site, name: str, t, p):
+        """The tangent ``t · ∂y/∂name`` (:meth:`scale`; a subclass may order it as torch's forward mode does)."""
+        return self.scale(e, site, name, t, p)
+
     def _times(self, e, t, p):
         if p is ZERO:
             return ZERO
@@ -188,7 +192,7 @@ class Broadcasting(Rule):
             full = full or tuple(site.val(name).shape) == out_shape and name not in site.ps
             if isinstance(p, torch.fx.Node) and isinstance(p.meta.get("val"), torch.Tensor):
                 full = full or tuple(p.meta["val"].shape) == out_shape
-            terms.append(self.scale(e, site, name, t, p))
+            terms.append(self.tangent(e, site, name, t, p))
         out = e.sum(terms)
         if out is not ZERO and not full:  # only broadcast inputs moved: give the tangent the output's shape
             out = e(_rt.expand_like, out, site.out)

@@ -14,9 +14,8 @@ from passes.protocol import ZERO, Decline
 from .base import NonDifferentiable
 from .registry import register
 
-# Spellings a traced model can apply to a value that carries a derivative, and tensor factories whose sizes are
-# read from one (``torch.full((T, T), -inf)`` with ``T = x.shape[1]``: reverse mode sees them downstream of
-# ``x``). Random factories are left out: they cannot pass the first-call output check.
+# Spellings a traced model can apply to a value that carries a derivative. Random factories are left out: they
+# cannot pass the first-call output check.
 _METHODS = (
     "size", "dim", "ndimension", "numel", "argmax", "argmin", "eq", "ne", "lt", "le", "gt", "ge", "long", "int",
     "bool", "short", "byte", "sign", "nonzero", "isnan", "isinf", "isfinite", "any", "all", "detach", "new_zeros",
@@ -30,11 +29,15 @@ _FUNCTIONS = (
     torch.full_like, torch.detach, torch.floor_divide, operator.floordiv, torch.logical_not, torch.logical_and,
     torch.logical_or, torch.argsort, torch.bucketize,
     torch.searchsorted, torch.nonzero, torch.numel,
-    torch.full, torch.zeros, torch.ones, torch.arange, torch.eye, torch.linspace, torch.logspace, torch.tensor,
 )
+# Tensor factories whose sizes are read from a value (``torch.full((T, T), -inf)`` with ``T = x.shape[1]``). The
+# passes never visit them: derivatives follow floating values only (``differentiable_between`` in passes/dag.py),
+# and sizes and dtypes are none. They are registered so that strict mode's list of ops without rules leaves them out.
+SIZED_FACTORIES = (torch.full, torch.zeros, torch.ones, torch.arange, torch.eye, torch.linspace, torch.logspace,
+                   torch.tensor)
 
 
-@register(*_METHODS, *_FUNCTIONS)
+@register(*_METHODS, *_FUNCTIONS, *SIZED_FACTORIES)
 class Constant(NonDifferentiable):
     """A zero derivative: integer-, boolean- or shape-valued results, detached values, tensor factories."""
 

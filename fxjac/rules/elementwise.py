@@ -265,9 +265,12 @@ def prelu(input, weight):
     """PReLU as ``where(x > 0, x, a·x)``, ``a`` (one slope, or one per channel) applied along dim 1.
 
     torch's own batching rule for prelu's backward is wrong under nested vmap (the autograd fallback's
-    per-sample path), and the parts get structured rules: the slopes' per-sample cotangents are sums.
+    per-sample path), and the parts get structured rules: the slopes' per-sample cotangents are sums. The slopes
+    scale ``where(x > 0, 0, x)``, as autograd selects before it multiplies: their derivative at ``x = inf`` is 0,
+    not NaN (and a NaN ``x`` takes the slope, as in autograd).
     """
-    scaled = (input.transpose(1, -1) * weight).transpose(1, -1)
+    negative = torch.where(input > 0, 0.0, input)
+    scaled = (negative.transpose(1, -1) * weight).transpose(1, -1)
     return torch.where(input > 0, input, scaled)
 
 
@@ -755,6 +758,14 @@ class Div(Broadcasting):
             return t
         return e(operator.truediv, t, other)
 
+    def tangent(self, e, site, name, t, p):
+        """The divisor's tangent as torch's forward mode orders it, ``-(t·y) / other``: ``y / other`` overflows
+        (and a zero tangent times it is NaN) where ``other²`` underflows.
+        """
+        if name != "other" or p is ZERO:
+            return super().tangent(e, site, name, t, p)
+        return e(operator.truediv, e(operator.neg, e(operator.mul, t, site.out)), site.args["other"])
+
 
 @register(torch.pow, operator.pow, "pow")
 class Pow(Broadcasting):
@@ -770,6 +781,27 @@ class Pow(Broadcasting):
         if name == "input":
             return e(pow_grad, x, c)
         return e(pow_exponent_grad, x, site.out, c)
+
+
+def zero_mask(x, like):
+    """``[x == 0]`` as 0/1 values of ``like``'s dtype."""
+    return (x == 0).to(like.dtype)
+
+
+@register(torch.heaviside, "heaviside")
+class Heaviside(Broadcasting):
+    """y = 0, ``values`` or 1 as x < 0, = 0 or > 0: piecewise constant in x (a zero derivative, as ``sign``'s;
+    ATen has none), and ``values`` where x = 0.
+    """
+
+    inputs = ("input", "values")
+    selects = True
+
+    def signature(input, values):  # noqa: D103
+        ...
+
+    def partial(self, e, site, name):  # noqa: D102
+        return ZERO if name == "input" else e(zero_mask, site.args["input"], site.out)
 
 
 @register(torch.where)

@@ -340,18 +340,18 @@ def _vmap_columns(f, *stacks):
     return tree_map(lambda *c: torch.stack(c), *cols)
 
 
-def _jvp_columns(g, primals, tangents, fn, nested=False):
-    """``J t`` for a stack of tangent columns (dimension 0 of every tangent); ``nested``: inside a vmap over
-    the batch.
-    """
+def _jvp_columns(g, primals, tangents, fn):
+    """``J t`` for a stack of tangent columns (dimension 0 of every tangent)."""
     key = _key(fn)
     # Forward mode attaches a tangent to each primal in place, which an expanded view (stride 0) refuses.
     primals = tuple(p.contiguous() if _expanded(p) else p for p in primals)
     if fn in _DENSE_ONLY:
         tangents = tuple(t.contiguous() if isinstance(t, torch.Tensor) else t for t in tangents)
     # Under torch.compile, forward mode inside a vmap over several columns or over the batch fails in dynamo's
-    # fake tensors (torch 2.13: an internal assert on ``_fw_primal``); one column traces. Reverse mode traces.
-    reverse = torch.compiler.is_compiling() and (nested or _columns(tangents) != 1)
+    # fake tensors (torch 2.13: an internal assert on ``_fw_primal``), and so does one column through some ops
+    # once the batch size is symbolic (linalg.inv: "Cannot call storage_offset() on tensor with symbolic sizes").
+    # Reverse mode traces.
+    reverse = torch.compiler.is_compiling()
     return _func_or_autograd(fn, lambda: _func_jvp(g, primals, tangents, fn, key, reverse),
                              lambda: _autograd_jvp(fn, g, primals, tangents))
 
@@ -369,8 +369,10 @@ def _func_jvp(g, primals, tangents, fn, key, reverse):
         _no_tangents(fn, "its backward is @once_differentiable")
     out, vjp_fn = torch.func.vjp(g, *primals)
     zeros = tree_map(torch.zeros_like, out)
+    # An op without a derivative at all fails here, its raw error told by _needs_derivative; one without a second
+    # derivative fails below.
+    _, vjp2 = torch.func.vjp(lambda u: vjp_fn(u), zeros)
     try:
-        _, vjp2 = torch.func.vjp(lambda u: vjp_fn(u), zeros)
         return _vmap_columns(lambda *ts: vjp2(ts)[0], *tangents)
     except (RuntimeError, NotImplementedError) as err:  # no double backward either (EmbeddingBag with max_norm;
         # with per_sample_weights, a RuntimeError "derivative for … is not implemented")
@@ -438,6 +440,8 @@ def _per_sample(fn, primals, bdims, ctx, cdims, extra, extra_dims, body, out_dim
     except FxJacError:
         raise
     except (IndexError, RuntimeError, ValueError) as err:
+        if _no_derivative(err):
+            raise  # (:func:`_needs_derivative` says so)
 
         msg = f"the autograd fallback differentiates {fn} one sample at a time here (per-sample results, or a " \
               f"diagonal), and the op fails on one sample: {err}."
@@ -463,6 +467,34 @@ def _squeeze_batch(ts, bdims):
     return tuple(t.squeeze(1 + d) if d is not None else t for t, d in zip(ts, bdims))
 
 
+def _no_derivative(err: Exception) -> bool:
+    """Whether ``err`` is torch's for an op without a derivative (not an fxjac error: those subclass
+    NotImplementedError too).
+    """
+    text = str(err)
+    return type(err) in (RuntimeError, NotImplementedError) and "derivative for" in text and "not implemented" in text
+
+
+def _needs_derivative(f):
+    """``f`` (a reverse or diagonal fallback) with torch's "derivative for … is not implemented" (an op ATen
+    has no backward for: heaviside, histc) raised as the UnsupportedOpError the forward products raise.
+    """
+    @functools.wraps(f)
+    def wrapper(fn, *args, **kwargs):
+        try:
+            return f(fn, *args, **kwargs)
+        except RuntimeError as err:
+            if not _no_derivative(err):
+                raise
+            from ..errors import UnsupportedOpError
+
+            raise UnsupportedOpError(f"torch has no derivative for {fn} ({str(err).splitlines()[0]}), so no product "
+                                     "goes through it: detach its input where it is a constant, or compute it "
+                                     "outside the model") from err
+    return wrapper
+
+
+@_needs_derivative
 def fallback_jvp(fn, args, kwargs, primals, tangents, bdims, ctx=(), cdims=(), per_sample=False, spec=True,
                  odims=(0,)):
     """Tangent stack of ``fn(*args, **kwargs)`` for the given tangent stacks of ``primals``.
@@ -478,7 +510,7 @@ def fallback_jvp(fn, args, kwargs, primals, tangents, bdims, ctx=(), cdims=(), p
 
     def body(xs, cs, *ts):
         ts = tuple(t.unsqueeze(1 + d) if d is not None else t for t, d in zip(ts, bdims))
-        out = _jvp_columns(_op(fn, args, kwargs, cs, spec), xs, ts, fn, nested=True)
+        out = _jvp_columns(_op(fn, args, kwargs, cs, spec), xs, ts, fn)
         outs = (out,) if spec is True else tuple(out)
         for o, d in zip(outs, odims):
             if o.shape[1 + d] != 1:  # the cotangent path's autograd reports this as a shape mismatch
@@ -491,6 +523,7 @@ def fallback_jvp(fn, args, kwargs, primals, tangents, bdims, ctx=(), cdims=(), p
     return _restructure(spec, res[0] if spec is True else res)
 
 
+@_needs_derivative
 def fallback_vjp(fn, args, kwargs, primals, ct, bdims, ctx=(), cdims=(), per_sample=False, spec=True,
                  out_value=None, odims=(0,)):
     """Cotangent stacks of ``primals`` (a tuple) given the output cotangent stack ``ct``.
@@ -519,6 +552,7 @@ def _cotangent_shapes(primals, bdims, stacks, odims):
     return [(k,) + tuple(x.shape) if d is not None else (k, batch) + tuple(x.shape) for x, d in zip(primals, bdims)]
 
 
+@_needs_derivative
 def fallback_diag_vjp(fn, args, kwargs, primals, d, bdims, ctx=(), cdims=(), per_sample=False, spec=True,
                       out_value=None, odims=(0,)):
     """``(A∘A)ᵀ d`` for each primal from the op's dense per-sample local Jacobian (exact, costly).
@@ -575,6 +609,7 @@ def _shared_diag_vjp(fn, args, kwargs, primals, ds, per_sample, spec):
     return tuple(res)
 
 
+@_needs_derivative
 def fallback_diag_jvp(fn, args, kwargs, primals, ds, bdims, ctx=(), cdims=(), per_sample=False, spec=True,
                       odims=(0,)):
     """``Σ_i (A_i∘A_i) d_i`` from the op's dense per-sample local Jacobian (exact, costly); diagonals of
@@ -609,10 +644,13 @@ def fallback_diag_jvp(fn, args, kwargs, primals, ds, bdims, ctx=(), cdims=(), pe
 
 
 def output_spec(val):
-    """``True`` for a single tensor output, else the output's structure with a flag per leaf: floating?"""
+    """``True`` for a single tensor output, else the output's structure with a flag per leaf: floating, and not
+    empty (``linalg.lstsq``'s residuals ``[0]``: nothing to differentiate, and no batch axis to split)?
+    """
     if isinstance(val, (tuple, list)):
         return tuple(output_spec(v) if isinstance(v, (tuple, list)) else
-                     bool(isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())) for v in val)
+                     bool(isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()) and v.numel())
+                     for v in val)
     return True
 
 

@@ -395,9 +395,24 @@ class _Matmul(Rule):
         saved = site.extra.get("saved", {}).get("operands", {})
         return tuple(saved.get(name, site.args[name]) for name in (self.left, self.right))
 
+    def _sparse(self, site, derivatives) -> bool:
+        """Whether ``a`` is sparse (an adjacency built in forward: ``torch.bmm(A, h)``), which the dense products
+        cannot multiply (``expand``): then only the dense ``b`` of as many axes (``mm``, ``bmm``) may carry a
+        derivative, as :class:`SparseMm`; anything else goes to the fallback.
+        """
+        a, b = site.val(self.left), site.val(self.right)
+        if not isinstance(a, torch.Tensor) or a.layout == torch.strided:
+            return False
+        if derivatives.get(self.left, ZERO) is not ZERO or site.ps or not isinstance(b, torch.Tensor) or \
+                b.layout != torch.strided or a.dim() != b.dim():
+            raise Decline
+        return True
+
     def jvp(self, e, site, tangents):  # noqa: D102
         a, b = self._operands(site)
         ta, tb = tangents[self.left], tangents[self.right]
+        if self._sparse(site, tangents):
+            return ZERO if tb is ZERO else e(sparse_left_tangent, a, tb)
         self._check_ps(site)
         return e(matmul_tangent, ta, tb, a, b, self.left in site.ps, self.right in site.ps)
 
@@ -412,6 +427,8 @@ class _Matmul(Rule):
 
     def vjp(self, e, site, ct):  # noqa: D102
         a, b = self._operands(site)
+        if self._sparse(site, {self.left: site.needs(self.left) or ZERO}):
+            return {self.right: e(sparse_left_ct, a, ct)} if site.needs(self.right) else {}
         self._check_ps(site)
         out = {}
         if site.needs(self.left) and site.needs(self.right):
@@ -437,6 +454,8 @@ class _Matmul(Rule):
             raise Decline  # per-sample diagonals are not propagated forward
         a, b = self._operands(site)
         ta, tb = tangents[self.left], tangents[self.right]
+        if self._sparse(site, tangents):
+            return ZERO if tb is ZERO else e(sparse_left_tangent, e(torch.square, a), tb)
         return e(matmul_tangent, ta, tb, a if tb is ZERO else e(torch.square, a),
                  b if ta is ZERO else e(torch.square, b))
 
@@ -445,6 +464,8 @@ class _Matmul(Rule):
         Jacobian is the vjp's with the other operand squared.
         """
         a, b = self._operands(site)
+        if self._sparse(site, {self.left: site.needs(self.left) or ZERO}):
+            return {self.right: e(sparse_left_ct, e(torch.square, a), d)} if site.needs(self.right) else {}
         self._check_ps(site)
         out = {}
         if site.needs(self.left):
@@ -516,8 +537,13 @@ class Mm(_Matmul):
 
 def sparse_left_tangent(a, t):
     """``a @ t_k`` for a sparse matrix ``a`` ``[N, M]`` and each column of a stack ``t`` ``[K, M, *p]`` -> ``[K, N,
-    *p]``: the columns side by side, one sparse product (``torch.sparse.mm`` takes a dense matrix on the right).
+    *p]``: the columns side by side, one sparse product (``torch.sparse.mm`` takes a dense matrix on the right); for
+    a batch of sparse matrices ``[B, N, M]`` and ``t`` ``[K, B, M, *p]``, one ``bmm``.
     """
+    if a.dim() == 3:
+        k, b, m, rest = t.shape[0], t.shape[1], t.shape[2], tuple(t.shape[3:])
+        wide = t.reshape(k, b, m, -1).permute(1, 2, 0, 3).reshape(b, m, -1)
+        return torch.bmm(a, wide).reshape(b, a.shape[1], k, *rest).movedim(2, 0)
     k, m, rest = t.shape[0], t.shape[1], tuple(t.shape[2:])
     wide = t.reshape(k, m, -1).permute(1, 0, 2).reshape(m, -1)
     return torch.sparse.mm(a, wide).reshape(a.shape[0], k, *rest).movedim(1, 0)
@@ -525,7 +551,7 @@ def sparse_left_tangent(a, t):
 
 def sparse_left_ct(a, ct):
     """``aᵀ @ ct_k`` for a sparse ``a``: the cotangent of the dense right operand."""
-    return sparse_left_tangent(a.t(), ct)
+    return sparse_left_tangent(a.transpose(-2, -1), ct)
 
 
 @register(torch.sparse.mm)
@@ -553,6 +579,59 @@ class SparseMm(Rule):
 
     def diag_vjp(self, e, site, d):  # noqa: D102
         return {"mat2": e(sparse_left_ct, e(torch.square, site.args["mat1"]), d)} if site.needs("mat2") else {}
+
+
+def affine_base(theta, size, align_corners):
+    """``affine_grid``'s base grid ``[S, d + 1]``: each of the S positions' normalised coordinates and a 1, which
+    the grid multiplies by θ (``grid[n, s, i] = Σ_k base[s, k] θ[n, i, k]``); ``size`` is ``[N, C, *spatial]``.
+    """
+    d = theta.shape[-2]
+    eye = torch.eye(d, d + 1, dtype=theta.dtype, device=theta.device).unsqueeze(0)
+    coords = F.affine_grid(eye, [1, 1, *size[2:]], align_corners=align_corners).reshape(-1, d)
+    return torch.cat([coords, torch.ones_like(coords[:, :1])], -1)
+
+
+def affine_grid_apply(t, base, grid):
+    """A stack of θ tangents ``[K, N, d, d + 1]`` through affine_grid: ``[K, *grid.shape]``."""
+    return torch.einsum("sk,bnik->bnsi", base, t).reshape((t.shape[0],) + tuple(grid.shape))
+
+
+def affine_grid_transpose(ct, base):
+    """The adjoint: grid cotangents ``[K, N, *spatial, d]`` to θ's ``[K, N, d, d + 1]``."""
+    return torch.einsum("bnsi,sk->bnik", ct.flatten(2, -2), base)
+
+
+@register(F.affine_grid)
+class AffineGrid(Rule):
+    """grid = base θᵀ per sample (a spatial transformer's sampling grid), linear in θ; the diagonals square the
+    base coordinates. The fallback split the batch's size argument ``x.size()`` into samples as it was.
+    """
+
+    diff = ("theta",)
+
+    def signature(theta, size, align_corners=None):  # noqa: D103
+        ...
+
+    @staticmethod
+    def _base(e, site, square=False):
+        if site.ps:
+            raise Decline  # θ made from parameters alone, per sample: the fallback
+        base = e(affine_base, site.args["theta"], site.args["size"], site.args["align_corners"])
+        return e(torch.square, base) if square else base
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        t = tangents["theta"]
+        return ZERO if t is ZERO else e(affine_grid_apply, t, self._base(e, site), site.out)
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        return {"theta": e(affine_grid_transpose, ct, self._base(e, site))}
+
+    def diag_jvp(self, e, site, tangents):  # noqa: D102
+        t = tangents["theta"]
+        return ZERO if t is ZERO else e(affine_grid_apply, t, self._base(e, site, True), site.out)
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return {"theta": e(affine_grid_transpose, d, self._base(e, site, True))}
 
 
 def _einsum_parts(equation: str, n: int):
@@ -842,10 +921,14 @@ class Bilinear(Rule):
 
 @decomposes(torch.addmm)
 def addmm(input, mat1, mat2, *, beta=1, alpha=1):
-    """``beta·input + alpha·(mat1 @ mat2)`` (GPT-2's ``Conv1D``) as a matmul and an addition, which have rules."""
+    """``beta·input + alpha·(mat1 @ mat2)`` (GPT-2's ``Conv1D``) as a matmul and an addition, which have rules.
+    With ``beta=0`` ATen ignores ``input`` (the ``torch.empty`` bias pattern: its inf and NaN stay out).
+    """
     out = mat1 @ mat2
     if alpha != 1:
         out = out * alpha
+    if isinstance(beta, (int, float)) and beta == 0:
+        return out
     return out + (input if beta == 1 else input * beta)
 
 

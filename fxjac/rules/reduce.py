@@ -154,7 +154,8 @@ def var_slope(x, dims, correction, power=1):
     for d in dims:
         n *= x.shape[d]
     xc = x - x.mean(dims, keepdim=True)
-    return (xc * (2.0 / max(n - correction, 0))) ** power
+    dof = n - correction  # no degrees of freedom left: var is inf or NaN, and autograd's slope inf (not an error)
+    return (xc * (2.0 / dof if dof > 0 else math.inf)) ** power
 
 
 def var_tangent(t, x, dim, correction, keepdim, power=1):
@@ -447,7 +448,56 @@ def cdist(x1, x2, p=2.0, compute_mode="use_mm_for_euclid_dist_if_necessary"):
     ATen's cdist has neither a forward-mode formula nor a second derivative, which the fallback's tangents need.
     ``compute_mode`` only picks ATen's kernel; the values are the same.
     """
-    return torch.linalg.vector_norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), p, -1)
+    return _distance(x1.unsqueeze(-2) - x2.unsqueeze(-3), p)
+
+
+def _distance(diff, p):
+    return emit_op(chebyshev, diff) if math.isinf(p) and p > 0 else torch.linalg.vector_norm(diff, p, -1)
+
+
+@decomposes(torch.pdist)
+def pdist(input, p=2.0):
+    """The distances between the rows of ``[N, M]``, pairs ``i < j`` in row-major order: :func:`cdist`'s upper
+    triangle (ATen's pdist has no forward-mode formula).
+    """
+    i, j = emit_op(pair_indices, input)
+    return _distance(input[i] - input[j], p)
+
+
+def pair_indices(x):
+    """The row indices ``(i, j)`` of :func:`pdist`'s pairs ``i < j``."""
+    return tuple(torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device))
+
+
+@register(pair_indices)
+class PairIndices(NonDifferentiable):
+    """Indices: constants."""
+
+    def signature(x):  # noqa: D103
+        ...
+
+
+def chebyshev(diff, dim=-1, keepdim=False):
+    """``max |diff|`` over the last axis, cdist's distance for ``p = ∞`` (``dim`` and ``keepdim`` fixed)."""
+    return torch.linalg.vector_norm(diff, math.inf, dim, keepdim)
+
+
+def chebyshev_weights(x, y):
+    """∂ max|x| / ∂x over the last axis as ATen's cdist backward gives it: sgn(x) at every entry with |x| = y (not
+    split among ties, as vector_norm's is).
+    """
+    return x.sgn() * ((x.abs() == y.unsqueeze(-1)) | x.isnan())
+
+
+@register(chebyshev)
+class Chebyshev(_Weighted):
+    """y = max |x| over the last axis, each tied entry with the full derivative (:func:`chebyshev_weights`)."""
+
+    def signature(input, dim=-1, keepdim=False):  # noqa: D103
+        ...
+
+    def weights(self, e, site):  # noqa: D102
+        return e(chebyshev_weights, site.args["input"], site.out)
 
 
 def norm_floor(norm, eps):

@@ -357,6 +357,9 @@ SAMPLES = [
     ("cosine_similarity_dim1", lambda m, x: F.cosine_similarity(x, m.V[0, :3] + x[:, :1], 1), False),
     ("F.pairwise_distance", lambda m, x: F.pairwise_distance(x, x * m.w), False),
     ("pairwise_distance_p1_param", lambda m, x: F.pairwise_distance(x, m.w, p=1, keepdim=True), False),
+    # a spatial transformer's sampling grid, sized by the batch (probe AE: the fallback split the size into samples)
+    ("F.affine_grid", lambda m, x: F.affine_grid(x[:, :2, :3] + m.W[:2, :3], [x.shape[0], 1, 4, 5], False), False),
+    ("affine_grid_3d", lambda m, x: F.affine_grid(x[:, :, :4] * m.w[:4], [x.shape[0], 2, 2, 3, 2], True), False),
     # constants for differentiation
     ("argmax_gather", lambda m, x: x.gather(-1, x.argmax(-1, keepdim=True)), False),
     ("masks_and_casts", lambda m, x: x * (x > 0).to(x.dtype) + x.floor() + torch.sign(x), False),
@@ -574,6 +577,8 @@ _KINKS = [  # (id, f(x), values placed in the input exactly)
     ("vector_norm_inf", lambda x: torch.linalg.vector_norm(x, float("inf"), -1), (3.0, -3.0)),  # ties split evenly
     ("vector_norm_zero_vector", lambda x: torch.linalg.vector_norm(x[:, :, :1], 2, -1), (0.0,)),  # 0 there
     ("F.cosine_similarity", lambda x: F.cosine_similarity(x[..., ::3], x[..., 1:3] + 1, -1), (0.0,)),  # x1 = 0
+    # cdist's p = ∞ gives every tied coordinate the full sign (vector_norm splits it): probe ZZ
+    ("cdist_inf", lambda x: torch.cdist(x, torch.zeros_like(x[:, :2]), p=float("inf")), (3.0, -3.0)),
 ]
 
 
@@ -653,7 +658,7 @@ _NEW_RULES = [
     "cosine_similarity_broadcast", "cosine_similarity_dim1", "F.pairwise_distance", "pairwise_distance_p1_param",
     "torch.lerp", "lerp_method_tensor_weight", "lerp_weight_from_input", "einsum_list", "einsum_three_operands",
     "einsum_summed_partner_index", "einsum_three_same_input", "torch.outer", "outer_method", "torch.ger",
-    "ger_method", "outer_batch_of_numbers", "outer_same_operand",
+    "ger_method", "outer_batch_of_numbers", "outer_same_operand", "F.affine_grid", "affine_grid_3d",
 ]
 
 
@@ -713,15 +718,13 @@ class _SparseGCN(nn.Module):
         return torch.tanh(torch.sparse.mm(self.adj, h).reshape(4, b, 2).permute(1, 0, 2))
 
 
-def test_sparse_mm_with_a_constant_operator():
-    """``torch.sparse.mm`` with a constant sparse left operand has its own rule (the fallback's vmap cannot take
-    sparse tensors: every product raised; found by a probe), against plain autograd (torch.func's jacrev cannot
-    take them either)."""
-    torch.manual_seed(0)
-    model = _SparseGCN().double()
-    x = torch.randn(3, 4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    full = torch.autograd.functional.jacobian(model, x).reshape(3, 8, 3, 12)
-    J_in = torch.stack([full[b, :, b] for b in range(3)])
+def _check_sparse_products(model, x, *rest):
+    """Every direction product and the exact diagonal w.r.t. input and params against plain autograd (torch.func's
+    jacrev cannot take sparse tensors)."""
+    B = x.shape[0]
+    y = model(x, *rest)
+    full = torch.autograd.functional.jacobian(lambda x: model(x, *rest), x).reshape(B, y[0].numel(), B, x[0].numel())
+    J_in = torch.stack([full[b, :, b] for b in range(B)])
     params = dict(model.named_parameters())
 
     def of_params(flat):
@@ -729,27 +732,39 @@ def test_sparse_mm_with_a_constant_operator():
         for n, p in params.items():
             parts[n] = flat[at:at + p.numel()].view_as(p)
             at += p.numel()
-        return torch.func.functional_call(model, parts, (x,))
+        return torch.func.functional_call(model, parts, (x, *rest))
 
     flat = torch.cat([p.detach().flatten() for p in params.values()])
-    J_p = torch.autograd.functional.jacobian(of_params, flat).reshape(3, 8, -1)
+    J_p = torch.autograd.functional.jacobian(of_params, flat).reshape(B, y[0].numel(), -1)
     g = torch.Generator().manual_seed(2)
     for wrt, J in (("input", J_in), ("params", J_p)):
-        assert not fxjac.vjp(model, wrt=wrt, strict=True, example_inputs=(x,)).fallback_ops
+        assert not fxjac.vjp(model, wrt=wrt, strict=True, example_inputs=(x, *rest)).fallback_ops
         v = torch.randn(J.shape[2], generator=g, dtype=torch.float64)
-        vx = v.expand(3, -1) if wrt == "params" else torch.randn(3, 12, generator=g, dtype=torch.float64)
-        _, t = fxjac.jvp(model, wrt=wrt)(x, v if wrt == "params" else vx.reshape(3, 4, 3))
-        assert_close(t.reshape(3, 8), torch.einsum("boi,bi->bo", J, vx), f"sparse jvp[{wrt}]")
-        w = torch.randn(3, 4, 2, generator=g, dtype=torch.float64)
-        _, c = fxjac.vjp(model, wrt=wrt)(x, w)
-        ref = torch.einsum("boi,bo->bi", J, w.reshape(3, 8))
+        vx = v.expand(B, -1) if wrt == "params" else torch.randn(B, J.shape[2], generator=g, dtype=torch.float64)
+        _, t = fxjac.jvp(model, wrt=wrt)(x, *rest, v if wrt == "params" else vx.reshape(x.shape))
+        assert_close(t.reshape(B, -1), torch.einsum("boi,bi->bo", J, vx), f"sparse jvp[{wrt}]")
+        w = torch.randn(y.shape, generator=g, dtype=torch.float64)
+        _, c = fxjac.vjp(model, wrt=wrt)(x, *rest, w)
+        ref = torch.einsum("boi,bo->bi", J, w.reshape(B, -1))
         assert_close(c.reshape(ref.shape) if wrt == "input" else c, ref if wrt == "input" else ref.sum(0),
                      f"sparse vjp[{wrt}]")
         for mode in ("forward", "reverse"):
-            assert_close(fxjac.jacobian(model, wrt=wrt, mode=mode)(x)[1], J, f"sparse jacobian[{wrt}, {mode}]")
-        _, d = fxjac.jtmjp(model, wrt=wrt, out="diag")(x)
+            assert_close(fxjac.jacobian(model, wrt=wrt, mode=mode)(x, *rest)[1].reshape(J.shape), J,
+                         f"sparse jacobian[{wrt}, {mode}]")
+        _, d = fxjac.jtmjp(model, wrt=wrt, out="diag")(x, *rest)
         ref = torch.einsum("boi,boi->bi", J, J)
-        assert_close(d, ref if wrt == "input" else ref.sum(0), f"sparse jtmjp diag[{wrt}]")
+        assert_close(d.reshape(ref.shape) if wrt == "input" else d, ref if wrt == "input" else ref.sum(0),
+                     f"sparse jtmjp diag[{wrt}]")
+
+
+def test_sparse_mm_with_a_constant_operator():
+    """``torch.sparse.mm`` with a constant sparse left operand has its own rule (the fallback's vmap cannot take
+    sparse tensors: every product raised; found by a probe)."""
+    torch.manual_seed(0)
+    model = _SparseGCN().double()
+    x = torch.randn(3, 4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    _check_sparse_products(model, x)
+    g = torch.Generator().manual_seed(3)
     # the sparse product alone (one linear op): diagonal back-propagation is exact
     one = _SparseOnly(model.adj)
     full = torch.autograd.functional.jacobian(one, x).reshape(3, 12, 3, 12)
@@ -757,6 +772,50 @@ def test_sparse_mm_with_a_constant_operator():
     d = torch.rand(3, 12, generator=g, dtype=torch.float64)
     _, r = fxjac.jtmjp(one, matrix="diag", out="diag", method="diag_backprop", strict=True)(x, d)
     assert_close(r, torch.einsum("boi,bo->bi", J * J, d), "sparse diag_backprop")
+
+
+class _SparseBmm(nn.Module):
+    """Message passing with a batch of sparse adjacencies built in forward from edge lists (probe AC: the matmul
+    rules multiplied them as dense tensors, and ``expand`` raised)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x, edges):  # x [B, N, 4], edges [B, 2, E]
+        B, N, _ = x.shape
+        index = torch.stack([torch.arange(B).repeat_interleave(edges.shape[-1]), edges[:, 1].reshape(-1),
+                             edges[:, 0].reshape(-1)])
+        adj = torch.sparse_coo_tensor(index, torch.ones(index.shape[1], dtype=x.dtype), (B, N, N))
+        h = self.lin(x)
+        return self.out(torch.relu(torch.bmm(adj, h) + h).sum(1))
+
+
+def test_sparse_bmm_with_adjacencies_built_in_forward():
+    model = _SparseBmm().double()
+    x = torch.randn(3, 6, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    edges = torch.randint(0, 6, (3, 2, 10), generator=torch.Generator().manual_seed(2))
+    _check_sparse_products(model, x, edges)
+    d = torch.rand(3, 3, dtype=torch.float64)  # diagonal back-propagation: the sparse products' rows squared
+    _, got = fxjac.jtmjp(model, matrix="diag", out="diag", method="diag_backprop", strict=True)(x, edges, d)
+    adj = torch.zeros(3, 6, 6, dtype=torch.float64)
+    for b in range(3):
+        adj[b].index_put_((edges[b, 1], edges[b, 0]), torch.ones(10, dtype=torch.float64), accumulate=True)
+    _, ref = fxjac.jtmjp(_DenseAdjacency(model), matrix="diag", out="diag", method="diag_backprop")(x, adj, d)
+    assert_close(got, ref, "diag_backprop through a sparse bmm against the same net with a dense adjacency")
+
+
+class _DenseAdjacency(nn.Module):
+    """``_SparseBmm`` with dense matrices, the adjacency an input (a reference for diagonal back-propagation, whose
+    dense rules are tested against squared Jacobians elsewhere)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, adj):
+        net = self.net
+        return net.out(torch.relu(torch.bmm(adj, net.lin(x)) + net.lin(x)).sum(1))
 
 
 class _SparseOnly(nn.Module):
@@ -823,3 +882,110 @@ def test_gather_with_sparse_grad_has_the_dense_derivative():
     assert_close(got.reshape(3, -1), torch.einsum("boi,bo->bi", J, w), "vjp through gather(sparse_grad=True)")
     _, diag = fxjac.jtmjp(pick(True), out="diag")(x)
     assert_close(diag.reshape(3, -1), (J * J).sum(1), "diag(JᵀJ) through gather(sparse_grad=True)")
+
+
+def test_edge_values_follow_autograd():
+    # Probes AB and ZZ: PReLU's slope derivative at x = inf was NaN (a product with x before the selection);
+    # var/std without degrees of freedom raised ZeroDivisionError; x / d's tangent w.r.t. d was NaN where d² underflows
+    # (torch's forward mode divides -(t·y) by d); addmm with beta=0 let a NaN/inf input in (ATen ignores it).
+    inf, nan = float("inf"), float("nan")
+    prelu = nn.Sequential(nn.PReLU(2, init=0.25)).double()
+    x = torch.tensor([[inf, -1.0], [0.0, nan], [-inf, 2.0]], dtype=torch.float64)
+    w = torch.ones(3, 2, dtype=torch.float64)
+    for wrt, inputs in (("params", dict(prelu.named_parameters())), ("input", x)):
+        f = (lambda p: torch.func.functional_call(prelu, p, (x,))) if wrt == "params" else prelu
+        ref = torch.func.vjp(f, inputs)[1](w)[0]
+        ref = ref["0.weight"] if wrt == "params" else ref
+        _, got = fxjac.vjp(prelu, wrt=wrt)(x, w)
+        torch.testing.assert_close(got, ref, equal_nan=True, msg=f"PReLU's vjp w.r.t. {wrt} at ±inf and NaN")
+
+    class Spread(nn.Module):
+        def forward(self, x):
+            return torch.cat([x[:, :1].std(-1, keepdim=True), x.var(-1, correction=4, keepdim=True)], -1)
+
+    x4 = torch.randn(3, 4, dtype=torch.float64)
+    v, u = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    _, back = torch.func.vjp(Spread(), x4)
+    torch.testing.assert_close(fxjac.vjp(Spread())(x4, u)[1], back(u)[0], equal_nan=True)
+    torch.testing.assert_close(fxjac.jvp(Spread())(x4, v)[1], torch.func.jvp(Spread(), (x4,), (v,))[1], equal_nan=True)
+
+    class DivP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.d = nn.Parameter(torch.tensor([1e-300, 1.0, -2.0], dtype=torch.float64))
+
+        def forward(self, x):
+            return x / self.d
+
+    m, xs, t = DivP(), torch.ones(2, 3, dtype=torch.float64), torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64)
+    ref = torch.func.jvp(lambda d: torch.func.functional_call(m, {"d": d}, (xs,)), (m.d.detach(),), (t,))[1]
+    got = fxjac.jvp(m, wrt="params")(xs, t)[1]
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, ref, atol=0, rtol=1e-15)
+
+    class Addmm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+            self.register_buffer("junk", torch.tensor([inf, nan, 1.0], dtype=torch.float64))
+
+        def forward(self, x):
+            return torch.addmm(self.junk, x, self.W, beta=0) + torch.baddbmm(self.junk, x[:, None], self.W[None]
+                                                                            .expand(x.shape[0], 4, 3), beta=0)[:, 0]
+
+    m, xa, ua = Addmm(), torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    y, g = fxjac.vjp(m, wrt="params")(xa, ua)
+    assert_close(y, 2 * xa @ m.W, "addmm with beta=0")
+    assert_close(g, 2 * (xa.t() @ ua).flatten(), "its vjp w.r.t. W")
+
+
+def test_heaviside_pdist_and_ops_without_derivative():
+    # Probe AB: heaviside (no derivative in ATen) raised torch's RuntimeError in reverse products and an
+    # UnsupportedOpError in forward ones; it is piecewise constant in x, and ``values`` where x = 0. Probe ZZ: pdist
+    # had no tangents. An op ATen cannot differentiate at all (zeta in x) is one UnsupportedOpError everywhere.
+    class Step(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.values = nn.Parameter(torch.tensor([0.5, 0.25, 2.0], dtype=torch.float64))
+
+        def forward(self, x):
+            return torch.heaviside(x, self.values) * 3 + x.heaviside(self.values.flip(0))
+
+    x = torch.tensor([[0.0, 1.0, -1.0], [2.0, 0.0, 0.0]], dtype=torch.float64)
+    J = torch.stack([torch.diag(3 * (x[b] == 0).double()) + torch.diag((x[b] == 0).double()).flip(1)
+                     for b in range(2)])  # ∂y/∂values, per sample
+    v, u = torch.randn(3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    assert_close(fxjac.jvp(Step(), wrt="params")(x, v)[1], J @ v, "heaviside's jvp w.r.t. values")
+    assert_close(fxjac.vjp(Step(), wrt="params")(x, u)[1], torch.einsum("boi,bo->i", J, u), "its vjp")
+    assert_close(fxjac.jacobian(Step(), wrt="input")(x)[1], torch.zeros(2, 3, 3, dtype=torch.float64), "w.r.t. x")
+
+    class Spread(nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.lin, self.p = nn.Linear(3, 4).double(), p
+
+        def forward(self, x):
+            return torch.pdist(self.lin.weight, p=self.p).unsqueeze(0) * x[:, :1]
+
+    xs = torch.randn(3, 3, dtype=torch.float64)
+    for p in (2.0, 1.0, 3.0, float("inf")):
+        m = Spread(p)
+        m.lin.weight.data[1] = m.lin.weight.data[0] + torch.tensor([0.5, -0.5, 0.1], dtype=torch.float64)  # a tie
+        tangent = torch.randn(16, dtype=torch.float64)
+        J = torch.autograd.functional.jacobian(  # plain autograd: torch.func's cdist/pdist Jacobians are wrong
+            lambda W, b: torch.func.functional_call(m, {"lin.weight": W, "lin.bias": b}, (xs,)),
+            (m.lin.weight.detach(), m.lin.bias.detach()))
+        ref = J[0].flatten(2) @ tangent[:12] + J[1] @ tangent[12:]
+        assert_close(fxjac.jvp(m, wrt="params", strict=True)(xs, tangent)[1], ref, f"jvp through pdist (p={p})")
+        u = torch.randn(3, 6, dtype=torch.float64)
+        assert_close(fxjac.vjp(m, wrt="params", strict=True)(xs, u)[1],
+                     torch.cat([torch.einsum("boij,bo->ij", J[0], u).flatten(), torch.einsum("boi,bo->i", J[1], u)]),
+                     f"vjp through pdist (p={p})")
+
+    zeta = Fn(lambda x: torch.special.zeta(x.abs() + 2, 2.0))
+    for product in (fxjac.vjp(zeta), fxjac.jvp(zeta), fxjac.jtmjp(zeta, matrix="diag", out="diag"),
+                    fxjac.jtmjp(zeta, matrix="diag", out="diag", method="diag_backprop"),
+                    fxjac.jmjtp(zeta, matrix="diag")):
+        with pytest.warns(UserWarning, match="fallback"), \
+                pytest.raises(fxjac.UnsupportedOpError, match="torch has no derivative for"):
+            product(xs, xs)
