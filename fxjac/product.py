@@ -433,6 +433,19 @@ def _refuse_meta(inputs) -> None:
                          "output against the model's), which meta tensors do not hold")
 
 
+def _plain(t):
+    """An example input as a plain tensor: a first call inside ``torch.vmap`` or ``torch.func.grad`` builds from one
+    sample of the transform's wrapped tensor (the build's checks run ops that vmap cannot batch: masks).
+    """
+    unwrap = torch._C._functorch
+    if not isinstance(t, torch.Tensor):
+        return t
+    while unwrap.is_functorch_wrapped_tensor(t):
+        t = unwrap.get_unwrapped(t).select(unwrap.maybe_get_bdim(t), 0) if unwrap.is_batchedtensor(t) else \
+            unwrap.get_unwrapped(t)
+    return t
+
+
 def _same_batch(inputs) -> None:
     """Raises the ShapeError a built product's call gives for tensor inputs of different batch sizes (found before
     the build: the batch check's made-up samples would blame the model).
@@ -685,6 +698,7 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
             return prod
 
     def _build(inputs, key, model):
+        inputs = tuple(tree_map(_plain, tuple(inputs)))
         _refuse_meta(inputs)
         _same_batch(inputs)
         if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tree_leaves(inputs)):

@@ -105,7 +105,11 @@ def select_params(model: nn.Module, wrt: Any) -> list:
             ids |= {id(p) for p in hits if p.requires_grad}
         chosen = [(canonical[id(p)], p) for n, p in named if id(p) in ids]
     if not chosen:
-        raise OptionError("wrt selects no parameter with requires_grad=True")
+        swapped = any(not isinstance(p, nn.Parameter) for _, p in model.named_parameters())
+        raise OptionError("wrt selects no parameter with requires_grad=True" + (
+            ": the model's parameters are swapped for tensors that do not require grad (inside "
+            "torch.func.functional_call?). Build the product before (example_inputs=, or one plain call), or "
+            "swap in tensors that require grad" if swapped else ""))
     out, offset = [], 0
     for n, p in chosen:
         module = n.rsplit(".", 1)[0] if "." in n else ""

@@ -275,6 +275,20 @@ class Tracer(fx.Tracer):
         self.param_shapes_constant = isinstance(attr_val, nn.Parameter) and not builtin
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
+    def create_arg(self, a: Any):  # noqa: D102
+        # Inside torch.func.functional_call a module's parameters are swapped for plain tensors, which torch.fx
+        # would keep as constants (``_tensor_constant0``): a product built there computed with the swapped values
+        # for good. They are read as the attributes they are (the product reads whatever sits there at a call).
+        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and \
+                threading.get_ident() == self._thread:
+            if self._swapped is None:
+                self._swapped = {id(t): name for name, t in self.root.named_parameters(remove_duplicate=False)
+                                 if not isinstance(t, nn.Parameter)}
+            name = self._swapped.get(id(a))
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # noqa: D102
         if any(m is inst for inst in self.leaf_instances) or any(m is u for u in self.untraceable):
             return True
@@ -295,12 +309,12 @@ class Tracer(fx.Tracer):
             setattr(fx.Proxy, name, _inplace_method(op))
         fx.Proxy.dtype = property(_proxy_dtype)
         fx.Proxy.__len__ = _proxy_len
-        self._values, self._concrete_args = {}, dict(concrete_args or {})
+        self._values, self._concrete_args, self._swapped = {}, dict(concrete_args or {}), None
         self._thread = threading.get_ident()
         self._autocast = _autocast_state()
         state = _module_state(root)
         self._torch_view, self._globals_seen = _TracedTorch(self), []
-        self._see_globals(type(root).forward)
+        self._see_forwards(type(root))
         torch.autograd.Function.apply = classmethod(_traced_apply)
         try:
             with torch.enable_grad():
@@ -318,6 +332,12 @@ class Tracer(fx.Tracer):
             self._values = {}
             _restore_module_state(state)
 
+    def _see_forwards(self, cls: type) -> None:
+        """:meth:`_see_globals` of every ``forward`` a module class defines or inherits (``super().forward(x)``)."""
+        for c in cls.__mro__:
+            if "forward" in vars(c):
+                self._see_globals(vars(c)["forward"])
+
     def _see_globals(self, forward):
         """Tensor factories given a traced size (``torch.zeros(x.shape[0], d)``) must be recorded as calls, where
         torch would reject the Proxy: the name ``torch`` in the forward's module reads a view of torch whose
@@ -328,8 +348,8 @@ class Tracer(fx.Tracer):
         """
         fn = getattr(forward, "__func__", forward)
         g = getattr(fn, "__globals__", None)
-        if not isinstance(g, dict):
-            return
+        if not isinstance(g, dict) or (g.get("__name__") or "").split(".")[0] in _LIBRARIES:
+            return  # (torch.nn's modules, fxjac's holder: the user's module they call is seen when it is called)
         self._see_names(g)
         cells = [c.cell_contents for c in getattr(fn, "__closure__", None) or () if _filled(c)]
         for value in list(g.values()) + cells:  # and one step further: the user's helpers from their modules
@@ -379,7 +399,7 @@ class Tracer(fx.Tracer):
         inner = _compiled_inner(m)
         if inner is not None:  # torch.compile's wrapper: the module it compiles (a submodule of it), traced
             return inner(*args, **kwargs)
-        self._see_globals(forward)
+        self._see_forwards(type(m))  # (``forward`` here is torch.fx's wrapper, defined in torch.fx)
         try:
             self.path_of_module(m)
         except NameError:  # a module made inside forward (``nn.AdaptiveAvgPool2d(1)(x)``): not in the model

@@ -121,6 +121,25 @@ def test_a_factory_sized_by_the_input_in_a_helper_of_another_module_traces():
     assert causal_mask.__globals__["torch"] is torch  # put back after tracing
 
 
+def test_a_factory_sized_by_the_input_in_a_submodule_of_another_file_traces():
+    """Probe AI: the tracer saw a submodule's globals through torch.fx's call wrapper (defined in torch.fx), so a
+    submodule from another file, and the root's own forward under a hook or ``*rest`` (traced through a holder),
+    failed on ``torch.ones(T, T)`` ("ones() takes 1 positional argument") with a hint about constant values."""
+    import torch.fx._symbolic_trace as symbolic_trace
+    from traced_helpers import CausalBlock
+
+    class Rest(CausalBlock):
+        def forward(self, x, *rest):
+            return super().forward(x)
+
+    hooked = CausalBlock().double()
+    hooked.register_forward_hook(lambda mod, args, out: out * 2)
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    for model in (nn.Sequential(CausalBlock()).double(), hooked, Rest().double()):
+        check_direction_products(model, (x,), products=("jvp", "vjp"))
+    assert symbolic_trace.torch is torch  # torch.fx's own globals are never swapped
+
+
 def test_a_parameters_shape_is_its_own_numbers_while_tracing():
     """``self.W.view(*self.W.shape, 1, 1)`` (Glow's invertible 1x1 convolution) and a loop over a weight's rows
     trace: a parameter's shape is fixed for a product (plain torch.fx refuses to iterate the traced shape)."""
@@ -3047,3 +3066,32 @@ def test_diagonal_backprop_through_an_op_with_an_empty_output(wrt):
     ref = torch.einsum("boi,boi->bi", J, J)
     assert_close(exact, ref if wrt == "input" else ref.sum(0), "exact diagonal")
     assert_close(diag, exact, "diagonal back-propagation through one op")
+
+
+def test_a_first_call_inside_functional_call_or_vmap_builds_a_live_product():
+    # Probe AJ: built at a first call inside torch.func.functional_call, a product kept the swapped tensors as
+    # constants (later calls ignored the live parameters, silently); a first call inside vmap with a batched x
+    # raised vmap's error from the build's checks (boolean-mask indexing).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
+    x, v = randn(5, 4), randn(5, 4, seed=1)
+
+    class Wrap(nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.model, self.p = model, p
+
+        def forward(self, x, v):
+            return self.p(x, v)
+
+    p = fxjac.jvp(model, wrt="input")
+    swapped = {k: torch.randn_like(t) for k, t in model.named_parameters()}
+    _, inside = functional_call(Wrap(p), {"model." + k: t for k, t in swapped.items()}, (x, v))
+    with_swapped = torch.func.jvp(lambda u: functional_call(model, swapped, (u,)), (x,), (v,))[1]
+    assert_close(inside, with_swapped, "jvp inside functional_call, with the swapped parameters")
+    assert_close(p(x, v)[1], torch.func.jvp(model, (x,), (v,))[1], "the same product after, with the live ones")
+    assert "_tensor_constant" not in p.code
+
+    q = fxjac.jvp(model, wrt="input")
+    got = torch.vmap(lambda xi, vi: q(xi[None], vi[None])[1])(x, v)
+    assert_close(got[:, 0], torch.func.jvp(model, (x,), (v,))[1], "jvp built at a first call inside vmap")
