@@ -176,6 +176,15 @@ class Product(fx.GraphModule):
                 hint = spec["no_operand"]
             raise TypeError(f"this product takes {len(names)} positional argument(s) ({', '.join(names)}), got "
                             f"{len(args)}: {hint}")
+        missing = [n.target for n in self.graph.nodes if n.op == "placeholder" and not n.args
+                   and n.target != "target"][len(args):]
+        missing = [name for name in missing if name not in kwargs]
+        if missing:
+            names = [n.target for n in self.graph.nodes if n.op == "placeholder" and n.target != "target"]
+            raise TypeError(f"this product takes {len(names)} positional argument(s) ({', '.join(names)}), got "
+                            f"{len(args)}: {', '.join(missing)} missing (the model's inputs come first, then the "
+                            "product's operands: v for a jvp, w for a vjp, M for matrix='diag', 'full' or 'sqrt'; "
+                            "API.md's shape table gives their shapes)")
         try:
             if spec.get("differentiable"):
                 out = super().__call__(*args, **kwargs)
@@ -598,17 +607,27 @@ def _moded(mod: nn.Module) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _reads_training(cls: type) -> bool:
-    """Whether a user's module class's forward reads ``self.training`` (torch.nn's own are listed above: a
-    TransformerEncoderLayer reads it for its fast path only).
+    """Whether a user's module class reads ``self.training`` in its forward or any method of its own (a helper
+    that forward calls: ``self._drop(h)``) or inherited from another user class (torch.nn's own are listed above:
+    a TransformerEncoderLayer reads it for its fast path only).
     """
     if cls.__module__.startswith("torch.") or cls.forward is nn.Module.forward:
         return False
-    try:
-        source = inspect.getsource(cls.forward)
-        me = next(iter(inspect.signature(cls.forward).parameters), "self")
-    except (OSError, TypeError, ValueError):
-        return False
-    return re.search(rf"\b{me}\.training\b", source) is not None
+    for c in cls.__mro__:
+        if c.__module__.startswith("torch.") or c is object:
+            continue
+        for fn in vars(c).values():
+            fn = getattr(fn, "__func__", fn)
+            if not isinstance(fn, types.FunctionType) or fn.__name__ in ("train", "eval", "__init__"):
+                continue
+            try:
+                source = inspect.getsource(fn)
+                me = next(iter(inspect.signature(fn).parameters), "self")
+            except (OSError, TypeError, ValueError):
+                continue
+            if re.search(rf"\b{me}\.training\b", source):
+                return True
+    return False
 
 
 def finish(b: Builder, outputs: Any, src: Source) -> Product:

@@ -342,6 +342,14 @@ def _select_output(gm: fx.GraphModule, output: Any, example_inputs: Sequence = (
     return val
 
 
+def _check_selection(out: fx.Node, output) -> None:
+    """Raises OptionError where ``output=`` selects from a model output that is one tensor (any index or key)."""
+    if output is not None and out.meta.get("fxjac_selection") and \
+            isinstance(out.args[0], fx.Node) and isinstance(out.args[0].meta.get("val"), torch.Tensor):
+        raise OptionError(f"output={output!r} selects from a tuple or dict output, but the model returns one "
+                          "tensor (indexing it would pick a sample): leave output= out")
+
+
 def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_modules=(), concrete_args=None,
                  output=None) -> Source:
     """Trace ``model``, select its output and ``wrt``, and propagate shapes from ``example_inputs``."""
@@ -365,6 +373,7 @@ def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_m
     try:
         y = propagate_shapes(gm, *example_inputs)
     except Exception as err:  # the model itself failed on these inputs: report it as the model's error
+        _check_selection(out, output)  # (or output= indexed its one tensor: output="logits", output=5)
         pdtype = next((t.dtype for t in itertools.chain(model.parameters(), model.buffers())
                        if t.is_floating_point()), None)
         odd = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.Tensor) and x.is_floating_point()
@@ -377,6 +386,7 @@ def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_m
                 "leaf_modules=[...] (a model that is itself one: nn.Sequential(model), leaf_modules=[type(model)])"
                 if "does not require grad" in str(err) or "not used in the graph" in str(err) else "")
         raise TraceError(f"running the traced model on the example inputs failed: {err}{hint}") from err
+    _check_selection(out, output)
     unpack_sequence_arguments(gm)
     grown = propagate_batch_dims(gm, *example_inputs)
     _check_output_batch(out, grown)
@@ -386,10 +396,6 @@ def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_m
     if not isinstance(out.meta.get("val"), torch.Tensor):
         raise OptionError(f"the selected output is not a tensor ({_choices(out.meta.get('val'))}); choose one with "
                           "output=")
-    if output is not None and out.meta.get("fxjac_selection") and \
-            isinstance(out.args[0], fx.Node) and isinstance(out.args[0].meta.get("val"), torch.Tensor):
-        raise OptionError(f"output={output!r} selects from a tuple or dict output, but the model returns one "
-                          "tensor (indexing it would pick a sample): leave output= out")
     src = Source(model, gm, inputs, out, kind, index or 0, params)
     by_id = {id(p.param): p for p in params}
     for n in gm.graph.nodes:

@@ -1,6 +1,7 @@
 """The public contract: options, wrt selection, compile-once behaviour, errors."""
 
 import dataclasses
+import re
 import warnings
 
 import pytest
@@ -968,6 +969,20 @@ class _FunctionalDropout(nn.Module):
         return F.dropout(self.fc(x), p=0.5, training=self.training)
 
 
+class _DropoutInAHelper(nn.Module):
+    """The mode read by a helper method that forward calls, not by forward itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def _regularise(self, h):
+        return F.dropout(h, p=0.5, training=self.training)
+
+    def forward(self, x):
+        return self._regularise(self.fc(x))
+
+
 class _SelfAttention(nn.Module):
     def __init__(self, dropout):
         super().__init__()
@@ -980,13 +995,15 @@ class _SelfAttention(nn.Module):
 def test_training_mode_read_by_forward_or_attention_dropout_is_a_mode_error_after_the_build():
     # probe TT: both kept computing the eval forward after model.train(), silently
     x, w = randn(5, 3), randn(5, 2)
-    for model, where in ((_FunctionalDropout(), "root module"), (nn.Sequential(nn.Linear(3, 3), _FunctionalDropout()),
-                                                                "submodule '1'")):
+    cases = ((_FunctionalDropout(), "root module (_FunctionalDropout)"),
+             (nn.Sequential(nn.Linear(3, 3), _FunctionalDropout()), "submodule '1' (_FunctionalDropout)"),
+             (_DropoutInAHelper(), "root module (_DropoutInAHelper)"))  # (read by a helper: found in the 17th)
+    for model, where in cases:
         model = model.double().eval()
         p = fxjac.vjp(model)
         p(x, w)
         model.train()
-        with pytest.raises(fxjac.ModeError, match=f"{where} \\(_FunctionalDropout\\) is in training mode"):
+        with pytest.raises(fxjac.ModeError, match=re.escape(where) + " is in training mode"):
             p(x, w)
     att = _SelfAttention(0.3).double().eval()
     q = fxjac.vjp(att)
@@ -1175,9 +1192,23 @@ def test_concrete_args_leave_the_other_defaults_traced_as_defaults(given, inputs
     assert_close(got, torch.cat([g.reshape(-1) for g in pull(w)]), "vjp w.r.t. the parameters")
 
 
-def test_output_on_a_tensor_output_is_refused():
+def test_a_missing_operand_is_named():
+    # probe AM: Python's bare "forward() missing 1 required positional argument: 'M'"
+    for p in (fxjac.jtmjp(mlp(), matrix="diag"), fxjac.jtmjp(mlp(), matrix="diag", example_inputs=(randn(4, 3),))):
+        with pytest.raises(TypeError, match=r"takes 2 positional argument\(s\) \(.*, M\), got 1: M missing"):
+            p(randn(4, 3))
+    y, got = fxjac.jtmjp(mlp(), matrix="diag")(randn(4, 3), M=torch.ones(4, 2, dtype=torch.float64))
+    assert got.shape == (4, 3, 3)
+
+
+@pytest.mark.parametrize("output", [0, -1, 5, "logits"])
+def test_output_on_a_tensor_output_is_refused(output):
+    # probe AM: -1 picked the last sample (a ModeError about samples depending on each other), 5 and "logits" failed
+    # in the traced model (TraceErrors)
     with pytest.raises(fxjac.OptionError, match="returns one tensor"):
-        fxjac.jvp(mlp(), output=0, example_inputs=(randn(4, 3),))
+        fxjac.jvp(mlp(), output=output, example_inputs=(randn(4, 3),))
+    with pytest.raises(fxjac.OptionError, match="returns one tensor"):
+        fxjac.jacobian(mlp(), output=output)(randn(4, 3))
 
 
 def test_output_selects_a_tuple_element_that_is_an_index_expression():
