@@ -772,7 +772,7 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
         params = select_params(model, wrt) if kind == "params" else []
         try:
             gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
-            check_modes(gm)
+            check_modes(gm, model)
             names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         except TraceError as err:
             # Without inputs a dtype read while tracing is the model's floating dtype (Note [dtypes while tracing]),

@@ -357,7 +357,7 @@ def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_m
     params = select_params(model, wrt) if kind == "params" else []
     gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, n_inputs=len(example_inputs),
                example_inputs=example_inputs)
-    check_modes(gm)
+    check_modes(gm, model)
     out = _select_output(gm, output, example_inputs)
     gm.graph.eliminate_dead_code()
     gm.recompile()

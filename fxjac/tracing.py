@@ -772,7 +772,8 @@ def _trace_message(err: Exception) -> str:
                 "(isinstance(x, torch.Tensor) is False for them) and their sizes are traced values (a dtype is read "
                 "from example_inputs=, without them from the model's parameters). Skip such a check while "
                 "tracing: if not torch.fx._symbolic_trace.is_fx_symbolic_tracing(): ...")
-    if isinstance(err, TypeError) and user and frames[-1] is user[-1] and "interpreted as an integer" not in str(err):
+    if isinstance(err, TypeError) and user and frames[-1] is user[-1] and "interpreted as an integer" not in \
+            str(err) and not re.match(r"(int|float|bool|complex)\(\) argument", str(err)):
         # A tensor's own method (a C function) refused a traced size: the tensor itself is a real one, made from
         # constants while tracing, so torch.fx never saw the call.
         return (f"torch.fx cannot trace this model: {err}{where}\n"
@@ -1161,7 +1162,7 @@ def _drops_out(leaf: nn.Module) -> bool:
                                or isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0) for m in leaf.modules())
 
 
-def check_modes(gm: fx.GraphModule) -> None:
+def check_modes(gm: fx.GraphModule, model: Optional[nn.Module] = None) -> None:
     """Refuse training-mode BatchNorm and active Dropout (their outputs are not functions of one sample), and
     random draws in the forward.
 
@@ -1183,6 +1184,12 @@ def check_modes(gm: fx.GraphModule) -> None:
         elif n.target is module_call and isinstance(n.args[0], fx.Node) and _drops_out(
                 gm.get_submodule(n.args[0].target)):
             bad.append(n)
+    training = model is not None and any(m.training for m in model.modules())
+    if bad and model is not None and not training and all(n.target is F.batch_norm for n in bad):
+        raise ModeError("BatchNorm with track_running_stats=False normalises with the batch's statistics in eval "
+                        "mode too, so samples depend on each other: build the product on a model whose BatchNorm "
+                        "layers keep running statistics (track_running_stats=True, trained), or use a per-sample "
+                        "norm (nn.GroupNorm, nn.LayerNorm):\n" + describe(bad))
     if bad:
         raise ModeError("the model is in training mode: active Dropout, RReLU's random slopes or BatchNorm "
                         "using batch statistics make samples depend on each other or on chance; call "
@@ -1191,7 +1198,9 @@ def check_modes(gm: fx.GraphModule) -> None:
     random = [n for n in gm.graph.nodes if (n.op == "call_function" and n.target in _RANDOM_FUNCTIONS)
               or (n.op == "call_method" and n.target in _RANDOM_METHODS)]
     if random:
-        raise ModeError("the forward draws random numbers (a VAE's reparameterisation noise?): its output is a "
+        raise ModeError("the forward draws random numbers" + (
+            " in a module in training mode (stochastic depth, drop-path: call model.eval() before building the "
+            "product); otherwise" if training else " (a VAE's reparameterisation noise?):") + " its output is a "
                         "function of chance, not of the input alone; pass the noise in as an input (then it is "
                         "a constant of the product), or build the product on the deterministic part:\n"
                         + describe(random))

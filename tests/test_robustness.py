@@ -3095,3 +3095,51 @@ def test_a_first_call_inside_functional_call_or_vmap_builds_a_live_product():
     q = fxjac.jvp(model, wrt="input")
     got = torch.vmap(lambda xi, vi: q(xi[None], vi[None])[1])(x, v)
     assert_close(got[:, 0], torch.func.jvp(model, (x,), (v,))[1], "jvp built at a first call inside vmap")
+
+
+def test_unet_padding_to_the_skips_size_traces_in_every_direction():
+    # Probe AK: F.pad with amounts computed from traced sizes (the U-Net's Up block) raised "bad operand type for
+    # unary -: 'Node'" in every reverse product
+    class PadTo(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            x1 = self.conv(x)[:, :, :5, :6] * 2
+            dy, dx = x.size(2) - x1.size(2), x.size(3) - x1.size(3)
+            return x + F.pad(x1, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+
+    torch.manual_seed(0)
+    model, x = PadTo().double(), randn(2, 2, 8, 8)
+    check_direction_products(model, (x,), products=("jvp", "vjp", "mjp"))
+
+
+def test_mode_errors_name_their_cause():
+    # Probe AK: int(x.shape[0] / n) (Swin's window_reverse) got the hint for tensors made from constants; BatchNorm
+    # without running statistics in eval mode was told "the model is in training mode"; drop-path's torch.rand in
+    # training mode was not told to call eval()
+    class Windows(nn.Module):
+        def forward(self, x):
+            b = int(x.shape[0] / 2)
+            return x.view(b, 2, -1).sum(1)
+
+    with pytest.raises(fxjac.TraceError, match=r"Hint: torch.fx traces sizes symbolically"):
+        fxjac.jvp(Windows())(randn(4, 3), randn(4, 3))
+    stats = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False)).double().eval()
+    with pytest.raises(fxjac.ModeError, match="track_running_stats=False normalises with the batch's statistics"):
+        fxjac.jvp(stats)(randn(4, 3), randn(4, 3))
+
+    class DropPath(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.fc(x)
+            if self.training:
+                h = h * (torch.rand_like(h[:, :1]) > 0.1).to(x.dtype)
+            return x + h
+
+    with pytest.raises(fxjac.ModeError, match=r"in a module in training mode .*call model.eval\(\)"):
+        fxjac.jvp(DropPath().double())(randn(4, 3), randn(4, 3))

@@ -830,6 +830,13 @@ class ChannelShuffle(LinearOp):
         return e(channel_shuffle_transpose, ct, site.args["groups"])
 
 
+def unpad(ct, pad):
+    """The adjoint of a zero padding: the padding cut off (the amounts may be sizes computed in the graph: a
+    U-Net's ``F.pad(x1, [dX // 2, dX - dX // 2, ...])``).
+    """
+    return F.pad(ct, [-p for p in pad])
+
+
 @register(F.pad)
 class Pad(LinearOp):
     """y = pad(x): zeros (a constant fill value adds nothing to the derivative), or copies of x's border entries
@@ -847,8 +854,7 @@ class Pad(LinearOp):
     def transpose(self, e, site, ct):  # noqa: D102
         if site.args["mode"] != "constant":
             return e(pad_transpose, ct, site.args["input"], site.args["pad"], site.args["mode"])
-        neg = [-p for p in site.args["pad"]]
-        return e(F.pad, ct, neg)
+        return e(unpad, ct, site.args["pad"])
 
 
 @register(torch.narrow, "narrow")
