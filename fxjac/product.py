@@ -166,25 +166,8 @@ class Product(fx.GraphModule):
             return sibling(*args, **kwargs)
         self._build_lazily(args)
         self._check_structure()
-        if len(args) > self._n_positional():
-            names = [n.target for n in self.graph.nodes if n.op == "placeholder" and n.target != "target"]
-            hint = "target is keyword-only: call the product as p(x, ..., target=t); " \
-                if spec.get("takes_target") else ""
-            hint += "a forward argument with a default is traced as that default unless the product is built with " \
-                "it among example_inputs=(...)"
-            if spec.get("no_operand") and len(args) == self._n_positional() + 1:
-                hint = spec["no_operand"]
-            raise TypeError(f"this product takes {len(names)} positional argument(s) ({', '.join(names)}), got "
-                            f"{len(args)}: {hint}")
-        missing = [n.target for n in self.graph.nodes if n.op == "placeholder" and not n.args
-                   and n.target != "target"][len(args):]
-        missing = [name for name in missing if name not in kwargs]
-        if missing:
-            names = [n.target for n in self.graph.nodes if n.op == "placeholder" and n.target != "target"]
-            raise TypeError(f"this product takes {len(names)} positional argument(s) ({', '.join(names)}), got "
-                            f"{len(args)}: {', '.join(missing)} missing (the model's inputs come first, then the "
-                            "product's operands: v for a jvp, w for a vjp, M for matrix='diag', 'full' or 'sqrt'; "
-                            "API.md's shape table gives their shapes)")
+        if len(args) != self._n_positional():
+            self._refuse_arity(args, kwargs)
         try:
             if spec.get("differentiable"):
                 out = super().__call__(*args, **kwargs)
@@ -259,6 +242,28 @@ class Product(fx.GraphModule):
         finally:
             self._fxjac_checked = checked
         return tree_map(_at_no_samples, outs[0], outs[1])
+
+    def _refuse_arity(self, args, kwargs) -> None:
+        """Raises the TypeError for a call with more positional arguments than the product takes, or without one it
+        needs (a forgotten operand); checked only where the count differs.
+        """
+        spec = self._fxjac_spec
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder" and n.target != "target"]
+        names = [n.target for n in placeholders]
+        takes = f"this product takes {len(names)} positional argument(s) ({', '.join(names)}), got {len(args)}"
+        if len(args) > len(names):
+            hint = "target is keyword-only: call the product as p(x, ..., target=t); " \
+                if spec.get("takes_target") else ""
+            hint += "a forward argument with a default is traced as that default unless the product is built with " \
+                "it among example_inputs=(...)"
+            if spec.get("no_operand") and len(args) == len(names) + 1:
+                hint = spec["no_operand"]
+            raise TypeError(f"{takes}: {hint}")
+        missing = [n.target for n in placeholders[len(args):] if not n.args and n.target not in kwargs]
+        if missing:
+            raise TypeError(f"{takes}: {', '.join(missing)} missing (the model's inputs come first, then the "
+                            "product's operands: v for a jvp, w for a vjp, M for matrix='diag', 'full' or 'sqrt'; "
+                            "API.md's shape table gives their shapes)")
 
     def _n_positional(self) -> int:
         """How many positional arguments the built product takes (its inputs and operands, not ``target``)."""

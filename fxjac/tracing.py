@@ -1162,7 +1162,7 @@ def _drops_out(leaf: nn.Module) -> bool:
                                or isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0) for m in leaf.modules())
 
 
-def check_modes(gm: fx.GraphModule, model: Optional[nn.Module] = None) -> None:
+def check_modes(gm: fx.GraphModule, model: nn.Module) -> None:
     """Refuse training-mode BatchNorm and active Dropout (their outputs are not functions of one sample), and
     random draws in the forward.
 
@@ -1184,8 +1184,8 @@ def check_modes(gm: fx.GraphModule, model: Optional[nn.Module] = None) -> None:
         elif n.target is module_call and isinstance(n.args[0], fx.Node) and _drops_out(
                 gm.get_submodule(n.args[0].target)):
             bad.append(n)
-    training = model is not None and any(m.training for m in model.modules())
-    if bad and model is not None and not training and all(n.target is F.batch_norm for n in bad):
+    training = any(m.training for m in model.modules())
+    if bad and not training and all(n.target is F.batch_norm for n in bad):
         raise ModeError("BatchNorm with track_running_stats=False normalises with the batch's statistics in eval "
                         "mode too, so samples depend on each other: build the product on a model whose BatchNorm "
                         "layers keep running statistics (track_running_stats=True, trained), or use a per-sample "

@@ -476,8 +476,8 @@ def _no_derivative(err: Exception) -> bool:
 
 
 def _needs_derivative(f):
-    """``f`` (a reverse or diagonal fallback) with torch's "derivative for … is not implemented" (an op ATen
-    has no backward for: heaviside, histc) raised as the UnsupportedOpError the forward products raise.
+    """``f`` (a fallback kernel) with torch's "derivative for … is not implemented" (an op ATen has no
+    derivative for: ``special.zeta`` in x) raised as one UnsupportedOpError in every product.
     """
     @functools.wraps(f)
     def wrapper(fn, *args, **kwargs):

@@ -395,15 +395,15 @@ class _Matmul(Rule):
         saved = site.extra.get("saved", {}).get("operands", {})
         return tuple(saved.get(name, site.args[name]) for name in (self.left, self.right))
 
-    def _sparse(self, site, derivatives) -> bool:
+    def _sparse(self, site, left_moves: bool) -> bool:
         """Whether ``a`` is sparse (an adjacency built in forward: ``torch.bmm(A, h)``), which the dense products
         cannot multiply (``expand``): then only the dense ``b`` of as many axes (``mm``, ``bmm``) may carry a
-        derivative, as :class:`SparseMm`; anything else goes to the fallback.
+        derivative (``left_moves``: ``a`` carries one), as :class:`SparseMm`; anything else goes to the fallback.
         """
         a, b = site.val(self.left), site.val(self.right)
         if not isinstance(a, torch.Tensor) or a.layout == torch.strided:
             return False
-        if derivatives.get(self.left, ZERO) is not ZERO or site.ps or not isinstance(b, torch.Tensor) or \
+        if left_moves or site.ps or not isinstance(b, torch.Tensor) or \
                 b.layout != torch.strided or a.dim() != b.dim():
             raise Decline
         return True
@@ -411,7 +411,7 @@ class _Matmul(Rule):
     def jvp(self, e, site, tangents):  # noqa: D102
         a, b = self._operands(site)
         ta, tb = tangents[self.left], tangents[self.right]
-        if self._sparse(site, tangents):
+        if self._sparse(site, ta is not ZERO):
             return ZERO if tb is ZERO else e(sparse_left_tangent, a, tb)
         self._check_ps(site)
         return e(matmul_tangent, ta, tb, a, b, self.left in site.ps, self.right in site.ps)
@@ -427,7 +427,7 @@ class _Matmul(Rule):
 
     def vjp(self, e, site, ct):  # noqa: D102
         a, b = self._operands(site)
-        if self._sparse(site, {self.left: site.needs(self.left) or ZERO}):
+        if self._sparse(site, site.needs(self.left)):
             return {self.right: e(sparse_left_ct, a, ct)} if site.needs(self.right) else {}
         self._check_ps(site)
         out = {}
@@ -454,7 +454,7 @@ class _Matmul(Rule):
             raise Decline  # per-sample diagonals are not propagated forward
         a, b = self._operands(site)
         ta, tb = tangents[self.left], tangents[self.right]
-        if self._sparse(site, tangents):
+        if self._sparse(site, ta is not ZERO):
             return ZERO if tb is ZERO else e(sparse_left_tangent, e(torch.square, a), tb)
         return e(matmul_tangent, ta, tb, a if tb is ZERO else e(torch.square, a),
                  b if ta is ZERO else e(torch.square, b))
@@ -464,7 +464,7 @@ class _Matmul(Rule):
         Jacobian is the vjp's with the other operand squared.
         """
         a, b = self._operands(site)
-        if self._sparse(site, {self.left: site.needs(self.left) or ZERO}):
+        if self._sparse(site, site.needs(self.left)):
             return {self.right: e(sparse_left_ct, e(torch.square, a), d)} if site.needs(self.right) else {}
         self._check_ps(site)
         out = {}
