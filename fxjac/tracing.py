@@ -862,76 +862,149 @@ def _redirect_later_uses(victim: fx.Node, new: fx.Node, pos: int, order: dict, s
 
 
 def _functionalise(gm: fx.GraphModule) -> None:
-    """Rewrite in-place ops out of place; later readers of the mutated value (and its aliases) read the result.
+    """Rewrite in-place ops out of place; later readers of the mutated value (and of its aliases) read the result.
 
     Note [in-place ops]
         ``x += y`` traces to ``iadd(x, y)`` whose result the Python code usually rebinds, but any other name
         still bound to the old value (an alias, a captured skip connection read after the mutation) would see
         the mutation at run time. So every use of the mutated node that comes after the in-place op is
-        redirected to the new out-of-place node. A mutated slice (``x[:, :2].relu_()``, ``x[idx] = v``) writes
-        back into its base with :func:`setitem`, and later readers of the base read that; so does a mutated
-        ``narrow`` or ``select``, and a reshaped or transposed view is reshaped or transposed back
-        (:func:`_undo_view`). A mutation through another kind of view (``diagonal``, ``as_strided``) whose base is
-        read again is refused (TraceError), never silently dropped.
+        redirected to the new out-of-place node: the mutated value gets a new *version*. A version of a view
+        writes back into its base: a slice (``x[:, :2].relu_()``, ``x[idx] = v``) with :func:`setitem`, a
+        ``narrow`` or ``select`` too, and a reshaped or transposed view is reshaped or transposed back
+        (:func:`_undo_view`); the base's new version goes on up. Every view of a base that gets a new version,
+        taken before the mutation and read after it, is taken again from the new version, so a second in-place
+        op on a slice (``x2 = x[:, 3:]; x2.mul_(s); x2.add_(t)``) and a view read after its base was mutated see
+        the mutation. A mutation through another kind of view (``diagonal``, ``as_strided``) whose base is read
+        again is refused (TraceError), never silently dropped.
     """
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for node in list(gm.graph.nodes):
-        pos = order[node]
-        if node.op == "call_function" and node.target is operator.setitem and isinstance(node.args[0], fx.Node):
-            base, index, value = node.args
-            with gm.graph.inserting_after(node):
-                new = gm.graph.call_function(setitem, (base, index, value))
+    _Versions(gm).run()
+
+
+class _Versions:
+    """The walk of :func:`_functionalise`: which node each version stands for, and each node's latest version."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.views: dict = {}  # a node -> the views of it the forward takes, in graph order
+        for n in gm.graph.nodes:
+            view = _view_of(n)
+            if view is not None:
+                self.views.setdefault(view[0], []).append(n)
+        self.original: dict = {}  # a version -> the node of the traced forward it is a new value of
+        self.latest: dict = {}  # a node of the traced forward -> its latest version
+
+    def run(self) -> None:
+        graph = self.gm.graph
+        for node in list(graph.nodes):
+            pos = self.order[node]
+            if node.op == "call_function" and node.target is operator.setitem and isinstance(node.args[0], fx.Node):
+                base, index, value = node.args
+                with graph.inserting_after(node):
+                    new = graph.call_function(setitem, (base, index, value))
+                new.meta = dict(node.meta)
+                self.order[new] = pos
+                graph.erase_node(node)
+                self.cursor = new
+                self.update(base, new, pos)
+                continue
+            rewrite = _mutated(node)
+            if rewrite is None or not node.args or not isinstance(node.args[0], fx.Node):
+                continue
+            op, target, kwargs = rewrite
+            with graph.inserting_after(node):
+                new = graph.create_node(op, target, node.args, kwargs, name=node.name + "_")
             new.meta = dict(node.meta)
-            order[new] = pos
-            gm.graph.erase_node(node)
-            _write_back(gm, base, new, pos, order)
-            continue
-        rewrite = _mutated(node)
-        if rewrite is None or not node.args or not isinstance(node.args[0], fx.Node):
-            continue
-        op, target, kwargs = rewrite
-        with gm.graph.inserting_after(node):
-            new = gm.graph.create_node(op, target, node.args, kwargs, name=node.name + "_")
-        new.meta = dict(node.meta)
-        order[new] = pos
-        node.replace_all_uses_with(new)
-        victim = node.args[0]
-        gm.graph.erase_node(node)
-        _write_back(gm, victim, new, pos, order)
+            self.order[new] = pos
+            node.replace_all_uses_with(new)  # the op's result is its first argument, mutated
+            victim = node.args[0]
+            self.views.setdefault(self.original.get(victim, victim), []).extend(self.views.pop(node, ()))
+            graph.erase_node(node)
+            self.cursor = new
+            self.update(victim, new, pos)
 
-
-def _write_back(gm: fx.GraphModule, base: fx.Node, new: fx.Node, pos: int, order: dict) -> None:
-    """Later readers of ``base`` read ``new``; a ``base`` that is itself a slice writes back further."""
-    _redirect_later_uses(base, new, pos, order, skip=(new,))
-    view = _view_of(base)
-    if view is None:
-        return
-    outer, index = view
-    if not _read_later(outer, pos, order):
-        return  # nothing reads the base, or a base of it, afterwards
-    with gm.graph.inserting_after(new):
-        if index is not None:
-            back = gm.graph.call_function(setitem, (outer, index, new))
+    def update(self, victim: fx.Node, new: fx.Node, pos: int, came_from: Optional[fx.Node] = None) -> None:
+        """From position ``pos`` on, ``victim`` (a version of a node of the forward) has the value ``new``: later
+        readers of it read ``new``, views of it are taken again, and a view writes back into its base (except
+        into ``came_from``, the neighbour whose new version caused this one).
+        """
+        orig = self.original.get(victim, victim)
+        self.original[new] = orig
+        self.latest[orig] = new
+        _redirect_later_uses(victim, new, pos, self.order, skip=(new,))
+        splits: dict = {}
+        for view in self.views.get(orig, ()):
+            if view is came_from or self.order[view] >= pos or not self._family_read_later(view, pos, None):
+                continue
+            again = self._take_again(view, new, splits, pos)
+            self.update(self.latest.get(view, view), again, pos, came_from=orig)
+        up = _view_of(orig)
+        if up is None:
+            return
+        outer = self.original.get(up[0], up[0])
+        if outer is came_from or not self._read_later(outer, pos, skip=orig):
+            return
+        current = self.latest.get(outer, outer)
+        if up[1] is not None:
+            back = self._insert("call_function", setitem, (current, up[1], new))
         else:
-            back = _undo_view(gm, base, outer, new)
-    if back is None:
-        where = source_line(new)
-        raise TraceError("an in-place op writes through a view (" + base.format_node() + ") whose base is "
-                         "read afterwards; fxjac cannot follow that alias: write the op out of place"
-                         + (f"\n  at {where}" if where else ""))
-    back.meta = dict(new.meta)
-    order[back] = pos
-    _write_back(gm, outer, back, pos, order)
+            with self.gm.graph.inserting_after(self.cursor):
+                back = _undo_view(self.gm, orig, current, new)
+            if back is None:
+                where = source_line(new)
+                raise TraceError("an in-place op writes through a view (" + orig.format_node() + ") whose base is "
+                                 "read afterwards; fxjac cannot follow that alias: write the op out of place"
+                                 + (f"\n  at {where}" if where else ""))
+            self.cursor = back
+        back.meta = dict(new.meta)
+        self.order[back] = pos
+        self.update(current, back, pos, came_from=orig)
 
+    def _read_later(self, node: fx.Node, pos: int, skip: Optional[fx.Node] = None) -> bool:
+        """Whether ``node`` (of the traced forward), a view of it, or a base it is a view of, has a reader after
+        position ``pos``; the views of ``skip`` do not count.
+        """
+        while True:
+            if self._family_read_later(node, pos, skip):
+                return True
+            up = _view_of(node)
+            if up is None:
+                return False
+            skip, node = node, self.original.get(up[0], up[0])
 
-def _read_later(node: fx.Node, pos: int, order: dict) -> bool:
-    """Whether ``node``, or the base it is a view of (and so on), has a reader after position ``pos``."""
-    while node is not None:
-        if any(order.get(u, -1) > pos for u in node.users):
+    def _family_read_later(self, node: fx.Node, pos: int, skip: Optional[fx.Node]) -> bool:
+        current = self.latest.get(node, node)
+        if any(self.order.get(u, -1) > pos for u in current.users):
             return True
-        view = _view_of(node)
-        node = view[0] if view is not None else None
-    return False
+        return any(self._family_read_later(v, pos, skip) for v in self.views.get(node, ())
+                   if v is not skip and self.order[v] < pos)
+
+    def _take_again(self, view: fx.Node, base: fx.Node, splits: dict, pos: int) -> fx.Node:
+        """``view`` taken again from ``base``'s new version (a piece of a split: the split again, once)."""
+        src = view.args[0]
+        if view.op == "call_function" and view.target is operator.getitem and _splits(src):
+            if src not in splits:  # a piece of a split: split the new version once
+                splits[src] = self._insert(src.op, src.target, (base,) + tuple(src.args[1:]), dict(src.kwargs))
+                self.order[splits[src]] = pos
+            args = (splits[src],) + tuple(view.args[1:])
+        else:
+            args = (base,) + tuple(view.args[1:])
+        again = self._insert(view.op, view.target, args, dict(view.kwargs))
+        again.meta = dict(view.meta)
+        self.order[again] = pos
+        return again
+
+    def _insert(self, op, target, args, kwargs=None) -> fx.Node:
+        with self.gm.graph.inserting_after(self.cursor):
+            node = self.gm.graph.create_node(op, target, args, kwargs or {})
+        self.cursor = node
+        return node
+
+
+def _splits(node: fx.Node) -> bool:
+    """Whether ``node`` is a split, chunk or unbind (its pieces are views of its input)."""
+    return node.op == "call_method" and node.target in ("split", "chunk", "unbind") or \
+        node.op == "call_function" and node.target in (torch.split, torch.chunk, torch.unbind)
 
 
 _RESHAPES = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze"}

@@ -11,6 +11,7 @@ import builtins
 import operator
 from typing import Any, Optional
 
+import networkx as nx
 import torch
 import torch.fx as fx
 from torch.fx.node import map_arg
@@ -261,6 +262,13 @@ class Builder:
             # ``batch_factor`` is T where each sample's rows are together, -T where the samples interleave
             # (``x.transpose(0, 1).reshape(-1, d)``), 1 where a row is a sample.
             merged = list(site.extra["batched_old"]) + [node]
+            if any(self._sized_by_values(a) for a in node.all_input_nodes + [node]):
+                raise BatchLayoutError(
+                    node, "per-sample results need to know which rows of the batch axis belong to which sample; "
+                    "here how many rows each sample has depends on the values (rows picked by nonzero, a boolean "
+                    "mask or indices made from them: routed tokens), so no layout holds for every batch. Route "
+                    "without changing the batch axis (multiply by a 0/1 gate, torch.where), or take the summed "
+                    "vjp")
             layouts = {(batch_factor(a), a.meta.get("sample_major") if batch_factor(a) > 1 else True)
                        for a in merged}
             if len(layouts) > 1 or None in next(iter(layouts)):
@@ -272,6 +280,18 @@ class Builder:
             site.extra["batch_factor"] = factor if sample_major else -factor
             site.batch = self.rows(factor)
         return site
+
+    def _sized_by_values(self, node: fx.Node) -> bool:
+        """Whether ``node`` holds rows of several samples in an axis whose length depends on the values
+        (``meta["data_sized"]``, see passes/shape_prop.py): its batch axis, or, where no batch axis was measured
+        (sample 0 selected nothing), any such axis of a value computed from the batch.
+        """
+        axes, bd = node.meta.get("data_sized"), node.meta.get("batch_dim")
+        if not axes:
+            return False
+        if isinstance(bd, int) and axes != "unknown":
+            return bd in axes
+        return node in self.batched or any(a in self.batched for a in nx.ancestors(self.nx, node))
 
     def _ps_inputs(self, node: fx.Node, old_args: dict, ps: bool, rule: Optional[Rule] = None) -> frozenset:
         """Names of ``node``'s unbatched inputs whose stack is per-sample (Note [per-sample stacks]); not those

@@ -7,9 +7,14 @@ values, the same structure for tuples and lists of tensors, and the Python value
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
+
+aten = torch.ops.aten
 
 
 def _to_meta(v):
@@ -31,6 +36,63 @@ def propagate_shapes(gm: fx.GraphModule, *example_inputs) -> object:
     """Run ``gm`` on ``example_inputs``, storing each node's value as ``node.meta["val"]``; returns the output."""
     with torch.no_grad():
         return _Recorder(gm).run(*example_inputs)
+
+
+_SELECTING = {torch.nonzero, torch.argwhere, torch.masked_select, torch.repeat_interleave, torch.unique,
+              torch.unique_consecutive, "nonzero", "argwhere", "masked_select", "repeat_interleave", "unique",
+              "unique_consecutive"}
+
+
+def _selects_by_values(n: fx.Node) -> bool:
+    """Whether ``n`` may size its output by the values it reads: ``nonzero`` and its kin, ``torch.where(cond)``,
+    indexing by a boolean mask (``meta["val"]`` tells a mask from integer indices).
+    """
+    if n.op not in ("call_function", "call_method"):
+        return False
+    if n.target in _SELECTING or n.target is torch.where and len(n.args) + len(n.kwargs) == 1:
+        return True
+    if n.target is operator.getitem and len(n.args) == 2:
+        index = n.args[1] if isinstance(n.args[1], (tuple, list)) else (n.args[1],)
+        return any(isinstance(i, fx.Node) and isinstance(i.meta.get("val"), torch.Tensor)
+                   and i.meta["val"].dtype in (torch.bool, torch.uint8) for i in index)
+    return False
+
+
+class _SizedByValues(TorchDispatchMode):
+    """Makes each op whose output size depends on the values it reads (``nonzero``, also under
+    ``torch.where(cond)`` and ``argwhere``; ``masked_select``; indexing by a boolean mask; ``repeat_interleave`` by
+    tensor counts) select one entry more, or, where every entry is selected, one fewer: the same change for the
+    same mask wherever it is read, so the model still runs and the values sized by them change shape.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func.overloadpacket
+        if packet is aten.nonzero:
+            args = (self._toggle(args[0]),) + tuple(args[1:])
+        elif packet is aten.masked_select:
+            x, mask = args[:2]
+            args = (x, self._toggle(mask.expand(torch.broadcast_shapes(x.shape, mask.shape)))) + tuple(args[2:])
+        elif packet in (aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_) and any(
+                isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1]):
+            indices = [self._toggle(i) if isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                       else i for i in args[1]]
+            args = (args[0], indices) + tuple(args[2:])
+        elif func is aten.repeat_interleave.Tensor:
+            args = (self._toggle(args[0], count=True),) + tuple(args[1:])
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _toggle(t: torch.Tensor, count: bool = False) -> torch.Tensor:
+        if t.numel() == 0:
+            return t
+        flat = t.reshape(-1).clone()
+        if count:
+            flat[0] += 1
+        else:
+            off = (flat == 0).nonzero()
+            flat[int(off[0]) if off.numel() else 0] = 1 if off.numel() else 0
+        return flat.view(t.shape)
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -65,6 +127,8 @@ def _appended_as_block(v, batch, rows):
     round in another order (MKL on an AVX-512 CPU: 2e-16 apart in float64). Rows of another sample differ by the
     values' own size.
     """
+    if v.shape[0] != (batch + 1) * rows:
+        return None  # not ``rows`` per sample (rows picked by the values: see _mark_sized_by_values)
     v = v.detach()
     if v.is_complex():
         v = torch.view_as_real(v)
@@ -129,7 +193,45 @@ def propagate_batch_dims(gm: fx.GraphModule, *example_inputs):
                 if grown > 1 and first[bd] == grown * _batch_of(example_inputs):
                     n.meta["batch_factor"] = grown
                     n.meta["sample_major"] = rec.sample_major.get(n)
+    selecting = [n for n in gm.graph.nodes if _selects_by_values(n)]
+    if selecting:
+        _mark_sized_by_values(gm, example_inputs, selecting)
     return grown_output
+
+
+def _mark_sized_by_values(gm: fx.GraphModule, example_inputs, nodes: list) -> None:
+    """Store ``node.meta["data_sized"]``: the axes whose length depends on the values the model reads (rows
+    picked by ``nonzero`` or a boolean mask: routed tokens, selected entries), found by running again with each
+    such selection one entry larger; ``"unknown"`` for every value after such an op where that run fails.
+
+    A batch axis among them has no fixed number of rows per sample (Note [merged batch] in passes/builder.py):
+    what the example inputs route is no promise for the next batch. A value selected from the batch where the
+    copy of sample 0 added nothing (it selected no entry) gets that axis as its batch axis.
+    """
+    rec = _ShapeRecorder(gm, 0)
+    try:
+        with torch.no_grad(), _SizedByValues():
+            rec.run(*example_inputs)
+    except Exception:  # noqa: BLE001 - the changed selection broke the model: every value after it may depend
+        after = set(nodes)
+        for n in gm.graph.nodes:
+            if n in after or any(a in after for a in n.all_input_nodes):
+                after.add(n)
+                n.meta["data_sized"] = "unknown"
+        return
+    for n in gm.graph.nodes:
+        val = n.meta.get("val")
+        if n not in rec.shapes or not isinstance(val, torch.Tensor) or not isinstance(rec.shapes[n], tuple):
+            continue
+        now = rec.shapes[n]
+        if len(now) != val.dim():
+            n.meta["data_sized"] = "unknown"
+        elif now != tuple(val.shape):
+            n.meta["data_sized"] = tuple(i for i, (a, b) in enumerate(zip(val.shape, now)) if a != b)
+        axes = n.meta.get("data_sized")
+        if isinstance(axes, tuple) and len(axes) == 1 and "batch_dim" in n.meta and n.meta["batch_dim"] is None \
+                and any(isinstance(a.meta.get("batch_dim"), int) for a in n.all_input_nodes):
+            n.meta["batch_dim"] = axes[0]  # entries of every sample (``h[h > t]``) where sample 0 had none
 
 
 def _batch_of(example_inputs) -> int:

@@ -337,6 +337,127 @@ def test_mutation_of_a_view_is_never_a_silently_wrong_answer():
     assert_close(t, t_ref, "jvp on the second batch")
 
 
+class Coupling(nn.Module):
+    """An affine coupling layer written in place (RealNVP, Glow), in the ways users write it: two ops on one
+    slice, a chain of them, a view read after its base changed, an op's result kept while its base changes, rows
+    of a reshaped base written twice. At Glow's initialisation (last layer zero) every version computes the
+    identity, so the first call's output check cannot see a dropped write: only the derivatives can.
+    """
+
+    def __init__(self, how: str, zero: bool):
+        super().__init__()
+        self.how = how
+        self.net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 6))
+        if zero:
+            nn.init.zeros_(self.net[2].weight)
+            nn.init.zeros_(self.net[2].bias)
+
+    def forward(self, x):
+        x = x.clone()
+        log_s, t = self.net(x[:, :3].clone()).chunk(2, 1)
+        if self.how == "twice":
+            x2 = x[:, 3:]
+            x2.mul_(torch.exp(log_s))
+            x2.add_(t)
+            return x
+        if self.how == "chained":
+            x.narrow(1, 3, 3).mul_(torch.exp(log_s)).add_(t)
+            return x
+        if self.how == "stale view":
+            v = x[:, 3:]
+            x.mul_(torch.exp(log_s).repeat(1, 2))
+            return torch.cat([v * 1.0, t], 1)
+        if self.how == "kept result":
+            y = x[:, 3:].mul_(torch.exp(log_s))
+            x.add_(1.0)
+            return y * t
+        h = x.view(-1, 2, 3)  # "rows"
+        h[:, 1].mul_(torch.exp(log_s))
+        h[:, 1] += t
+        return x
+
+
+@pytest.mark.parametrize("zero", [True, False], ids=["identity at init", "trained"])
+@pytest.mark.parametrize("how", ["twice", "chained", "stale view", "kept result", "rows"])
+def test_every_in_place_write_through_a_view_is_followed(how, zero):
+    # Each in-place op gives the mutated value a new version; views taken before it and read after it are taken
+    # again from the new version, and a view's version writes back into its base (Note [in-place ops]). Before,
+    # the second op on a slice was dropped: zero derivatives for t at Glow's init, a TraceError once trained.
+    torch.manual_seed(0)
+    check_direction_products(Coupling(how, zero).double().eval(), (randn(4, 6),))
+
+
+class _RoutedExperts(nn.Module):
+    """Mixtral-style routing: the rows of ``[B·T, d]`` whose first feature is positive go through an expert
+    (index_select, then index_add back), so how many rows each sample sends depends on the values.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.expert, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        h = x.reshape(-1, d)
+        rows = (h[:, 0] > 0).nonzero().squeeze(-1)
+        out = torch.zeros_like(h).index_add(0, rows, self.expert(h.index_select(0, rows)))
+        return self.head(out.view(B, T, d))
+
+
+@pytest.mark.parametrize("owners", [(0, 0, 0), (0, 1, 2), (0, 2, 2), (1, 1, 2, 2, 2), ()])
+def test_rows_routed_by_the_values_have_no_per_sample_layout(owners):
+    # The samples owning the routed rows: three rows routed on a batch of three looked like one row per sample
+    # and gave wrong per-sample results, silently (probe AQ). Which rows belong to which sample is not fixed
+    # for the next batch, so every per-sample product refuses; the summed vjp is right.
+    torch.manual_seed(0)
+    model = _RoutedExperts().double().eval()
+    x = randn(3, 5, 4)
+    x[..., 0] = -1.0
+    for i, b in enumerate(owners):
+        x[b, i % 5, 0] = 1.0
+    w = randn(3, 5, 3, seed=1)
+    for product in (lambda: fxjac.vjp(model, wrt="params", reduce="none")(x, w),
+                    lambda: fxjac.ggn(model, loss="mse")(x),
+                    lambda: fxjac.jacobian(model, wrt="params")(x),
+                    lambda: fxjac.jtmjp(model, wrt="params", matrix="diag", out="diag")(x, randn(3, 15).abs())):
+        with pytest.raises(fxjac.UnsupportedOpError, match="depends on the values"):
+            product()
+    _, g = fxjac.vjp(model, wrt="params")(x, w)
+    ref = grad(lambda p: (functional_call(model, p, (x,)) * w).sum())(dict(model.named_parameters()))
+    assert_close(g, torch.cat([r.reshape(-1) for r in ref.values()]), "summed vjp through routed rows")
+
+
+class _MaskedUpdate(nn.Module):
+    """``h[h > c] *= 2``: a boolean mask selects entries of every sample, and they are written back."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.l1, self.l2 = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.l1(x).clone()
+        h[h > self.c] *= 2.0
+        return self.l2(h)
+
+
+@pytest.mark.parametrize("c", [0.3, 100.0], ids=["some", "none"])
+@pytest.mark.parametrize("seed", range(3))
+def test_masked_updates_of_the_batch_keep_per_sample_products(c, seed):
+    # The selected entries come from every sample, in a number the values decide; no parameter meets them,
+    # so per-sample products hold. Where sample 0 selected nothing the selection had no measured batch axis and
+    # per-sample products raised raw errors (probe AU).
+    torch.manual_seed(seed)
+    model, x = _MaskedUpdate(c).double().eval(), randn(4, 5, seed=seed)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    rows = [torch.func.jacrev(lambda p, xb=xb: functional_call(model, p, (xb[None],))[0])(params) for xb in x]
+    J = torch.stack([torch.cat([r[k].flatten(1) for k in params], 1) for r in rows])  # [B, O, P]
+    _, Jx = fxjac.jacobian(model, wrt="params")(x)
+    assert_close(Jx, J, "per-sample Jacobian through a masked update")
+    _, d = fxjac.ggn(model, loss="mse")(x)
+    assert_close(d, (J ** 2).sum((0, 1)), "GGN diagonal through a masked update")
+
+
 class _GPT2Conv1D(nn.Module):
     """GPT-2's projection: ``addmm`` on ``x.view(-1, d)``, the batch merged with the positions."""
 
