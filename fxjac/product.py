@@ -185,7 +185,7 @@ class Product(fx.GraphModule):
             raise
         if not self._fxjac_checked and not _rt.transformed():  # under vmap or jacfwd: at the next plain call
             self._check_primal(args, out)
-        return out
+        return _fresh(out, args)
 
     def _failed_line(self, err: Exception) -> Optional[str]:
         """The user's source line of the model op whose generated line raised ``err`` (a rule's or the fallback's
@@ -350,7 +350,12 @@ class Product(fx.GraphModule):
                  if v is not fx._symbolic_trace.PH}
         sel = self._fxjac_spec.get("output")
 
-        inputs = _name_inputs(model, args[:n_in], fixed)
+        # The model's own forward may write into its inputs or buffers (x.mul_(2), a running count); the
+        # product never does, and its check must not either.
+        inputs = _name_inputs(model, tree_map(_copy_tensor, tuple(args[:n_in])), fixed)
+        buffers = [(name, b, b.clone()) for name, b in model.named_buffers() if b.layout == torch.strided]
+        if sum(b.numel() * b.element_size() for _, b, _ in buffers) > 2 ** 28:
+            buffers = []
 
         def reference(grad: bool):
             # The forward's other arguments as traced (concrete_args=); parametrize's cache off (under no_grad
@@ -367,7 +372,24 @@ class Product(fx.GraphModule):
             return isinstance(ref, torch.Tensor) and ref.shape == y.shape and _same_output(ref.to(y.dtype), y)
 
         y = out[0]
-        ref = reference(False)
+        try:
+            ref = reference(False)
+            changed = _changed(buffers)
+            # A buffer the forward writes into (a step counter) matters only where the next call computes
+            # another output with it.
+            again = reference(False) if changed else ref
+        finally:
+            _put_back(buffers)
+        if changed and not (isinstance(ref, torch.Tensor) and isinstance(again, torch.Tensor)
+                            and ref.shape == again.shape and _same_output(again.to(ref.dtype), ref)):
+            where = next((source_line(n) for n in self.graph.nodes if n.op == "get_attr"
+                          and n.target.endswith("." + changed[0]) and source_line(n)), None)
+            raise ModeError(f"the model's forward writes into its buffer {changed[0]!r} and its output changes "
+                            "from one call to the next (the old nn.utils.spectral_norm's power iteration in "
+                            "training mode, a call counter the output reads, a cache): fxjac's products are of "
+                            "one function and never write into the model. Keep that state out of forward (a "
+                            "module of yours), or switch it off (model.eval() for spectral norm)"
+                            + (f"\n  at {where}" if where else ""))
         # Without grad, some modules take another kernel (nn.MultiheadAttention's fast path gives NaN for a
         # fully masked row, its differentiable path 0; nn.TransformerEncoder's nested tensors give 0 at padded
         # positions): the product follows the differentiable one.
@@ -376,6 +398,8 @@ class Product(fx.GraphModule):
                 ref = reference(True)
             except RuntimeError:  # (under torch.inference_mode inference tensors cannot be recorded)
                 pass
+            finally:
+                _put_back(buffers)
         if not same(ref):
             if isinstance(ref, torch.Tensor) and ref.shape == y.shape and y.is_floating_point() and \
                     bool((torch.isfinite(ref) & ~torch.isfinite(y)).any()):
@@ -384,9 +408,10 @@ class Product(fx.GraphModule):
                                  "PyTorch's fused kernel at degenerate inputs (a fully masked row, a zero norm); "
                                  "keep the module whole with leaf_modules=[...] (its derivatives then come from "
                                  "the autograd fallback)")
-            raise TraceError("the traced graph does not reproduce the model's output (an in-place mutation or "
-                             "Python side effect torch.fx did not record?); name the module that does it in "
-                             "leaf_modules=[...]")
+            raise TraceError("the traced graph does not reproduce the model's output: an in-place write the "
+                             "rewrite could not follow (write it out of place: h = h * s, not h.mul_(s)), or a "
+                             "Python side effect torch.fx did not record (name the submodule that does it in "
+                             "leaf_modules=[...])")
         self._fxjac_checked = True
 
 
@@ -493,6 +518,28 @@ def _same_output(ref: torch.Tensor, y: torch.Tensor) -> bool:
     tol = max(1e-4, 8 * torch.finfo(y.dtype).eps)
     scale = ref.detach().abs().nan_to_num(0.0, 0.0, 0.0).max().item() if ref.numel() else 0.0
     return torch.allclose(ref, y, rtol=tol, atol=max(1e-5, tol * scale), equal_nan=True)
+
+
+def _copy_tensor(t):
+    return t.clone() if isinstance(t, torch.Tensor) and t.layout == torch.strided else t
+
+
+def _same_buffer(b: torch.Tensor, saved: torch.Tensor) -> bool:
+    return b.shape == saved.shape and (torch.equal(b, saved) or b.is_floating_point() and bool(
+        ((b == saved) | b.isnan() & saved.isnan()).all()))
+
+
+def _changed(buffers: list) -> list:
+    """The names of the buffers (``(name, buffer, saved copy)``) the model's forward wrote into."""
+    return [name for name, b, saved in buffers if not _same_buffer(b, saved)]
+
+
+def _put_back(buffers: list) -> None:
+    """Restore the buffers the model's forward wrote into during the first call's check."""
+    with torch.no_grad():
+        for _, b, saved in buffers:
+            if b.shape == saved.shape and not _same_buffer(b, saved):
+                b.copy_(saved)
 
 
 def _name_inputs(model: nn.Module, inputs: tuple, fixed: dict):
@@ -633,6 +680,31 @@ def _reads_training(cls: type) -> bool:
             if re.search(rf"\b{me}\.training\b", source):
                 return True
     return False
+
+
+def _fresh(out: Any, args: tuple) -> Any:
+    """The results (not ``y``) as torch.func returns them: the caller's to keep and to write into. A result that
+    is the caller's own operand, or a view of it (a Jacobian that passes ``v`` through: a bias's jvp, an
+    identity's ``M``), is copied; a transposed or stride-0 one (a Jacobian assembled from rows) is made
+    contiguous, so ``J.view(B, -1)`` works.
+    """
+    if not isinstance(out, tuple) or len(out) < 2:
+        return out
+    if torch.compiler.is_compiling() or _rt.transformed():  # (no storage under vmap's wrappers)
+        return (out[0],) + tuple(tree_map(lambda r: r.contiguous() if isinstance(r, torch.Tensor) and
+                                          r.layout == torch.strided else r, o) for o in out[1:])
+    given = {
+        a.untyped_storage().data_ptr() for a in args
+        if isinstance(a, torch.Tensor) and a.layout == torch.strided and a.device.type != "meta" and a.numel()}
+
+    def fresh(r):
+        if not isinstance(r, torch.Tensor) or r.layout != torch.strided:
+            return r
+        if given and r.numel() and r.device.type != "meta" and r.untyped_storage().data_ptr() in given:
+            return r.clone(memory_format=torch.contiguous_format)
+        return r if r.is_contiguous() else r.contiguous()
+
+    return (out[0],) + tuple(fresh(o) if isinstance(o, torch.Tensor) else tree_map(fresh, o) for o in out[1:])
 
 
 def finish(b: Builder, outputs: Any, src: Source) -> Product:

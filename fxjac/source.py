@@ -16,7 +16,7 @@ import torch.nn as nn
 from passes import propagate_shapes
 from passes.shape_prop import propagate_batch_dims
 
-from .errors import ModeError, OptionError, ShapeError, TraceError
+from .errors import ModeError, OptionError, ShapeError, TraceError, source_line
 from .tracing import check_modes, trace, unpack_sequence_arguments
 
 
@@ -136,15 +136,24 @@ def parse_wrt(wrt: Any) -> tuple:
     raise OptionError(f"bad wrt {wrt!r}: use 'input', 'input:N', 'params' or a list of parameter names")
 
 
-def _check_output_batch(out: fx.Node, grown) -> None:
-    """Refuse an output whose batch is not its first axis, one row per sample (API.md: dim 0 of the output).
+def _check_output_batch(out: fx.Node, grown, example_inputs: Sequence) -> None:
+    """Refuse an output whose batch is not its first axis, one row per sample (API.md: dim 0 of the output), and
+    one that does not grow with the batch although it has the batch's size (a loop over the samples).
 
     Raises:
         ShapeError: naming what was measured and the usual fix.
+        TraceError: for a loop over the batch, whose length tracing fixed.
     """
     if grown is None or not isinstance(out.meta.get("val"), torch.Tensor) or out.meta["val"].dim() == 0:
         return
     bd, rows = out.meta.get("batch_dim"), out.meta.get("batch_factor", 1)
+    batch = next((x.shape[0] for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+    if bd is None and batch and batch > 1 and out.meta["val"].shape[0] == batch:  # (at 1: a whole-batch reduction)
+        raise TraceError(f"the model's output keeps {batch} rows when the batch grows by one sample: forward "
+                         "loops over the batch (for r in h.unbind(0), h.split(1), range(x.shape[0])), and tracing "
+                         "fixed the loop to the traced batch size. Use ops that take every sample at once "
+                         "(h.sort(dim=-1), h.median(dim=-1), torch.vmap(f)(h) in a submodule named in "
+                         "leaf_modules=[...])")
     if bd not in (0, None):
         raise ShapeError(f"the model's output carries the batch on axis {bd}; fxjac takes dim 0 of the output as "
                          "the batch (a sequence-first model: permute its output to batch first)")
@@ -152,6 +161,36 @@ def _check_output_batch(out: fx.Node, grown) -> None:
         raise ShapeError(f"the model's output holds {rows} rows per sample on its batch axis (logits.view(-1, C) "
                          "of [B, T, C]?); return one row per sample, e.g. [B, T, C] (cross-entropy: "
                          "class_dim=-1)")
+
+
+_SPLITS = {"split": 2, "chunk": 2, "unbind": 1, torch.split: 2, torch.chunk: 2, torch.unbind: 1}
+"""Ops that cut a value into pieces, with the position of their ``dim`` argument."""
+
+
+def _check_batch_splits(gm: fx.GraphModule) -> None:
+    """Refuse cutting the batch axis into pieces (``h.unbind(0)``, micro-batches ``x.split(2)``, ``x.chunk(2)``):
+    tracing fixed how many pieces there are, so at another batch size samples would be dropped or missing.
+
+    Raises:
+        TraceError: naming the op and the usual fix.
+    """
+    for n in gm.graph.nodes:
+        if n.op not in ("call_method", "call_function") or n.target not in _SPLITS or not n.args:
+            continue
+        src, at = n.args[0], _SPLITS[n.target]
+        val, bd = (src.meta.get("val"), src.meta.get("batch_dim")) if isinstance(src, fx.Node) else (None, None)
+        dim = n.kwargs.get("dim", n.args[at] if len(n.args) > at else 0)
+        if not isinstance(val, torch.Tensor) or not isinstance(bd, int) or not isinstance(dim, int) or \
+                dim % max(val.dim(), 1) != bd:
+            continue
+        name = n.target if isinstance(n.target, str) else n.target.__name__
+        where = source_line(n)
+        raise TraceError(f"forward cuts the batch axis into pieces ({name} along dim {dim}"
+                         + (f", at {where}" if where else "") + "): tracing fixed how many pieces there are to the "
+                         "traced batch's, so at another batch size samples would be dropped or missing. Run the "
+                         "ops on the whole batch (a loop over samples: ops that take every sample at once, such as "
+                         "h.sort(dim=-1); micro-batches: the whole batch at once), or torch.vmap in a submodule "
+                         "named in leaf_modules=[...]")
 
 
 # Relative changes that are rounding: another batch size may take other kernels (blocking; on CUDA, TF32
@@ -389,7 +428,8 @@ def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_m
     _check_selection(out, output)
     unpack_sequence_arguments(gm)
     grown = propagate_batch_dims(gm, *example_inputs)
-    _check_output_batch(out, grown)
+    _check_output_batch(out, grown, example_inputs)
+    _check_batch_splits(gm)
     dtypes = _computed_dtypes(model, example_inputs, y)
     _check_samples_independent(y, grown, dtypes)
     _check_samples_independent_in_place(gm, example_inputs, y, dtypes)

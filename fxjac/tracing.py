@@ -72,7 +72,9 @@ def emit_op(fn, *args):
 
 
 _PROXY_INPLACE = {"__iadd__": operator.iadd, "__isub__": operator.isub, "__imul__": operator.imul,
-                  "__itruediv__": operator.itruediv, "__setitem__": operator.setitem}
+                  "__itruediv__": operator.itruediv, "__ipow__": operator.ipow, "__imod__": operator.imod,
+                  "__ifloordiv__": operator.ifloordiv, "__imatmul__": operator.imatmul,
+                  "__setitem__": operator.setitem}
 
 
 def _attribute(root: nn.Module, target: str) -> Any:
@@ -756,11 +758,23 @@ def _trace_message(err: Exception) -> str:
                 "differentiates it with the autograd fallback (torch.func over torch.func: use torch.func.grad "
                 "there, not torch.autograd.grad). A model that is itself such a module: nn.Sequential(model) with "
                 "leaf_modules=[type(model)].")
+    if "cannot be iterated" in str(err) and re.search(r"[(,]\s*\*(?!\*)\s*[\w.]+\.(shape|size\(\))", line):
+        return (f"torch.fx cannot trace this model: {err}{where}\n"
+                "Hint: the sizes of a value computed in forward are traced, and torch.fx cannot unpack them into a "
+                "call (f(*w.shape, 1, 1)). Add axes by indexing (w[:, :, None, None], w.unsqueeze(-1)) or name "
+                "each size (w.view(w.shape[0], w.shape[1], 1, 1)); a parameter's own shape is concrete "
+                "(self.weight.view(*self.weight.shape, 1) traces).")
     if "cannot be iterated" in str(err) and re.search(r"[(,]\s*\*(?!\*)\s*[\w.]", line):  # f(*value)
         return (f"torch.fx cannot trace this model: {err}{where}\n"
                 "Hint: a tensor cannot be unpacked into a call (f(*h) iterates over its first axis, the batch's; a "
                 "tuple of tensors can: f(*torch.linalg.slogdet(a))): split it along another axis (f(*h.unbind(1))) "
                 "or index its parts (h[:, 0], h[:, 1]).")
+    if any("/torch/distributions/" in f.filename for f in frames):
+        return (f"torch.fx cannot trace this model: {err}{where}\n"
+                "Hint: torch.distributions checks its arguments' values (a support or constraint check), which "
+                "tracing cannot run. Build the distribution with validate_args=False (or call "
+                "torch.distributions.Distribution.set_default_validate_args(False) once); log_prob, entropy and "
+                "a sample from a fixed noise input (mu + sigma * eps) then trace.")
     if "unknown to einops" in str(err):  # the traced einops was not the one forward called
         return (f"torch.fx cannot trace this model: {err}{where}\n"
                 "Hint: fxjac traces einops where forward's module reaches it through a global name (import einops, "
@@ -795,6 +809,7 @@ def _trace_message(err: Exception) -> str:
 _INPLACE_OPERATORS = {
     operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
     operator.itruediv: operator.truediv, operator.ipow: operator.pow, operator.imatmul: operator.matmul,
+    operator.imod: operator.mod, operator.ifloordiv: operator.floordiv,
 }
 _INPLACE_FUNCTIONS = {
     torch.relu_: torch.relu, torch.sigmoid_: torch.sigmoid, torch.tanh_: torch.tanh, torch.exp_: torch.exp,
@@ -814,13 +829,53 @@ def _mutated(node: fx.Node) -> Optional[tuple]:
             return "call_function", _INPLACE_FUNCTIONS[node.target], dict(node.kwargs)
         if node.target in _INPLACE_KWARG_FUNCTIONS and node.kwargs.get("inplace"):
             return "call_function", node.target, {**node.kwargs, "inplace": False}
+        name = getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.endswith("__") and name[:-1] not in _METADATA and any(
+                getattr(space, name, None) is node.target for space in (torch, F, torch._C._nn)):
+            base = getattr(F, name[:-1], None) or getattr(torch, name[:-1], None)  # F.hardtanh_, torch.neg_
+            if callable(base):
+                return "call_function", base, dict(node.kwargs)
     if node.op == "call_method" and isinstance(node.target, str):
         name = node.target
-        if name.endswith("_") and not name.endswith("__") and name not in ("requires_grad_", "zero_"):
-            base = name[:-1]
+        if name in _FILLS:
+            return "call_function", _FILLS[name], {}
+        if name.endswith("_") and not name.endswith("__") and name != "requires_grad_":
+            base = _METADATA.get(name[:-1], name[:-1])
             if hasattr(torch.Tensor, base):
                 return "call_method", base, dict(node.kwargs)
     return None
+
+
+_METADATA = {"t": "t", "transpose": "transpose", "swapdims": "transpose", "swapaxes": "transpose",
+             "unsqueeze": "unsqueeze", "squeeze": "squeeze", "as_strided": "as_strided"}
+"""In-place ops that change a tensor's shape or strides, not its values (``b.unsqueeze_(1)``): their result is a
+new view of the same values, and a view taken before them still reads the old shape."""
+
+
+def zeroed(x):
+    """``x.zero_()`` out of place."""
+    return torch.zeros_like(x)
+
+
+def filled(x, value):
+    """``x.fill_(value)`` out of place (a 0-dim tensor value keeps its derivative)."""
+    return torch.zeros_like(x) + value
+
+
+def copied(x, src, non_blocking=False):
+    """``x.copy_(src)`` out of place: ``src`` broadcast to ``x``'s shape, cast to its dtype."""
+    return torch.zeros_like(x) + src.type_as(x)
+
+
+_FILLS = {"zero_": zeroed, "fill_": filled, "copy_": copied}
+FUNCTION_DECOMPOSITIONS.update({f: f for f in _FILLS.values()})  # traced into zeros_like, add, type_as
+
+
+def straight_through(old, new):
+    """``new``'s values with ``old``'s derivative: an in-place write autograd does not record (under
+    ``torch.no_grad()``, or through ``.data`` / ``.detach()``) changes a value but not its history.
+    """
+    return new
 
 
 def setitem(base, index, value):
@@ -847,12 +902,45 @@ def _view_of(node: fx.Node):
         if src.op == "call_method" and src.target in ("split", "chunk", "unbind") or \
                 src.op == "call_function" and src.target in (torch.split, torch.chunk, torch.unbind):
             return src.args[0], None  # a piece of a split: a view of the split's input
+        if not _basic(node.args[1]):
+            return None  # indexing by a list, a mask or an index tensor copies
         return src, node.args[1]
+    if node.op == "call_function" and node.target is builtins.getattr and node.args[1] == "data" or \
+            node.op == "call_method" and node.target == "detach" or \
+            node.op == "call_function" and node.target is torch.detach:
+        return node.args[0], None  # the same values without their history
     if node.op == "call_method" and node.target in _VIEW_METHODS:
         return node.args[0], None
     if node.op == "call_function" and node.target in _VIEW_FUNCTIONS:
         return node.args[0], None
     return None
+
+
+def _basic(index) -> bool:
+    """Whether ``index`` is basic indexing (a view): integers, slices, None, Ellipsis, and traced sizes."""
+    for part in index if isinstance(index, tuple) else (index,):
+        if part is None or part is Ellipsis or isinstance(part, slice) or \
+                isinstance(part, int) and not isinstance(part, bool):
+            continue
+        if not (isinstance(part, fx.Node) and _is_size(part)):
+            return False
+    return True
+
+
+def _is_size(node: fx.Node) -> bool:
+    """Whether a traced value is a size (``x.shape[1]``, ``x.size(0) // 2``), not a tensor."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim", "numel")
+    if node.op != "call_function":
+        return False
+    if node.target is builtins.getattr:
+        return node.args[1] in ("shape", "ndim")
+    if node.target is builtins.len:
+        return True
+    if node.target in (operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod,
+                       operator.neg, builtins.int, builtins.max, builtins.min):
+        return bool(node.all_input_nodes) and all(_is_size(a) for a in node.all_input_nodes)
+    return False
 
 
 def _redirect_later_uses(victim: fx.Node, new: fx.Node, pos: int, order: dict, skip=()) -> None:
@@ -906,27 +994,60 @@ class _Versions:
                 self.order[new] = pos
                 graph.erase_node(node)
                 self.cursor = new
-                self.update(base, new, pos)
+                self.update(base, self._unrecorded(node, base, new, pos), pos,
+                            unrecorded=bool(node.meta.get("no_grad")))
                 continue
-            rewrite = _mutated(node)
-            if rewrite is None or not node.args or not isinstance(node.args[0], fx.Node):
-                continue
-            op, target, kwargs = rewrite
+            out = node.kwargs.get("out") if node.op in ("call_function", "call_method") else None
+            if isinstance(out, fx.Node):  # torch.mul(a, b, out=buf): a new version of buf
+                op, target, kwargs, args, victim = node.op, node.target, dict(node.kwargs), node.args, out
+                del kwargs["out"]
+            else:
+                rewrite = _mutated(node)
+                if rewrite is None or not node.args or not isinstance(node.args[0], fx.Node):
+                    continue
+                (op, target, kwargs), args, victim = rewrite, node.args, node.args[0]
             with graph.inserting_after(node):
-                new = graph.create_node(op, target, node.args, kwargs, name=node.name + "_")
+                new = graph.create_node(op, target, args, kwargs, name=node.name + "_")
             new.meta = dict(node.meta)
             self.order[new] = pos
-            node.replace_all_uses_with(new)  # the op's result is its first argument, mutated
-            victim = node.args[0]
-            self.views.setdefault(self.original.get(victim, victim), []).extend(self.views.pop(node, ()))
-            graph.erase_node(node)
             self.cursor = new
-            self.update(victim, new, pos)
+            if op == "call_method" and isinstance(node.target, str) and node.target[:-1] in _METADATA:
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
+                self._reshaped(victim, new, pos)
+                continue
+            version = self._unrecorded(node, victim, new, pos)
+            node.replace_all_uses_with(version)  # the op's result is its first argument, mutated
+            self.views.setdefault(self.original.get(victim, victim), []).extend(self.views.pop(node, ()))
+            unrecorded = bool(node.meta.get("no_grad"))
+            graph.erase_node(node)
+            self.update(victim, version, pos, unrecorded=unrecorded)
 
-    def update(self, victim: fx.Node, new: fx.Node, pos: int, came_from: Optional[fx.Node] = None) -> None:
+    def _unrecorded(self, node: fx.Node, victim: fx.Node, new: fx.Node, pos: int) -> fx.Node:
+        """``new``, or where autograd does not record the write (under ``torch.no_grad()`` in forward) the
+        straight-through version: ``new``'s values, ``victim``'s derivative (a clipped activation, a max-norm
+        clipped weight keep their gradient, as autograd gives it).
+        """
+        if not node.meta.get("no_grad"):
+            return new
+        through = self._insert("call_function", straight_through, (victim, new))
+        through.meta = {k: v for k, v in new.meta.items() if k != "no_grad"}
+        self.order[through] = pos
+        return through
+
+    def _reshaped(self, victim: fx.Node, new: fx.Node, pos: int) -> None:
+        """``victim.unsqueeze_(1)`` and its kin: ``new`` is a view of the same values with another shape, read
+        from here on where ``victim`` was; views taken before keep their shape (their values did not change).
+        """
+        _redirect_later_uses(victim, new, pos, self.order, skip=(new,))
+        self.views.setdefault(self.original.get(victim, victim), []).append(new)
+
+    def update(self, victim: fx.Node, new: fx.Node, pos: int, came_from: Optional[fx.Node] = None,
+               unrecorded: bool = False) -> None:
         """From position ``pos`` on, ``victim`` (a version of a node of the forward) has the value ``new``: later
         readers of it read ``new``, views of it are taken again, and a view writes back into its base (except
-        into ``came_from``, the neighbour whose new version caused this one).
+        into ``came_from``, the neighbour whose new version caused this one); an ``unrecorded`` write (under
+        ``torch.no_grad()``) keeps each base's derivative (straight through).
         """
         orig = self.original.get(victim, victim)
         self.original[new] = orig
@@ -956,9 +1077,14 @@ class _Versions:
                                  "read afterwards; fxjac cannot follow that alias: write the op out of place"
                                  + (f"\n  at {where}" if where else ""))
             self.cursor = back
-        back.meta = dict(new.meta)
+        back.meta = {k: v for k, v in new.meta.items() if k != "no_grad"}
         self.order[back] = pos
-        self.update(current, back, pos, came_from=orig)
+        if unrecorded:
+            written = back
+            back = self._insert("call_function", straight_through, (current, written))
+            back.meta = dict(written.meta)
+            self.order[back] = pos
+        self.update(current, back, pos, came_from=orig, unrecorded=unrecorded)
 
     def _read_later(self, node: fx.Node, pos: int, skip: Optional[fx.Node] = None) -> bool:
         """Whether ``node`` (of the traced forward), a view of it, or a base it is a view of, has a reader after
@@ -1017,6 +1143,8 @@ def _undo_view(gm: fx.GraphModule, view: fx.Node, outer: fx.Node, new: fx.Node):
     ``narrow`` or ``select``; ``None`` for another view (``diagonal``, ``as_strided``, ``expand``...).
     """
     name = view.target if view.op == "call_method" else getattr(view.target, "__name__", None)
+    if name in ("detach", "getattr"):  # .detach(), .data: the values change, the derivative stays the base's
+        return gm.graph.call_function(straight_through, (outer, new))
     args = list(view.args[1:])
     for key in ("dim", "dim0", "dim1", "dims", "start", "length", "index", "source", "destination"):
         if key in view.kwargs:
@@ -1169,8 +1297,8 @@ def _einsum_equations(gm: fx.GraphModule) -> None:
 def normalise(gm: fx.GraphModule) -> fx.GraphModule:
     """All normalisations, in place; returns ``gm`` recompiled."""
     _leaf_calls(gm)
+    _attributes(gm)  # first: a write through x.T is a write through a transpose
     _functionalise(gm)
-    _attributes(gm)
     _decompose(gm)
     _relu_after_max_pool(gm)
     _einsum_equations(gm)

@@ -269,6 +269,12 @@ class Builder:
                     "mask or indices made from them: routed tokens), so no layout holds for every batch. Route "
                     "without changing the batch axis (multiply by a 0/1 gate, torch.where), or take the summed "
                     "vjp")
+            held = [a for name in ps_names for a in nodes_in(site.extra["old_args"][name])]
+            if any(a.meta.get("part_of_batch") for a in merged + held):
+                raise BatchLayoutError(
+                    node, "per-sample results need every sample's rows where a parameter meets the batch; here a "
+                    "value holds part of the batch (h[:1], h[1:], a tensor_split of the batch axis). Apply the "
+                    "layer to the whole batch and select afterwards, or take the summed vjp")
             layouts = {(batch_factor(a), a.meta.get("sample_major") if batch_factor(a) > 1 else True)
                        for a in merged}
             if len(layouts) > 1 or None in next(iter(layouts)):

@@ -180,6 +180,8 @@ def propagate_batch_dims(gm: fx.GraphModule, *example_inputs):
             grown_output = rec.run(*[_one_more(x) for x in example_inputs])
     except Exception:  # noqa: BLE001 - any failure means: no second run, keep the conservative default
         return None
+    batch = _batch_of(example_inputs)
+    from_batch = set()  # floating values computed from a batched one
     for n in gm.graph.nodes:
         val = n.meta.get("val")
         if n in rec.shapes and val is not None:
@@ -190,9 +192,19 @@ def propagate_batch_dims(gm: fx.GraphModule, *example_inputs):
                 # Rows per sample along the batch axis: more than one where the batch was merged with another
                 # axis (``x.view(-1, d)`` on ``[B, T, d]``: B·T rows, T per sample).
                 grown = rec.shapes[n][bd] - first[bd]
-                if grown > 1 and first[bd] == grown * _batch_of(example_inputs):
+                if grown > 1 and first[bd] == grown * batch:
                     n.meta["batch_factor"] = grown
                     n.meta["sample_major"] = rec.sample_major.get(n)
+                if first[bd] != grown * batch:
+                    n.meta["part_of_batch"] = True  # h[1:]: not every sample's rows
+        if isinstance(val, torch.Tensor) and (val.is_floating_point() or val.is_complex()) and any(
+                a in from_batch or isinstance(a.meta.get("batch_dim"), int) for a in n.all_input_nodes
+                if isinstance(a.meta.get("val"), torch.Tensor)):
+            from_batch.add(n)
+    unbatched = [n for n in from_batch if n.meta.get("batch_dim", 0) is None]
+    if unbatched:
+        for n in _moving(gm, example_inputs, unbatched):
+            n.meta["part_of_batch"] = True  # h[:1]: samples' values without their batch axis
     selecting = [n for n in gm.graph.nodes if _selects_by_values(n)]
     if selecting:
         _mark_sized_by_values(gm, example_inputs, selecting)
@@ -232,6 +244,44 @@ def _mark_sized_by_values(gm: fx.GraphModule, example_inputs, nodes: list) -> No
         if isinstance(axes, tuple) and len(axes) == 1 and "batch_dim" in n.meta and n.meta["batch_dim"] is None \
                 and any(isinstance(a.meta.get("batch_dim"), int) for a in n.all_input_nodes):
             n.meta["batch_dim"] = axes[0]  # entries of every sample (``h[h > t]``) where sample 0 had none
+
+
+class _Values(fx.Interpreter):
+    """Runs the graph and keeps the values of the nodes asked for."""
+
+    def __init__(self, gm, wanted):
+        super().__init__(gm)
+        self.wanted, self.values = set(wanted), {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n in self.wanted:
+            self.values[n] = out
+        return out
+
+
+def _moving(gm: fx.GraphModule, example_inputs, nodes: list) -> list:
+    """Those of ``nodes`` whose values change with the inputs' values (``x[:1]``), found by running again on
+    other values: a value made from the batch only through its dtype or shape (``p.type_as(h)``,
+    ``torch.ones_like(h[0])``) does not move.
+    """
+    def other(x):
+        return x * 0.75 + 0.125 if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()) else x
+
+    try:
+        with torch.no_grad():
+            before, after = _Values(gm, nodes), _Values(gm, nodes)
+            before.run(*example_inputs)
+            after.run(*[other(x) for x in example_inputs])
+    except Exception:  # noqa: BLE001 - the model fails on other values: keep the conservative answer
+        return list(nodes)
+    moved = []
+    for n in nodes:
+        a, b = before.values.get(n), after.values.get(n)
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (
+                a.shape != b.shape or not torch.equal(a.nan_to_num(), b.nan_to_num())):
+            moved.append(n)
+    return moved
 
 
 def _batch_of(example_inputs) -> int:

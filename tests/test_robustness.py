@@ -3264,3 +3264,334 @@ def test_mode_errors_name_their_cause():
 
     with pytest.raises(fxjac.ModeError, match=r"in a module in training mode .*call model.eval\(\)"):
         fxjac.jvp(DropPath().double())(randn(4, 3), randn(4, 3))
+
+
+class _LearnedRope(nn.Module):
+    """Rotary embeddings in complex form whose angles come from a learned frequency."""
+
+    def __init__(self):
+        super().__init__()
+        self.freq = nn.Parameter(torch.rand(2, generator=rng(), dtype=torch.float64))
+        self.lin = nn.Linear(4, 4).double()
+
+    def forward(self, x):
+        ang = torch.outer(torch.arange(x.shape[1], dtype=x.dtype), self.freq)
+        z = torch.view_as_complex(self.lin(x).view(*x.shape[:2], 2, 2))
+        return torch.view_as_real(z * torch.polar(torch.ones_like(ang), ang)).flatten(2)
+
+
+def test_diagonal_backprop_through_complex_parameters_says_so():
+    # The learned frequencies' op runs on unbatched values alone: its shared Jacobian raised torch.func's "expected
+    # all outputs to be real" (probe AQ); the batched ops already gave this UnsupportedOpError.
+    model, x = _LearnedRope(), randn(3, 5, 4)
+    with pytest.raises(fxjac.UnsupportedOpError, match="complex.*method='exact'"):
+        fxjac.jmjtp(model, wrt=["freq"], matrix="diag", out="diag", method="diag_backprop")(x, randn(2).abs())
+    M = randn(22).abs()
+    _, d = fxjac.jmjtp(model, wrt="params", matrix="diag", out="diag")(x, M)  # exact: right
+    J = per_sample_jacobian(model, (x,), "params")  # [B, O, P]
+    assert_close(d, (J ** 2 * M).sum(-1), "exact J M Jᵀ diagonal through complex rotations")
+
+
+class _Shift(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Parameter(torch.randn(6, generator=rng(), dtype=torch.float64))
+
+    def forward(self, x):
+        return x + self.b
+
+
+def test_results_are_the_callers_to_keep_and_to_write_into():
+    # A Jacobian that passes the operand through returned the caller's own v or M (or a stride-0 view of it):
+    # refilling v in place changed kept results, writing into a result changed M or raised torch's error; a
+    # Jacobian assembled from rows was transposed, so J.view(B, -1) failed (probe AS).
+    net = mlp()
+    x, v = randn(5, 3), randn(2, seed=1)
+    _, jv = fxjac.jvp(net, wrt=["fc2.bias"])(x, v)
+    v_before = v.clone()
+    v.mul_(10.0)
+    assert_close(jv, v_before.expand(5, 2), "a bias's jvp after the caller refilled v")
+    jv.add_(1.0)  # its own memory
+    x6, t = randn(4, 6), randn(4, 6, seed=2)
+    _, jt = fxjac.jvp(_Shift())(x6, t)
+    assert jt.data_ptr() != t.data_ptr()
+    D = randn(4, 6, seed=3).abs()
+    D0 = D.clone()
+    _, d = fxjac.jtmjp(_Shift(), matrix="diag", out="diag", method="diag_backprop")(x6, D)
+    d.mul_(2.0)
+    assert torch.equal(D, D0), "writing into the result changed the caller's M"
+    _, J = fxjac.jacobian(net)(x)
+    assert J.is_contiguous() and J.view(5, -1).shape == (5, 6)
+    _, J = fxjac.jacobian(_Shift())(x6)
+    assert J.is_contiguous()
+    J.add_(1.0)
+    _, c = fxjac.jmjtp(net, out="diag")(x)
+    assert c.is_contiguous()
+
+
+class _SortEachSample(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.l1(x)
+        return self.l2(torch.stack([r.sort().values for r in h.unbind(0)]))
+
+
+def test_a_loop_over_the_batch_is_a_trace_error():
+    # Tracing fixed the loop to the traced batch: at another batch size the jvp returned the traced batch's rows,
+    # and the per-sample products raised raw reshape errors at any batch (probe AU).
+    with pytest.raises(fxjac.TraceError, match="loops over the batch"):
+        fxjac.jvp(_SortEachSample())(torch.randn(4, 5), torch.randn(4, 5))
+
+
+class _ComputedKernel(nn.Module):
+    """An invertible 1×1 convolution (Glow) whose weight is computed in forward and unpacked by its shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(4, 4, generator=rng()))
+
+    def forward(self, x):
+        W = self.W @ self.W.T
+        return F.conv2d(x, W.view(*W.shape, 1, 1))
+
+
+class _GaussianHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+
+    def forward(self, x):
+        mu, log_sigma = self.fc(x).chunk(2, 1)
+        return torch.distributions.Normal(mu, log_sigma.exp()).log_prob(x)
+
+
+def test_hints_for_computed_shapes_and_distributions():
+    with pytest.raises(fxjac.TraceError, match=r"w\[:, :, None, None\]"):
+        fxjac.jacobian(_ComputedKernel())(torch.randn(2, 4, 3, 3))
+    validating = torch.distributions.Distribution._validate_args  # (laplace-torch's import turns it off)
+    torch.distributions.Distribution.set_default_validate_args(True)
+    try:
+        with pytest.raises(fxjac.TraceError, match="validate_args=False"):
+            fxjac.jacobian(_GaussianHead())(torch.randn(2, 4))
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(validating)
+
+
+def _ipow(h):
+    h **= 2
+
+
+def _out_into(h):
+    with torch.no_grad():  # (autograd refuses out= on values with history)
+        torch.mul(h[:, :3], 2.0, out=h[:, 5:])
+
+
+def _straight_through_clip(h):
+    with torch.no_grad():
+        h.clamp_(-0.3, 0.3)
+
+
+_WRITES = {
+    "fill_": lambda h: h[:, :2].fill_(1.0),
+    "zero_": lambda h: h[:, 2:5].zero_(),
+    "copy_": lambda h: h[:, :3].copy_(torch.tanh(h[:, 5:])),
+    "torch.neg_": lambda h: torch.neg_(h[:, 1:5]),
+    "F.hardtanh_": lambda h: F.hardtanh_(h, -0.2, 0.2),
+    "**=": _ipow,
+    "out=": _out_into,
+    ".data": lambda h: h.data.mul_(2.0),
+    ".T": lambda h: h.T[1].add_(1.0),
+    "no_grad clamp_": _straight_through_clip,
+    "index copy": lambda h: h[:, [0, 1]].mul_(2.0),  # a copy: h does not change
+    "mask copy": lambda h: h[h > 0].mul_(2.0),  # a copy
+    "transpose_ on a view": lambda h: h.view(-1, 2, 4).transpose_(1, 2),  # metadata only: h does not change
+}
+
+
+class _Write(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a, self.z = nn.Linear(6, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        _WRITES[self.how](h)
+        return self.z(h)
+
+
+def _autograd_jacobian(model, x):
+    """Per-sample ``[B, O, P]`` by torch.autograd, one output entry at a time (torch.func does not run every
+    in-place form under no_grad or through .data)."""
+    params = list(model.parameters())
+    rows = []
+    for b in range(x.shape[0]):
+        y = model(x[b:b + 1])[0]
+        rows.append(torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            y[o], params, retain_graph=True)]) for o in range(y.shape[0])]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("how", list(_WRITES))
+def test_every_in_place_form_is_rewritten(how):
+    # Probe AV: fill_, zero_, copy_, torch.neg_, F.hardtanh_, **=, out=, .data and .T writes were never
+    # rewritten (the write dropped: wrong numbers once the output depended on it, silently at a zero-initialised
+    # last layer); a write under torch.no_grad() lost the derivative autograd keeps (a straight-through clip);
+    # indexing by a list or a mask, a copy, wrote back into the base; t_() on a view scrambled it.
+    torch.manual_seed(0)
+    model, x = _Write(how).double(), randn(4, 6)
+    nn.init.zeros_(model.z.weight)  # y does not depend on h: the first call's check cannot see a dropped write
+    p = fxjac.jacobian(model, wrt="params")
+    p(x)
+    with torch.no_grad():
+        model.z.weight.normal_()  # an optimiser step
+    y, J = p(x)
+    assert_close(y, model(x), f"output after a step ({how})")
+    assert_close(J, _autograd_jacobian(model, x), f"per-sample Jacobian ({how})")
+
+
+class _WritesItsInput(nn.Module):
+    def __init__(self, count: bool):
+        super().__init__()
+        self.count = count
+        self.a = nn.Linear(6, 4)
+        self.register_buffer("calls", torch.zeros(4))
+
+    def forward(self, x):
+        x.mul_(2.0)
+        if self.count:
+            self.calls.add_(1.0)
+        return self.a(x) * (1.0 + self.calls)
+
+
+def test_the_first_calls_check_leaves_inputs_and_buffers_alone():
+    # The check ran the model's forward on the caller's tensors: the first call doubled x, and the second call on
+    # the same x gave another y (probe AV). The product never writes into its inputs or the model.
+    model, x = _WritesItsInput(count=False).double(), randn(4, 6)
+    x0 = x.clone()
+    p = fxjac.vjp(model, wrt="params")
+    y1, _ = p(x, torch.ones(4, 4, dtype=torch.float64))
+    assert torch.equal(x, x0)
+    y2, _ = p(x, torch.ones(4, 4, dtype=torch.float64))
+    assert torch.equal(y1, y2)
+    assert_close(y1, model(x0.clone()), "y: the model's output on x")
+
+
+def test_a_forward_that_counts_its_calls_is_a_mode_error():
+    # Each call computes another function (as the old spectral_norm's power iteration in training mode); the
+    # check puts the buffer back.
+    model = _WritesItsInput(count=True).double()
+    with pytest.raises(fxjac.ModeError, match="'calls' and its output changes"):
+        fxjac.vjp(model, wrt="params")(randn(4, 6), torch.ones(4, 4, dtype=torch.float64))
+    assert torch.equal(model.calls, torch.zeros(4, dtype=torch.float64))
+
+
+class _ShapeOnlyWrite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.z = nn.Linear(6, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        b = self.a(x)
+        v = b[:, :4]  # taken before the shape changes: keeps its shape
+        b.unsqueeze_(1)
+        return self.z(b.squeeze(1)) + v
+
+
+def test_a_view_keeps_its_shape_after_its_base_is_unsqueezed_in_place():
+    torch.manual_seed(0)
+    check_direction_products(_ShapeOnlyWrite().double(), (randn(4, 6),), products=("jvp", "vjp"))
+
+
+class _MicroBatches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return torch.cat([torch.tanh(self.l(c)) for c in x.split(2)], 0)
+
+
+def test_micro_batches_are_a_trace_error():
+    # Built at a batch of 3 (pieces of 2 and 1: the output grows with the batch), the product took two pieces at
+    # every batch size: at 5 it returned 4 rows, silently, and at 1 raised a raw IndexError (probe AW).
+    with pytest.raises(fxjac.TraceError, match="cuts the batch axis"):
+        fxjac.jvp(_MicroBatches().double())(randn(3, 3), randn(3, 3, seed=1))
+
+
+class _PartOfTheBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return torch.cat([self.l(x[:1]), self.l(x[1:])], 0)
+
+
+def test_a_parameter_meeting_part_of_the_batch_refuses_per_sample_results():
+    # Samples stay independent, but the rows of x[:1] and x[1:] are not every sample's: per-sample products
+    # raised raw reshape errors (probe AW). The summed vjp is right.
+    model, x, w = _PartOfTheBatch().double(), randn(3, 3), randn(3, 2, seed=1)
+    for product in (lambda: fxjac.ggn(model, loss="mse")(x), lambda: fxjac.jacobian(model, wrt="params")(x),
+                    lambda: fxjac.vjp(model, wrt="params", reduce="none")(x, w)):
+        with pytest.raises(fxjac.UnsupportedOpError, match="part of the batch"):
+            product()
+    _, g = fxjac.vjp(model, wrt="params")(x, w)
+    ref = grad(lambda p: (functional_call(model, p, (x,)) * w).sum())(dict(model.named_parameters()))
+    assert_close(g, torch.cat([r.reshape(-1) for r in ref.values()]), "summed vjp over parts of the batch")
+
+
+class _FromTheBatchsDtype(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.l, self.p = nn.Linear(5, 6), nn.Parameter(torch.randn(6, generator=rng(), dtype=torch.float64))
+
+    def forward(self, x):
+        h = self.l(x)
+        if self.how == "type_as":
+            return h + self.p.type_as(h)
+        if self.how == "to":
+            return h + self.p.to(h)
+        if self.how == "new_ones":
+            return h * (h.new_ones(6) + self.p)
+        h[:, 0].copy_(self.p[0])
+        return h
+
+
+@pytest.mark.parametrize("how", ["type_as", "to", "new_ones", "copy_"])
+def test_values_made_from_the_batchs_dtype_are_not_part_of_the_batch(how):
+    # A value with no batch axis counts as part of the batch only where it moves with the inputs' values
+    # (x[:1]); p.type_as(h) reads h's dtype only (probe AY: refused in a first version of that check).
+    model, x = _FromTheBatchsDtype(how).double(), randn(3, 5)
+    _, J = fxjac.jacobian(model, wrt="params")(x)
+    assert_close(J, _autograd_jacobian(model, x), f"per-sample Jacobian ({how})")
+
+
+class _ClassTokenWritten(nn.Module):
+    """A ViT's class token written into a fresh buffer (timm writes it so with torch.empty)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, 4, generator=rng(), dtype=torch.float64))
+        self.head = nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        B, N, D = x.shape
+        out = x.new_zeros(B, N + 1, D)
+        out[:, 0] = self.cls[:, 0]
+        out[:, 1:] = x
+        return self.head(torch.tanh(out).mean(1))
+
+
+def test_a_parameter_written_into_every_sample_has_per_sample_rules():
+    # Per-sample products wrote the class token through the autograd fallback (probe AX); strict mode proves the
+    # structured rule takes them now.
+    model, x = _ClassTokenWritten(), randn(2, 3, 4)
+    _, J = fxjac.jacobian(model, wrt="params", strict=True)(x)
+    assert_close(J, _autograd_jacobian(model, x), "per-sample Jacobian through a written class token")
+    _, d = fxjac.ggn(model, loss="mse", strict=True)(x)
+    assert_close(d, (J ** 2).sum((0, 1)), "GGN diagonal through a written class token")

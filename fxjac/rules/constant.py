@@ -20,7 +20,7 @@ _METHODS = (
     "size", "dim", "ndimension", "numel", "argmax", "argmin", "eq", "ne", "lt", "le", "gt", "ge", "long", "int",
     "bool", "short", "byte", "sign", "nonzero", "isnan", "isinf", "isfinite", "any", "all", "detach", "new_zeros",
     "new_ones", "new_full", "new_empty", "new_tensor", "floor", "ceil", "round", "trunc", "logical_not",
-    "logical_and", "logical_or", "zero_", "argsort", "item",
+    "logical_and", "logical_or", "argsort", "item",
 )
 _FUNCTIONS = (
     torch.argmax, torch.argmin, torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge, operator.eq,
@@ -73,7 +73,8 @@ class Cast(NonDifferentiable):
 
 @register(builtins.getattr)
 class GetAttr(NonDifferentiable):
-    """``x.shape``, ``x.dtype``, ``x.device``…: constants. ``x.T``/``x.mT`` are rewritten to transposes when
+    """``x.shape``, ``x.dtype``, ``x.device``…: constants; ``x.data``: the values without their derivative, as
+    ``x.detach()``. ``x.T``/``x.mT`` are rewritten to transposes when
     the graph is normalised; anything else is left to the fallback.
     """
 
@@ -87,5 +88,6 @@ class GetAttr(NonDifferentiable):
 
     @staticmethod
     def _check(site):
-        if site.args.get("1") not in ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"):
+        if site.args.get("1") not in ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout",
+                                      "data"):
             raise Decline

@@ -263,14 +263,25 @@ def _vjp(fn: str, g, primals):
     return _func_or_autograd(fn, lambda: torch.func.vjp(g, *primals), lambda: _autograd_vjp(fn, g, primals))
 
 
+_COMPLEX = (" Diagonal back-propagation squares the entries of each op's Jacobian, which torch.func builds for "
+            "real tensors only: through complex values (torch.fft, view_as_complex) use method='exact'.")
+
+
 def _jacobians(fn: str, g, primals):
     """``g``'s Jacobians w.r.t. each primal (for each floating output, when there are several)."""
     def autograd():
         _not_under_transform(fn)
         return torch.autograd.functional.jacobian(g, tuple(primals))
 
-    return _func_or_autograd(fn, lambda: torch.func.jacrev(g, argnums=tuple(range(len(primals))))(*primals),
-                             autograd)
+    try:
+        return _func_or_autograd(fn, lambda: torch.func.jacrev(g, argnums=tuple(range(len(primals))))(*primals),
+                                 autograd)
+    except RuntimeError as err:
+        if "complex" not in str(err):
+            raise
+        from ..errors import UnsupportedOpError
+        raise UnsupportedOpError(f"the autograd fallback differentiates {fn} entry by entry here (a diagonal), "
+                                 f"and its Jacobian has complex entries: {err}.{_COMPLEX}") from err
 
 
 def _autograd_jvp(fn: str, g, primals, tangents):
@@ -446,9 +457,7 @@ def _per_sample(fn, primals, bdims, ctx, cdims, extra, extra_dims, body, out_dim
         msg = f"the autograd fallback differentiates {fn} one sample at a time here (per-sample results, or a " \
               f"diagonal), and the op fails on one sample: {err}."
         if "complex" in str(err):
-            msg += (" Diagonal back-propagation squares the entries of each op's Jacobian, which torch.func "
-                    "builds for real tensors only: through complex values (torch.fft, view_as_complex) use "
-                    "method='exact'.")
+            msg += _COMPLEX
         elif isinstance(err, IndexError) or "index" in str(err):
             msg += (" An index that addresses the batch axis (h[torch.arange(B)[:, None], idx]) or samples merged "
                     "into one axis with indices across it (a batch of graphs as one node set) cannot be split "

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from passes.protocol import ZERO, Decline, Rule
 
+from ..tracing import setitem, straight_through
 from . import _rt
 from .base import LinearOp
 from .registry import register
@@ -784,16 +785,36 @@ class ScatterAdd(_AddAt):
         return e(gather_tangent, ct, dim, site.args["index"])
 
 
+@register(straight_through)
+class StraightThrough(LinearOp):
+    """y = new's values with the derivative of ``input`` (an in-place write autograd does not record): the
+    identity in ``input``, zero in ``new``.
+    """
+
+    diff = ("input", "new")
+
+    def signature(input, new):  # noqa: D103
+        ...
+
+    def apply(self, e, site, t):  # noqa: D102
+        return t
+
+    transpose = apply
+
+
 @register(torch.flip, "flip")
 class Flip(LinearOp):
-    """y = flip(x, dims); its own adjoint."""
+    """y = flip(x, dims); its own adjoint. The method takes its dims as varargs too: ``h.flip(1, 2)``."""
 
-    def signature(input, dims):  # noqa: D103
+    def signature(input, *dims_, dims=None):  # noqa: D103
         ...
 
     def apply(self, e, site, t):  # noqa: D102
         n = site.ndim("input")
         dims = site.args["dims"]
+        if dims is None:
+            rest = site.args["dims_"]
+            dims = rest[0] if len(rest) == 1 else rest
         dims = [dims] if isinstance(dims, int) else dims
         return e(torch.flip, t, [d % n + 1 for d in dims])
 
@@ -984,3 +1005,119 @@ class Triu(_Triangle):
     """y = triu(x, diagonal)."""
 
     op = torch.triu
+
+
+def _assigned(v, sel_dim: int):
+    """A value stack ``[K, *v]`` lined up with the selection ``[K, *s]`` it is written into (``v`` broadcasts to
+    ``s`` from the right; leading unit axes beyond ``s``'s are dropped, as ``x[idx] = v`` drops them).
+    """
+    lead = v.dim() - 1 - sel_dim
+    if lead > 0:
+        return v.reshape((v.shape[0],) + tuple(v.shape[1 + lead:]))
+    return v.reshape((v.shape[0],) + (1,) * -lead + tuple(v.shape[1:])) if lead < 0 else v
+
+
+def setitem_tangent(tb, tv, like, idx):
+    """``setitem(base, idx, value)`` on stacks: the base's (zeros where it has none) with the value's written at
+    ``idx`` (zeros where the value has none).
+    """
+    k = (tb if tb is not None else tv).shape[0]
+    out = tb.clone() if tb is not None else tv.new_zeros((k,) + tuple(like.shape))
+    full = (slice(None),) + _index_of(idx)
+    out[full] = 0.0 if tv is None else _assigned(tv, out[full].dim() - 1)
+    return out
+
+
+def _per_sample_value(sel_dim: int, shape: tuple) -> tuple:
+    """The shape a per-sample stack of an unbatched value of ``shape`` takes in a per-sample selection of rank
+    ``sel_dim``: leading unit axes beyond it dropped (the value's leading 1 lines up with the batch).
+    """
+    core = tuple(shape)
+    while len(core) > sel_dim and core and core[0] == 1:
+        core = core[1:]
+    return (1,) * (sel_dim - len(core)) + core
+
+
+def setitem_tangent_ps(tb, tv, like, idx, value):
+    """:func:`setitem_tangent` where the value is unbatched with a per-sample stack ``[K, B, *v]`` (a class token
+    written into every sample: ``out[:, 0] = self.cls``) and the index keeps the batch axis first and whole.
+    """
+    out = tb.clone() if tb is not None else tv.new_zeros((tv.shape[0],) + tuple(like.shape))
+    full = (slice(None),) + _index_of(idx)
+    target = out[full]
+    out[full] = tv.reshape(tuple(tv.shape[:2]) + _per_sample_value(target.dim() - 2, tuple(value.shape)))
+    return out
+
+
+def setitem_value_transpose_ps(ct, idx, value):
+    """The unbatched value's per-sample cotangent ``[K, B, *value.shape]`` (:func:`setitem_tangent_ps`)."""
+    sel = ct[(slice(None),) + _index_of(idx)]
+    core = _per_sample_value(sel.dim() - 2, tuple(value.shape))
+    return sel.sum_to_size(tuple(sel.shape[:2]) + core).reshape(tuple(sel.shape[:2]) + tuple(value.shape))
+
+
+def setitem_base_transpose(ct, idx):
+    """The base's cotangent: the output's, zero where the value was written."""
+    out = ct.clone()
+    out[(slice(None),) + _index_of(idx)] = 0.0
+    return out
+
+
+def setitem_value_transpose(ct, idx, value):
+    """The value's cotangent: the output's at ``idx``, summed over the copies broadcasting made."""
+    sel = ct[(slice(None),) + _index_of(idx)]
+    shape = tuple(value.shape)
+    lead = len(shape) - (sel.dim() - 1)
+    if lead > 0:  # leading unit axes the assignment dropped
+        sel = sel.reshape((sel.shape[0],) + (1,) * lead + tuple(sel.shape[1:]))
+    return _rt.sum_to(sel, value)
+
+
+@register(setitem)
+class SetItem(Rule):
+    """y = base with ``y[idx] = value`` (the normalised form of ``x[idx] = v`` and of an in-place op through a
+    slice): a 0/1 map in each operand, so the diagonal rules are the same maps. Basic indices and at most one
+    boolean mask; integer index tensors (whose repeated entries leave the last write) go to the fallback.
+    """
+
+    diff = ("base", "value")
+
+    def signature(base, index, value):  # noqa: D103
+        ...
+
+    @staticmethod
+    def _index(site):
+        parts = _index_of(site.val("index"))
+        if site.ps and not (site.ps == {"value"} and parts and parts[0] == slice(None)
+                            and site.node.meta.get("batch_dim") == 0 and site.node.meta.get("batch_factor", 1) == 1):
+            raise Decline  # per-sample stacks the batch axis does not line up with: the fallback's per-sample rule
+        advanced = [p for p in parts if not (p is None or p is Ellipsis or isinstance(p, (int, slice)))]
+        if any(isinstance(p, bool) for p in parts) or len(advanced) > 1 or any(
+                not isinstance(p, torch.Tensor) or p.dtype != torch.bool for p in advanced):
+            raise Decline
+        return site.args["index"]
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        idx = self._index(site)
+        tb, tv = tangents["base"], tangents.get("value", ZERO)
+        if tb is ZERO and tv is ZERO:
+            return ZERO
+        if "value" in site.ps and tv is not ZERO:
+            return e(setitem_tangent_ps, None if tb is ZERO else tb, tv, site.args["base"], idx, site.args["value"])
+        return e(setitem_tangent, None if tb is ZERO else tb, None if tv is ZERO else tv, site.args["base"], idx)
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        idx = self._index(site)
+        out = {}
+        if site.needs("base"):
+            out["base"] = e(setitem_base_transpose, ct, idx)
+        if site.needs("value"):
+            transpose = setitem_value_transpose_ps if "value" in site.ps else setitem_value_transpose
+            out["value"] = e(transpose, ct, idx, site.args["value"])
+        return out
+
+    def diag_jvp(self, e, site, tangents):  # noqa: D102
+        return self.jvp(e, site, tangents)
+
+    def diag_vjp(self, e, site, d):  # noqa: D102
+        return self.vjp(e, site, d)

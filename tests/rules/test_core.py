@@ -52,6 +52,51 @@ _ZEROS = torch.tensor([[1.0, 0, 1, 1, 1], [0, 1, 0, 1, 1], [1, 1, 1, 1, 1]], dty
 """Rows holding one, two and no zeros: a product's derivative there (autograd's is exact)."""
 
 
+def _set_slices(m, x):
+    h = x.clone()
+    h[:, 1:, ::2] = x[:, :2, :3] * m.w[:3]  # a batched value that broadcasts a parameter
+    return h
+
+
+def _set_mask_scalar(m, x):
+    h = x.clone()
+    h[x > 0.2] = 0.0
+    return h
+
+
+def _set_mask_values(m, x):
+    h = x.clone()
+    h[h > 0.2] *= 2.0  # getitem by the mask, then setitem of the product
+    return h
+
+
+def _set_broadcast(m, x):
+    h = x.clone()
+    h[..., 1] = x[:, :1, 2] ** 2  # [B, 1] written into [B, 3]
+    return h
+
+
+def _set_row(m, x):
+    h = torch.zeros_like(x)
+    h[:, 0] = x.sum(1)  # into a factory's zeros: the base has no derivative
+    return h
+
+
+def _set_param(m, x):
+    h = x * 1.0
+    h[:, 0] = m.w  # an unbatched value written into every sample (a class token)
+    h[:, 1:, 1] = m.W[:2, :1].t()  # [1, 2] into [B, 2]: the value's leading 1 lines up with the batch
+    return h
+
+
+def _write_slice_twice(m, x):
+    h = x * m.w
+    h2 = h[:, 1:]
+    h2.mul_(2.0)
+    h2.add_(x[:, :2])  # a second op on the same slice (versions: Note [in-place ops])
+    return h
+
+
 SAMPLES = [
     # element-wise, unary
     ("relu_method", lambda m, x: x.relu(), False),
@@ -254,6 +299,14 @@ SAMPLES = [
     ("getitem_param_row", lambda m, x: x * m.W[1:3, 0].sum(), False),
     ("torch.flip", lambda m, x: torch.flip(x, [1, 2]), False),
     ("flip_method", lambda m, x: x.flip(-1), False),
+    ("flip_varargs", lambda m, x: x.flip(1, 2), False),
+    ("setitem_slices", _set_slices, False),
+    ("setitem_mask_scalar", _set_mask_scalar, False),
+    ("setitem_mask_values", _set_mask_values, False),
+    ("setitem_broadcast", _set_broadcast, False),
+    ("setitem_row_of_zeros", _set_row, False),
+    ("setitem_slice_written_twice", _write_slice_twice, False),
+    ("setitem_param_value", _set_param, False),
     ("F.pad", lambda m, x: F.pad(x, (1, 2, 0, 1)), False),
     ("torch.narrow", lambda m, x: torch.narrow(x, 2, 1, 3), False),
     ("narrow_method", lambda m, x: x.narrow(1, 0, 2), False),
@@ -429,6 +482,8 @@ _NOT_ONE_OP = {
     "einsum_param_summed_alone", "F.cosine_similarity", "cosine_similarity_broadcast", "cosine_similarity_dim1",
     "F.pairwise_distance", "pairwise_distance_p1_param", "lerp_method_tensor_weight", "lerp_weight_from_input",
     "einsum_three_same_input", "torch.outer", "outer_method", "torch.ger", "ger_method",
+    "setitem_slices", "setitem_mask_values", "setitem_broadcast", "setitem_row_of_zeros",
+    "setitem_slice_written_twice", "setitem_param_value",
 }
 
 
