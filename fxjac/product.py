@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import inspect
 import linecache
+import operator
 import re
 import types
 import warnings
@@ -185,7 +186,7 @@ class Product(fx.GraphModule):
             raise
         if not self._fxjac_checked and not _rt.transformed():  # under vmap or jacfwd: at the next plain call
             self._check_primal(args, out)
-        return _fresh(out, args)
+        return _fresh(out, args, bool(spec.get("differentiable")))
 
     def _failed_line(self, err: Exception) -> Optional[str]:
         """The user's source line of the model op whose generated line raised ``err`` (a rule's or the fallback's
@@ -351,8 +352,7 @@ class Product(fx.GraphModule):
         sel = self._fxjac_spec.get("output")
 
         # The model's own forward may write into its inputs or buffers (x.mul_(2), a running count); the
-        # product never does, and its check must not either.
-        inputs = _name_inputs(model, tree_map(_copy_tensor, tuple(args[:n_in])), fixed)
+        # product never does, and its check must not either: each call gets copies of the inputs.
         buffers = [(name, b, b.clone()) for name, b in model.named_buffers() if b.layout == torch.strided]
         if sum(b.numel() * b.element_size() for _, b, _ in buffers) > 2 ** 28:
             buffers = []
@@ -360,6 +360,7 @@ class Product(fx.GraphModule):
         def reference(grad: bool):
             # The forward's other arguments as traced (concrete_args=); parametrize's cache off (under no_grad
             # the check would leave the user's cached() block a parametrized weight without history).
+            inputs = _name_inputs(model, tree_map(_copy_tensor, tuple(args[:n_in])), fixed)
             with torch.set_grad_enabled(grad), parametrizations_uncached():
                 ref = model(*inputs, **fixed) if isinstance(inputs, tuple) else model(**inputs, **fixed)
             if sel is not None:
@@ -682,7 +683,46 @@ def _reads_training(cls: type) -> bool:
     return False
 
 
-def _fresh(out: Any, args: tuple) -> Any:
+# Note [results]
+# ~~~~~~~~~~~~~~
+# A product's results after ``y`` are the caller's, as torch.func's are: contiguous, and never the caller's own
+# operand. A rule may pass an operand through (a bias's jvp is ``v``; the identity's M), and a Jacobian assembled
+# from rows is a transposed view. The product graph ends each result in ``contiguous_result`` (a no-op where it
+# is) or, where the result is an operand seen through views, ``copied_result``: that holds under torch.compile
+# too. Eagerly, ``_fresh`` also copies a result found to share an operand's memory through a rule's own helper.
+_RESULT_VIEWS = {"view", "reshape", "expand", "expand_as", "transpose", "permute", "squeeze", "unsqueeze", "flatten",
+                 "unflatten", "contiguous", "t", "view_as", "reshape_as", "movedim", "narrow", "select", "detach",
+                 # fxjac's own helpers that may hand back their first argument or a view of it
+                 "check_shape", "check_input", "param_slice", "align", "align_ps", "expand_like", "sum_to",
+                 "sum_to_ps", "getitem_tangent", "permute_tangent", "permute_transpose", "stack_to_shape",
+                 "stack_to_rows", "stack_to_batch_rows", "_rows_to_stack", "_ps_rows_to_batch_first"}
+
+
+def contiguous_result(t):
+    """A result in contiguous memory (Note [results])."""
+    return t.contiguous() if isinstance(t, torch.Tensor) and not t.is_contiguous() else t
+
+
+def copied_result(t):
+    """A result that is an operand seen through views, copied (Note [results])."""
+    return t.clone(memory_format=torch.contiguous_format) if isinstance(t, torch.Tensor) else t
+
+
+def _an_operand(n: Any) -> bool:
+    """Whether a product-graph value is one of the product's arguments seen through views."""
+    for _ in range(32):
+        if not isinstance(n, fx.Node):
+            return False
+        if n.op == "placeholder":
+            return True
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", None)
+        if name not in _RESULT_VIEWS and n.target is not operator.getitem or not n.args:
+            return False
+        n = n.args[0]
+    return False
+
+
+def _fresh(out: Any, args: tuple, differentiable: bool = False) -> Any:
     """The results (not ``y``) as torch.func returns them: the caller's to keep and to write into. A result that
     is the caller's own operand, or a view of it (a Jacobian that passes ``v`` through: a bias's jvp, an
     identity's ``M``), is copied; a transposed or stride-0 one (a Jacobian assembled from rows) is made
@@ -701,7 +741,8 @@ def _fresh(out: Any, args: tuple) -> Any:
         if not isinstance(r, torch.Tensor) or r.layout != torch.strided:
             return r
         if given and r.numel() and r.device.type != "meta" and r.untyped_storage().data_ptr() in given:
-            return r.clone(memory_format=torch.contiguous_format)
+            with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+                return r.clone(memory_format=torch.contiguous_format)
         return r if r.is_contiguous() else r.contiguous()
 
     return (out[0],) + tuple(fresh(o) if isinstance(o, torch.Tensor) else tree_map(fresh, o) for o in out[1:])
@@ -716,6 +757,9 @@ def finish(b: Builder, outputs: Any, src: Source) -> Product:
     holder.model = src.model
     for name, module in b.modules.items():
         holder.add_module(name, module)
+    if isinstance(outputs, tuple) and len(outputs) > 1:  # the results after y: the caller's (Note [results])
+        outputs = (outputs[0],) + tuple(fx.node.map_arg(o, lambda n: b.graph.call_function(
+            copied_result if _an_operand(n) else contiguous_result, (n,))) for o in outputs[1:])
     b.graph.output(outputs)
     gm = fx.GraphModule(holder, b.graph, class_name="Product")  # before the purity checks: column loops are
     gm.model = src.model                                          # submodules

@@ -181,8 +181,9 @@ def _check_batch_splits(gm: fx.GraphModule) -> None:
         val, bd = (src.meta.get("val"), src.meta.get("batch_dim")) if isinstance(src, fx.Node) else (None, None)
         dim = n.kwargs.get("dim", n.args[at] if len(n.args) > at else 0)
         if not isinstance(val, torch.Tensor) or not isinstance(bd, int) or not isinstance(dim, int) or \
-                dim % max(val.dim(), 1) != bd:
-            continue
+                dim % max(val.dim(), 1) != bd or \
+                src.meta.get("batch_factor", 1) != 1 and src.meta.get("sample_major") is not True:
+            continue  # (the batch interleaved with time, [T·B, d].split(B): each piece holds every sample)
         name = n.target if isinstance(n.target, str) else n.target.__name__
         where = source_line(n)
         raise TraceError(f"forward cuts the batch axis into pieces ({name} along dim {dim}"

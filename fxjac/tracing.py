@@ -875,7 +875,15 @@ def straight_through(old, new):
     """``new``'s values with ``old``'s derivative: an in-place write autograd does not record (under
     ``torch.no_grad()``, or through ``.data`` / ``.detach()``) changes a value but not its history.
     """
-    return new
+    if not torch.is_grad_enabled() and not _functorch_active():
+        return new
+    # ``old - old.detach()`` is 0 with old's derivative (autograd, forward mode, torch.func and torch.compile
+    # alike; dynamo takes no autograd.Function with a custom jvp); where old is not finite it would be NaN.
+    return new.detach() + torch.where(torch.isfinite(old), old - old.detach(), 0.0)
+
+
+def _functorch_active() -> bool:
+    return torch._C._functorch.maybe_current_level() is not None
 
 
 def setitem(base, index, value):

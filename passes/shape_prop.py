@@ -59,26 +59,39 @@ def _selects_by_values(n: fx.Node) -> bool:
 
 
 class _SizedByValues(TorchDispatchMode):
-    """Makes each op whose output size depends on the values it reads (``nonzero``, also under
-    ``torch.where(cond)`` and ``argwhere``; ``masked_select``; indexing by a boolean mask; ``repeat_interleave`` by
-    tensor counts) select one entry more, or, where every entry is selected, one fewer: the same change for the
-    same mask wherever it is read, so the model still runs and the values sized by them change shape.
+    """Makes each op whose output size depends on the values of a batched mask or count it reads (``nonzero``,
+    also under ``torch.where(cond)`` and ``argwhere``; ``masked_select``; indexing by a boolean mask;
+    ``repeat_interleave`` by tensor counts) select one entry more, or, where every entry is selected, one fewer:
+    the same change for the same mask wherever it is read, so the model still runs and the values sized by them
+    change shape. A mask that is no batch value (a buffer, a parameter's sign) is left alone: what it selects has
+    the same size for every batch.
     """
+
+    def __init__(self):
+        super().__init__()
+        self.batched: dict = {}  # id -> the values of batched nodes (kept alive, so ids stay theirs)
+
+    def note(self, value) -> None:
+        if isinstance(value, torch.Tensor):
+            self.batched[id(value)] = value
+
+    def _driven(self, t) -> bool:
+        return isinstance(t, torch.Tensor) and id(t) in self.batched
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         packet = func.overloadpacket
-        if packet is aten.nonzero:
+        if packet is aten.nonzero and self._driven(args[0]):
             args = (self._toggle(args[0]),) + tuple(args[1:])
-        elif packet is aten.masked_select:
+        elif packet is aten.masked_select and self._driven(args[1]):
             x, mask = args[:2]
             args = (x, self._toggle(mask.expand(torch.broadcast_shapes(x.shape, mask.shape)))) + tuple(args[2:])
         elif packet in (aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_) and any(
-                isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1]):
-            indices = [self._toggle(i) if isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
-                       else i for i in args[1]]
+                self._driven(i) and i.dtype in (torch.bool, torch.uint8) for i in args[1]):
+            indices = [self._toggle(i) if self._driven(i) and i.dtype in (torch.bool, torch.uint8) else i
+                       for i in args[1]]
             args = (args[0], indices) + tuple(args[2:])
-        elif func is aten.repeat_interleave.Tensor:
+        elif func is aten.repeat_interleave.Tensor and self._driven(args[0]):
             args = (self._toggle(args[0], count=True),) + tuple(args[1:])
         return func(*args, **kwargs)
 
@@ -100,14 +113,17 @@ class _ShapeRecorder(fx.Interpreter):
     grew by several rows, whether the new sample's rows were appended as a block (sample-major) or interleaved.
     """
 
-    def __init__(self, gm, batch: int):
+    def __init__(self, gm, batch: int, sized: _SizedByValues | None = None):
         super().__init__(gm)
         self.batch = batch
+        self.sized = sized
         self.shapes = {}
         self.sample_major = {}
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
+        if self.sized is not None and isinstance(n.meta.get("batch_dim"), int):
+            self.sized.note(out)
         self.shapes[n] = tree_map(lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else None, out)
         val = n.meta.get("val")
         if isinstance(out, torch.Tensor) and isinstance(val, torch.Tensor) and out.dim() == val.dim():
@@ -205,7 +221,8 @@ def propagate_batch_dims(gm: fx.GraphModule, *example_inputs):
     if unbatched:
         for n in _moving(gm, example_inputs, unbatched):
             n.meta["part_of_batch"] = True  # h[:1]: samples' values without their batch axis
-    selecting = [n for n in gm.graph.nodes if _selects_by_values(n)]
+    selecting = [n for n in gm.graph.nodes if _selects_by_values(n)
+                 and any(isinstance(a.meta.get("batch_dim"), int) for a in n.all_input_nodes)]
     if selecting:
         _mark_sized_by_values(gm, example_inputs, selecting)
     return grown_output
@@ -220,9 +237,10 @@ def _mark_sized_by_values(gm: fx.GraphModule, example_inputs, nodes: list) -> No
     what the example inputs route is no promise for the next batch. A value selected from the batch where the
     copy of sample 0 added nothing (it selected no entry) gets that axis as its batch axis.
     """
-    rec = _ShapeRecorder(gm, 0)
+    sized = _SizedByValues()
+    rec = _ShapeRecorder(gm, 0, sized)
     try:
-        with torch.no_grad(), _SizedByValues():
+        with torch.no_grad(), sized:
             rec.run(*example_inputs)
     except Exception:  # noqa: BLE001 - the changed selection broke the model: every value after it may depend
         after = set(nodes)

@@ -3431,7 +3431,8 @@ def _autograd_jacobian(model, x):
     for b in range(x.shape[0]):
         y = model(x[b:b + 1])[0]
         rows.append(torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-            y[o], params, retain_graph=True)]) for o in range(y.shape[0])]))
+            y[o], params, retain_graph=True, allow_unused=True, materialize_grads=True)])
+            for o in range(y.shape[0])]))
     return torch.stack(rows)
 
 
@@ -3595,3 +3596,123 @@ def test_a_parameter_written_into_every_sample_has_per_sample_rules():
     assert_close(J, _autograd_jacobian(model, x), "per-sample Jacobian through a written class token")
     _, d = fxjac.ggn(model, loss="mse", strict=True)(x)
     assert_close(d, (J ** 2).sum((0, 1)), "GGN diagonal through a written class token")
+
+
+class _FixedSelection(nn.Module):
+    """Selections that do not depend on the batch: constant masks and a parameter's sign choose features, and
+    what follows is sized to the count (probe AZ: the check that grows value-driven selections grew these, the
+    Linear after failed, and every per-sample product was refused)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.register_buffer("keep", torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool))
+        self.g = nn.Parameter(torch.tensor([0.5, -1.0, 0.3, 0.2, -0.4, 0.9], dtype=torch.float64))
+        self.fc = nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        if self.how == "mask":
+            return self.fc(x[:, self.keep])
+        if self.how == "nonzero":
+            return self.fc(x.index_select(1, self.keep.nonzero()[:, 0]))
+        if self.how == "gate":
+            idx = (self.g > 0).nonzero()[:, 0]
+            return self.fc(x[:, idx] * self.g[idx])
+        w = torch.arange(x.shape[1], dtype=x.dtype)[self.keep]  # a constant from a size, selected
+        return self.fc(x[:, self.keep] * w)
+
+
+@pytest.mark.parametrize("how", ["mask", "nonzero", "gate", "arange"])
+def test_selections_that_do_not_depend_on_the_batch_keep_per_sample_products(how):
+    model, x = _FixedSelection(how), randn(3, 6)
+    _, J = fxjac.jacobian(model, wrt="params")(x)
+    assert_close(J, _autograd_jacobian(model, x), f"per-sample Jacobian ({how})")
+
+
+class _ScalesItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2).double()
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.seen += x.shape[0]  # the output never reads it
+        x /= 4.0  # in-place preprocessing of the input
+        return self.fc(x)
+
+
+def test_a_counter_and_an_input_written_in_place_are_not_a_mode_error():
+    # The check called the model twice on one copy of x, which the first call had divided: the outputs differed
+    # and the unread counter was blamed (probe AZ). Each call gets its own copy.
+    model, x = _ScalesItsInput(), randn(3, 4)
+    _, jv = fxjac.jvp(model)(x.clone(), torch.ones(3, 4, dtype=torch.float64))
+    assert_close(jv, (torch.ones(3, 4, dtype=torch.float64) / 4.0) @ model.fc.weight.t(), "jvp")
+    assert model.seen.item() == 0
+
+
+class _TimeMajorRecurrence(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.U = nn.Linear(3, 4).double(), nn.Linear(4, 4, bias=False).double()
+
+    def forward(self, x):  # x [B, T, 3]: the inputs of every step computed at once, time-major, then split
+        B = x.shape[0]
+        h = torch.zeros(B, 4, dtype=x.dtype)
+        for step in self.fc(x.transpose(0, 1).reshape(-1, 3)).split(B, 0):
+            h = torch.tanh(step + self.U(h))
+        return h
+
+
+def test_splitting_a_time_major_batch_by_the_batch_size_is_not_a_loop_over_samples():
+    model, x = _TimeMajorRecurrence(), randn(3, 2, 3)
+    _, J = fxjac.jacobian(model, wrt="params")(x)
+    assert_close(J, _autograd_jacobian(model, x), "per-sample Jacobian of a time-major recurrence")
+
+
+class _ClippedUnrecorded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 2).double()
+
+    def forward(self, x):
+        h = self.a(x)
+        with torch.no_grad():
+            h.clamp_(-0.5, 0.5)  # a straight-through clip: autograd keeps h's derivative
+        return torch.sin(h)
+
+
+def test_differentiable_products_see_unrecorded_writes_straight_through():
+    # The product graph's straight-through op returned the new values only: differentiating a differentiable
+    # product (its y, a double backward) saw the clamp where autograd sees the identity (probe BA).
+    model, x, w = _ClippedUnrecorded(), randn(4, 3) * 2.0, randn(4, 2, seed=1)
+    xr = x.clone().requires_grad_()
+    g_ref, = torch.autograd.grad((model(xr) * w).sum(), xr, create_graph=True)
+    gg_ref, = torch.autograd.grad(g_ref.sum(), xr)
+    xf = x.clone().requires_grad_()
+    y, g = fxjac.vjp(model, differentiable=True)(xf, w)
+    assert_close(g, g_ref, "vjp through a straight-through clip")
+    gg, = torch.autograd.grad(g.sum(), xf, retain_graph=True)
+    assert_close(gg, gg_ref, "second derivative through a straight-through clip")
+    gy, = torch.autograd.grad((y * w).sum(), xf)
+    assert_close(gy, g_ref.detach(), "gradient of the product's own y")
+    pc = fxjac.compile(model, "vjp", backend="aot_eager", differentiable=True)  # (dynamo takes the op too)
+    xc = x.clone().requires_grad_()
+    _, g = pc(xc, w)
+    gg, = torch.autograd.grad(g.sum(), xc)
+    assert_close(gg, gg_ref, "second derivative through a compiled straight-through clip")
+
+
+def test_compiled_results_are_the_callers_too():
+    # fxjac.compile runs the product graph without the eager call's checks: a bias's jvp returned v itself and
+    # a Jacobian its transposed rows (probe BA). The graph ends each result in a copy or a contiguous view.
+    model, x = nn.Sequential(nn.Linear(4, 3)).double().eval(), randn(5, 4)
+    p = fxjac.compile(model, "jvp", backend="aot_eager", wrt=["0.bias"])
+    for v in (randn(3, seed=1), randn(5, 3, seed=2)):
+        p(x, v)
+        _, r = p(x, v)
+        assert r.untyped_storage().data_ptr() != v.untyped_storage().data_ptr()
+        assert_close(r, v.expand(5, 3), "a bias's jvp")
+    _, J = fxjac.compile(model, "jacobian", backend="aot_eager")(x)
+    assert J.is_contiguous()
+    _, r = fxjac.jvp(model, wrt=["0.bias"])(x, randn(5, 3, seed=3).requires_grad_())
+    assert r.grad_fn is None  # a copy made for the caller has no history of its own
