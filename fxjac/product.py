@@ -700,7 +700,9 @@ _RESULT_VIEWS = {"view", "reshape", "expand", "expand_as", "transpose", "permute
 
 def contiguous_result(t):
     """A result in contiguous memory (Note [results])."""
-    return t.contiguous() if isinstance(t, torch.Tensor) and not t.is_contiguous() else t
+    if isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_contiguous():
+        return t.contiguous()
+    return t
 
 
 def copied_result(t):
@@ -723,16 +725,12 @@ def _an_operand(n: Any) -> bool:
 
 
 def _fresh(out: Any, args: tuple, differentiable: bool = False) -> Any:
-    """The results (not ``y``) as torch.func returns them: the caller's to keep and to write into. A result that
-    is the caller's own operand, or a view of it (a Jacobian that passes ``v`` through: a bias's jvp, an
-    identity's ``M``), is copied; a transposed or stride-0 one (a Jacobian assembled from rows) is made
-    contiguous, so ``J.view(B, -1)`` works.
+    """The results (not ``y``) as torch.func returns them: a result that shares the memory of one of the call's
+    arguments (passed through a rule's own helper, which the graph's ``copied_result`` does not see) is copied
+    (Note [results]; the graph already made every result contiguous).
     """
-    if not isinstance(out, tuple) or len(out) < 2:
-        return out
-    if torch.compiler.is_compiling() or _rt.transformed():  # (no storage under vmap's wrappers)
-        return (out[0],) + tuple(tree_map(lambda r: r.contiguous() if isinstance(r, torch.Tensor) and
-                                          r.layout == torch.strided else r, o) for o in out[1:])
+    if not isinstance(out, tuple) or len(out) < 2 or torch.compiler.is_compiling() or _rt.transformed():
+        return out  # (no storage under vmap's wrappers)
     given = {
         a.untyped_storage().data_ptr() for a in args
         if isinstance(a, torch.Tensor) and a.layout == torch.strided and a.device.type != "meta" and a.numel()}
@@ -743,7 +741,7 @@ def _fresh(out: Any, args: tuple, differentiable: bool = False) -> Any:
         if given and r.numel() and r.device.type != "meta" and r.untyped_storage().data_ptr() in given:
             with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
                 return r.clone(memory_format=torch.contiguous_format)
-        return r if r.is_contiguous() else r.contiguous()
+        return r
 
     return (out[0],) + tuple(fresh(o) if isinstance(o, torch.Tensor) else tree_map(fresh, o) for o in out[1:])
 

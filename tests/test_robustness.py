@@ -416,15 +416,21 @@ def test_rows_routed_by_the_values_have_no_per_sample_layout(owners):
     for i, b in enumerate(owners):
         x[b, i % 5, 0] = 1.0
     w = randn(3, 5, 3, seed=1)
+    _refuses_per_sample_but_sums(
+        model, x, w, "depends on the values", "summed vjp through routed rows",
+        lambda: fxjac.jtmjp(model, wrt="params", matrix="diag", out="diag")(x, randn(3, 15).abs()))
+
+
+def _refuses_per_sample_but_sums(model, x, w, match, what, *more):
+    """Per-sample products (and ``more``) raise the UnsupportedOpError ``match``; the summed vjp is autograd's."""
     for product in (lambda: fxjac.vjp(model, wrt="params", reduce="none")(x, w),
                     lambda: fxjac.ggn(model, loss="mse")(x),
-                    lambda: fxjac.jacobian(model, wrt="params")(x),
-                    lambda: fxjac.jtmjp(model, wrt="params", matrix="diag", out="diag")(x, randn(3, 15).abs())):
-        with pytest.raises(fxjac.UnsupportedOpError, match="depends on the values"):
+                    lambda: fxjac.jacobian(model, wrt="params")(x), *more):
+        with pytest.raises(fxjac.UnsupportedOpError, match=match):
             product()
     _, g = fxjac.vjp(model, wrt="params")(x, w)
     ref = grad(lambda p: (functional_call(model, p, (x,)) * w).sum())(dict(model.named_parameters()))
-    assert_close(g, torch.cat([r.reshape(-1) for r in ref.values()]), "summed vjp through routed rows")
+    assert_close(g, torch.cat([r.reshape(-1) for r in ref.values()]), what)
 
 
 class _MaskedUpdate(nn.Module):
@@ -3536,13 +3542,7 @@ def test_a_parameter_meeting_part_of_the_batch_refuses_per_sample_results():
     # Samples stay independent, but the rows of x[:1] and x[1:] are not every sample's: per-sample products
     # raised raw reshape errors (probe AW). The summed vjp is right.
     model, x, w = _PartOfTheBatch().double(), randn(3, 3), randn(3, 2, seed=1)
-    for product in (lambda: fxjac.ggn(model, loss="mse")(x), lambda: fxjac.jacobian(model, wrt="params")(x),
-                    lambda: fxjac.vjp(model, wrt="params", reduce="none")(x, w)):
-        with pytest.raises(fxjac.UnsupportedOpError, match="part of the batch"):
-            product()
-    _, g = fxjac.vjp(model, wrt="params")(x, w)
-    ref = grad(lambda p: (functional_call(model, p, (x,)) * w).sum())(dict(model.named_parameters()))
-    assert_close(g, torch.cat([r.reshape(-1) for r in ref.values()]), "summed vjp over parts of the batch")
+    _refuses_per_sample_but_sums(model, x, w, "part of the batch", "summed vjp over parts of the batch")
 
 
 class _FromTheBatchsDtype(nn.Module):

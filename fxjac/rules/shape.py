@@ -1007,30 +1007,10 @@ class Triu(_Triangle):
     op = torch.triu
 
 
-def _assigned(v, sel_dim: int):
-    """A value stack ``[K, *v]`` lined up with the selection ``[K, *s]`` it is written into (``v`` broadcasts to
-    ``s`` from the right; leading unit axes beyond ``s``'s are dropped, as ``x[idx] = v`` drops them).
-    """
-    lead = v.dim() - 1 - sel_dim
-    if lead > 0:
-        return v.reshape((v.shape[0],) + tuple(v.shape[1 + lead:]))
-    return v.reshape((v.shape[0],) + (1,) * -lead + tuple(v.shape[1:])) if lead < 0 else v
-
-
-def setitem_tangent(tb, tv, like, idx):
-    """``setitem(base, idx, value)`` on stacks: the base's (zeros where it has none) with the value's written at
-    ``idx`` (zeros where the value has none).
-    """
-    k = (tb if tb is not None else tv).shape[0]
-    out = tb.clone() if tb is not None else tv.new_zeros((k,) + tuple(like.shape))
-    full = (slice(None),) + _index_of(idx)
-    out[full] = 0.0 if tv is None else _assigned(tv, out[full].dim() - 1)
-    return out
-
-
-def _per_sample_value(sel_dim: int, shape: tuple) -> tuple:
-    """The shape a per-sample stack of an unbatched value of ``shape`` takes in a per-sample selection of rank
-    ``sel_dim``: leading unit axes beyond it dropped (the value's leading 1 lines up with the batch).
+def _lined_up(shape: tuple, sel_dim: int) -> tuple:
+    """A value's ``shape`` lined up with the rank-``sel_dim`` selection it is written into: ``x[idx] = v``
+    broadcasts ``v`` from the right and drops its leading unit axes beyond the selection's (for a per-sample stack
+    of an unbatched value, its leading 1 lines up with the batch).
     """
     core = tuple(shape)
     while len(core) > sel_dim and core and core[0] == 1:
@@ -1038,22 +1018,20 @@ def _per_sample_value(sel_dim: int, shape: tuple) -> tuple:
     return (1,) * (sel_dim - len(core)) + core
 
 
-def setitem_tangent_ps(tb, tv, like, idx, value):
-    """:func:`setitem_tangent` where the value is unbatched with a per-sample stack ``[K, B, *v]`` (a class token
-    written into every sample: ``out[:, 0] = self.cls``) and the index keeps the batch axis first and whole.
+def setitem_tangent(tb, tv, like, idx, lead=1):
+    """``setitem(base, idx, value)`` on stacks: the base's (zeros where it has none) with the value's written at
+    ``idx`` (zeros where the value has none). ``lead`` is 2 where the value is unbatched with a per-sample stack
+    ``[K, B, *v]`` (a class token written into every sample: ``out[:, 0] = self.cls``; the index keeps the batch
+    axis first and whole).
     """
-    out = tb.clone() if tb is not None else tv.new_zeros((tv.shape[0],) + tuple(like.shape))
+    k = (tb if tb is not None else tv).shape[0]
+    out = tb.clone() if tb is not None else tv.new_zeros((k,) + tuple(like.shape))
     full = (slice(None),) + _index_of(idx)
-    target = out[full]
-    out[full] = tv.reshape(tuple(tv.shape[:2]) + _per_sample_value(target.dim() - 2, tuple(value.shape)))
+    if tv is None:
+        out[full] = 0.0
+    else:
+        out[full] = tv.reshape(tuple(tv.shape[:lead]) + _lined_up(tuple(tv.shape[lead:]), out[full].dim() - lead))
     return out
-
-
-def setitem_value_transpose_ps(ct, idx, value):
-    """The unbatched value's per-sample cotangent ``[K, B, *value.shape]`` (:func:`setitem_tangent_ps`)."""
-    sel = ct[(slice(None),) + _index_of(idx)]
-    core = _per_sample_value(sel.dim() - 2, tuple(value.shape))
-    return sel.sum_to_size(tuple(sel.shape[:2]) + core).reshape(tuple(sel.shape[:2]) + tuple(value.shape))
 
 
 def setitem_base_transpose(ct, idx):
@@ -1063,14 +1041,13 @@ def setitem_base_transpose(ct, idx):
     return out
 
 
-def setitem_value_transpose(ct, idx, value):
-    """The value's cotangent: the output's at ``idx``, summed over the copies broadcasting made."""
+def setitem_value_transpose(ct, idx, value, lead=1):
+    """The value's cotangent ``[K, *value.shape]`` (``[K, B, *value.shape]`` per sample with ``lead`` 2): the
+    output's at ``idx``, summed over the copies broadcasting made.
+    """
     sel = ct[(slice(None),) + _index_of(idx)]
-    shape = tuple(value.shape)
-    lead = len(shape) - (sel.dim() - 1)
-    if lead > 0:  # leading unit axes the assignment dropped
-        sel = sel.reshape((sel.shape[0],) + (1,) * lead + tuple(sel.shape[1:]))
-    return _rt.sum_to(sel, value)
+    stack = tuple(sel.shape[:lead])
+    return sel.sum_to_size(stack + _lined_up(tuple(value.shape), sel.dim() - lead)).reshape(stack + tuple(value.shape))
 
 
 @register(setitem)
@@ -1102,9 +1079,9 @@ class SetItem(Rule):
         tb, tv = tangents["base"], tangents.get("value", ZERO)
         if tb is ZERO and tv is ZERO:
             return ZERO
-        if "value" in site.ps and tv is not ZERO:
-            return e(setitem_tangent_ps, None if tb is ZERO else tb, tv, site.args["base"], idx, site.args["value"])
-        return e(setitem_tangent, None if tb is ZERO else tb, None if tv is ZERO else tv, site.args["base"], idx)
+        lead = 2 if "value" in site.ps else 1
+        return e(setitem_tangent, None if tb is ZERO else tb, None if tv is ZERO else tv, site.args["base"], idx,
+                 lead)
 
     def vjp(self, e, site, ct):  # noqa: D102
         idx = self._index(site)
@@ -1112,8 +1089,7 @@ class SetItem(Rule):
         if site.needs("base"):
             out["base"] = e(setitem_base_transpose, ct, idx)
         if site.needs("value"):
-            transpose = setitem_value_transpose_ps if "value" in site.ps else setitem_value_transpose
-            out["value"] = e(transpose, ct, idx, site.args["value"])
+            out["value"] = e(setitem_value_transpose, ct, idx, site.args["value"], 2 if "value" in site.ps else 1)
         return out
 
     def diag_jvp(self, e, site, tangents):  # noqa: D102
