@@ -59,7 +59,7 @@ def ggn_vp(model, loss: str = "cross_entropy", wrt: Any = "params", class_dim: i
                              A.param_like(b, src), ps=False)
         return (y, e.method("squeeze", flat, 0))
 
-    return make_product(assemble, model, wrt, takes_target=True, summed=True, **options)
+    return make_product(assemble, model, wrt, takes_target=True, summed=True, real_only="ggn_vp", **options)
 
 
 def _split(batch, n_inputs: int, wants_target: bool):

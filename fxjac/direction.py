@@ -437,5 +437,5 @@ def jacobian(model, wrt: Any = "input", mode: str = "auto", **options) -> Produc
 
         return (y, through_chunks(e, b, src, n_out, chunk_size, e(A.eye_stack, y, n_out), None, pull, cat_dim=1))
 
-    return make_product(assemble, model, wrt, **options)
+    return make_product(assemble, model, wrt, real_only="jacobian", **options)
 

@@ -63,7 +63,10 @@ def sigma_option(sigma, sample_shape=None):
         t = torch.tensor(float(sigma), dtype=torch.float64)
     else:
         try:
-            t = torch.as_tensor(sigma).detach().to("cpu", torch.float64)
+            t = torch.as_tensor(sigma).detach()
+            if t.is_complex():
+                raise TypeError("complex")  # (a cast would drop the imaginary part)
+            t = t.to("cpu", torch.float64)
         except (TypeError, ValueError, RuntimeError) as err:
             raise OptionError(f"sigma must be a positive float or a tensor shaped like one sample, not {sigma!r}") \
                 from err

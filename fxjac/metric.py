@@ -578,7 +578,7 @@ def jtmjp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
         return (y, A.in_dtype(e, src, r, A.space_like(b, src)))
 
     return make_product(assemble, model, wrt, summed=kind != "input" and reduce == "sum",
-                        no_operand=_identity(matrix, "output"), **options)
+                        no_operand=_identity(matrix, "output"), real_only="jtmjp", **options)
 
 
 # --- J M J^T ---------------------------------------------------------------------------------------------
@@ -727,7 +727,7 @@ def jmjtp(model, wrt: Any = "input", matrix: str = "identity", out: str = "full"
         return (y, e(add_all, parts))
 
     space = "input" if kind == "input" else "parameter"
-    return make_product(assemble, model, wrt, no_operand=_identity(matrix, space), **options)
+    return make_product(assemble, model, wrt, no_operand=_identity(matrix, space), real_only="jmjtp", **options)
 
 
 def _identity(matrix: str, space: str) -> Optional[str]:
@@ -826,7 +826,7 @@ def ggn(model, loss: str = "cross_entropy", wrt: Any = "params", out: str = "dia
         return (y, A.in_dtype(e, src, r, A.space_like(b, src)))
 
     return make_product(assemble, model, wrt, takes_target=True, summed=kind != "input" and reduce == "sum",
-                        **options)
+                        real_only="ggn", **options)
 
 
 __all__ = ["ggn", "jmjtp", "jtmjp"]

@@ -36,7 +36,7 @@ from .errors import (
     source_line,
 )
 from .rules import _rt, default_rules
-from .source import Source, build_source, check_initialised, field_names
+from .source import BuiltLayout, Source, build_source, check_initialised, field_names
 from .tracing import BUILD_LOCK, parametrizations_uncached
 
 
@@ -291,8 +291,16 @@ class Product(fx.GraphModule):
                                    "call the product once eagerly with operands of this form before torch.compile")
             with BUILD_LOCK:
                 if key not in self._fxjac_variants:
-                    self._fxjac_variants[key] = self._fxjac_build(args[:n_in], key, self.model)
+                    self._fxjac_variants[key] = self._fxjac_build(args[:n_in], key, self.model, self._layout())
         return self._fxjac_variants[key]
+
+    def _layout(self) -> Optional[BuiltLayout]:
+        """The flat parameter layout this product or a sibling was built with (a sibling built later keeps it,
+        whatever was frozen since), or ``None`` before any build and for products w.r.t. an input.
+        """
+        names = None if self._fxjac_spec.get("lazy") else self.wrt_names
+        names = names or next((v.wrt_names for v in self._fxjac_variants.values() if v.wrt_names), None)
+        return BuiltLayout(names) if names else None
 
     def ensure_built(self, *args) -> "Product":
         """Build a lazily built product for these inputs (and operands) without computing anything."""
@@ -312,7 +320,7 @@ class Product(fx.GraphModule):
             if not spec.get("lazy"):
                 return
             n_in = spec.get("n_inputs")
-            built = self._fxjac_build(args[:n_in] if n_in is not None else args, None, self.model)
+            built = self._fxjac_build(args[:n_in] if n_in is not None else args, None, self.model, self._layout())
             self._install(built, built._fxjac_src)
             sources.keep(self, *_kept_source(built))
             self.wrt_names = built.wrt_names
@@ -324,6 +332,12 @@ class Product(fx.GraphModule):
         not a walk from the root per path (0.1 ms a call on the transformer).
         """
         for path, parent, name, mod, moded, state in self._fxjac_structure:
+            if isinstance(moded, _GlobalHooks):
+                if _global_hooks() != moded.keys:
+                    raise StaleProductError("a global module hook (torch.nn.modules.module's register_module_"
+                                            "forward_hook or _pre_hook) was registered or removed since this "
+                                            "product was built; build the product again")
+                continue
             if isinstance(moded, _Tie):  # a tied parameter's second name: still the first name's tensor?
                 if parent._parameters.get(name) is not mod._parameters.get(moded.attr):
                     raise StaleProductError(f"the model's parameter {path!r} was tied to another when this product "
@@ -586,7 +600,7 @@ def _structure(src: Source) -> list:
             continue
         if isinstance(mod, nn.Module):
             out.append((p, parent, name, mod, _moded(mod), _state(mod)))
-    return out + _ties(model)
+    return out + _ties(model) + [('', None, '', None, _GlobalHooks(), None)]
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -594,26 +608,74 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 def _state(mod: nn.Module) -> tuple:
     """What the product was traced with besides the modules' places: ``mod``'s forward pre-hooks and forward hooks
-    (the tracer ran them), its class (``register_parametrization`` swaps it on the same object), how many of its
-    parameter slots are None (``bias = None`` after the build, or a bias given to a layer built without) and, for
-    a container, how many modules it holds (a forward iterating it runs one appended after the build).
+    (the tracer ran them; each registration has its own key, so a hook swapped for another counts), its class
+    (``register_parametrization`` swaps it on the same object), how many of its parameter slots are None (``bias =
+    None`` after the build, or a bias given to a layer built without), for a container how many modules it holds
+    (a forward iterating it runs one appended after the build), a ``forward`` set on the instance, and the
+    settings of a ``torch.nn`` built-in (:func:`_settings`).
     """
-    return (len(mod._forward_pre_hooks), len(mod._forward_hooks), type(mod),
+    return (tuple(mod._forward_pre_hooks), tuple(mod._forward_hooks), type(mod),
             sum(1 for t in mod._parameters.values() if t is None),
-            len(mod._modules) if isinstance(mod, _CONTAINERS) else -1)
+            len(mod._modules) if isinstance(mod, _CONTAINERS) else -1, mod.__dict__.get("forward"), _settings(mod))
+
+
+def _settings(mod: nn.Module) -> tuple:
+    """A ``torch.nn`` built-in's settings that tracing made constants (:func:`_setting_names`)."""
+    names = _SETTING_NAMES.get(type(mod))
+    if names is None:
+        names = _SETTING_NAMES.setdefault(type(mod), _setting_names(type(mod)))
+    return tuple(map(mod.__dict__.get, names)) if names else ()
+
+
+_SETTING_NAMES: dict = {}
+
+
+def _setting_names(cls: type) -> tuple:
+    """A ``torch.nn`` built-in's ``__constants__`` (a LeakyReLU's ``negative_slope``, a convolution's ``stride``);
+    none for Dropout, whose eval-mode forward ignores its ``p``, nor BatchNorm's ``momentum`` (a running average's,
+    not the output's). A module of the user's own holds plain attributes that tracing fixed too; those are not
+    checked (README, *What fxjac refuses*).
+    """
+    if not cls.__module__.startswith("torch.nn.") or issubclass(cls, nn.modules.dropout._DropoutNd):
+        return ()
+    return tuple(c for c in getattr(cls, "__constants__", ()) if c != "momentum")
 
 
 def _state_change(mod: nn.Module, before: tuple) -> str:
     """What changed in ``mod`` since :func:`_state` gave ``before``, in words."""
     now = _state(mod)
     if now[:2] != before[:2]:
-        return "its forward hooks (a hook added or removed changes what the model computes)"
+        return "its forward hooks (a hook added, removed or swapped for another changes what the model computes)"
     if now[2] is not before[2]:
         return (f"its class, {before[2].__name__} then {now[2].__name__} (a parametrization registered or removed "
                 "renames its parameters)")
     if now[3] != before[3]:
         return "its parameters (one set to None, or a None one given a tensor)"
-    return f"its length, {before[4]} then {now[4]} modules (a forward iterating it runs them all)"
+    if now[4] != before[4]:
+        return f"its length, {before[4]} then {now[4]} modules (a forward iterating it runs them all)"
+    if now[5] is not before[5]:
+        return "its forward (a function assigned to the instance's forward, or removed)"
+    changed = [f"{c} {b!r} then {a!r}" for c, b, a in zip(_setting_names(type(mod)), before[6], now[6]) if a != b]
+    return f"its settings ({', '.join(changed)}), which tracing made constants of the product"
+
+
+class _GlobalHooks:
+    """The moded slot of the structure's last entry: the global module hooks (``register_module_forward_hook``,
+    ``register_module_forward_pre_hook``) there were at the build, by registration.
+    """
+
+    def __init__(self):
+        self.keys = _global_hooks()
+
+
+def _global_hooks() -> tuple:
+    """The keys of the global forward hooks that are not torch's own: torch's observe (FlopCounterMode's and
+    ModuleTracker's, registered for a ``with`` block), a user's may change outputs.
+    """
+    from torch.nn.modules import module as _module
+
+    return tuple(tuple(k for k, h in hooks.items() if not (getattr(h, "__module__", None) or "").startswith("torch."))
+                 for hooks in (_module._global_forward_pre_hooks, _module._global_forward_hooks))
 
 
 class _Tie:
@@ -811,14 +873,36 @@ def _check_common(leaf_modules, concrete_args, output, strict, differentiable) -
     return tuple(items)
 
 
+def _refuse_complex(product: str, src: Source) -> None:
+    """A Jacobian or curvature w.r.t. complex values: refused (UnsupportedOpError). Each complex number is two
+    real ones to a real output, but these products contract J with itself as if the values were real (J Jᵀ, not
+    the curvature of the real and imaginary parts: a GGN diagonal of 0 for a weight that moves the output), and a
+    Jacobian's result has the dtype of the real output. vjp, jvp, jmp and mjp take complex values as autograd does.
+    """
+    names = [p.name for p in src.params if p.param.is_complex()]
+    if src.wrt_kind == "input" and src.inputs[src.wrt_index].meta.get("val") is not None and \
+            src.inputs[src.wrt_index].meta["val"].is_complex():
+        names = [f"input {src.wrt_index}"]
+    if names:
+        raise UnsupportedOpError(
+            f"fxjac.{product} w.r.t. complex values ({', '.join(names[:5])}): these products treat the values as "
+            "real, which complex numbers are not (each is a real and an imaginary part). Store a complex parameter "
+            "as a real one with a last axis of 2 and call torch.view_as_complex on it in forward: the products "
+            "are then those of the real and imaginary parts. fxjac.vjp, jvp, jmp and mjp take complex values as "
+            "autograd does")
+
+
 def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inputs=None, leaf_modules=(),
                  concrete_args=None, output=None, strict=False, differentiable=False, variant=None,
                  n_inputs: Optional[int] = None, takes_target: bool = False, summed: bool = False,
-                 no_operand: Optional[str] = None) -> Product:
+                 no_operand: Optional[str] = None, real_only: Optional[str] = None) -> Product:
     """Build a Product: ``assemble(src, builder, key)`` writes the product graph and returns its outputs.
     ``summed``: the result is a parameter-space quantity summed over the batch (what ``accumulate`` adds up).
 
     ``no_operand``: why the product takes no operand (``matrix="identity"``), told to a call that passes one.
+
+    ``real_only``: the product's name where it refuses complex parameters or a complex input to differentiate
+    (:func:`_refuse_complex`).
 
     ``variant(operands) -> key or None`` lets a product dispatch an operand of another form (``[B, P]`` instead
     of ``[P]``) to a sibling product built on demand with ``key``.
@@ -829,13 +913,14 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
     _check_concrete_names(model, concrete_args)
     check_initialised(model)
 
-    def build(inputs, key, of=None):  # ``of``: the product's model (a deep copy's, not the one built from)
+    def build(inputs, key, of=None, layout=None):
+        # ``of``: the product's model (a deep copy's, not the one built from); ``layout``: a sibling's BuiltLayout
         with BUILD_LOCK, _GeneratedSources() as sources:  # Note [tracing and threads]
-            prod = _build(inputs, key, model if of is None else of)
+            prod = _build(inputs, key, model if of is None else of, wrt if layout is None else layout)
             sources.keep(prod, *_kept_source(prod))
             return prod
 
-    def _build(inputs, key, model):
+    def _build(inputs, key, model, wrt):
         inputs = tuple(tree_map(_plain, tuple(inputs)))
         _refuse_meta(inputs)
         _same_batch(inputs)
@@ -843,6 +928,8 @@ def make_product(assemble: Callable, model: nn.Module, wrt: Any, *, example_inpu
             _rt.tune_malloc()  # Note [glibc's heap and column stacks]
         src = build_source(model, wrt, list(inputs), leaf_modules=leaf_modules, concrete_args=concrete_args,
                            output=output)
+        if real_only:
+            _refuse_complex(real_only, src)
         b = Builder(src.gm, default_rules(), strict=strict)
         try:
             outs = assemble(src, b, key)

@@ -14,10 +14,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from passes import propagate_shapes
-from passes.shape_prop import propagate_batch_dims
+from passes.shape_prop import batch_size_of, propagate_batch_dims
 
-from .errors import ModeError, OptionError, ShapeError, TraceError, source_line
-from .tracing import check_modes, trace, unpack_sequence_arguments
+from .errors import ModeError, OptionError, ShapeError, StaleProductError, TraceError, source_line
+from .tracing import check_modes, fields_as_tuples, trace, unpack_sequence_arguments
 
 
 @dataclass
@@ -69,15 +69,29 @@ def check_initialised(model: nn.Module) -> None:
                           "nn.LazyConv2d…): run the model once on a batch (model(x)) before building the product")
 
 
+class BuiltLayout(tuple):
+    """The parameter names of a built product, in its flat layout, as ``wrt`` for a sibling product (a jvp's
+    ``[B, P]`` form, built at its first use): the same layout, a parameter frozen since the build included.
+    """
+
+
 def select_params(model: nn.Module, wrt: Any) -> list:
-    """The parameters selected by ``wrt`` (``"params"`` or names / module prefixes), in the flat layout.
+    """The parameters selected by ``wrt`` (``"params"``, names / module prefixes, or a :class:`BuiltLayout`), in the
+    flat layout.
 
     Raises:
         OptionError: a name matches nothing, or names a frozen parameter (with the nearest names).
     """
     check_initialised(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if wrt == "params":
+    if isinstance(wrt, BuiltLayout):
+        every = dict(model.named_parameters())
+        gone = [n for n in wrt if n not in every]
+        if gone:
+            raise StaleProductError(f"the model's parameter(s) {gone[:5]} of this product's layout are gone since "
+                                    "it was built; build the product again")
+        chosen = [(n, every[n]) for n in wrt]
+    elif wrt == "params":
         chosen = named
     else:
         names = [wrt] if isinstance(wrt, str) else list(wrt)
@@ -147,8 +161,8 @@ def _check_output_batch(out: fx.Node, grown, example_inputs: Sequence) -> None:
     if grown is None or not isinstance(out.meta.get("val"), torch.Tensor) or out.meta["val"].dim() == 0:
         return
     bd, rows = out.meta.get("batch_dim"), out.meta.get("batch_factor", 1)
-    batch = next((x.shape[0] for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
-    if bd is None and batch and batch > 1 and out.meta["val"].shape[0] == batch:  # (at 1: a whole-batch reduction)
+    batch = batch_size_of(example_inputs)
+    if bd is None and batch > 1 and out.meta["val"].shape[0] == batch:  # (at 1: a whole-batch reduction)
         raise TraceError(f"the model's output keeps {batch} rows when the batch grows by one sample: forward "
                          "loops over the batch (for r in h.unbind(0), h.split(1), range(x.shape[0])), and tracing "
                          "fixed the loop to the traced batch size. Use ops that take every sample at once "
@@ -253,39 +267,52 @@ def _check_samples_independent(y, grown, dtypes=()) -> None:
 
 
 def _check_samples_independent_in_place(gm: fx.GraphModule, example_inputs: Sequence, y, dtypes=()) -> None:
-    """Change the last sample (to a copy of the first) and refuse the model if another sample's output moves: a
-    whole graph given as the batch couples its rows, through an ``[N, N]`` adjacency (the model cannot run on one
-    more sample then, so the check above saw nothing) or through fixed edge indices (one more sample, unreached
-    by the edges, changes nothing there).
+    """Change some samples (each to its neighbour's values) and refuse the model if another sample's output moves:
+    a whole graph given as the batch couples its rows, through an ``[N, N]`` adjacency (the model cannot run on
+    one more sample then, so the check above saw nothing) or through fixed edge indices (one more sample, unreached
+    by the edges, changes nothing there). The samples changed are those with bit ``j`` of their index set, then
+    those without, for each bit of the index: any two samples are told apart in 2·⌈log₂ B⌉ runs (an isolated
+    last node hid a graph's coupling when only the last sample changed), up to :data:`_COUPLING_BITS` bits.
 
     Raises:
         ModeError: with the size of the change.
     """
     tensors = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
-    if not (isinstance(y, torch.Tensor) and y.dim() > 0 and tensors and y.shape[0] == tensors[0].shape[0] >= 2):
+    if not (isinstance(y, torch.Tensor) and y.dim() > 0 and y.is_floating_point() and tensors
+            and y.shape[0] == tensors[0].shape[0] >= 2):
         return
+    batch = y.shape[0]
+    index = torch.arange(batch)
+    for bit in range(min(_COUPLING_BITS, (batch - 1).bit_length())):
+        for moved in ((index >> bit) & 1 == 1, (index >> bit) & 1 == 0):
+            def changed(x):
+                if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != batch:
+                    return x
+                other = x.roll(1, 0)  # each sample gets another's values (a copy of the batch's own)
+                if x.is_floating_point() and torch.equal(other[moved.to(x.device)], x[moved.to(x.device)]):
+                    other = other + 1
+                return torch.where(moved.to(x.device).view((batch,) + (1,) * (x.dim() - 1)), other, x)
 
-    def changed_last(x):
-        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != y.shape[0]:
-            return x
-        x = x.clone()
-        x[-1] = x[0] if not torch.equal(x[-1], x[0]) else x[0] + 1
-        return x
+            try:
+                with torch.no_grad():
+                    out = gm(*[changed(x) for x in example_inputs])
+            except Exception:  # noqa: BLE001 - inputs the model cannot take at all: nothing to compare
+                return
+            if not (isinstance(out, torch.Tensor) and out.shape == y.shape):
+                return
+            kept = ~moved.to(y.device)
+            before, after = y[kept].detach(), out[kept].detach()
+            rel = _relative_change(before, after)
+            if rel > _tolerance(before.device.type, {before.dtype, *dtypes}):
+                raise ModeError(f"the model's output for some samples changed (relative {rel:.1e}) when other "
+                                "samples changed: its samples depend on each other (a whole graph or set given as "
+                                "the batch, an [N, N] operator over the batch axis?). fxjac's products are per "
+                                "sample: put the batch first, as [B, N, F] with an operator over axis 1")
 
-    try:
-        with torch.no_grad():
-            other = gm(*[changed_last(x) for x in example_inputs])
-    except Exception:  # noqa: BLE001 - inputs the model cannot take at all: nothing to compare
-        return
-    if not (isinstance(other, torch.Tensor) and other.shape == y.shape and y.is_floating_point()):
-        return
-    before, after = y[:-1].detach(), other[:-1].detach()
-    rel = _relative_change(before, after)
-    if rel > _tolerance(before.device.type, {before.dtype, *dtypes}):
-        raise ModeError(f"the model's output for the other samples changed (relative {rel:.1e}) when its last "
-                        "sample changed: its samples depend on each other (a whole graph or set given as the "
-                        "batch, an [N, N] operator over the batch axis?). fxjac's products are per sample: put the "
-                        "batch first, as [B, N, F] with an operator over axis 1")
+
+_COUPLING_BITS = 12
+"""Bits of the sample index :func:`_check_samples_independent_in_place` tries at most (two runs each): every pair
+of samples in an example batch of up to 4,096."""
 
 
 def field_names(tp: type):
@@ -427,6 +454,7 @@ def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_m
                 if "does not require grad" in str(err) or "not used in the graph" in str(err) else "")
         raise TraceError(f"running the traced model on the example inputs failed: {err}{hint}") from err
     _check_selection(out, output)
+    fields_as_tuples(gm)
     unpack_sequence_arguments(gm)
     grown = propagate_batch_dims(gm, *example_inputs)
     _check_output_batch(out, grown, example_inputs)

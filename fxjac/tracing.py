@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
+import itertools
 import operator
 import re
 import string
@@ -29,7 +31,7 @@ from torch.fx.node import map_aggregate, map_arg
 from torch.utils._pytree import tree_map
 
 from passes.dag import any_tensor
-from passes.protocol import module_call
+from passes.protocol import as_tuples, fields_of, module_call
 
 from . import traced_einops
 from .errors import ModeError, TraceError, describe, source_line
@@ -102,6 +104,20 @@ def _proxy_dtype(proxy: fx.Proxy):
     return fx.proxy.Attribute(proxy, "dtype") if dtype is None else dtype
 
 
+def _proxy_ndim(proxy: fx.Proxy):
+    """``proxy.ndim`` while tracing: the value's rank (a product is built for one rank of each input: Note [dtypes
+    while tracing]), else a traced attribute.
+    """
+    ndim = proxy.tracer.ndim_of(proxy.node) if isinstance(proxy.tracer, Tracer) else None
+    return fx.proxy.Attribute(proxy, "ndim") if ndim is None else ndim
+
+
+def _proxy_dim(proxy: fx.Proxy):
+    """``proxy.dim()`` while tracing, as :func:`_proxy_ndim`."""
+    ndim = proxy.tracer.ndim_of(proxy.node) if isinstance(proxy.tracer, Tracer) else None
+    return proxy.tracer.create_proxy("call_method", "dim", (proxy,), {}) if ndim is None else ndim
+
+
 _PROXY_LEN = fx.Proxy.__len__
 
 
@@ -148,9 +164,11 @@ class _TracedTorch(types.ModuleType):
 
     def __getattr__(self, name):
         value = getattr(torch, name)
+        tracer = self._tracer
+        if name == "is_tensor":  # a traced tensor is one (diffusers: if not torch.is_tensor(timesteps): ...)
+            return lambda obj: tracer.is_traced_tensor(obj) if isinstance(obj, fx.Proxy) else value(obj)
         if name not in _FACTORIES:
             return value
-        tracer = self._tracer
 
         def factory(*args, **kwargs):
             traced = []
@@ -167,6 +185,21 @@ _TUPLE_RESULTS = frozenset({
     "topk", "sort", "var_mean", "std_mean", "aminmax", "max", "min", "median", "nanmedian", "mode", "kthvalue",
     "cummax", "cummin", "qr", "svd", "eigh", "eig", "lu", "lu_factor", "frexp", "broadcast_tensors",
     "meshgrid", "getitem"})
+
+
+def _returns_tensor(node: fx.Node) -> bool:
+    """Whether ``node`` is a tensor op's result, as far as its name tells (not a size, not a tuple)."""
+    return node.op in ("call_function", "call_method", "call_module") and not _returns_tuple(node) and \
+        not (node.op == "call_function" and node.target in (operator.getitem, builtins.getattr)) and \
+        node.target not in ("size", "dim", "numel", "tolist", "item")
+
+
+def _sizes(node: fx.Node) -> bool:
+    """Whether ``node`` reads a value's sizes (``x.shape``, ``x.size()``): how many, its rank, is known with
+    examples (``len(t.shape) == 0``, diffusers' timestep check).
+    """
+    return node.op == "call_function" and node.target is builtins.getattr and node.args[1] == "shape" or \
+        node.op == "call_method" and node.target == "size" and len(node.args) == 1 and not node.kwargs
 
 
 def _returns_tuple(node: fx.Node) -> bool:
@@ -190,6 +223,8 @@ class Tracer(fx.Tracer):
         self._values: dict = {}  # Note [dtypes while tracing]: node -> value on the example inputs
         self.guessed = False  # a dtype or a tuple's length was needed without examples: guessed
         self._thread = threading.get_ident()  # the tracing thread (Note [tracing and threads])
+        self._running = False  # a leaf module runs on meta tensors (_run_leaf)
+        self.root_model: Optional[nn.Module] = None  # the model, where a holder's forward calls it (_trace)
 
     def dtype_of(self, node: fx.Node) -> Optional[torch.dtype]:
         """Note [dtypes while tracing]: the dtype of ``node``'s value, or None (a traced attribute, as before).
@@ -214,6 +249,35 @@ class Tracer(fx.Tracer):
             return None
         return value.dtype if isinstance(value, torch.Tensor) else None
 
+    def is_traced_tensor(self, proxy: fx.Proxy) -> bool:
+        """``torch.is_tensor(proxy)`` while tracing: whether its value is a tensor (Note [dtypes while tracing]);
+        an input is one where there are no examples to tell.
+        """
+        if self.example_inputs is None:
+            return proxy.node.op == "placeholder" or _returns_tensor(proxy.node)
+        try:
+            return isinstance(self._value(proxy.node), torch.Tensor)
+        except Exception:  # noqa: BLE001 - not computable on meta tensors: as without examples
+            return proxy.node.op == "placeholder" or _returns_tensor(proxy.node)
+
+    def ndim_of(self, node: fx.Node) -> Optional[int]:
+        """The rank of ``node``'s value (Note [dtypes while tracing]: ranks too are fixed for a product, and
+        ``if attention_mask.ndim == 2:`` then traces), or None: not computable, or no examples (then the trace
+        is left to the first call, if it fails). Not inside torch.nn's own modules: as for a parameter's shape
+        (:meth:`getattr`), their forward branching on a rank keeps them whole (spectral norm's parametrization:
+        one leaf, one local Jacobian, also for diagonal back-propagation).
+        """
+        if self._in_builtin():
+            return None
+        if self.example_inputs is None:
+            self.guessed = True
+            return None
+        try:
+            value = self._value(node)
+        except Exception:  # noqa: BLE001 - a value this cannot compute: torch.fx's traced attribute
+            return None
+        return value.dim() if isinstance(value, torch.Tensor) else None
+
     def _value(self, node: fx.Node) -> Any:
         if node not in self._values:
             run = fx.Interpreter(self.root, garbage_collect_values=False, graph=self.graph)
@@ -233,12 +297,27 @@ class Tracer(fx.Tracer):
                     elif n.op == "get_attr":
                         self._values[n] = tree_map(_to_meta, _attribute(self.root, n.target))
                     elif n.op == "call_module":
-                        raise TypeError("a leaf module is not run while tracing")  # it would be traced again
+                        self._values[n] = tree_map(_to_meta, self._run_leaf(run, n))
                     else:  # (a factory sized by a traced size makes a real tensor: on meta, as the others)
                         self._values[n] = tree_map(_to_meta, run.run_node(n))
                     if n is node:
                         break
         return self._values[node]
+
+    def _run_leaf(self, run: fx.Interpreter, node: fx.Node) -> Any:
+        """A leaf module's value on meta tensors (its parameters and buffers as meta copies), so that ranks, dtypes
+        and tuple lengths after it are known too: run as plain code, its submodules called, not traced
+        (:meth:`call_module`, :meth:`getattr`).
+        """
+        mod = self.root.get_submodule(node.target)
+        args, kwargs = run.fetch_args_kwargs_from_env(node)
+        state = {k: _to_meta(v) for k, v in itertools.chain(mod.named_parameters(remove_duplicate=False),
+                                                            mod.named_buffers(remove_duplicate=False))}
+        self._running = True
+        try:
+            return torch.func.functional_call(mod, state, tuple(args), dict(kwargs))
+        finally:
+            self._running = False
 
     def iter(self, obj: fx.Proxy):
         """``for t in torch.chunk(h, 2, 1)``: a tuple's entries, as many as its value on meta tensors has (fixed
@@ -254,7 +333,7 @@ class Tracer(fx.Tracer):
         first call).
         """
         if self.example_inputs is None:
-            self.guessed |= _returns_tuple(node)
+            self.guessed |= _returns_tuple(node) or _sizes(node)
             return None
         try:
             value = self._value(node)
@@ -263,7 +342,7 @@ class Tracer(fx.Tracer):
         return len(value) if isinstance(value, (tuple, list)) else None
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):  # noqa: D102
-        if threading.get_ident() != self._thread:  # Note [tracing and threads]
+        if threading.get_ident() != self._thread or self._running:  # Note [tracing and threads]; _run_leaf
             return attr_val
         # A parameter's shape, size(), dim() and numel() are its own numbers, not traced values (a product is
         # built for the model's parameter shapes): ``self.W.view(*self.W.shape, 1, 1)`` traces. So for the
@@ -272,10 +351,13 @@ class Tracer(fx.Tracer):
         # nor inside torch.nn's own modules, whose forward branching on a shape keeps them whole as before
         # (spectral norm's and orthogonal's parametrizations: one leaf, one local Jacobian, their own power
         # iteration in training mode).
-        scope = next(reversed(self.module_stack.values()), None) if self.module_stack else None
-        builtin = scope is not None and getattr(scope[1], "__module__", "").startswith("torch.nn.")
-        self.param_shapes_constant = isinstance(attr_val, nn.Parameter) and not builtin
+        self.param_shapes_constant = isinstance(attr_val, nn.Parameter) and not self._in_builtin()
         return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def _in_builtin(self) -> bool:
+        """Whether the code being traced is a ``torch.nn`` built-in's forward."""
+        scope = next(reversed(self.module_stack.values()), None) if self.module_stack else None
+        return scope is not None and getattr(scope[1], "__module__", "").startswith("torch.nn.")
 
     def create_arg(self, a: Any):  # noqa: D102
         # Inside torch.func.functional_call a module's parameters are swapped for plain tensors, which torch.fx
@@ -292,6 +374,8 @@ class Tracer(fx.Tracer):
         return super().create_arg(a)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # noqa: D102
+        if m is self.root_model:  # the model itself, called by the holder: traced into, as a root (_trace)
+            return False
         if any(m is inst for inst in self.leaf_instances) or any(m is u for u in self.untraceable):
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
@@ -306,15 +390,17 @@ class Tracer(fx.Tracer):
         # ``operator.iadd``…; normalisation then rewrites them with aliases followed (Note [in-place ops]).
         # Grad mode on while tracing, whatever the caller's (a first call under ``torch.no_grad()``): a ``with
         # torch.no_grad():`` block in forward is then seen, and left out of every derivative (create_node).
-        saved = {name: fx.Proxy.__dict__.get(name) for name in (*_PROXY_INPLACE, "dtype", "__len__")}
+        saved = {name: fx.Proxy.__dict__.get(name) for name in (*_PROXY_INPLACE, "dtype", "ndim", "dim", "__len__")}
         for name, op in _PROXY_INPLACE.items():
             setattr(fx.Proxy, name, _inplace_method(op))
         fx.Proxy.dtype = property(_proxy_dtype)
+        fx.Proxy.ndim = property(_proxy_ndim)
+        fx.Proxy.dim = _proxy_dim
         fx.Proxy.__len__ = _proxy_len
         self._values, self._concrete_args, self._swapped = {}, dict(concrete_args or {}), None
         self._thread = threading.get_ident()
         self._autocast = _autocast_state()
-        state = _module_state(root)
+        state = module_state(root)
         self._torch_view, self._globals_seen = _TracedTorch(self), []
         self._see_forwards(type(root))
         torch.autograd.Function.apply = classmethod(_traced_apply)
@@ -332,13 +418,15 @@ class Tracer(fx.Tracer):
                 if g.get(name) is view:
                     g[name] = value
             self._values = {}
-            _restore_module_state(state)
+            restore_module_state(state)
 
     def _see_forwards(self, cls: type) -> None:
         """:meth:`_see_globals` of every ``forward`` a module class defines or inherits (``super().forward(x)``)."""
         for c in cls.__mro__:
-            if "forward" in vars(c):
-                self._see_globals(vars(c)["forward"])
+            forward = vars(c).get("forward")
+            while forward is not None:  # a decorated forward: the decorator's function, then the one it wraps
+                self._see_globals(forward)
+                forward = getattr(getattr(forward, "__func__", forward), "__wrapped__", None)
 
     def _see_globals(self, forward):
         """Tensor factories given a traced size (``torch.zeros(x.shape[0], d)``) must be recorded as calls, where
@@ -396,7 +484,7 @@ class Tracer(fx.Tracer):
         return node
 
     def call_module(self, m, forward, args, kwargs):  # noqa: D102
-        if threading.get_ident() != self._thread:  # Note [tracing and threads]
+        if threading.get_ident() != self._thread or self._running:  # Note [tracing and threads]; _run_leaf
             return forward(*args, **kwargs)
         inner = _compiled_inner(m)
         if inner is not None:  # torch.compile's wrapper: the module it compiles (a submodule of it), traced
@@ -419,7 +507,15 @@ class Tracer(fx.Tracer):
         if decomp is not None and not self.is_leaf_module(m, ""):
             return decomp(m, *args, **kwargs)
         if not _builtin(m) or self.is_leaf_module(m, ""):
-            return super().call_module(m, forward, args, kwargs)
+            try:
+                return super().call_module(m, forward, args, kwargs)
+            except Exception as err:
+                if not hasattr(err, "fxjac_traced_into") and not self.is_leaf_module(m, ""):
+                    try:  # the innermost module traced into where tracing failed, for the message's hint
+                        err.fxjac_traced_into = (self.path_of_module(m), type(m))
+                    except (NameError, AttributeError):
+                        pass
+                raise
         # A torch.nn built-in whose forward branches on its input (``nn.Softmax2d`` checks ``input.dim()``,
         # spectral norm's parametrisation ``weight.ndim``) cannot be traced into: it becomes a leaf, which the
         # autograd fallback differentiates. The nodes of the failed attempt are removed first.
@@ -595,6 +691,8 @@ def _trace(model, leaf_modules, concrete_args, n_inputs, example_inputs) -> fx.G
             inner is not model or model._forward_hooks or model._forward_pre_hooks or variadic or \
             type(inner).__call__ is not nn.Module.__call__:  # (a __call__ of its own runs too)
         root = _holder(model, inner, n_inputs)
+        if not _builtin(inner):  # named in leaf_modules, the model itself is traced into, holder or not
+            tracer.root_model = inner
     try:
         graph = tracer.trace(root, concrete_args=concrete_args)
     except (fx.proxy.TraceError, TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError,
@@ -606,13 +704,13 @@ def _trace(model, leaf_modules, concrete_args, n_inputs, example_inputs) -> fx.G
             raise TraceError(f"the model is a {type(model).__name__}, which fxjac keeps whole inside a net but "
                              f"cannot trace into as the model itself ({err}). Wrap it: nn.Sequential(model) (its "
                              "parameters are then named '0.<name>')") from err
-        error = TraceError(_trace_message(err) if not variadic else (
-            f"torch.fx cannot trace this model: {err}\n{type(inner).__name__}.forward takes {variadic}, which is "
-            "empty while tracing, as in every call of a product: it passes the model's inputs one by one to "
-            "forward's named parameters, and no keyword arguments. Name the inputs forward reads (def forward("
-            "self, x, z))" + (", or build the product with example_inputs=(...): *args then takes the inputs "
-                              "beyond the named ones" if variadic.startswith("*") and not variadic.startswith("**")
-                              and n_inputs is None else "")))
+        error = TraceError(_trace_message(err, type(inner)) + ("" if not variadic else (
+            f"\nNote: {type(inner).__name__}.forward takes {variadic}, which is empty while tracing, as in every "
+            "call of a product: it passes the model's inputs one by one to forward's named parameters, and no "
+            "keyword arguments. If forward reads them, name the inputs (def forward(self, x, z))" + (
+                ", or build the product with example_inputs=(...): *args then takes the inputs beyond the named "
+                "ones" if variadic.startswith("*") and not variadic.startswith("**") and n_inputs is None
+                else ""))))
         if not isinstance(model, fx.GraphModule) and defaulted and n_inputs is None:
             error.args = (error.args[0] + f"\nNote: forward's {defaulted} were traced as their defaults: a product "
                           "built without example_inputs= takes forward's parameters without defaults only. To "
@@ -635,20 +733,24 @@ def _trace(model, leaf_modules, concrete_args, n_inputs, example_inputs) -> fx.G
     return gm
 
 
-def _module_state(root: nn.Module) -> list:
-    """Each module's attributes, parameters and buffers (shallow copies), for :func:`_restore_module_state`."""
+def module_state(root: nn.Module) -> list:
+    """Each module's attributes, parameters and buffers (shallow copies), for :func:`restore_module_state`."""
     return [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in root.modules()]
 
 
-def _restore_module_state(state: list) -> None:
+def restore_module_state(state: list) -> None:
     """Undo the traced values that tracing ``forward`` assigned to the modules (``self.n += 1`` on a buffer,
-    ``self.cache = h``): left in the model they would break it (its state_dict, its next call). Other changes stay
-    (torch.fx keeps the constant tensors made in forward on the root, ``_tensor_constant0``; a Python counter's
-    increments are the model's own side effects, which the first call's output check sees).
+    ``self.cache = h``), and the meta tensors a leaf's run on meta tensors assigned (:meth:`Tracer._run_leaf`):
+    left in the model they would break it (its state_dict, its next call). Other changes stay (torch.fx keeps the
+    constant tensors made in forward on the root, ``_tensor_constant0``; a Python counter's increments are the
+    model's own side effects, which the first call's output check sees).
     """
+    def made(k, v, saved):
+        return isinstance(v, fx.Proxy) or isinstance(v, torch.Tensor) and v.is_meta and saved.get(k) is not v
+
     for m, attrs, params, buffers in state:
         for store, saved in ((m._parameters, params), (m._buffers, buffers), (m.__dict__, attrs)):
-            for k in [k for k, v in store.items() if isinstance(v, fx.Proxy)]:
+            for k in [k for k, v in store.items() if made(k, v, saved)]:
                 if k in saved:
                     store[k] = saved[k]
                 else:
@@ -735,7 +837,65 @@ def _drop_concrete_placeholders(graph: fx.Graph, names=(), n_inputs: Optional[in
             graph.erase_node(n)
 
 
-def _trace_message(err: Exception) -> str:
+def _unpacks_sizes(err: Exception, line: str) -> bool:
+    """Whether the line that failed unpacks (``f(*name)``) a local variable holding traced sizes (``h.shape``,
+    ``h.size()``, or a slice of them), read from the innermost frame of the user's code in ``err``'s traceback.
+    """
+    import traceback
+
+    frames = [f for f, _ in traceback.walk_tb(err.__traceback__)
+              if not any(lib in f.f_code.co_filename for lib in ("/torch/", "/fxjac/", "/einops/"))]
+    names = re.findall(r"[(,]\s*\*(?!\*)\s*(\w+)\s*[,)]", line)
+    if not frames or not names:
+        return False
+    for name in names:
+        value = frames[-1].f_locals.get(name)
+        node = value.node if isinstance(value, fx.Proxy) else None
+        while node is not None and node.op == "call_function" and node.target is operator.getitem:
+            node = node.args[0] if isinstance(node.args[0], fx.Node) else None
+        if node is not None and (node.op == "call_method" and node.target == "size" or node.op == "call_function"
+                                 and node.target is builtins.getattr and node.args[1] == "shape"):
+            return True
+    return False
+
+
+def _trace_message(err: Exception, root: Optional[type] = None) -> str:
+    """The TraceError's text: ``err``, the user's line and a hint for the likely cause (where the line is in a
+    library's module that tracing entered, the hint is to keep that module whole: :func:`_library_hint`).
+    """
+    text = _trace_message_of(err)
+    library = _library_hint(err, root)
+    return text if library is None else text.split("\nHint:")[0] + library
+
+
+def _library_hint(err: Exception, root: Optional[type]) -> Optional[str]:
+    """For a failure on a line of a library (torch_geometric's MessagePassing, diffusers' blocks: the line is in
+    the package of the module that tracing entered, and the model's own class is not) inside a module that
+    tracing entered: the hint to name that module in ``leaf_modules`` (editing the library's code, as other hints
+    suggest for the user's own, is no option).
+    """
+    import os
+    import sys
+    import traceback
+
+    where = getattr(err, "fxjac_traced_into", None)
+    frames = traceback.extract_tb(err.__traceback__)
+    user = [f for f in frames if not any(lib in f.filename for lib in ("/torch/", "/fxjac/", "/einops/"))]
+    if where is None or not user:
+        return None
+    path, cls = where
+    top = cls.__module__.split(".")[0]
+    package = getattr(sys.modules.get(top), "__file__", None)
+    if top == "__main__" or package is None or root is not None and root.__module__.split(".")[0] == top:
+        return None
+    if not os.path.abspath(user[-1].filename).startswith(os.path.dirname(os.path.abspath(package)) + os.sep):
+        return None
+    return (f"\nHint: the line is in {cls.__module__.split('.')[0]}'s code, inside the submodule {path!r} "
+            f"({cls.__name__}) that fxjac traced into. Keep it whole: leaf_modules=[{cls.__name__}] (imported "
+            f"from {cls.__module__}); the exact autograd fallback then differentiates it.")
+
+
+def _trace_message_of(err: Exception) -> str:
     import traceback
 
     frames = traceback.extract_tb(err.__traceback__)
@@ -758,12 +918,15 @@ def _trace_message(err: Exception) -> str:
                 "differentiates it with the autograd fallback (torch.func over torch.func: use torch.func.grad "
                 "there, not torch.autograd.grad). A model that is itself such a module: nn.Sequential(model) with "
                 "leaf_modules=[type(model)].")
-    if "cannot be iterated" in str(err) and re.search(r"[(,]\s*\*(?!\*)\s*[\w.]+\.(shape|size\(\))", line):
+    if "cannot be iterated" in str(err) and (re.search(r"[(,]\s*\*(?!\*)\s*[\w.]+\.(shape|size\(\))", line)
+                                           or _unpacks_sizes(err, line)):
         return (f"torch.fx cannot trace this model: {err}{where}\n"
                 "Hint: the sizes of a value computed in forward are traced, and torch.fx cannot unpack them into a "
-                "call (f(*w.shape, 1, 1)). Add axes by indexing (w[:, :, None, None], w.unsqueeze(-1)) or name "
-                "each size (w.view(w.shape[0], w.shape[1], 1, 1)); a parameter's own shape is concrete "
-                "(self.weight.view(*self.weight.shape, 1) traces).")
+                "call (f(*w.shape, 1, 1), shape = h.shape[:-1]; h.view(*shape, -1, 4)): how many there are is not "
+                "known while tracing (also for the output of a module kept whole in leaf_modules). Add axes by "
+                "indexing (w[:, :, None, None], w.unsqueeze(-1)) or name each size (w.view(w.shape[0], "
+                "w.shape[1], 1, 1)); a parameter's own shape is concrete (self.weight.view(*self.weight.shape, 1) "
+                "traces).")
     if "cannot be iterated" in str(err) and re.search(r"[(,]\s*\*(?!\*)\s*[\w.]", line):  # f(*value)
         return (f"torch.fx cannot trace this model: {err}{where}\n"
                 "Hint: a tensor cannot be unpacked into a call (f(*h) iterates over its first axis, the batch's; a "
@@ -875,15 +1038,19 @@ def straight_through(old, new):
     """``new``'s values with ``old``'s derivative: an in-place write autograd does not record (under
     ``torch.no_grad()``, or through ``.data`` / ``.detach()``) changes a value but not its history.
     """
-    if not torch.is_grad_enabled() and not _functorch_active():
+    if not torch.is_grad_enabled() and not transformed():
         return new
     # ``old - old.detach()`` is 0 with old's derivative (autograd, forward mode, torch.func and torch.compile
     # alike; dynamo takes no autograd.Function with a custom jvp); where old is not finite it would be NaN.
     return new.detach() + torch.where(torch.isfinite(old), old - old.detach(), 0.0)
 
 
-def _functorch_active() -> bool:
-    return torch._C._functorch.maybe_current_level() is not None
+def transformed() -> bool:
+    """Whether a torch.func transform or a forward-mode AD level is active (a ``jacfwd`` or ``dual_level`` around
+    the product): an ``out=`` kernel refuses their wrapped tensors, a copy carries the tangents into the stack
+    (and :func:`fxjac.rules._rt.records_grad` holds), and a write autograd does not record stays straight-through.
+    """
+    return torch._C._functorch.maybe_current_level() is not None or torch.autograd.forward_ad._current_level >= 0
 
 
 def setitem(base, index, value):
@@ -1313,6 +1480,58 @@ def normalise(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def fields_as_tuples(gm: fx.GraphModule) -> None:
+    """A leaf module that returns a dict or a dataclass (a Hugging Face ``ModelOutput``), at any depth of its
+    output, returns each as the tuple of its fields instead (``module_call(..., _fields=True)``, :func:`as_tuples`),
+    and each ``out["h"]`` / ``out.h`` / ``out[0]`` reads its field by position: the passes differentiate a tuple
+    field by field, and torch.func differentiates through no dataclass (read by name, the field was a constant:
+    zero derivatives, silently).
+
+    Needs ``meta["val"]``, which becomes the value with tuples for dicts and dataclasses.
+
+    Raises:
+        TraceError: such a value is used other than by reading a field (handed whole to another call).
+    """
+    changed = False
+    for node in list(gm.graph.nodes):
+        if not (node.op == "call_function" and node.target is module_call):
+            continue
+        val = node.meta.get("val")
+        if as_tuples(val) is val or not any_tensor(as_tuples(val)):
+            continue
+        _read_by_position(node, val, type(node.args[0].meta.get("module")).__name__)
+        node.kwargs = {**node.kwargs, "_fields": True}
+        changed = True
+    if changed:
+        gm.recompile()
+
+
+def _read_by_position(node: fx.Node, val: Any, leaf: str) -> None:
+    """:func:`fields_as_tuples` for ``node``, whose value was ``val``: its reads by key, attribute or index become
+    reads by position, down every level that held a dict or dataclass.
+    """
+    node.meta["val"] = as_tuples(val)
+    names = list(val.keys()) if isinstance(val, dict) else [f.name for f in dataclasses.fields(val)] \
+        if fields_of(val) is not None else None
+    parts = fields_of(val) if names is not None else val
+    for user in list(node.users):
+        key = user.args[1] if user.op == "call_function" and len(user.args) == 2 and user.args[0] is node \
+            and user.target in (operator.getitem, builtins.getattr) else None
+        if names is not None and key in names:
+            index = names.index(key)
+        elif isinstance(key, int) and not isinstance(key, bool) and -len(parts) <= key < len(parts) and (
+                names is None or isinstance(val, dict) and type(val) is not dict):
+            index = key % len(parts)  # a tuple's entry, or a ModelOutput indexed as its tuple of fields
+        else:
+            raise TraceError(f"the leaf module {leaf} returns a {type(val).__name__}, which fxjac differentiates "
+                             "field by field; it is used here other than by reading one field (out['h'], out.h):\n"
+                             + describe([user]) + "\nRead the fields where the value is used, or leave the module "
+                             "out of leaf_modules")
+        user.target, user.args, user.kwargs = operator.getitem, (node, index), {}
+        if as_tuples(parts[index]) is not parts[index]:
+            _read_by_position(user, parts[index], leaf)
 
 
 def unpack_sequence_arguments(gm: fx.GraphModule) -> None:

@@ -26,6 +26,7 @@ list arguments such as ``torch.cat``'s tensors).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import operator
 from dataclasses import dataclass, field
@@ -44,11 +45,40 @@ class Decline(Exception):
     """
 
 
-def module_call(mod: torch.nn.Module, names: tuple, params: tuple, *args, **kwargs):
-    """Call a leaf module with its parameters given explicitly (so they are graph inputs like any other)."""
+def module_call(mod: torch.nn.Module, names: tuple, params: tuple, *args, _fields: bool = False, **kwargs):
+    """Call a leaf module with its parameters given explicitly (so they are graph inputs like any other).
+    ``_fields``: return the fields of the module's dict or dataclass output as a tuple (:func:`fields_of`).
+    """
     if not names:
-        return mod(*args, **kwargs)
-    return torch.func.functional_call(mod, dict(zip(names, params)), args, kwargs)
+        out = mod(*args, **kwargs)
+    else:
+        out = torch.func.functional_call(mod, dict(zip(names, params)), args, kwargs)
+    return as_tuples(out) if _fields else out
+
+
+def fields_of(value: Any) -> Optional[tuple]:
+    """The fields of a dict (its values, in order) or of a dataclass instance, as a tuple; ``None`` for
+    anything else (a Hugging Face ``ModelOutput`` is a dict of its fields that are not None).
+    """
+    if isinstance(value, dict):
+        return tuple(value.values())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return tuple(getattr(value, f.name) for f in dataclasses.fields(value))
+    return None
+
+
+def as_tuples(value: Any) -> Any:
+    """``value`` with every dict and dataclass in it, at any depth, as the tuple of its fields (:func:`fields_of`);
+    tuples and lists holding one become tuples.
+    """
+    fields = fields_of(value)
+    if fields is not None:
+        return tuple(as_tuples(f) for f in fields)
+    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size) and any(
+            fields_of(v) is not None or isinstance(v, (tuple, list)) for v in value):
+        parts = [as_tuples(v) for v in value]
+        return value if all(a is b for a, b in zip(parts, value)) else tuple(parts)
+    return value
 
 
 def rule_key(node: fx.Node, modules: Optional[dict] = None) -> Any:
@@ -168,11 +198,15 @@ class Emitter:
         return self._tag(self.graph.create_node("call_module", target, args, {}, name=self._name()))
 
     def add(self, a, b):
-        """``a + b`` where either may be ZERO."""
+        """``a + b`` where either may be ZERO; (co)tangents of a tuple value, tuples of stacks, add entry by entry
+        (two reads of a nested tuple, ``o[1][0] + o[1][1]``, each give its read's entry).
+        """
         if a is ZERO:
             return b
         if b is ZERO:
             return a
+        if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+            return tuple(self.add(x, y) for x, y in zip(a, b))
         return self(operator.add, a, b)
 
     def mul(self, a, b):

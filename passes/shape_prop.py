@@ -190,13 +190,13 @@ def propagate_batch_dims(gm: fx.GraphModule, *example_inputs):
     batch, or None (storing nothing) when the model cannot run on a batch one larger (it hard-codes its batch
     size), so callers fall back to "the batch is axis 0".
     """
-    rec = _ShapeRecorder(gm, _batch_of(example_inputs))
+    rec = _ShapeRecorder(gm, batch_size_of(example_inputs))
     try:
         with torch.no_grad():
             grown_output = rec.run(*[_one_more(x) for x in example_inputs])
     except Exception:  # noqa: BLE001 - any failure means: no second run, keep the conservative default
         return None
-    batch = _batch_of(example_inputs)
+    batch = batch_size_of(example_inputs)
     from_batch = set()  # floating values computed from a batched one
     for n in gm.graph.nodes:
         val = n.meta.get("val")
@@ -302,6 +302,7 @@ def _moving(gm: fx.GraphModule, example_inputs, nodes: list) -> list:
     return moved
 
 
-def _batch_of(example_inputs) -> int:
+def batch_size_of(example_inputs) -> int:
+    """The batch size: the first axis of the first input with one (0 when no input has an axis)."""
     first = next((x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
     return first.shape[0] if first is not None else 0

@@ -1,6 +1,7 @@
 """Note [dtypes while tracing] (fxjac/tracing.py): ``x.dtype`` is read as a value while a model is traced."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -63,6 +64,81 @@ def test_a_branch_on_a_dtype_follows_the_built_one():
     _, got = fxjac.jvp(model)(x, v)
     J = per_sample_jacobian(model, (x,))
     assert_close(got, torch.einsum("boi,bi->bo", J, v), "jvp through a dtype branch")
+
+
+class _RankBranch(nn.Module):
+    """Branches on ranks (Hugging Face's ``if attention_mask.ndim == 2:``): fixed for a product, like dtypes."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, mask):
+        h = self.lin(x)
+        if mask.ndim == 2:
+            mask = mask[:, :, None]
+        if h.dim() == 3 and mask.dim() == 3:
+            h = h * mask
+        return h.sum(1)
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["built at the first call", "example_inputs"])
+def test_a_branch_on_a_rank_follows_the_built_one(lazy):
+    # Probe BB: x.ndim and x.dim() were traced values, so a branch on them was a TraceError.
+    torch.manual_seed(0)
+    model = _RankBranch().double()
+    x, mask = torch.randn(3, 5, 4, dtype=torch.float64), (torch.rand(3, 5) > 0.3).double()
+    w = torch.randn(3, 4, dtype=torch.float64)
+    p = fxjac.vjp(model, wrt="params", reduce="none", example_inputs=None if lazy else (x, mask))
+    _, got = p(x, mask, w)
+    f, flat = param_fn(model, (x, mask))
+    J = torch.func.jacrev(f)(flat)  # [B, O, P]
+    assert_close(got, torch.einsum("bop,bo->bp", J, w), "per-sample vjp through a rank branch")
+
+
+class _Kept(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class _AfterALeaf(nn.Module):
+    """A rank read and torch.is_tensor after a module kept whole (diffusers' attention after a leaf block, its
+    UNet's ``if not torch.is_tensor(timesteps):``, torch_geometric's pooling after a leaf convolution)."""
+
+    def __init__(self):
+        super().__init__()
+        self.kept, self.head = _Kept(), nn.Linear(4, 2)
+
+    def forward(self, x, t):
+        if not torch.is_tensor(t):
+            t = torch.tensor([t], dtype=x.dtype)
+        elif len(t.shape) == 0:  # (diffusers: a rank read through len, built at the first call too)
+            t = t[None]
+        h = self.kept(x)
+        if h.ndim == 3:
+            h = h.sum(-2 if h.dim() == 3 else -1)
+        return self.head(h) * t[:, None]
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["built at the first call", "example_inputs"])
+def test_ranks_after_a_leaf_module_and_is_tensor(lazy):
+    # Probes BF, BG: a leaf module was not run while tracing, so no rank after it was known (a TraceError at
+    # `if h.ndim == 3`), and torch.is_tensor of a traced input was False (forward took the branch for numbers).
+    torch.manual_seed(0)
+    model = _AfterALeaf().double()
+    x, t, w = torch.randn(3, 5, 4, dtype=torch.float64), torch.rand(3, dtype=torch.float64), torch.randn(3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the leaf's fallback warning
+        p = fxjac.vjp(model, wrt="params", reduce="none", leaf_modules=[_Kept],
+                      example_inputs=None if lazy else (x, t))
+        _, got = p(x, t, w.double())
+    f, flat = param_fn(model, (x, t))
+    J = torch.func.jacrev(f)(flat)  # [B, O, P]
+    assert_close(got, torch.einsum("bop,bo->bp", J, w.double()), "per-sample vjp after a leaf module")
 
 
 class _SizeScaled(nn.Module):

@@ -86,7 +86,8 @@ def test_gaussian_sigma_tensor_shaped_like_a_sample(sigma_shape):
 
 @pytest.mark.parametrize("sigma, words", [(-1.0, "positive"), (torch.tensor([1.0, 0.0]), "positive"),
                                           (float("nan"), "positive"), (torch.ones(3), "broadcast"),
-                                          ("wide", "sigma"), (torch.tensor([1.0, 2.0]), "fewer axes")])
+                                          ("wide", "sigma"), (torch.tensor([1.0, 2.0]), "fewer axes"),
+                                          (2 + 3j, "positive float"), (torch.tensor([[1 + 5j, 2]]), "positive float")])
 def test_gaussian_sigma_is_checked_when_built(sigma, words):
     net = nn.Sequential(nn.Linear(3, 4), nn.Unflatten(1, (2, 2)))
     for build in (lambda: fxjac.ggn(net, loss="gaussian", sigma=sigma, example_inputs=(torch.randn(2, 3),)),

@@ -6,7 +6,9 @@ in a submodule, a replaced parametric submodule of a jvp, operand shape and dtyp
 not repeated here. A case that shows a current fxjac bug is an ``xfail(strict=True)`` naming the cause.
 """
 
+import collections
 import copy
+import dataclasses
 import threading
 import typing
 import warnings
@@ -138,6 +140,47 @@ def test_a_factory_sized_by_the_input_in_a_submodule_of_another_file_traces():
     for model in (nn.Sequential(CausalBlock()).double(), hooked, Rest().double()):
         check_direction_products(model, (x,), products=("jvp", "vjp"))
     assert symbolic_trace.torch is torch  # torch.fx's own globals are never swapped
+
+
+def test_a_factory_sized_by_the_input_in_a_decorated_forward_traces():
+    """Probe BB: a forward wrapped by a decorator from another file (Hugging Face's OPT decoder) was seen through
+    the decorator's globals, and ``torch.ones(B, T)`` in it failed ("ones() takes 1 positional argument")."""
+    from traced_helpers import logged
+
+    class Decorated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 4)
+
+        @logged
+        @logged  # (one decorator: its closure's function was seen, one step deep)
+        def forward(self, x):
+            return self.l(x) * torch.ones(x.shape[0], x.shape[1], 1, dtype=x.dtype).cumsum(1)
+
+    torch.manual_seed(0)
+    check_direction_products(Decorated().double(), (torch.randn(3, 5, 4, dtype=torch.float64),), products=("vjp",))
+
+
+def test_a_failure_in_a_library_module_names_the_module_for_leaf_modules():
+    """Probe BF: a check in a library's module (torch_geometric's MessagePassing) that tracing entered got the hint
+    to skip it while tracing, which means editing the library; the hint now names the module for leaf_modules."""
+    from traced_helpers import CheckedBlock
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blk = CheckedBlock()
+
+        def forward(self, x):
+            return self.blk(x).tanh()
+
+    model, x, w = Net().double(), randn(3, 4), randn(3, 4, seed=1)
+    with pytest.raises(fxjac.TraceError, match=r"submodule 'blk' \(CheckedBlock\).*leaf_modules=\[CheckedBlock\]"):
+        fxjac.vjp(model)(x, w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's warning
+        _, g = fxjac.vjp(model, leaf_modules=[CheckedBlock])(x, w)
+    assert_close(g, torch.einsum("bo,boi->bi", w, per_sample_jacobian(model, (x,))), "vjp with the block whole")
 
 
 def test_a_parameters_shape_is_its_own_numbers_while_tracing():
@@ -1346,12 +1389,12 @@ def test_item_used_as_a_number_is_a_constant():
 
         def forward(self, x):
             h = self.fc(x)
-            return h * h.abs().max().item()
+            return h * self.fc.weight.abs().max().item()  # (of h, a max over the batch: samples coupled)
 
     torch.manual_seed(0)
     model = Scale().double()
     x, v = randn(4, 3), randn(4, 3, seed=1)
-    c = model.fc(x).abs().max().item()
+    c = model.fc.weight.abs().max().item()
     _, t = fxjac.jvp(model)(x, v)
     assert_close(t, c * v @ model.fc.weight.detach().t(), "jvp with .item() as a constant")
 
@@ -2053,6 +2096,33 @@ class _WholeGraph(nn.Module):
         return torch.tanh(self.adj @ self.lin(x))
 
 
+class _RingWithIsolatedLast(nn.Module):
+    """A graph's nodes as the batch, messages along fixed edge indices: a ring over nodes 0-4, node 5 isolated
+    (or one edge from node 0 to node 8)."""
+
+    def __init__(self, edges=((0, 1, 1, 2, 2, 3, 3, 4, 4, 0), (1, 0, 2, 1, 3, 2, 4, 3, 0, 4))):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("edges", torch.tensor(edges))
+
+    def forward(self, x):
+        h = x + torch.zeros_like(x).index_add(0, self.edges[1], x[self.edges[0]])
+        return torch.tanh(self.lin(h))
+
+
+def test_samples_coupled_away_from_the_last_are_refused():
+    # Probe BF: only the last sample was changed, and an isolated last node (a sink of a directed graph) hid
+    # the coupling: per-sample Jacobians off by 190 %, silently.
+    for model in (_RingWithIsolatedLast().double(), nn.Sequential(_RingWithIsolatedLast(), nn.Identity()).double()):
+        with pytest.raises(fxjac.ModeError, match="when other samples changed"):
+            fxjac.jacobian(model)(randn(6, 4))
+    with pytest.raises(fxjac.ModeError, match="when other samples changed"):  # (a first version tried 3 bits)
+        fxjac.jacobian(_RingWithIsolatedLast(((0,), (8,))).double())(randn(9, 4))
+    model = _RingWithIsolatedLast(((0, 1, 2), (0, 1, 2))).double()  # self-loops only: samples independent
+    x = randn(9, 4)
+    assert_close(fxjac.jacobian(model)(x)[1], per_sample_jacobian(model, (x,), "input"), "self-loops only")
+
+
 class _FixedBatch(nn.Module):
     """Independent samples, a batch size written into forward: it cannot run on one more sample."""
 
@@ -2069,7 +2139,7 @@ def test_samples_coupled_where_the_batch_cannot_grow_are_refused():
     the batch is a ModeError (it returned mixed Jacobians before; found by a probe), and a model with a fixed batch
     size and independent samples still works."""
     torch.manual_seed(0)
-    with pytest.raises(fxjac.ModeError, match="when its last sample changed"):
+    with pytest.raises(fxjac.ModeError, match="when other samples changed"):
         fxjac.jacobian(_WholeGraph().double())(randn(6, 3))
     model = _FixedBatch().double()
     x = randn(4, 2, 3)
@@ -2624,6 +2694,63 @@ def test_a_module_changed_in_place_after_the_build_is_stale(change, what):
     assert_close(got, torch.func.vjp(f, flat)[1](w)[0], "vjp after the change")
 
 
+def _hook_swapped(m, handle):
+    handle.remove()
+    m[1].register_forward_hook(lambda mod, i, o: o * 3)
+
+
+def _slope_changed(m, handle):
+    m[1].negative_slope = 0.5
+
+
+def _forward_assigned(m, handle):
+    m[1].forward = torch.sigmoid
+
+
+@pytest.mark.parametrize("change, what", [
+    (_hook_swapped, "submodule '1' changed .* its forward hooks"),
+    (_slope_changed, r"its settings \(negative_slope 0.1 then 0.5\)"),
+    (_forward_assigned, "its forward \\(a function assigned"),
+    (lambda m, h: torch.nn.modules.module.register_module_forward_hook(lambda mod, i, o: None), "a global module hook"),
+], ids=["hook swapped", "slope", "forward assigned", "global hook"])
+def test_what_tracing_fixed_changed_after_the_build_is_stale(change, what):
+    # A forward hook swapped for another (as many hooks as before), a built-in's setting, a forward assigned to
+    # the instance, or a global module hook: the product went on computing the model as built, silently (probe BD).
+    model = nn.Sequential(nn.Linear(3, 5), nn.LeakyReLU(0.1), nn.Dropout(0.2), nn.Linear(5, 2)).double().eval()
+    handle = model[1].register_forward_hook(lambda mod, i, o: o * 2)
+    x, w = randn(4, 3), randn(4, 2, seed=1)
+    p = fxjac.vjp(model, wrt="params")
+    p(x, w)
+    model[2].p = 0.5  # an eval-mode Dropout's p changes nothing
+    p(x, w)
+    from torch.nn.modules import module as _module
+    hooks = dict(_module._global_forward_hooks)
+    try:
+        change(model, handle)
+        with pytest.raises(fxjac.StaleProductError, match=what):
+            p(x, w)
+    finally:
+        _module._global_forward_hooks.clear()
+        _module._global_forward_hooks.update(hooks)
+
+
+def test_a_sibling_product_keeps_the_built_layout():
+    # A jvp's [B, P] form is a sibling product built at its first use: built after a layer was frozen, it had the
+    # smaller layout, so one product took [B, 50] as [P] and [B, 18] as [B, P] (probe BD).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double().eval()
+    x = randn(4, 3)
+    p = fxjac.jvp(model, wrt="params")
+    p(x, randn(50))
+    model[0].requires_grad_(False)
+    v = randn(4, 50, seed=1)
+    _, got = p(x, v)
+    J = per_sample_jacobian(model.requires_grad_(True), (x,), "params")
+    assert_close(got, torch.einsum("bop,bp->bo", J, v), "[B, P] tangents in the built layout")
+    with pytest.raises(fxjac.ShapeError):
+        p(x, randn(4, 18))
+
+
 class _CallsDoubled(nn.Module):
     def __init__(self):
         super().__init__()
@@ -2799,6 +2926,44 @@ def test_a_tuple_result_unpacked_into_a_call_traces_and_a_tensor_gets_a_hint():
     assert_close(got, torch.func.jvp(_UnpacksSlogdet(), (x,), (v,))[1], "jvp of f(*slogdet)")
     with pytest.raises(fxjac.TraceError, match=r"f\(\*h\) iterates over its first axis"):
         fxjac.jvp(_UnpacksATensor())(x, v)
+
+
+class _ScaledByItsWeight(nn.Module):
+    """A leaf that cannot run on meta tensors (a Python number read off its weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 8)
+
+    def forward(self, x):
+        return self.lin(x) * float(self.lin.weight.abs().max())
+
+
+class _UnpacksLeafSizes(nn.Module):
+    def __init__(self, leaf):
+        super().__init__()
+        self.emb, self.q = leaf, nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.emb(x)
+        shape = h.shape[:-1]
+        return self.q(h).view(*shape, -1, 4)
+
+
+def test_sizes_of_a_leaf_output_unpacked():
+    # Probe BB: a leaf module's output sizes unpacked into a call (Hugging Face's hidden_shape = (*shape, -1, d))
+    # got the hint for unpacking a tensor over its batch axis; a leaf now runs on meta tensors while tracing, so
+    # its output's rank is known; where it cannot run there, the hint is the one about sizes.
+    torch.manual_seed(0)
+    x, w = randn(3, 4), randn(3, 2, 4)
+    model = _UnpacksLeafSizes(nn.Sequential(nn.Linear(4, 8))).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the leaf's fallback warning
+        _, g = fxjac.vjp(model, wrt="params", leaf_modules=[nn.Sequential])(x, w)
+    assert_close(g, torch.einsum("bo,bop->p", w.reshape(3, -1), per_sample_jacobian(model, (x,), "params")),
+                 "vjp through a leaf whose output's sizes are unpacked")
+    with pytest.raises(fxjac.TraceError, match="how many there are is not known while tracing"):
+        fxjac.vjp(_UnpacksLeafSizes(_ScaledByItsWeight()).double(), leaf_modules=[_ScaledByItsWeight])(x, w)
 
 
 # --- threads (Note [tracing and threads]) ------------------------------------------------------------------
@@ -3374,9 +3539,11 @@ class _GaussianHead(nn.Module):
         return torch.distributions.Normal(mu, log_sigma.exp()).log_prob(x)
 
 
-def test_hints_for_computed_shapes_and_distributions():
-    with pytest.raises(fxjac.TraceError, match=r"w\[:, :, None, None\]"):
-        fxjac.jacobian(_ComputedKernel())(torch.randn(2, 4, 3, 3))
+def test_computed_shapes_unpacked_and_a_hint_for_distributions():
+    # W.view(*W.shape, 1, 1) on a computed W was a TraceError with a hint; a value's sizes are now known while
+    # tracing (also in a product built at its first call), so it traces.
+    model, x = _ComputedKernel().double(), randn(2, 4, 3, 3)
+    assert_close(fxjac.jacobian(model)(x)[1], per_sample_jacobian(model, (x,), "input"), "computed kernel")
     validating = torch.distributions.Distribution._validate_args  # (laplace-torch's import turns it off)
     torch.distributions.Distribution.set_default_validate_args(True)
     try:
@@ -3700,6 +3867,265 @@ def test_differentiable_products_see_unrecorded_writes_straight_through():
     _, g = pc(xc, w)
     gg, = torch.autograd.grad(g.sum(), xc)
     assert_close(gg, gg_ref, "second derivative through a compiled straight-through clip")
+
+
+def test_forward_mode_over_a_product_sees_unrecorded_writes_straight_through():
+    # Under a forward-mode level (dual_level) without grad the straight-through op returned the clamped values
+    # with the clamp's tangent: forward mode over a product saw the clamp where autograd's second derivative
+    # (reverse over reverse, as torch.autograd.functional.jvp computes a jvp) sees the identity.
+    import torch.autograd.forward_ad as fwAD
+    model, x, v, t = _ClippedUnrecorded(), randn(4, 3) * 2.0, randn(4, 3, seed=1), randn(4, 3, seed=2)
+
+    def jv(xx):
+        return torch.autograd.functional.jvp(model, xx, v, create_graph=True)[1]
+
+    want = torch.einsum("bojk,jk->bo", torch.autograd.functional.jacobian(jv, x), t)
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(fxjac.jvp(model, wrt="input")(fwAD.make_dual(x, t), v)[1]).tangent
+    assert_close(got, want, "forward mode over a jvp through a straight-through clip")
+
+
+@dataclasses.dataclass
+class _Fields:
+    h: torch.Tensor
+    note: int = 3
+
+
+class _ModelOutputLike(collections.OrderedDict):
+    """A dict of its fields that are not None, indexable by position too (Hugging Face's ModelOutput)."""
+
+    def __getitem__(self, k):
+        return list(self.values())[k] if isinstance(k, int) else super().__getitem__(k)
+
+    def __getattr__(self, k):
+        try:
+            return self[k]
+        except KeyError as err:
+            raise AttributeError(k) from err
+
+
+class _StructuredLeaf(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.l = kind, nn.Linear(4, 5)
+
+    def forward(self, x):
+        h, s = torch.tanh(self.l(x)), torch.sigmoid(x)
+        if self.kind == "dataclass":
+            return _Fields(h)
+        if self.kind == "dict":
+            return {"s": s, "h": h}
+        return _ModelOutputLike(s=s, h=h)
+
+
+class _ReadsFields(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.inner, self.head = kind, _StructuredLeaf(kind), nn.Linear(5, 3)
+
+    def forward(self, x):
+        o = self.inner(x)
+        if self.kind == "dataclass":
+            return self.head(o.h) * o.note
+        if self.kind == "dict":
+            return self.head(o["h"]) + o["s"][:, :3]
+        return self.head(o.h) + o[0][:, :3]  # by name and by position
+
+
+@pytest.mark.parametrize("kind", ["dataclass", "dict", "model_output"])
+def test_leaf_module_returning_a_dict_or_dataclass(kind):
+    # A leaf module returning a dataclass or a dict (a Hugging Face backbone in leaf_modules) had zero derivatives
+    # in reverse products, silently (a field read by name was a constant), and raw torch.func errors in forward
+    # ones (probe BB). Its fields are now a tuple the passes differentiate field by field.
+    torch.manual_seed(0)
+    model, x = _ReadsFields(kind).double().eval(), randn(3, 4)
+    opts = {"leaf_modules": [_StructuredLeaf]}
+    J_p, J_in = per_sample_jacobian(model, (x,), "params"), per_sample_jacobian(model, (x,), "input")
+    w, v, u = randn(3, 3, seed=1), randn(3, 4, seed=2), randn(J_p.shape[-1], seed=3)
+    _, g = fxjac.vjp(model, wrt="params", reduce="none", **opts)(x, w)
+    assert_close(g, torch.einsum("bo,bop->bp", w, J_p), f"per-sample vjp through a leaf returning a {kind}")
+    _, gx = fxjac.vjp(model, **opts)(x, w)
+    assert_close(gx, torch.einsum("bo,boi->bi", w, J_in), f"input vjp through a leaf returning a {kind}")
+    _, jv = fxjac.jvp(model, **opts)(x, v)
+    assert_close(jv, torch.einsum("boi,bi->bo", J_in, v), f"input jvp through a leaf returning a {kind}")
+    _, jv = fxjac.jvp(model, wrt="params", **opts)(x, u)
+    assert_close(jv, J_p @ u, f"parameter jvp through a leaf returning a {kind}")
+    _, d = fxjac.jtmjp(model, wrt="params", matrix="identity", out="diag", **opts)(x)
+    assert_close(d, (J_p ** 2).sum((0, 1)), f"GGN diagonal through a leaf returning a {kind}")
+
+
+class _NestedLeaf(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.a, self.b = kind, nn.Linear(4, 5), nn.Linear(5, 5)
+        self.last = None
+
+    def forward(self, x):
+        h1 = torch.tanh(self.a(x))
+        h2 = torch.sin(self.b(h1))
+        self.last = h2.detach()  # a side effect on a Python attribute (an attention map kept for inspection)
+        if self.kind == "tuple":
+            return (h1, (h2, h2.cos()))
+        if self.kind == "dataclass":
+            return _Fields((h1, h2), note=4)  # Hugging Face's hidden_states: a tuple in a field
+        return {"o": {"in": h2}, "h": h1} if self.kind == "dict" else {"o": {"in": h2}}
+
+
+class _ReadsNested(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.inner, self.head = kind, _NestedLeaf(kind), nn.Linear(5, 3)
+
+    def forward(self, x):
+        o = self.inner(x)
+        if self.kind == "tuple":
+            h = o[1][0] + o[1][1] * o[0]
+        elif self.kind == "dataclass":
+            h = o.h[-1] + o.h[-2]
+        else:
+            h = o["o"]["in"] + (o["h"] if self.kind == "dict" else 0.0)
+        if h.ndim == 2:  # a rank read after the leaf: the leaf runs on meta tensors while tracing
+            h = h * 2
+        return self.head(h)
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dataclass", "dict", "one_key_dict"])
+def test_nested_leaf_outputs_read_in_several_places(kind):
+    # Probe BH: two reads of one nested tuple (o[1][0] + o[1][1], Hugging Face's hidden_states[-1] +
+    # hidden_states[-2]) concatenated their cotangent tuples (wrong reverse products, silently); a dict in a dict
+    # was a constant (zero Jacobian) or a raw TypeError; the leaf's run on meta tensors left a meta tensor in its
+    # Python attribute.
+    torch.manual_seed(0)
+    model, x, w = _ReadsNested(kind).double().eval(), randn(3, 4), randn(3, 3, seed=1)
+    opts = {"leaf_modules": [_NestedLeaf]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the leaf's fallback warning
+        p = fxjac.vjp(model, wrt="params", reduce="none", **opts)
+        _, g = p(x, w)
+        _, J = fxjac.jacobian(model, **opts)(x)
+    assert model.inner.last.device.type == "cpu"
+    assert_close(g, torch.einsum("bo,bop->bp", w, per_sample_jacobian(model, (x,), "params")),
+                 f"per-sample vjp through a nested {kind}")
+    assert_close(J, per_sample_jacobian(model, (x,), "input"), f"input Jacobian through a nested {kind}")
+
+
+class _TakesKeywords(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x, **kwargs):
+        return self.lin(x)
+
+
+def test_the_model_named_in_leaf_modules_is_traced_into_through_a_holder():
+    # Probe BI: a model with **kwargs (every Hugging Face model) is traced through a holder; named in leaf_modules
+    # it became a call of the holder's child '' (a raw AttributeError); as a root, it is traced into.
+    model, x, w = _TakesKeywords().double(), randn(2, 4), randn(2, 3)
+    _, g = fxjac.vjp(model, wrt="params", leaf_modules=[_TakesKeywords])(x, w)
+    assert_close(g, torch.cat([(w.T @ x).flatten(), w.sum(0)]), "vjp of a model named in leaf_modules")
+
+
+def test_a_product_runs_under_torchs_module_trackers():
+    # torch's FlopCounterMode registers global module hooks for its block: the global-hook check refused the
+    # product (probe BH); torch's own observing hooks are not the user's.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, x, w = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double(), randn(4, 5), randn(4, 3)
+    p = fxjac.vjp(model)
+    _, want = p(x, w)
+    with FlopCounterMode(display=False) as counter:
+        _, got = p(x, w)
+    assert_close(got, want, "vjp under FlopCounterMode")
+    assert counter.get_total_flops() > 0
+
+
+class _AutogradInside(nn.Module):
+    """u and its gradient in x, taken with torch.autograd.grad (a PINN's residual)."""
+
+    def __init__(self):
+        super().__init__()
+        self.u = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def forward(self, x):
+        with torch.enable_grad():
+            x = x if x.requires_grad else x.requires_grad_()
+            u = self.u(x)
+            g = torch.autograd.grad(u.sum(), x, create_graph=True)[0]
+        return torch.cat([u, g], 1)
+
+
+def test_a_leaf_taking_autograd_derivatives_inside():
+    # Probe BE: forward-mode and per-sample products of such a leaf raised torch's raw errors, or an
+    # UnsupportedOpError about indexing the batch axis; jvp w.r.t. the input now takes reverse mode, and the
+    # products that need torch.func over the leaf say to use torch.func inside it.
+    torch.manual_seed(0)
+    model, x, v = nn.Sequential(_AutogradInside()).double().eval(), randn(4, 2), randn(4, 2, seed=1)
+    opts = {"leaf_modules": [_AutogradInside]}
+    J = torch.autograd.functional.jacobian(model, x)  # [B, O, B, I]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the leaf's fallback warning
+        _, jv = fxjac.jvp(model, **opts)(x, v)
+        assert_close(jv, torch.einsum("bojk,jk->bo", J, v), "jvp through autograd.grad in a leaf")
+        for build, operands in ((lambda: fxjac.jvp(model, wrt="params", **opts), (randn(33, seed=2),)),
+                                (lambda: fxjac.ggn(model, loss="mse", **opts), ())):
+            with pytest.raises(fxjac.UnsupportedOpError, match="takes a derivative with torch.autograd.*torch.func"):
+                build()(x, *operands)
+
+
+class _PassesFieldsWhole(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = _StructuredLeaf("dict")
+
+    def forward(self, x):
+        return _sum_fields(self.inner(x))
+
+
+@torch.fx.wrap
+def _sum_fields(d):
+    return d["h"][:, :4] + d["s"]
+
+
+def test_leaf_module_output_handed_whole_is_refused():
+    with pytest.raises(fxjac.TraceError, match="field by field"):
+        fxjac.vjp(_PassesFieldsWhole().double(), leaf_modules=[_StructuredLeaf])(randn(3, 4), randn(3, 4))
+
+
+class _ComplexSpectral(nn.Module):
+    """A Fourier layer with a complex weight (probe BE)."""
+
+    def __init__(self, pairs=False):
+        super().__init__()
+        self.pairs = pairs
+        self.w = nn.Parameter(torch.randn(3, 2, dtype=torch.float64) if pairs else
+                              torch.randn(3, dtype=torch.complex128))
+
+    def forward(self, x):
+        w = torch.view_as_complex(self.w) if self.pairs else self.w
+        return torch.fft.irfft(torch.fft.rfft(x) * w, n=4)
+
+
+def test_curvature_of_complex_parameters_is_refused_and_real_pairs_work():
+    # jacobian gave autograd's gradient's real part in a real dtype, and the curvature products contracted J with
+    # itself as if it were real (a GGN diagonal of 0 for a weight that moves the output), silently (probe BE).
+    torch.manual_seed(0)
+    x = randn(2, 4)
+    model = _ComplexSpectral()
+    for build in (lambda: fxjac.jacobian(model, wrt="params"), lambda: fxjac.ggn(model, loss="mse"),
+                  lambda: fxjac.jmjtp(model, wrt="params"), lambda: fxjac.jtmjp(model, wrt="params", out="diag")):
+        with pytest.raises(fxjac.UnsupportedOpError, match="complex values .w.: .*view_as_complex"):
+            build()(x)
+    with pytest.raises(fxjac.UnsupportedOpError, match="complex values"):
+        fxjac.ggn_vp(model, loss="mse")(x, torch.randn(3, dtype=torch.complex128))
+    _, g = fxjac.vjp(model, wrt="params")(x, randn(2, 4, seed=1))  # linear products: as autograd
+    model.zero_grad()
+    (model(x) * randn(2, 4, seed=1)).sum().backward()
+    assert_close(torch.view_as_real(g), torch.view_as_real(model.w.grad), "vjp w.r.t. a complex parameter")
+    pairs = _ComplexSpectral(pairs=True)
+    _, d = fxjac.ggn(pairs, loss="mse")(x)
+    J = per_sample_jacobian(pairs, (x,), "params")
+    assert_close(d, (J ** 2).sum((0, 1)), "GGN diagonal of a complex weight stored as real pairs")
 
 
 def test_compiled_results_are_the_callers_too():

@@ -17,6 +17,8 @@ import warnings
 import torch
 import torch.fx as fx
 
+from ..tracing import transformed
+
 
 def align(t: torch.Tensor, ndim: int) -> torch.Tensor:
     """Insert unit axes after the column axis so a stack of a rank-r value lines up with a rank-``ndim`` one."""
@@ -460,14 +462,6 @@ def write(out: torch.Tensor, op: str, *args) -> torch.Tensor:
             return out
     _write_now(out, op, args)
     return out
-
-
-def transformed() -> bool:
-    """Whether a torch.func transform or a forward-mode AD level is active (a ``jacfwd`` or ``dual_level`` around
-    the product): an ``out=`` kernel refuses their wrapped tensors, a copy carries the tangents into the stack
-    (and :func:`records_grad` holds).
-    """
-    return torch._C._functorch.maybe_current_level() is not None or torch.autograd.forward_ad._current_level >= 0
 
 
 def _write_now(out, op, args):

@@ -123,9 +123,17 @@ def _op(fn, args, kwargs, ctx=(), spec=True):
             else:
                 out = _call(fn, a, k)
         except RuntimeError as err:
+            from ..errors import UnsupportedOpError
+
+            if a and isinstance(a[0], torch.nn.Module) and _autograd_inside(err):
+                raise UnsupportedOpError(
+                    f"the leaf module {type(a[0]).__name__} takes a derivative with torch.autograd in its forward "
+                    "(torch.autograd.grad, requires_grad_), which torch.func's transforms cannot run, and forward-"
+                    "mode and per-sample products differentiate a leaf with them. Take that derivative with "
+                    "torch.func in the leaf's forward (torch.func.grad, torch.func.jacrev, torch.func.vmap): every "
+                    f"product then works ({str(err).splitlines()[0]})") from err
             if "mutate a captured Tensor" not in str(err):
                 raise
-            from ..errors import UnsupportedOpError
 
             what = f"the leaf module {type(a[0]).__name__}" if a and isinstance(a[0], torch.nn.Module) else fn
             raise UnsupportedOpError(
@@ -138,6 +146,15 @@ def _op(fn, args, kwargs, ctx=(), spec=True):
         return tuple(leaf for leaf, f in zip(_flat(spec, out), _spec_leaves(spec)) if f)
 
     return g
+
+
+def _autograd_inside(err: Exception) -> bool:
+    """Whether ``err`` is torch.autograd refusing to run inside a torch.func transform (``requires_grad_()`` on a
+    wrapped tensor, or ``autograd.grad`` of a value the transform's level does not record).
+    """
+    text = str(err)
+    return "requires_grad_()" in text and ("functorch" in text or "torch.func" in text) or \
+        "does not require grad and does not have a grad_fn" in text or "not have been used in the graph" in text
 
 
 def _key(fn):
@@ -183,12 +200,17 @@ def _runs_custom_ops(node: fx.Node) -> bool:
     def value(a):
         return a.meta["module"] if "module" in a.meta else a.meta.get("val")
 
+    from ..tracing import module_state, restore_module_state
+
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+    state = module_state(args[0]) if target is module_call else []
     try:
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
         with torch.no_grad(), Namespaces():
             target(*args, **kwargs)
     except Exception:  # noqa: BLE001 - not runnable here: as before, torch.func
         Namespaces.found = False
+    finally:
+        restore_module_state(state)  # (a leaf keeping its last output, self.last = h, on meta tensors)
     node.meta["fxjac_custom_ops"] = Namespaces.found
     return Namespaces.found
 
@@ -332,7 +354,8 @@ def _no_vmap_support(err: Exception) -> bool:
     """A custom ``torch.autograd.Function`` without a vmap rule (no ``vmap`` staticmethod, no
     ``generate_vmap_rule``) was vmapped: torch.func differentiates it one column at a time.
     """
-    return isinstance(err, RuntimeError) and "does not have vmap support" in str(err)
+    return isinstance(err, RuntimeError) and ("does not have vmap support" in str(err)
+                                              or "inside of vmap" in str(err))  # (NYI: is_contiguous in SDPA)
 
 
 def _vmap_columns(f, *stacks):

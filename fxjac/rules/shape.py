@@ -80,17 +80,35 @@ def repeat_tangent_ps(t, sizes):
     return rows.repeat(1, 1, *sizes[1:])
 
 
+def _cat_rank(xs) -> int:
+    """The rank of ``cat``'s pieces: ``torch.cat`` skips a 1-D empty piece (``torch.tensor([])``, an empty cache
+    that later calls fill) among pieces of another rank.
+    """
+    return next((x.dim() for x in xs if not _skipped_by_cat(x)), xs[0].dim())
+
+
+def _skipped_by_cat(x) -> bool:
+    return x.dim() == 1 and x.shape[0] == 0
+
+
 def cat_tangent(tangents, xs, dim):
     """``cat`` of tangent stacks, zeros standing in where an input has none."""
+    nd = _cat_rank(xs)
     k = next(t.shape[0] for t in tangents if t is not None)
-    parts = [t if t is not None else x.new_zeros((k,) + tuple(x.shape)) for t, x in zip(tangents, xs)]
-    return torch.cat(parts, _rt.shift_dim(dim, xs[0].dim()))
+    parts = [t if t is not None else x.new_zeros((k,) + tuple(x.shape)) for t, x in zip(tangents, xs)
+             if x.dim() == nd or not _skipped_by_cat(x)]
+    return torch.cat(parts, _rt.shift_dim(dim, nd))
 
 
 def cat_transpose(ct, xs, dim):
-    """Adjoint of ``cat``: the cotangent stack split into the inputs' pieces along ``dim``."""
-    sizes = [x.shape[dim] if x.dim() > 0 else 0 for x in xs]
-    return list(torch.split(ct, sizes, _rt.shift_dim(dim, xs[0].dim())))
+    """Adjoint of ``cat``: the cotangent stack split into the inputs' pieces along ``dim`` (an empty stack for a
+    piece ``cat`` skipped).
+    """
+    nd = _cat_rank(xs)
+    kept = [x.dim() == nd or not _skipped_by_cat(x) for x in xs]
+    pieces = iter(torch.split(ct, [x.shape[dim] if x.dim() > 0 else 0 for x, k in zip(xs, kept) if k],
+                              _rt.shift_dim(dim, nd)))
+    return [next(pieces) if k else ct.new_zeros((ct.shape[0], 0)) for k in kept]
 
 
 def stack_tangent(tangents, xs, dim):

@@ -263,6 +263,8 @@ SAMPLES = [
     ("torch.cat", lambda m, x: torch.cat([x, m.W.t().unsqueeze(0).expand(x.shape[0], -1, -1)[:, :3], x], 1),
      False),
     ("torch.concat", lambda m, x: torch.concat([x, -x], dim=-1), False),
+    # torch.cat skips a 1-D empty piece among pieces of another rank (an empty cache: Hugging Face's DynamicCache)
+    ("cat_legacy_empty", lambda m, x: torch.cat([x.new_zeros(0), x * m.w, torch.tensor([]).to(x)], -2), False),
     ("torch.concatenate", lambda m, x: torch.concatenate([x, x * 2], axis=1), False),
     ("torch.stack", lambda m, x: torch.stack([x, x * m.w], 1), False),
     ("chunk_method", lambda m, x: x.chunk(2, -1)[1] * x.chunk(2, -1)[0][..., :2], False),
