@@ -633,12 +633,12 @@ _SETTING_NAMES: dict = {}
 def _setting_names(cls: type) -> tuple:
     """A ``torch.nn`` built-in's ``__constants__`` (a LeakyReLU's ``negative_slope``, a convolution's ``stride``);
     none for Dropout, whose eval-mode forward ignores its ``p``, nor BatchNorm's ``momentum`` (a running average's,
-    not the output's). A module of the user's own holds plain attributes that tracing fixed too; those are not
-    checked (README, *What fxjac refuses*).
+    not the output's), nor ``inplace`` (the product computes out of place anyway). A module of the user's own
+    holds plain attributes that tracing fixed too; those are not checked (README, *What fxjac refuses*).
     """
     if not cls.__module__.startswith("torch.nn.") or issubclass(cls, nn.modules.dropout._DropoutNd):
         return ()
-    return tuple(c for c in getattr(cls, "__constants__", ()) if c != "momentum")
+    return tuple(c for c in getattr(cls, "__constants__", ()) if c not in ("momentum", "inplace"))
 
 
 def _state_change(mod: nn.Module, before: tuple) -> str:
@@ -722,26 +722,36 @@ def _moded(mod: nn.Module) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _reads_training(cls: type) -> bool:
-    """Whether a user's module class reads ``self.training`` in its forward or any method of its own (a helper
-    that forward calls: ``self._drop(h)``) or inherited from another user class (torch.nn's own are listed above:
-    a TransformerEncoderLayer reads it for its fast path only).
+    """Whether a user's module class reads ``self.training`` in its forward or in a method of its own that forward
+    calls (``self._drop(h)``, and so on down), also one inherited from another user class (torch.nn's own are
+    listed above: a TransformerEncoderLayer reads it for its fast path only). A method forward never calls (a
+    logging ``shared_step``) does not count.
     """
     if cls.__module__.startswith("torch.") or cls.forward is nn.Module.forward:
         return False
-    for c in cls.__mro__:
-        if c.__module__.startswith("torch.") or c is object:
+    mine = [c for c in cls.__mro__ if not (c.__module__.startswith("torch.") or c is object)]
+
+    def defined(name: str, every: bool) -> list:  # the method forward calls (every class's: through super())
+        fns = [getattr(vars(c)[name], "__func__", vars(c)[name]) for c in mine if name in vars(c)]
+        return fns if every else fns[:1]
+
+    todo, seen = defined("forward", False), set()
+    while todo:
+        fn = todo.pop()
+        if fn in seen or not isinstance(fn, types.FunctionType):
             continue
-        for fn in vars(c).values():
-            fn = getattr(fn, "__func__", fn)
-            if not isinstance(fn, types.FunctionType) or fn.__name__ in ("train", "eval", "__init__"):
-                continue
-            try:
-                source = inspect.getsource(fn)
-                me = next(iter(inspect.signature(fn).parameters), "self")
-            except (OSError, TypeError, ValueError):
-                continue
-            if re.search(rf"\b{me}\.training\b", source):
-                return True
+        seen.add(fn)
+        try:
+            source = inspect.getsource(fn)
+            me = next(iter(inspect.signature(fn).parameters), "self")
+        except (OSError, TypeError, ValueError):
+            continue
+        if re.search(rf"\b{me}\.training\b", source):
+            return True
+        for name in re.findall(rf"\b{me}\.(\w+)\s*\(", source):
+            todo += defined(name, False)
+        for name in re.findall(r"\bsuper\(\)\.(\w+)\s*\(", source):
+            todo += defined(name, True)
     return False
 
 

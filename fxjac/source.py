@@ -231,9 +231,12 @@ def _tolerance(device_type: str, dtypes) -> float:
     return max(_SAME.get((device_type, dt), 1e-1) for dt in dtypes)
 
 
-def _computed_dtypes(model: nn.Module, example_inputs: Sequence, y) -> set:
-    """The floating dtypes of the output, the inputs, the parameters and the buffers."""
-    tensors = itertools.chain(model.parameters(), model.buffers(), example_inputs, [y])
+def _computed_dtypes(model: nn.Module, example_inputs: Sequence, y, gm: fx.GraphModule) -> set:
+    """The floating dtypes of the output, the inputs, the parameters, the buffers and every value the graph
+    computes (a layer run in float32 inside a float64 model rounds as float32: the checks' tolerance is its).
+    """
+    tensors = itertools.chain(model.parameters(), model.buffers(), example_inputs, [y],
+                              (n.meta.get("val") for n in gm.graph.nodes))
     return {t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()}
 
 
@@ -459,7 +462,7 @@ def build_source(model: nn.Module, wrt: Any, example_inputs: Sequence, *, leaf_m
     grown = propagate_batch_dims(gm, *example_inputs)
     _check_output_batch(out, grown, example_inputs)
     _check_batch_splits(gm)
-    dtypes = _computed_dtypes(model, example_inputs, y)
+    dtypes = _computed_dtypes(model, example_inputs, y, gm)
     _check_samples_independent(y, grown, dtypes)
     _check_samples_independent_in_place(gm, example_inputs, y, dtypes)
     if not isinstance(out.meta.get("val"), torch.Tensor):

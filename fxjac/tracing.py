@@ -309,13 +309,16 @@ class Tracer(fx.Tracer):
         and tuple lengths after it are known too: run as plain code, its submodules called, not traced
         (:meth:`call_module`, :meth:`getattr`).
         """
+        from torch.nn.utils.stateless import _reparametrize_module
+
         mod = self.root.get_submodule(node.target)
         args, kwargs = run.fetch_args_kwargs_from_env(node)
         state = {k: _to_meta(v) for k, v in itertools.chain(mod.named_parameters(remove_duplicate=False),
                                                             mod.named_buffers(remove_duplicate=False))}
         self._running = True
-        try:
-            return torch.func.functional_call(mod, state, tuple(args), dict(kwargs))
+        try:  # its forward and its submodules', without hooks (a user's hook would keep meta tensors)
+            with _reparametrize_module(mod, state):
+                return mod.forward(*args, **kwargs)
         finally:
             self._running = False
 
@@ -484,8 +487,10 @@ class Tracer(fx.Tracer):
         return node
 
     def call_module(self, m, forward, args, kwargs):  # noqa: D102
-        if threading.get_ident() != self._thread or self._running:  # Note [tracing and threads]; _run_leaf
+        if threading.get_ident() != self._thread:  # Note [tracing and threads]
             return forward(*args, **kwargs)
+        if self._running:  # _run_leaf: plain code on meta tensors, without the modules' hooks
+            return m.forward(*args, **kwargs)
         inner = _compiled_inner(m)
         if inner is not None:  # torch.compile's wrapper: the module it compiles (a submodule of it), traced
             return inner(*args, **kwargs)

@@ -30,7 +30,8 @@ def _quiet_fallback_warnings():
 
 # --- rule coverage: every registered spelling must be exercised by some test ------------------------------
 # `make test` sets FXJAC_RULE_COVERAGE=1: after a full run, a key of the rule table that no test reached
-# (through its structured rule) fails the session, so a new rule cannot land without a sample.
+# (through its structured rule, or strict mode's listing for the constants only it meets: a rank read that stays
+# traced) fails the session, so a new rule cannot land without a sample.
 
 _APPLIED: set = set()
 
@@ -51,6 +52,21 @@ def pytest_configure(config):
         return rule
 
     builder.Builder.rule = recording_rule
+
+    import passes.protocol as protocol
+
+    lookup = protocol.RuleTable.lookup
+
+    def recording_lookup(self, node):  # strict mode's listing looks rules up without a Builder
+        rule = lookup(self, node)
+        if rule is not None:
+            try:
+                _APPLIED.add(rule_key(node))
+            except TypeError:
+                pass
+        return rule
+
+    protocol.RuleTable.lookup = recording_lookup
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -2964,6 +2964,20 @@ def test_sizes_of_a_leaf_output_unpacked():
                  "vjp through a leaf whose output's sizes are unpacked")
     with pytest.raises(fxjac.TraceError, match="how many there are is not known while tracing"):
         fxjac.vjp(_UnpacksLeafSizes(_ScaledByItsWeight()).double(), leaf_modules=[_ScaledByItsWeight])(x, w)
+    scaled = nn.Sequential(_ScaledByItsWeight(), _TimesRank()).double()  # a rank still traced: a constant
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, g = fxjac.vjp(scaled, leaf_modules=[_ScaledByItsWeight])(x, randn(3, 8, seed=2))
+    assert_close(g, torch.einsum("bo,boi->bi", randn(3, 8, seed=2), per_sample_jacobian(scaled, (x,), "input")),
+                 "vjp through x * x.dim()")
+    with pytest.raises(fxjac.UnsupportedOpError) as refused:  # strict lists the leaf, not the rank (a constant)
+        fxjac.vjp(scaled, leaf_modules=[_ScaledByItsWeight], strict=True)(x, randn(3, 8, seed=2))
+    assert "_ScaledByItsWeight" in str(refused.value) and ".dim()" not in str(refused.value)
+
+
+class _TimesRank(nn.Module):
+    def forward(self, h):
+        return h * h.dim()
 
 
 # --- threads (Note [tracing and threads]) ------------------------------------------------------------------
@@ -4024,6 +4038,76 @@ def test_the_model_named_in_leaf_modules_is_traced_into_through_a_holder():
     model, x, w = _TakesKeywords().double(), randn(2, 4), randn(2, 3)
     _, g = fxjac.vjp(model, wrt="params", leaf_modules=[_TakesKeywords])(x, w)
     assert_close(g, torch.cat([(w.T @ x).flatten(), w.sum(0)]), "vjp of a model named in leaf_modules")
+
+
+class _Float32Linear(nn.Linear):
+    def forward(self, x):  # this layer computes in float32 inside a float64 model
+        return F.linear(x.float(), self.weight.float(), self.bias.float()).to(x.dtype)
+
+
+class _LoggingClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def shared_step(self, x, t):  # a training-loop helper forward never calls (Lightning's style)
+        return F.cross_entropy(self(x), t), "train" if self.training else "val"
+
+
+class _DropsInTraining(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self._scale(self.lin(x))
+
+    def _scale(self, h):
+        return h * 0.5 if self.training else h
+
+
+class _CallsSuper(_DropsInTraining):
+    def forward(self, x):
+        return super().forward(x).tanh()
+
+
+def test_reading_training_through_helpers_and_super_is_still_seen():
+    # Only methods forward reaches count now (probe BK): through self.<helper>(...) and super().forward(...).
+    for cls in (_DropsInTraining, _CallsSuper):
+        model = cls().double().eval()
+        p = fxjac.vjp(model, example_inputs=(randn(2, 4),))
+        model.train()
+        with pytest.raises(fxjac.ModeError, match="training mode"):
+            p(randn(2, 4), randn(2, 3))
+
+
+def test_no_false_refusals_on_ordinary_models():
+    # Probe BK: a float32 layer in a float64 model at one sample (the grown-batch check's tolerance was
+    # float64's); a helper method forward never calls that reads self.training (train() then was a ModeError);
+    # ReLU's inplace flag switched (a setting the product ignores); a forward hook capturing an output kept the
+    # meta tensor of the build's run.
+    torch.manual_seed(0)
+    model = nn.Sequential(_Float32Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).double().eval()
+    for seed in range(3):
+        x = randn(1, 8, seed=seed)
+        fxjac.vjp(model, wrt="params", example_inputs=(x,))
+    logging = _LoggingClassifier().double().eval()
+    x = randn(4, 6)
+    p = fxjac.ggn(logging, loss="cross_entropy", example_inputs=(x,))
+    logging.train()
+    assert_close(p(x)[1], fxjac.ggn(logging, loss="cross_entropy")(x)[1], "GGN after train()")
+    relu = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 2)).double()
+    seen = {}
+    relu[1].register_forward_hook(lambda mod, i, o: seen.__setitem__("h", o))
+    x = randn(3, 4)
+    relu(x)
+    p = fxjac.jvp(relu, leaf_modules=[nn.ReLU], example_inputs=(x,))
+    assert seen["h"].device.type == "cpu"
+    relu[1].inplace = False
+    assert_close(p(x, x)[1], torch.func.jvp(relu, (x,), (x,))[1], "jvp after inplace=False")
 
 
 def test_a_product_runs_under_torchs_module_trackers():

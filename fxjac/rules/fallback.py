@@ -206,7 +206,14 @@ def _runs_custom_ops(node: fx.Node) -> bool:
     state = module_state(args[0]) if target is module_call else []
     try:
         with torch.no_grad(), Namespaces():
-            target(*args, **kwargs)
+            if target is module_call:  # the leaf's own forward: its hooks would keep meta tensors (a user's dict)
+                from torch.nn.utils.stateless import _reparametrize_module
+
+                mod, names, params, *rest = args
+                with _reparametrize_module(mod, dict(zip(names, params))):
+                    mod.forward(*rest, **{k: v for k, v in kwargs.items() if k != "_fields"})
+            else:
+                target(*args, **kwargs)
     except Exception:  # noqa: BLE001 - not runnable here: as before, torch.func
         Namespaces.found = False
     finally:
