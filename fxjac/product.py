@@ -1028,8 +1028,7 @@ def _kept_source(prod) -> tuple:
 
 
 def _all_missing(src: Source, b: Builder) -> list:
-    rules = b.rules
     from passes.builder import is_structural
 
     return [n for n in src.gm.graph.nodes if n.op in ("call_function", "call_method")
-            and not is_structural(n) and rules.lookup(n) is None]
+            and not is_structural(n) and b.structured(n) is None]

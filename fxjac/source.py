@@ -286,19 +286,20 @@ def _check_samples_independent_in_place(gm: fx.GraphModule, example_inputs: Sequ
         return
     batch = y.shape[0]
     index = torch.arange(batch)
+    def changed(x, moved):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != batch:
+            return x
+        moved = moved.to(x.device)
+        other = x.roll(1, 0)  # each sample gets another's values (a copy of the batch's own)
+        if x.is_floating_point() and torch.equal(other[moved], x[moved]):
+            other = other + 1
+        return torch.where(moved.view((batch,) + (1,) * (x.dim() - 1)), other, x)
+
     for bit in range(min(_COUPLING_BITS, (batch - 1).bit_length())):
         for moved in ((index >> bit) & 1 == 1, (index >> bit) & 1 == 0):
-            def changed(x):
-                if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != batch:
-                    return x
-                other = x.roll(1, 0)  # each sample gets another's values (a copy of the batch's own)
-                if x.is_floating_point() and torch.equal(other[moved.to(x.device)], x[moved.to(x.device)]):
-                    other = other + 1
-                return torch.where(moved.to(x.device).view((batch,) + (1,) * (x.dim() - 1)), other, x)
-
             try:
                 with torch.no_grad():
-                    out = gm(*[changed(x) for x in example_inputs])
+                    out = gm(*[changed(x, moved) for x in example_inputs])
             except Exception:  # noqa: BLE001 - inputs the model cannot take at all: nothing to compare
                 return
             if not (isinstance(out, torch.Tensor) and out.shape == y.shape):

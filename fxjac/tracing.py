@@ -253,12 +253,12 @@ class Tracer(fx.Tracer):
         """``torch.is_tensor(proxy)`` while tracing: whether its value is a tensor (Note [dtypes while tracing]);
         an input is one where there are no examples to tell.
         """
-        if self.example_inputs is None:
-            return proxy.node.op == "placeholder" or _returns_tensor(proxy.node)
-        try:
-            return isinstance(self._value(proxy.node), torch.Tensor)
-        except Exception:  # noqa: BLE001 - not computable on meta tensors: as without examples
-            return proxy.node.op == "placeholder" or _returns_tensor(proxy.node)
+        if self.example_inputs is not None:
+            try:
+                return isinstance(self._value(proxy.node), torch.Tensor)
+            except Exception:  # noqa: BLE001 - not computable on meta tensors: as without examples
+                pass
+        return proxy.node.op == "placeholder" or _returns_tensor(proxy.node)
 
     def ndim_of(self, node: fx.Node) -> Optional[int]:
         """The rank of ``node``'s value (Note [dtypes while tracing]: ranks too are fixed for a product, and
@@ -858,8 +858,7 @@ def _unpacks_sizes(err: Exception, line: str) -> bool:
         node = value.node if isinstance(value, fx.Proxy) else None
         while node is not None and node.op == "call_function" and node.target is operator.getitem:
             node = node.args[0] if isinstance(node.args[0], fx.Node) else None
-        if node is not None and (node.op == "call_method" and node.target == "size" or node.op == "call_function"
-                                 and node.target is builtins.getattr and node.args[1] == "shape"):
+        if node is not None and _sizes(node):
             return True
     return False
 

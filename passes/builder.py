@@ -216,9 +216,13 @@ class Builder:
         return self._rows[factor]
 
     # --- rule application ----------------------------------------------------------------------------
+    def structured(self, node: fx.Node) -> Optional[Rule]:
+        """``node``'s structured rule, or None: what :meth:`rule` applies, and strict mode lists ops by."""
+        return self.rules.lookup(node)
+
     def rule(self, node: fx.Node) -> Rule:
         """The rule for ``node``: structured, or the fallback (recorded, so the caller can warn)."""
-        rule = self.rules.lookup(node)
+        rule = self.structured(node)
         if rule is None:
             if self.strict:
                 raise MissingRulesError([node])

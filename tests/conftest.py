@@ -40,25 +40,10 @@ def pytest_configure(config):
     import passes.builder as builder
     from passes.protocol import rule_key
 
-    original = builder.Builder.rule
+    original = builder.Builder.structured
 
-    def recording_rule(self, node):
+    def recording(self, node):  # the rules the passes apply, and those strict mode's listing finds
         rule = original(self, node)
-        if rule is not self.rules.fallback:
-            try:
-                _APPLIED.add(rule_key(node))
-            except TypeError:
-                pass
-        return rule
-
-    builder.Builder.rule = recording_rule
-
-    import passes.protocol as protocol
-
-    lookup = protocol.RuleTable.lookup
-
-    def recording_lookup(self, node):  # strict mode's listing looks rules up without a Builder
-        rule = lookup(self, node)
         if rule is not None:
             try:
                 _APPLIED.add(rule_key(node))
@@ -66,7 +51,7 @@ def pytest_configure(config):
                 pass
         return rule
 
-    protocol.RuleTable.lookup = recording_lookup
+    builder.Builder.structured = recording
 
 
 def pytest_sessionfinish(session, exitstatus):
