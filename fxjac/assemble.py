@@ -66,6 +66,9 @@ def input_placeholders(b: Builder, src: Source) -> list:
             checked.meta = dict(n.meta)
             b.env[n] = checked
             first = checked if first is None else first
+        elif isinstance(val, (tuple, list, dict)) and checks.nested_sample_shapes(val):
+            b.env[n] = e(checks.check_nested, new, checks.nested_sample_shapes(val), f"input {i}")
+            b.env[n].meta = dict(n.meta)
         else:
             b.env[n] = new
     return [b.env[n] for n in src.inputs]

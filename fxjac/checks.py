@@ -61,6 +61,35 @@ def check_blocks(m, sizes, like, name):
             for i, (b, n) in enumerate(zip(m, sizes))]
 
 
+def nested_sample_shapes(val, path=()) -> tuple:
+    """``(path, sample shape)`` of every tensor (of rank 1 or more) inside a tuple, list or dict input, ``path``
+    the keys and indices that reach it.
+    """
+    if isinstance(val, torch.Tensor):
+        return ((path, tuple(val.shape[1:])),) if val.dim() > 0 else ()
+    items = val.items() if isinstance(val, dict) else enumerate(val) if isinstance(val, (tuple, list)) else ()
+    return tuple(entry for key, v in items for entry in nested_sample_shapes(v, path + (key,)))
+
+
+def check_nested(x, shapes, name):
+    """The tensors inside a tuple, list or dict input keep the per-sample shapes the product was built for
+    (``shapes`` from :func:`nested_sample_shapes`): their sizes but the batch's are numbers of the product (Note
+    [sizes while tracing] in fxjac/tracing.py). An entry the call does not hold is left to the model.
+    """
+    for path, shape in shapes:
+        v = x
+        try:
+            for key in path:
+                v = v[key]
+        except (KeyError, IndexError, TypeError):
+            continue
+        if isinstance(v, torch.Tensor) and (v.dim() == 0 or tuple(v.shape[1:]) != shape):
+            where = name + "".join(f"[{k!r}]" for k in path)
+            raise ShapeError(f"{where} has shape {tuple(v.shape)}; this product was built for [B, "
+                             f"{', '.join(map(str, shape))}] (build another product for other sample shapes)")
+    return x
+
+
 def check_input(x, sample_shape, name, first=None, dtype=None, integer=False):
     """A model input must keep the per-sample shape and the floating dtype (``dtype``, None for other inputs) the
     product was built for, or be of an integer dtype where it was built for one (``integer``: token ids); the batch

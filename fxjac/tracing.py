@@ -16,6 +16,7 @@ import builtins
 import contextlib
 import dataclasses
 import itertools
+import math
 import operator
 import re
 import string
@@ -97,6 +98,17 @@ def _to_meta(v):
     return torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v
 
 
+_GROWN = (1, 1031)
+"""Note [sizes while tracing]: the runs that tell sizes following the batch, with this many samples more."""
+
+
+def _to_grown_meta(v, extra: int):
+    """An example input with ``extra`` samples more, on meta tensors (Note [sizes while tracing])."""
+    if not isinstance(v, torch.Tensor) or v.dim() == 0:
+        return _to_meta(v)
+    return torch.empty((v.shape[0] + extra,) + tuple(v.shape[1:]), dtype=v.dtype, device="meta")
+
+
 def _proxy_dtype(proxy: fx.Proxy):
     """``proxy.dtype`` while tracing: the value's dtype (Note [dtypes while tracing]), else a traced attribute."""
     tracer = proxy.tracer
@@ -116,6 +128,44 @@ def _proxy_dim(proxy: fx.Proxy):
     """``proxy.dim()`` while tracing, as :func:`_proxy_ndim`."""
     ndim = proxy.tracer.ndim_of(proxy.node) if isinstance(proxy.tracer, Tracer) else None
     return proxy.tracer.create_proxy("call_method", "dim", (proxy,), {}) if ndim is None else ndim
+
+
+class _TracedSize(tuple):
+    """``x.shape`` while tracing (Note [sizes while tracing]): numbers for the axes that do not follow the batch,
+    traced ``x.size(i)`` for those that do; slices and sums stay sizes, as torch.Size's do.
+    """
+
+    def numel(self):  # noqa: D102 - torch.Size's
+        return math.prod(self)
+
+    def __getitem__(self, index):
+        got = tuple.__getitem__(self, index)
+        return _TracedSize(got) if isinstance(index, slice) else got
+
+    def __add__(self, other):
+        return _TracedSize(tuple.__add__(self, tuple(other)))
+
+
+def _proxy_shape(proxy: fx.Proxy):
+    """``proxy.shape`` while tracing: :class:`_TracedSize`, or torch.fx's traced attribute where the sizes are not
+    known (Note [sizes while tracing]).
+    """
+    sizes = proxy.tracer.sizes_of(proxy.node) if isinstance(proxy.tracer, Tracer) else None
+    if sizes is None:
+        return fx.proxy.Attribute(proxy, "shape")
+    return _TracedSize(proxy.tracer.create_proxy("call_method", "size", (proxy, i), {}) if s is None else s
+                       for i, s in enumerate(sizes))
+
+
+def _proxy_size(proxy: fx.Proxy, dim=None):
+    """``proxy.size()`` / ``proxy.size(i)`` while tracing, as :func:`_proxy_shape`."""
+    sizes = proxy.tracer.sizes_of(proxy.node) if isinstance(proxy.tracer, Tracer) else None
+    if sizes is None or dim is not None and not (isinstance(dim, int) and -len(sizes) <= dim < len(sizes)):
+        args = (proxy,) if dim is None else (proxy, dim)
+        return proxy.tracer.create_proxy("call_method", "size", args, {})
+    if dim is None:
+        return _proxy_shape(proxy)
+    return proxy.tracer.create_proxy("call_method", "size", (proxy, dim), {}) if sizes[dim] is None else sizes[dim]
 
 
 _PROXY_LEN = fx.Proxy.__len__
@@ -221,6 +271,7 @@ class Tracer(fx.Tracer):
         self.untraceable: list = []  # torch.nn built-ins whose forward torch.fx could not trace: leaves
         self.example_inputs = None if example_inputs is None else list(example_inputs)
         self._values: dict = {}  # Note [dtypes while tracing]: node -> value on the example inputs
+        self._grown: dict = {}  # Note [sizes while tracing]: samples more -> node -> value
         self.guessed = False  # a dtype or a tuple's length was needed without examples: guessed
         self._thread = threading.get_ident()  # the tracing thread (Note [tracing and threads])
         self._running = False  # a leaf module runs on meta tensors (_run_leaf)
@@ -278,31 +329,66 @@ class Tracer(fx.Tracer):
             return None
         return value.dim() if isinstance(value, torch.Tensor) else None
 
-    def _value(self, node: fx.Node) -> Any:
-        if node not in self._values:
+    def sizes_of(self, node: fx.Node) -> Optional[tuple]:
+        """Note [sizes while tracing]: the sizes of ``node``'s value, a number for each axis that keeps its size
+        with one more sample and None for the others, or None (not computable, no examples, or inside a
+        ``torch.nn`` built-in, as :meth:`ndim_of`).
+
+        Note [sizes while tracing]
+        ~~~~~~~~~~~~~~~~~~~~~~~~~~
+        A product is built for one sample shape (another is a ShapeError), so every size but the batch's is a
+        number for it. While tracing, ``x.shape`` and ``x.size()`` are therefore numbers on the axes that do not
+        follow the batch, and traced ``x.size(i)`` on those that do: Hugging Face's masks
+        (``kv_length + kv_offset - mask.shape[-1]``), ``if q_len > 1:`` and channel checks then trace, and
+        ``torch.arange(x.shape[1])`` is a constant. Which axes follow the batch is read from three runs of the
+        graph so far on meta tensors (Note [dtypes while tracing]): on the example inputs, and with 1 and 1,031
+        samples more in each (dim 0 of every input is the batch; the far one catches sizes rounded to a
+        multiple, as a flattened batch padded to 16 rows is 16 rows at two and at three samples); an axis of
+        equal size in all three is a number. A value that a run cannot compute (a selection by values, a leaf that
+        needs real values) keeps torch.fx's traced sizes, as do a value whose rank changes with the batch and
+        code without examples (the lazy build's options check, which then leaves a failure to the first call).
+        The grown runs make tensor factories on meta tensors (``torch.zeros(b, d)`` with no device).
+        """
+        if self._in_builtin():
+            return None
+        if self.example_inputs is None:
+            self.guessed = True
+            return None
+        try:
+            values = [self._value(node)] + [self._value(node, extra) for extra in _GROWN]
+        except Exception:  # noqa: BLE001 - a value this cannot compute: torch.fx's traced sizes
+            return None
+        if not all(isinstance(v, torch.Tensor) and v.dim() == values[0].dim() for v in values):
+            return None
+        return tuple(int(s[0]) if len(set(s)) == 1 else None for s in zip(*(v.shape for v in values)))
+
+    def _value(self, node: fx.Node, extra: int = 0) -> Any:
+        env = self._grown.setdefault(extra, {}) if extra else self._values
+        if node not in env:
             run = fx.Interpreter(self.root, garbage_collect_values=False, graph=self.graph)
-            run.env = self._values
+            run.env = env
             concrete = self._concrete_args
             inputs = [n for n in self.graph.nodes if n.op == "placeholder"
                       and re.sub(r"_\d+$", "", str(n.target)) not in concrete]
             examples = dict(zip(inputs, self.example_inputs))  # (by position: a later read resumes midway)
-            with torch.no_grad():
+            with torch.no_grad(), torch.device("meta") if extra else contextlib.nullcontext():
                 for n in self.graph.nodes:
-                    if n in self._values:
+                    if n in env:
                         pass
                     elif n.op == "placeholder":  # an input, or a concrete argument
                         name = re.sub(r"_\d+$", "", str(n.target))
-                        self._values[n] = concrete[name] if name in concrete else \
+                        env[n] = concrete[name] if name in concrete else \
+                            tree_map(lambda v: _to_grown_meta(v, extra), examples[n]) if extra and n in examples else \
                             tree_map(_to_meta, examples.get(n, n.args[0] if n.args else None))
                     elif n.op == "get_attr":
-                        self._values[n] = tree_map(_to_meta, _attribute(self.root, n.target))
+                        env[n] = tree_map(_to_meta, _attribute(self.root, n.target))
                     elif n.op == "call_module":
-                        self._values[n] = tree_map(_to_meta, self._run_leaf(run, n))
+                        env[n] = tree_map(_to_meta, self._run_leaf(run, n))
                     else:  # (a factory sized by a traced size makes a real tensor: on meta, as the others)
-                        self._values[n] = tree_map(_to_meta, run.run_node(n))
+                        env[n] = tree_map(_to_meta, run.run_node(n))
                     if n is node:
                         break
-        return self._values[node]
+        return env[node]
 
     def _run_leaf(self, run: fx.Interpreter, node: fx.Node) -> Any:
         """A leaf module's value on meta tensors (its parameters and buffers as meta copies), so that ranks, dtypes
@@ -329,6 +415,22 @@ class Tracer(fx.Tracer):
         """
         n = self.tuple_length(obj.node)
         return super().iter(obj) if n is None else iter([obj[i] for i in range(n)])
+
+    def keys(self, obj: fx.Proxy):
+        """``**batch`` and ``batch.keys()`` on a dict input: its keys, from its value on meta tensors (fixed for a
+        product, as a tuple's length is); without examples, torch.fx's traced keys (the lazy build's options
+        check then leaves a failure to the first call).
+        """
+        if self.example_inputs is None:
+            self.guessed = True
+        else:
+            try:
+                value = self._value(obj.node)
+            except Exception:  # noqa: BLE001 - not computable on meta tensors: torch.fx's traced keys
+                value = None
+            if isinstance(value, dict):
+                return list(value.keys())
+        return super().keys(obj)
 
     def tuple_length(self, node: fx.Node) -> Optional[int]:
         """How many tensors ``node``'s value holds, from its value on meta tensors, or None: not a tuple, not
@@ -393,14 +495,17 @@ class Tracer(fx.Tracer):
         # ``operator.iadd``…; normalisation then rewrites them with aliases followed (Note [in-place ops]).
         # Grad mode on while tracing, whatever the caller's (a first call under ``torch.no_grad()``): a ``with
         # torch.no_grad():`` block in forward is then seen, and left out of every derivative (create_node).
-        saved = {name: fx.Proxy.__dict__.get(name) for name in (*_PROXY_INPLACE, "dtype", "ndim", "dim", "__len__")}
+        saved = {name: fx.Proxy.__dict__.get(name) for name in (*_PROXY_INPLACE, "dtype", "ndim", "dim", "__len__",
+                                                             "shape", "size")}
         for name, op in _PROXY_INPLACE.items():
             setattr(fx.Proxy, name, _inplace_method(op))
         fx.Proxy.dtype = property(_proxy_dtype)
         fx.Proxy.ndim = property(_proxy_ndim)
         fx.Proxy.dim = _proxy_dim
         fx.Proxy.__len__ = _proxy_len
-        self._values, self._concrete_args, self._swapped = {}, dict(concrete_args or {}), None
+        fx.Proxy.shape = property(_proxy_shape)
+        fx.Proxy.size = _proxy_size
+        self._values, self._grown, self._concrete_args, self._swapped = {}, {}, dict(concrete_args or {}), None
         self._thread = threading.get_ident()
         self._autocast = _autocast_state()
         state = module_state(root)
@@ -950,9 +1055,14 @@ def _trace_message_of(err: Exception) -> str:
     if user and frames[-1] is user[-1] and re.match(r"\s*(raise|assert)\b", line):
         return (f"torch.fx cannot trace this model: forward's own check raised {type(err).__name__}: {err}{where}\n"
                 "Hint: while torch.fx traces forward, its inputs are torch.fx Proxies, not tensors "
-                "(isinstance(x, torch.Tensor) is False for them) and their sizes are traced values (a dtype is read "
-                "from example_inputs=, without them from the model's parameters). Skip such a check while "
-                "tracing: if not torch.fx._symbolic_trace.is_fx_symbolic_tracing(): ...")
+                "(isinstance(x, torch.Tensor) is False for them) and their batch size is a traced value (a dtype and "
+                "the other sizes are read from example_inputs=, without them a dtype from the model's parameters). "
+                "Skip such a check while tracing: if not torch.fx._symbolic_trace.is_fx_symbolic_tracing(): ...")
+    if isinstance(err, TypeError) and "torch.Size() takes an iterable" in str(err):
+        return (f"torch.fx cannot trace this model: {err}{where}\n"
+                "Hint: while tracing, x.shape is a tuple whose batch entry is a traced value (Note [sizes while "
+                "tracing]), which torch.Size cannot hold: pass the tuple itself (x.new_zeros(x.shape), "
+                "x.view(x.shape[:-1] + (h, d))).")
     if isinstance(err, TypeError) and user and frames[-1] is user[-1] and "interpreted as an integer" not in \
             str(err) and not re.match(r"(int|float|bool|complex)\(\) argument", str(err)):
         # A tensor's own method (a C function) refused a traced size: the tensor itself is a real one, made from
@@ -963,10 +1073,12 @@ def _trace_message_of(err: Exception) -> str:
                 "Register it as a buffer in __init__ (self.register_buffer('idx', torch.tensor([...]))) and call "
                 "the method on the buffer (self.idx.expand(x.shape[0], -1)); idx.repeat(x.shape[0], 1) also traces.")
     return (f"torch.fx cannot trace this model: {err}{where}\n"
-            "Hint: torch.fx traces sizes symbolically, so a size used as a Python number (range(x.shape[1]), "
-            "int(x.shape[0] / n), len(x), list(x.shape), a branch or assert on a shape), data-dependent control "
-            "flow, .item() and iterating over a tensor (for row in x) cannot be traced. Keep sizes in "
-            "tensor ops (x.flatten(1), x.unflatten(-1, (h, d)), x.reshape(x.shape[0], -1)), or name the submodule "
+            "Hint: torch.fx traces sizes symbolically (with example inputs, every size but the batch's is a "
+            "number while tracing: not inside torch.nn's own modules, nor where a size depends on values), so the "
+            "batch size used as a Python number (range(x.shape[0]), int(x.shape[0] / n), len(x), a branch or "
+            "assert on it), data-dependent control flow, .item() and iterating over a tensor (for row in x) cannot "
+            "be traced. Keep the batch size in tensor ops (x.flatten(1), x.reshape(x.shape[0], -1)), or name the "
+            "submodule "
             "that does it in leaf_modules=[...] (fxjac then differentiates it with the autograd fallback; the "
             "model itself cannot be its own leaf), or pass concrete_args=.")
 

@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from reference import assert_close, param_fn, per_sample_jacobian
 
 import fxjac
@@ -320,3 +321,166 @@ def test_a_dtype_read_after_a_factory_or_after_an_earlier_read_traces(mode):
     J = torch.func.jacrev(lambda u: model(u, am))(x)  # [2, 3, 4, 2, 3, 4]
     ref = torch.stack([J[b, :, :, b].reshape(12, 12) for b in range(2)])
     assert_close(got, ref, f"jacobian through the {mode} mask")
+
+
+class _SizesAsNumbers(nn.Module):
+    """Sizes used as Python numbers, as Hugging Face's models use them: a branch on the query length (sdpa's
+    ``q_length > 1``), arithmetic on a mask's length (masking_utils' ``kv_length + kv_offset - mask.shape[-1]``), a
+    channel check that raises, ``torch.arange`` of a length, a loop over time steps (an unrolled GRU cell), and a
+    value whose batch is its second axis (time-major), whose ``shape[1]`` must stay the batch's."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos, self.qkv, self.cell, self.head = nn.Embedding(8, 4), nn.Linear(4, 12), nn.GRUCell(4, 4), \
+            nn.Linear(8, 3)
+
+    def forward(self, x, mask):
+        b, t, d = x.shape
+        if d != 4:
+            raise ValueError(f"expected 4 channels, got {d}")
+        h = x + self.pos(torch.arange(t, device=x.device))
+        q, k, v = self.qkv(h).view(b, t, 3, 4).unbind(2)
+        pad = t - mask.shape[-1]  # 0: the mask covers every key
+        keep = F.pad(mask, (pad, 0), value=1.0)[:, None, :] > 0
+        if t > 1:
+            keep = keep & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        att = (q @ k.transpose(-1, -2)).masked_fill(~keep, float("-inf")).softmax(-1) @ v
+        steps = att.transpose(0, 1)  # [T, B, 4]
+        s = steps.new_zeros(steps.shape[1], steps.size(-1))  # the batch's size: traced
+        for i in range(steps.shape[0]):
+            s = self.cell(steps[i], s)
+        return self.head(torch.cat([s, att.mean(1)], -1))
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["built at the first call", "example_inputs"])
+def test_sizes_other_than_the_batch_are_numbers_while_tracing(lazy):
+    # Probe BI: every size was a traced value, so Hugging Face's masks, `if q_len > 1:` and channel checks were
+    # TraceErrors (the backbone had to be a leaf). Built at one batch size, called at another.
+    torch.manual_seed(0)
+    model = _SizesAsNumbers().double()
+
+    def inputs(b):
+        mask = torch.ones(b, 5, dtype=torch.float64)
+        mask[0, -2:] = 0.0  # right padding: every query keeps a key
+        return torch.randn(b, 5, 4, dtype=torch.float64), mask
+
+    x, mask = inputs(3)
+    ggn = fxjac.ggn(model, loss="mse", out="diag", example_inputs=None if lazy else inputs(2))
+    vjp = fxjac.vjp(model, wrt="params", reduce="none", example_inputs=None if lazy else inputs(2))
+    w = torch.randn(3, 3, dtype=torch.float64)
+    y, got = vjp(x, mask, w)
+    assert_close(y, model(x, mask), "primal")
+    f, flat = param_fn(model, (x, mask))
+    J = torch.func.jacrev(f)(flat)  # [B, O, P]
+    assert_close(got, torch.einsum("bop,bo->bp", J, w), "per-sample vjp with sizes as numbers")
+    assert_close(ggn(x, mask)[1], torch.einsum("bop,bop->p", J, J), "GGN diagonal with sizes as numbers")
+    J_in = per_sample_jacobian(model, (x, mask))
+    _, got = fxjac.jvp(model)(x, mask, x)
+    assert_close(got, torch.einsum("boi,bi->bo", J_in, x.reshape(3, -1)), "jvp w.r.t. the input")
+    with pytest.raises(fxjac.ShapeError):  # built for 5 time steps
+        vjp(torch.randn(3, 6, 4, dtype=torch.float64), torch.ones(3, 6, dtype=torch.float64), w)
+
+
+def test_the_batch_size_as_a_number_gets_a_hint():
+    class PerSample(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return torch.stack([self.lin(x[i]) for i in range(x.shape[0])])
+
+    with pytest.raises(fxjac.TraceError, match=r"Hint: torch.fx traces sizes symbolically.*range\(x.shape\[0\]\)"):
+        fxjac.vjp(PerSample(), wrt="params", example_inputs=(torch.randn(2, 3),))
+
+    class SizeOfShape(nn.Module):
+        def forward(self, x):
+            return x.view(torch.Size(x.shape[:1] + (-1,)))
+
+    with pytest.raises(fxjac.TraceError, match=r"which torch.Size cannot hold: pass the tuple itself"):
+        fxjac.vjp(SizeOfShape(), example_inputs=(torch.randn(2, 3),))
+
+
+class _PadsRows(nn.Module):
+    """The flattened batch padded to a multiple of 16 rows, scaled by the padded count: 16 rows at two samples and
+    at three, 32 at six (probe CB: a size equal at B and B + 1 that follows the batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        h = self.lin(x).reshape(-1, d)
+        n = h.shape[0]
+        h = F.pad(h, (0, 0, 0, (16 - n % 16) % 16))
+        return (h * h.shape[0] ** -0.5)[:n].view(b, t, d) * x.shape[1:].numel() / (x.shape[1:] + (1,)).numel()
+
+
+class _ReadsADict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, d):
+        w = d["w"]
+        return self.lin(x) * w.sum(1, keepdim=True) / w.shape[1]
+
+
+def test_sizes_rounded_with_the_batch_stay_traced_and_nested_inputs_are_checked():
+    # Probes CA, CB: a size rounded to a multiple was a number of the product (wrong results at six samples, built
+    # at two); a size of a tensor inside a dict input was a number, and a call with another one gave wrong results
+    # (only top-level inputs were checked); x.shape[1:].numel() was refused (a slice of the sizes was a tuple).
+    torch.manual_seed(0)
+    model = _PadsRows().double()
+    p = fxjac.jvp(model, example_inputs=(torch.randn(2, 3, 4, dtype=torch.float64),))
+    for b in (2, 6):
+        x, v = torch.randn(b, 3, 4, dtype=torch.float64), torch.randn(b, 3, 4, dtype=torch.float64)
+        y, got = p(x, v)
+        ref_y, ref = torch.func.jvp(model, (x,), (v,))
+        assert_close(y, ref_y, f"primal at batch {b}")
+        assert_close(got, ref, f"jvp at batch {b}")
+    model = _ReadsADict().double()
+    x, v = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    p = fxjac.jvp(model, example_inputs=(x, {"w": torch.ones(2, 5, dtype=torch.float64)}))
+    _, got = p(x, {"w": torch.ones(3, 5, dtype=torch.float64)[:2]}, v)
+    assert_close(got, model.lin(v) - model.lin.bias, "jvp with a dict input")
+    with pytest.raises(fxjac.ShapeError, match=r"input 1\['w'\] has shape \(2, 7\); this product was built for"):
+        p(x, {"w": torch.ones(2, 7, dtype=torch.float64)}, v)
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x, scale=None):
+        return self.lin(x) * scale
+
+
+class _Unpacks(nn.Module):
+    """``model(**batch)``: a dict input unpacked into a module's keyword arguments (a Hugging Face training
+    step's wrapper)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = _Scaled()
+
+    def forward(self, batch):
+        return self.inner(**batch)
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["built at the first call", "example_inputs"])
+def test_a_dict_input_unpacked_into_keyword_arguments(lazy):
+    # Probe CA: `**batch` on a traced dict was a TraceError (torch.fx cannot iterate its keys) with the sizes hint.
+    torch.manual_seed(0)
+    model = _Unpacks().double()
+    batch = {"x": torch.randn(3, 4, dtype=torch.float64), "scale": torch.rand(3, 1, dtype=torch.float64)}
+    w = torch.randn(3, 3, dtype=torch.float64)
+    p = fxjac.vjp(model, wrt="params", example_inputs=None if lazy else (batch,))
+    y, got = p(batch, w)
+    assert_close(y, model(batch), "primal")
+    params = dict(model.named_parameters())
+    _, pull = torch.func.vjp(lambda ps: torch.func.functional_call(model, ps, (batch,)), params)
+    ref = pull(w)[0]
+    assert_close(got, torch.cat([ref[k].flatten() for k in params]), "summed vjp through **batch")

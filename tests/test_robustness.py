@@ -3333,24 +3333,6 @@ def test_products_built_inside_parametrize_cached(parametrization):
     assert_close(p(x, w)[1], reference(), "the same product after the block")
 
 
-def test_a_loop_over_a_traced_size_gets_the_sizes_hint():
-    # Probe AF: range(x.shape[1]) raised its TypeError in forward's own frame and got the hint for tensors made
-    # from constants (register a buffer), not the one naming range(x.shape[1])
-    class Unrolled(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.cell = nn.GRUCell(3, 4)
-
-        def forward(self, x):
-            h = x.new_zeros(x.shape[0], 4)
-            for t in range(x.shape[1]):
-                h = self.cell(x[:, t], h)
-            return h
-
-    with pytest.raises(fxjac.TraceError, match=r"Hint: torch.fx traces sizes symbolically.*range\(x.shape\[1\]\)"):
-        fxjac.vjp(Unrolled(), wrt="params", example_inputs=(torch.randn(2, 5, 3),))
-
-
 class _LeastSquares(nn.Module):
     def __init__(self):
         super().__init__()
