@@ -377,7 +377,9 @@ class Product(fx.GraphModule):
             inputs = _name_inputs(model, tree_map(_copy_tensor, tuple(args[:n_in])), fixed)
             with torch.set_grad_enabled(grad), parametrizations_uncached():
                 ref = model(*inputs, **fixed) if isinstance(inputs, tuple) else model(**inputs, **fixed)
-            if sel is not None:
+            if isinstance(sel, int) and isinstance(ref, dict) and sel not in ref:  # (a ModelOutput's out[0])
+                ref = [v for v in ref.values() if v is not None][sel]
+            elif sel is not None:
                 fields = field_names(type(ref))
                 ref = getattr(ref, sel) if isinstance(sel, str) and fields else \
                     getattr(ref, fields[sel]) if fields and dataclasses.is_dataclass(ref) else ref[sel]

@@ -398,11 +398,16 @@ def _select_output(gm: fx.GraphModule, output: Any, example_inputs: Sequence = (
                 sel.meta["fxjac_selection"] = True  # output= indexing one node's value (a tuple, or a tensor)
                 out_node.args = (sel,)
                 val = sel
+            elif isinstance(val, dict) and isinstance(output, int) and output not in val:
+                # a position among the entries that are not None, as a Hugging Face ModelOutput reads out[0]
+                val = [v for v in val.values() if v is not None][output]
+                out_node.args = (val,)
             else:
                 val = val[output]
                 out_node.args = (val,)
         except (KeyError, IndexError, TypeError) as err:
-            raise OptionError(f"output={output!r} selects nothing from the model's output") from err
+            raise OptionError(f"output={output!r} selects nothing from the model's output "
+                              f"({_choices(out_node.args[0])})") from err
         if not isinstance(val, fx.Node):
             kind = type(val).__name__.replace("immutable_", "")
             raise OptionError(f"output={output!r} selects a value of type {kind} from the model's output, not a "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import copy
 import dataclasses
 import itertools
 import math
@@ -29,7 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.node import map_aggregate, map_arg
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from passes.dag import any_tensor
 from passes.protocol import as_tuples, fields_of, module_call
@@ -48,10 +49,13 @@ FUNCTION_DECOMPOSITIONS: dict = {}
 
 
 def decomposition_for(cls: type) -> Optional[Callable]:
-    """The module decomposition registered for ``cls`` or its nearest base class."""
+    """The module decomposition registered for ``cls`` or its nearest base class, where ``cls`` runs that base's
+    ``forward``; a subclass with a ``forward`` of its own (timm's ``BatchNormAct2d``: batch norm, then an
+    activation) is traced into, its ``super().forward(x)`` too (the decomposition dropped what it adds).
+    """
     for base in cls.__mro__:
         if base in MODULE_DECOMPOSITIONS:
-            return MODULE_DECOMPOSITIONS[base]
+            return MODULE_DECOMPOSITIONS[base] if cls.forward is base.forward else None
     return None
 
 
@@ -92,6 +96,10 @@ def _attribute(root: nn.Module, target: str) -> Any:
         if name in store:
             return store[name]
     return object.__getattribute__(mod, name)
+
+
+_UNKNOWN = object()
+"""A value the runs on meta tensors cannot compute, nor anything computed from it (Note [dtypes while tracing])."""
 
 
 def _to_meta(v):
@@ -272,6 +280,7 @@ class Tracer(fx.Tracer):
         self.example_inputs = None if example_inputs is None else list(example_inputs)
         self._values: dict = {}  # Note [dtypes while tracing]: node -> value on the example inputs
         self._grown: dict = {}  # Note [sizes while tracing]: samples more -> node -> value
+        self._unknown: dict = {}  # node -> why its value on meta tensors could not be computed
         self.guessed = False  # a dtype or a tuple's length was needed without examples: guessed
         self._thread = threading.get_ident()  # the tracing thread (Note [tracing and threads])
         self._running = False  # a leaf module runs on meta tensors (_run_leaf)
@@ -380,15 +389,25 @@ class Tracer(fx.Tracer):
                         env[n] = concrete[name] if name in concrete else \
                             tree_map(lambda v: _to_grown_meta(v, extra), examples[n]) if extra and n in examples else \
                             tree_map(_to_meta, examples.get(n, n.args[0] if n.args else None))
-                    elif n.op == "get_attr":
-                        env[n] = tree_map(_to_meta, _attribute(self.root, n.target))
-                    elif n.op == "call_module":
-                        env[n] = tree_map(_to_meta, self._run_leaf(run, n))
-                    else:  # (a factory sized by a traced size makes a real tensor: on meta, as the others)
-                        env[n] = tree_map(_to_meta, run.run_node(n))
+                    elif any(env.get(a) is _UNKNOWN for a in n.all_input_nodes):
+                        env[n] = _UNKNOWN  # (only what depends on a value meta tensors cannot give is unknown)
+                    else:
+                        try:
+                            env[n] = self._run_on_meta(run, n)
+                        except Exception as err:  # noqa: BLE001 - .item(), a selection by values, a leaf's own
+                            env[n], self._unknown[n] = _UNKNOWN, err
                     if n is node:
                         break
+        if env[node] is _UNKNOWN:
+            raise self._unknown.get(node, RuntimeError("computed from a value meta tensors cannot give"))
         return env[node]
+
+    def _run_on_meta(self, run: fx.Interpreter, n: fx.Node) -> Any:
+        if n.op == "get_attr":
+            return tree_map(_to_meta, _attribute(self.root, n.target))
+        if n.op == "call_module":
+            return tree_map(_to_meta, self._run_leaf(run, n))
+        return tree_map(_to_meta, run.run_node(n))  # (a factory sized by a traced size makes a real tensor)
 
     def _run_leaf(self, run: fx.Interpreter, node: fx.Node) -> Any:
         """A leaf module's value on meta tensors (its parameters and buffers as meta copies), so that ranks, dtypes
@@ -505,7 +524,8 @@ class Tracer(fx.Tracer):
         fx.Proxy.__len__ = _proxy_len
         fx.Proxy.shape = property(_proxy_shape)
         fx.Proxy.size = _proxy_size
-        self._values, self._grown, self._concrete_args, self._swapped = {}, {}, dict(concrete_args or {}), None
+        self._values, self._grown, self._unknown = {}, {}, {}
+        self._concrete_args, self._swapped = dict(concrete_args or {}), None
         self._thread = threading.get_ident()
         self._autocast = _autocast_state()
         state = module_state(root)
@@ -675,11 +695,16 @@ def _traced_apply(cls, *args, **kwargs):
     if cls is CheckpointFunction:  # (function, preserve_rng_state, *args)
         return args[0](*args[2:])
     if cls.setup_context is torch.autograd.Function.setup_context:
+        stack = getattr(proxies[0].tracer, "module_stack", None) or {}
+        path, (_, holder) = next(reversed(stack.items()), ("", (None, None)))
+        keep = f"keep the module that applies it whole, leaf_modules=[{holder.__name__}] ({path}), or " \
+            if isinstance(holder, type) and path else "name the module that applies it in leaf_modules=[...], or "
         raise TraceError(
             f"the custom torch.autograd.Function {cls.__qualname__} takes forward(ctx, ...): fxjac differentiates it "
             "through torch.func, which needs forward without ctx, a setup_context staticmethod and "
             "generate_vmap_rule = True (see torch.func's 'Extending torch.func with autograd.Function'); its ops "
-            "traced one by one would ignore its backward")
+            f"traced one by one would ignore its backward. {keep[0].upper() + keep[1:]}write the Function in that "
+            "style")
     return proxies[0].tracer.create_proxy("call_function", _applier(cls), args, kwargs)
 
 
@@ -844,8 +869,13 @@ def _trace(model, leaf_modules, concrete_args, n_inputs, example_inputs) -> fx.G
 
 
 def module_state(root: nn.Module) -> list:
-    """Each module's attributes, parameters and buffers (shallow copies), for :func:`restore_module_state`."""
-    return [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in root.modules()]
+    """Each module's attributes, parameters and buffers, and the entries of its dict and list attributes (shallow
+    copies), for :func:`restore_module_state`.
+    """
+    def contents(m):
+        return {k: (v, copy.copy(v)) for k, v in m.__dict__.items() if type(v) in (dict, list)}
+
+    return [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), contents(m)) for m in root.modules()]
 
 
 def restore_module_state(state: list) -> None:
@@ -858,13 +888,23 @@ def restore_module_state(state: list) -> None:
     def made(k, v, saved):
         return isinstance(v, fx.Proxy) or isinstance(v, torch.Tensor) and v.is_meta and saved.get(k) is not v
 
-    for m, attrs, params, buffers in state:
+    def traced(v):
+        return any(isinstance(a, fx.Proxy) or isinstance(a, torch.Tensor) and a.is_meta
+                   for a in tree_flatten(v)[0])
+
+    for m, attrs, params, buffers, contents in state:
         for store, saved in ((m._parameters, params), (m._buffers, buffers), (m.__dict__, attrs)):
             for k in [k for k, v in store.items() if made(k, v, saved)]:
                 if k in saved:
                     store[k] = saved[k]
                 else:
                     del store[k]
+        # a cache the forward fills while tracing (timm LeViT's attention biases: a dict keyed by device) would
+        # hand the next trace a value of this one
+        for held, before in contents.values():
+            if traced(list(held.values()) if isinstance(held, dict) else held):
+                held.clear()
+                held.update(before) if isinstance(held, dict) else held.extend(before)
 
 
 def _compiled_inner(m: nn.Module) -> Optional[nn.Module]:
@@ -1058,6 +1098,12 @@ def _trace_message_of(err: Exception) -> str:
                 "(isinstance(x, torch.Tensor) is False for them) and their batch size is a traced value (a dtype and "
                 "the other sizes are read from example_inputs=, without them a dtype from the model's parameters). "
                 "Skip such a check while tracing: if not torch.fx._symbolic_trace.is_fx_symbolic_tracing(): ...")
+    if isinstance(err, NotImplementedError) and str(err).startswith("argument of type"):
+        return (f"torch.fx cannot trace this model: {err}{where}\n"
+                "Hint: a graph holds tensors, numbers, strings and tuples, lists and dicts of them; the model's "
+                "output (or a call's argument) holds another object. Return tensors only: a Hugging Face model's "
+                "output holds its key/value cache (a Cache object) unless it is built with use_cache=False "
+                "(concrete_args={'use_cache': False}, or model.config.use_cache = False).")
     if isinstance(err, TypeError) and "torch.Size() takes an iterable" in str(err):
         return (f"torch.fx cannot trace this model: {err}{where}\n"
                 "Hint: while tracing, x.shape is a tuple whose batch entry is a traced value (Note [sizes while "
@@ -1193,6 +1239,8 @@ def _view_of(node: fx.Node):
         if src.op == "call_method" and src.target in ("split", "chunk", "unbind") or \
                 src.op == "call_function" and src.target in (torch.split, torch.chunk, torch.unbind):
             return src.args[0], None  # a piece of a split: a view of the split's input
+        if src.target is not operator.getitem and _returns_tuple(src):
+            return None  # an entry of topk's, sort's, max's... tuple: a tensor of its own
         if not _basic(node.args[1]):
             return None  # indexing by a list, a mask or an index tensor copies
         return src, node.args[1]

@@ -131,7 +131,17 @@ class _ShapeRecorder(fx.Interpreter):
             if len(grown) == 1 and grown[0][1] > 1 and self.batch:
                 axis, rows = grown[0]
                 self.sample_major[n] = _appended_as_block(out.movedim(axis, 0), self.batch, rows)
+                if self.sample_major[n] is None:
+                    self.sample_major[n] = self._inherited(n, tuple(out.shape))
         return out
+
+    def _inherited(self, n: fx.Node, shape: tuple):
+        """The layout of the inputs of ``n`` shaped as its value is, where they agree: for a value whose entries
+        cannot tell (all zeros: a batch norm whose weight starts at zero, on a merged batch).
+        """
+        known = {self.sample_major.get(a) for a in n.all_input_nodes if self.shapes.get(a) == shape}
+        known.discard(None)
+        return known.pop() if len(known) == 1 else None
 
 
 def _appended_as_block(v, batch, rows):

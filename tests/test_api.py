@@ -223,6 +223,37 @@ def test_output_selects_a_field_of_a_dataclass(output):
     assert_close(J, torch.func.vmap(torch.func.jacrev(lambda s: model(s[None]).features[0]))(x), "features' jacobian")
 
 
+class _Cache:
+    pass
+
+
+class _ReturnsADictWithACache(nn.Module):
+    """A Hugging Face-like output: a dict whose first entry is None (``loss``), then the logits, then an object
+    a graph cannot hold (a key/value cache) unless ``use_cache`` is off."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x, use_cache=False):
+        return {"loss": None, "logits": self.lin(x), "past": _Cache() if use_cache else None}
+
+
+def test_output_by_position_in_a_dict_and_an_output_holding_an_object():
+    # Probe CC: output=0 on a ModelOutput (whose out[0] is its first entry that is not None) selected nothing; a
+    # cache object in the output got an unrelated hint about sizes.
+    torch.manual_seed(0)
+    model = _ReturnsADictWithACache().double()
+    x, w = randn(3, 4), randn(3, 3)
+    y, got = fxjac.vjp(model, output=0)(x, w)
+    assert_close(y, model.lin(x), "output=0: the logits")
+    assert_close(got, w @ model.lin.weight, "vjp of output=0")
+    with pytest.raises(fxjac.OptionError, match=r"output=1 selects nothing from the model's output \(a dict with"):
+        fxjac.vjp(model, output=1, example_inputs=(x,))
+    with pytest.raises(fxjac.TraceError, match=r"the model's output \(or a call's argument\) holds another object"):
+        fxjac.vjp(model, output="logits", concrete_args={"use_cache": True}, example_inputs=(x,))
+
+
 class _ReturnsExtras(nn.Module):
     def __init__(self):
         super().__init__()

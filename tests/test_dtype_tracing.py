@@ -484,3 +484,32 @@ def test_a_dict_input_unpacked_into_keyword_arguments(lazy):
     _, pull = torch.func.vjp(lambda ps: torch.func.functional_call(model, ps, (batch,)), params)
     ref = pull(w)[0]
     assert_close(got, torch.cat([ref[k].flatten() for k in params]), "summed vjp through **batch")
+
+
+class _ReadsAFlag(nn.Module):
+    """Longformer's ``is_global_attn = (mask > 0).flatten().any().item()`` (meta tensors cannot give it), then a
+    size check on a value that does not depend on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, mask):
+        flag = (mask > 0).flatten().any().item()  # noqa: F841 - read, not used
+        h = self.lin(x)
+        if h.shape[-1] != 4:
+            raise ValueError("wrong size")
+        return h
+
+
+def test_a_value_meta_tensors_cannot_give_leaves_other_sizes_known():
+    # Probe CC: one node the meta runs could not compute (.item(), a leaf that selects by values) made every later
+    # size traced, so an unrelated size check was a TraceError.
+    torch.manual_seed(0)
+    model = _ReadsAFlag().double()
+    x, mask = torch.randn(2, 3, 4, dtype=torch.float64), torch.ones(2, 3, dtype=torch.long)
+    w = torch.randn(2, 3, 4, dtype=torch.float64)
+    _, got = fxjac.vjp(model, wrt="params", reduce="none", example_inputs=(x, mask))(x, mask, w)
+    f, flat = param_fn(model, (x, mask))
+    J = torch.func.jacrev(f)(flat).reshape(2, 12, -1)  # [B, O, P]
+    assert_close(got, torch.einsum("bop,bo->bp", J, w.reshape(2, -1)), "per-sample vjp after an .item()")

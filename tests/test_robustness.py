@@ -1330,6 +1330,10 @@ def test_old_style_autograd_function_inside_a_leaf_module_is_differentiated_by_a
     model = nn.Sequential(_OldStyleLeaf(), nn.Tanh(), nn.Linear(5, 3)).double()
     x, w = randn(3, 4), randn(3, 3, seed=1)
     J = per_sample_jacobian(nn.Sequential(model[0].lin, _Act(lambda h: 2 * h), *model[1:]), (x,), "params")
+    # Probe CC (Bloom's GeLUFunction): the refusal without the leaf names the module to keep whole
+    with pytest.raises(fxjac.TraceError, match=r"Keep the module that applies it whole, "
+                                                r"leaf_modules=\[_OldStyleLeaf\] \(0\)"):
+        fxjac.vjp(model, wrt="params", example_inputs=(x,))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback's
         _, got = fxjac.vjp(model, wrt="params", reduce="none", leaf_modules=[_OldStyleLeaf])(x, w)
@@ -2419,6 +2423,9 @@ def test_fallback_without_any_forward_derivative_is_explained():
         with pytest.raises(fxjac.UnsupportedOpError, match="no forward-mode derivative") as err:
             fxjac.jvp(m, wrt="params")(x, idx, torch.randn(15, dtype=torch.float64))
         assert "reverse products" in str(err.value)
+        # kept whole, the message names the module (it named the fallback's node, module_call@…: probe BI)
+        with pytest.raises(fxjac.UnsupportedOpError, match=r"through the module kept whole EmbeddingBag \(bag\)"):
+            fxjac.jvp(m, wrt="params", leaf_modules=[nn.EmbeddingBag])(x, idx, torch.randn(15, dtype=torch.float64))
         w = torch.randn(2, 3, dtype=torch.float64)
         _, got = fxjac.vjp(m, wrt="params")(x, idx, w)
     W = m.bag.weight.detach().requires_grad_()
@@ -4208,3 +4215,71 @@ def test_compiled_results_are_the_callers_too():
     assert J.is_contiguous()
     _, r = fxjac.jvp(model, wrt=["0.bias"])(x, randn(5, 3, seed=3).requires_grad_())
     assert r.grad_fn is None  # a copy made for the caller has no history of its own
+
+
+class _ScaledBatchNorm(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in small: batch norm with a forward of its own (an extra per-channel scale)."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.gamma2 = nn.Parameter(torch.linspace(0.5, 1.5, c))
+
+    def forward(self, x):
+        return torch.tanh(super().forward(x)) * self.gamma2[:, None, None]
+
+
+class _ZeroInitNorm(nn.Module):
+    """timm LeViT's LinearNorm on a merged batch, its batch norm's weight zero at initialisation."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(d, d, bias=False), nn.BatchNorm1d(d)
+        nn.init.zeros_(self.bn.weight)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class _ZeroInitResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.ln, self.head = nn.Linear(4, 4), _ZeroInitNorm(4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.lin(x)
+        return self.head((x + self.ln(x)).mean(1))
+
+
+class _CachesABias(nn.Module):
+    """timm LeViT's attention-bias cache: a dict filled by forward, keyed by the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.b, self.cache = nn.Parameter(torch.linspace(-1.0, 1.0, 4)), {}
+
+    def forward(self, x):
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.b * 2
+        return x + self.cache[key]
+
+
+def test_timm_layers():
+    # Probe CD: a batch norm subclass with its own forward got the batch norm decomposition (its extra work
+    # dropped: zero derivatives for its scale, silently where the output check passed); a merged batch whose
+    # values are all zeros (a zero-initialised norm weight) could not tell its row layout, and per-sample products
+    # were refused; a dict cache filled while tracing kept a Proxy, and the next build raised a raw RuntimeError.
+    torch.manual_seed(0)
+    bn = nn.Sequential(nn.Conv2d(2, 3, 3), _ScaledBatchNorm(3), nn.Flatten(), nn.Linear(12, 2)).double().eval()
+    zoo.randomize_norm_layers_(bn)
+    check_direction_products(bn, (randn(3, 2, 4, 4),))
+    check_direction_products(_ZeroInitResidual().double().eval(), (randn(3, 5, 4),))
+    cached = nn.Sequential(nn.Linear(4, 4), _CachesABias()).double().eval()
+    x = randn(2, 4)
+    fxjac.jvp(cached, example_inputs=(x,))
+    assert cached[1].cache == {}
+    _, got = fxjac.vjp(cached, wrt="params", example_inputs=(x,))(x, x)
+    cached[1].cache.clear()  # (filled by the first call's check; the reference fills it with its own values)
+    _, pull = torch.func.vjp(lambda ps: torch.func.functional_call(cached, ps, (x,)), dict(cached.named_parameters()))
+    assert_close(got, torch.cat([g.flatten() for g in pull(x)[0].values()]), "vjp through a cache")

@@ -64,6 +64,7 @@ def _resolve(name: str):
 
 
 _NAMED: dict = {}
+_LABELS: dict = {}  # fallback names of leaf modules -> how messages name them
 """Qualified name -> function, filled when a fallback node is built: generated code names the op by a string,
 and a dict lookup (unlike ``importlib``) is something torch.compile can trace."""
 
@@ -340,13 +341,14 @@ def _no_tangents(fn, why, cause=None):
     from ..errors import UnsupportedOpError
 
     cls = getattr(_target(fn), "function_class", None)
-    name = f"the custom autograd Function {cls.__qualname__}" if cls is not None else fn
+    name = f"the custom autograd Function {cls.__qualname__}" if cls is not None else _LABELS.get(fn, fn)
     raise UnsupportedOpError(
         f"the autograd fallback cannot give tangents through {name}: it has no forward-mode derivative, and the one "
         f"fxjac takes from reverse mode (the vjp of its vjp) needs a differentiable backward ({why}). Products that "
-        "push tangents forward (jvp, jmp, forward-mode jacobian and J M Jᵀ) are unavailable through it; the reverse "
-        "products (vjp, mjp, reverse-mode jacobian, jtmjp, ggn) work. A custom Function gets them from a jvp "
-        "staticmethod") from cause
+        "push tangents forward (jvp, jmp, jacobian(mode='forward'), jmjtp(mode='forward'), which mode='auto' picks "
+        "where M has fewer columns than the output has entries) are unavailable through it; the reverse products "
+        "(vjp, mjp, jacobian(mode='reverse'), jmjtp(mode='reverse'), jtmjp, ggn) work. A custom Function gets them "
+        "from a jvp staticmethod") from cause
 
 
 def _expanded(t) -> bool:
@@ -764,6 +766,10 @@ class Fallback(Rule):
                 # This node only: each leaf module is differentiated by torch.func or by torch.autograd on its own
                 # (Note [ops torch.func cannot differentiate]).
                 name = f"{name}@{id(node):x}"
+                mod = site.val("0") if node.target is module_call else None
+                if isinstance(mod, torch.nn.Module):
+                    path = node.args[0].target if isinstance(node.args[0], fx.Node) else node.name
+                    _LABELS[name] = f"the module kept whole {type(mod).__name__} ({path})"
                 if custom:
                     _AUTOGRAD_NAMES.add(name)
             _NAMED[name] = found

@@ -676,6 +676,56 @@ class Gather(LinearOp):
         return e(gather_transpose, ct, site.args["input"], _indexed_dim(site), site.args["index"])
 
 
+class _Sorted(Rule):
+    """``(values, indices) = op(x, dim)`` whose values are ``x.gather(dim, indices)``: gather's rules with the op's
+    own indices (0/1 entries: the diagonal rules are the same); the indices have no derivative.
+    """
+
+    diff = ("input",)
+
+    def jvp(self, e, site, tangents):  # noqa: D102
+        t = tangents["input"]
+        if t is ZERO:
+            return ZERO
+        dim = _indexed_dim(site)
+        return e(gather_tangent, t, dim, e(operator.getitem, site.out, 1)), ZERO
+
+    def vjp(self, e, site, ct):  # noqa: D102
+        dim = _indexed_dim(site)
+        if ct[0] is ZERO:
+            return {}
+        return {"input": e(gather_transpose, ct[0], site.args["input"], dim, e(operator.getitem, site.out, 1))}
+
+    diag_jvp = jvp
+    diag_vjp = vjp
+
+
+@register(torch.topk, "topk")
+class TopK(_Sorted):
+    """The k largest (or smallest) entries along dim."""
+
+    def signature(input, k, dim=-1, largest=True, sorted=True, *, out=None):  # noqa: D103
+        ...
+
+
+@register(torch.sort, "sort")
+class Sort(_Sorted):
+    """The entries sorted along dim (stable or not: the indices it returns say which)."""
+
+    def signature(input, dim=-1, descending=False, stable=False, *, out=None):  # noqa: D103
+        ...
+
+
+@register(torch.cummax, "cummax", torch.cummin, "cummin")
+class CumMax(_Sorted):
+    """The running maximum (minimum) along dim: each entry is the input's at the returned index (repeated indices:
+    the adjoint adds, as autograd's).
+    """
+
+    def signature(input, dim, *, out=None):  # noqa: D103
+        ...
+
+
 def index_select_tangent(t, dim, idx):
     """``index_select`` on a stack ``[K, *x]``."""
     return t.index_select(dim + 1, idx)

@@ -48,6 +48,13 @@ def _heads(x):
     return torch.cat([x, x.sin()], 1).view(x.shape[0], 3, 2, 5).transpose(1, 2)
 
 
+def _topk_normalised(x):
+    """Mixtral's router: the top-2 probabilities normalised in place, their indices read afterwards."""
+    v, i = torch.topk(x.softmax(-1), 2, dim=-1)
+    v /= v.sum(-1, keepdim=True)
+    return v * (i + 1)
+
+
 _ZEROS = torch.tensor([[1.0, 0, 1, 1, 1], [0, 1, 0, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.float64)
 """Rows holding one, two and no zeros: a product's derivative there (autograd's is exact)."""
 
@@ -364,6 +371,13 @@ SAMPLES = [
     ("number_to_the_power", lambda m, x: 2.0 ** (x * m.w) + torch.pow(1.5, x), False),
     ("div_by_traced_number", lambda m, x: x / (x.size(-1) ** 0.5) + m.w / x.shape[1], False),
     ("topk_values_and_gather", lambda m, x: x.topk(2, -1).values * x.gather(-1, x.topk(2, -1).indices), False),
+    ("torch.topk", lambda m, x: torch.topk(x * m.w, 3, 1, largest=False)[0], False),
+    ("topk_inplace_on_values", lambda m, x: _topk_normalised(x), False),  # probe CC: Mixtral's router
+    ("torch.sort", lambda m, x: torch.sort(x, -1, descending=True).values * m.w, False),
+    ("sort_method_stable", lambda m, x: torch.cat([x, x[:, :, :2]], -1).sort(dim=-1, stable=True)[0], False),  # ties
+    ("torch.cummax", lambda m, x: torch.cummax(x * m.w, -1).values, False),
+    ("cummin_method", lambda m, x: x.cummin(1)[0], False),
+    ("torch.cummin", lambda m, x: torch.cummin(x, 2).values + x.cummax(-1).values * m.w, False),
     ("torch.addmm", lambda m, x: torch.addmm(m.V[0, :, 0], x.reshape(-1, 5), m.W, beta=0.5, alpha=2.0)
      .view(x.shape[0], 3, 4), False),
     ("torch.baddbmm", lambda m, x: torch.baddbmm(m.V[0, :3, :4], x, m.W.expand(x.shape[0], 5, 4)), False),
@@ -464,6 +478,7 @@ def test_rule_diag_backprop(name, f, positive):
 
 # Samples that chain several structured ops (so diagonal back-propagation is not exact there).
 _NOT_ONE_OP = {
+    "torch.topk", "topk_inplace_on_values", "torch.sort", "sort_method_stable", "torch.cummax", "torch.cummin",
     "operator.mul", "operator.truediv", "operator.pow", "torch.where", "operator.matmul", "matmul_vector_left",
     "matmul_batched_param", "torch.mm", "mm_method", "bmm_method", "F.linear", "F.linear_positions", "F.bilinear",
     "torch.bmm", "einsum_list", "clone", "repeat", "torch.cat", "torch.stack", "chunk_method", "torch.split",
@@ -715,7 +730,9 @@ _NEW_RULES = [
     "cosine_similarity_broadcast", "cosine_similarity_dim1", "F.pairwise_distance", "pairwise_distance_p1_param",
     "torch.lerp", "lerp_method_tensor_weight", "lerp_weight_from_input", "einsum_list", "einsum_three_operands",
     "einsum_summed_partner_index", "einsum_three_same_input", "torch.outer", "outer_method", "torch.ger",
-    "ger_method", "outer_batch_of_numbers", "outer_same_operand", "F.affine_grid", "affine_grid_3d",
+    "ger_method", "outer_batch_of_numbers", "outer_same_operand", "F.affine_grid", "affine_grid_3d", "torch.topk",
+    "topk_inplace_on_values", "torch.sort", "sort_method_stable", "torch.cummax", "cummin_method",
+    "torch.cummin",
 ]
 
 
