@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from .errors import ShapeError
@@ -61,33 +63,63 @@ def check_blocks(m, sizes, like, name):
             for i, (b, n) in enumerate(zip(m, sizes))]
 
 
-def nested_sample_shapes(val, path=()) -> tuple:
-    """``(path, sample shape)`` of every tensor (of rank 1 or more) inside a tuple, list or dict input, ``path``
-    the keys and indices that reach it.
+def nested_layout(v) -> tuple:
+    """A tuple, list or dict input's layout for :func:`check_nested`: a dict's keys in order and a sequence's
+    length, at any depth, and each tensor's sample shape (the container types are free: a DataLoader makes lists).
     """
-    if isinstance(val, torch.Tensor):
-        return ((path, tuple(val.shape[1:])),) if val.dim() > 0 else ()
-    items = val.items() if isinstance(val, dict) else enumerate(val) if isinstance(val, (tuple, list)) else ()
-    return tuple(entry for key, v in items for entry in nested_sample_shapes(v, path + (key,)))
+    if isinstance(v, torch.Tensor):
+        return ("tensor", tuple(v.shape[1:]) if v.dim() > 0 else None)
+    if isinstance(v, Mapping):
+        return ("keys", tuple(v.keys()), tuple(nested_layout(a) for a in v.values()))
+    if isinstance(v, (list, tuple)):
+        return ("entries", len(v), tuple(nested_layout(a) for a in v))
+    if hasattr(v, "__dict__") and not isinstance(v, (type, torch.nn.Module)):  # a dataclass, an object
+        held = {k: nested_layout(a) for k, a in vars(v).items()}
+        held = {k: a for k, a in held.items() if a[0] != "other"}
+        if held:
+            return ("attributes", tuple(held), tuple(held.values()))
+    return ("other",)
 
 
-def check_nested(x, shapes, name):
-    """The tensors inside a tuple, list or dict input keep the per-sample shapes the product was built for
-    (``shapes`` from :func:`nested_sample_shapes`): their sizes but the batch's are numbers of the product (Note
-    [sizes while tracing] in fxjac/tracing.py). An entry the call does not hold is left to the model.
+@torch.fx.node.has_side_effect  # (kept where the model reads no entry: built for {}, called with {"mask": m})
+def check_nested(x, layout, name):
+    """A tuple, list or dict input keeps the keys, lengths and per-sample shapes the product was built for
+    (``layout`` from :func:`nested_layout`): a loop over its entries and ``**batch`` are unrolled for them, and its
+    sizes but the batch's are numbers of the product (Note [sizes while tracing] in fxjac/tracing.py).
     """
-    for path, shape in shapes:
-        v = x
-        try:
-            for key in path:
-                v = v[key]
-        except (KeyError, IndexError, TypeError):
-            continue
-        if isinstance(v, torch.Tensor) and (v.dim() == 0 or tuple(v.shape[1:]) != shape):
-            where = name + "".join(f"[{k!r}]" for k in path)
-            raise ShapeError(f"{where} has shape {tuple(v.shape)}; this product was built for [B, "
-                             f"{', '.join(map(str, shape))}] (build another product for other sample shapes)")
+    _check_layout(x, layout, name)
     return x
+
+
+def _check_layout(x, layout, where: str) -> None:
+    kind = layout[0]
+    if kind == "tensor":
+        if layout[1] is not None and isinstance(x, torch.Tensor) and (x.dim() == 0 or tuple(x.shape[1:]) != layout[1]):
+            raise ShapeError(f"{where} has shape {tuple(x.shape)}; this product was built for [B, "
+                             f"{', '.join(map(str, layout[1]))}] (build another product for other sample shapes)")
+    elif kind == "keys":
+        if not isinstance(x, Mapping) or tuple(x.keys()) != layout[1]:
+            raise ShapeError(f"{where} is {_outline(x)}; this product was built for a dict with keys "
+                             f"{list(layout[1])}, in this order (a loop over them and **batch are unrolled into the "
+                             "product): build another product for it")
+        for key, sub in zip(layout[1], layout[2]):
+            _check_layout(x[key], sub, f"{where}[{key!r}]")
+    elif kind == "attributes":
+        for key, sub in zip(layout[1], layout[2]):
+            if hasattr(x, key):
+                _check_layout(getattr(x, key), sub, f"{where}.{key}")
+    elif kind == "entries":
+        if not isinstance(x, (list, tuple)) or len(x) != layout[1]:
+            raise ShapeError(f"{where} is {_outline(x)}; this product was built for {layout[1]} entries (a loop over "
+                             "them is unrolled into the product): build another product for it")
+        for i, sub in enumerate(layout[2]):
+            _check_layout(x[i], sub, f"{where}[{i}]")
+
+
+def _outline(x) -> str:
+    if isinstance(x, Mapping):
+        return f"a dict with keys {list(x)}"
+    return f"a {type(x).__name__} of {len(x)} entries" if isinstance(x, (tuple, list)) else f"a {type(x).__name__}"
 
 
 def check_input(x, sample_shape, name, first=None, dtype=None, integer=False):

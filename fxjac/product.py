@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import itertools
 import linecache
 import operator
 import re
@@ -350,7 +351,7 @@ class Product(fx.GraphModule):
             if _state(mod) != state:
                 where = f"submodule {path!r}" if path else "root module"
                 raise StaleProductError(f"the model's {where} changed since this product was built: "
-                                        f"{_state_change(mod, state)}; build the product again")
+                                        f"{_state_change(mod, state, path)}; build the product again")
             if moded and mod.training:
                 where = f"submodule {path!r}" if path else "root module"
                 raise ModeError(f"the model's {where} ({type(mod).__name__}) is in training mode since this "
@@ -613,12 +614,15 @@ def _state(mod: nn.Module) -> tuple:
     (the tracer ran them; each registration has its own key, so a hook swapped for another counts), its class
     (``register_parametrization`` swaps it on the same object), how many of its parameter slots are None (``bias =
     None`` after the build, or a bias given to a layer built without), for a container how many modules it holds
-    (a forward iterating it runs one appended after the build), a ``forward`` set on the instance, and the
-    settings of a ``torch.nn`` built-in (:func:`_settings`).
+    (a forward iterating it runs one appended after the build), a ``forward`` set on the instance, the
+    settings of a ``torch.nn`` built-in (:func:`_settings`), and the shapes of its parameters and buffers (a size
+    read from one while tracing is a number of the product: Note [sizes while tracing] in fxjac/tracing.py).
     """
     return (tuple(mod._forward_pre_hooks), tuple(mod._forward_hooks), type(mod),
             sum(1 for t in mod._parameters.values() if t is None),
-            len(mod._modules) if isinstance(mod, _CONTAINERS) else -1, mod.__dict__.get("forward"), _settings(mod))
+            len(mod._modules) if isinstance(mod, _CONTAINERS) else -1, mod.__dict__.get("forward"), _settings(mod),
+            tuple((k, t.shape) for k, t in itertools.chain(mod._parameters.items(), mod._buffers.items())
+                  if t is not None))
 
 
 def _settings(mod: nn.Module) -> tuple:
@@ -643,8 +647,8 @@ def _setting_names(cls: type) -> tuple:
     return tuple(c for c in getattr(cls, "__constants__", ()) if c not in ("momentum", "inplace"))
 
 
-def _state_change(mod: nn.Module, before: tuple) -> str:
-    """What changed in ``mod`` since :func:`_state` gave ``before``, in words."""
+def _state_change(mod: nn.Module, before: tuple, path: str = "") -> str:
+    """What changed in ``mod`` (at ``path``) since :func:`_state` gave ``before``, in words."""
     now = _state(mod)
     if now[:2] != before[:2]:
         return "its forward hooks (a hook added, removed or swapped for another changes what the model computes)"
@@ -657,6 +661,13 @@ def _state_change(mod: nn.Module, before: tuple) -> str:
         return f"its length, {before[4]} then {now[4]} modules (a forward iterating it runs them all)"
     if now[5] is not before[5]:
         return "its forward (a function assigned to the instance's forward, or removed)"
+    if now[7] != before[7]:
+        built = dict(before[7])
+        name, shape = next(((k, t) for k, t in now[7] if built.get(k, t) != t), now[7][0])
+        full = f"{path}.{name}" if path else name
+        return (f"{full!r} has shape {tuple(shape)} but this product was built for {tuple(built.get(name, ()))} (a "
+                "parameter or buffer replaced by one of another shape: sizes read from it are numbers of the "
+                "product)")
     changed = [f"{c} {b!r} then {a!r}" for c, b, a in zip(_setting_names(type(mod)), before[6], now[6]) if a != b]
     return f"its settings ({', '.join(changed)}), which tracing made constants of the product"
 

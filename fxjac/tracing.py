@@ -13,6 +13,7 @@ new node), ``x.T`` becomes a transpose, and functions with a decomposition (fuse
 from __future__ import annotations
 
 import builtins
+import collections.abc
 import contextlib
 import copy
 import dataclasses
@@ -50,13 +51,47 @@ FUNCTION_DECOMPOSITIONS: dict = {}
 
 def decomposition_for(cls: type) -> Optional[Callable]:
     """The module decomposition registered for ``cls`` or its nearest base class, where ``cls`` runs that base's
-    ``forward``; a subclass with a ``forward`` of its own (timm's ``BatchNormAct2d``: batch norm, then an
-    activation) is traced into, its ``super().forward(x)`` too (the decomposition dropped what it adds).
+    code; a subclass with a ``forward`` of its own (timm's ``BatchNormAct2d``: batch norm, then an activation) or
+    another method of its own that forward runs (``_sa_block``) is traced into, its ``super().forward(x)`` too (the
+    decomposition dropped what it changes).
     """
     for base in cls.__mro__:
         if base in MODULE_DECOMPOSITIONS:
-            return MODULE_DECOMPOSITIONS[base] if cls.forward is base.forward else None
+            return None if _overrides(cls, base) else MODULE_DECOMPOSITIONS[base]
     return None
+
+
+def _overrides(cls: type, base: type) -> bool:
+    """Whether a class of the user's between ``cls`` and ``base`` redefines ``forward`` or a method that
+    ``base``'s forward calls, at any depth (TransformerEncoderLayer's ``_sa_block``; not ``_reset_parameters``,
+    which only the constructor runs). torch's own subclasses (InstanceNorm2d of _InstanceNorm) are the base's forms.
+    """
+    if base not in _FORWARD_METHODS:
+        import inspect
+        import textwrap
+
+        called, todo = {"forward"}, ["forward"]
+        while todo:
+            fn = getattr(base, todo.pop(), None)
+            try:
+                source = textwrap.dedent(inspect.getsource(fn))
+            except (TypeError, OSError):
+                continue
+            for name in re.findall(r"\b(?:self|super\(\))\.(\w+)\s*\(", source):
+                if name not in called and callable(getattr(base, name, None)):
+                    called.add(name)
+                    todo.append(name)
+        _FORWARD_METHODS[base] = frozenset(called)
+    names = _FORWARD_METHODS[base]
+    for c in cls.__mro__:
+        if c is base:
+            return False
+        if not c.__module__.startswith("torch.nn.") and any(k in names for k in vars(c)):
+            return True
+    return False
+
+
+_FORWARD_METHODS: dict = {}  # a decomposed built-in -> the methods its forward runs
 
 
 def decomposes(target) -> Callable:
@@ -104,6 +139,35 @@ _UNKNOWN = object()
 
 def _to_meta(v):
     return torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v
+
+
+def _map_tensors(fn: Callable, v: Any, depth: int = 0) -> Any:
+    """``v`` with ``fn`` applied to each tensor in it: inside tuples, lists and dicts (as torch's pytree), and also
+    inside mappings, dataclasses and objects that pytree does not reach (a ``UserDict`` such as Hugging Face's
+    ``BatchEncoding``), copied shallowly, so the runs on meta tensors grow their batch too.
+    """
+    if isinstance(v, torch.Tensor):
+        return fn(v)
+    if depth > 4 or isinstance(v, (str, bytes, int, float, bool, type, types.ModuleType, types.FunctionType,
+                                   nn.Module, torch.dtype, torch.device)) or v is None:
+        return v
+    if type(v) in (tuple, list):
+        return type(v)(_map_tensors(fn, a, depth + 1) for a in v)
+    if isinstance(v, tuple) and hasattr(v, "_fields"):
+        return type(v)(*(_map_tensors(fn, a, depth + 1) for a in v))
+    if type(v) is dict:
+        return {k: _map_tensors(fn, a, depth + 1) for k, a in v.items()}
+    if isinstance(v, collections.abc.MutableMapping):
+        new = copy.copy(v)
+        for k in list(v.keys()):
+            new[k] = _map_tensors(fn, v[k], depth + 1)
+        return new
+    if hasattr(v, "__dict__"):
+        new = copy.copy(v)
+        for k, a in vars(v).items():
+            object.__setattr__(new, k, _map_tensors(fn, a, depth + 1))
+        return new
+    return v
 
 
 _GROWN = (1, 1031)
@@ -387,8 +451,8 @@ class Tracer(fx.Tracer):
                     elif n.op == "placeholder":  # an input, or a concrete argument
                         name = re.sub(r"_\d+$", "", str(n.target))
                         env[n] = concrete[name] if name in concrete else \
-                            tree_map(lambda v: _to_grown_meta(v, extra), examples[n]) if extra and n in examples else \
-                            tree_map(_to_meta, examples.get(n, n.args[0] if n.args else None))
+                            _map_tensors(lambda v: _to_grown_meta(v, extra), examples[n]) if extra and n in examples \
+                            else _map_tensors(_to_meta, examples.get(n, n.args[0] if n.args else None))
                     elif any(env.get(a) is _UNKNOWN for a in n.all_input_nodes):
                         env[n] = _UNKNOWN  # (only what depends on a value meta tensors cannot give is unknown)
                     else:
@@ -695,10 +759,11 @@ def _traced_apply(cls, *args, **kwargs):
     if cls is CheckpointFunction:  # (function, preserve_rng_state, *args)
         return args[0](*args[2:])
     if cls.setup_context is torch.autograd.Function.setup_context:
-        stack = getattr(proxies[0].tracer, "module_stack", None) or {}
-        path, (_, holder) = next(reversed(stack.items()), ("", (None, None)))
+        tracer = proxies[0].tracer
+        path, (_, holder) = next(reversed((getattr(tracer, "module_stack", None) or {}).items()), ("", (None, None)))
+        inner = path and getattr(tracer, "root_model", None) is not tracer.root.get_submodule(path)
         keep = f"keep the module that applies it whole, leaf_modules=[{holder.__name__}] ({path}), or " \
-            if isinstance(holder, type) and path else "name the module that applies it in leaf_modules=[...], or "
+            if isinstance(holder, type) and inner else "name the module that applies it in leaf_modules=[...], or "
         raise TraceError(
             f"the custom torch.autograd.Function {cls.__qualname__} takes forward(ctx, ...): fxjac differentiates it "
             "through torch.func, which needs forward without ctx, a setup_context staticmethod and "
@@ -1013,8 +1078,36 @@ def _trace_message(err: Exception, root: Optional[type] = None) -> str:
     library's module that tracing entered, the hint is to keep that module whole: :func:`_library_hint`).
     """
     text = _trace_message_of(err)
-    library = _library_hint(err, root)
+    library = _library_hint(err, root) or _builtin_subclass_hint(err, root)
     return text if library is None else text.split("\nHint:")[0] + library
+
+
+def _builtin_subclass_hint(err: Exception, root: Optional[type]) -> Optional[str]:
+    """For a failure in a ``torch.nn`` built-in's code that a subclass of the user's runs (``super().forward``, or
+    a method the subclass overrides, which keeps fxjac from decomposing the built-in: :func:`decomposition_for`):
+    the hint to keep the subclass whole.
+    """
+    import os
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torch/fx/" not in f.filename
+              and "/fxjac/" not in f.filename]
+    if not frames or "/torch/nn/" not in frames[-1].filename:
+        return None
+    path, cls = getattr(err, "fxjac_traced_into", None) or ("", root)
+    if not isinstance(cls, type) or cls.__module__.startswith("torch."):
+        return None
+    import inspect
+
+    base = next((b for b in cls.__mro__[1:] if b in MODULE_DECOMPOSITIONS), None)
+    if base is None or os.path.abspath(frames[-1].filename) != os.path.abspath(inspect.getsourcefile(base) or ""):
+        return None
+    return (f"\nHint: the line is in torch.nn's {base.__name__}, which {cls.__name__} subclasses and runs (its "
+            f"super().forward, or a method of it that {cls.__name__} overrides: fxjac's traceable form of "
+            f"{base.__name__} holds only where a subclass changes none of its methods). Keep {cls.__name__} whole: "
+            f"leaf_modules=[{cls.__name__}]" + (f" ({path})" if path else " (the model itself: wrap it, "
+                                                "nn.Sequential(model))") + "; the exact autograd fallback then "
+            "differentiates it.")
 
 
 def _library_hint(err: Exception, root: Optional[type]) -> Optional[str]:

@@ -1,5 +1,6 @@
 """Note [dtypes while tracing] (fxjac/tracing.py): ``x.dtype`` is read as a value while a model is traced."""
 
+import dataclasses
 import math
 import warnings
 
@@ -513,3 +514,64 @@ def test_a_value_meta_tensors_cannot_give_leaves_other_sizes_known():
     f, flat = param_fn(model, (x, mask))
     J = torch.func.jacrev(f)(flat).reshape(2, 12, -1)  # [B, O, P]
     assert_close(got, torch.einsum("bop,bo->bp", J, w.reshape(2, -1)), "per-sample vjp after an .item()")
+
+
+class _ReadsATuple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x, extra):
+        return self.lin(x) * extra[0] + extra[1]
+
+
+@dataclasses.dataclass
+class _Batch:
+    w: torch.Tensor
+
+
+class _ReadsADataclass(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("proto", torch.linspace(-1.0, 1.0, 12).reshape(3, 4))
+
+    def forward(self, x, d):
+        w = d.w
+        h = self.lin(x) * w.sum(1, keepdim=True) / w.shape[1] + w.reshape(w.shape[0], -1)[:, :4]
+        return h + (h[:, None, :] * self.proto).sum(1) / self.proto.shape[0]
+
+
+def test_sizes_from_a_dataclass_input_or_a_buffer_and_a_structure_unrolled_from_an_input():
+    # Probe CE: a dataclass input's tensors were not grown by the runs on meta tensors, so every size of theirs
+    # looked fixed, the batch's too (wrong results at another batch size); a buffer replaced by one of another
+    # shape kept the old size; a dict input's keys (**batch) and a list's length were unrolled and not checked.
+    torch.manual_seed(0)
+    model = _ReadsADataclass().double()
+    p = fxjac.jvp(model, example_inputs=(torch.randn(2, 4, dtype=torch.float64), _Batch(torch.randn(2, 5))))
+    x, v, d = (torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64),
+               _Batch(torch.randn(3, 8, dtype=torch.float64)))
+    batch = _Batch(torch.randn(3, 5, dtype=torch.float64))
+    y, got = p(x, batch, v)
+    ref_y, ref = torch.func.jvp(lambda u: model(u, batch), (x,), (v,))
+    assert_close(y, ref_y, "primal with a dataclass input")
+    assert_close(got, ref, "jvp with a dataclass input")
+    with pytest.raises(fxjac.ShapeError, match=r"input 1.w has shape \(3, 8\); this product was built for \[B, 5\]"):
+        p(x, d, v)
+    model.proto = torch.ones(5, 4, dtype=torch.float64)
+    with pytest.raises(fxjac.StaleProductError, match=r"'proto' has shape \(5, 4\) but this product was built "
+                                                      r"for \(3, 4\)"):
+        p(x, d, v)
+    model = _Unpacks().double()
+    batch = {"x": torch.randn(3, 4, dtype=torch.float64), "scale": torch.rand(3, 1, dtype=torch.float64)}
+    p = fxjac.vjp(model, wrt="params", example_inputs=(batch,))
+    with pytest.raises(fxjac.ShapeError, match=r"input 0 is a dict with keys \['x'\]; this product was built for a "
+                                               r"dict with keys \['x', 'scale'\]"):
+        p({"x": batch["x"]}, torch.randn(3, 3, dtype=torch.float64))
+    # a tuple at the build, a list at the call (a DataLoader's collate makes lists): the same layout
+    model = _ReadsATuple().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    extra = [torch.randn(3, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)]
+    p = fxjac.jvp(model, example_inputs=(x[:2], tuple(e[:2] for e in extra)))
+    _, got = p(x, extra, x)
+    assert_close(got, (x @ model.lin.weight.T) * extra[0], "jvp with a list where a tuple was built")
