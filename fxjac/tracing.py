@@ -404,8 +404,8 @@ class Tracer(fx.Tracer):
 
     def sizes_of(self, node: fx.Node) -> Optional[tuple]:
         """Note [sizes while tracing]: the sizes of ``node``'s value, a number for each axis that keeps its size
-        with one more sample and None for the others, or None (not computable, no examples, or inside a
-        ``torch.nn`` built-in, as :meth:`ndim_of`).
+        with more samples and None for the others, or None (not computable, no examples, or inside a ``torch.nn``
+        built-in, as :meth:`ndim_of`).
 
         Note [sizes while tracing]
         ~~~~~~~~~~~~~~~~~~~~~~~~~~
