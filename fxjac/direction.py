@@ -14,7 +14,7 @@ from passes import ZERO, backward_cotangents, chunk_body, column_loop, forward_t
 
 from . import assemble as A
 from . import checks
-from .errors import OptionError
+from .errors import OptionError, UnsupportedOpError
 from .product import Product, make_product
 
 _COMMON = ("example_inputs", "leaf_modules", "strict", "chunk_size", "differentiable", "output", "concrete_args")
@@ -93,7 +93,13 @@ def _per_column_bytes(src, never_stacked) -> int:
     closed form, never forming per-sample stacks; a pooled convolution's output) do not count.
     """
     per_column = 0
-    batch = src.inputs[0].meta["val"].shape[0] if src.inputs else 1
+    first = src.inputs[0].meta.get("val") if src.inputs else None
+    if src.inputs and not isinstance(first, torch.Tensor):
+        raise UnsupportedOpError(
+            "products with columns (jacobian, jtmjp, jmjtp, ggn) take the batch size from the first input, and "
+            f"it is a {type(first).__name__}: give the model its tensors as separate arguments (a wrapper whose "
+            "forward(x, z) calls model({'x': x, 'z': z}))")
+    batch = first.shape[0] if src.inputs else 1
     for n in src.gm.graph.nodes:
         v = n.meta.get("val")
         if isinstance(v, torch.Tensor) and n not in never_stacked:

@@ -254,6 +254,29 @@ def test_output_by_position_in_a_dict_and_an_output_holding_an_object():
         fxjac.vjp(model, output="logits", concrete_args={"use_cache": True}, example_inputs=(x,))
 
 
+class _ReadsADictInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, batch):
+        return self.lin(batch["x"]) * batch["m"]
+
+
+def test_products_with_columns_refuse_a_container_as_first_input():
+    # Probe CF: a raw AttributeError ('dict' object has no attribute 'shape') at the build; the summed vjp works.
+    model = _ReadsADictInput().double()
+    batch = {"x": randn(2, 4), "m": randn(2, 3)}
+    for make in (lambda: fxjac.ggn(model, loss="mse", out="diag", example_inputs=(batch,)),
+                 lambda: fxjac.jacobian(model, wrt="params", example_inputs=(batch,))):
+        with pytest.raises(fxjac.UnsupportedOpError, match="take the batch size from the first input, and it is a "
+                                                           "dict: give the model its tensors as separate arguments"):
+            make()
+    _, got = fxjac.vjp(model, wrt="params", example_inputs=(batch,))(batch, randn(2, 3))
+    ref = torch.autograd.grad((model(batch) * randn(2, 3)).sum(), list(model.parameters()))
+    assert_close(got, torch.cat([g.flatten() for g in ref]), "summed vjp with a dict input")
+
+
 class _ReturnsExtras(nn.Module):
     def __init__(self):
         super().__init__()
