@@ -66,8 +66,8 @@ def input_placeholders(b: Builder, src: Source) -> list:
             checked.meta = dict(n.meta)
             b.env[n] = checked
             first = checked if first is None else first
-        elif val is not None and checks.nested_layout(val)[0] != "other":
-            b.env[n] = e(checks.check_nested, new, checks.nested_layout(val), f"input {i}")
+        elif val is not None and (layout := checks.nested_layout(val))[0] != "other":
+            b.env[n] = e(checks.check_nested, new, layout, f"input {i}")
             b.env[n].meta = dict(n.meta)
         else:
             b.env[n] = new

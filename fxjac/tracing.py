@@ -391,16 +391,8 @@ class Tracer(fx.Tracer):
         (:meth:`getattr`), their forward branching on a rank keeps them whole (spectral norm's parametrization:
         one leaf, one local Jacobian, also for diagonal back-propagation).
         """
-        if self._in_builtin():
-            return None
-        if self.example_inputs is None:
-            self.guessed = True
-            return None
-        try:
-            value = self._value(node)
-        except Exception:  # noqa: BLE001 - a value this cannot compute: torch.fx's traced attribute
-            return None
-        return value.dim() if isinstance(value, torch.Tensor) else None
+        values = None if self._in_builtin() else self._example_values(node)
+        return values[0].dim() if values and isinstance(values[0], torch.Tensor) else None
 
     def sizes_of(self, node: fx.Node) -> Optional[tuple]:
         """Note [sizes while tracing]: the sizes of ``node``'s value, a number for each axis that keeps its size
@@ -422,18 +414,23 @@ class Tracer(fx.Tracer):
         code without examples (the lazy build's options check, which then leaves a failure to the first call).
         The grown runs make tensor factories on meta tensors (``torch.zeros(b, d)`` with no device).
         """
-        if self._in_builtin():
+        values = None if self._in_builtin() else self._example_values(node, _GROWN)
+        if not values or not all(isinstance(v, torch.Tensor) and v.dim() == values[0].dim() for v in values):
             return None
+        return tuple(int(s[0]) if len(set(s)) == 1 else None for s in zip(*(v.shape for v in values)))
+
+    def _example_values(self, node: fx.Node, extras: tuple = ()) -> Optional[list]:
+        """``node``'s value on meta tensors, and with each of ``extras`` samples more (Note [sizes while tracing]),
+        or None: not computable (torch.fx's traced attribute then), or no examples (a guess: the lazy build
+        leaves a failed trace to the first call).
+        """
         if self.example_inputs is None:
             self.guessed = True
             return None
         try:
-            values = [self._value(node)] + [self._value(node, extra) for extra in _GROWN]
-        except Exception:  # noqa: BLE001 - a value this cannot compute: torch.fx's traced sizes
+            return [self._value(node, extra) for extra in (0, *extras)]
+        except Exception:  # noqa: BLE001 - a value this cannot compute
             return None
-        if not all(isinstance(v, torch.Tensor) and v.dim() == values[0].dim() for v in values):
-            return None
-        return tuple(int(s[0]) if len(set(s)) == 1 else None for s in zip(*(v.shape for v in values)))
 
     def _value(self, node: fx.Node, extra: int = 0) -> Any:
         env = self._grown.setdefault(extra, {}) if extra else self._values
@@ -504,16 +501,8 @@ class Tracer(fx.Tracer):
         product, as a tuple's length is); without examples, torch.fx's traced keys (the lazy build's options
         check then leaves a failure to the first call).
         """
-        if self.example_inputs is None:
-            self.guessed = True
-        else:
-            try:
-                value = self._value(obj.node)
-            except Exception:  # noqa: BLE001 - not computable on meta tensors: torch.fx's traced keys
-                value = None
-            if isinstance(value, dict):
-                return list(value.keys())
-        return super().keys(obj)
+        values = self._example_values(obj.node)
+        return list(values[0].keys()) if values and isinstance(values[0], dict) else super().keys(obj)
 
     def tuple_length(self, node: fx.Node) -> Optional[int]:
         """How many tensors ``node``'s value holds, from its value on meta tensors, or None: not a tuple, not
@@ -1087,6 +1076,7 @@ def _builtin_subclass_hint(err: Exception, root: Optional[type]) -> Optional[str
     a method the subclass overrides, which keeps fxjac from decomposing the built-in: :func:`decomposition_for`):
     the hint to keep the subclass whole.
     """
+    import inspect
     import os
     import traceback
 
@@ -1097,8 +1087,6 @@ def _builtin_subclass_hint(err: Exception, root: Optional[type]) -> Optional[str
     path, cls = getattr(err, "fxjac_traced_into", None) or ("", root)
     if not isinstance(cls, type) or cls.__module__.startswith("torch."):
         return None
-    import inspect
-
     base = next((b for b in cls.__mro__[1:] if b in MODULE_DECOMPOSITIONS), None)
     if base is None or os.path.abspath(frames[-1].filename) != os.path.abspath(inspect.getsourcefile(base) or ""):
         return None
